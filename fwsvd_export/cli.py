@@ -1,0 +1,96 @@
+"""Command line: a thin layer over the pipeline. Exit codes: 0 passed, 1 validation failed, 2 bad input."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import FwsvdError
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+def _fail(exc: FwsvdError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group()
+@click.version_option(package_name="fwsvd-export")
+def main() -> None:
+    """Compress a transformer's Linear layers with Fisher-weighted SVD, export ONNX, validate in ONNX Runtime."""
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: export.output).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key, e.g. compression.ratio=0.4.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Run every stage of RECIPE: compress, checkpoint, export, validate, report."""
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    try:
+        result = run(load_recipe(recipe, overrides), output, progress=not quiet)
+    except FwsvdError as exc:
+        _fail(exc)
+    summary = result.report["compression"]["summary"]
+    click.echo(f"{'PASSED' if result.passed else 'FAILED'}: {summary['compressed_layers']} layers factorized with "
+               f"{summary['method']}, {summary['targeted_kept_ratio']:.1%} of targeted parameters kept")
+    for check in result.report["validation"]["checks"]:
+        click.echo(f"  [{'ok' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
+    click.echo(f"report: {result.output / 'report.md'}")
+    sys.exit(0 if result.passed else EXIT_FAILED)
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--task", default="feature-extraction", show_default=True,
+              type=click.Choice(["text-classification", "feature-extraction", "text-generation"]))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_command(model: str, task: str, as_json: bool) -> None:
+    """List MODEL's Linear layers (a folder, hub id, or checkpoint), their shapes and break-even ranks."""
+    from .compress import linear_layers
+    from .factorize import LowRankLinear, break_even_rank
+    from .models import load_pretrained
+    from .checkpoint import MANIFEST, load
+
+    try:
+        if (Path(model) / MANIFEST).is_file():
+            loaded = load(model)
+        else:
+            loaded = load_pretrained(model, task)[0]
+    except FwsvdError as exc:
+        _fail(exc)
+    rows = []
+    for name, m in loaded.named_modules():
+        if isinstance(m, LowRankLinear):
+            rows.append({"name": name, "in": m.in_features, "out": m.out_features, "rank": m.rank,
+                         "break_even_rank": break_even_rank(m.in_features, m.out_features)})
+    for name, m in linear_layers(loaded).items():
+        if not any(name.startswith(r["name"] + ".") for r in rows):
+            rows.append({"name": name, "in": m.in_features, "out": m.out_features, "rank": None,
+                         "break_even_rank": break_even_rank(m.in_features, m.out_features)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'layer':<{width}}  {'in':>6} {'out':>6} {'rank':>6} {'break-even':>10}")
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['in']:>6} {r['out']:>6} {r['rank'] or 'dense':>6} {r['break_even_rank']:>10.1f}")
+
+
+@main.command("methods")
+def methods_command() -> None:
+    """List the compression methods and the calibration statistics each needs."""
+    from .methods import METHODS
+
+    for m in METHODS.values():
+        click.echo(f"{m.name:<8} {m.summary} (statistics: {', '.join(sorted(m.needs)) or 'none'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""ONNX export through optimum's exporter, so the folder loads with ``optimum.onnxruntime``'s
+``ORTModelFor*`` classes, plus a check that each factorized Linear really became two MatMuls."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import onnx
+from torch import nn
+
+from .compress import factorized_layers
+
+ONNX_FILE = "model.onnx"
+
+
+def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Optional[int] = None) -> Path:
+    """Write ``folder/model.onnx`` (with config and tokenizer) for the in-memory `model`."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        logging.getLogger("optimum").setLevel(logging.ERROR)
+        onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False)
+    tokenizer.save_pretrained(folder)
+    return folder / ONNX_FILE
+
+
+def _scope(node_name: str) -> str:
+    """'/encoder/layer.0/attention/self/query/first/MatMul' -> 'encoder.layer.0.attention.self.query.first.MatMul'"""
+    return node_name.strip("/").replace("/", ".")
+
+
+def inspect_graph(path: Path, model: nn.Module) -> dict:
+    """Count MatMuls and find, for each factorized layer of `model`, its two MatMuls and their weight shapes."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    matmuls = {_scope(n.name): n for n in graph.node if n.op_type == "MatMul"}
+    layers = {}
+    for name, module in factorized_layers(model).items():
+        found = {}
+        for part, shape in (("first", (module.in_features, module.rank)), ("second", (module.rank, module.out_features))):
+            node = matmuls.get(f"{name}.{part}.MatMul")
+            weight_shapes = [shapes[i] for i in node.input if i in shapes] if node is not None else []
+            found[part] = node is not None and (not weight_shapes or shape in weight_shapes)
+        layers[name] = found["first"] and found["second"]
+    ops = Counter(n.op_type for n in graph.node)
+    return {
+        "matmul_nodes": ops.get("MatMul", 0),
+        "gemm_nodes": ops.get("Gemm", 0),
+        "factorized_layers": len(layers),
+        "split_matmul_pairs_found": sum(layers.values()),
+        "layers_missing_split": [name for name, ok in layers.items() if not ok],
+    }

@@ -1,0 +1,126 @@
+"""Weighted low-rank factorization of one Linear layer: the math shared by every method.
+
+A PyTorch Linear computes y = W x + b with W of shape (out, in). Every method here minimises a
+two-sided weighted error ||P (W - W') Q||_F over rank-r W', where P (out side) and Q (in side) are
+invertible weights built from calibration statistics (see ``methods.py``). The minimiser is
+W' = P^-1 [P W Q]_r Q^-1; with U S V^T = svd(P W Q) the layer becomes two Linears:
+
+    first  (in -> r, no bias):   S_r V_r^T Q^-1
+    second (r -> out, has b):    P^-1 U_r
+
+In the paper's notation (W_paper = W^T, x as a row vector) the first factor is A = I^-1 U_r S_r and the
+second is B = V_r^T, with Q = I = diag(sqrt(Fisher importance per input feature)) and P = identity.
+All decompositions run in float64; the factors are cast back to the layer's dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+# A side weight: None (identity), a vector (diagonal matrix) or a square matrix.
+Side = Optional[torch.Tensor]
+
+
+class LowRankLinear(nn.Module):
+    """A Linear replaced by two thinner ones; exports to ONNX as two MatMuls (plus the bias Add)."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.rank, self.out_features = in_features, rank, out_features
+        self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}"
+
+
+@dataclass
+class Factors:
+    first: torch.Tensor  # (rank, in)
+    second: torch.Tensor  # (out, rank)
+    singular_values: torch.Tensor  # full weighted spectrum, float64, for error estimates
+
+
+def break_even_rank(in_features: int, out_features: int) -> float:
+    """Ranks at or above this store at least as many weights as the dense matrix."""
+    return in_features * out_features / (in_features + out_features)
+
+
+def rank_for_ratio(in_features: int, out_features: int, ratio: float) -> int:
+    """The largest rank whose two factors keep at most `ratio` of the dense weight count."""
+    return max(1, int(ratio * in_features * out_features // (in_features + out_features)))
+
+
+def pays_off(in_features: int, out_features: int, rank: int) -> bool:
+    return rank < break_even_rank(in_features, out_features)
+
+
+def _left_apply(side: Side, m: torch.Tensor) -> torch.Tensor:
+    if side is None:
+        return m
+    return side[:, None] * m if side.dim() == 1 else side @ m
+
+
+def _right_apply(m: torch.Tensor, side: Side) -> torch.Tensor:
+    if side is None:
+        return m
+    return m * side[None, :] if side.dim() == 1 else m @ side
+
+
+def _left_solve(side: Side, m: torch.Tensor) -> torch.Tensor:
+    """side^-1 @ m"""
+    if side is None:
+        return m
+    return m / side[:, None] if side.dim() == 1 else torch.linalg.solve(side, m)
+
+
+def _right_solve(m: torch.Tensor, side: Side) -> torch.Tensor:
+    """m @ side^-1"""
+    if side is None:
+        return m
+    return m / side[None, :] if side.dim() == 1 else torch.linalg.solve(side.T, m.T).T
+
+
+def weighted_spectrum(weight: torch.Tensor, left: Side = None, right: Side = None) -> torch.Tensor:
+    """Singular values of P W Q: the tail beyond rank r is the weighted truncation error."""
+    m = _right_apply(_left_apply(_f64(left), weight.double()), _f64(right))
+    return torch.linalg.svdvals(m)
+
+
+def factorize(weight: torch.Tensor, rank: int, left: Side = None, right: Side = None) -> Factors:
+    """Best rank-`rank` approximation of `weight` (out, in) under the weighted norm ||P (W - W') Q||."""
+    out_features, in_features = weight.shape
+    if not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(f"rank {rank} outside 1..{min(out_features, in_features)} for a {tuple(weight.shape)} weight")
+    left, right = _f64(left), _f64(right)
+    m = _right_apply(_left_apply(left, weight.double()), right)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    first = _right_solve(s[:rank, None] * vh[:rank], right)
+    second = _left_solve(left, u[:, :rank])
+    return Factors(first=first.to(weight.dtype), second=second.to(weight.dtype), singular_values=s)
+
+
+def low_rank_from_linear(linear: nn.Module, rank: int, left: Side = None, right: Side = None) -> tuple[LowRankLinear, Factors]:
+    """Build the two-factor replacement of a Linear; the bias moves to the second factor unchanged."""
+    weight = linear.weight.detach()
+    factors = factorize(weight, rank, left, right)
+    bias = getattr(linear, "bias", None)
+    module = LowRankLinear(weight.shape[1], rank, weight.shape[0], bias=bias is not None,
+                           dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        module.first.weight.copy_(factors.first)
+        module.second.weight.copy_(factors.second)
+        if bias is not None:
+            module.second.bias.copy_(bias.detach())
+    return module, factors
+
+
+def _f64(side: Union[Side, None]) -> Side:
+    return None if side is None else side.detach().double()

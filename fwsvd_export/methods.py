@@ -1,0 +1,142 @@
+"""The method registry: each method turns a layer's calibration statistics into the two side weights
+P (output side) and Q (input side) of the weighted factorization in ``factorize.py``.
+
+| method  | minimises                         | statistics          | reference |
+|---------|-----------------------------------|---------------------|-----------|
+| svd     | ||W - W'||                        | none                | Eckart-Young |
+| fwsvd   | ||(W - W') diag(sqrt(fisher))||   | per-sample Fisher   | Hsu et al., ICLR 2022 |
+| asvd    | ||(W - W') diag(mean|x|^alpha)||  | input magnitudes    | Yuan et al., 2023 (ASVD) |
+| svd-llm | ||(W - W') L||, C = L L^T         | input Gram C        | Wang et al., 2024 (SVD-LLM) |
+| kfac    | ||G^1/2 (W - W') L||              | input and output-gradient Grams | Kronecker-factored Fisher |
+
+kfac contains the others: G = I gives svd-llm; a diagonal input side with G = I gives fwsvd.
+Every weight is damped by `damping` times its mean diagonal, so zero-importance features and
+singular Grams never produce inf or NaN; when a Gram still is not positive definite, an
+eigenvalue-clipped square root is used instead and the layer's notes say so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import FwsvdError
+from .factorize import Side
+from .fisher import LayerStats
+
+ASVD_ALPHA = 0.5
+
+
+@dataclass
+class Weighting:
+    left: Side = None
+    right: Side = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs: frozenset[str]
+    build: Callable[[LayerStats, float], Weighting]
+    summary: str
+
+
+def _diagonal(values: torch.Tensor, damping: float, what: str) -> Weighting:
+    values = values.double().clamp(min=0)
+    mean = float(values.mean())
+    if mean <= 0 or not torch.isfinite(values).all():
+        return Weighting(notes=[f"no {what} signal; plain SVD"])
+    floor = damping * mean
+    notes = []
+    low = int((values < floor).sum())
+    if low:
+        notes.append(f"{low} input features with {what} below {damping:g} x mean were floored")
+    return Weighting(right=values.clamp(min=floor), notes=notes)
+
+
+def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    gram = gram.double()
+    gram = (gram + gram.T) / 2
+    scale = float(gram.diagonal().mean())
+    if scale <= 0:
+        scale = 1.0
+    return gram + damping * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+def _eig_root(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """A square root R with R R^T = clipped(gram): eigenvalues below damping x mean are raised."""
+    values, vectors = torch.linalg.eigh(gram)
+    floor = max(damping * float(values.clamp(min=0).mean()), 1e-12)
+    return vectors * values.clamp(min=floor).sqrt()[None, :]
+
+
+def input_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
+    """Q with Q Q^T = C (damped): the Cholesky factor, or an eigen fallback when C is not PD."""
+    damped = _damped(gram, damping)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) == 0 and torch.isfinite(factor).all():
+        return factor
+    notes.append("input Gram not positive definite after damping; used eigenvalue-clipped square root")
+    return _eig_root(damped, damping)
+
+
+def output_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
+    """Symmetric P = G^1/2 (damped), eigenvalues clipped so P is always invertible."""
+    damped = _damped(gram, damping)
+    values, vectors = torch.linalg.eigh(damped)
+    floor = max(damping * float(values.clamp(min=0).mean()), 1e-12)
+    if bool((values < floor).any()):
+        notes.append("output-gradient Gram singular after damping; small eigenvalues clipped")
+    return (vectors * values.clamp(min=floor).sqrt()[None, :]) @ vectors.T
+
+
+def _svd(stats: LayerStats, damping: float) -> Weighting:
+    return Weighting()
+
+
+def _fwsvd(stats: LayerStats, damping: float) -> Weighting:
+    w = _diagonal(stats.fisher, damping, "Fisher")
+    if w.right is not None:
+        w.right = w.right.sqrt()
+    return w
+
+
+def _asvd(stats: LayerStats, damping: float) -> Weighting:
+    w = _diagonal(stats.input_abs, damping, "activation")
+    if w.right is not None:
+        w.right = w.right.pow(ASVD_ALPHA)
+    return w
+
+
+def _svd_llm(stats: LayerStats, damping: float) -> Weighting:
+    notes: list[str] = []
+    return Weighting(right=input_root(stats.input_gram, damping, notes), notes=notes)
+
+
+def _kfac(stats: LayerStats, damping: float) -> Weighting:
+    notes: list[str] = []
+    right = input_root(stats.input_gram, damping, notes)
+    if float(stats.output_gram.diagonal().sum()) <= 0:
+        notes.append("no output-gradient signal; input side only (svd-llm)")
+        return Weighting(right=right, notes=notes)
+    return Weighting(left=output_root(stats.output_gram, damping, notes), right=right, notes=notes)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("svd", frozenset(), _svd, "plain truncated SVD"),
+        Method("fwsvd", frozenset({"fisher"}), _fwsvd, "the paper's row-wise Fisher weighting"),
+        Method("asvd", frozenset({"input_abs"}), _asvd, "activation-magnitude input scaling"),
+        Method("svd-llm", frozenset({"input_gram"}), _svd_llm, "input whitening with the Cholesky factor of X^T X"),
+        Method("kfac", frozenset({"input_gram", "output_gram"}), _kfac, "two-sided Kronecker-factored Fisher"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise FwsvdError(f"unknown compression method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,54 @@
+"""Loading the model and tokenizer a recipe names: a local folder, a hub id, or a package that ships one."""
+from __future__ import annotations
+
+import importlib
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import FwsvdError
+from .recipe import ModelSpec, Recipe
+from .tasks import get_task
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_location(recipe: Recipe) -> str:
+    """A local folder path or a hub id, from whichever source key the recipe used."""
+    spec: ModelSpec = recipe.model
+    if spec.package:
+        try:
+            module = importlib.import_module(spec.package)
+        except ImportError:
+            raise FwsvdError(f"{recipe.source}: 'model.package' names '{spec.package}', which is not installed") from None
+        if not hasattr(module, "get_model_path"):
+            raise FwsvdError(f"{recipe.source}: package '{spec.package}' has no get_model_path() to find its model")
+        return str(module.get_model_path())
+    if spec.path:
+        path = recipe.resolve(spec.path)
+        if not (path / "config.json").is_file():
+            what = "does not exist" if not path.exists() else "has no config.json"
+            raise FwsvdError(f"{recipe.source}: 'model.path' folder {path} {what}")
+        return str(path)
+    return str(spec.hub_id)
+
+
+def load_pretrained(location: str, task_name: str, dtype: str = "float32", revision: str | None = None
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model in eval mode and its tokenizer, from a local folder or a hub id."""
+    task = get_task(task_name)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        model = task.auto_class.from_pretrained(location, dtype=DTYPES[dtype], **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FwsvdError(f"could not load model '{location}' for {task.name}: {exc}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one
+    return model.eval(), tokenizer
+
+
+def load_model(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """The recipe's model and tokenizer, and where they were loaded from."""
+    location = model_location(recipe)
+    model, tokenizer = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision)
+    return model, tokenizer, location

@@ -1,0 +1,146 @@
+"""The whole run: recipe -> data -> statistics -> factorize -> checkpoint -> export -> validate -> report.
+
+Everything is written into a staging folder beside the output and moved into place at the end, so a
+run that fails on bad input or crashes leaves no half-written output behind. A run that completes
+but misses a validation threshold keeps its artifacts and report (that is what one debugs from).
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from torch import nn
+
+from .checkpoint import library_versions, save_checkpoint
+from .compress import compress_
+from .data import load_records
+from .errors import FwsvdError
+from .export import ONNX_FILE, export_onnx, inspect_graph
+from .models import load_model
+from .recipe import Recipe
+from .report import write_report
+from .tasks import Batch, get_task
+from .validate import Check, validate
+
+RUN_MARKERS = ("report.json", "fwsvd_manifest.json")
+
+
+@dataclass
+class RunResult:
+    output: Path
+    report: dict
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report["passed"])
+
+
+def output_folder(recipe: Recipe, output: Optional[str | Path]) -> Path:
+    """The run's output folder; refuses to replace a non-empty folder that is not an earlier run's."""
+    folder = Path(output) if output is not None else recipe.resolve(recipe.export.output)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not any((folder / m).exists() for m in RUN_MARKERS))):
+        raise FwsvdError(f"output folder {folder} exists and is not an earlier fwsvd-export run; choose another with -o")
+    return folder
+
+
+@contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A scratch folder that replaces `folder` on success and disappears on failure."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    stage.rename(folder)
+
+
+def _batches(recipe: Recipe, tokenizer, config, role: str) -> list[Batch]:
+    task = get_task(recipe.model.task)
+    source = getattr(recipe.data, role)
+    records = load_records(recipe, role, task.columns(source, role == "calibration"))
+    return task.make_batches(records, source, tokenizer, recipe.data.max_length, recipe.data.batch_size,
+                             role == "calibration", config)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def linear_flop_ratio(plans: list) -> float:
+    """Multiply-adds of the targeted Linear layers after / before (they scale with parameter counts)."""
+    before = sum(p["params_before"] for p in plans)
+    return sum(p["params_after"] for p in plans) / before if before else 1.0
+
+
+def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> RunResult:
+    """Run every stage of `recipe`; the report's ``passed`` says whether validation held."""
+    folder = output_folder(recipe, output)
+    task = get_task(recipe.model.task)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = now - clock
+        clock = now
+
+    model, tokenizer, location = load_model(recipe)
+    lap("load model")
+    calibration = _batches(recipe, tokenizer, model.config, "calibration")
+    evaluation = _batches(recipe, tokenizer, model.config, "evaluation")
+    lap("data")
+    compressed = copy.deepcopy(model)
+    result = compress_(compressed, recipe.compression, calibration, task.loss, progress)
+    seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
+    lap("compress")
+    with staged(folder) as stage:
+        save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, result.to_dict(), recipe.to_dict(), location)
+        lap("checkpoint")
+        dense_onnx = export_onnx(model, tokenizer, stage / "onnx" / "dense", task.name, recipe.export.opset)
+        small_onnx = export_onnx(compressed, tokenizer, stage / "onnx" / "compressed", task.name, recipe.export.opset)
+        graph = {"dense": inspect_graph(dense_onnx, model), "compressed": inspect_graph(small_onnx, compressed)}
+        lap("export")
+        validation = validate(task, recipe.validation, model, compressed, evaluation, dense_onnx, small_onnx,
+                              model.config.vocab_size, progress)
+        lap("validate")
+        missing = graph["compressed"]["layers_missing_split"]
+        if missing:
+            validation.checks.append(Check("graph: split MatMuls", False, f"not found for {', '.join(missing)}"))
+        report = {
+            "tool": "fwsvd-export",
+            "versions": library_versions(),
+            "recipe_file": recipe.source,
+            "recipe": recipe.to_dict(),
+            "model": {"source": location, "task": task.name, "dtype": recipe.model.dtype},
+            "compression": result.to_dict(),
+            "sizes": {
+                "params_dense": count_params(model),
+                "params_compressed": count_params(compressed),
+                "onnx_dense_bytes": _bytes(dense_onnx.parent),
+                "onnx_compressed_bytes": _bytes(small_onnx.parent),
+            },
+            "flop_ratio": linear_flop_ratio(result.to_dict()["layers"]),
+            "graph": graph,
+            "validation": validation.to_dict(),
+            "seconds": seconds,
+            "artifacts": {"checkpoint": "compressed", "onnx_dense": f"onnx/dense/{ONNX_FILE}",
+                          "onnx_compressed": f"onnx/compressed/{ONNX_FILE}"},
+            "passed": validation.passed,
+        }
+        write_report(report, stage)
+    return RunResult(folder, report)
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("model.onnx*"))

@@ -1,0 +1,316 @@
+"""The recipe: one YAML file that describes a whole run, parsed into typed dataclasses.
+
+Parsing is strict on purpose: a misspelt key in a recipe that lives in a user's repo would otherwise
+silently fall back to a default and compress the wrong thing. Every error names the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import FwsvdError
+
+Task = Literal["text-classification", "feature-extraction", "text-generation"]
+
+
+@dataclass
+class ModelSpec:
+    """Where the model comes from: exactly one of a local folder, a hub id, or a Python package
+    that ships one (the package must expose ``get_model_path()``)."""
+
+    task: Task
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    package: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
+class DataSource:
+    """Records from a local JSONL/CSV/plain-text file, or from a `datasets` hub dataset."""
+
+    path: Optional[str] = None
+    dataset: Optional[str] = None
+    dataset_config: Optional[str] = None
+    split: str = "train"
+    format: Literal["auto", "jsonl", "csv", "text"] = "auto"
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
+    max_samples: Optional[int] = None
+
+
+@dataclass
+class DataSpec:
+    calibration: DataSource
+    evaluation: DataSource
+    max_length: int = 128
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class LayerOverride:
+    ratio: Optional[float] = None
+    rank: Optional[int] = None
+
+
+@dataclass
+class CompressionSpec:
+    """Which Linear layers to factorize, how to weight them, and how far to cut them."""
+
+    method: str = "fwsvd"
+    target: list[str] = field(default_factory=lambda: [r".*"])
+    exclude: list[str] = field(default_factory=list)
+    ratio: Optional[float] = 0.5
+    rank: Optional[int] = None
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    damping: float = 1e-6
+
+
+@dataclass
+class ExportSpec:
+    opset: Optional[int] = None
+    output: str = "outputs/run"
+
+
+@dataclass
+class ProviderSpec:
+    name: Literal["cpu", "cuda"]
+    required: bool = False
+
+
+@dataclass
+class LatencySpec:
+    shapes: list[str] = field(default_factory=lambda: ["1x128"])
+    warmup: int = 5
+    runs: int = 30
+
+
+@dataclass
+class ValidationSpec:
+    providers: list[ProviderSpec] = field(
+        default_factory=lambda: [ProviderSpec("cpu", required=True), ProviderSpec("cuda")]
+    )
+    atol: float = 1e-3
+    rtol: float = 1e-2
+    parity_batches: int = 2
+    max_metric_loss: float = 0.05
+    latency: LatencySpec = field(default_factory=LatencySpec)
+
+
+@dataclass
+class Recipe:
+    model: ModelSpec
+    data: DataSpec
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    source: Optional[str] = None  # the file it was read from; not a recipe key
+    base_dir: Optional[str] = None  # folder that relative paths resolve against; not a recipe key
+
+    def resolve(self, value: str) -> Path:
+        """A path from the recipe, relative to the recipe's own folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else Path(self.base_dir or ".") / path
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        data.pop("base_dir")
+        return data
+
+
+_INTERNAL = {"source", "base_dir"}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if _is_optional(tp):
+        return f"{_type_name(_strip_optional(tp))} or null"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    return next(a for a in typing.get_args(tp) if a is not type(None))
+
+
+def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
+    """Check `value` against the annotation `tp`; `where` is the dotted key for error messages."""
+
+    def fail() -> FwsvdError:
+        return FwsvdError(f"{origin}: '{where}' must be {_type_name(tp)}, got {value!r}")
+
+    if _is_optional(tp):
+        return None if value is None else _convert(value, _strip_optional(tp), where, origin)
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise fail()
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        return _build(tp, value, where, origin)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise fail()
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]", origin) for i, v in enumerate(value)]
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v, item, f"{where}.{k}", origin) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    raise TypeError(f"unsupported recipe annotation {tp!r}")
+
+
+def _build(cls: type, mapping: dict[str, Any], where: str, origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in _INTERNAL]
+    for key in mapping:
+        if key not in names:
+            place = f"{where}.{key}" if where else key
+            raise FwsvdError(f"{origin}: unknown key '{place}' (allowed here: {', '.join(names)})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in _INTERNAL:
+            continue
+        place = f"{where}.{f.name}" if where else f.name
+        if f.name in mapping:
+            kwargs[f.name] = _convert(mapping[f.name], hints[f.name], place, origin)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise FwsvdError(f"{origin}: missing required key '{place}'")
+    return cls(**kwargs)
+
+
+def apply_override(data: dict[str, Any], assignment: str, origin: str = "--set") -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw recipe mapping."""
+    if "=" not in assignment:
+        raise FwsvdError(f"{origin}: expected KEY=VALUE, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise FwsvdError(f"{origin}: bad key {key!r}")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise FwsvdError(f"{origin}: '{key}' goes through '{part}', which is not a mapping")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _check(recipe: Recipe, origin: str) -> None:
+    """Cross-field rules that types alone cannot express."""
+    sources = [k for k in ("path", "hub_id", "package") if getattr(recipe.model, k)]
+    if len(sources) != 1:
+        raise FwsvdError(f"{origin}: 'model' needs exactly one of path, hub_id, package (got {sources or 'none'})")
+    for name in ("calibration", "evaluation"):
+        src: DataSource = getattr(recipe.data, name)
+        if (src.path is None) == (src.dataset is None):
+            raise FwsvdError(f"{origin}: 'data.{name}' needs exactly one of path, dataset")
+        if src.max_samples is not None and src.max_samples < 1:
+            raise FwsvdError(f"{origin}: 'data.{name}.max_samples' must be at least 1")
+    comp = recipe.compression
+    _check_cut(comp.ratio, comp.rank, "compression", origin, allow_neither=False)
+    for pattern, override in comp.overrides.items():
+        _check_regex(pattern, f"compression.overrides.{pattern}", origin)
+        _check_cut(override.ratio, override.rank, f"compression.overrides.{pattern}", origin, allow_neither=False)
+    for i, pattern in enumerate(comp.target):
+        _check_regex(pattern, f"compression.target[{i}]", origin)
+    for i, pattern in enumerate(comp.exclude):
+        _check_regex(pattern, f"compression.exclude[{i}]", origin)
+    for i, shape in enumerate(recipe.validation.latency.shapes):
+        if not re.fullmatch(r"\d+x\d+", shape):
+            raise FwsvdError(f"{origin}: 'validation.latency.shapes[{i}]' must look like BATCHxSEQUENCE, got {shape!r}")
+    if recipe.data.batch_size < 1 or recipe.data.max_length < 2:
+        raise FwsvdError(f"{origin}: 'data.batch_size' must be >= 1 and 'data.max_length' >= 2")
+
+
+def _check_cut(ratio: Optional[float], rank: Optional[int], where: str, origin: str, allow_neither: bool) -> None:
+    if ratio is not None and rank is not None:
+        raise FwsvdError(f"{origin}: '{where}' sets both ratio and rank; keep one")
+    if ratio is None and rank is None and not allow_neither:
+        raise FwsvdError(f"{origin}: '{where}' needs a ratio or a rank")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise FwsvdError(f"{origin}: '{where}.ratio' must be in (0, 1], got {ratio}")
+    if rank is not None and rank < 1:
+        raise FwsvdError(f"{origin}: '{where}.rank' must be at least 1, got {rank}")
+
+
+def _check_regex(pattern: str, where: str, origin: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise FwsvdError(f"{origin}: '{where}' is not a valid regular expression: {exc}") from None
+
+
+def parse_recipe(data: dict[str, Any], origin: str = "<recipe>", base_dir: str | Path = ".") -> Recipe:
+    """Build a checked Recipe from an already-loaded mapping."""
+    if not isinstance(data, dict):
+        raise FwsvdError(f"{origin}: a recipe must be a YAML mapping at the top level")
+    # A single ratio or rank given via --set replaces the other, so overriding one works as expected.
+    comp = data.get("compression")
+    if isinstance(comp, dict) and comp.get("rank") is not None and "ratio" not in comp:
+        comp["ratio"] = None
+    recipe = _build(Recipe, data, "", origin)
+    recipe.source = origin
+    recipe.base_dir = str(base_dir)
+    _check(recipe, origin)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply ``--set key=value`` overrides, and check everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise FwsvdError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FwsvdError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise FwsvdError(f"{path}: a recipe must be a YAML mapping at the top level")
+    for assignment in overrides:
+        comp = data.get("compression")
+        key = assignment.split("=", 1)[0].strip()
+        if isinstance(comp, dict) and key in ("compression.ratio", "compression.rank"):
+            comp.pop("rank" if key.endswith("ratio") else "ratio", None)
+        apply_override(data, assignment)
+    return parse_recipe(data, str(path), path.parent.resolve())

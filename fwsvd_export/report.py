@@ -1,0 +1,71 @@
+"""The run's footprint: ``report.json`` for machines and ``report.md`` for people, from one dict."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def markdown(report: dict) -> str:
+    comp, val, sizes = report["compression"], report.get("validation"), report["sizes"]
+    summary = comp["summary"]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines = [f"# fwsvd-export report: {verdict}", "",
+             f"Model `{report['model']['source']}` ({report['model']['task']}), method **{summary['method']}**.", ""]
+    lines += ["## Size", ""] + _table(
+        ["", "dense", "compressed", "ratio"],
+        [["parameters", sizes["params_dense"], sizes["params_compressed"], sizes["params_compressed"] / sizes["params_dense"]],
+         ["targeted Linear parameters", summary["targeted_params_before"], summary["targeted_params_after"], summary["targeted_kept_ratio"]],
+         ["ONNX file (bytes)", sizes.get("onnx_dense_bytes"), sizes.get("onnx_compressed_bytes"),
+          (sizes.get("onnx_compressed_bytes") or 0) / (sizes.get("onnx_dense_bytes") or 1)]])
+    graph = report.get("graph", {})
+    if graph:
+        g = graph["compressed"]
+        lines += ["## ONNX graph", "",
+                  f"Dense graph: {graph['dense']['matmul_nodes']} MatMul nodes; compressed graph: {g['matmul_nodes']} MatMul nodes. "
+                  f"{g['split_matmul_pairs_found']} of {g['factorized_layers']} factorized layers appear as two MatMuls.", ""]
+    if val:
+        lines += ["## Checks", ""] + _table(["check", "result", "detail"],
+                                            [[c["name"], "pass" if c["passed"] else "FAIL", c["detail"]] for c in val["checks"]])
+        rows = [["original (torch)", "-", val["original_torch"], "-", "-"],
+                ["compressed (torch)", "-", val["compressed_torch"], "-", "-"]]
+        latency_rows = []
+        for name, entry in val["providers"].items():
+            if entry["status"] == "unavailable":
+                rows.append([f"compressed (onnx, {name})", "unavailable", entry["reason"], "-", "-"])
+                continue
+            p = entry["parity"]
+            rows.append([f"compressed (onnx, {name})", entry["status"], entry["metric"], p["max_abs_error"], p["max_rel_error"]])
+            for lat in entry["latency"]:
+                latency_rows.append([name, lat["shape"], lat["dense"]["median_ms"], lat["dense"]["p90_ms"],
+                                     lat["compressed"]["median_ms"], lat["compressed"]["p90_ms"], lat["speedup"]])
+        lines += [f"## Accuracy ({val['metric']})", ""] + _table(["model", "status", val["metric"], "max abs error", "max rel error"], rows)
+        if latency_rows:
+            lines += ["## Latency (ms)", ""] + _table(
+                ["provider", "shape", "dense median", "dense p90", "compressed median", "compressed p90", "speedup"], latency_rows)
+            lines += [f"Linear-layer FLOP ratio (compressed / dense): {report['flop_ratio']:.3f}; "
+                      "it bounds the speedup the factorized layers alone can give.", ""]
+    lines += ["## Layers", ""] + _table(
+        ["layer", "shape (out x in)", "rank", "params kept", "weighted error", "note"],
+        [[p["name"], f"{p['out_features']}x{p['in_features']}", p["rank"] if p["rank"] is not None else "dense",
+          p["params_after"] / p["params_before"], p["weighted_error"], "; ".join([p["reason"]] + p["notes"])]
+         for p in comp["layers"]])
+    lines += ["## Stage times (s)", ""] + _table(["stage", "seconds"], [[k, v] for k, v in report["seconds"].items()])
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (folder / "report.md").write_text(markdown(report))

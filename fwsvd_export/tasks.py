@@ -1,0 +1,217 @@
+"""What differs between tasks: the model class, the batches, the loss the Fisher is taken of, the
+tensor compared across runtimes, and the task metric.
+
+The three tasks share one shape so that every later stage (statistics, export, validation) is task-blind.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from .data import Record
+from .errors import FwsvdError
+from .recipe import DataSource
+
+# In-batch contrastive loss scale, as used to train sentence-embedding models (cosine * 20).
+CONTRASTIVE_SCALE = 20.0
+
+
+@dataclass
+class Batch:
+    """Model inputs plus what the loss and metric need. Rows are `groups` blocks of `samples` rows:
+    a text-pair batch holds all first texts, then all second texts, so one sample spans two rows."""
+
+    inputs: dict[str, torch.Tensor]
+    token_mask: torch.Tensor  # (rows, seq) bool: real tokens, not padding
+    labels: Optional[torch.Tensor] = None
+    groups: int = 1
+
+    @property
+    def samples(self) -> int:
+        return self.inputs["input_ids"].shape[0] // self.groups
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, move(self.token_mask), move(self.labels), self.groups)
+
+
+@dataclass
+class Task:
+    name: str
+    auto_class: type
+    output_name: str  # the ONNX/PyTorch output compared across runtimes
+    metric_name: str
+    higher_is_better: bool
+    columns: Callable[[DataSource, bool], list[str]]  # required columns (source, is_calibration)
+    make_batches: Callable[[list[Record], DataSource, PreTrainedTokenizerBase, int, int, bool, object], list[Batch]]
+    loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over samples, so grads are per-sample sums
+    metric: Callable[[list[torch.Tensor], list[Batch], Optional[list[torch.Tensor]]], float]
+    needs_reference: bool = False  # metric compares against the original model's outputs
+    extra: dict = field(default_factory=dict)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: Optional[list[str]], max_length: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# --- text classification -------------------------------------------------------------------------
+
+def _cls_columns(source: DataSource, calibration: bool) -> list[str]:
+    if source.label_column is None:
+        raise FwsvdError("text-classification needs 'label_column' in data.calibration and data.evaluation")
+    return [c for c in (source.text_column, source.text_pair_column, source.label_column) if c]
+
+
+def _label_id(value, config) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < config.num_labels:
+            raise FwsvdError(f"label {value} is outside the model's {config.num_labels} classes")
+        return value
+    label2id = {str(k): v for k, v in (config.label2id or {}).items()}
+    if str(value) not in label2id:
+        raise FwsvdError(f"label {value!r} is not one of the model's labels: {', '.join(label2id)}")
+    return int(label2id[str(value)])
+
+
+def _cls_batches(records, source, tokenizer, max_length, batch_size, calibration, config) -> list[Batch]:
+    batches = []
+    for chunk in _chunks(records, batch_size):
+        texts = [str(r[source.text_column]) for r in chunk]
+        pairs = [str(r[source.text_pair_column]) for r in chunk] if source.text_pair_column else None
+        inputs = _encode(tokenizer, texts, pairs, max_length)
+        labels = torch.tensor([_label_id(r[source.label_column], config) for r in chunk])
+        batches.append(Batch(inputs, inputs["attention_mask"].bool(), labels))
+    return batches
+
+
+def _cls_loss(model, batch: Batch) -> torch.Tensor:
+    logits = model(**batch.inputs).logits
+    return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+
+
+def _accuracy(outputs, batches, reference=None) -> float:
+    correct = sum(int((o.argmax(-1) == b.labels).sum()) for o, b in zip(outputs, batches))
+    return correct / sum(len(b.labels) for b in batches)
+
+
+# --- feature extraction (sentence embeddings) ----------------------------------------------------
+
+def _emb_columns(source: DataSource, calibration: bool) -> list[str]:
+    if calibration and source.text_pair_column is None:
+        raise FwsvdError("feature-extraction calibrates on text pairs: set 'data.calibration.text_pair_column'")
+    return [c for c in (source.text_column, source.text_pair_column) if c]
+
+
+def _emb_batches(records, source, tokenizer, max_length, batch_size, calibration, config) -> list[Batch]:
+    batches = []
+    for chunk in _chunks(records, batch_size):
+        texts = [str(r[source.text_column]) for r in chunk]
+        groups = 1
+        if source.text_pair_column:
+            texts += [str(r[source.text_pair_column]) for r in chunk]
+            groups = 2
+        inputs = _encode(tokenizer, texts, None, max_length)
+        batches.append(Batch(inputs, inputs["attention_mask"].bool(), None, groups))
+    return batches
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding as the mean of real-token states (how MiniLM-style models are trained)."""
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _emb_loss(model, batch: Batch) -> torch.Tensor:
+    """In-batch contrastive loss: each text must pick its own pair among all pairs in the batch."""
+    if batch.groups != 2:
+        raise FwsvdError("feature-extraction calibration batches must hold text pairs")
+    hidden = model(**batch.inputs).last_hidden_state
+    emb = F.normalize(mean_pool(hidden.float(), batch.inputs["attention_mask"]), dim=-1)
+    anchors, positives = emb.chunk(2)
+    scores = CONTRASTIVE_SCALE * anchors @ positives.T
+    return F.cross_entropy(scores, torch.arange(len(anchors), device=scores.device), reduction="sum")
+
+
+def _cosine_to_reference(outputs, batches, reference) -> float:
+    total, count = 0.0, 0
+    for out, ref, b in zip(outputs, reference, batches):
+        mask = b.inputs["attention_mask"]
+        sims = F.cosine_similarity(mean_pool(out.float(), mask), mean_pool(ref.float(), mask), dim=-1)
+        total += float(sims.sum())
+        count += len(sims)
+    return total / count
+
+
+# --- causal language modelling -------------------------------------------------------------------
+
+def _lm_columns(source: DataSource, calibration: bool) -> list[str]:
+    return [source.text_column]
+
+
+def _lm_batches(records, source, tokenizer, max_length, batch_size, calibration, config) -> list[Batch]:
+    """Concatenate all texts (separated by EOS) and cut them into full blocks of `max_length` tokens."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for r in records:
+        stream += tokenizer(str(r[source.text_column]), add_special_tokens=False)["input_ids"] + eos
+    blocks = [stream[i:i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)]
+    if not blocks:
+        raise FwsvdError(f"the text holds {len(stream)} tokens, fewer than one block of data.max_length={max_length}")
+    batches = []
+    for chunk in _chunks(blocks, batch_size):
+        ids = torch.tensor(chunk)
+        mask = torch.ones_like(ids)
+        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool()))
+    return batches
+
+
+def _lm_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+
+
+def _lm_loss(model, batch: Batch) -> torch.Tensor:
+    logits = model(**batch.inputs).logits
+    return _lm_nll(logits, batch.inputs["input_ids"])
+
+
+def _perplexity(outputs, batches, reference=None) -> float:
+    nll = sum(float(_lm_nll(torch.as_tensor(o), b.inputs["input_ids"])) for o, b in zip(outputs, batches))
+    tokens = sum(b.inputs["input_ids"][:, 1:].numel() for b in batches)
+    return float(torch.exp(torch.tensor(nll / tokens)))
+
+
+TASKS: dict[str, Task] = {
+    "text-classification": Task("text-classification", AutoModelForSequenceClassification, "logits", "accuracy", True,
+                                _cls_columns, _cls_batches, _cls_loss, _accuracy),
+    "feature-extraction": Task("feature-extraction", AutoModel, "last_hidden_state", "cosine_to_original", True,
+                               _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, needs_reference=True),
+    "text-generation": Task("text-generation", AutoModelForCausalLM, "logits", "perplexity", False,
+                            _lm_columns, _lm_batches, _lm_loss, _perplexity),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise FwsvdError(f"unknown task '{name}'; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def run_torch(model: torch.nn.Module, task: Task, batch: Batch) -> torch.Tensor:
+    """The compared output of a PyTorch model for one batch."""
+    return getattr(model(**batch.inputs), task.output_name)
+
+
+def metric_loss(task: Task, baseline: float, value: float) -> float:
+    """How much worse `value` is than `baseline`: absolute for accuracy/cosine, relative for perplexity."""
+    return baseline - value if task.higher_is_better else value / baseline - 1.0

@@ -1,0 +1,162 @@
+"""Proof in ONNX Runtime: numeric parity, task-metric parity and latency, per execution provider.
+
+ONNX Runtime silently falls back to the CPU when a provider cannot start (missing CUDA libraries, for
+one), so a provider counts as used only when the session reports it first in ``get_providers()``;
+otherwise it is reported as unavailable with the reason, never as passed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tqdm.auto import tqdm
+
+from .recipe import ValidationSpec
+from .tasks import Batch, Task, metric_loss, run_torch
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "passed": self.passed, "detail": self.detail}
+
+
+@dataclass
+class Validation:
+    metric: str
+    original_torch: float
+    compressed_torch: float
+    providers: dict = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "original_torch": self.original_torch, "compressed_torch": self.compressed_torch,
+                "providers": self.providers, "checks": [c.as_dict() for c in self.checks], "passed": self.passed}
+
+
+def open_session(path: Path, provider: str) -> tuple[Optional[ort.InferenceSession], str]:
+    """A session that really runs on `provider` (short name), or None and the reason it does not."""
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        return None, f"{name} is not in this onnxruntime build (has {', '.join(ort.get_available_providers())})"
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the fallback is detected below; its log noise is not useful
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[name])
+    except Exception as exc:  # provider libraries that fail to load raise on some builds
+        return None, f"{name} failed to start: {exc}"
+    used = session.get_providers()
+    if not used or used[0] != name:
+        return None, f"{name} could not start on this machine (session fell back to {', '.join(used)})"
+    return session, ""
+
+
+def feeds(session: ort.InferenceSession, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Map a batch's tensors onto the graph's inputs, deriving the ones a tokenizer does not emit."""
+    mask = inputs["attention_mask"]
+    result = {}
+    for graph_input in session.get_inputs():
+        key = graph_input.name
+        if key in inputs:
+            value = inputs[key]
+        elif key == "token_type_ids":
+            value = torch.zeros_like(inputs["input_ids"])
+        elif key == "position_ids":
+            value = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            raise ValueError(f"the ONNX graph wants input '{key}', which this tool cannot provide")
+        result[key] = value.cpu().numpy().astype(np.int64)
+    return result
+
+
+def run_ort(session: ort.InferenceSession, task: Task, batch: Batch) -> torch.Tensor:
+    return torch.from_numpy(session.run([task.output_name], feeds(session, batch.inputs))[0])
+
+
+def parity(outputs: list[torch.Tensor], reference: list[torch.Tensor], atol: float, rtol: float) -> dict:
+    """Max absolute error, and error relative to the reference's largest magnitude."""
+    abs_err = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outputs, reference))
+    scale = max(float(r.float().abs().max()) for r in reference)
+    rel_err = abs_err / scale if scale else abs_err
+    return {"max_abs_error": abs_err, "max_rel_error": rel_err, "atol": atol, "rtol": rtol,
+            "passed": abs_err <= atol + rtol * scale}
+
+
+def latency(session: ort.InferenceSession, shape: str, vocab_size: int, warmup: int, runs: int) -> dict:
+    """Median and p90 wall time (ms) of one run at BATCHxSEQUENCE, after warm-up."""
+    batch, seq = (int(v) for v in shape.split("x"))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(vocab_size, 1000), (batch, seq), generator=generator) + 1
+    data = feeds(session, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    for _ in range(warmup):
+        session.run(None, data)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, data)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
+
+
+def _outputs(run, batches: list[Batch], desc: str, progress: bool) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [run(b) for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)]
+
+
+def validate(task: Task, spec: ValidationSpec, original: torch.nn.Module, compressed: torch.nn.Module,
+             batches: list[Batch], dense_onnx: Path, compressed_onnx: Path, vocab_size: int,
+             progress: bool = True) -> Validation:
+    original_out = _outputs(lambda b: run_torch(original, task, b), batches, "original (torch)", progress)
+    compressed_out = _outputs(lambda b: run_torch(compressed, task, b), batches, "compressed (torch)", progress)
+    reference = original_out if task.needs_reference else None
+    result = Validation(task.metric_name, task.metric(original_out, batches, reference),
+                        task.metric(compressed_out, batches, reference))
+    loss = metric_loss(task, result.original_torch, result.compressed_torch)
+    result.checks.append(Check("metric loss (compressed torch)", loss <= spec.max_metric_loss,
+                               f"{task.metric_name} {result.original_torch:.4f} -> {result.compressed_torch:.4f} "
+                               f"(loss {loss:.4f}, allowed {spec.max_metric_loss})"))
+    for provider in spec.providers:
+        entry: dict = {"provider": PROVIDERS[provider.name], "required": provider.required}
+        result.providers[provider.name] = entry
+        session, reason = open_session(compressed_onnx, provider.name)
+        if session is None:
+            entry.update(status="unavailable", reason=reason)
+            if provider.required:
+                result.checks.append(Check(f"{provider.name}: provider available", False, reason))
+            continue
+        ort_out = _outputs(lambda b: run_ort(session, task, b), batches, f"compressed (onnx, {provider.name})", progress)
+        n = max(1, spec.parity_batches)
+        entry["parity"] = parity(ort_out[:n], compressed_out[:n], spec.atol, spec.rtol)
+        entry["metric"] = task.metric(ort_out, batches, reference)
+        entry["metric_loss"] = metric_loss(task, result.original_torch, entry["metric"])
+        dense_session, _ = open_session(dense_onnx, provider.name)
+        entry["latency"] = []
+        for shape in spec.latency.shapes:
+            dense = latency(dense_session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
+            small = latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
+            entry["latency"].append({"shape": shape, "dense": dense, "compressed": small,
+                                     "speedup": dense["median_ms"] / small["median_ms"]})
+        p = entry["parity"]
+        result.checks.append(Check(f"{provider.name}: numeric parity", p["passed"],
+                                   f"max abs error {p['max_abs_error']:.2e}, rel {p['max_rel_error']:.2e}"))
+        result.checks.append(Check(f"{provider.name}: metric loss", entry["metric_loss"] <= spec.max_metric_loss,
+                                   f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
+                                   f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
+        entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
+    return result
