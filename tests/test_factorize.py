@@ -1,0 +1,138 @@
+"""The math: weighted factorization, its special cases, and its optimality."""
+import pytest
+import torch
+from torch import nn
+
+from fwsvd_export.factorize import break_even_rank, factorize, low_rank_from_linear, pays_off, rank_for_ratio
+from fwsvd_export.fisher import LayerStats
+from fwsvd_export.methods import METHODS, input_root
+
+
+def weighted_error(w, approx, left=None, right=None):
+    e = (w - approx).double()
+    if left is not None:
+        e = (left[:, None] * e) if left.dim() == 1 else left.double() @ e
+    if right is not None:
+        e = (e * right[None, :]) if right.dim() == 1 else e @ right.double()
+    return float(e.norm())
+
+
+def product(f):
+    return f.second.double() @ f.first.double()
+
+
+@pytest.fixture
+def weight():
+    torch.manual_seed(0)
+    return torch.randn(24, 40, dtype=torch.float64)
+
+
+def test_identity_weighting_is_plain_svd(weight):
+    svd = factorize(weight, 6)
+    fw = factorize(weight, 6, right=torch.ones(40, dtype=torch.float64))
+    torch.testing.assert_close(product(svd), product(fw))
+    u, s, vh = torch.linalg.svd(weight)
+    torch.testing.assert_close(product(svd), u[:, :6] @ torch.diag(s[:6]) @ vh[:6])
+
+
+def test_fwsvd_never_loses_to_svd_on_the_importance_weighted_error():
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        w = torch.randn(16, 30, generator=gen, dtype=torch.float64)
+        importance = torch.rand(30, generator=gen, dtype=torch.float64) ** 3
+        scale = importance.sqrt()
+        for rank in (1, 4, 9):
+            fw = weighted_error(w, product(factorize(w, rank, right=scale)), right=scale)
+            plain = weighted_error(w, product(factorize(w, rank)), right=scale)
+            assert fw <= plain + 1e-9, (trial, rank)
+
+
+def test_factor_shapes_and_bias_on_second_factor():
+    linear = nn.Linear(40, 24)
+    module, _ = low_rank_from_linear(linear, 5)
+    assert module.first.weight.shape == (5, 40) and module.first.bias is None
+    assert module.second.weight.shape == (24, 5)
+    torch.testing.assert_close(module.second.bias, linear.bias)
+
+
+def test_full_rank_reproduces_the_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 20).double()
+    x = torch.randn(7, 12, dtype=torch.float64)
+    for right in (None, torch.rand(12, dtype=torch.float64) + 0.1):
+        module, _ = low_rank_from_linear(linear, 12, right=right)
+        torch.testing.assert_close(module(x), linear(x))
+
+
+def test_break_even_rank():
+    assert break_even_rank(384, 1536) == pytest.approx(307.2)
+    assert pays_off(384, 1536, 307) and not pays_off(384, 1536, 308)
+    assert rank_for_ratio(384, 1536, 0.5) == 153
+    assert rank_for_ratio(4, 4, 0.01) == 1
+
+
+def test_zero_importance_features_give_finite_factors(weight):
+    fisher = torch.rand(40, dtype=torch.float64)
+    fisher[::3] = 0.0
+    w = METHODS["fwsvd"].build(LayerStats(fisher=fisher), 1e-6)
+    f = factorize(weight, 8, w.left, w.right)
+    assert torch.isfinite(f.first).all() and torch.isfinite(f.second).all()
+    assert any("floored" in n for n in w.notes)
+    none = METHODS["fwsvd"].build(LayerStats(fisher=torch.zeros(40)), 1e-6)
+    assert none.right is None and "plain SVD" in none.notes[0]
+
+
+def _grams(n_in=40, n_out=24, tokens=200, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n_in, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, n_in, dtype=torch.float64)
+    g = torch.randn(tokens, n_out, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 2, n_out, dtype=torch.float64)
+    return x.T @ x / tokens, g.T @ g / tokens
+
+
+def test_kfac_with_identity_output_gram_is_whitening(weight):
+    c, _ = _grams()
+    kfac = METHODS["kfac"].build(LayerStats(input_gram=c, output_gram=torch.eye(24, dtype=torch.float64)), 1e-8)
+    llm = METHODS["svd-llm"].build(LayerStats(input_gram=c), 1e-8)
+    torch.testing.assert_close(product(factorize(weight, 7, kfac.left, kfac.right)),
+                               product(factorize(weight, 7, llm.left, llm.right)))
+
+
+def test_kfac_with_diagonal_input_and_identity_output_is_fwsvd(weight):
+    importance = torch.rand(40, dtype=torch.float64) + 0.05
+    kfac = METHODS["kfac"].build(LayerStats(input_gram=torch.diag(importance), output_gram=torch.eye(24, dtype=torch.float64)), 0.0)
+    fw = METHODS["fwsvd"].build(LayerStats(fisher=importance), 0.0)
+    torch.testing.assert_close(product(factorize(weight, 5, kfac.left, kfac.right)),
+                               product(factorize(weight, 5, fw.left, fw.right)))
+
+
+def test_kfac_full_rank_reproduces_the_weight(weight):
+    c, g = _grams()
+    w = METHODS["kfac"].build(LayerStats(input_gram=c, output_gram=g), 1e-6)
+    torch.testing.assert_close(product(factorize(weight, 24, w.left, w.right)), weight)
+
+
+def test_kfac_is_optimal_against_random_rank_r_alternatives(weight):
+    c, g = _grams()
+    w = METHODS["kfac"].build(LayerStats(input_gram=c, output_gram=g), 0.0)
+    best = weighted_error(weight, product(factorize(weight, 6, w.left, w.right)), w.left, w.right)
+    gen = torch.Generator().manual_seed(3)
+    for other in (product(factorize(weight, 6)), product(factorize(weight, 6, right=w.right))):
+        assert best <= weighted_error(weight, other, w.left, w.right) + 1e-9
+    for _ in range(50):
+        a = torch.randn(24, 6, generator=gen, dtype=torch.float64)
+        b = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+        assert best < weighted_error(weight, product(factorize(weight, 6)) + 0.05 * a @ b, w.left, w.right)
+
+
+def test_singular_grams_take_the_fallback_and_say_so(weight):
+    x = torch.randn(10, 40, dtype=torch.float64)
+    singular = x.T @ x  # rank 10 of 40, and undamped
+    notes: list[str] = []
+    root = input_root(singular - 1e-3 * torch.eye(40, dtype=torch.float64), 0.0, notes)
+    assert torch.isfinite(root).all() and "not positive definite" in notes[0]
+    g = torch.zeros(24, 24, dtype=torch.float64)
+    g[0, 0] = 1.0
+    w = METHODS["kfac"].build(LayerStats(input_gram=singular, output_gram=g), 0.0)
+    f = factorize(weight, 6, w.left, w.right)
+    assert torch.isfinite(f.first).all() and torch.isfinite(f.second).all()
+    assert w.notes

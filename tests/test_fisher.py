@@ -1,0 +1,85 @@
+"""The calibration pass: per-sample Fisher and the Grams match brute force over single samples."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from fwsvd_export.compress import linear_layers
+from fwsvd_export.fisher import collect_statistics
+from fwsvd_export.recipe import DataSource
+from fwsvd_export.tasks import TASKS
+
+from conftest import sentences
+
+
+def classifier_batches(tokenizer, config, n=6, batch_size=3):
+    records = [{"text": t, "label": i % 3} for i, t in enumerate(sentences(n, 5))]
+    task = TASKS["text-classification"]
+    return records, task, task.make_batches(records, DataSource(label_column="label"), tokenizer, 32, batch_size, True, config)
+
+
+def brute_force(model, task, single_batches, layers):
+    """Mean over samples of (dL_n/dW)^2 summed over outputs, one backward per sample."""
+    totals = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in layers.items()}
+    for batch in single_batches:
+        model.zero_grad()
+        task.loss(model, batch).backward()
+        for name, m in layers.items():
+            totals[name] += m.weight.grad.double().square().sum(0)
+    return {name: t / len(single_batches) for name, t in totals.items()}
+
+
+def test_per_sample_fisher_matches_a_loop_over_single_samples(bert_dir, tokenizer):
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    records, task, batches = classifier_batches(tokenizer, model.config)
+    layers = linear_layers(model)
+    stats = collect_statistics(model, layers, batches, task.loss, {"fisher"}, progress=False)
+    singles = task.make_batches(records, DataSource(label_column="label"), tokenizer, 32, 1, True, model.config)
+    expected = brute_force(model, task, singles, layers)
+    for name in layers:
+        torch.testing.assert_close(stats[name].fisher.double(), expected[name], rtol=2e-3, atol=1e-9)
+        assert stats[name].samples == len(records)
+
+
+def test_per_sample_fisher_for_a_causal_lm(llama_dir, tokenizer, data_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    task = TASKS["text-generation"]
+    records = [{"text": t} for t in sentences(30, 6)]
+    batches = task.make_batches(records, DataSource(), tokenizer, 16, 4, True, None)
+    layers = {k: v for k, v in linear_layers(model).items() if "layers.0" in k}
+    stats = collect_statistics(model, layers, batches, task.loss, {"fisher"}, progress=False)
+    singles = [type(b)({k: v[i:i + 1] for k, v in b.inputs.items()}, b.token_mask[i:i + 1]) for b in batches for i in range(len(b.token_mask))]
+    expected = brute_force(model, task, singles, layers)
+    for name in layers:
+        torch.testing.assert_close(stats[name].fisher.double(), expected[name], rtol=2e-3, atol=1e-9)
+
+
+def test_grams_use_real_tokens_only_and_leave_weights_without_gradients(bert_dir, tokenizer):
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    records, task, batches = classifier_batches(tokenizer, model.config)
+    name = "bert.encoder.layer.0.intermediate.dense"
+    layer = model.get_submodule(name)
+    stats = collect_statistics(model, {name: layer}, batches, task.loss, {"input_gram", "output_gram", "input_abs"}, progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    inputs, grads = [], []
+    singles = task.make_batches(records, DataSource(label_column="label"), tokenizer, 32, 1, True, model.config)
+
+    def record(module, args, out):
+        inputs.append(args[0][0].detach())
+        out.register_hook(lambda g: grads.append(g[0]))
+
+    hook = layer.register_forward_hook(record)
+    for batch in singles:
+        task.loss(model, batch).backward()
+    hook.remove()
+    x, g = torch.cat(inputs).double(), torch.cat(grads).double()
+    assert stats[name].tokens == x.shape[0]
+    torch.testing.assert_close(stats[name].input_gram.double(), x.T @ x / len(x), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats[name].output_gram.double(), g.T @ g / len(g), rtol=2e-3, atol=1e-10)
+    torch.testing.assert_close(stats[name].input_abs.double(), x.abs().mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_statistic_is_rejected(bert_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir)
+    with pytest.raises(ValueError, match="unknown statistics"):
+        collect_statistics(model, {}, [], None, {"hessian"})
