@@ -1,0 +1,60 @@
+"""The command line: exit codes, messages, inspect, and the methods list."""
+import json
+
+from click.testing import CliRunner
+
+from fwsvd_export.cli import main
+
+from conftest import write_recipe
+
+
+def test_run_passes_and_prints_the_checks(tmp_path, classifier_recipe):
+    path = write_recipe(tmp_path, classifier_recipe)
+    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet",
+                                       "--set", "compression.ratio=0.6"])
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output and "cpu: numeric parity" in result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["recipe"]["compression"]["ratio"] == 0.6
+
+
+def test_run_exits_1_when_validation_fails(tmp_path, classifier_recipe):
+    classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}]
+    classifier_recipe["validation"]["max_metric_loss"] = -1.0  # no compression can gain accuracy beyond this
+    path = write_recipe(tmp_path, classifier_recipe)
+    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1
+    assert "FAILED" in result.output and "[FAIL] cpu: metric loss" in result.output
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, classifier_recipe):
+    classifier_recipe["compression"]["target"] = ["nothing-like-this"]
+    path = write_recipe(tmp_path, classifier_recipe)
+    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "matches no Linear layer" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_lists_layers_with_break_even_ranks(bert_dir):
+    result = CliRunner().invoke(main, ["inspect", str(bert_dir), "--task", "text-classification", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    intermediate = rows["bert.encoder.layer.0.intermediate.dense"]
+    assert (intermediate["in"], intermediate["out"]) == (48, 96) and intermediate["break_even_rank"] == 32.0
+
+
+def test_inspect_shows_ranks_of_a_compressed_checkpoint(tmp_path, classifier_recipe):
+    path = write_recipe(tmp_path, classifier_recipe)
+    CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet"])
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out" / "compressed")])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if l.startswith("bert.encoder.layer.0.intermediate.dense "))
+    assert line.split()[3] == "16"  # rank at ratio 0.5 of a 96x48 layer
+    assert "first" not in result.output
+
+
+def test_methods_lists_every_method():
+    result = CliRunner().invoke(main, ["methods"])
+    for name in ("svd", "fwsvd", "asvd", "svd-llm", "kfac"):
+        assert name in result.output

@@ -1,0 +1,20 @@
+"""The embedded default: the shipped recipe on the real pretrained MiniLM-L6, every stage, offline."""
+from pathlib import Path
+
+from fwsvd_export.pipeline import run
+from fwsvd_export.recipe import load_recipe
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "minilm-demo.yaml"
+
+
+def test_minilm_demo_recipe_passes(tmp_path):
+    recipe = load_recipe(DEMO, ["validation.latency.runs=5", "validation.latency.warmup=1"])
+    result = run(recipe, tmp_path / "demo", progress=False)
+    report = result.report
+    assert report["compression"]["summary"]["compressed_layers"] == 12
+    assert report["graph"]["compressed"]["split_matmul_pairs_found"] == 12
+    cpu = report["validation"]["providers"]["cpu"]
+    assert cpu["parity"]["passed"] and cpu["metric"] > 0.9
+    assert [lat["shape"] for lat in cpu["latency"]] == ["1x128", "16x128"]
+    assert report["sizes"]["onnx_compressed_bytes"] < report["sizes"]["onnx_dense_bytes"]
+    assert result.passed, [c for c in report["validation"]["checks"] if not c["passed"]]

@@ -1,0 +1,129 @@
+"""End to end on tiny real models: recipe -> compressed checkpoint -> ONNX with split MatMuls -> ORT."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import fwsvd_export
+from fwsvd_export.pipeline import run
+from fwsvd_export.recipe import load_recipe
+from fwsvd_export.validate import feeds
+
+from conftest import write_recipe
+
+
+def run_recipe(tmp_path, recipe):
+    return run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", progress=False)
+
+
+def assert_artifacts(result, n_factorized):
+    out = result.output
+    for rel in ("report.json", "report.md", "compressed/config.json", "compressed/model.safetensors",
+                "compressed/fwsvd_manifest.json", "compressed/tokenizer.json", "onnx/dense/model.onnx",
+                "onnx/compressed/model.onnx", "onnx/compressed/config.json"):
+        assert (out / rel).is_file(), rel
+    graph = result.report["graph"]
+    assert graph["compressed"]["split_matmul_pairs_found"] == n_factorized
+    assert graph["compressed"]["matmul_nodes"] == graph["dense"]["matmul_nodes"] + n_factorized
+    assert json.loads((out / "report.json").read_text())["passed"] == result.passed
+    assert not list(out.parent.glob(".out.partial-*"))
+
+
+def test_classifier_end_to_end(tmp_path, classifier_recipe):
+    result = run_recipe(tmp_path, classifier_recipe)
+    summary = result.report["compression"]["summary"]
+    assert summary["compressed_layers"] == 12  # q, k, v, attention output, intermediate, output x 2 layers
+    assert_artifacts(result, 12)
+    cpu = result.report["validation"]["providers"]["cpu"]
+    assert cpu["status"] == "passed" and cpu["parity"]["max_abs_error"] < 1e-4
+    assert cpu["metric"] == pytest.approx(result.report["validation"]["compressed_torch"])
+    assert result.report["validation"]["providers"]["cuda"]["status"] in ("passed", "unavailable")
+    assert {"load model", "data", "compress", "checkpoint", "export", "validate"} <= set(result.report["seconds"])
+    assert result.passed
+
+
+def test_checkpoint_reloads_and_reproduces_the_compressed_model(tmp_path, classifier_recipe, tokenizer):
+    result = run_recipe(tmp_path, classifier_recipe)
+    model = fwsvd_export.load(result.output / "compressed")
+    manifest = json.loads((result.output / "compressed" / "fwsvd_manifest.json").read_text())
+    assert manifest["compression"]["summary"]["method"] == "fwsvd" and manifest["recipe"]["model"]["task"] == "text-classification"
+    assert "torch" in manifest["versions"]
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, fwsvd_export.LowRankLinear)}
+    assert ranks == {name: v["rank"] for name, v in manifest["factorized"].items()}
+    enc = tokenizer(["a quiet river at morning", "yellow engine"], padding=True, return_tensors="pt")
+    session = ort.InferenceSession(str(result.output / "onnx/compressed/model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(["logits"], feeds(session, dict(enc)))[0]
+    with torch.no_grad():
+        torch_logits = model(**enc).logits.numpy()
+    np.testing.assert_allclose(torch_logits, onnx_logits, atol=1e-4)
+    # Reloading twice gives identical outputs: the checkpoint is the model, bit for bit.
+    again = fwsvd_export.load(result.output / "compressed")
+    with torch.no_grad():
+        assert torch.equal(again(**enc).logits, model(**enc).logits)
+
+
+def test_onnx_folder_loads_with_optimum_ort_classes(tmp_path, classifier_recipe, tokenizer):
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    result = run_recipe(tmp_path, classifier_recipe)
+    ort_model = ORTModelForSequenceClassification.from_pretrained(result.output / "onnx/compressed")
+    enc = tokenizer(["silver mountain letter"], return_tensors="pt")
+    torch_model = fwsvd_export.load(result.output / "compressed")
+    with torch.no_grad():
+        np.testing.assert_allclose(ort_model(**enc).logits.numpy(), torch_model(**enc).logits.numpy(), atol=1e-4)
+
+
+def test_causal_lm_end_to_end_with_kfac(tmp_path, lm_recipe):
+    result = run_recipe(tmp_path, lm_recipe)
+    n = result.report["compression"]["summary"]["compressed_layers"]
+    assert n == 14  # q, k, v, o, gate, up, down x 2 layers
+    assert_artifacts(result, n)
+    val = result.report["validation"]
+    assert val["metric"] == "perplexity"
+    assert val["providers"]["cpu"]["metric"] == pytest.approx(val["compressed_torch"], rel=1e-3)
+    assert result.passed
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "svd-llm"])
+def test_every_method_runs_from_a_recipe(tmp_path, classifier_recipe, method):
+    classifier_recipe["compression"]["method"] = method
+    classifier_recipe["validation"]["latency"]["runs"] = 1
+    result = run_recipe(tmp_path, classifier_recipe)
+    assert result.report["compression"]["summary"]["method"] == method
+    assert result.report["validation"]["providers"]["cpu"]["parity"]["passed"]
+
+
+def test_layers_that_would_not_shrink_stay_dense_and_say_so(tmp_path, classifier_recipe):
+    classifier_recipe["compression"].update(ratio=None, rank=20, overrides={r"intermediate": {"rank": 8}})
+    result = run_recipe(tmp_path, classifier_recipe)
+    layers = {p["name"]: p for p in result.report["compression"]["layers"]}
+    attention = layers["bert.encoder.layer.0.attention.self.query"]  # 48x48: break-even rank 24, rank 20 pays
+    assert attention["rank"] == 20
+    assert layers["bert.encoder.layer.0.intermediate.dense"]["rank"] == 8
+    classifier_recipe["compression"].update(rank=30, overrides={})
+    result = run_recipe(tmp_path, classifier_recipe)
+    query = {p["name"]: p for p in result.report["compression"]["layers"]}["bert.encoder.layer.0.attention.self.query"]
+    assert query["rank"] is None and "would not save parameters" in query["reason"]
+    assert "dense" in (result.output / "report.md").read_text()
+
+
+def test_a_failed_threshold_keeps_the_report_and_fails_the_run(tmp_path, classifier_recipe):
+    classifier_recipe["compression"]["ratio"] = 0.05
+    classifier_recipe["validation"]["atol"] = 1e-12
+    classifier_recipe["validation"]["rtol"] = 0.0
+    result = run_recipe(tmp_path, classifier_recipe)
+    assert not result.passed
+    assert any(not c["passed"] and "parity" in c["name"] for c in result.report["validation"]["checks"])
+    assert "FAILED" in (result.output / "report.md").read_text()
+
+
+def test_a_required_provider_that_cannot_run_fails_the_run(tmp_path, classifier_recipe):
+    classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}, {"name": "cuda", "required": True}]
+    result = run_recipe(tmp_path, classifier_recipe)
+    cuda = result.report["validation"]["providers"]["cuda"]
+    if torch.cuda.is_available() and cuda["status"] != "unavailable":
+        pytest.skip("this machine really runs CUDA")
+    assert cuda["status"] == "unavailable" and cuda["reason"]
+    assert not result.passed

@@ -1,0 +1,60 @@
+"""Recipe parsing: defaults, relative paths, overrides from the command line."""
+import pytest
+
+from fwsvd_export.errors import FwsvdError
+from fwsvd_export.recipe import load_recipe
+
+from conftest import write_recipe
+
+MINIMAL = {"model": {"path": "model", "task": "text-classification"},
+           "data": {"calibration": {"path": "train.jsonl", "label_column": "label"},
+                    "evaluation": {"path": "test.csv", "label_column": "label"}}}
+
+
+def test_minimal_recipe_gets_sensible_defaults(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, MINIMAL))
+    assert recipe.compression.method == "fwsvd" and recipe.compression.ratio == 0.5
+    assert [p.name for p in recipe.validation.providers] == ["cpu", "cuda"]
+    assert recipe.validation.providers[0].required and not recipe.validation.providers[1].required
+
+
+def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    recipe = load_recipe(write_recipe(sub, MINIMAL))
+    assert recipe.resolve(recipe.data.calibration.path) == sub.resolve() / "train.jsonl"
+    assert recipe.resolve("/abs/file.txt").as_posix() == "/abs/file.txt"
+
+
+def test_set_overrides_single_keys(tmp_path):
+    path = write_recipe(tmp_path, MINIMAL)
+    recipe = load_recipe(path, ["compression.ratio=0.4", "compression.method=kfac", "validation.latency.runs=7"])
+    assert recipe.compression.ratio == 0.4 and recipe.compression.method == "kfac"
+    assert recipe.validation.latency.runs == 7
+
+
+def test_a_rank_override_replaces_the_ratio(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, MINIMAL), ["compression.rank=16"])
+    assert recipe.compression.rank == 16 and recipe.compression.ratio is None
+
+
+@pytest.mark.parametrize("assignment, fragment", [
+    ("compression.ratio=1.5", "compression.ratio' must be in (0, 1]"),
+    ("compression.bogus=1", "unknown key 'compression.bogus'"),
+    ("validation.latency.shapes=[big]", "BATCHxSEQUENCE"),
+    ("model.hub_id=org/name", "exactly one of path, hub_id, package"),
+    ("noequals", "expected KEY=VALUE"),
+])
+def test_bad_overrides_are_named(tmp_path, assignment, fragment):
+    with pytest.raises(FwsvdError) as info:
+        load_recipe(write_recipe(tmp_path, MINIMAL), [assignment])
+    assert fragment in str(info.value)
+
+
+def test_missing_recipe_file_and_bad_yaml(tmp_path):
+    with pytest.raises(FwsvdError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(FwsvdError, match="not valid YAML"):
+        load_recipe(bad)
