@@ -8,6 +8,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -15,7 +16,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import FwsvdError
-from .factorize import LowRankLinear, low_rank_from_linear, pays_off, rank_for_ratio
+from . import stats_cache
+from .allocate import Candidate, allocate_ranks
+from .factorize import LowRankLinear, break_even_rank, low_rank_from_linear, pays_off, rank_for_ratio, weighted_spectrum
 from .fisher import LayerStats, collect_statistics
 from .methods import get_method
 from .recipe import CompressionSpec
@@ -33,6 +36,7 @@ class LayerPlan:
     params_after: int = 0
     weighted_error: Optional[float] = None  # relative tail energy of the weighted spectrum
     notes: list[str] = field(default_factory=list)
+    allocate: bool = False  # rank chosen by the global budget allocation
 
 
 @dataclass
@@ -40,6 +44,7 @@ class CompressionResult:
     method: str
     layers: list[LayerPlan]
     seconds: dict[str, float] = field(default_factory=dict)  # statistics pass, factorization
+    statistics: dict = field(default_factory=dict)  # passes made, cache hit or store
 
     @property
     def compressed(self) -> list[LayerPlan]:
@@ -59,7 +64,7 @@ class CompressionResult:
         }
 
     def to_dict(self) -> dict:
-        return {"summary": self.summary(), "layers": [asdict(p) for p in self.layers]}
+        return {"summary": self.summary(), "statistics": self.statistics, "layers": [asdict(p) for p in self.layers]}
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -71,8 +76,15 @@ def _tied(model: nn.Module) -> set[int]:
     return {key for key, n in counts.items() if n > 1}
 
 
+def _uniform_rank(in_f: int, out_f: int, ratio: Optional[float], rank: Optional[int], multiple: int) -> int:
+    if rank is None:
+        rank = rank_for_ratio(in_f, out_f, ratio)
+    return max(multiple, rank // multiple * multiple) if multiple > 1 else rank
+
+
 def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
-    """Decide each targeted layer's rank; raises when the plan cannot apply to this model."""
+    """Decide each targeted layer's rank; raises when the plan cannot apply to this model.
+    Under a budget, layers without an override get ``allocate=True`` and their rank later."""
     layers = linear_layers(model)
     chosen = {
         name: m for name, m in layers.items()
@@ -90,30 +102,32 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     for name, module in chosen.items():
         out_f, in_f = module.weight.shape
         dense = in_f * out_f
-        ratio, rank, rule = spec.ratio, spec.rank, "default"
+        ratio, rank, rule = spec.ratio, spec.rank, "uniform"
         for pattern, override in spec.overrides.items():
             if re.search(pattern, name):
                 ratio, rank, rule = override.ratio, override.rank, f"override '{pattern}'"
                 break
+        plan = LayerPlan(name, in_f, out_f, None, rule, params_before=dense, params_after=dense)
+        plans.append(plan)
+        if id(module.weight) in tied:
+            plan.reason = "weight is tied to another module; kept dense"
+            continue
         if rank is not None and rank > min(in_f, out_f):
             raise FwsvdError(f"rank {rank} ({rule}) is larger than layer '{name}' allows: "
                              f"its weight is {out_f}x{in_f}, so its rank is at most {min(in_f, out_f)}")
-        if rank is None:
-            rank = rank_for_ratio(in_f, out_f, ratio)
-            rule += f", ratio {ratio:g}"
-        else:
-            rule += f", rank {rank}"
-        plan = LayerPlan(name, in_f, out_f, rank, rule, params_before=dense, params_after=dense)
-        if id(module.weight) in tied:
-            plan.rank, plan.reason = None, "weight is tied to another module; kept dense"
-        elif ratio is not None and ratio >= 1:
-            plan.rank, plan.reason = None, "ratio 1 keeps the layer dense"
-        elif not pays_off(in_f, out_f, rank):
+        if rank is None and ratio is None:  # budget mode, no override
+            plan.allocate, plan.reason = True, f"global allocation, budget {spec.budget:g} of {spec.budget_scope}"
+            continue
+        if ratio is not None and ratio >= 1:
+            plan.reason = "ratio 1 keeps the layer dense"
+            continue
+        plan.rank = _uniform_rank(in_f, out_f, ratio, rank, spec.rank_multiple)
+        plan.reason = f"{rule}, " + (f"rank {rank}" if rank is not None else f"ratio {ratio:g}")
+        if not pays_off(in_f, out_f, plan.rank):
+            plan.reason = f"rank {plan.rank} would not save parameters (break-even {break_even_rank(in_f, out_f):.1f}); kept dense"
             plan.rank = None
-            plan.reason = f"rank {rank} would not save parameters (break-even {in_f * out_f / (in_f + out_f):.1f}); kept dense"
         else:
-            plan.params_after = rank * (in_f + out_f)
-        plans.append(plan)
+            plan.params_after = plan.rank * (in_f + out_f)
     return plans
 
 
@@ -122,29 +136,105 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _stat_bytes(module: nn.Module, needs: set[str], max_gram_size: int) -> int:
+    out_f, in_f = module.weight.shape
+    side = lambda d: d * d if d <= max_gram_size else d  # noqa: E731
+    return 4 * (("input_gram" in needs) * side(in_f) + ("output_gram" in needs) * side(out_f)
+                + (("fisher" in needs) + ("input_abs" in needs)) * in_f)
+
+
+def _passes(todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec) -> list[dict[str, nn.Module]]:
+    """Groups of layers whose statistics fit `memory_budget_gb`; one calibration pass each."""
+    if spec.memory_budget_gb is None:
+        return [todo]
+    limit = spec.memory_budget_gb * 2**30
+    groups: list[dict[str, nn.Module]] = [{}]
+    used = 0
+    for name, module in todo.items():
+        size = _stat_bytes(module, needs, spec.max_gram_size)
+        if groups[-1] and used + size > limit:
+            groups.append({})
+            used = 0
+        groups[-1][name] = module
+        used += size
+    return groups
+
+
+def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec,
+                      calibration: list[Batch], loss_fn: Callable, progress: bool,
+                      cache_base: Optional[Path] = None) -> tuple[dict[str, LayerStats], dict]:
+    """Statistics for `todo` from the cache when it has them, else from one pass per memory group."""
+    info: dict = {"passes": 0, "cache": None}
+    if not needs:
+        return {name: LayerStats() for name in todo}, info
+    folder = None
+    if spec.cache_dir is not None:
+        folder = Path(spec.cache_dir) if cache_base is None else cache_base / spec.cache_dir
+        key = stats_cache.cache_key(todo, calibration, loss_fn, spec.max_gram_size)
+        cached = stats_cache.load_cached(folder, key, list(todo), needs)
+        if cached is not None:
+            info["cache"] = f"hit {folder / key}.safetensors"
+            return cached, info
+    stats: dict[str, LayerStats] = {}
+    for group in _passes(todo, needs, spec):
+        stats.update(collect_statistics(model, group, calibration, loss_fn, needs, progress, spec.max_gram_size))
+        info["passes"] += 1
+    if folder is not None:
+        info["cache"] = f"stored {stats_cache.save_cached(folder, key, stats)}"
+    return stats, info
+
+
+def _budget_params(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpec) -> int:
+    """Parameters the allocated layers may use, after fixed layers (and, for scope 'model', the rest)."""
+    fixed = sum(p.params_after for p in plans if not p.allocate)
+    if spec.budget_scope == "model":
+        targeted = sum(p.params_before for p in plans)
+        return int(spec.budget * sum(q.numel() for q in model.parameters())) - (sum(q.numel() for q in model.parameters()) - targeted) - fixed
+    return int(spec.budget * sum(p.params_before for p in plans)) - fixed
+
+
 def compress_(
     model: nn.Module,
     spec: CompressionSpec,
     calibration: Optional[list[Batch]] = None,
     loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
     progress: bool = True,
+    cache_base: Optional[Path] = None,
 ) -> CompressionResult:
     """Factorize the layers `spec` targets, in place, with `spec.method`; returns the per-layer plan."""
     method = get_method(spec.method)
     plans = plan_layers(model, spec)
-    todo = {p.name: model.get_submodule(p.name) for p in plans if p.rank is not None}
+    todo = {p.name: model.get_submodule(p.name) for p in plans if p.rank is not None or p.allocate}
     if method.needs and (calibration is None or loss_fn is None):
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
     start = time.perf_counter()
-    stats = collect_statistics(model, todo, calibration or [], loss_fn, set(method.needs), progress) if method.needs else {}
-    result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start})
+    stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress, cache_base)
+    result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start}, info)
     start = time.perf_counter()
+    weightings = {name: method.build(stats[name], spec.damping) for name in todo}
+    allocated = [p for p in plans if p.allocate]
+    if allocated:
+        budget = _budget_params(model, plans, spec)
+        if budget < sum(spec.rank_multiple * (p.in_features + p.out_features) for p in allocated):
+            raise FwsvdError(f"compression.budget {spec.budget:g} of {spec.budget_scope} parameters leaves "
+                             f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.rank_multiple} each")
+        spectra = [Candidate(p.name, p.in_features, p.out_features,
+                             weighted_spectrum(todo[p.name].weight, weightings[p.name].left, weightings[p.name].right)
+                             * method.spectrum_scale(p.in_features, p.out_features))
+                   for p in tqdm(allocated, desc="weighted spectra", unit="layer", disable=not progress)]
+        ranks = allocate_ranks(spectra, budget, spec.rank_multiple)
+        for p in allocated:
+            p.rank = rank = ranks[p.name]
+            p.params_after = p.params_before if rank is None else rank * (p.in_features + p.out_features)
+            if rank is None:
+                p.reason += "; kept dense by the allocation"
     for plan in tqdm([p for p in plans if p.rank is not None], desc="factorizing", unit="layer", disable=not progress):
-        weighting = method.build(stats.get(plan.name, LayerStats()), spec.damping)
+        weighting = weightings[plan.name]
         module, factors = low_rank_from_linear(todo[plan.name], plan.rank, weighting.left, weighting.right)
         energy = factors.singular_values.square()
         plan.weighted_error = float((energy[plan.rank:].sum() / energy.sum().clamp(min=1e-300)).sqrt())
-        plan.notes = weighting.notes
+        plan.notes = weighting.notes + ([f"shares input statistics with {stats[plan.name].shares_input_with}"]
+                                        if stats[plan.name].shares_input_with else [])
         set_module(model, plan.name, module)
     result.seconds["factorize"] = time.perf_counter() - start
     return result

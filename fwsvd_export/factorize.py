@@ -15,7 +15,7 @@ All decompositions run in float64; the factors are cast back to the layer's dtyp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ def _right_solve(m: torch.Tensor, side: Side) -> torch.Tensor:
 
 def weighted_spectrum(weight: torch.Tensor, left: Side = None, right: Side = None) -> torch.Tensor:
     """Singular values of P W Q: the tail beyond rank r is the weighted truncation error."""
-    m = _right_apply(_left_apply(_f64(left), weight.double()), _f64(right))
+    m = _right_apply(_left_apply(_f64(left), weight.detach().double()), _f64(right))
     return torch.linalg.svdvals(m)
 
 
@@ -122,5 +122,5 @@ def low_rank_from_linear(linear: nn.Module, rank: int, left: Side = None, right:
     return module, factors
 
 
-def _f64(side: Union[Side, None]) -> Side:
+def _f64(side: Side) -> Side:
     return None if side is None else side.detach().double()

@@ -10,6 +10,10 @@ Statistics (all accumulated in float32, whatever the model's dtype):
 - ``output_gram``: mean over real tokens of g g^T (the output side of K-FAC).
 - ``input_abs``: mean over real tokens of |x| (activation-aware scaling, ASVD).
 
+A Gram side wider than ``max_gram_size`` is gathered as its diagonal only (a vector). Accumulators
+live on the host, so a model on an accelerator does not hold them in device memory. Layers that read
+the very same input tensor (q/k/v, gate/up) share one input Gram, computed once.
+
 Parameters never get gradients: the input embeddings' output is made to require grad instead, so
 the pass holds one micro-batch of activations and the accumulators, never a set of weight gradients.
 For text pairs, a sample is the pair, and its "per-sample gradient" is the contribution of the
@@ -37,6 +41,7 @@ class LayerStats:
     input_abs: Optional[torch.Tensor] = None  # (in,)
     samples: int = 0
     tokens: int = 0
+    shares_input_with: Optional[str] = None  # another layer whose input (and input Gram) this one reads
 
 
 class _State:
@@ -44,6 +49,11 @@ class _State:
 
     mask: torch.Tensor
     groups: int = 1
+    first_batch: bool = True
+    seen: dict  # id(input tensor) -> (tensor, layer name), for this batch; the reference pins the id
+
+    def __init__(self) -> None:
+        self.seen = {}
 
 
 def _per_sample(t: torch.Tensor, state: _State) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,26 +78,40 @@ def _fisher_rows(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (g.transpose(1, 2) @ x).square().sum((0, 1))  # (n, out, in) materialised: short-sequence case
 
 
+def _gram(flat: torch.Tensor, full: bool) -> torch.Tensor:
+    return flat.T @ flat if full else flat.square().sum(0)
+
+
 class _LayerCollector:
-    def __init__(self, module: nn.Module, needs: set[str], state: _State) -> None:
-        self.needs, self.state, self.stats = needs, state, LayerStats()
-        self.d_in, self.d_out = module.weight.shape[1], module.weight.shape[0]
+    def __init__(self, name: str, module: nn.Module, needs: set[str], state: _State, max_gram_size: int) -> None:
+        self.name, self.needs, self.state, self.stats = name, needs, state, LayerStats()
+        self.full_in = module.weight.shape[1] <= max_gram_size
+        self.full_out = module.weight.shape[0] <= max_gram_size
         self._x: Optional[torch.Tensor] = None
         self.handle = module.register_forward_hook(self._forward)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
+        value = value.cpu()
         current = getattr(self.stats, name)
-        setattr(self.stats, name, value if current is None else current + value)
+        setattr(self.stats, name, value if current is None else current.add_(value))
 
     def _forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        x, mask = _per_sample(args[0].detach(), self.state)
+        raw = args[0]
+        if self.state.first_batch:
+            owner = self.state.seen.get(id(raw))
+            if owner is not None and owner[1].full_in == self.full_in:
+                self.stats.shares_input_with = owner[1].name
+            else:
+                self.state.seen[id(raw)] = (raw, self)
+        x, mask = _per_sample(raw.detach(), self.state)
         flat = x.reshape(-1, x.shape[-1])[mask.reshape(-1)]
         self.stats.tokens += flat.shape[0]
         self.stats.samples += x.shape[0]
-        if "input_gram" in self.needs:
-            self._add("input_gram", flat.T @ flat)
-        if "input_abs" in self.needs:
-            self._add("input_abs", flat.abs().sum(0))
+        if self.stats.shares_input_with is None:
+            if "input_gram" in self.needs:
+                self._add("input_gram", _gram(flat, self.full_in))
+            if "input_abs" in self.needs:
+                self._add("input_abs", flat.abs().sum(0))
         if {"fisher", "output_gram"} & self.needs and output.requires_grad:
             self._x = x
             output.register_hook(self._backward)
@@ -98,20 +122,25 @@ class _LayerCollector:
             self._add("fisher", _fisher_rows(self._x, g))
         if "output_gram" in self.needs:
             flat = g.reshape(-1, g.shape[-1])[mask.reshape(-1)]
-            self._add("output_gram", flat.T @ flat)
+            self._add("output_gram", _gram(flat, self.full_out))
         self._x = None
 
-    def finish(self) -> LayerStats:
+    def finish(self, owners: dict[str, LayerStats]) -> LayerStats:
+        """Means instead of sums; a layer sharing its input takes the owner's (same tensor, no copy)."""
         self.handle.remove()
         s = self.stats
         tokens, samples = max(s.tokens, 1), max(s.samples, 1)
-        return LayerStats(
+        result = LayerStats(
             fisher=None if s.fisher is None else s.fisher / samples,
             input_gram=None if s.input_gram is None else s.input_gram / tokens,
             output_gram=None if s.output_gram is None else s.output_gram / tokens,
             input_abs=None if s.input_abs is None else s.input_abs / tokens,
-            samples=s.samples, tokens=s.tokens,
+            samples=s.samples, tokens=s.tokens, shares_input_with=s.shares_input_with,
         )
+        if s.shares_input_with is not None:
+            owner = owners[s.shares_input_with]
+            result.input_gram, result.input_abs = owner.input_gram, owner.input_abs
+        return result
 
 
 def collect_statistics(
@@ -121,6 +150,7 @@ def collect_statistics(
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
     needs: set[str],
     progress: bool = True,
+    max_gram_size: int = 8192,
 ) -> dict[str, LayerStats]:
     """Run the calibration pass and return each named layer's statistics."""
     unknown = needs - set(STATISTICS)
@@ -129,7 +159,7 @@ def collect_statistics(
     if not needs:
         return {name: LayerStats() for name in layers}
     state = _State()
-    collectors = {name: _LayerCollector(module, needs, state) for name, module in layers.items()}
+    collectors = {name: _LayerCollector(name, module, needs, state, max_gram_size) for name, module in layers.items()}
     backward = bool({"fisher", "output_gram"} & needs)
     flags = {p: p.requires_grad for p in model.parameters()}
     hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
@@ -148,10 +178,13 @@ def collect_statistics(
             else:
                 with torch.no_grad():
                     loss_fn(model, batch)
+            state.first_batch, state.seen = False, {}
     finally:
         hook.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-        stats = {name: c.finish() for name, c in collectors.items()}
-    return stats
+        stats: dict[str, LayerStats] = {}
+        for name, c in sorted(collectors.items(), key=lambda item: item[1].stats.shares_input_with is not None):
+            stats[name] = c.finish(stats)
+    return {name: stats[name] for name in layers}

@@ -41,6 +41,8 @@ class Method:
     needs: frozenset[str]
     build: Callable[[LayerStats, float], Weighting]
     summary: str
+    # Multiplies a layer's weighted spectrum (given in, out features) so that tails compare across layers.
+    spectrum_scale: Callable[[int, int], float] = lambda d_in, d_out: 1.0
 
 
 def _diagonal(values: torch.Tensor, damping: float, what: str) -> Weighting:
@@ -65,31 +67,40 @@ def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
     return gram + damping * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
-def _eig_root(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """A square root R with R R^T = clipped(gram): eigenvalues below damping x mean are raised."""
+def _clipped_eigh(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Eigen-decomposition with eigenvalues below damping x their mean raised to that floor."""
     values, vectors = torch.linalg.eigh(gram)
     floor = max(damping * float(values.clamp(min=0).mean()), 1e-12)
-    return vectors * values.clamp(min=floor).sqrt()[None, :]
+    return values.clamp(min=floor), vectors, bool((values < floor).any())
+
+
+def _diagonal_root(diag: torch.Tensor, damping: float, side: str, notes: list[str]) -> torch.Tensor:
+    notes.append(f"{side} side wider than max_gram_size: diagonal weighting")
+    diag = diag.double().clamp(min=0)
+    return (diag + damping * max(float(diag.mean()), 1e-12)).sqrt()
 
 
 def input_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
     """Q with Q Q^T = C (damped): the Cholesky factor, or an eigen fallback when C is not PD."""
+    if gram.dim() == 1:
+        return _diagonal_root(gram, damping, "input", notes)
     damped = _damped(gram, damping)
     factor, info = torch.linalg.cholesky_ex(damped)
     if int(info) == 0 and torch.isfinite(factor).all():
         return factor
     notes.append("input Gram not positive definite after damping; used eigenvalue-clipped square root")
-    return _eig_root(damped, damping)
+    values, vectors, _ = _clipped_eigh(damped, damping)
+    return vectors * values.sqrt()[None, :]
 
 
 def output_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
     """Symmetric P = G^1/2 (damped), eigenvalues clipped so P is always invertible."""
-    damped = _damped(gram, damping)
-    values, vectors = torch.linalg.eigh(damped)
-    floor = max(damping * float(values.clamp(min=0).mean()), 1e-12)
-    if bool((values < floor).any()):
+    if gram.dim() == 1:
+        return _diagonal_root(gram, damping, "output", notes)
+    values, vectors, clipped = _clipped_eigh(_damped(gram, damping), damping)
+    if clipped:
         notes.append("output-gradient Gram singular after damping; small eigenvalues clipped")
-    return (vectors * values.clamp(min=floor).sqrt()[None, :]) @ vectors.T
+    return (vectors * values.sqrt()[None, :]) @ vectors.T
 
 
 def _svd(stats: LayerStats, damping: float) -> Weighting:
@@ -118,7 +129,8 @@ def _svd_llm(stats: LayerStats, damping: float) -> Weighting:
 def _kfac(stats: LayerStats, damping: float) -> Weighting:
     notes: list[str] = []
     right = input_root(stats.input_gram, damping, notes)
-    if float(stats.output_gram.diagonal().sum()) <= 0:
+    out_diag = stats.output_gram if stats.output_gram.dim() == 1 else stats.output_gram.diagonal()
+    if float(out_diag.sum()) <= 0:
         notes.append("no output-gradient signal; input side only (svd-llm)")
         return Weighting(right=right, notes=notes)
     return Weighting(left=output_root(stats.output_gram, damping, notes), right=right, notes=notes)
@@ -128,7 +140,9 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("svd", frozenset(), _svd, "plain truncated SVD"),
-        Method("fwsvd", frozenset({"fisher"}), _fwsvd, "the paper's row-wise Fisher weighting"),
+        # The row importance sums the Fisher over outputs; its mean over outputs estimates the loss.
+        Method("fwsvd", frozenset({"fisher"}), _fwsvd, "the paper's row-wise Fisher weighting",
+               lambda d_in, d_out: d_out ** -0.5),
         Method("asvd", frozenset({"input_abs"}), _asvd, "activation-magnitude input scaling"),
         Method("svd-llm", frozenset({"input_gram"}), _svd_llm, "input whitening with the Cholesky factor of X^T X"),
         Method("kfac", frozenset({"input_gram", "output_gram"}), _kfac, "two-sided Kronecker-factored Fisher"),

@@ -101,7 +101,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
     evaluation = _batches(recipe, tokenizer, model.config, "evaluation")
     lap("data")
     compressed = copy.deepcopy(model)
-    result = compress_(compressed, recipe.compression, calibration, task.loss, progress)
+    result = compress_(compressed, recipe.compression, calibration, task.loss, progress, Path(recipe.base_dir or "."))
     seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
     lap("compress")
     with staged(folder) as stage:

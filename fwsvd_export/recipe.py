@@ -70,10 +70,16 @@ class CompressionSpec:
     method: str = "fwsvd"
     target: list[str] = field(default_factory=lambda: [r".*"])
     exclude: list[str] = field(default_factory=list)
-    ratio: Optional[float] = 0.5
-    rank: Optional[int] = None
+    ratio: Optional[float] = 0.5  # uniform: kept fraction of each layer's weights
+    rank: Optional[int] = None  # uniform: one fixed rank
+    budget: Optional[float] = None  # global allocation: kept fraction of the budget_scope's parameters
+    budget_scope: Literal["targeted", "model"] = "targeted"
+    rank_multiple: int = 1  # round ranks down to a multiple of this (8, 16, 32 suit fast GEMMs)
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     damping: float = 1e-6
+    max_gram_size: int = 8192  # a Gram side larger than this is gathered as its diagonal only
+    memory_budget_gb: Optional[float] = None  # statistics memory; over it, layers are gathered in several passes
+    cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
 
 
 @dataclass
@@ -248,10 +254,18 @@ def _check(recipe: Recipe, origin: str) -> None:
         if src.max_samples is not None and src.max_samples < 1:
             raise FwsvdError(f"{origin}: 'data.{name}.max_samples' must be at least 1")
     comp = recipe.compression
-    _check_cut(comp.ratio, comp.rank, "compression", origin, allow_neither=False)
+    if comp.budget is not None:
+        if comp.rank is not None or comp.ratio is not None:
+            raise FwsvdError(f"{origin}: 'compression' sets budget together with ratio or rank; keep one")
+        if not 0 < comp.budget <= 1:
+            raise FwsvdError(f"{origin}: 'compression.budget' must be in (0, 1], got {comp.budget}")
+    else:
+        _check_cut(comp.ratio, comp.rank, "compression", origin)
+    if comp.rank_multiple < 1 or comp.max_gram_size < 1:
+        raise FwsvdError(f"{origin}: 'compression.rank_multiple' and 'compression.max_gram_size' must be at least 1")
     for pattern, override in comp.overrides.items():
         _check_regex(pattern, f"compression.overrides.{pattern}", origin)
-        _check_cut(override.ratio, override.rank, f"compression.overrides.{pattern}", origin, allow_neither=False)
+        _check_cut(override.ratio, override.rank, f"compression.overrides.{pattern}", origin)
     for i, pattern in enumerate(comp.target):
         _check_regex(pattern, f"compression.target[{i}]", origin)
     for i, pattern in enumerate(comp.exclude):
@@ -263,10 +277,10 @@ def _check(recipe: Recipe, origin: str) -> None:
         raise FwsvdError(f"{origin}: 'data.batch_size' must be >= 1 and 'data.max_length' >= 2")
 
 
-def _check_cut(ratio: Optional[float], rank: Optional[int], where: str, origin: str, allow_neither: bool) -> None:
+def _check_cut(ratio: Optional[float], rank: Optional[int], where: str, origin: str) -> None:
     if ratio is not None and rank is not None:
         raise FwsvdError(f"{origin}: '{where}' sets both ratio and rank; keep one")
-    if ratio is None and rank is None and not allow_neither:
+    if ratio is None and rank is None:
         raise FwsvdError(f"{origin}: '{where}' needs a ratio or a rank")
     if ratio is not None and not 0 < ratio <= 1:
         raise FwsvdError(f"{origin}: '{where}.ratio' must be in (0, 1], got {ratio}")
@@ -285,9 +299,9 @@ def parse_recipe(data: dict[str, Any], origin: str = "<recipe>", base_dir: str |
     """Build a checked Recipe from an already-loaded mapping."""
     if not isinstance(data, dict):
         raise FwsvdError(f"{origin}: a recipe must be a YAML mapping at the top level")
-    # A single ratio or rank given via --set replaces the other, so overriding one works as expected.
+    # A recipe that names a rank or budget does not also get the default ratio.
     comp = data.get("compression")
-    if isinstance(comp, dict) and comp.get("rank") is not None and "ratio" not in comp:
+    if isinstance(comp, dict) and "ratio" not in comp and (comp.get("rank") is not None or comp.get("budget") is not None):
         comp["ratio"] = None
     recipe = _build(Recipe, data, "", origin)
     recipe.source = origin
@@ -310,7 +324,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for assignment in overrides:
         comp = data.get("compression")
         key = assignment.split("=", 1)[0].strip()
-        if isinstance(comp, dict) and key in ("compression.ratio", "compression.rank"):
-            comp.pop("rank" if key.endswith("ratio") else "ratio", None)
+        cuts = ("ratio", "rank", "budget")
+        if isinstance(comp, dict) and key.startswith("compression.") and key.split(".", 1)[1] in cuts:
+            for other in cuts:  # the command line's choice replaces the recipe's
+                if other != key.split(".", 1)[1]:
+                    comp.pop(other, None)
         apply_override(data, assignment)
     return parse_recipe(data, str(path), path.parent.resolve())

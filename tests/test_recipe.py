@@ -58,3 +58,11 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(FwsvdError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_a_budget_replaces_the_uniform_ratio(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, MINIMAL), ["compression.budget=0.4", "compression.rank_multiple=8"])
+    assert recipe.compression.budget == 0.4 and recipe.compression.ratio is None and recipe.compression.rank_multiple == 8
+    both = dict(MINIMAL, compression={"ratio": 0.5, "budget": 0.4})
+    with pytest.raises(FwsvdError, match="budget together with ratio"):
+        load_recipe(write_recipe(tmp_path, both))

@@ -1,0 +1,84 @@
+"""Calibration statistics on disk, so another ratio, budget or method does not recompute them.
+
+A cache file is keyed by what the statistics depend on: the task loss, the targeted layers' names and
+weights, the calibration batches (token ids, masks, labels) and the Gram size limit. Any change to one
+of these gives a new key. Files are safetensors: one tensor per layer and statistic, counts in metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .fisher import STATISTICS, LayerStats
+from .tasks import Batch
+
+
+def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(str((t.dtype, tuple(t.shape))).encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def cache_key(layers: dict[str, nn.Module], batches: list[Batch], loss_fn: Callable, max_gram_size: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}|{max_gram_size}".encode())
+    for name in sorted(layers):
+        h.update(name.encode())
+        _digest_tensor(h, layers[name].weight)
+    for batch in batches:
+        h.update(str(batch.groups).encode())
+        for key in sorted(batch.inputs):
+            _digest_tensor(h, batch.inputs[key])
+        if batch.labels is not None:
+            _digest_tensor(h, batch.labels)
+    return h.hexdigest()[:32]
+
+
+def load_cached(folder: Path, key: str, layers: list[str], needs: set[str]) -> Optional[dict[str, LayerStats]]:
+    """The cached statistics for `key` if they cover every layer and every needed statistic."""
+    path = folder / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        meta = json.loads(handle.metadata()["layers"])
+    stats = {}
+    for name in layers:
+        if name not in meta or any(f"{name}|{s}" not in tensors for s in needs):
+            return None
+        info = meta[name]
+        stats[name] = LayerStats(**{s: tensors.get(f"{name}|{s}") for s in STATISTICS},
+                                 samples=info["samples"], tokens=info["tokens"], shares_input_with=info["shares"])
+    for s in stats.values():  # shared input statistics become one tensor again
+        if s.shares_input_with in stats:
+            owner = stats[s.shares_input_with]
+            s.input_gram, s.input_abs = owner.input_gram, owner.input_abs
+    return stats
+
+
+def save_cached(folder: Path, key: str, stats: dict[str, LayerStats]) -> Path:
+    """Write atomically (temp file, then rename) so a crash never leaves a half-written cache entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, meta, stored = {}, {}, {}
+    for name, s in stats.items():
+        meta[name] = {"samples": s.samples, "tokens": s.tokens, "shares": s.shares_input_with}
+        for stat in STATISTICS:
+            value = getattr(s, stat)
+            if value is None:
+                continue
+            # Shared input Grams are one tensor; safetensors wants distinct storage, so clone aliases.
+            tensors[f"{name}|{stat}"] = value.clone() if id(value) in stored else value.contiguous()
+            stored[id(value)] = True
+    path = folder / f"{key}.safetensors"
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
+    save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta)})
+    tmp.replace(path)
+    return path

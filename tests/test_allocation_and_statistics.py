@@ -1,0 +1,145 @@
+"""Global rank allocation under a budget, and statistics that scale: shared Grams, diagonal sides,
+several passes under a memory budget, and the on-disk cache."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from fwsvd_export.allocate import Candidate, allocate_ranks
+from fwsvd_export.compress import compress_, factorized_layers
+from fwsvd_export.errors import FwsvdError
+from fwsvd_export.recipe import CompressionSpec, DataSource
+from fwsvd_export.tasks import TASKS
+
+from conftest import sentences
+
+TARGET = [r"encoder\.layer\.\d+\."]
+
+
+@pytest.fixture
+def bert(bert_dir):
+    return AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+
+
+@pytest.fixture
+def batches(bert, tokenizer):
+    records = [{"text": t, "label": i % 3} for i, t in enumerate(sentences(24, 8))]
+    return TASKS["text-classification"].make_batches(records, DataSource(label_column="label"), tokenizer, 32, 8, True, bert.config)
+
+
+def tail(spectrum, rank):
+    return float(spectrum[rank:].square().sum())
+
+
+def test_allocation_spends_the_budget_where_the_spectrum_is_heavy():
+    steep = Candidate("steep", 64, 64, torch.logspace(0, -6, 64))
+    flat = Candidate("flat", 64, 64, torch.ones(64))
+    ranks = allocate_ranks([steep, flat], budget_params=20 * 128, multiple=1)
+    assert ranks["flat"] > ranks["steep"] >= 1
+    assert (ranks["flat"] + ranks["steep"]) * 128 <= 20 * 128
+
+
+def test_allocation_rounds_to_multiples_and_can_restore_a_layer_to_dense():
+    heavy = Candidate("heavy", 64, 64, torch.ones(64))
+    light = Candidate("light", 64, 64, torch.logspace(0, -8, 64))
+    ranks = allocate_ranks([heavy, light], budget_params=64 * 64 + 8 * 128, multiple=8)
+    assert ranks["heavy"] is None and ranks["light"] == 8
+    ranks = allocate_ranks([heavy, light], budget_params=24 * 128, multiple=8)
+    assert all(r % 8 == 0 for r in ranks.values())
+
+
+def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
+    task = TASKS["text-classification"]
+    uniform = copy.deepcopy(bert)
+    uni = compress_(uniform, CompressionSpec(method="kfac", target=TARGET, ratio=0.4), batches, task.loss, progress=False)
+    glob = copy.deepcopy(bert)
+    res = compress_(glob, CompressionSpec(method="kfac", target=TARGET, ratio=None, budget=0.4), batches, task.loss, progress=False)
+    summary = res.summary()
+    assert summary["targeted_kept_ratio"] <= 0.4
+    assert summary["targeted_params_after"] >= uni.summary()["targeted_params_after"] * 0.95
+    assert len({p.rank for p in res.layers}) > 2  # ranks differ between layers
+    assert all(p.allocate and "global allocation" in p.reason for p in res.layers)
+    # Summed weighted truncation error (the loss estimate) is lower than with one ratio everywhere.
+    from fwsvd_export.compress import gather_statistics
+    from fwsvd_export.factorize import weighted_spectrum
+    from fwsvd_export.methods import METHODS
+    layers = {p.name: bert.get_submodule(p.name) for p in res.layers}
+    stats, _ = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, task.loss, False)
+    total = {"uniform": 0.0, "global": 0.0}
+    for name, plan_u, plan_g in zip(layers, uni.layers, res.layers):
+        w = METHODS["kfac"].build(stats[name], 1e-6)
+        s = weighted_spectrum(layers[name].weight, w.left, w.right)
+        total["uniform"] += tail(s, plan_u.rank)
+        total["global"] += tail(s, plan_g.rank if plan_g.rank is not None else len(s))
+    assert total["global"] < total["uniform"]
+
+
+def test_budget_with_rank_multiple_and_model_scope(bert, batches):
+    task = TASKS["text-classification"]
+    spec = CompressionSpec(method="fwsvd", target=TARGET, ratio=None, budget=0.99, budget_scope="model", rank_multiple=8)
+    res = compress_(copy.deepcopy(bert), spec, batches, task.loss, progress=False)
+    assert all(p.rank is None or p.rank % 8 == 0 for p in res.layers)
+    total = sum(p.numel() for p in bert.parameters())
+    saved = sum(p.params_before - p.params_after for p in res.layers)
+    assert total - saved <= 0.99 * total
+
+
+def test_a_budget_too_small_for_one_rank_each_is_an_error(bert, batches):
+    spec = CompressionSpec(method="svd", target=TARGET, ratio=None, budget=0.001)
+    with pytest.raises(FwsvdError, match="too few"):
+        compress_(bert, spec, batches, TASKS["text-classification"].loss, progress=False)
+
+
+def test_layers_reading_one_input_share_one_input_gram(bert, batches):
+    from fwsvd_export.compress import gather_statistics
+    names = [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
+    layers = {n: bert.get_submodule(n) for n in names}
+    stats, _ = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches,
+                                 TASKS["text-classification"].loss, False)
+    assert stats[names[1]].shares_input_with == names[0] and stats[names[2]].shares_input_with == names[0]
+    assert stats[names[1]].input_gram is stats[names[0]].input_gram
+    alone, _ = gather_statistics(bert, {names[2]: layers[names[2]]}, {"input_gram"}, CompressionSpec(), batches,
+                                 TASKS["text-classification"].loss, False)
+    torch.testing.assert_close(alone[names[2]].input_gram, stats[names[2]].input_gram)
+    assert not torch.equal(stats[names[0]].output_gram, stats[names[1]].output_gram)
+
+
+def test_wide_sides_fall_back_to_diagonal_and_the_report_says_so(bert, batches):
+    spec = CompressionSpec(method="kfac", target=[r"intermediate\.dense"], ratio=0.5, max_gram_size=50)
+    res = compress_(bert, spec, batches, TASKS["text-classification"].loss, progress=False)
+    for plan in res.layers:  # 96 outputs > 50: diagonal output side; 48 inputs: full input side
+        assert any("output side wider than max_gram_size" in n for n in plan.notes)
+        assert not any("input side" in n for n in plan.notes)
+    assert len(factorized_layers(bert)) == 2
+
+
+def test_a_memory_budget_splits_the_pass_without_changing_the_statistics(bert, batches):
+    from fwsvd_export.compress import gather_statistics
+    layers = {n: m for n, m in bert.named_modules() if n.endswith("intermediate.dense") or n.endswith("output.dense")}
+    loss = TASKS["text-classification"].loss
+    one, info_one = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, loss, False)
+    many, info_many = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(memory_budget_gb=1e-5),
+                                        batches, loss, False)
+    assert info_one["passes"] == 1 and info_many["passes"] == len(layers)
+    for name in layers:
+        torch.testing.assert_close(one[name].input_gram, many[name].input_gram)
+        torch.testing.assert_close(one[name].output_gram, many[name].output_gram)
+
+
+def test_statistics_cache_is_reused_across_ratios_and_methods_and_keyed_by_data(bert, batches, tmp_path):
+    loss = TASKS["text-classification"].loss
+    base = dict(target=TARGET, cache_dir=str(tmp_path / "cache"))
+    first = copy.deepcopy(bert)
+    r1 = compress_(first, CompressionSpec(method="kfac", ratio=0.5, **base), batches, loss, progress=False)
+    assert r1.statistics["cache"].startswith("stored")
+    second = copy.deepcopy(bert)
+    r2 = compress_(second, CompressionSpec(method="kfac", ratio=0.5, **base), batches, loss, progress=False)
+    assert r2.statistics["cache"].startswith("hit") and r2.statistics["passes"] == 0
+    for (n, a), (_, b) in zip(factorized_layers(first).items(), factorized_layers(second).items()):
+        assert torch.equal(a.first.weight, b.first.weight), n
+    r3 = compress_(copy.deepcopy(bert), CompressionSpec(method="svd-llm", ratio=0.3, **base), batches, loss, progress=False)
+    assert r3.statistics["cache"].startswith("hit")
+    r4 = compress_(copy.deepcopy(bert), CompressionSpec(method="kfac", ratio=0.5, **base), batches[:1], loss, progress=False)
+    assert r4.statistics["cache"].startswith("stored")
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
