@@ -46,6 +46,41 @@ def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], q
     sys.exit(0 if result.passed else EXIT_FAILED)
 
 
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+
+
+@main.command("sweep")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ratios", default="0.9,0.7,0.5,0.3", show_default=True, help="Kept-parameter ratios, one run each.")
+@click.option("--budgets", default=None, help="Global-allocation budgets instead of uniform ratios.")
+@click.option("--methods", default=None, help="Comma-separated methods (default: the recipe's).")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Sweep folder.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str | None, output: Path | None,
+                  overrides: tuple[str, ...], quiet: bool) -> None:
+    """Run RECIPE at several ratios (or budgets) and methods; write a table and plots of the frontier."""
+    from .recipe import load_recipe
+    from .sweep import plot, sweep
+
+    try:
+        names = [m.strip() for m in methods.split(",")] if methods else [load_recipe(recipe, overrides).compression.method]
+        values = _floats(budgets, "--budgets") if budgets else _floats(ratios, "--ratios")
+        folder, points = sweep(recipe, values, names, output, overrides, budget=budgets is not None, progress=not quiet)
+    except FwsvdError as exc:
+        _fail(exc)
+    click.echo((folder / "sweep.md").read_text())
+    try:
+        for path in plot(points, folder):
+            click.echo(f"plot: {path}")
+    except ImportError:
+        click.echo("plots skipped: pip install matplotlib")
+
+
 @main.command("inspect")
 @click.argument("model")
 @click.option("--task", default="feature-extraction", show_default=True,

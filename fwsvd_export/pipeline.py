@@ -22,6 +22,7 @@ from .compress import compress_
 from .data import load_records
 from .errors import FwsvdError
 from .export import ONNX_FILE, export_onnx, inspect_graph
+from .finetune import finetune_
 from .models import load_model
 from .recipe import Recipe
 from .report import write_report
@@ -104,6 +105,10 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
     result = compress_(compressed, recipe.compression, calibration, task.loss, progress, Path(recipe.base_dir or "."))
     seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
     lap("compress")
+    finetune_loss = []
+    if recipe.finetune.epochs:
+        finetune_loss = finetune_(compressed, task, calibration, recipe.finetune, recipe.data.seed, progress)
+        lap("finetune")
     with staged(folder) as stage:
         save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, result.to_dict(), recipe.to_dict(), location)
         lap("checkpoint")
@@ -124,6 +129,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
             "recipe": recipe.to_dict(),
             "model": {"source": location, "task": task.name, "dtype": recipe.model.dtype},
             "compression": result.to_dict(),
+            "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss},
             "sizes": {
                 "params_dense": count_params(model),
                 "params_compressed": count_params(compressed),

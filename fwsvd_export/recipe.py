@@ -83,6 +83,15 @@ class CompressionSpec:
 
 
 @dataclass
+class FinetuneSpec:
+    """Optional recovery training of the factorized model on the calibration data (epochs 0: off)."""
+
+    epochs: int = 0
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+
+
+@dataclass
 class ExportSpec:
     opset: Optional[int] = None
     output: str = "outputs/run"
@@ -118,6 +127,7 @@ class Recipe:
     model: ModelSpec
     data: DataSpec
     compression: CompressionSpec = field(default_factory=CompressionSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     source: Optional[str] = None  # the file it was read from; not a recipe key
@@ -273,6 +283,8 @@ def _check(recipe: Recipe, origin: str) -> None:
     for i, shape in enumerate(recipe.validation.latency.shapes):
         if not re.fullmatch(r"\d+x\d+", shape):
             raise FwsvdError(f"{origin}: 'validation.latency.shapes[{i}]' must look like BATCHxSEQUENCE, got {shape!r}")
+    if recipe.finetune.epochs < 0 or recipe.finetune.learning_rate <= 0:
+        raise FwsvdError(f"{origin}: 'finetune.epochs' must be >= 0 and 'finetune.learning_rate' > 0")
     if recipe.data.batch_size < 1 or recipe.data.max_length < 2:
         raise FwsvdError(f"{origin}: 'data.batch_size' must be >= 1 and 'data.max_length' >= 2")
 

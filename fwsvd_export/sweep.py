@@ -1,0 +1,111 @@
+"""The accuracy / size / latency frontier: one full run per (method, ratio or budget) point, a table,
+and plots of the task metric against kept parameters and against latency per execution provider."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from .errors import FwsvdError
+from .pipeline import output_folder, run
+from .recipe import load_recipe
+
+SWEEP_FILE = "sweep.json"
+
+
+def _point(method: str, kind: str, value: float, result) -> dict:
+    report = result.report
+    val = report["validation"]
+    point = {"method": method, kind: value, "folder": result.output.name,
+             "targeted_kept_ratio": report["compression"]["summary"]["targeted_kept_ratio"],
+             "model_kept_ratio": report["sizes"]["params_compressed"] / report["sizes"]["params_dense"],
+             "metric": val["metric"], "original": val["original_torch"], "compressed_torch": val["compressed_torch"],
+             "providers": {}, "passed": report["passed"]}
+    for name, entry in val["providers"].items():
+        if entry["status"] == "unavailable":
+            continue
+        lat = entry["latency"][0]
+        point["providers"][name] = {"metric": entry["metric"], "shape": lat["shape"],
+                                    "dense_ms": lat["dense"]["median_ms"], "compressed_ms": lat["compressed"]["median_ms"],
+                                    "speedup": lat["speedup"]}
+    return point
+
+
+def _markdown(points: list[dict], kind: str) -> str:
+    metric = points[0]["metric"]
+    providers = sorted({p for point in points for p in point["providers"]})
+    head = ["method", kind, "targeted kept", "model kept", f"{metric} (torch)"]
+    for p in providers:
+        head += [f"{metric} ({p})", f"{p} ms", f"{p} speedup"]
+    lines = [f"# Sweep ({metric}; original model: {points[0]['original']:.4g})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for point in points:
+        row = [point["method"], f"{point[kind]:g}", f"{point['targeted_kept_ratio']:.3f}", f"{point['model_kept_ratio']:.3f}",
+               f"{point['compressed_torch']:.4g}"]
+        for p in providers:
+            e = point["providers"].get(p)
+            row += [f"{e['metric']:.4g}", f"{e['compressed_ms']:.2f}", f"{e['speedup']:.2f}"] if e else ["-"] * 3
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[dict], folder: Path) -> list[Path]:
+    """PNG plots (needs matplotlib: pip install matplotlib); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = points[0]["metric"]
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = sorted((p["model_kept_ratio"], p["compressed_torch"]) for p in points if p["method"] == m)
+        ax.plot(*zip(*pts), marker="o", label=m)
+    ax.axhline(points[0]["original"], color="grey", linestyle="--", label="original")
+    ax.set(xlabel="parameters kept (fraction of the model)", ylabel=metric, title=f"{metric} against size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "metric_vs_params.png", dpi=110)
+    plt.close(fig)
+    written.append(folder / "metric_vs_params.png")
+    for provider in sorted({p for point in points for p in point["providers"]}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in methods:
+            pts = sorted((p["providers"][provider]["compressed_ms"], p["providers"][provider]["metric"])
+                         for p in points if p["method"] == m and provider in p["providers"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        dense = [p["providers"][provider]["dense_ms"] for p in points if provider in p["providers"]]
+        ax.axvline(sum(dense) / len(dense), color="grey", linestyle="--", label="dense latency")
+        ax.set(xlabel=f"median latency, ms ({provider})", ylabel=metric, title=f"{metric} against latency ({provider})")
+        ax.legend()
+        fig.tight_layout()
+        path = folder / f"metric_vs_latency_{provider}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def sweep(recipe_path: str | Path, values: list[float], methods: list[str], output: Optional[Path] = None,
+          overrides: tuple[str, ...] = (), budget: bool = False, progress: bool = True) -> tuple[Path, list[dict]]:
+    """Run every (method, value) point; `values` are ratios, or budgets when `budget` is set."""
+    base = load_recipe(recipe_path, overrides)
+    folder = output or base.resolve(base.export.output).with_name(base.resolve(base.export.output).name + "-sweep")
+    if folder.exists() and any(folder.iterdir()) and not (folder / SWEEP_FILE).exists():
+        raise FwsvdError(f"sweep folder {folder} exists and is not an earlier sweep; choose another with -o")
+    kind = "budget" if budget else "ratio"
+    cache = base.compression.cache_dir or str((folder / ".statistics-cache").resolve())
+    points = []
+    for method in methods:
+        for value in values:
+            recipe = load_recipe(recipe_path, [*overrides, f"compression.method={method}", f"compression.{kind}={value}",
+                                               f"compression.cache_dir={cache}"])
+            point_dir = folder / f"{method}-{kind}{value:g}"
+            output_folder(recipe, point_dir)
+            points.append(_point(method, kind, value, run(recipe, point_dir, progress)))
+            (folder / SWEEP_FILE).write_text(json.dumps({"kind": kind, "points": points}, indent=2))
+    (folder / "sweep.md").write_text(_markdown(points, kind))
+    return folder, points

@@ -1,0 +1,52 @@
+"""Recovery fine-tuning as a recipe stage, and the sweep that draws the accuracy/size/latency frontier."""
+import json
+
+from click.testing import CliRunner
+
+import fwsvd_export
+from fwsvd_export.cli import main
+from fwsvd_export.pipeline import run
+from fwsvd_export.recipe import load_recipe
+
+from conftest import write_recipe
+
+
+def test_recovery_finetuning_trains_the_factors_and_ships_the_trained_model(tmp_path, classifier_recipe):
+    classifier_recipe["compression"]["ratio"] = 0.3
+    classifier_recipe["finetune"] = {"epochs": 3, "learning_rate": 3e-3}
+    result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
+    losses = result.report["finetune"]["epoch_loss"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "finetune" in result.report["seconds"]
+    cpu = result.report["validation"]["providers"]["cpu"]
+    assert cpu["parity"]["passed"]  # the exported graph is the fine-tuned model
+    reloaded = fwsvd_export.load(result.output / "compressed")
+    assert isinstance(reloaded.get_submodule("bert.encoder.layer.0.intermediate.dense"), fwsvd_export.LowRankLinear)
+
+
+def test_sweep_writes_a_table_points_and_plots(tmp_path, classifier_recipe):
+    classifier_recipe["validation"]["latency"]["runs"] = 2
+    path = write_recipe(tmp_path, classifier_recipe)
+    result = CliRunner().invoke(main, ["sweep", str(path), "--ratios", "0.6,0.3", "--methods", "svd,kfac",
+                                       "-o", str(tmp_path / "sweep"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "sweep"
+    points = json.loads((folder / "sweep.json").read_text())["points"]
+    assert [(p["method"], p["ratio"]) for p in points] == [("svd", 0.6), ("svd", 0.3), ("kfac", 0.6), ("kfac", 0.3)]
+    assert points[1]["targeted_kept_ratio"] < points[0]["targeted_kept_ratio"]
+    assert all("cpu" in p["providers"] for p in points)
+    table = (folder / "sweep.md").read_text()
+    assert "| kfac | 0.3 |" in table and "accuracy (cpu)" in table
+    for png in ("metric_vs_params.png", "metric_vs_latency_cpu.png"):
+        assert (folder / png).stat().st_size > 1000
+    assert (folder / "kfac-ratio0.3" / "report.json").is_file()
+    assert list((folder / ".statistics-cache").glob("*.safetensors"))
+
+
+def test_sweep_over_budgets(tmp_path, classifier_recipe):
+    classifier_recipe["validation"]["latency"]["runs"] = 1
+    path = write_recipe(tmp_path, classifier_recipe)
+    result = CliRunner().invoke(main, ["sweep", str(path), "--budgets", "0.5", "-o", str(tmp_path / "sweep"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    point = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"][0]
+    assert point["method"] == "fwsvd" and point["budget"] == 0.5 and point["targeted_kept_ratio"] <= 0.5
