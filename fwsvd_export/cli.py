@@ -89,7 +89,7 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
 def inspect_command(model: str, task: str, as_json: bool) -> None:
     """List MODEL's Linear layers (a folder, hub id, or checkpoint), their shapes and break-even ranks."""
     from .compress import linear_layers
-    from .factorize import LowRankLinear, break_even_rank
+    from .factorize import LowRankLinear, break_even_rank, linear_weight
     from .models import load_pretrained
     from .checkpoint import MANIFEST, load
 
@@ -107,8 +107,8 @@ def inspect_command(model: str, task: str, as_json: bool) -> None:
                          "break_even_rank": break_even_rank(m.in_features, m.out_features)})
     for name, m in linear_layers(loaded).items():
         if not any(name.startswith(r["name"] + ".") for r in rows):
-            rows.append({"name": name, "in": m.in_features, "out": m.out_features, "rank": None,
-                         "break_even_rank": break_even_rank(m.in_features, m.out_features)})
+            out_f, in_f = linear_weight(m).shape
+            rows.append({"name": name, "in": in_f, "out": out_f, "rank": None, "break_even_rank": break_even_rank(in_f, out_f)})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

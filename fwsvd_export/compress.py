@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .errors import FwsvdError
 from . import stats_cache
 from .allocate import Candidate, allocate_ranks
-from .factorize import LowRankLinear, break_even_rank, low_rank_from_linear, pays_off, rank_for_ratio, weighted_spectrum
+from .factorize import (LINEAR_TYPES, LowRankLinear, break_even_rank, linear_weight, low_rank_from_linear, pays_off,
+                        rank_for_ratio, weighted_spectrum)
 from .fisher import LayerStats, collect_statistics
 from .methods import get_method
 from .recipe import CompressionSpec
@@ -67,8 +68,29 @@ class CompressionResult:
         return {"summary": self.summary(), "statistics": self.statistics, "layers": [asdict(p) for p in self.layers]}
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+# Per model family, the layers worth factorizing: attention and MLP projections, never embeddings or heads.
+_DECODER = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+_ENCODER = r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)$"
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{family: [_ENCODER] for family in ("bert", "roberta", "xlm-roberta", "electra", "mpnet")},
+    "distilbert": [r"transformer\.layer\.\d+\.(attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.(lin1|lin2))$"],
+    "gpt2": [r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"],
+    **{family: [_DECODER] for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    "opt": [r"layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)$"],
+    "phi3": [r"layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))$"],
+}
+# For other families: every Linear but the task heads.
+HEADS = [r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler)(\.|$)"]
+
+
+def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(target, exclude) regexes for a model whose recipe names no target."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    return (DEFAULT_TARGETS[family], []) if family in DEFAULT_TARGETS else ([r".*"], HEADS)
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
 
 
 def _tied(model: nn.Module) -> set[int]:
@@ -86,13 +108,15 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     """Decide each targeted layer's rank; raises when the plan cannot apply to this model.
     Under a budget, layers without an override get ``allocate=True`` and their rank later."""
     layers = linear_layers(model)
+    target, exclude = (spec.target, []) if spec.target is not None else default_targets(model)
+    exclude = exclude + spec.exclude
     chosen = {
         name: m for name, m in layers.items()
-        if any(re.search(p, name) for p in spec.target) and not any(re.search(p, name) for p in spec.exclude)
+        if any(re.search(p, name) for p in target) and not any(re.search(p, name) for p in exclude)
     }
     if not chosen:
         sample = ", ".join(list(layers)[:8]) + (" ..." if len(layers) > 8 else "")
-        raise FwsvdError(f"compression.target {spec.target} (exclude {spec.exclude}) matches no Linear layer; "
+        raise FwsvdError(f"compression.target {target} (exclude {exclude}) matches no Linear layer; "
                          f"the model's Linear layers are: {sample}")
     for pattern in spec.overrides:
         if not any(re.search(pattern, name) for name in chosen):
@@ -100,7 +124,7 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     tied = _tied(model)
     plans = []
     for name, module in chosen.items():
-        out_f, in_f = module.weight.shape
+        out_f, in_f = linear_weight(module).shape
         dense = in_f * out_f
         ratio, rank, rule = spec.ratio, spec.rank, "uniform"
         for pattern, override in spec.overrides.items():
@@ -137,7 +161,7 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _stat_bytes(module: nn.Module, needs: set[str], max_gram_size: int) -> int:
-    out_f, in_f = module.weight.shape
+    out_f, in_f = linear_weight(module).shape
     side = lambda d: d * d if d <= max_gram_size else d  # noqa: E731
     return 4 * (("input_gram" in needs) * side(in_f) + ("output_gram" in needs) * side(out_f)
                 + (("fisher" in needs) + ("input_abs" in needs)) * in_f)
@@ -219,7 +243,7 @@ def compress_(
             raise FwsvdError(f"compression.budget {spec.budget:g} of {spec.budget_scope} parameters leaves "
                              f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.rank_multiple} each")
         spectra = [Candidate(p.name, p.in_features, p.out_features,
-                             weighted_spectrum(todo[p.name].weight, weightings[p.name].left, weightings[p.name].right)
+                             weighted_spectrum(linear_weight(todo[p.name]), weightings[p.name].left, weightings[p.name].right)
                              * method.spectrum_scale(p.in_features, p.out_features))
                    for p in tqdm(allocated, desc="weighted spectra", unit="layer", disable=not progress)]
         ranks = allocate_ranks(spectra, budget, spec.rank_multiple)

@@ -32,23 +32,31 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
     return folder / ONNX_FILE
 
 
-def _scope(node_name: str) -> str:
-    """'/encoder/layer.0/attention/self/query/first/MatMul' -> 'encoder.layer.0.attention.self.query.first.MatMul'"""
-    return node_name.strip("/").replace("/", ".")
+def _module_path(node_name: str) -> str:
+    """'/encoder/layer.0/attention/self/query/first/MatMul' -> 'encoder.layer.0.attention.self.query.first'"""
+    return ".".join(node_name.strip("/").split("/")[:-1])
+
+
+def _find(paths: dict[str, onnx.NodeProto], module: str) -> Optional[onnx.NodeProto]:
+    """The node of `module`; the exporter may drop leading scopes (e.g. 'model.'), so match on a suffix."""
+    if module in paths:
+        return paths[module]
+    return next((node for path, node in paths.items() if path and module.endswith("." + path)), None)
 
 
 def inspect_graph(path: Path, model: nn.Module) -> dict:
-    """Count MatMuls and find, for each factorized layer of `model`, its two MatMuls and their weight shapes."""
+    """Count matrix multiplies and find, for each factorized layer of `model`, its two (MatMul, or Gemm
+    where the exporter flattened the input to 2-D) with weights of the factor shapes."""
     graph = onnx.load(str(path), load_external_data=False).graph
     shapes = {init.name: tuple(init.dims) for init in graph.initializer}
-    matmuls = {_scope(n.name): n for n in graph.node if n.op_type == "MatMul"}
+    products = {_module_path(n.name): n for n in graph.node if n.op_type in ("MatMul", "Gemm")}
     layers = {}
     for name, module in factorized_layers(model).items():
         found = {}
-        for part, shape in (("first", (module.in_features, module.rank)), ("second", (module.rank, module.out_features))):
-            node = matmuls.get(f"{name}.{part}.MatMul")
+        for part, dims in (("first", (module.in_features, module.rank)), ("second", (module.rank, module.out_features))):
+            node = _find(products, f"{name}.{part}")
             weight_shapes = [shapes[i] for i in node.input if i in shapes] if node is not None else []
-            found[part] = node is not None and (not weight_shapes or shape in weight_shapes)
+            found[part] = node is not None and (not weight_shapes or dims in weight_shapes or dims[::-1] in weight_shapes)
         layers[name] = found["first"] and found["second"]
     ops = Counter(n.op_type for n in graph.node)
     return {

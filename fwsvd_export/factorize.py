@@ -19,6 +19,10 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Layers that compute y = W x + b: nn.Linear, and GPT-2's Conv1D, which stores W transposed.
+LINEAR_TYPES = (nn.Linear, Conv1D)
 
 # A side weight: None (identity), a vector (diagonal matrix) or a square matrix.
 Side = Optional[torch.Tensor]
@@ -46,6 +50,12 @@ class Factors:
     first: torch.Tensor  # (rank, in)
     second: torch.Tensor  # (out, rank)
     singular_values: torch.Tensor  # full weighted spectrum, float64, for error estimates
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a Linear or a Conv1D (whose stored weight is (in, out))."""
+    weight = module.weight.detach()
+    return weight.T if isinstance(module, Conv1D) else weight
 
 
 def break_even_rank(in_features: int, out_features: int) -> float:
@@ -108,8 +118,8 @@ def factorize(weight: torch.Tensor, rank: int, left: Side = None, right: Side = 
 
 
 def low_rank_from_linear(linear: nn.Module, rank: int, left: Side = None, right: Side = None) -> tuple[LowRankLinear, Factors]:
-    """Build the two-factor replacement of a Linear; the bias moves to the second factor unchanged."""
-    weight = linear.weight.detach()
+    """Build the two-factor replacement of a Linear or Conv1D; the bias moves to the second factor unchanged."""
+    weight = linear_weight(linear)
     factors = factorize(weight, rank, left, right)
     bias = getattr(linear, "bias", None)
     module = LowRankLinear(weight.shape[1], rank, weight.shape[0], bias=bias is not None,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .factorize import linear_weight
 from .tasks import Batch
 
 STATISTICS = ("fisher", "input_gram", "output_gram", "input_abs")
@@ -85,8 +86,8 @@ def _gram(flat: torch.Tensor, full: bool) -> torch.Tensor:
 class _LayerCollector:
     def __init__(self, name: str, module: nn.Module, needs: set[str], state: _State, max_gram_size: int) -> None:
         self.name, self.needs, self.state, self.stats = name, needs, state, LayerStats()
-        self.full_in = module.weight.shape[1] <= max_gram_size
-        self.full_out = module.weight.shape[0] <= max_gram_size
+        out_features, in_features = linear_weight(module).shape
+        self.full_in, self.full_out = in_features <= max_gram_size, out_features <= max_gram_size
         self._x: Optional[torch.Tensor] = None
         self.handle = module.register_forward_hook(self._forward)
 

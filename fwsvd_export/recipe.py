@@ -68,7 +68,7 @@ class CompressionSpec:
     """Which Linear layers to factorize, how to weight them, and how far to cut them."""
 
     method: str = "fwsvd"
-    target: list[str] = field(default_factory=lambda: [r".*"])
+    target: Optional[list[str]] = None  # None: the model family's attention and MLP projections
     exclude: list[str] = field(default_factory=list)
     ratio: Optional[float] = 0.5  # uniform: kept fraction of each layer's weights
     rank: Optional[int] = None  # uniform: one fixed rank
@@ -276,7 +276,7 @@ def _check(recipe: Recipe, origin: str) -> None:
     for pattern, override in comp.overrides.items():
         _check_regex(pattern, f"compression.overrides.{pattern}", origin)
         _check_cut(override.ratio, override.rank, f"compression.overrides.{pattern}", origin)
-    for i, pattern in enumerate(comp.target):
+    for i, pattern in enumerate(comp.target or []):
         _check_regex(pattern, f"compression.target[{i}]", origin)
     for i, pattern in enumerate(comp.exclude):
         _check_regex(pattern, f"compression.exclude[{i}]", origin)

@@ -34,8 +34,10 @@ def markdown(report: dict) -> str:
     if graph:
         g = graph["compressed"]
         lines += ["## ONNX graph", "",
-                  f"Dense graph: {graph['dense']['matmul_nodes']} MatMul nodes; compressed graph: {g['matmul_nodes']} MatMul nodes. "
-                  f"{g['split_matmul_pairs_found']} of {g['factorized_layers']} factorized layers appear as two MatMuls.", ""]
+                  f"Dense graph: {graph['dense']['matmul_nodes']} MatMul and {graph['dense']['gemm_nodes']} Gemm nodes; "
+                  f"compressed graph: {g['matmul_nodes']} MatMul and {g['gemm_nodes']} Gemm nodes. "
+                  f"{g['split_matmul_pairs_found']} of {g['factorized_layers']} factorized layers appear as two matrix "
+                  "multiplies (MatMul, or Gemm where the model flattens its input).", ""]
     if val:
         lines += ["## Checks", ""] + _table(["check", "result", "detail"],
                                             [[c["name"], "pass" if c["passed"] else "FAIL", c["detail"]] for c in val["checks"]])

@@ -1,0 +1,69 @@
+"""Causal LM families on tiny configs: default targets, compression, export and ORT parity."""
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from fwsvd_export.compress import plan_layers
+from fwsvd_export.factorize import linear_weight
+from fwsvd_export.pipeline import run
+from fwsvd_export.recipe import CompressionSpec, load_recipe
+
+from conftest import quick_validation, write_recipe
+
+DECODER = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128)
+# family: (model class, config, factorized layers per block)
+FAMILIES = {
+    "gpt2": (GPT2LMHeadModel, lambda v: GPT2Config(vocab_size=v, n_embd=48, n_layer=2, n_head=4, n_positions=128), 4),
+    "llama": (LlamaForCausalLM, lambda v: LlamaConfig(vocab_size=v, **DECODER), 7),
+    "qwen2": (Qwen2ForCausalLM, lambda v: Qwen2Config(vocab_size=v, **DECODER), 7),
+    "mistral": (MistralForCausalLM, lambda v: MistralConfig(vocab_size=v, sliding_window=None, **DECODER), 7),
+    "opt": (OPTForCausalLM, lambda v: OPTConfig(vocab_size=v, hidden_size=48, ffn_dim=96, num_hidden_layers=2,
+                                                  num_attention_heads=4, word_embed_proj_dim=48, max_position_embeddings=128), 6),
+    "phi3": (Phi3ForCausalLM, lambda v: Phi3Config(vocab_size=v, pad_token_id=0, **DECODER), 4),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request, tmp_path_factory, tokenizer):
+    cls, config, per_block = FAMILIES[request.param]
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(request.param)
+    cls(config(tokenizer.vocab_size)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return request.param, folder, per_block
+
+
+def test_family_compresses_exports_and_matches_in_onnx_runtime(tmp_path, family_dir, data_dir):
+    family, folder, per_block = family_dir
+    recipe = {
+        "model": {"path": str(folder), "task": "text-generation"},
+        "data": {"calibration": {"path": str(data_dir / "corpus.txt")}, "evaluation": {"path": str(data_dir / "heldout.txt")},
+                 "max_length": 32, "batch_size": 4},
+        "compression": {"method": "kfac", "ratio": 0.5},  # no target: the family's default projections
+        "validation": quick_validation(),
+    }
+    result = run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", progress=False)
+    layers = result.report["compression"]["layers"]
+    assert len(layers) == 2 * per_block and all(p["rank"] for p in layers)
+    assert not any("lm_head" in p["name"] or "embed" in p["name"] for p in layers)
+    assert result.report["graph"]["compressed"]["split_matmul_pairs_found"] == 2 * per_block
+    cpu = result.report["validation"]["providers"]["cpu"]
+    assert cpu["parity"]["passed"], cpu["parity"]
+    assert cpu["metric"] == pytest.approx(result.report["validation"]["compressed_torch"], rel=1e-3)
+
+
+def test_gpt2_conv1d_layers_count_as_linear_with_transposed_weights(tokenizer):
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=48, n_layer=1, n_head=4))
+    plans = {p.name: p for p in plan_layers(model, CompressionSpec(ratio=0.5))}
+    attn = plans["transformer.h.0.attn.c_attn"]
+    assert (attn.in_features, attn.out_features) == (48, 144)
+    assert linear_weight(model.transformer.h[0].attn.c_attn).shape == (144, 48)
+
+
+def test_tied_lm_head_is_never_a_default_target_and_stays_dense_when_asked(tokenizer):
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=48, n_layer=1, n_head=4))
+    assert "lm_head" not in {p.name for p in plan_layers(model, CompressionSpec(ratio=0.5))}
+    plans = plan_layers(model, CompressionSpec(target=["lm_head"], ratio=0.5))
+    assert plans[0].rank is None and "tied" in plans[0].reason
