@@ -73,6 +73,16 @@ def _batches(recipe: Recipe, tokenizer, config, role: str) -> list[Batch]:
                              role == "calibration", config)
 
 
+def _prompts(recipe: Recipe, tokenizer, evaluation: list[Batch]) -> list:
+    """Prompts for the greedy-generation check: the recipe's, else the openings of two held-out windows."""
+    if recipe.model.task != "text-generation":
+        return []
+    if recipe.validation.prompts:
+        return [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in recipe.validation.prompts]
+    rows = [row for b in evaluation for row in b.inputs["input_ids"]][:2]
+    return [row[: min(8, len(row))].unsqueeze(0) for row in rows]
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -112,12 +122,13 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
     with staged(folder) as stage:
         save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, result.to_dict(), recipe.to_dict(), location)
         lap("checkpoint")
-        dense_onnx = export_onnx(model, tokenizer, stage / "onnx" / "dense", task.name, recipe.export.opset)
-        small_onnx = export_onnx(compressed, tokenizer, stage / "onnx" / "compressed", task.name, recipe.export.opset)
+        onnx_task = task.name + ("-with-past" if task.name == "text-generation" and recipe.export.with_past else "")
+        dense_onnx = export_onnx(model, tokenizer, stage / "onnx" / "dense", onnx_task, recipe.export.opset)
+        small_onnx = export_onnx(compressed, tokenizer, stage / "onnx" / "compressed", onnx_task, recipe.export.opset)
         graph = {"dense": inspect_graph(dense_onnx, model), "compressed": inspect_graph(small_onnx, compressed)}
         lap("export")
         validation = validate(task, recipe.validation, model, compressed, evaluation, dense_onnx, small_onnx,
-                              model.config.vocab_size, progress)
+                              model.config.vocab_size, progress, _prompts(recipe, tokenizer, evaluation))
         lap("validate")
         missing = graph["compressed"]["layers_missing_split"]
         if missing:

@@ -46,6 +46,7 @@ class DataSource:
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = None
     max_samples: Optional[int] = None
+    stride: Optional[int] = None  # text-generation evaluation: sliding-window step (default: max_length)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class FinetuneSpec:
 @dataclass
 class ExportSpec:
     opset: Optional[int] = None
+    with_past: bool = True  # text-generation: export the key/value cache, so generate() runs in ONNX Runtime
     output: str = "outputs/run"
 
 
@@ -120,6 +122,8 @@ class ValidationSpec:
     parity_batches: int = 2
     max_metric_loss: float = 0.05
     latency: LatencySpec = field(default_factory=LatencySpec)
+    prompts: list[str] = field(default_factory=list)  # greedy generation check (text-generation with past)
+    generation_tokens: int = 16
 
 
 @dataclass

@@ -51,12 +51,16 @@ def markdown(report: dict) -> str:
             p = entry["parity"]
             rows.append([f"compressed (onnx, {name})", entry["status"], entry["metric"], p["max_abs_error"], p["max_rel_error"]])
             for lat in entry["latency"]:
+                decode = [lat["dense"]["decode_per_token"]["median_ms"], lat["compressed"]["decode_per_token"]["median_ms"],
+                          lat["decode_speedup"]] if "decode_speedup" in lat else ["-"] * 3
                 latency_rows.append([name, lat["shape"], lat["dense"]["median_ms"], lat["dense"]["p90_ms"],
-                                     lat["compressed"]["median_ms"], lat["compressed"]["p90_ms"], lat["speedup"]])
+                                     lat["compressed"]["median_ms"], lat["compressed"]["p90_ms"], lat["speedup"], *decode])
         lines += [f"## Accuracy ({val['metric']})", ""] + _table(["model", "status", val["metric"], "max abs error", "max rel error"], rows)
         if latency_rows:
             lines += ["## Latency (ms)", ""] + _table(
-                ["provider", "shape", "dense median", "dense p90", "compressed median", "compressed p90", "speedup"], latency_rows)
+                ["provider", "shape", "dense median", "dense p90", "compressed median", "compressed p90", "speedup",
+                 "dense decode/token", "compressed decode/token", "decode speedup"], latency_rows)
+            lines += ["For decoders exported with the key/value cache, the first columns time the prefill at that shape.", ""]
             lines += [f"Linear-layer FLOP ratio (compressed / dense): {report['flop_ratio']:.3f}; "
                       "it bounds the speedup the factorized layers alone can give.", ""]
     lines += ["## Layers", ""] + _table(

@@ -159,35 +159,61 @@ def _lm_columns(source: DataSource, calibration: bool) -> list[str]:
     return [source.text_column]
 
 
-def _lm_batches(records, source, tokenizer, max_length, batch_size, calibration, config) -> list[Batch]:
-    """Concatenate all texts (separated by EOS) and cut them into full blocks of `max_length` tokens."""
+def _token_stream(records, source, tokenizer) -> list[int]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     for r in records:
         stream += tokenizer(str(r[source.text_column]), add_special_tokens=False)["input_ids"] + eos
-    blocks = [stream[i:i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)]
-    if not blocks:
+    return stream
+
+
+def _lm_batches(records, source, tokenizer, max_length, batch_size, calibration, config) -> list[Batch]:
+    """Calibration: all texts joined (EOS between) and cut into full blocks of `max_length` tokens.
+    Evaluation: a sliding window of `max_length` moved by `stride` (default: no overlap) over the same
+    stream, each token scored once with the most context the window gives, as in the Hugging Face
+    perplexity guide and lm-eval; earlier tokens of a window are context only (label -100)."""
+    stream = _token_stream(records, source, tokenizer)
+    if len(stream) < max_length:
         raise FwsvdError(f"the text holds {len(stream)} tokens, fewer than one block of data.max_length={max_length}")
+    if calibration:
+        windows = [(stream[i:i + max_length], 0) for i in range(0, len(stream) - max_length + 1, max_length)]
+    else:
+        stride = source.stride or max_length
+        windows, scored_to = [], 0
+        for begin in range(0, len(stream) - 1, stride):
+            end = min(begin + max_length, len(stream))
+            windows.append((stream[begin:end], scored_to - begin if scored_to > begin else 0))
+            scored_to = end
+            if end == len(stream):
+                break
     batches = []
-    for chunk in _chunks(blocks, batch_size):
-        ids = torch.tensor(chunk)
-        mask = torch.ones_like(ids)
-        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool()))
+    by_length: dict[int, list] = {}
+    for ids, context in windows:
+        by_length.setdefault(len(ids), []).append((ids, context))
+    for group in by_length.values():
+        for chunk in _chunks(group, batch_size):
+            ids = torch.tensor([c[0] for c in chunk])
+            labels = ids.clone()
+            for row, (_, context) in enumerate(chunk):
+                labels[row, :context] = -100
+            mask = torch.ones_like(ids)
+            batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), labels))
     return batches
 
 
-def _lm_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+def _lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy; labels of -100 are context, not scored."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           reduction="sum", ignore_index=-100)
 
 
 def _lm_loss(model, batch: Batch) -> torch.Tensor:
-    logits = model(**batch.inputs).logits
-    return _lm_nll(logits, batch.inputs["input_ids"])
+    return _lm_nll(model(**batch.inputs).logits, batch.labels)
 
 
 def _perplexity(outputs, batches, reference=None) -> float:
-    nll = sum(float(_lm_nll(torch.as_tensor(o), b.inputs["input_ids"])) for o, b in zip(outputs, batches))
-    tokens = sum(b.inputs["input_ids"][:, 1:].numel() for b in batches)
+    nll = sum(float(_lm_nll(torch.as_tensor(o), b.labels)) for o, b in zip(outputs, batches))
+    tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     return float(torch.exp(torch.tensor(nll / tokens)))
 
 

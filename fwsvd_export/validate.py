@@ -6,8 +6,6 @@ otherwise it is reported as unavailable with the reason, never as passed.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,6 +15,8 @@ import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
+from .generation import timed, greedy_ort, greedy_torch, prefill_and_decode
+from .ort_io import feeds, has_past
 from .recipe import ValidationSpec
 from .tasks import Batch, Task, metric_loss, run_torch
 
@@ -66,24 +66,6 @@ def open_session(path: Path, provider: str) -> tuple[Optional[ort.InferenceSessi
     return session, ""
 
 
-def feeds(session: ort.InferenceSession, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Map a batch's tensors onto the graph's inputs, deriving the ones a tokenizer does not emit."""
-    mask = inputs["attention_mask"]
-    result = {}
-    for graph_input in session.get_inputs():
-        key = graph_input.name
-        if key in inputs:
-            value = inputs[key]
-        elif key == "token_type_ids":
-            value = torch.zeros_like(inputs["input_ids"])
-        elif key == "position_ids":
-            value = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            raise ValueError(f"the ONNX graph wants input '{key}', which this tool cannot provide")
-        result[key] = value.cpu().numpy().astype(np.int64)
-    return result
-
-
 def run_ort(session: ort.InferenceSession, task: Task, batch: Batch) -> torch.Tensor:
     return torch.from_numpy(session.run([task.output_name], feeds(session, batch.inputs))[0])
 
@@ -98,19 +80,16 @@ def parity(outputs: list[torch.Tensor], reference: list[torch.Tensor], atol: flo
 
 
 def latency(session: ort.InferenceSession, shape: str, vocab_size: int, warmup: int, runs: int) -> dict:
-    """Median and p90 wall time (ms) of one run at BATCHxSEQUENCE, after warm-up."""
+    """Median and p90 wall time (ms) of one run at BATCHxSEQUENCE after warm-up; for a graph with a
+    key/value cache, that run is the prefill, and one decode step is timed too."""
     batch, seq = (int(v) for v in shape.split("x"))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(min(vocab_size, 1000), (batch, seq), generator=generator) + 1
+    prefill, decode = prefill_and_decode(session, ids, warmup, runs) if has_past(session) else (None, None)
+    if prefill is not None:
+        return {**prefill, "decode_per_token": decode}
     data = feeds(session, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    for _ in range(warmup):
-        session.run(None, data)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, data)
-        times.append((time.perf_counter() - start) * 1000)
-    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
+    return timed(lambda: session.run(None, data), warmup, runs)
 
 
 def _outputs(run, batches: list[Batch], desc: str, progress: bool) -> list[torch.Tensor]:
@@ -120,10 +99,13 @@ def _outputs(run, batches: list[Batch], desc: str, progress: bool) -> list[torch
 
 def validate(task: Task, spec: ValidationSpec, original: torch.nn.Module, compressed: torch.nn.Module,
              batches: list[Batch], dense_onnx: Path, compressed_onnx: Path, vocab_size: int,
-             progress: bool = True) -> Validation:
+             progress: bool = True, prompts: Optional[list[torch.Tensor]] = None) -> Validation:
+    """All checks; `prompts` (token ids, one row each) drive the greedy-generation check of decoders."""
     original_out = _outputs(lambda b: run_torch(original, task, b), batches, "original (torch)", progress)
     compressed_out = _outputs(lambda b: run_torch(compressed, task, b), batches, "compressed (torch)", progress)
     reference = original_out if task.needs_reference else None
+    prompts = prompts or []
+    greedy = [greedy_torch(compressed, ids, spec.generation_tokens) for ids in prompts]
     result = Validation(task.metric_name, task.metric(original_out, batches, reference),
                         task.metric(compressed_out, batches, reference))
     loss = metric_loss(task, result.original_torch, result.compressed_torch)
@@ -149,8 +131,16 @@ def validate(task: Task, spec: ValidationSpec, original: torch.nn.Module, compre
         for shape in spec.latency.shapes:
             dense = latency(dense_session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
             small = latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
-            entry["latency"].append({"shape": shape, "dense": dense, "compressed": small,
-                                     "speedup": dense["median_ms"] / small["median_ms"]})
+            point = {"shape": shape, "dense": dense, "compressed": small, "speedup": dense["median_ms"] / small["median_ms"]}
+            if "decode_per_token" in small:
+                point["decode_speedup"] = dense["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
+            entry["latency"].append(point)
+        if has_past(session) and prompts:
+            matches = [greedy_ort(session, ids, spec.generation_tokens) == expected for ids, expected in zip(prompts, greedy)]
+            entry["generation"] = {"prompts": len(prompts), "tokens": spec.generation_tokens, "matching_prompts": sum(matches)}
+            result.checks.append(Check(f"{provider.name}: greedy generation", all(matches),
+                                       f"{sum(matches)} of {len(prompts)} prompts give the same "
+                                       f"{spec.generation_tokens} tokens as PyTorch"))
         p = entry["parity"]
         result.checks.append(Check(f"{provider.name}: numeric parity", p["passed"],
                                    f"max abs error {p['max_abs_error']:.2e}, rel {p['max_rel_error']:.2e}"))

@@ -67,3 +67,42 @@ def test_tied_lm_head_is_never_a_default_target_and_stays_dense_when_asked(token
     assert "lm_head" not in {p.name for p in plan_layers(model, CompressionSpec(ratio=0.5))}
     plans = plan_layers(model, CompressionSpec(target=["lm_head"], ratio=0.5))
     assert plans[0].rank is None and "tied" in plans[0].reason
+
+
+def test_kv_cache_export_generates_in_onnx_runtime_like_pytorch(tmp_path, lm_recipe, tokenizer):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    import fwsvd_export
+
+    lm_recipe["validation"]["generation_tokens"] = 6
+    lm_recipe["validation"]["prompts"] = ["quiet river at morning", "silver engine"]
+    result = run(load_recipe(write_recipe(tmp_path, lm_recipe)), tmp_path / "out", progress=False)
+    cpu = result.report["validation"]["providers"]["cpu"]
+    assert cpu["generation"] == {"prompts": 2, "tokens": 6, "matching_prompts": 2}
+    lat = cpu["latency"][0]
+    assert lat["dense"]["decode_per_token"]["median_ms"] > 0 and lat["decode_speedup"] > 0
+    ort_model = ORTModelForCausalLM.from_pretrained(result.output / "onnx/compressed")
+    torch_model = fwsvd_export.load(result.output / "compressed")
+    ids = tokenizer("quiet river", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    kwargs = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    assert ort_model.generate(ids, **kwargs).tolist() == torch_model.generate(ids, **kwargs).tolist()
+
+
+def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+    from fwsvd_export.recipe import DataSource
+    from fwsvd_export.tasks import TASKS
+    from conftest import sentences
+
+    task = TASKS["text-generation"]
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    records = [{"text": t} for t in sentences(12, 9)]
+    batches = task.make_batches(records, DataSource(stride=8), tokenizer, 24, 4, False, None)
+    stream_length = sum(len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) + 1 for r in records)
+    scored = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
+    assert scored == stream_length - 1
+    with torch.no_grad():
+        ours = task.metric([model(**b.inputs).logits for b in batches], batches, None)
+        # The Hugging Face perplexity guide's way: the model's own mean loss times the scored tokens, per window.
+        nll = sum(float(model(input_ids=row[None], labels=lab[None]).loss) * int((lab[1:] != -100).sum())
+                  for b in batches for row, lab in zip(b.inputs["input_ids"], b.labels))
+    assert ours == pytest.approx(float(torch.exp(torch.tensor(nll / scored))), rel=1e-4)

@@ -47,7 +47,8 @@ def test_per_sample_fisher_for_a_causal_lm(llama_dir, tokenizer, data_dir):
     batches = task.make_batches(records, DataSource(), tokenizer, 16, 4, True, None)
     layers = {k: v for k, v in linear_layers(model).items() if "layers.0" in k}
     stats = collect_statistics(model, layers, batches, task.loss, {"fisher"}, progress=False)
-    singles = [type(b)({k: v[i:i + 1] for k, v in b.inputs.items()}, b.token_mask[i:i + 1]) for b in batches for i in range(len(b.token_mask))]
+    singles = [type(b)({k: v[i:i + 1] for k, v in b.inputs.items()}, b.token_mask[i:i + 1], b.labels[i:i + 1])
+               for b in batches for i in range(len(b.token_mask))]
     expected = brute_force(model, task, singles, layers)
     for name in layers:
         torch.testing.assert_close(stats[name].fisher.double(), expected[name], rtol=2e-3, atol=1e-9)
