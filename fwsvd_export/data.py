@@ -66,8 +66,9 @@ def _read_hub(source: DataSource) -> list[Record]:
     return [dict(row) for row in table]
 
 
-def load_records(recipe: Recipe, role: str, required: list[str]) -> list[Record]:
-    """Records of `data.<role>` with every column in `required` present and non-empty."""
+def load_records(recipe: Recipe, role: str, required: list[str], skip_empty: bool = False) -> list[Record]:
+    """Records of `data.<role>` with every column in `required` present and non-empty (or, with
+    `skip_empty`, records with an empty value dropped)."""
     source: DataSource = getattr(recipe.data, role)
     where = f"data.{role}"
     if source.path is not None:
@@ -85,9 +86,14 @@ def load_records(recipe: Recipe, role: str, required: list[str]) -> list[Record]
     for column in required:
         if column not in records[0]:
             raise FwsvdError(f"{label}: no column '{column}' (from '{where}'); columns are: {', '.join(columns)}")
-        for index, record in enumerate(records):
+    if skip_empty:  # running text (e.g. WikiText) has blank lines between paragraphs
+        records = [r for r in records if all(str(r.get(c) or "").strip() for c in required)]
+    for index, record in enumerate(records):
+        for column in required:
             if record.get(column) in (None, ""):
                 raise FwsvdError(f"{label}: record {index + 1} has no value in column '{column}'")
+    if not records:
+        raise FwsvdError(f"{label}: every record is empty in {', '.join(required)} (from '{where}')")
     if source.max_samples is not None and len(records) > source.max_samples:
         records = random.Random(recipe.data.seed).sample(records, source.max_samples)
     return records

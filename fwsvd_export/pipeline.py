@@ -68,7 +68,7 @@ def staged(folder: Path) -> Iterator[Path]:
 def _batches(recipe: Recipe, tokenizer, config, role: str) -> list[Batch]:
     task = get_task(recipe.model.task)
     source = getattr(recipe.data, role)
-    records = load_records(recipe, role, task.columns(source, role == "calibration"))
+    records = load_records(recipe, role, task.columns(source, role == "calibration"), skip_empty=task.name == "text-generation")
     return task.make_batches(records, source, tokenizer, recipe.data.max_length, recipe.data.batch_size,
                              role == "calibration", config)
 

@@ -6,6 +6,7 @@ silently fall back to a default and compress the wrong thing. Every error names 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -140,7 +141,7 @@ class Recipe:
     def resolve(self, value: str) -> Path:
         """A path from the recipe, relative to the recipe's own folder."""
         path = Path(value).expanduser()
-        return path if path.is_absolute() else Path(self.base_dir or ".") / path
+        return path if path.is_absolute() else Path(os.path.normpath(Path(self.base_dir or ".") / path))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -18,3 +18,18 @@ def test_minilm_demo_recipe_passes(tmp_path):
     assert [lat["shape"] for lat in cpu["latency"]] == ["1x128", "16x128"]
     assert report["sizes"]["onnx_compressed_bytes"] < report["sizes"]["onnx_dense_bytes"]
     assert result.passed, [c for c in report["validation"]["checks"] if not c["passed"]]
+
+
+def test_offline_causal_lm_recipe_passes(tmp_path):
+    recipe = load_recipe(DEMO.with_name("tiny-llama-offline.yaml"), ["validation.latency.runs=3"])
+    result = run(recipe, tmp_path / "lm", progress=False)
+    report = result.report
+    assert result.passed, [c for c in report["validation"]["checks"] if not c["passed"]]
+    assert report["compression"]["summary"]["targeted_kept_ratio"] <= 0.7
+    assert report["validation"]["providers"]["cpu"]["generation"]["matching_prompts"] == 2
+
+
+def test_every_shipped_recipe_parses():
+    for path in sorted(DEMO.parent.glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe.model.task and recipe.compression.method
