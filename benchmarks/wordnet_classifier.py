@@ -45,10 +45,11 @@ def read_verbs(path: Path) -> tuple[list[dict], list[str]]:
             continue
         fields, gloss = line.split("|", 1)
         parts = fields.split()
-        lexfile, lemma = int(parts[1]), parts[4].replace("_", " ")
+        lexfile, count = int(parts[1]), int(parts[3], 16)
+        lemmas = [parts[4 + 2 * i].replace("_", " ") for i in range(min(count, 3))]
         definition = gloss.split(';')[0].strip()
         names.setdefault(lexfile, len(names))
-        records.append({"text": f"{lemma}: {definition}", "label": lexfile})
+        records.append({"text": f"{', '.join(lemmas)}: {definition}", "label": lexfile})
     ordered = sorted(names)
     index = {lex: i for i, lex in enumerate(ordered)}
     for r in records:
@@ -80,15 +81,15 @@ def build_classifier(args, train, test, tokenizer, labels) -> tuple[torch.nn.Mod
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train", type=int, default=6000)
-    parser.add_argument("--test", type=int, default=2000)
+    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--test", type=int, default=1500)
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--max-length", type=int, default=40)
     parser.add_argument("--budgets", default="0.8,0.6,0.4,0.25")
     parser.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,kfac")
     parser.add_argument("--recovery-methods", default="fwsvd,kfac", help="methods also run with recovery fine-tuning")
-    parser.add_argument("--recovery-samples", type=int, default=1024)
+    parser.add_argument("--recovery-samples", type=int, default=512)
     parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")

@@ -64,7 +64,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FwsvdError(f"{folder} is not an fwsvd-export checkpoint: {MANIFEST} is missing")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise FwsvdError(f"{path}: not valid JSON: {exc}") from None
+    missing = [k for k in ("format", "task", "dtype", "factorized") if k not in manifest]
+    if missing:
+        raise FwsvdError(f"{path}: incomplete manifest, missing {', '.join(missing)}")
     if manifest.get("format") != FORMAT_VERSION:
         raise FwsvdError(f"{path}: checkpoint format {manifest.get('format')} is not supported (expected {FORMAT_VERSION})")
     return manifest

@@ -67,9 +67,9 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
     from .recipe import load_recipe
     from .sweep import plot, sweep
 
+    values = _floats(budgets, "--budgets") if budgets else _floats(ratios, "--ratios")
     try:
         names = [m.strip() for m in methods.split(",")] if methods else [load_recipe(recipe, overrides).compression.method]
-        values = _floats(budgets, "--budgets") if budgets else _floats(ratios, "--ratios")
         folder, points = sweep(recipe, values, names, output, overrides, budget=budgets is not None, progress=not quiet)
     except FwsvdError as exc:
         _fail(exc)
@@ -79,6 +79,10 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
             click.echo(f"plot: {path}")
     except ImportError:
         click.echo("plots skipped: pip install matplotlib")
+    failed = [f"{p['method']} {p.get('ratio', p.get('budget'))}" for p in points if not p["passed"]]
+    if failed:
+        click.echo(f"validation failed at: {', '.join(failed)}")
+        sys.exit(EXIT_FAILED)
 
 
 @main.command("inspect")

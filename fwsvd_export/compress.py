@@ -72,7 +72,7 @@ class CompressionResult:
 _DECODER = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 _ENCODER = r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)$"
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{family: [_ENCODER] for family in ("bert", "roberta", "xlm-roberta", "electra", "mpnet")},
+    **{family: [_ENCODER] for family in ("bert", "roberta", "xlm-roberta", "electra")},
     "distilbert": [r"transformer\.layer\.\d+\.(attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.(lin1|lin2))$"],
     "gpt2": [r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"],
     **{family: [_DECODER] for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
@@ -126,7 +126,7 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     for name, module in chosen.items():
         out_f, in_f = linear_weight(module).shape
         dense = in_f * out_f
-        ratio, rank, rule = spec.ratio, spec.rank, "uniform"
+        ratio, rank, rule = (None, None, "uniform") if spec.budget is not None else (spec.ratio, spec.rank, "uniform")
         for pattern, override in spec.overrides.items():
             if re.search(pattern, name):
                 ratio, rank, rule = override.ratio, override.rank, f"override '{pattern}'"
@@ -189,12 +189,12 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
                       cache_base: Optional[Path] = None) -> tuple[dict[str, LayerStats], dict]:
     """Statistics for `todo` from the cache when it has them, else from one pass per memory group."""
     info: dict = {"passes": 0, "cache": None}
-    if not needs:
+    if not needs or not todo:
         return {name: LayerStats() for name in todo}, info
     folder = None
     if spec.cache_dir is not None:
         folder = Path(spec.cache_dir) if cache_base is None else cache_base / spec.cache_dir
-        key = stats_cache.cache_key(todo, calibration, loss_fn, spec.max_gram_size)
+        key = stats_cache.cache_key(model, todo, calibration, loss_fn, spec.max_gram_size)
         cached = stats_cache.load_cached(folder, key, list(todo), needs)
         if cached is not None:
             info["cache"] = f"hit {folder / key}.safetensors"
@@ -217,6 +217,15 @@ def _budget_params(model: nn.Module, plans: list[LayerPlan], spec: CompressionSp
     return int(spec.budget * sum(p.params_before for p in plans)) - fixed
 
 
+def _check_budget(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpec) -> None:
+    """Fail before the statistics pass when the budget cannot give every allocated layer one rank step."""
+    allocated = [p for p in plans if p.allocate]
+    budget = _budget_params(model, plans, spec) if allocated else 0
+    if allocated and budget < sum(spec.rank_multiple * (p.in_features + p.out_features) for p in allocated):
+        raise FwsvdError(f"compression.budget {spec.budget:g} of {spec.budget_scope} parameters leaves "
+                         f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.rank_multiple} each")
+
+
 def compress_(
     model: nn.Module,
     spec: CompressionSpec,
@@ -231,17 +240,20 @@ def compress_(
     todo = {p.name: model.get_submodule(p.name) for p in plans if p.rank is not None or p.allocate}
     if method.needs and (calibration is None or loss_fn is None):
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
+    _check_budget(model, plans, spec)
     start = time.perf_counter()
     stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress, cache_base)
     result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start}, info)
     start = time.perf_counter()
+    for plan in plans:  # a layer the loss never reached (e.g. an unused pooler) has nothing to weight by
+        if plan.name in todo and any(getattr(stats[plan.name], s) is None for s in method.needs):
+            del todo[plan.name]
+            plan.rank, plan.allocate, plan.params_after = None, False, plan.params_before
+            plan.reason = "no calibration statistics reached this layer (unused by the task loss); kept dense"
     weightings = {name: method.build(stats[name], spec.damping) for name in todo}
     allocated = [p for p in plans if p.allocate]
     if allocated:
         budget = _budget_params(model, plans, spec)
-        if budget < sum(spec.rank_multiple * (p.in_features + p.out_features) for p in allocated):
-            raise FwsvdError(f"compression.budget {spec.budget:g} of {spec.budget_scope} parameters leaves "
-                             f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.rank_multiple} each")
         spectra = [Candidate(p.name, p.in_features, p.out_features,
                              weighted_spectrum(linear_weight(todo[p.name]), weightings[p.name].left, weightings[p.name].right)
                              * method.spectrum_scale(p.in_features, p.out_features))

@@ -61,8 +61,6 @@ def _read_hub(source: DataSource) -> list[Record]:
         table = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
     except Exception as exc:  # network, auth, unknown name: all surface as one clear message
         raise FwsvdError(f"could not load dataset '{source.dataset}' (split {source.split}): {exc}") from None
-    if source.max_samples is not None:
-        table = table.select(range(min(source.max_samples, len(table))))
     return [dict(row) for row in table]
 
 
@@ -75,7 +73,10 @@ def load_records(recipe: Recipe, role: str, required: list[str], skip_empty: boo
         path = recipe.resolve(source.path)
         if not path.is_file():
             raise FwsvdError(f"{recipe.source}: '{where}.path' points to a missing file: {path}")
-        records = _read_file(path, _detect_format(path, source.format), source.text_column)
+        try:
+            records = _read_file(path, _detect_format(path, source.format), source.text_column)
+        except UnicodeDecodeError as exc:
+            raise FwsvdError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); from '{where}'") from None
         label = str(path)
     else:
         records = _read_hub(source)

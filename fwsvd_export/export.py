@@ -23,11 +23,15 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
     from optimum.exporters.onnx import onnx_export_from_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+    logger = logging.getLogger("optimum")
+    level = logger.level
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        logging.getLogger("optimum").setLevel(logging.ERROR)
-        onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False)
+        logger.setLevel(logging.ERROR)
+        try:
+            onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False)
+        finally:
+            logger.setLevel(level)
     tokenizer.save_pretrained(folder)
     return folder / ONNX_FILE
 

@@ -45,6 +45,18 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}"
 
 
+def balance_(module: LowRankLinear) -> None:
+    """Rescale each rank component so its row of `first` and column of `second` have equal norms.
+    The product is unchanged; weighted methods (G^-1/2, I^-1) can leave the factors orders of magnitude
+    apart, which per-parameter optimizers such as Adam then update at very different relative rates."""
+    with torch.no_grad():
+        rows = module.first.weight.norm(dim=1)
+        cols = module.second.weight.norm(dim=0)
+        scale = torch.where((rows > 0) & (cols > 0), (cols / rows.clamp(min=1e-30)).sqrt(), torch.ones_like(rows))
+        module.first.weight.mul_(scale[:, None])
+        module.second.weight.div_(scale[None, :])
+
+
 @dataclass
 class Factors:
     first: torch.Tensor  # (rank, in)

@@ -8,13 +8,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .factorize import LowRankLinear, balance_
 from .recipe import FinetuneSpec
 from .tasks import Batch, Task
 
 
 def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: FinetuneSpec, seed: int = 0,
               progress: bool = True) -> list[float]:
-    """Train `model` in place; returns the mean per-sample loss of each epoch."""
+    """Train `model` in place; returns the mean per-sample loss of each epoch. Factor pairs are
+    balanced first (same product, comparable scales), so the optimizer treats both factors alike."""
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            balance_(module)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=spec.learning_rate, weight_decay=spec.weight_decay)

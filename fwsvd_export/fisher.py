@@ -76,7 +76,7 @@ def _fisher_rows(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if tokens * (d_in + d_out) <= d_in * d_out:
         gram = g @ g.transpose(1, 2)  # (n, T, T)
         return ((gram @ x) * x).sum((0, 1))
-    return (g.transpose(1, 2) @ x).square().sum((0, 1))  # (n, out, in) materialised: short-sequence case
+    return (g.transpose(1, 2) @ x).square().sum((0, 1))  # (n, out, in) materialised: cheaper once T (in + out) > in x out
 
 
 def _gram(flat: torch.Tensor, full: bool) -> torch.Tensor:
@@ -100,7 +100,7 @@ class _LayerCollector:
         raw = args[0]
         if self.state.first_batch:
             owner = self.state.seen.get(id(raw))
-            if owner is not None and owner[1].full_in == self.full_in:
+            if owner is not None:
                 self.stats.shares_input_with = owner[1].name
             else:
                 self.state.seen[id(raw)] = (raw, self)
@@ -126,8 +126,8 @@ class _LayerCollector:
             self._add("output_gram", _gram(flat, self.full_out))
         self._x = None
 
-    def finish(self, owners: dict[str, LayerStats]) -> LayerStats:
-        """Means instead of sums; a layer sharing its input takes the owner's (same tensor, no copy)."""
+    def finish(self) -> LayerStats:
+        """Means instead of sums."""
         self.handle.remove()
         s = self.stats
         tokens, samples = max(s.tokens, 1), max(s.samples, 1)
@@ -138,10 +138,16 @@ class _LayerCollector:
             input_abs=None if s.input_abs is None else s.input_abs / tokens,
             samples=s.samples, tokens=s.tokens, shares_input_with=s.shares_input_with,
         )
-        if s.shares_input_with is not None:
-            owner = owners[s.shares_input_with]
-            result.input_gram, result.input_abs = owner.input_gram, owner.input_abs
         return result
+
+
+def link_shared_inputs(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
+    """Point each layer that shares its input at the owner's input statistics (one tensor, no copy)."""
+    for s in stats.values():
+        if s.shares_input_with in stats:
+            owner = stats[s.shares_input_with]
+            s.input_gram, s.input_abs = owner.input_gram, owner.input_abs
+    return stats
 
 
 def collect_statistics(
@@ -185,7 +191,5 @@ def collect_statistics(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-        stats: dict[str, LayerStats] = {}
-        for name, c in sorted(collectors.items(), key=lambda item: item[1].stats.shares_input_with is not None):
-            stats[name] = c.finish(stats)
-    return {name: stats[name] for name in layers}
+        stats = link_shared_inputs({name: c.finish() for name, c in collectors.items()})
+    return stats

@@ -42,8 +42,12 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
         raise FwsvdError(f"could not load model '{location}' for {task.name}: {exc}") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one
+    if tokenizer.pad_token is None:  # causal LMs often ship without one
+        if tokenizer.eos_token is None and tokenizer.unk_token is None:
+            raise FwsvdError(f"the tokenizer of '{location}' has no pad, EOS or unknown token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers need it to find the last token
     return model.eval(), tokenizer
 
 
@@ -51,4 +55,8 @@ def load_model(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     """The recipe's model and tokenizer, and where they were loaded from."""
     location = model_location(recipe)
     model, tokenizer = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and recipe.data.max_length > limit:
+        raise FwsvdError(f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's "
+                         f"{limit} positions")
     return model, tokenizer, location

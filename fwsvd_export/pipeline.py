@@ -7,6 +7,7 @@ but misses a validation threshold keeps its artifacts and report (that is what o
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import tempfile
 import time
@@ -29,7 +30,6 @@ from .report import write_report
 from .tasks import Batch, get_task
 from .validate import Check, validate
 
-RUN_MARKERS = ("report.json", "fwsvd_manifest.json")
 
 
 @dataclass
@@ -45,9 +45,16 @@ class RunResult:
 def output_folder(recipe: Recipe, output: Optional[str | Path]) -> Path:
     """The run's output folder; refuses to replace a non-empty folder that is not an earlier run's."""
     folder = Path(output) if output is not None else recipe.resolve(recipe.export.output)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not any((folder / m).exists() for m in RUN_MARKERS))):
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _earlier_run(folder))):
         raise FwsvdError(f"output folder {folder} exists and is not an earlier fwsvd-export run; choose another with -o")
     return folder
+
+
+def _earlier_run(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "report.json").read_text()).get("tool") == "fwsvd-export"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextmanager
@@ -119,8 +126,9 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
     if recipe.finetune.epochs:
         finetune_loss = finetune_(compressed, task, calibration, recipe.finetune, recipe.data.seed, progress)
         lap("finetune")
+    compression = result.to_dict()
     with staged(folder) as stage:
-        save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, result.to_dict(), recipe.to_dict(), location)
+        save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, compression, recipe.to_dict(), location)
         lap("checkpoint")
         onnx_task = task.name + ("-with-past" if task.name == "text-generation" and recipe.export.with_past else "")
         dense_onnx = export_onnx(model, tokenizer, stage / "onnx" / "dense", onnx_task, recipe.export.opset)
@@ -139,7 +147,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
             "recipe_file": recipe.source,
             "recipe": recipe.to_dict(),
             "model": {"source": location, "task": task.name, "dtype": recipe.model.dtype},
-            "compression": result.to_dict(),
+            "compression": compression,
             "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss},
             "sizes": {
                 "params_dense": count_params(model),
@@ -147,7 +155,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
                 "onnx_dense_bytes": _bytes(dense_onnx.parent),
                 "onnx_compressed_bytes": _bytes(small_onnx.parent),
             },
-            "flop_ratio": linear_flop_ratio(result.to_dict()["layers"]),
+            "flop_ratio": linear_flop_ratio(compression["layers"]),
             "graph": graph,
             "validation": validation.to_dict(),
             "seconds": seconds,

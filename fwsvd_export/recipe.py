@@ -254,7 +254,10 @@ def apply_override(data: dict[str, Any], assignment: str, origin: str = "--set")
         if not isinstance(child, dict):
             raise FwsvdError(f"{origin}: '{key}' goes through '{part}', which is not a mapping")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise FwsvdError(f"{origin}: the value of '{key}' is not valid YAML: {exc}") from None
 
 
 def _check(recipe: Recipe, origin: str) -> None:
@@ -286,8 +289,20 @@ def _check(recipe: Recipe, origin: str) -> None:
     for i, pattern in enumerate(comp.exclude):
         _check_regex(pattern, f"compression.exclude[{i}]", origin)
     for i, shape in enumerate(recipe.validation.latency.shapes):
-        if not re.fullmatch(r"\d+x\d+", shape):
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", shape):
             raise FwsvdError(f"{origin}: 'validation.latency.shapes[{i}]' must look like BATCHxSEQUENCE, got {shape!r}")
+    for name in ("calibration", "evaluation"):
+        stride = getattr(recipe.data, name).stride
+        if stride is not None and not 1 <= stride <= recipe.data.max_length:
+            raise FwsvdError(f"{origin}: 'data.{name}.stride' must be between 1 and data.max_length ({recipe.data.max_length})")
+    if comp.damping <= 0:
+        raise FwsvdError(f"{origin}: 'compression.damping' must be > 0 (it keeps weights invertible), got {comp.damping}")
+    lat = recipe.validation.latency
+    if lat.runs < 1 or lat.warmup < 0 or recipe.validation.parity_batches < 1 or recipe.validation.generation_tokens < 1:
+        raise FwsvdError(f"{origin}: 'validation.latency.runs', 'parity_batches' and 'generation_tokens' must be >= 1, "
+                         "'validation.latency.warmup' >= 0")
+    if any(not p.strip() for p in recipe.validation.prompts):
+        raise FwsvdError(f"{origin}: 'validation.prompts' holds an empty prompt")
     if recipe.finetune.epochs < 0 or recipe.finetune.learning_rate <= 0:
         raise FwsvdError(f"{origin}: 'finetune.epochs' must be >= 0 and 'finetune.learning_rate' > 0")
     if recipe.data.batch_size < 1 or recipe.data.max_length < 2:
@@ -333,18 +348,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise FwsvdError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise FwsvdError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise FwsvdError(f"{path}: not UTF-8 text: {exc}") from None
     if not isinstance(data, dict):
         raise FwsvdError(f"{path}: a recipe must be a YAML mapping at the top level")
+    cuts = ("ratio", "rank", "budget")
     for assignment in overrides:
-        comp = data.get("compression")
+        apply_override(data, assignment)
         key = assignment.split("=", 1)[0].strip()
-        cuts = ("ratio", "rank", "budget")
-        if isinstance(comp, dict) and key.startswith("compression.") and key.split(".", 1)[1] in cuts:
+        if key.startswith("compression.") and key.split(".", 1)[1] in cuts:
             for other in cuts:  # the command line's choice replaces the recipe's
                 if other != key.split(".", 1)[1]:
-                    comp.pop(other, None)
-        apply_override(data, assignment)
+                    data["compression"][other] = None
     return parse_recipe(data, str(path), path.parent.resolve())

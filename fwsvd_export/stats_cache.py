@@ -1,7 +1,7 @@
 """Calibration statistics on disk, so another ratio, budget or method does not recompute them.
 
-A cache file is keyed by what the statistics depend on: the task loss, the targeted layers' names and
-weights, the calibration batches (token ids, masks, labels) and the Gram size limit. Any change to one
+A cache file is keyed by what the statistics depend on: the task loss, the targeted layers' names,
+every weight and buffer of the model, the calibration batches (token ids, masks, labels) and the Gram size limit. Any change to one
 of these gives a new key. Files are safetensors: one tensor per layer and statistic, counts in metadata.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .fisher import STATISTICS, LayerStats
+from .fisher import STATISTICS, LayerStats, link_shared_inputs
 from .tasks import Batch
 
 
@@ -27,12 +27,14 @@ def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def cache_key(layers: dict[str, nn.Module], batches: list[Batch], loss_fn: Callable, max_gram_size: int) -> str:
+def cache_key(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], loss_fn: Callable,
+              max_gram_size: int) -> str:
     h = hashlib.sha256()
     h.update(f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}|{max_gram_size}".encode())
-    for name in sorted(layers):
+    h.update("|".join(sorted(layers)).encode())
+    for name, tensor in sorted(model.state_dict().items()):  # heads and norms shape the gradients too
         h.update(name.encode())
-        _digest_tensor(h, layers[name].weight)
+        _digest_tensor(h, tensor)
     for batch in batches:
         h.update(str(batch.groups).encode())
         for key in sorted(batch.inputs):
@@ -57,11 +59,7 @@ def load_cached(folder: Path, key: str, layers: list[str], needs: set[str]) -> O
         info = meta[name]
         stats[name] = LayerStats(**{s: tensors.get(f"{name}|{s}") for s in STATISTICS},
                                  samples=info["samples"], tokens=info["tokens"], shares_input_with=info["shares"])
-    for s in stats.values():  # shared input statistics become one tensor again
-        if s.shares_input_with in stats:
-            owner = stats[s.shares_input_with]
-            s.input_gram, s.input_abs = owner.input_gram, owner.input_abs
-    return stats
+    return link_shared_inputs(stats)
 
 
 def save_cached(folder: Path, key: str, stats: dict[str, LayerStats]) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import FwsvdError
+from .methods import get_method
 from .pipeline import output_folder, run
 from .recipe import load_recipe
 
@@ -93,19 +94,30 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
           overrides: tuple[str, ...] = (), budget: bool = False, progress: bool = True) -> tuple[Path, list[dict]]:
     """Run every (method, value) point; `values` are ratios, or budgets when `budget` is set."""
     base = load_recipe(recipe_path, overrides)
+    if not values or not methods:
+        raise FwsvdError("a sweep needs at least one method and one ratio or budget")
+    if not base.validation.latency.shapes:
+        raise FwsvdError(f"{recipe_path}: a sweep plots latency, so 'validation.latency.shapes' must not be empty")
     folder = output or base.resolve(base.export.output).with_name(base.resolve(base.export.output).name + "-sweep")
-    if folder.exists() and any(folder.iterdir()) and not (folder / SWEEP_FILE).exists():
+    cache_name = ".statistics-cache"
+    if folder.exists() and any(p.name != cache_name for p in folder.iterdir()) and not (folder / SWEEP_FILE).exists():
         raise FwsvdError(f"sweep folder {folder} exists and is not an earlier sweep; choose another with -o")
     kind = "budget" if budget else "ratio"
-    cache = base.compression.cache_dir or str((folder / ".statistics-cache").resolve())
-    points = []
-    for method in methods:
+    cache = base.compression.cache_dir or str((folder / cache_name).resolve())
+    names = [get_method(m).name for m in methods]  # unknown methods fail before any run
+    plan = []
+    for method in names:
         for value in values:
             recipe = load_recipe(recipe_path, [*overrides, f"compression.method={method}", f"compression.{kind}={value}",
                                                f"compression.cache_dir={cache}"])
             point_dir = folder / f"{method}-{kind}{value:g}"
             output_folder(recipe, point_dir)
-            points.append(_point(method, kind, value, run(recipe, point_dir, progress)))
-            (folder / SWEEP_FILE).write_text(json.dumps({"kind": kind, "points": points}, indent=2))
+            plan.append((method, value, recipe, point_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    points: list[dict] = []
+    (folder / SWEEP_FILE).write_text(json.dumps({"kind": kind, "points": points}))
+    for method, value, recipe, point_dir in plan:
+        points.append(_point(method, kind, value, run(recipe, point_dir, progress)))
+        (folder / SWEEP_FILE).write_text(json.dumps({"kind": kind, "points": points}, indent=2))
     (folder / "sweep.md").write_text(_markdown(points, kind))
     return folder, points

@@ -5,7 +5,7 @@ The three tasks share one shape so that every later stage (statistics, export, v
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -51,7 +51,6 @@ class Task:
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over samples, so grads are per-sample sums
     metric: Callable[[list[torch.Tensor], list[Batch], Optional[list[torch.Tensor]]], float]
     needs_reference: bool = False  # metric compares against the original model's outputs
-    extra: dict = field(default_factory=dict)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: Optional[list[str]], max_length: int) -> dict[str, torch.Tensor]:

@@ -143,3 +143,21 @@ def test_statistics_cache_is_reused_across_ratios_and_methods_and_keyed_by_data(
     r4 = compress_(copy.deepcopy(bert), CompressionSpec(method="kfac", ratio=0.5, **base), batches[:1], loss, progress=False)
     assert r4.statistics["cache"].startswith("stored")
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_the_python_api_honours_a_budget_over_the_default_ratio(bert, batches):
+    res = compress_(bert, CompressionSpec(method="svd", target=TARGET, budget=0.3), batches, None, progress=False)
+    assert all(p.allocate for p in res.layers) and res.summary()["targeted_kept_ratio"] <= 0.3
+
+
+def test_layers_the_loss_never_reaches_stay_dense_with_a_reason(tokenizer):
+    from transformers import BertConfig, BertModel
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=96)).eval()
+    records = [{"text": t, "text_pair": t[::-1]} for t in sentences(8, 3)]
+    task = TASKS["feature-extraction"]
+    batches = task.make_batches(records, DataSource(text_pair_column="text_pair"), tokenizer, 24, 4, True, None)
+    res = compress_(model, CompressionSpec(method="kfac", target=[".*"], ratio=0.5), batches, task.loss, progress=False)
+    pooler = next(p for p in res.layers if p.name == "pooler.dense")
+    assert pooler.rank is None and "no calibration statistics" in pooler.reason
+    assert sum(p.rank is not None for p in res.layers) == 6

@@ -76,3 +76,28 @@ def test_an_existing_foreign_output_folder_is_never_replaced(tmp_path, classifie
     with pytest.raises(FwsvdError, match="not an earlier fwsvd-export run"):
         run(load_recipe(write_recipe(tmp_path, classifier_recipe)), precious, progress=False)
     assert (precious / "thesis.tex").read_text() == "do not delete"
+
+
+def test_a_folder_with_someone_elses_report_json_is_not_replaced(tmp_path, classifier_recipe):
+    precious = tmp_path / "out"
+    precious.mkdir()
+    (precious / "report.json").write_text('{"quarter": "Q3"}')
+    with pytest.raises(FwsvdError, match="not an earlier fwsvd-export run"):
+        run(load_recipe(write_recipe(tmp_path, classifier_recipe)), precious, progress=False)
+    assert (precious / "report.json").read_text() == '{"quarter": "Q3"}'
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("damping", 0.0, "compression.damping' must be > 0"),
+    ("budget", 0.0001, "too few"),
+])
+def test_bad_compression_values(tmp_path, classifier_recipe, key, value, fragment):
+    classifier_recipe["compression"][key] = value
+    if key == "budget":
+        classifier_recipe["compression"].pop("ratio")
+    fails(tmp_path, classifier_recipe, fragment)
+
+
+def test_max_length_beyond_the_model_positions(tmp_path, classifier_recipe):
+    classifier_recipe["data"]["max_length"] = 4096
+    fails(tmp_path, classifier_recipe, "data.max_length' 4096 exceeds the model's 128 positions")

@@ -136,3 +136,15 @@ def test_singular_grams_take_the_fallback_and_say_so(weight):
     f = factorize(weight, 6, w.left, w.right)
     assert torch.isfinite(f.first).all() and torch.isfinite(f.second).all()
     assert w.notes
+
+
+def test_balancing_keeps_the_product_and_equalises_factor_scales():
+    from fwsvd_export.factorize import balance_
+
+    torch.manual_seed(0)
+    linear = nn.Linear(30, 20).double()
+    module, _ = low_rank_from_linear(linear, 6, left=torch.rand(20, dtype=torch.float64) * 1e-4 + 1e-6)
+    before = module.second.weight @ module.first.weight
+    balance_(module)
+    torch.testing.assert_close(module.second.weight @ module.first.weight, before)
+    torch.testing.assert_close(module.first.weight.norm(dim=1), module.second.weight.norm(dim=0))

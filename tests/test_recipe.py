@@ -66,3 +66,20 @@ def test_a_budget_replaces_the_uniform_ratio(tmp_path):
     both = dict(MINIMAL, compression={"ratio": 0.5, "budget": 0.4})
     with pytest.raises(FwsvdError, match="budget together with ratio"):
         load_recipe(write_recipe(tmp_path, both))
+
+
+def test_clearing_the_cut_on_the_command_line_is_an_error_not_a_silent_default(tmp_path):
+    with pytest.raises(FwsvdError, match="needs a ratio or a rank"):
+        load_recipe(write_recipe(tmp_path, MINIMAL), ["compression.rank=null"])
+
+
+@pytest.mark.parametrize("assignment, fragment", [
+    ("data.evaluation.stride=0", "stride' must be between 1 and data.max_length"),
+    ("validation.latency.runs=0", "must be >= 1"),
+    ("compression.target=[unclosed", "not valid YAML"),
+    ("validation.prompts=['']", "empty prompt"),
+])
+def test_more_bad_values_are_named(tmp_path, assignment, fragment):
+    with pytest.raises(FwsvdError) as info:
+        load_recipe(write_recipe(tmp_path, MINIMAL), [assignment])
+    assert fragment in str(info.value)
