@@ -46,6 +46,53 @@ def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], q
     sys.exit(0 if result.passed else EXIT_FAILED)
 
 
+@main.command("compress")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint folder.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compress_command(recipe: Path, output: Path, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Only the compress stage of RECIPE: write a checkpoint that `fwsvd_export.load` rebuilds."""
+    from .pipeline import compress_only
+    from .recipe import load_recipe
+
+    try:
+        folder, compression = compress_only(load_recipe(recipe, overrides), output, progress=not quiet)
+    except FwsvdError as exc:
+        _fail(exc)
+    summary = compression["summary"]
+    click.echo(f"{summary['compressed_layers']} layers factorized with {summary['method']}, "
+               f"{summary['targeted_kept_ratio']:.1%} of targeted parameters kept: {folder}")
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="ONNX folder.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's recommended one).")
+@click.option("--no-past", is_flag=True, help="Decoders: export without the key/value cache.")
+def export_command(checkpoint: Path, output: Path, opset: int | None, no_past: bool) -> None:
+    """Export a compressed CHECKPOINT to ONNX and check that each factorized layer is two MatMuls."""
+    from .checkpoint import load, read_manifest
+    from .export import export_onnx, inspect_graph
+    from .pipeline import staged
+
+    try:
+        task = read_manifest(checkpoint)["task"]
+        model, tokenizer = load(checkpoint, with_tokenizer=True)
+    except FwsvdError as exc:
+        _fail(exc)
+    if output.exists() and any(output.iterdir()):
+        _fail(FwsvdError(f"output folder {output} is not empty"))
+    onnx_task = task + ("-with-past" if task == "text-generation" and not no_past else "")
+    with staged(output) as stage:
+        path = export_onnx(model, tokenizer, stage, onnx_task, opset)
+        graph = inspect_graph(path, model)
+    click.echo(f"{output / path.name}: {graph['split_matmul_pairs_found']} of {graph['factorized_layers']} factorized "
+               f"layers are two matrix multiplies ({graph['matmul_nodes']} MatMul, {graph['gemm_nodes']} Gemm nodes)")
+    if graph["layers_missing_split"]:
+        sys.exit(EXIT_FAILED)
+
+
 def _floats(text: str, name: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]

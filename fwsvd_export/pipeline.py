@@ -100,32 +100,71 @@ def linear_flop_ratio(plans: list) -> float:
     return sum(p["params_after"] for p in plans) / before if before else 1.0
 
 
+class _Clock:
+    """Wall time of each stage, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
+
+
+@dataclass
+class Compressed:
+    """What the compress stage hands to export and validation."""
+
+    model: nn.Module
+    compressed: nn.Module
+    tokenizer: object
+    location: str
+    result: object
+    evaluation: list[Batch]
+    finetune_loss: list[float]
+
+
+def compress_stage(recipe: Recipe, clock: _Clock, progress: bool) -> Compressed:
+    """Load, read the data, gather statistics, factorize and (optionally) fine-tune."""
+    task = get_task(recipe.model.task)
+    model, tokenizer, location = load_model(recipe)
+    clock.lap("load model")
+    calibration = _batches(recipe, tokenizer, model.config, "calibration")
+    evaluation = _batches(recipe, tokenizer, model.config, "evaluation")
+    clock.lap("data")
+    compressed = copy.deepcopy(model)
+    result = compress_(compressed, recipe.compression, calibration, task.loss, progress, Path(recipe.base_dir or "."))
+    clock.seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
+    clock.lap("compress")
+    finetune_loss = []
+    if recipe.finetune.epochs:
+        finetune_loss = finetune_(compressed, task, calibration, recipe.finetune, recipe.data.seed, progress)
+        clock.lap("finetune")
+    return Compressed(model, compressed, tokenizer, location, result, evaluation, finetune_loss)
+
+
+def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> tuple[Path, dict]:
+    """The compress stage alone: writes the checkpoint folder (no export, no validation)."""
+    folder = output_folder(recipe, output)
+    clock = _Clock()
+    done = compress_stage(recipe, clock, progress)
+    compression = done.result.to_dict()
+    with staged(folder) as stage:
+        save_checkpoint(done.compressed, done.tokenizer, stage, recipe.model.task, compression, recipe.to_dict(), done.location)
+    return folder, compression
+
+
 def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> RunResult:
     """Run every stage of `recipe`; the report's ``passed`` says whether validation held."""
     folder = output_folder(recipe, output)
     task = get_task(recipe.model.task)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = now - clock
-        clock = now
-
-    model, tokenizer, location = load_model(recipe)
-    lap("load model")
-    calibration = _batches(recipe, tokenizer, model.config, "calibration")
-    evaluation = _batches(recipe, tokenizer, model.config, "evaluation")
-    lap("data")
-    compressed = copy.deepcopy(model)
-    result = compress_(compressed, recipe.compression, calibration, task.loss, progress, Path(recipe.base_dir or "."))
-    seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
-    lap("compress")
-    finetune_loss = []
-    if recipe.finetune.epochs:
-        finetune_loss = finetune_(compressed, task, calibration, recipe.finetune, recipe.data.seed, progress)
-        lap("finetune")
+    clock = _Clock()
+    lap, seconds = clock.lap, clock.seconds
+    done = compress_stage(recipe, clock, progress)
+    model, compressed, tokenizer, location, result = done.model, done.compressed, done.tokenizer, done.location, done.result
+    evaluation, finetune_loss = done.evaluation, done.finetune_loss
     compression = result.to_dict()
     with staged(folder) as stage:
         save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, compression, recipe.to_dict(), location)

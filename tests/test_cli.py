@@ -58,3 +58,20 @@ def test_methods_lists_every_method():
     result = CliRunner().invoke(main, ["methods"])
     for name in ("svd", "fwsvd", "asvd", "svd-llm", "kfac"):
         assert name in result.output
+
+
+def test_compress_then_export_as_separate_stages(tmp_path, classifier_recipe):
+    path = write_recipe(tmp_path, classifier_recipe)
+    result = CliRunner().invoke(main, ["compress", str(path), "-o", str(tmp_path / "ckpt"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "12 layers factorized with fwsvd" in result.output
+    assert (tmp_path / "ckpt" / "fwsvd_manifest.json").is_file()
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "ckpt"), "-o", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert "12 of 12 factorized layers are two matrix multiplies" in result.output
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+
+
+def test_export_of_a_folder_that_is_no_checkpoint(tmp_path):
+    result = CliRunner().invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "onnx")])
+    assert result.exit_code == 2 and "fwsvd_manifest.json is missing" in result.output
