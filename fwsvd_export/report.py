@@ -63,7 +63,10 @@ def markdown(report: dict) -> str:
             lines += ["For decoders exported with the key/value cache, the first columns time the prefill at that shape.", ""]
             lines += [f"Linear-layer FLOP ratio (compressed / dense): {report['flop_ratio']:.3f}; "
                       "it bounds the speedup the factorized layers alone can give.", ""]
-    lines += ["## Layers", ""] + _table(
+    lines += ["## Layers", ""]
+    if report.get("artifacts", {}).get("ranks_plot"):
+        lines += ["![ranks per layer](ranks.png)", ""]
+    lines += _table(
         ["layer", "shape (out x in)", "rank", "params kept", "weighted error", "note"],
         [[p["name"], f"{p['out_features']}x{p['in_features']}", p["rank"] if p["rank"] is not None else "dense",
           p["params_after"] / p["params_before"], p["weighted_error"], "; ".join([p["reason"]] + p["notes"])]
@@ -72,6 +75,35 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_ranks(report: dict, path: Path) -> bool:
+    """Bar chart of the rank kept per layer against its break-even rank (needs matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["compression"]["layers"]
+    names = [p["name"] for p in layers]
+    even = [p["in_features"] * p["out_features"] / (p["in_features"] + p["out_features"]) for p in layers]
+    ranks = [p["rank"] if p["rank"] is not None else e for p, e in zip(layers, even)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 5.5))
+    ax.bar(range(len(names)), even, color="#dddddd", label="break-even rank (dense above)")
+    ax.bar(range(len(names)), ranks, color=["#4477aa" if p["rank"] is not None else "#bb5566" for p in layers],
+           label="rank kept (red: dense)")
+    ax.set_xticks(range(len(names)), [n.split(".", 1)[-1] if len(names) > 12 else n for n in names],
+                  rotation=90, fontsize=6)
+    ax.set(ylabel="rank", title=f"ranks per layer ({report['compression']['summary']['method']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(report: dict, folder: Path) -> None:
+    if plot_ranks(report, folder / "ranks.png"):
+        report.setdefault("artifacts", {})["ranks_plot"] = "ranks.png"
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "report.md").write_text(markdown(report))

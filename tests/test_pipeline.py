@@ -20,7 +20,7 @@ def run_recipe(tmp_path, recipe):
 
 def assert_artifacts(result, n_factorized):
     out = result.output
-    for rel in ("report.json", "report.md", "compressed/config.json", "compressed/model.safetensors",
+    for rel in ("report.json", "report.md", "ranks.png", "compressed/config.json", "compressed/model.safetensors",
                 "compressed/fwsvd_manifest.json", "compressed/tokenizer.json", "onnx/dense/model.onnx",
                 "onnx/compressed/model.onnx", "onnx/compressed/config.json"):
         assert (out / rel).is_file(), rel
