@@ -69,7 +69,7 @@ class LayerOverride:
 class CompressionSpec:
     """Which Linear layers to factorize, how to weight them, and how far to cut them."""
 
-    method: str = "fwsvd"
+    method: str = "kfac"  # the strongest in BENCHMARKS.md; "fwsvd" is the paper's method
     target: Optional[list[str]] = None  # None: the model family's attention and MLP projections
     exclude: list[str] = field(default_factory=list)
     ratio: Optional[float] = 0.5  # uniform: kept fraction of each layer's weights
@@ -78,7 +78,7 @@ class CompressionSpec:
     budget_scope: Literal["targeted", "model"] = "targeted"
     rank_multiple: int = 1  # round ranks down to a multiple of this (8, 16, 32 suit fast GEMMs)
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
-    damping: float = 1e-6
+    damping: float = 1e-2
     max_gram_size: int = 8192  # a Gram side larger than this is gathered as its diagonal only
     memory_budget_gb: Optional[float] = None  # statistics memory; over it, layers are gathered in several passes
     cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)

@@ -68,7 +68,7 @@ def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
     stats, _ = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, task.loss, False)
     total = {"uniform": 0.0, "global": 0.0}
     for name, plan_u, plan_g in zip(layers, uni.layers, res.layers):
-        w = METHODS["kfac"].build(stats[name], 1e-6)
+        w = METHODS["kfac"].build(stats[name], CompressionSpec().damping)
         s = weighted_spectrum(layers[name].weight, w.left, w.right)
         total["uniform"] += tail(s, plan_u.rank)
         total["global"] += tail(s, plan_g.rank if plan_g.rank is not None else len(s))

@@ -13,7 +13,7 @@ MINIMAL = {"model": {"path": "model", "task": "text-classification"},
 
 def test_minimal_recipe_gets_sensible_defaults(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, MINIMAL))
-    assert recipe.compression.method == "fwsvd" and recipe.compression.ratio == 0.5
+    assert recipe.compression.method == "kfac" and recipe.compression.ratio == 0.5
     assert [p.name for p in recipe.validation.providers] == ["cpu", "cuda"]
     assert recipe.validation.providers[0].required and not recipe.validation.providers[1].required
 
