@@ -258,6 +258,22 @@ def tables(results: dict) -> str:
             cells = [f"{next(x for x in rows if x['method'] == method and x['allocation'] == allocation and x['kept_target'] == r)['kept']:.4f}"
                      for r in ratios]
             out.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
+    sweep = results.get("damping_sweep") or []
+    if sweep:
+        dampings = [args["damping"]] + args["damping_sweep"]
+        keys = sorted({(x["kept_target"], x["method"], x["allocation"]) for x in sweep},
+                      key=lambda k: (-k[0], args["methods"].index(k[1]), k[2]))
+        out += ["", "Damping sensitivity of the calibrated methods (held-out perplexity; the "
+                f"{args['damping']:g} column is the main table's):", "",
+                "| kept target | method | allocation | " + " | ".join(f"damping {d:g}" for d in dampings) + " |",
+                "|---|---|---|" + "---:|" * len(dampings)]
+        for kept, method, allocation in keys:
+            cells = []
+            for d in dampings:
+                found = [x for x in rows + sweep if (x["kept_target"], x["method"], x["allocation"]) == (kept, method, allocation)
+                         and x.get("damping", args["damping"]) == d]
+                cells.append(f"{found[0]['perplexity']:.2f}" if found else "-")
+            out.append(f"| {kept:g} | {method} | {allocation} | " + " | ".join(cells) + " |")
     cost = results["statistics_cost"]
     weights = results["model"]
     out += ["", f"Statistics pass over the {cost['batches']} calibration batches ({cost['blocks']} blocks of "
@@ -280,7 +296,7 @@ def tables(results: dict) -> str:
 
 
 def write_markdown(path: Path, results: dict, table_text: str) -> None:
-    env, data, dense, train = results["env"], results["data"], results["dense"], results["training"]
+    env, data, dense, train, a = results["env"], results["data"], results["dense"], results["training"], results["args"]
     lines = [
         "# Compression methods on a small causal LM (WordNet glosses)", "",
         "Produced by `benchmarks/lm_methods.py`; every number below is copied from the run's output.", "",
@@ -295,7 +311,14 @@ def write_markdown(path: Path, results: dict, table_text: str) -> None:
         f"distinct in the training text; [UNK] rate {data['train_unk_rate']:.2%} train, {data['test_unk_rate']:.2%} test",
         f"- model: {results['model']['parameters']:,} parameters ({results['model']['target_parameters']:,} in the "
         f"{results['model']['target_layers']} targeted decoder Linear layers); trained {train['steps']} steps, "
-        f"{train['train_tokens']:,} tokens, {train['seconds']:.0f} s" + (" (this run loaded it from the cache)" if train.get("cached") else ""),
+        f"{train['train_tokens']:,} tokens, {train['seconds']:.0f} s" + (" (this run loaded it from the cache; the time is the run that trained it)" if train.get("cached") else ""),
+        f"- architecture: LlamaForCausalLM, hidden {a['hidden']}, {a['layers']} layers, {a['heads']} heads, {a['kv_heads']} KV heads, "
+        f"MLP {a['intermediate']}, untied embeddings; AdamW (fwsvd_export.finetune.finetune_, one epoch) lr {a['lr']:g} "
+        f"decaying linearly to 0, weight decay {a['weight_decay']:g}, batch {a['batch']} blocks; mean training loss "
+        f"{train['mean_train_loss_per_token']:.3f} nats/token over the epoch",
+        f"- compressed: the decoder Linear layers matching `{TARGET[0]}` (embeddings and LM head stay dense); "
+        "uniform = CompressionSpec(ratio=kept), global = CompressionSpec(ratio=None, budget=kept); all statistics "
+        "gathered once, every compress_ call read them from the cache",
         f"- dense perplexity: held-out {dense['test_perplexity']:.2f}, calibration (training) blocks {dense['calibration_perplexity']:.2f}",
         "", "## Held-out perplexity (lower is better)", "", table_text, "",
     ]
@@ -324,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", default="0.9,0.8,0.6,0.4,0.2,0.1", help="kept fractions of the targeted parameters")
     parser.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,kfac")
     parser.add_argument("--damping", type=float, default=1e-2)
+    parser.add_argument("--damping-sweep", default="1e-6,1e-1", help="other dampings tried for the calibrated methods; '' for none")
+    parser.add_argument("--sweep-ratios", default="0.2", help="kept fractions the damping sweep runs at")
+    parser.add_argument("--render", type=Path, help="only reprint the tables (and --md) from this results JSON")
     parser.add_argument("--repeats", type=int, default=3, help="timed statistics/plain passes (median reported)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--seed", type=int, default=0)
@@ -336,7 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_worker:
         memory_worker(args.memory_worker, args.model_folder)
         return 0
+    if args.render:
+        render(json.loads(args.render.read_text()), args.md)
+        return 0
     args.ratios = [float(r) for r in args.ratios.split(",")]
+    args.damping_sweep = [float(d) for d in args.damping_sweep.split(",") if d.strip()]
+    args.sweep_ratios = [float(r) for r in args.sweep_ratios.split(",") if r.strip()]
     args.methods = args.methods.split(",")
     command = shlex.join([sys.executable] + sys.argv)
     started = time.perf_counter()
@@ -397,40 +428,51 @@ def main(argv: list[str] | None = None) -> int:
     _, gather_info = gather_statistics(model, layers, needs, CompressionSpec(**base), calibration, TASK.loss, True)
     stats_seconds = time.perf_counter() - start
 
-    rows = []
-    for kept in args.ratios:
-        for method in args.methods:
-            for allocation in ("uniform", "global"):
-                cut = {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept}
-                compressed = copy.deepcopy(model)
-                result = compress_(compressed, CompressionSpec(method=method, **cut, **base), calibration, TASK.loss, False)
-                row = {"kept_target": kept, "method": method, "allocation": allocation,
-                       "kept": result.summary()["targeted_kept_ratio"],
-                       "statistics_cache": result.statistics.get("cache"),
-                       "ranks": {p.name: p.rank for p in result.layers},
-                       "perplexity": perplexity(compressed, test_batches)}
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+    def evaluate(kept: float, method: str, allocation: str, damping: float) -> dict:
+        cut = {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept}
+        compressed = copy.deepcopy(model)
+        result = compress_(compressed, CompressionSpec(method=method, **cut, **(base | {"damping": damping})),
+                           calibration, TASK.loss, False)
+        row = {"kept_target": kept, "method": method, "allocation": allocation, "damping": damping,
+               "kept": result.summary()["targeted_kept_ratio"],
+               "statistics_cache": result.statistics.get("cache"),
+               "ranks": {p.name: p.rank for p in result.layers},
+               "perplexity": perplexity(compressed, test_batches)}
+        print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+        return row
+
+    rows = [evaluate(kept, method, allocation, args.damping)
+            for kept in args.ratios for method in args.methods for allocation in ("uniform", "global")]
+    # Damping sensitivity: the calibrated methods again at a few kept fractions with other dampings.
+    sweep = [evaluate(kept, method, allocation, damping)
+             for damping in args.damping_sweep for kept in args.sweep_ratios
+             for method in args.methods if METHODS[method].needs for allocation in ("uniform", "global")]
 
     import transformers
     results = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "env": {"machine": machine(), "python": platform.python_version(), "torch": torch.__version__,
                        "transformers": transformers.__version__},
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                if k not in ("memory_worker", "model_folder")},
+                                if k not in ("memory_worker", "model_folder", "render")},
                "data": data, "training": training, "model": info, "dense": dense, "statistics_cost": cost,
                "all_statistics": {"needs": sorted(needs), "seconds": stats_seconds, "cache": gather_info["cache"]},
-               "rows": rows, "total_seconds": time.perf_counter() - started}
-    table_text = tables(results)
-    print(f"\ndense held-out perplexity {dense['test_perplexity']:.2f}; damping {args.damping:g}; "
-          f"training {training['seconds']:.0f} s" + (" (cached)" if training.get("cached") else "") + "\n")
-    print(table_text)
+               "rows": rows, "damping_sweep": sweep, "total_seconds": time.perf_counter() - started}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
-    if args.md:
-        write_markdown(args.md, results, table_text)
+    render(results, args.md)
     return 0
+
+
+def render(results: dict, md: Path | None) -> None:
+    """Print the tables (and write the markdown) from a run's results; --render redoes it from the JSON."""
+    dense, training = results["dense"], results["training"]
+    table_text = tables(results)
+    print(f"\ndense held-out perplexity {dense['test_perplexity']:.2f}; damping {results['args']['damping']:g}; "
+          f"training {training['seconds']:.0f} s" + (" (cached)" if training.get("cached") else "") + "\n")
+    print(table_text)
+    if md:
+        write_markdown(md, results, table_text)
 
 
 if __name__ == "__main__":
