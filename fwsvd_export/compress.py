@@ -186,8 +186,10 @@ def _passes(todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec) 
 
 def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec,
                       calibration: list[Batch], loss_fn: Callable, progress: bool,
-                      cache_base: Optional[Path] = None) -> tuple[dict[str, LayerStats], dict]:
-    """Statistics for `todo` from the cache when it has them, else from one pass per memory group."""
+                      cache_base: Optional[Path] = None, runner: Optional[nn.Module] = None
+                      ) -> tuple[dict[str, LayerStats], dict]:
+    """Statistics for `todo` from the cache when it has them, else from one pass per memory group,
+    run on `runner` (a copy of `model` with the same weights, placed elsewhere) when given."""
     info: dict = {"passes": 0, "cache": None}
     if not needs or not todo:
         return {name: LayerStats() for name in todo}, info
@@ -200,8 +202,11 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
             info["cache"] = f"hit {folder / key}.safetensors"
             return cached, info
     stats: dict[str, LayerStats] = {}
+    runner = model if runner is None else runner
     for group in _passes(todo, needs, spec):
-        stats.update(collect_statistics(model, group, calibration, loss_fn, needs, progress, spec.max_gram_size))
+        group = {name: runner.get_submodule(name) for name in group}
+        stats.update(collect_statistics(runner, group, calibration, loss_fn, needs, progress, spec.max_gram_size,
+                                        spec.gradient_checkpointing))
         info["passes"] += 1
     if folder is not None:
         info["cache"] = f"stored {stats_cache.save_cached(folder, key, stats)}"
@@ -233,8 +238,11 @@ def compress_(
     loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
     progress: bool = True,
     cache_base: Optional[Path] = None,
+    statistics_model: Optional[nn.Module] = None,
 ) -> CompressionResult:
-    """Factorize the layers `spec` targets, in place, with `spec.method`; returns the per-layer plan."""
+    """Factorize the layers `spec` targets, in place, with `spec.method`; returns the per-layer plan.
+    `statistics_model`, a copy with the same weights (e.g. spread over accelerators with a device_map),
+    runs the calibration pass instead of `model`."""
     method = get_method(spec.method)
     plans = plan_layers(model, spec)
     todo = {p.name: model.get_submodule(p.name) for p in plans if p.rank is not None or p.allocate}
@@ -242,7 +250,8 @@ def compress_(
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
     _check_budget(model, plans, spec)
     start = time.perf_counter()
-    stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress, cache_base)
+    stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress, cache_base,
+                                    statistics_model)
     result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start}, info)
     start = time.perf_counter()
     for plan in plans:  # a layer the loss never reached (e.g. an unused pooler) has nothing to weight by

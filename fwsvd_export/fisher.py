@@ -16,18 +16,26 @@ the very same input tensor (q/k/v, gate/up) share one input Gram, computed once.
 
 Parameters never get gradients: the input embeddings' output is made to require grad instead, so
 the pass holds one micro-batch of activations and the accumulators, never a set of weight gradients.
+With ``checkpointing``, each transformer block keeps only its input and recomputes its activations
+during the backward pass (non-reentrant ``torch.utils.checkpoint``); forward hooks then fire twice per
+block, so statistics of the input are taken in the forward pass only, and the Fisher product meets
+its layer input (from the recomputation) and its output gradient in whichever order they arrive.
 For text pairs, a sample is the pair, and its "per-sample gradient" is the contribution of the
 pair's own activations to the gradient of the in-batch contrastive loss.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .errors import FwsvdError
 from .factorize import linear_weight
 from .tasks import Batch
 
@@ -51,6 +59,8 @@ class _State:
     mask: torch.Tensor
     groups: int = 1
     first_batch: bool = True
+    in_backward: bool = False  # forward hooks firing now come from a checkpoint recomputation
+    recomputed: frozenset = frozenset()  # ids of the modules inside checkpointed blocks
     seen: dict  # id(input tensor) -> (tensor, layer name), for this batch; the reference pins the id
 
     def __init__(self) -> None:
@@ -89,6 +99,7 @@ class _LayerCollector:
         out_features, in_features = linear_weight(module).shape
         self.full_in, self.full_out = in_features <= max_gram_size, out_features <= max_gram_size
         self._x: Optional[torch.Tensor] = None
+        self._g: Optional[torch.Tensor] = None
         self.handle = module.register_forward_hook(self._forward)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -98,6 +109,11 @@ class _LayerCollector:
 
     def _forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         raw = args[0]
+        if self.state.in_backward:  # recomputation: the input again, for the Fisher product only
+            if "fisher" in self.needs:
+                self._x = _per_sample(raw.detach(), self.state)[0]
+                self._fisher_when_ready()
+            return
         if self.state.first_batch:
             owner = self.state.seen.get(id(raw))
             if owner is not None:
@@ -114,17 +130,23 @@ class _LayerCollector:
             if "input_abs" in self.needs:
                 self._add("input_abs", flat.abs().sum(0))
         if {"fisher", "output_gram"} & self.needs and output.requires_grad:
-            self._x = x
+            if id(module) not in self.state.recomputed:  # else the recomputation brings it back when needed
+                self._x = x
             output.register_hook(self._backward)
 
     def _backward(self, grad: torch.Tensor) -> None:
         g, mask = _per_sample(grad.detach(), self.state)
-        if "fisher" in self.needs:
-            self._add("fisher", _fisher_rows(self._x, g))
         if "output_gram" in self.needs:
             flat = g.reshape(-1, g.shape[-1])[mask.reshape(-1)]
             self._add("output_gram", _gram(flat, self.full_out))
-        self._x = None
+        if "fisher" in self.needs:
+            self._g = g
+            self._fisher_when_ready()
+
+    def _fisher_when_ready(self) -> None:
+        if self._x is not None and self._g is not None:
+            self._add("fisher", _fisher_rows(self._x, self._g))
+            self._x = self._g = None
 
     def finish(self) -> LayerStats:
         """Means instead of sums."""
@@ -158,6 +180,7 @@ def collect_statistics(
     needs: set[str],
     progress: bool = True,
     max_gram_size: int = 8192,
+    checkpointing: bool = False,
 ) -> dict[str, LayerStats]:
     """Run the calibration pass and return each named layer's statistics."""
     unknown = needs - set(STATISTICS)
@@ -172,20 +195,24 @@ def collect_statistics(
     hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for p in flags:
             p.requires_grad_(False)
         batches = list(batches)
-        for batch in tqdm(batches, desc="calibration statistics", unit="batch", disable=not progress):
-            batch = batch.to(device)
-            state.mask, state.groups = batch.token_mask, batch.groups
-            if backward:
-                loss_fn(model, batch).backward()
-            else:
-                with torch.no_grad():
-                    loss_fn(model, batch)
-            state.first_batch, state.seen = False, {}
+        with _no_kv_cache(model), _checkpointed_blocks(model, checkpointing and backward) as state.recomputed:
+            for batch in tqdm(batches, desc="calibration statistics", unit="batch", disable=not progress):
+                batch = batch.to(device)
+                state.mask, state.groups = batch.token_mask, batch.groups
+                if backward:
+                    loss = loss_fn(model, batch)
+                    state.in_backward = True
+                    loss.backward()
+                    state.in_backward = False
+                else:
+                    with torch.no_grad():
+                        loss_fn(model, batch)
+                state.first_batch, state.seen = False, {}
     finally:
         hook.remove()
         for p, flag in flags.items():
@@ -193,3 +220,59 @@ def collect_statistics(
         model.train(was_training)
         stats = link_shared_inputs({name: c.finish() for name, c in collectors.items()})
     return stats
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where batches go: the input embeddings' device, or their execution device when accelerate
+    keeps their weights offloaded (device_map)."""
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device(device) if device is not None else embeddings.weight.device
+
+
+@contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """A scoring pass needs no key/value cache, and a recomputed block must not append to one."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "use_cache", None)
+    if saved is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            config.use_cache = saved
+
+
+@contextmanager
+def _checkpointed_blocks(model: nn.Module, enabled: bool) -> Iterator[frozenset]:
+    """Run every transformer block under non-reentrant activation checkpointing, in eval mode
+    (transformers' own switch only acts in training mode, where dropout would perturb the statistics).
+    Yields the ids of the modules inside those blocks."""
+    if not enabled:
+        yield frozenset()
+        return
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise FwsvdError(f"gradient checkpointing: {type(model).__name__} has no transformer blocks that "
+                         "transformers marks as checkpointable")
+    patched = []
+    for block in blocks:
+        own = block.__dict__.get("forward")  # accelerate installs its hooks as an instance attribute
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            with set_checkpoint_early_stop(False):  # every forward hook must fire again in the recomputation
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        patched.append((block, own))
+    try:
+        yield frozenset(id(m) for block in blocks for m in block.modules())
+    finally:
+        for block, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from typing import Any, Optional
+
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import FwsvdError
@@ -32,16 +36,19 @@ def model_location(recipe: Recipe) -> str:
     return str(spec.hub_id)
 
 
-def load_pretrained(location: str, task_name: str, dtype: str = "float32", revision: str | None = None
-                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model in eval mode and its tokenizer, from a local folder or a hub id."""
+def load_pretrained(location: str, task_name: str, dtype: str = "float32", revision: str | None = None,
+                    placement: Optional[dict[str, Any]] = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model in eval mode and its tokenizer, from a local folder or a hub id; `placement` holds
+    accelerate's from_pretrained arguments (device_map, max_memory, offload_folder), if any."""
     task = get_task(task_name)
     kwargs = {"revision": revision} if revision else {}
     try:
-        model = task.auto_class.from_pretrained(location, dtype=DTYPES[dtype], **kwargs)
+        model = task.auto_class.from_pretrained(location, dtype=DTYPES[dtype], **kwargs, **(placement or {}))
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise FwsvdError(f"could not load model '{location}' for {task.name}: {exc}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        hint = ("; with this placement the model may fit on no device at all (raise model.max_memory)"
+                if placement else "")
+        raise FwsvdError(f"could not load model '{location}' for {task.name}: {exc}{hint}") from None
     if tokenizer.pad_token is None:  # causal LMs often ship without one
         if tokenizer.eos_token is None and tokenizer.unk_token is None:
             raise FwsvdError(f"the tokenizer of '{location}' has no pad, EOS or unknown token to pad batches with")
@@ -60,3 +67,28 @@ def load_model(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
         raise FwsvdError(f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's "
                          f"{limit} positions")
     return model, tokenizer, location
+
+
+def placement(recipe: Recipe) -> Optional[dict[str, Any]]:
+    """accelerate's from_pretrained arguments for the recipe's device_map, or None to load on the host."""
+    spec = recipe.model
+    if spec.device_map is None:
+        return None
+    if importlib.util.find_spec("accelerate") is None:
+        raise FwsvdError(f"{recipe.source}: 'model.device_map' needs accelerate: pip install 'fwsvd-export[big]'")
+    kwargs: dict[str, Any] = {"device_map": spec.device_map}
+    if spec.max_memory:
+        kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in spec.max_memory.items()}
+    if spec.offload_folder:
+        kwargs["offload_folder"] = str(recipe.resolve(spec.offload_folder))
+    return kwargs
+
+
+def load_for_statistics(recipe: Recipe, location: str) -> Optional[PreTrainedModel]:
+    """A second copy of the model spread over devices by accelerate, for the calibration pass
+    (activations and gradients of a big model need accelerator memory); None without a device_map.
+    Factorization, export and validation keep working on the host copy."""
+    kwargs = placement(recipe)
+    if kwargs is None:
+        return None
+    return load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision, kwargs)[0]

@@ -24,7 +24,8 @@ from .data import load_records
 from .errors import FwsvdError
 from .export import ONNX_FILE, export_onnx, inspect_graph
 from .finetune import finetune_
-from .models import load_model
+from .methods import get_method
+from .models import load_for_statistics, load_model
 from .recipe import Recipe
 from .report import write_report
 from .tasks import Batch, get_task
@@ -134,8 +135,13 @@ def compress_stage(recipe: Recipe, clock: _Clock, progress: bool) -> Compressed:
     calibration = _batches(recipe, tokenizer, model.config, "calibration")
     evaluation = _batches(recipe, tokenizer, model.config, "evaluation")
     clock.lap("data")
+    runner = load_for_statistics(recipe, location) if get_method(recipe.compression.method).needs else None
+    if runner is not None:
+        clock.lap("load model (device_map)")
     compressed = copy.deepcopy(model)
-    result = compress_(compressed, recipe.compression, calibration, task.loss, progress, Path(recipe.base_dir or "."))
+    result = compress_(compressed, recipe.compression, calibration, task.loss, progress, Path(recipe.base_dir or "."),
+                       statistics_model=runner)
+    del runner
     clock.seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
     clock.lap("compress")
     finetune_loss = []

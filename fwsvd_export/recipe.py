@@ -32,6 +32,9 @@ class ModelSpec:
     package: Optional[str] = None
     revision: Optional[str] = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device_map: Optional[str] = None  # accelerate placement for the statistics pass: "auto", "cuda", "sequential", ...
+    max_memory: dict[str, str] = field(default_factory=dict)  # per device, e.g. {"0": "20GiB", "cpu": "60GiB"}
+    offload_folder: Optional[str] = None  # where device_map may put weights that fit on no device ("disk")
 
 
 @dataclass
@@ -81,6 +84,7 @@ class CompressionSpec:
     damping: float = 1e-2
     max_gram_size: int = 8192  # a Gram side larger than this is gathered as its diagonal only
     memory_budget_gb: Optional[float] = None  # statistics memory; over it, layers are gathered in several passes
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, ~1.3x time
     cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
 
 
@@ -271,6 +275,8 @@ def _check(recipe: Recipe, origin: str) -> None:
             raise FwsvdError(f"{origin}: 'data.{name}' needs exactly one of path, dataset")
         if src.max_samples is not None and src.max_samples < 1:
             raise FwsvdError(f"{origin}: 'data.{name}.max_samples' must be at least 1")
+    if (recipe.model.max_memory or recipe.model.offload_folder) and recipe.model.device_map is None:
+        raise FwsvdError(f"{origin}: 'model.max_memory' and 'model.offload_folder' only apply with 'model.device_map'")
     comp = recipe.compression
     if comp.budget is not None:
         if comp.rank is not None or comp.ratio is not None:

@@ -1,12 +1,13 @@
 """The calibration pass: per-sample Fisher and the Grams match brute force over single samples."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from fwsvd_export.compress import linear_layers
+from fwsvd_export.errors import FwsvdError
 from fwsvd_export.fisher import collect_statistics
 from fwsvd_export.recipe import DataSource
-from fwsvd_export.tasks import TASKS
+from fwsvd_export.tasks import TASKS, Batch
 
 from conftest import sentences
 
@@ -84,3 +85,42 @@ def test_unknown_statistic_is_rejected(bert_dir):
     model = AutoModelForSequenceClassification.from_pretrained(bert_dir)
     with pytest.raises(ValueError, match="unknown statistics"):
         collect_statistics(model, {}, [], None, {"hessian"})
+
+
+def _lm_batches(tokenizer):
+    task = TASKS["text-generation"]
+    return task, task.make_batches([{"text": t} for t in sentences(12, 7)], DataSource(), tokenizer, 16, 4, True, None)
+
+
+@pytest.mark.parametrize("family", ["bert-classifier", "llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_statistics(family, bert_dir, llama_dir, tokenizer):
+    """Blocks recompute their activations in the backward pass; forward hooks fire twice, statistics do not."""
+    if family == "bert-classifier":
+        model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+        _, task, batches = classifier_batches(tokenizer, model.config)
+    else:
+        if family == "gpt2":
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(llama_dir)
+        model.eval()
+        task, batches = _lm_batches(tokenizer)
+    layers = linear_layers(model)
+    needs = {"fisher", "input_gram", "output_gram", "input_abs"}
+    plain = collect_statistics(model, layers, batches, task.loss, needs, progress=False)
+    recomputed = collect_statistics(model, layers, batches, task.loss, needs, progress=False, checkpointing=True)
+    for name in layers:
+        for stat in needs:
+            torch.testing.assert_close(getattr(recomputed[name], stat), getattr(plain[name], stat), rtol=1e-4, atol=1e-10)
+        assert (recomputed[name].samples, recomputed[name].tokens) == (plain[name].samples, plain[name].tokens)
+    assert all("forward" not in m.__dict__ for m in model.modules()), "blocks keep their own forward afterwards"
+
+
+def test_gradient_checkpointing_needs_checkpointable_blocks(tokenizer):
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))
+    model.get_input_embeddings = lambda: model[0]
+    batch = Batch({"input": torch.tensor([[1, 2]])}, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(FwsvdError, match="gradient checkpointing: Sequential has no transformer blocks"):
+        collect_statistics(model, {"1": model[1]}, [batch], lambda m, b: m(b.inputs["input"]).sum(), {"fisher"},
+                           progress=False, checkpointing=True)
