@@ -44,6 +44,7 @@ from fwsvd_export.compress import linear_layers
 from fwsvd_export.fisher import collect_statistics
 from fwsvd_export.recipe import DataSource
 from fwsvd_export.tasks import TASKS, Batch
+from measure import extra_peak, plain_pass
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data" / "pairs-calibration.jsonl"
@@ -105,18 +106,12 @@ def pass_fn(mode: str, model: nn.Module, batches: list[Batch]) -> Callable[[], N
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
 
-    def plain() -> None:  # an ordinary training step minus the optimizer
-        for b in batches:
-            model.zero_grad(set_to_none=True)
-            TASK.loss(model, b).backward()
-        model.zero_grad(set_to_none=True)
-
     def stats(needs: set[str]) -> Callable[[], None]:
         def run() -> None:
             collect_statistics(model, layers, batches, TASK.loss, needs, progress=False)
         return run
 
-    return {"forward": forward, "act-grad": act_grad, "plain": plain,
+    return {"forward": forward, "act-grad": act_grad, "plain": plain_pass(model, TASK.loss, batches),
             "fisher": stats({"fisher"}), "kfac": stats({"input_gram", "output_gram"})}[mode]
 
 
@@ -127,19 +122,11 @@ def system_busy_s() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def _status_kb(key: str) -> int:
-    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def memory_worker(mode: str, setting: str, join: int, pairs: int) -> None:
     """Subprocess entry: print the peak resident memory one pass of `mode` adds, in MiB, as JSON."""
     model, tokenizer = load_model()
     batches = make_batches(model, tokenizer, setting, join, pairs)
-    run = pass_fn(mode, model, batches)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak) to the current RSS
-    before = _status_kb("VmRSS")
-    run()
-    print(json.dumps({"extra_peak_mib": (_status_kb("VmHWM") - before) / 1024}))
+    print(json.dumps(extra_peak(pass_fn(mode, model, batches))))
 
 
 def measure_memory(mode: str, setting: str, join: int, pairs: int) -> float | None:

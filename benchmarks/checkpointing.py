@@ -1,0 +1,117 @@
+"""What gradient checkpointing buys in the statistics pass: peak memory and time, with and without.
+
+A seeded, randomly initialised Llama-style decoder (the cost of a pass does not depend on training)
+scores `--batches` batches of `--batch` x `--tokens` random token ids with the next-token loss. Modes,
+each timed `--repeats` times in rotated order after one untimed warm-up batch (medians reported):
+
+- ``plain``: forward + backward with parameter gradients, as in training (the reference);
+- ``fisher`` / ``kfac``: ``collect_statistics`` with the statistics of method fwsvd / kfac over every
+  decoder Linear, and the same with ``checkpointing=True`` (``fisher+ckpt``, ``kfac+ckpt``).
+
+Peak memory: one pass per mode in a fresh subprocess; VmHWM after resetting it through
+/proc/self/clear_refs, minus VmRSS just before the pass, next to the model's weight bytes.
+
+    python benchmarks/checkpointing.py --json benchmarks/results/checkpointing.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fwsvd_export.compress import linear_layers
+from fwsvd_export.fisher import collect_statistics
+from fwsvd_export.tasks import TASKS, Batch
+from measure import extra_peak, plain_pass, rotated_timings
+
+TASK = TASKS["text-generation"]
+MODES = {"plain": (None, False), "fisher": ({"fisher"}, False), "fisher+ckpt": ({"fisher"}, True),
+         "kfac": ({"input_gram", "output_gram"}, False), "kfac+ckpt": ({"input_gram", "output_gram"}, True)}
+
+
+def build(args) -> tuple[nn.Module, list[Batch]]:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
+                         max_position_embeddings=args.tokens, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    batches = []
+    for _ in range(args.batches):
+        ids = torch.randint(0, args.vocab, (args.batch, args.tokens))
+        mask = torch.ones_like(ids)
+        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), labels=ids.clone()))
+    return model, batches
+
+
+def pass_fn(mode: str, model: nn.Module, batches: list[Batch]) -> Callable[[], None]:
+    needs, checkpointing = MODES[mode]
+    if needs is None:
+        return plain_pass(model, TASK.loss, batches)
+    layers = {k: v for k, v in linear_layers(model).items() if ".layers." in k}
+    return lambda: collect_statistics(model, layers, batches, TASK.loss, needs, progress=False, checkpointing=checkpointing)
+
+
+def memory_worker(args) -> None:
+    """Subprocess entry: the peak resident memory one pass of `args.memory_worker` adds, in MiB."""
+    model, batches = build(args)
+    print(json.dumps(extra_peak(pass_fn(args.memory_worker, model, batches))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1376)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        memory_worker(args)
+        return 0
+    model, batches = build(args)
+    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    for mode in MODES:  # warm-up
+        pass_fn(mode, model, batches[:1])()
+    times = rotated_timings({mode: pass_fn(mode, model, batches) for mode in MODES}, args.repeats)
+    memory = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--_memory-worker", mode] + [a for a in (argv or sys.argv[1:]) if a != "--json"]
+        cmd = [c for c in cmd if not c.endswith(".json")]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        memory[mode] = json.loads(done.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+    plain = statistics.median(times["plain"])
+    rows = {m: {"median_s": statistics.median(t), "times_s": t, "vs_plain": statistics.median(t) / plain,
+                "extra_peak_mib": memory[m], "extra_peak_vs_weights": memory[m] / weights_mib} for m, t in times.items()}
+    result = {"command": "python benchmarks/checkpointing.py " + " ".join(argv or sys.argv[1:]),
+              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                         f"{torch.get_num_threads()} threads",
+              "config": {k: v for k, v in vars(args).items() if k not in ("json", "memory_worker")},
+              "weights_mib": weights_mib, "modes": rows}
+    print(f"weights {weights_mib:.1f} MiB; {args.batches} batches of {args.batch}x{args.tokens} tokens")
+    print("| pass | median s | / plain | extra peak RSS MiB | extra peak / weights |")
+    print("|---|---:|---:|---:|---:|")
+    for m, row in rows.items():
+        print(f"| {m} | {row['median_s']:.2f} | {row['vs_plain']:.2f} | {row['extra_peak_mib']:.0f} | "
+              f"{row['extra_peak_vs_weights']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
