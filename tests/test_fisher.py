@@ -124,3 +124,18 @@ def test_gradient_checkpointing_needs_checkpointable_blocks(tokenizer):
     with pytest.raises(FwsvdError, match="gradient checkpointing: Sequential has no transformer blocks"):
         collect_statistics(model, {"1": model[1]}, [batch], lambda m, b: m(b.inputs["input"]).sum(), {"fisher"},
                            progress=False, checkpointing=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_accumulate_in_float32(dtype, llama_dir, tokenizer):
+    task, batches = _lm_batches(tokenizer)
+    needs = {"fisher", "input_gram", "output_gram"}
+    full = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    half = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=dtype).eval()
+    name = "model.layers.1.mlp.down_proj"
+    reference = collect_statistics(full, {name: full.get_submodule(name)}, batches, task.loss, needs, progress=False)[name]
+    got = collect_statistics(half, {name: half.get_submodule(name)}, batches, task.loss, needs, progress=False)[name]
+    for stat in needs:
+        value, expected = getattr(got, stat), getattr(reference, stat)
+        assert value.dtype == torch.float32 and torch.isfinite(value).all()
+        assert float((value - expected).norm() / expected.norm()) < 0.05, stat  # half-precision activations, fp32 sums
