@@ -86,9 +86,12 @@ def placement(recipe: Recipe) -> Optional[dict[str, Any]]:
 
 def load_for_statistics(recipe: Recipe, location: str) -> Optional[PreTrainedModel]:
     """A second copy of the model spread over devices by accelerate, for the calibration pass
-    (activations and gradients of a big model need accelerator memory); None without a device_map.
-    Factorization, export and validation keep working on the host copy."""
+    (activations and gradients of a big model need accelerator memory); None without a device_map, or
+    when the map puts everything in host memory anyway. Factorization, export and validation keep
+    working on the host copy."""
     kwargs = placement(recipe)
     if kwargs is None:
         return None
-    return load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision, kwargs)[0]
+    model = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision, kwargs)[0]
+    devices = set(getattr(model, "hf_device_map", {"": "cpu"}).values())
+    return None if devices <= {"cpu", torch.device("cpu")} else model

@@ -49,6 +49,11 @@ def test_offloaded_model_with_checkpointing_compresses_like_an_in_memory_one(tmp
         torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-5)
 
 
+def test_a_map_that_keeps_everything_in_host_memory_needs_no_second_copy(tmp_path, plain):
+    loaded = load_recipe(write_recipe(tmp_path, {**plain, "model": dict(plain["model"], device_map="cpu")}))
+    assert load_for_statistics(loaded, model_location(loaded)) is None
+
+
 def test_placement_options_need_a_device_map(tmp_path, lm_recipe):
     recipe = {**lm_recipe, "model": dict(lm_recipe["model"], max_memory={"cpu": "6MB"})}
     with pytest.raises(FwsvdError, match="'model.max_memory' and 'model.offload_folder' only apply with 'model.device_map'"):
