@@ -111,7 +111,7 @@ class _LayerCollector:
         raw = args[0]
         if self.state.in_backward:  # recomputation: the input again, for the Fisher product only
             if "fisher" in self.needs:
-                self._x = _per_sample(raw.detach(), self.state)[0]
+                self._x = raw.detach()
                 self._fisher_when_ready()
             return
         if self.state.first_batch:
@@ -131,7 +131,7 @@ class _LayerCollector:
                 self._add("input_abs", flat.abs().sum(0))
         if {"fisher", "output_gram"} & self.needs and output.requires_grad:
             if id(module) not in self.state.recomputed:  # else the recomputation brings it back when needed
-                self._x = x
+                self._x = raw.detach()  # a reference, not a copy: layers reading one input share it
             output.register_hook(self._backward)
 
     def _backward(self, grad: torch.Tensor) -> None:
@@ -145,7 +145,7 @@ class _LayerCollector:
 
     def _fisher_when_ready(self) -> None:
         if self._x is not None and self._g is not None:
-            self._add("fisher", _fisher_rows(self._x, self._g))
+            self._add("fisher", _fisher_rows(_per_sample(self._x, self.state)[0], self._g))
             self._x = self._g = None
 
     def finish(self) -> LayerStats:
