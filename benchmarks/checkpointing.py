@@ -9,7 +9,8 @@ each timed `--repeats` times in rotated order after one untimed warm-up batch (m
   decoder Linear, and the same with ``checkpointing=True`` (``fisher+ckpt``, ``kfac+ckpt``).
 
 Peak memory: one pass per mode in a fresh subprocess; VmHWM after resetting it through
-/proc/self/clear_refs, minus VmRSS just before the pass, next to the model's weight bytes.
+/proc/self/clear_refs, minus VmRSS just before the pass, next to the model's weight bytes, with
+glibc's mmap threshold pinned (measure.MEMORY_ENV) so that heap fragmentation does not count.
 
     python benchmarks/checkpointing.py --json benchmarks/results/checkpointing.json
 """
@@ -19,7 +20,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fwsvd_export.compress import linear_layers
 from fwsvd_export.fisher import collect_statistics
 from fwsvd_export.tasks import TASKS, Batch
-from measure import extra_peak, plain_pass, rotated_timings
+from measure import MEMORY_ENV, extra_peak, plain_pass, rotated_timings, run_memory_worker
 
 TASK = TASKS["text-generation"]
 MODES = {"plain": (None, False), "fisher": ({"fisher"}, False), "fisher+ckpt": ({"fisher"}, True),
@@ -88,12 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in MODES:  # warm-up
         pass_fn(mode, model, batches[:1])()
     times = rotated_timings({mode: pass_fn(mode, model, batches) for mode in MODES}, args.repeats)
-    memory = {}
-    for mode in MODES:
-        cmd = [sys.executable, __file__, "--_memory-worker", mode] + [a for a in (argv or sys.argv[1:]) if a != "--json"]
-        cmd = [c for c in cmd if not c.endswith(".json")]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        memory[mode] = json.loads(done.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+    shape = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "memory_worker", "repeats")]
+    memory = {mode: run_memory_worker([__file__, "--_memory-worker", mode, *shape])["extra_peak_mib"] for mode in MODES}
     plain = statistics.median(times["plain"])
     rows = {m: {"median_s": statistics.median(t), "times_s": t, "vs_plain": statistics.median(t) / plain,
                 "extra_peak_mib": memory[m], "extra_peak_vs_weights": memory[m] / weights_mib} for m, t in times.items()}
@@ -101,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} threads",
               "config": {k: v for k, v in vars(args).items() if k not in ("json", "memory_worker")},
-              "weights_mib": weights_mib, "modes": rows}
+              "weights_mib": weights_mib, "memory_env": MEMORY_ENV, "modes": rows}
     print(f"weights {weights_mib:.1f} MiB; {args.batches} batches of {args.batch}x{args.tokens} tokens")
     print("| pass | median s | / plain | extra peak RSS MiB | extra peak / weights |")
     print("|---|---:|---:|---:|---:|")

@@ -18,7 +18,8 @@ Side by side in the same run, the statistics pass of fwsvd ({"fisher"}) and of k
 ({"input_gram", "output_gram"}) is timed against a plain forward+backward with parameter gradients
 over the same calibration batches (median of `--repeats`, one untimed warm-up each, order rotated),
 and the peak resident memory one pass adds is measured in a fresh subprocess per mode (VmHWM after
-resetting it via /proc/self/clear_refs, minus VmRSS just before the pass), next to the weight bytes.
+resetting it via /proc/self/clear_refs, minus VmRSS just before the pass), next to the weight bytes,
+with glibc's mmap threshold pinned (measure.MEMORY_ENV) so that heap fragmentation does not count.
 
     apt-get install wordnet-base
     python benchmarks/lm_methods.py --json benchmarks/results/lm_methods.json --md benchmarks/results/lm_methods.md
@@ -54,6 +55,7 @@ from fwsvd_export.fisher import collect_statistics
 from fwsvd_export.methods import METHODS
 from fwsvd_export.recipe import CompressionSpec, FinetuneSpec
 from fwsvd_export.tasks import TASKS, Batch
+from measure import MEMORY_ENV, extra_peak, plain_pass, rotated_timings, run_memory_worker
 
 WORDNET = [Path(f"/usr/share/wordnet/data.{pos}") for pos in ("noun", "verb", "adj", "adv")]
 TARGET = [r"layers\.\d+\.(self_attn|mlp)\."]
@@ -137,7 +139,7 @@ def model_config(args, vocab: Vocab) -> LlamaConfig:
 
 
 def cache_folder(args, vocab: Vocab) -> Path:
-    keys = ("seed", "test", "vocab", "block", "batch", "steps", "lr", "weight_decay", "hidden", "intermediate",
+    keys = ("seed", "test", "vocab", "block", "batch", "steps", "epochs", "lr", "weight_decay", "hidden", "intermediate",
             "layers", "heads", "kv_heads")
     ident = json.dumps({k: getattr(args, k) for k in keys} | {"old_ids": vocab.old_ids}, sort_keys=True)
     return Path(args.cache) / f"llama-wordnet-glosses-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
@@ -153,9 +155,10 @@ def build_model(args, vocab: Vocab, train_blocks: torch.Tensor) -> tuple[nn.Modu
     steps = min(args.steps, len(train_blocks) // args.batch)
     batches = batches_of(train_blocks[:steps * args.batch], args.batch)
     start = time.perf_counter()
-    history = finetune_(model, TASK, batches, FinetuneSpec(epochs=1, learning_rate=args.lr,
+    history = finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=args.lr,
                                                           weight_decay=args.weight_decay), args.seed)
-    info = {"steps": len(batches), "train_tokens": len(batches) * args.batch * args.block,
+    info = {"steps": len(batches) * args.epochs, "epochs": args.epochs,
+            "train_tokens": len(batches) * args.epochs * args.batch * args.block,
             "seconds": time.perf_counter() - start,
             "mean_train_loss_per_token": history[-1] / (args.block - 1)}
     model.save_pretrained(folder)
@@ -171,13 +174,8 @@ def target_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def pass_fn(mode: str, model: nn.Module, batches: list[Batch]) -> Callable[[], None]:
     """One full pass of `mode` over all batches, in eval mode like the statistics pass."""
-    if mode == "plain":  # a training step minus the optimizer: parameter gradients, zeroed per batch
-        def plain() -> None:
-            for b in batches:
-                model.zero_grad(set_to_none=True)
-                TASK.loss(model, b).backward()
-            model.zero_grad(set_to_none=True)
-        return plain
+    if mode == "plain":
+        return plain_pass(model, TASK.loss, batches)
     layers = target_layers(model)
     return lambda: collect_statistics(model, layers, batches, TASK.loss, TIMED[mode], progress=False)
 
@@ -187,18 +185,7 @@ def time_passes(model: nn.Module, batches: list[Batch], repeats: int) -> dict[st
     runs = {mode: pass_fn(mode, model, batches) for mode in TIMED}
     for run in runs.values():  # warm-up
         run()
-    modes = list(TIMED)
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(repeats):
-        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-            start = time.perf_counter()
-            runs[mode]()
-            times[mode].append(time.perf_counter() - start)
-    return times
-
-
-def _status_kb(key: str) -> int:
-    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    return rotated_timings(runs, repeats)
 
 
 def memory_worker(mode: str, folder: str) -> None:
@@ -207,21 +194,11 @@ def memory_worker(mode: str, folder: str) -> None:
     model = LlamaForCausalLM.from_pretrained(folder).eval()
     data = torch.load(Path(folder) / "calibration.pt")
     batches = batches_of(data["blocks"], data["batch"])
-    run = pass_fn(mode, model, batches)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak) to the current RSS
-    before = _status_kb("VmRSS")
-    run()
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"rss_before_mib": before / 1024, "peak_mib": peak / 1024, "extra_peak_mib": (peak - before) / 1024}))
+    print(json.dumps(extra_peak(pass_fn(mode, model, batches))))
 
 
 def measure_memory(mode: str, folder: Path) -> dict | None:
-    done = subprocess.run([sys.executable, __file__, "--_memory-worker", mode, "--_model-folder", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"memory worker for {mode} failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_memory_worker([__file__, "--_memory-worker", mode, "--_model-folder", str(folder)])
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -278,7 +255,8 @@ def tables(results: dict) -> str:
     weights = results["model"]
     out += ["", f"Statistics pass over the {cost['batches']} calibration batches ({cost['blocks']} blocks of "
             f"{args['block']} tokens), {args['repeats']} timed repeats, median; extra peak RSS of one pass in a fresh "
-            f"subprocess (VmHWM reset via /proc/self/clear_refs, minus VmRSS before the pass). Model weights: "
+            f"subprocess (VmHWM reset via /proc/self/clear_refs, minus VmRSS before the pass"
+            + (f"; environment {cost['memory_env']}" if cost.get("memory_env") else "") + "). Model weights: "
             f"{weights['weight_bytes'] / 2**20:.1f} MiB in all, {weights['target_weight_bytes'] / 2**20:.1f} MiB in the "
             f"targeted Linear layers; accumulated statistics: fisher {cost['stat_bytes']['fisher'] / 2**10:.1f} KiB, "
             f"kfac {cost['stat_bytes']['kfac'] / 2**10:.1f} KiB.", "",
@@ -313,9 +291,9 @@ def write_markdown(path: Path, results: dict, table_text: str) -> None:
         f"{results['model']['target_layers']} targeted decoder Linear layers); trained {train['steps']} steps, "
         f"{train['train_tokens']:,} tokens, {train['seconds']:.0f} s" + (" (this run loaded it from the cache; the time is the run that trained it)" if train.get("cached") else ""),
         f"- architecture: LlamaForCausalLM, hidden {a['hidden']}, {a['layers']} layers, {a['heads']} heads, {a['kv_heads']} KV heads, "
-        f"MLP {a['intermediate']}, untied embeddings; AdamW (fwsvd_export.finetune.finetune_, one epoch) lr {a['lr']:g} "
+        f"MLP {a['intermediate']}, untied embeddings; AdamW (fwsvd_export.finetune.finetune_, {train.get('epochs', 1)} epoch(s) over the same batches) lr {a['lr']:g} "
         f"decaying linearly to 0, weight decay {a['weight_decay']:g}, batch {a['batch']} blocks; mean training loss "
-        f"{train['mean_train_loss_per_token']:.3f} nats/token over the epoch",
+        f"{train['mean_train_loss_per_token']:.3f} nats/token over the last epoch",
         f"- compressed: the decoder Linear layers matching `{TARGET[0]}` (embeddings and LM head stay dense); "
         "uniform = CompressionSpec(ratio=kept), global = CompressionSpec(ratio=None, budget=kept); all statistics "
         "gathered once, every compress_ call read them from the cache",
@@ -336,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=8192, help="ids kept (most frequent in the training text); 0: all")
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=500, help="training steps per epoch (capped by the training blocks)")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the same training batches")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--hidden", type=int, default=256)
@@ -415,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                     seen[id(t)] = t.numel() * t.element_size()
         stat_bytes[mode] = sum(seen.values())
     cost = {"batches": len(calibration), "blocks": args.calibration, "seconds": times, "memory": memory,
+            "memory_env": MEMORY_ENV,
             "stat_bytes": stat_bytes,
             "median_s": {m: statistics.median(t) for m, t in times.items()},
             "ratio_fisher_to_plain": statistics.median(times["fisher"]) / statistics.median(times["plain"]),

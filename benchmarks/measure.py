@@ -1,7 +1,11 @@
 """Measurement helpers the benchmarks share: a training-like reference pass, rotated timings, peak RSS."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -44,3 +48,18 @@ def extra_peak(run: Callable[[], None]) -> dict[str, float]:
     run()
     peak = _status_kb("VmHWM")
     return {"rss_before_mib": before / 1024, "peak_mib": peak / 1024, "extra_peak_mib": (peak - before) / 1024}
+
+
+# glibc serves large blocks from its heap once frees have raised its dynamic mmap threshold; the
+# heap then fragments and RSS grows from batch to batch with no tensor alive. Pinning the threshold
+# makes large blocks mmap'd and returned on free, so the peak RSS reflects live memory in every mode.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_memory_worker(args: list[str]) -> dict | None:
+    """Run `python <args>` in a fresh process with MEMORY_ENV; its last stdout line is extra_peak's JSON."""
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, **MEMORY_ENV})
+    if done.returncode != 0:
+        print(f"memory worker {args} failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
