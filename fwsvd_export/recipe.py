@@ -84,7 +84,7 @@ class CompressionSpec:
     damping: float = 1e-2
     max_gram_size: int = 8192  # a Gram side larger than this is gathered as its diagonal only
     memory_budget_gb: Optional[float] = None  # statistics memory; over it, layers are gathered in several passes
-    gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, ~1.3x time
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, more time
     cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
 
 
