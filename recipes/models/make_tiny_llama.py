@@ -2,11 +2,13 @@
 
 It exists so the causal-LM path runs end to end offline (CI included) with a real model folder:
 a word-level tokenizer fitted on the project's demo text, and a seeded Llama with grouped-query
-attention, two decoder layers and a short next-token training run on the same text.
-Run from the repository root: python recipes/models/make_tiny_llama.py
+attention, two decoder layers and a short next-token training run on the same text (seconds on a
+CPU). The folder is built, not tracked: run `python recipes/models/make_tiny_llama.py` once before
+`fwsvd-export run recipes/tiny-llama-offline.yaml`; the tests build their own copy.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -32,7 +34,8 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
-def main() -> None:
+def build(out: Path = OUT) -> Path:
+    """Train and save the model and tokenizer into `out`; returns `out`."""
     torch.manual_seed(0)
     corpus = texts()
     tokenizer = build_tokenizer(corpus)
@@ -51,10 +54,13 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(f"final training loss {loss.item():.3f}")
-    model.eval().save_pretrained(OUT)
-    tokenizer.save_pretrained(OUT)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"final training loss {loss.item():.3f}; saved to {out}")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=OUT, help="folder to write (default: %(default)s)")
+    build(parser.parse_args().out)
