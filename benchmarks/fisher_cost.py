@@ -15,7 +15,8 @@ repeat so that drift and neighbours' load hit all modes alike, after one untimed
 mode; medians are reported, in wall time and in process CPU time (all threads). The CPU time other
 processes took during the timing (from /proc/stat) is printed, because on a shared machine it is what
 makes the numbers noisy. Peak extra resident
-memory of one pass per mode is measured in a fresh subprocess (VmHWM after resetting it, minus VmRSS).
+memory of one pass per mode is measured in a fresh subprocess (VmHWM after resetting it, minus VmRSS),
+with glibc's mmap threshold pinned (measure.MEMORY_ENV) so that heap fragmentation does not count.
 
 Setting ``short`` is the demo recipe's data as it is (max_length 64, batch 16 pairs; the longest text
 is 28 tokens, so batches pad to at most 28). Setting ``long`` needs longer texts than the demo data
@@ -31,7 +32,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +44,7 @@ from fwsvd_export.compress import linear_layers
 from fwsvd_export.fisher import collect_statistics
 from fwsvd_export.recipe import DataSource
 from fwsvd_export.tasks import TASKS, Batch
-from measure import extra_peak, plain_pass
+from measure import extra_peak, plain_pass, run_memory_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data" / "pairs-calibration.jsonl"
@@ -130,13 +130,9 @@ def memory_worker(mode: str, setting: str, join: int, pairs: int) -> None:
 
 
 def measure_memory(mode: str, setting: str, join: int, pairs: int) -> float | None:
-    cmd = [sys.executable, __file__, "--_memory-worker", mode, "--settings", setting, "--join", str(join),
-           f"--{setting}-pairs", str(pairs)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"memory worker for {mode}/{setting} failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+    done = run_memory_worker([__file__, "--_memory-worker", mode, "--settings", setting, "--join", str(join),
+                              f"--{setting}-pairs", str(pairs)])
+    return None if done is None else done["extra_peak_mib"]
 
 
 def time_setting(model: nn.Module, batches: list[Batch], repeats: int) -> dict[str, dict[str, list[float]]]:
