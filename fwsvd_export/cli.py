@@ -1,15 +1,51 @@
-"""Command line: a thin layer over the pipeline. Exit codes: 0 passed, 1 validation failed, 2 bad input."""
+"""Command line: a thin layer over the pipeline.
+
+Exit codes: 0 passed, 1 validation failed, 2 bad input (recipe, data, model, output path), 3 the tool
+could not finish (a bug, or the machine: disk full, out of memory), 128 + N killed by signal N (130
+for Ctrl-C, 143 for SIGTERM). SIGTERM is handled like Ctrl-C: staged output is removed on the way out.
+"""
 from __future__ import annotations
 
+import errno
+import functools
 import json
+import logging
+import re
+import signal
 import sys
+import traceback
 from pathlib import Path
+from typing import Callable
 
 import click
 
 from .errors import FwsvdError
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGNAL = 1, 2, 3, 128
+_MACHINE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM, errno.EROFS}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal, raised where the program is so that every cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _out_of_room(exc: BaseException) -> bool:
+    """A full disk or memory, from Python (OSError, MemoryError) or from a Rust library such as
+    safetensors or tokenizers (a plain Exception whose message ends in "(os error N)")."""
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _MACHINE
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return found is not None and int(found.group(1)) in _MACHINE
 
 
 def _fail(exc: FwsvdError) -> None:
@@ -17,10 +53,43 @@ def _fail(exc: FwsvdError) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def guarded(command: Callable) -> Callable:
+    """Map every way a command can end onto the exit codes above, with a message naming the cause."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FwsvdError as exc:
+            _fail(exc)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            click.echo(f"interrupted ({signal.Signals(signum).name}): no output was written, earlier outputs are "
+                       "untouched", err=True)
+            sys.exit(EXIT_SIGNAL + signum)
+        except Exception as exc:
+            if _out_of_room(exc):
+                click.echo(f"error: the machine ran out of room: {exc}; no output was written", err=True)
+                sys.exit(EXIT_CRASH)
+            traceback.print_exc()
+            click.echo("error: fwsvd-export crashed (a bug, not your input); no output was written. Please report "
+                       "it with the traceback above.", err=True)
+            sys.exit(EXIT_CRASH)
+
+    return wrapper
+
+
 @click.group()
 @click.version_option(package_name="fwsvd-export")
 def main() -> None:
     """Compress a transformer's Linear layers with Fisher-weighted SVD, export ONNX, validate in ONNX Runtime."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    if not logging.getLogger("fwsvd_export").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logging.getLogger("fwsvd_export").addHandler(handler)
 
 
 @main.command("run")
@@ -28,20 +97,20 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: export.output).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key, e.g. compression.ratio=0.4.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@guarded
 def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Run every stage of RECIPE: compress, checkpoint, export, validate, report."""
     from .pipeline import run
     from .recipe import load_recipe
 
-    try:
-        result = run(load_recipe(recipe, overrides), output, progress=not quiet)
-    except FwsvdError as exc:
-        _fail(exc)
+    result = run(load_recipe(recipe, overrides), output, progress=not quiet)
     summary = result.report["compression"]["summary"]
     click.echo(f"{'PASSED' if result.passed else 'FAILED'}: {summary['compressed_layers']} layers factorized with "
                f"{summary['method']}, {summary['targeted_kept_ratio']:.1%} of targeted parameters kept")
     for check in result.report["validation"]["checks"]:
         click.echo(f"  [{'ok' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
+    for note in result.report["output_notes"]:
+        click.echo(f"  note: {note}")
     click.echo(f"report: {result.output / 'report.md'}")
     sys.exit(0 if result.passed else EXIT_FAILED)
 
@@ -51,15 +120,13 @@ def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], q
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint folder.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@guarded
 def compress_command(recipe: Path, output: Path, overrides: tuple[str, ...], quiet: bool) -> None:
     """Only the compress stage of RECIPE: write a checkpoint that `fwsvd_export.load` rebuilds."""
     from .pipeline import compress_only
     from .recipe import load_recipe
 
-    try:
-        folder, compression = compress_only(load_recipe(recipe, overrides), output, progress=not quiet)
-    except FwsvdError as exc:
-        _fail(exc)
+    folder, compression = compress_only(load_recipe(recipe, overrides), output, progress=not quiet)
     summary = compression["summary"]
     click.echo(f"{summary['compressed_layers']} layers factorized with {summary['method']}, "
                f"{summary['targeted_kept_ratio']:.1%} of targeted parameters kept: {folder}")
@@ -70,22 +137,18 @@ def compress_command(recipe: Path, output: Path, overrides: tuple[str, ...], qui
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="ONNX folder.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's recommended one).")
 @click.option("--no-past", is_flag=True, help="Decoders: export without the key/value cache.")
+@guarded
 def export_command(checkpoint: Path, output: Path, opset: int | None, no_past: bool) -> None:
     """Export a compressed CHECKPOINT to ONNX and check that each factorized layer is two MatMuls."""
     from .checkpoint import load, read_manifest
     from .export import export_onnx, inspect_graph
-    from .pipeline import staged
+    from .outputs import staged_output
 
-    try:
-        task = read_manifest(checkpoint)["task"]
+    task = read_manifest(checkpoint)["task"]
+    with staged_output(output) as staged:
         model, tokenizer = load(checkpoint, with_tokenizer=True)
-    except FwsvdError as exc:
-        _fail(exc)
-    if output.exists() and any(output.iterdir()):
-        _fail(FwsvdError(f"output folder {output} is not empty"))
-    onnx_task = task + ("-with-past" if task == "text-generation" and not no_past else "")
-    with staged(output) as stage:
-        path = export_onnx(model, tokenizer, stage, onnx_task, opset)
+        onnx_task = task + ("-with-past" if task == "text-generation" and not no_past else "")
+        path = export_onnx(model, tokenizer, staged.path, onnx_task, opset)
         graph = inspect_graph(path, model)
     click.echo(f"{output / path.name}: {graph['split_matmul_pairs_found']} of {graph['factorized_layers']} factorized "
                f"layers are two matrix multiplies ({graph['matmul_nodes']} MatMul, {graph['gemm_nodes']} Gemm nodes)")
@@ -108,23 +171,20 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Sweep folder.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@guarded
 def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str | None, output: Path | None,
                   overrides: tuple[str, ...], quiet: bool) -> None:
     """Run RECIPE at several ratios (or budgets) and methods; write a table and plots of the frontier."""
     from .recipe import load_recipe
-    from .sweep import plot, sweep
+    from .sweep import sweep
 
     values = _floats(budgets, "--budgets") if budgets else _floats(ratios, "--ratios")
-    try:
-        names = [m.strip() for m in methods.split(",")] if methods else [load_recipe(recipe, overrides).compression.method]
-        folder, points = sweep(recipe, values, names, output, overrides, budget=budgets is not None, progress=not quiet)
-    except FwsvdError as exc:
-        _fail(exc)
+    names = [m.strip() for m in methods.split(",")] if methods else [load_recipe(recipe, overrides).compression.method]
+    folder, points, plots = sweep(recipe, values, names, output, overrides, budget=budgets is not None, progress=not quiet)
     click.echo((folder / "sweep.md").read_text())
-    try:
-        for path in plot(points, folder):
-            click.echo(f"plot: {path}")
-    except ImportError:
+    for path in plots:
+        click.echo(f"plot: {path}")
+    if not plots:
         click.echo("plots skipped: pip install matplotlib")
     failed = [f"{p['method']} {p.get('ratio', p.get('budget'))}" for p in points if not p["passed"]]
     if failed:
@@ -137,6 +197,7 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
 @click.option("--task", default="feature-extraction", show_default=True,
               type=click.Choice(["text-classification", "feature-extraction", "text-generation"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@guarded
 def inspect_command(model: str, task: str, as_json: bool) -> None:
     """List MODEL's Linear layers (a folder, hub id, or checkpoint), their shapes and break-even ranks."""
     from .compress import linear_layers
@@ -144,13 +205,7 @@ def inspect_command(model: str, task: str, as_json: bool) -> None:
     from .models import load_pretrained
     from .checkpoint import MANIFEST, load
 
-    try:
-        if (Path(model) / MANIFEST).is_file():
-            loaded = load(model)
-        else:
-            loaded = load_pretrained(model, task)[0]
-    except FwsvdError as exc:
-        _fail(exc)
+    loaded = load(model) if (Path(model) / MANIFEST).is_file() else load_pretrained(model, task)[0]
     rows = []
     for name, m in loaded.named_modules():
         if isinstance(m, LowRankLinear):
@@ -170,6 +225,7 @@ def inspect_command(model: str, task: str, as_json: bool) -> None:
 
 
 @main.command("methods")
+@guarded
 def methods_command() -> None:
     """List the compression methods and the calibration statistics each needs."""
     from .methods import METHODS

@@ -1,31 +1,28 @@
 """The whole run: recipe -> data -> statistics -> factorize -> checkpoint -> export -> validate -> report.
 
-Everything is written into a staging folder beside the output and moved into place at the end, so a
-run that fails on bad input or crashes leaves no half-written output behind. A run that completes
-but misses a validation threshold keeps its artifacts and report (that is what one debugs from).
+Everything is written into a staging folder beside the output, made before any compute and moved into
+place at the end (``outputs.py``), so a run that fails on bad input, crashes or is interrupted leaves no
+half-written output behind. A run that completes but misses a validation threshold keeps its artifacts
+and report (that is what one debugs from).
 """
 from __future__ import annotations
 
 import copy
-import json
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from torch import nn
 
 from .checkpoint import library_versions, save_checkpoint
 from .compress import compress_
 from .data import load_records
-from .errors import FwsvdError
 from .export import ONNX_FILE, export_onnx, inspect_graph
 from .finetune import finetune_
 from .methods import get_method
 from .models import load_for_statistics, load_model
+from .outputs import resolve_output, staged_output
 from .recipe import Recipe
 from .report import write_report
 from .tasks import Batch, get_task
@@ -43,34 +40,9 @@ class RunResult:
         return bool(self.report["passed"])
 
 
-def output_folder(recipe: Recipe, output: Optional[str | Path]) -> Path:
-    """The run's output folder; refuses to replace a non-empty folder that is not an earlier run's."""
-    folder = Path(output) if output is not None else recipe.resolve(recipe.export.output)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not _earlier_run(folder))):
-        raise FwsvdError(f"output folder {folder} exists and is not an earlier fwsvd-export run; choose another with -o")
-    return folder
-
-
-def _earlier_run(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "report.json").read_text()).get("tool") == "fwsvd-export"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-@contextmanager
-def staged(folder: Path) -> Iterator[Path]:
-    """A scratch folder that replaces `folder` on success and disappears on failure."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    stage.rename(folder)
+def output_path(recipe: Recipe, output: Optional[str | Path]) -> Path:
+    """Where the run's results go: `output`, else the recipe's export.output (relative to the recipe)."""
+    return resolve_output(output if output is not None else recipe.resolve(recipe.export.output))
 
 
 def _batches(recipe: Recipe, tokenizer, config, role: str) -> list[Batch]:
@@ -153,26 +125,27 @@ def compress_stage(recipe: Recipe, clock: _Clock, progress: bool) -> Compressed:
 
 def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> tuple[Path, dict]:
     """The compress stage alone: writes the checkpoint folder (no export, no validation)."""
-    folder = output_folder(recipe, output)
-    clock = _Clock()
-    done = compress_stage(recipe, clock, progress)
-    compression = done.result.to_dict()
-    with staged(folder) as stage:
-        save_checkpoint(done.compressed, done.tokenizer, stage, recipe.model.task, compression, recipe.to_dict(), done.location)
+    folder = output_path(recipe, output)
+    with staged_output(folder) as staged:
+        done = compress_stage(recipe, _Clock(), progress)
+        compression = done.result.to_dict()
+        save_checkpoint(done.compressed, done.tokenizer, staged.path, recipe.model.task, compression, recipe.to_dict(),
+                        done.location)
     return folder, compression
 
 
 def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> RunResult:
     """Run every stage of `recipe`; the report's ``passed`` says whether validation held."""
-    folder = output_folder(recipe, output)
+    folder = output_path(recipe, output)
     task = get_task(recipe.model.task)
     clock = _Clock()
     lap, seconds = clock.lap, clock.seconds
-    done = compress_stage(recipe, clock, progress)
-    model, compressed, tokenizer, location, result = done.model, done.compressed, done.tokenizer, done.location, done.result
-    evaluation, finetune_loss = done.evaluation, done.finetune_loss
-    compression = result.to_dict()
-    with staged(folder) as stage:
+    with staged_output(folder) as staged:
+        stage = staged.path
+        done = compress_stage(recipe, clock, progress)
+        model, compressed, tokenizer, location, result = done.model, done.compressed, done.tokenizer, done.location, done.result
+        evaluation, finetune_loss = done.evaluation, done.finetune_loss
+        compression = result.to_dict()
         save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, compression, recipe.to_dict(), location)
         lap("checkpoint")
         onnx_task = task.name + ("-with-past" if task.name == "text-generation" and recipe.export.with_past else "")
@@ -206,6 +179,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
             "seconds": seconds,
             "artifacts": {"checkpoint": "compressed", "onnx_dense": f"onnx/dense/{ONNX_FILE}",
                           "onnx_compressed": f"onnx/compressed/{ONNX_FILE}"},
+            "output_notes": staged.notes,
             "passed": validation.passed,
         }
         write_report(report, stage)

@@ -1,5 +1,6 @@
 """The accuracy / size / latency frontier: one full run per (method, ratio or budget) point, a table,
-and plots of the task metric against kept parameters and against latency per execution provider."""
+and plots of the task metric against kept parameters and against latency per execution provider.
+The sweep folder is one staged output: it appears whole when every point has run, or not at all."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ from typing import Optional
 
 from .errors import FwsvdError
 from .methods import get_method
-from .pipeline import output_folder, run
+from .outputs import resolve_output, staged_output
+from .pipeline import run
 from .recipe import load_recipe
 
 SWEEP_FILE = "sweep.json"
@@ -91,33 +93,30 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
 
 
 def sweep(recipe_path: str | Path, values: list[float], methods: list[str], output: Optional[Path] = None,
-          overrides: tuple[str, ...] = (), budget: bool = False, progress: bool = True) -> tuple[Path, list[dict]]:
-    """Run every (method, value) point; `values` are ratios, or budgets when `budget` is set."""
+          overrides: tuple[str, ...] = (), budget: bool = False, progress: bool = True
+          ) -> tuple[Path, list[dict], list[Path]]:
+    """Run every (method, value) point; `values` are ratios, or budgets when `budget` is set. Returns the
+    folder, the points and the plots (none without matplotlib)."""
     base = load_recipe(recipe_path, overrides)
     if not values or not methods:
         raise FwsvdError("a sweep needs at least one method and one ratio or budget")
     if not base.validation.latency.shapes:
         raise FwsvdError(f"{recipe_path}: a sweep plots latency, so 'validation.latency.shapes' must not be empty")
-    folder = output or base.resolve(base.export.output).with_name(base.resolve(base.export.output).name + "-sweep")
-    cache_name = ".statistics-cache"
-    if folder.exists() and any(p.name != cache_name for p in folder.iterdir()) and not (folder / SWEEP_FILE).exists():
-        raise FwsvdError(f"sweep folder {folder} exists and is not an earlier sweep; choose another with -o")
+    folder = resolve_output(output or base.resolve(base.export.output).with_name(base.resolve(base.export.output).name + "-sweep"))
     kind = "budget" if budget else "ratio"
-    cache = base.compression.cache_dir or str((folder / cache_name).resolve())
     names = [get_method(m).name for m in methods]  # unknown methods fail before any run
-    plan = []
-    for method in names:
-        for value in values:
-            recipe = load_recipe(recipe_path, [*overrides, f"compression.method={method}", f"compression.{kind}={value}",
-                                               f"compression.cache_dir={cache}"])
-            point_dir = folder / f"{method}-{kind}{value:g}"
-            output_folder(recipe, point_dir)
-            plan.append((method, value, recipe, point_dir))
-    folder.mkdir(parents=True, exist_ok=True)
-    points: list[dict] = []
-    (folder / SWEEP_FILE).write_text(json.dumps({"kind": kind, "points": points}))
-    for method, value, recipe, point_dir in plan:
-        points.append(_point(method, kind, value, run(recipe, point_dir, progress)))
-        (folder / SWEEP_FILE).write_text(json.dumps({"kind": kind, "points": points}, indent=2))
-    (folder / "sweep.md").write_text(_markdown(points, kind))
-    return folder, points
+    with staged_output(folder) as staged:
+        cache = base.compression.cache_dir or str(staged.path / ".statistics-cache")
+        plan = [(method, value, load_recipe(recipe_path, [*overrides, f"compression.method={method}",
+                                                          f"compression.{kind}={value}", f"compression.cache_dir={cache}"]))
+                for method in names for value in values]  # every point's recipe is checked before the first runs
+        points: list[dict] = []
+        for method, value, recipe in plan:
+            points.append(_point(method, kind, value, run(recipe, staged.path / f"{method}-{kind}{value:g}", progress)))
+            (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "points": points}, indent=2))
+        (staged.path / "sweep.md").write_text(_markdown(points, kind))
+        try:
+            plots = [folder / p.name for p in plot(points, staged.path)]
+        except ImportError:
+            plots = []
+    return folder, points, plots

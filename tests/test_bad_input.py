@@ -73,7 +73,7 @@ def test_an_existing_foreign_output_folder_is_never_replaced(tmp_path, classifie
     precious = tmp_path / "out"
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")
-    with pytest.raises(FwsvdError, match="not an earlier fwsvd-export run"):
+    with pytest.raises(FwsvdError, match="not an earlier fwsvd-export output"):
         run(load_recipe(write_recipe(tmp_path, classifier_recipe)), precious, progress=False)
     assert (precious / "thesis.tex").read_text() == "do not delete"
 
@@ -82,7 +82,7 @@ def test_a_folder_with_someone_elses_report_json_is_not_replaced(tmp_path, class
     precious = tmp_path / "out"
     precious.mkdir()
     (precious / "report.json").write_text('{"quarter": "Q3"}')
-    with pytest.raises(FwsvdError, match="not an earlier fwsvd-export run"):
+    with pytest.raises(FwsvdError, match="not an earlier fwsvd-export output"):
         run(load_recipe(write_recipe(tmp_path, classifier_recipe)), precious, progress=False)
     assert (precious / "report.json").read_text() == '{"quarter": "Q3"}'
 
