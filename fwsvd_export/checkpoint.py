@@ -13,18 +13,29 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from .errors import FwsvdError
-from .factorize import LowRankLinear
+from .factorize import LINEAR_TYPES, LowRankLinear, linear_weight
 from .compress import set_module
-from .models import DTYPES
-from .tasks import get_task
+from .models import DTYPES, short_message
+from .tasks import TASKS, get_task
 
 MANIFEST = "fwsvd_manifest.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+CHECKPOINT_HINT = ("a checkpoint is a folder written by `fwsvd-export compress` (or the compressed/ folder of a "
+                   "`fwsvd-export run` output)")
+LAYER_FIELDS = ("in_features", "rank", "out_features", "bias")
+
+# safetensors' dtype codes for the tensors a model state holds.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+Header = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, safetensors dtype code)
 
 
 def library_versions() -> dict[str, str]:
@@ -60,38 +71,165 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, folder: Path, task: str, 
     return folder
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise FwsvdError(f"{folder} is not an fwsvd-export checkpoint: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise FwsvdError(f"{path}: not valid JSON: {exc}") from None
+def _not_a_checkpoint(folder: Path) -> str:
+    """What the user pointed at instead of a checkpoint, and what to do about it."""
+    if not folder.exists():
+        return f"{folder} does not exist; {CHECKPOINT_HINT}"
+    if not folder.is_dir():
+        kind = "an ONNX file" if folder.suffix == ".onnx" else "a file"
+        return f"{folder} is {kind}, not a checkpoint: {CHECKPOINT_HINT}"
+    if (folder / "compressed" / MANIFEST).is_file():
+        return f"{folder} is a `fwsvd-export run` output folder, not a checkpoint: its checkpoint is {folder / 'compressed'}"
+    if any(folder.glob("*.onnx")):
+        return f"{folder} holds an ONNX export, not a checkpoint: {CHECKPOINT_HINT}"
+    if (folder / "config.json").is_file():
+        return (f"{folder} is a plain Hugging Face model folder (config.json but no {MANIFEST}), so it is not "
+                "compressed yet: run `fwsvd-export compress` first")
+    return f"{folder} is not an fwsvd-export checkpoint: {MANIFEST} is missing and so is config.json; {CHECKPOINT_HINT}"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_manifest(manifest: Any, path: Path) -> None:
+    """Every field `load` relies on, with its type, so that a hand-edited manifest fails here, not deep in torch."""
+    if not isinstance(manifest, dict):
+        raise FwsvdError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
     missing = [k for k in ("format", "task", "dtype", "factorized") if k not in manifest]
     if missing:
         raise FwsvdError(f"{path}: incomplete manifest, missing {', '.join(missing)}")
-    if manifest.get("format") != FORMAT_VERSION:
-        raise FwsvdError(f"{path}: checkpoint format {manifest.get('format')} is not supported (expected {FORMAT_VERSION})")
+    if manifest["format"] != FORMAT_VERSION:
+        raise FwsvdError(f"{path}: checkpoint format {json.dumps(manifest['format'])} is not supported "
+                         f"(expected {FORMAT_VERSION})")
+    if not isinstance(manifest["task"], str) or manifest["task"] not in TASKS:
+        raise FwsvdError(f"{path}: 'task' must be one of {', '.join(TASKS)}, got {json.dumps(manifest['task'])}")
+    if not isinstance(manifest["dtype"], str) or manifest["dtype"] not in DTYPES:
+        raise FwsvdError(f"{path}: 'dtype' must be one of {', '.join(DTYPES)}, got {json.dumps(manifest['dtype'])}")
+    factorized = manifest["factorized"]
+    if not isinstance(factorized, dict):
+        raise FwsvdError(f"{path}: 'factorized' must map layer names to their shapes, got {type(factorized).__name__}")
+    for name, shape in factorized.items():
+        where = f"{path}: factorized layer '{name}'"
+        if not isinstance(shape, dict):
+            raise FwsvdError(f"{where} must map {', '.join(LAYER_FIELDS)} to values, got {json.dumps(shape)}")
+        absent = [k for k in LAYER_FIELDS if k not in shape]
+        if absent:
+            raise FwsvdError(f"{where} has no {', '.join(repr(k) for k in absent)}")
+        for key in ("in_features", "rank", "out_features"):
+            if not _is_count(shape[key]):
+                raise FwsvdError(f"{where}: '{key}' must be a positive integer, got {json.dumps(shape[key])}")
+        if not isinstance(shape["bias"], bool):
+            raise FwsvdError(f"{where}: 'bias' must be true or false, got {json.dumps(shape['bias'])}")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The checkpoint's manifest, checked field by field; a clear error for anything that is not a checkpoint."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise FwsvdError(_not_a_checkpoint(folder))
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as exc:
+        raise FwsvdError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise FwsvdError(f"{path}: not valid JSON: {exc}") from None
+    _check_manifest(manifest, path)
     return manifest
 
 
+def _read_header(weights: Path) -> Header:
+    """Shape and safetensors dtype code of every tensor in the weights file, without loading any."""
+    if not weights.is_file():
+        raise FwsvdError(f"{weights} is missing: the checkpoint is incomplete (its weights were not written or were "
+                         "removed)")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise FwsvdError(f"{weights} cannot be read as safetensors (damaged or truncated?): {exc}") from None
+
+
+def _check_layers(model: PreTrainedModel, factorized: dict[str, dict[str, Any]], path: Path) -> None:
+    """Each factorized name must be a Linear-like layer of the model config.json builds, of the manifest's shape."""
+    for name, shape in factorized.items():
+        where = f"{path}: factorized layer '{name}'"
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise FwsvdError(f"{where} does not exist in the {model.config.model_type} model that config.json "
+                             "builds") from None
+        if not isinstance(module, LINEAR_TYPES):
+            raise FwsvdError(f"{where} is a {type(module).__name__} in the model, not a Linear layer")
+        out_features, in_features = linear_weight(module).shape
+        if (shape["in_features"], shape["out_features"]) != (in_features, out_features):
+            raise FwsvdError(f"{where}: 'in_features' {shape['in_features']} and 'out_features' {shape['out_features']} "
+                             f"do not match the model's layer ({in_features} in, {out_features} out)")
+
+
+def _check_factors(tensors: Header, factorized: dict[str, dict[str, Any]], path: Path, weights: Path) -> None:
+    """The stored factors must have the manifest's shapes, as LowRankLinear holds them: first (rank, in),
+    second (out, rank)."""
+    for name, shape in factorized.items():
+        rank, in_features, out_features = shape["rank"], shape["in_features"], shape["out_features"]
+        expected = {f"{name}.first.weight": (rank, in_features), f"{name}.second.weight": (out_features, rank)}
+        if shape["bias"]:
+            expected[f"{name}.second.bias"] = (out_features,)
+        elif f"{name}.second.bias" in tensors:
+            raise FwsvdError(f"{weights} does not match {path}: it holds '{name}.second.bias' but the manifest says "
+                             f"'bias' false for layer '{name}'")
+        for tensor, wanted in expected.items():
+            if tensor not in tensors:
+                raise FwsvdError(f"{weights} does not match {path}: layer '{name}' needs tensor '{tensor}', which "
+                                 "the file lacks")
+            if tensors[tensor][0] != wanted:
+                raise FwsvdError(f"{weights} does not match {path}: '{tensor}' has shape {list(tensors[tensor][0])}, but "
+                                 f"layer '{name}' (rank {rank}, in_features {in_features}, out_features {out_features}) "
+                                 f"needs {list(wanted)}")
+
+
+def _check_dtypes(model: PreTrainedModel, tensors: Header, dtype: str, path: Path, weights: Path) -> None:
+    """Each stored tensor must have the dtype the rebuilt model holds it in: loading casts silently, so a manifest
+    whose dtype was edited would otherwise rebuild a different model from the same weights."""
+    state = model.state_dict()
+    wrong = [(name, code) for name, (_, code) in tensors.items()
+             if name in state and SAFETENSORS_DTYPES.get(code) != state[name].dtype]
+    if wrong:
+        name, code = wrong[0]
+        found = str(SAFETENSORS_DTYPES.get(code, code)).removeprefix("torch.")
+        raise FwsvdError(f"{weights} does not match {path}: 'dtype' is '{dtype}' but {len(wrong)} of {len(tensors)} "
+                         f"tensors are stored otherwise, e.g. '{name}' as {found}")
+
+
 def load(folder: str | Path, with_tokenizer: bool = False):
-    """Rebuild a compressed model from its checkpoint folder (and its tokenizer, if asked)."""
+    """Rebuild a compressed model from its checkpoint folder (and its tokenizer, if asked), after checking that
+    the manifest, config.json and model.safetensors agree with each other."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    task = get_task(manifest["task"])
-    config = AutoConfig.from_pretrained(folder)
-    model = task.auto_class.from_config(config, dtype=DTYPES[manifest["dtype"]])
-    for name, shape in manifest["factorized"].items():
-        set_module(model, name, LowRankLinear(shape["in_features"], shape["rank"], shape["out_features"],
-                                              bias=shape["bias"], dtype=DTYPES[manifest["dtype"]]))
+    path, weights = folder / MANIFEST, folder / WEIGHTS
+    dtype = DTYPES[manifest["dtype"]]
+    tensors = _read_header(weights)
     try:
-        load_model(model, str(folder / WEIGHTS), strict=True)
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise FwsvdError(f"{folder / 'config.json'}: {short_message(exc)}") from None
+    model = get_task(manifest["task"]).auto_class.from_config(config, dtype=dtype)
+    factorized = manifest["factorized"]
+    _check_layers(model, factorized, path)
+    _check_factors(tensors, factorized, path, weights)
+    for name, shape in factorized.items():
+        set_module(model, name, LowRankLinear(shape["in_features"], shape["rank"], shape["out_features"],
+                                              bias=shape["bias"], dtype=dtype))
+    _check_dtypes(model, tensors, manifest["dtype"], path, weights)
+    try:
+        load_model(model, str(weights), strict=True)
     except RuntimeError as exc:
-        raise FwsvdError(f"{folder / WEIGHTS} does not match {MANIFEST}: {exc}") from None
+        raise FwsvdError(f"{weights} does not match {path}: {exc}") from None
     model.eval()
     if with_tokenizer:
-        return model, AutoTokenizer.from_pretrained(folder)
+        try:
+            return model, AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise FwsvdError(f"{folder}: the tokenizer files cannot be loaded: {short_message(exc)}") from None
     return model
-

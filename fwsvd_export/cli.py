@@ -133,7 +133,7 @@ def compress_command(recipe: Path, output: Path, overrides: tuple[str, ...], qui
 
 
 @main.command("export")
-@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="ONNX folder.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's recommended one).")
 @click.option("--no-past", is_flag=True, help="Decoders: export without the key/value cache.")

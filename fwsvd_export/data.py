@@ -1,11 +1,14 @@
 """Calibration and evaluation records: local JSONL/CSV/plain-text files, or a `datasets` hub dataset.
 
-A record is a plain dict of column -> value. Which columns must exist depends on the task; the check
-happens here, before any model work, so a typo in a column name fails in seconds with the file named.
+A record is a dict of column -> value that also knows where it came from. Which columns must exist
+depends on the task; the check happens here, before any model work, so a typo in a column name fails in
+seconds with the file named.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import random
 from pathlib import Path
@@ -14,7 +17,14 @@ from typing import Any
 from .errors import FwsvdError
 from .recipe import DataSource, Recipe
 
-Record = dict[str, Any]
+
+class Record(dict[str, Any]):
+    """A row of column -> value that remembers its origin (`file:line`, or a hub dataset row), so an
+    error about a value found later (e.g. an unknown label) can point the user at the line to fix."""
+
+    def __init__(self, values: dict[str, Any], where: str) -> None:
+        super().__init__(values)
+        self.where = where
 
 
 def _detect_format(path: Path, declared: str) -> str:
@@ -30,25 +40,55 @@ def _detect_format(path: Path, declared: str) -> str:
     raise FwsvdError(f"{path}: cannot tell the format from the extension '{suffix}'; set 'format' (jsonl, csv, text)")
 
 
-def _read_file(path: Path, fmt: str, text_column: str) -> list[Record]:
-    if fmt == "text":
-        return [{text_column: line.rstrip("\n")} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if fmt == "csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-            return list(csv.DictReader(handle, dialect=dialect))
+def _decode(path: Path, origin: str) -> str:
+    """The file's text without a byte-order mark (Excel writes one; it would join the first column's
+    name). Decoded whole, so a bad byte is reported on its true line (chunked reads lose the position)."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise FwsvdError(f"{path}:{line}: not UTF-8 text ({exc.reason}); from '{origin}'") from None
+
+
+def _read_csv(path: Path, text: str) -> list[Record]:
+    """Rows keyed by the header. A row with more or fewer fields than the header is refused here, with
+    its line: `csv.DictReader` would file the extras under the key None, or fill the gaps with None."""
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FwsvdError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise FwsvdError(f"{path}:{number}: each line must be a JSON object")
-            records.append(record)
+    reader = csv.DictReader(io.StringIO(text, newline=""), dialect="excel-tab" if path.suffix.lower() == ".tsv" else "excel")
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        header = len(reader.fieldnames)
+        if None in row:
+            raise FwsvdError(f"{where}: the row has {header + len(row[None])} fields, more than the header's {header}"
+                             " (an unquoted delimiter inside a value?)")
+        missing = [column for column, value in row.items() if value is None]
+        if missing:
+            raise FwsvdError(f"{where}: the row has {header - len(missing)} fields but the header has {header};"
+                             f" no value for column {', '.join(repr(c) for c in missing)}")
+        records.append(Record(row, where))
+    return records
+
+
+def _read_file(path: Path, fmt: str, text_column: str, origin: str) -> list[Record]:
+    text = _decode(path, origin)
+    if fmt == "csv":
+        return _read_csv(path, text)
+    records = []
+    for number, line in enumerate(io.StringIO(text, newline=None), 1):  # \n, \r\n or \r ends a line
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if fmt == "text":
+            records.append(Record({text_column: line.rstrip("\n")}, where))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FwsvdError(f"{where}: not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict):
+            raise FwsvdError(f"{where}: each line must be a JSON object")
+        records.append(Record(record, where))
     return records
 
 
@@ -61,7 +101,8 @@ def _read_hub(source: DataSource) -> list[Record]:
         table = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
     except Exception as exc:  # network, auth, unknown name: all surface as one clear message
         raise FwsvdError(f"could not load dataset '{source.dataset}' (split {source.split}): {exc}") from None
-    return [dict(row) for row in table]
+    # Row numbers are the dataset's own indices (table[17]), so the user can look a row up directly.
+    return [Record(row, f"dataset {source.dataset}[{source.split}] row {index}") for index, row in enumerate(table)]
 
 
 def load_records(recipe: Recipe, role: str, required: list[str], skip_empty: bool = False) -> list[Record]:
@@ -73,10 +114,7 @@ def load_records(recipe: Recipe, role: str, required: list[str], skip_empty: boo
         path = recipe.resolve(source.path)
         if not path.is_file():
             raise FwsvdError(f"{recipe.source}: '{where}.path' points to a missing file: {path}")
-        try:
-            records = _read_file(path, _detect_format(path, source.format), source.text_column)
-        except UnicodeDecodeError as exc:
-            raise FwsvdError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); from '{where}'") from None
+        records = _read_file(path, _detect_format(path, source.format), source.text_column, where)
         label = str(path)
     else:
         records = _read_hub(source)
@@ -89,10 +127,10 @@ def load_records(recipe: Recipe, role: str, required: list[str], skip_empty: boo
             raise FwsvdError(f"{label}: no column '{column}' (from '{where}'); columns are: {', '.join(columns)}")
     if skip_empty:  # running text (e.g. WikiText) has blank lines between paragraphs
         records = [r for r in records if all(str(r.get(c) or "").strip() for c in required)]
-    for index, record in enumerate(records):
+    for record in records:
         for column in required:
             if record.get(column) in (None, ""):
-                raise FwsvdError(f"{label}: record {index + 1} has no value in column '{column}'")
+                raise FwsvdError(f"{record.where}: no value in column '{column}' (from '{where}')")
     if not records:
         raise FwsvdError(f"{label}: every record is empty in {', '.join(required)} (from '{where}')")
     if source.max_samples is not None and len(records) > source.max_samples:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -14,6 +16,44 @@ from .recipe import ModelSpec, Recipe
 from .tasks import get_task
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# transformers can explain a bad config with a list of every model type it knows (about 5 KB).
+MESSAGE_LIMIT = 300
+
+
+def short_message(exc: BaseException) -> str:
+    """The first line of an error from a library, at most MESSAGE_LIMIT characters, for one-line reports."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else type(exc).__name__
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 4].rstrip() + " ..."
+
+
+def is_local_path(location: str) -> bool:
+    """Whether `location` means a path on disk rather than a hub id. Hub ids are `name` or `org/name`: one
+    '/' at most, never starting with '.' or '~', never absolute. So a location is local when it exists, or
+    starts with '.' or '~', or is absolute, or holds two or more path separators; a bare `org/name` that
+    does not exist here is a hub id."""
+    separators = location.count("/") + (location.count(os.sep) if os.sep != "/" else 0)
+    return (os.path.exists(os.path.expanduser(location)) or location.startswith((".", "~"))
+            or Path(location).is_absolute() or separators >= 2)
+
+
+def check_local_model(location: str) -> str:
+    """The expanded path of a local model folder, or a clear error before transformers mistakes a missing
+    folder or a file for a malformed hub id."""
+    from .checkpoint import MANIFEST  # here: checkpoint imports this module
+
+    path = Path(os.path.expanduser(location))
+    if not path.exists():
+        raise FwsvdError(f"no such model folder: {location}")
+    if not path.is_dir():
+        raise FwsvdError(f"{location} is a file; expected a model folder (config.json and weights) or a hub id")
+    if (path / MANIFEST).is_file():  # transformers would load it with random dense layers
+        raise FwsvdError(f"{location} is a compressed fwsvd-export checkpoint, not a dense model: load it with "
+                         "fwsvd_export.load (or `fwsvd-export inspect`), or compress its source model instead")
+    if not (path / "config.json").is_file():
+        raise FwsvdError(f"{location} has no config.json; expected a model folder (config.json and weights) or a hub id")
+    return str(path)
 
 
 def model_location(recipe: Recipe) -> str:
@@ -41,14 +81,15 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
     """The model in eval mode and its tokenizer, from a local folder or a hub id; `placement` holds
     accelerate's from_pretrained arguments (device_map, max_memory, offload_folder), if any."""
     task = get_task(task_name)
+    source = check_local_model(location) if is_local_path(location) else location
     kwargs = {"revision": revision} if revision else {}
     try:
-        model = task.auto_class.from_pretrained(location, dtype=DTYPES[dtype], **kwargs, **(placement or {}))
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = task.auto_class.from_pretrained(source, dtype=DTYPES[dtype], **kwargs, **(placement or {}))
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         hint = ("; with this placement the model may fit on no device at all (raise model.max_memory)"
                 if placement else "")
-        raise FwsvdError(f"could not load model '{location}' for {task.name}: {exc}{hint}") from None
+        raise FwsvdError(f"could not load model '{location}' for {task.name}: {short_message(exc)}{hint}") from None
     if tokenizer.pad_token is None:  # causal LMs often ship without one
         if tokenizer.eos_token is None and tokenizer.unk_token is None:
             raise FwsvdError(f"the tokenizer of '{location}' has no pad, EOS or unknown token to pad batches with")

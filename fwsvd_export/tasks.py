@@ -70,16 +70,22 @@ def _cls_columns(source: DataSource, calibration: bool) -> list[str]:
     return [c for c in (source.text_column, source.text_pair_column, source.label_column) if c]
 
 
-def _label_id(value, config) -> int:
+def _label_id(record: Record, column: str, config) -> int:
+    """The class index of the record's label (an index, or a name from the model's label2id)."""
+    value = record[column]
+    # Records read by data.py know their file:line; ones built in code (tests, benchmarks) are plain dicts.
+    where = getattr(record, "where", "a record")
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < config.num_labels:
-            raise FwsvdError(f"label {value} is outside the model's {config.num_labels} classes")
+            raise FwsvdError(f"{where}: label {value} in column '{column}' is outside the model's {config.num_labels} classes"
+                             f" (0..{config.num_labels - 1})")
         return value
     label2id = {str(k): v for k, v in (config.label2id or {}).items()}
     if str(value) not in label2id:
-        raise FwsvdError(f"label {value!r} is not one of the model's labels: {', '.join(label2id)}")
+        raise FwsvdError(f"{where}: label {value!r} in column '{column}' is not one of the model's labels:"
+                         f" {', '.join(sorted(label2id, key=label2id.get))}")
     return int(label2id[str(value)])
 
 
@@ -89,7 +95,7 @@ def _cls_batches(records, source, tokenizer, max_length, batch_size, calibration
         texts = [str(r[source.text_column]) for r in chunk]
         pairs = [str(r[source.text_pair_column]) for r in chunk] if source.text_pair_column else None
         inputs = _encode(tokenizer, texts, pairs, max_length)
-        labels = torch.tensor([_label_id(r[source.label_column], config) for r in chunk])
+        labels = torch.tensor([_label_id(r, source.label_column, config) for r in chunk])
         batches.append(Batch(inputs, inputs["attention_mask"].bool(), labels))
     return batches
 
@@ -113,8 +119,20 @@ def _emb_columns(source: DataSource, calibration: bool) -> list[str]:
 
 
 def _emb_batches(records, source, tokenizer, max_length, batch_size, calibration, config) -> list[Batch]:
+    """Calibration batches must hold at least 2 pairs: with one, the in-batch contrastive loss has no
+    negative, its gradient is exactly zero, and the Fisher weighting silently falls back to plain SVD."""
+    chunks = _chunks(records, batch_size)
+    if calibration:
+        if len(records) < 2:
+            raise FwsvdError("feature-extraction calibration needs at least 2 text pairs (in-batch negatives);"
+                             f" got {len(records)} from data.calibration")
+        if batch_size < 2:
+            raise FwsvdError("feature-extraction calibration needs data.batch_size >= 2 (in-batch negatives);"
+                             f" it is {batch_size}")
+        if len(chunks[-1]) == 1:  # a lone last pair would add nothing: let the previous batch take it
+            chunks[-2:] = [chunks[-2] + chunks[-1]]
     batches = []
-    for chunk in _chunks(records, batch_size):
+    for chunk in chunks:
         texts = [str(r[source.text_column]) for r in chunk]
         groups = 1
         if source.text_pair_column:

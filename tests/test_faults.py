@@ -189,6 +189,11 @@ def test_a_full_disk_exits_3_and_keeps_the_earlier_run(tmp_path, earlier_run):
     assert snapshot(earlier_run) == before and leftovers(tmp_path) == []
 
 
+def _interruptible() -> None:
+    """A background shell (as in CI) starts children with SIGINT ignored; a user's terminal does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_run_leaves_the_earlier_run_intact_and_nothing_partial(tmp_path, classifier_recipe, earlier_run,
                                                                             signum, code):
@@ -196,7 +201,8 @@ def test_a_signal_mid_run_leaves_the_earlier_run_intact_and_nothing_partial(tmp_
     recipe = write_recipe(tmp_path, classifier_recipe, "long.yaml")
     before = snapshot(earlier_run)
     process = subprocess.Popen(_command("run", str(recipe), "-o", str(earlier_run), "--quiet"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_interruptible)
     deadline = time.monotonic() + 120
     while not any((p / "compressed").is_dir() for p in tmp_path.glob(".out.partial-*")):  # well into the run
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
