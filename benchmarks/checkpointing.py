@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fwsvd_export.compress import linear_layers
-from fwsvd_export.fisher import collect_statistics
-from fwsvd_export.tasks import TASKS, Batch
+from fwsvd_export.core.compress import linear_layers
+from fwsvd_export.core.statistics import collect_statistics
+from fwsvd_export.stages.tasks import TASKS, Batch
 from measure import MEMORY_ENV, extra_peak, plain_pass, rotated_timings, run_memory_worker
 
 TASK = TASKS["text-generation"]

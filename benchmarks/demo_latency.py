@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from fwsvd_export.compress import linear_layers
+from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import load_recipe
 

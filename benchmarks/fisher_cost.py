@@ -40,10 +40,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fwsvd_export.compress import linear_layers
-from fwsvd_export.fisher import collect_statistics
+from fwsvd_export.core.compress import linear_layers
+from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.recipe import DataSource
-from fwsvd_export.tasks import TASKS, Batch
+from fwsvd_export.stages.tasks import TASKS, Batch
 from measure import extra_peak, plain_pass, run_memory_worker
 
 ROOT = Path(__file__).resolve().parents[1]

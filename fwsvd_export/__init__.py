@@ -5,14 +5,11 @@ Python API in one breath::
     from fwsvd_export import CompressionSpec, compress_, load
     result = compress_(model, CompressionSpec(method="fwsvd", ratio=0.5), calibration_batches, task.loss)
 """
-from .checkpoint import load, save_checkpoint
-from .compress import CompressionResult, compress_, plan_layers
+from .core import METHODS, CompressionResult, CompressionSpec, LowRankLinear, collect_statistics, compress_, factorize, plan_layers
 from .errors import FwsvdError
-from .factorize import LowRankLinear, factorize
-from .fisher import collect_statistics
-from .methods import METHODS
 from .pipeline import run
-from .recipe import CompressionSpec, Recipe, load_recipe
+from .recipe import Recipe, load_recipe
+from .stages.checkpoint import load, save_checkpoint
 
 __all__ = ["CompressionResult", "CompressionSpec", "FwsvdError", "LowRankLinear", "METHODS", "Recipe",
            "collect_statistics", "compress_", "factorize", "load", "load_recipe", "plan_layers", "run", "save_checkpoint"]

@@ -20,6 +20,7 @@ from typing import Callable
 import click
 
 from .errors import FwsvdError
+from .stages.tasks import TASKS
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGNAL = 1, 2, 3, 128
 _MACHINE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM, errno.EROFS}
@@ -140,15 +141,15 @@ def compress_command(recipe: Path, output: Path, overrides: tuple[str, ...], qui
 @guarded
 def export_command(checkpoint: Path, output: Path, opset: int | None, no_past: bool) -> None:
     """Export a compressed CHECKPOINT to ONNX and check that each factorized layer is two MatMuls."""
-    from .checkpoint import load, read_manifest
-    from .export import export_onnx, inspect_graph
-    from .outputs import staged_output
+    from .stages.checkpoint import load, read_manifest
+    from .stages.export import export_onnx, inspect_graph
+    from .stages.outputs import staged_output
+    from .stages.tasks import get_task
 
     task = read_manifest(checkpoint)["task"]
     with staged_output(output) as staged:
         model, tokenizer = load(checkpoint, with_tokenizer=True)
-        onnx_task = task + ("-with-past" if task == "text-generation" and not no_past else "")
-        path = export_onnx(model, tokenizer, staged.path, onnx_task, opset)
+        path = export_onnx(model, tokenizer, staged.path, get_task(task).onnx_task(not no_past), opset)
         graph = inspect_graph(path, model)
     click.echo(f"{output / path.name}: {graph['split_matmul_pairs_found']} of {graph['factorized_layers']} factorized "
                f"layers are two matrix multiplies ({graph['matmul_nodes']} MatMul, {graph['gemm_nodes']} Gemm nodes)")
@@ -195,15 +196,15 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
 @main.command("inspect")
 @click.argument("model")
 @click.option("--task", default="feature-extraction", show_default=True,
-              type=click.Choice(["text-classification", "feature-extraction", "text-generation"]))
+              type=click.Choice(list(TASKS)))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
 def inspect_command(model: str, task: str, as_json: bool) -> None:
     """List MODEL's Linear layers (a folder, hub id, or checkpoint), their shapes and break-even ranks."""
-    from .compress import linear_layers
-    from .factorize import LowRankLinear, break_even_rank, linear_weight
-    from .models import load_pretrained
-    from .checkpoint import MANIFEST, load
+    from .core.factorize import LowRankLinear, break_even_rank, linear_weight
+    from .core.modules import linear_layers
+    from .stages.checkpoint import MANIFEST, load
+    from .stages.models import load_pretrained
 
     loaded = load(model) if (Path(model) / MANIFEST).is_file() else load_pretrained(model, task)[0]
     rows = []
@@ -228,7 +229,7 @@ def inspect_command(model: str, task: str, as_json: bool) -> None:
 @guarded
 def methods_command() -> None:
     """List the compression methods and the calibration statistics each needs."""
-    from .methods import METHODS
+    from .core.methods import METHODS
 
     for m in METHODS.values():
         click.echo(f"{m.name:<8} {m.summary} (statistics: {', '.join(sorted(m.needs)) or 'none'})")

@@ -15,18 +15,17 @@ from typing import Optional
 
 from torch import nn
 
-from .checkpoint import library_versions, save_checkpoint
-from .compress import compress_
-from .data import load_records
-from .export import ONNX_FILE, export_onnx, inspect_graph
-from .finetune import finetune_
-from .methods import get_method
-from .models import load_for_statistics, load_model
-from .outputs import resolve_output, staged_output
+from .core import Batch, compress_, get_method
 from .recipe import Recipe
-from .report import write_report
-from .tasks import Batch, get_task
-from .validate import Check, validate
+from .stages.checkpoint import library_versions, save_checkpoint
+from .stages.data import load_records
+from .stages.export import ONNX_FILE, export_onnx, inspect_graph
+from .stages.finetune import finetune_
+from .stages.models import load_for_statistics, load_model
+from .stages.outputs import resolve_output, staged_output
+from .stages.report import write_report
+from .stages.tasks import get_task
+from .stages.validate import Check, validate
 
 
 
@@ -48,14 +47,14 @@ def output_path(recipe: Recipe, output: Optional[str | Path]) -> Path:
 def _batches(recipe: Recipe, tokenizer, config, role: str) -> list[Batch]:
     task = get_task(recipe.model.task)
     source = getattr(recipe.data, role)
-    records = load_records(recipe, role, task.columns(source, role == "calibration"), skip_empty=task.name == "text-generation")
+    records = load_records(recipe, role, task.columns(source, role == "calibration"), skip_empty=task.skip_empty)
     return task.make_batches(records, source, tokenizer, recipe.data.max_length, recipe.data.batch_size,
                              role == "calibration", config)
 
 
 def _prompts(recipe: Recipe, tokenizer, evaluation: list[Batch]) -> list:
     """Prompts for the greedy-generation check: the recipe's, else the openings of two held-out windows."""
-    if recipe.model.task != "text-generation":
+    if not get_task(recipe.model.task).generates:
         return []
     if recipe.validation.prompts:
         return [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in recipe.validation.prompts]
@@ -148,7 +147,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
         compression = result.to_dict()
         save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, compression, recipe.to_dict(), location)
         lap("checkpoint")
-        onnx_task = task.name + ("-with-past" if task.name == "text-generation" and recipe.export.with_past else "")
+        onnx_task = task.onnx_task(recipe.export.with_past)
         dense_onnx = export_onnx(model, tokenizer, stage / "onnx" / "dense", onnx_task, recipe.export.opset)
         small_onnx = export_onnx(compressed, tokenizer, stage / "onnx" / "compressed", onnx_task, recipe.export.opset)
         graph = {"dense": inspect_graph(dense_onnx, model), "compressed": inspect_graph(small_onnx, compressed)}

@@ -6,6 +6,7 @@ silently fall back to a default and compress the wrong thing. Every error names 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -16,9 +17,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import FwsvdError
+from .core.spec import CompressionSpec, LayerOverride
+from .errors import FwsvdError, SpecError
+from .stages.tasks import TASKS
 
-Task = Literal["text-classification", "feature-extraction", "text-generation"]
+# Allowed values come from the registries (methods: checked by CompressionSpec): a new task needs no edit here.
+Task = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -60,32 +64,6 @@ class DataSpec:
     max_length: int = 128
     batch_size: int = 16
     seed: int = 0
-
-
-@dataclass
-class LayerOverride:
-    ratio: Optional[float] = None
-    rank: Optional[int] = None
-
-
-@dataclass
-class CompressionSpec:
-    """Which Linear layers to factorize, how to weight them, and how far to cut them."""
-
-    method: str = "kfac"  # the strongest in BENCHMARKS.md; "fwsvd" is the paper's method
-    target: Optional[list[str]] = None  # None: the model family's attention and MLP projections
-    exclude: list[str] = field(default_factory=list)
-    ratio: Optional[float] = 0.5  # uniform: kept fraction of each layer's weights
-    rank: Optional[int] = None  # uniform: one fixed rank
-    budget: Optional[float] = None  # global allocation: kept fraction of the budget_scope's parameters
-    budget_scope: Literal["targeted", "model"] = "targeted"
-    rank_multiple: int = 1  # round ranks down to a multiple of this (8, 16, 32 suit fast GEMMs)
-    overrides: dict[str, LayerOverride] = field(default_factory=dict)
-    damping: float = 1e-2
-    max_gram_size: int = 8192  # a Gram side larger than this is gathered as its diagonal only
-    memory_budget_gb: Optional[float] = None  # statistics memory; over it, layers are gathered in several passes
-    gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, more time
-    cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
 
 
 @dataclass
@@ -155,6 +133,7 @@ class Recipe:
 
 
 _INTERNAL = {"source", "base_dir"}
+_CUTS = ("ratio", "rank", "budget")  # how far to cut: one of them
 
 
 def _type_name(tp: Any) -> str:
@@ -184,7 +163,8 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
     """Check `value` against the annotation `tp`; `where` is the dotted key for error messages."""
 
     def fail() -> FwsvdError:
-        return FwsvdError(f"{origin}: '{where}' must be {_type_name(tp)}, got {value!r}")
+        kind = "a finite number" if tp is float else _type_name(tp)
+        return FwsvdError(f"{origin}: '{where}' must be {kind}, got {value!r}")
 
     if _is_optional(tp):
         return None if value is None else _convert(value, _strip_optional(tp), where, origin)
@@ -215,7 +195,7 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
             raise fail()
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise fail()
         return float(value)
     if tp is str:
@@ -241,7 +221,11 @@ def _build(cls: type, mapping: dict[str, Any], where: str, origin: str) -> Any:
             kwargs[f.name] = _convert(mapping[f.name], hints[f.name], place, origin)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise FwsvdError(f"{origin}: missing required key '{place}'")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)  # core specs check their own fields
+    except SpecError as exc:
+        place = f"{where}.{exc.key}" if where else exc.key
+        raise FwsvdError(f"{origin}: '{place}' {exc.problem}") from None
 
 
 def apply_override(data: dict[str, Any], assignment: str, origin: str = "--set") -> None:
@@ -277,32 +261,17 @@ def _check(recipe: Recipe, origin: str) -> None:
             raise FwsvdError(f"{origin}: 'data.{name}.max_samples' must be at least 1")
     if (recipe.model.max_memory or recipe.model.offload_folder) and recipe.model.device_map is None:
         raise FwsvdError(f"{origin}: 'model.max_memory' and 'model.offload_folder' only apply with 'model.device_map'")
-    comp = recipe.compression
-    if comp.budget is not None:
-        if comp.rank is not None or comp.ratio is not None:
-            raise FwsvdError(f"{origin}: 'compression' sets budget together with ratio or rank; keep one")
-        if not 0 < comp.budget <= 1:
-            raise FwsvdError(f"{origin}: 'compression.budget' must be in (0, 1], got {comp.budget}")
-    else:
-        _check_cut(comp.ratio, comp.rank, "compression", origin)
-    if comp.rank_multiple < 1 or comp.max_gram_size < 1:
-        raise FwsvdError(f"{origin}: 'compression.rank_multiple' and 'compression.max_gram_size' must be at least 1")
-    for pattern, override in comp.overrides.items():
-        _check_regex(pattern, f"compression.overrides.{pattern}", origin)
-        _check_cut(override.ratio, override.rank, f"compression.overrides.{pattern}", origin)
-    for i, pattern in enumerate(comp.target or []):
-        _check_regex(pattern, f"compression.target[{i}]", origin)
-    for i, pattern in enumerate(comp.exclude):
-        _check_regex(pattern, f"compression.exclude[{i}]", origin)
     for i, shape in enumerate(recipe.validation.latency.shapes):
         if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", shape):
             raise FwsvdError(f"{origin}: 'validation.latency.shapes[{i}]' must look like BATCHxSEQUENCE, got {shape!r}")
+    if recipe.data.batch_size < 1 or recipe.data.max_length < 2:
+        raise FwsvdError(f"{origin}: 'data.batch_size' must be >= 1 and 'data.max_length' >= 2")
+    if not recipe.validation.providers:
+        raise FwsvdError(f"{origin}: 'validation.providers' is empty; a run must validate on at least one provider")
     for name in ("calibration", "evaluation"):
         stride = getattr(recipe.data, name).stride
         if stride is not None and not 1 <= stride <= recipe.data.max_length:
             raise FwsvdError(f"{origin}: 'data.{name}.stride' must be between 1 and data.max_length ({recipe.data.max_length})")
-    if comp.damping <= 0:
-        raise FwsvdError(f"{origin}: 'compression.damping' must be > 0 (it keeps weights invertible), got {comp.damping}")
     lat = recipe.validation.latency
     if lat.runs < 1 or lat.warmup < 0 or recipe.validation.parity_batches < 1 or recipe.validation.generation_tokens < 1:
         raise FwsvdError(f"{origin}: 'validation.latency.runs', 'parity_batches' and 'generation_tokens' must be >= 1, "
@@ -311,36 +280,16 @@ def _check(recipe: Recipe, origin: str) -> None:
         raise FwsvdError(f"{origin}: 'validation.prompts' holds an empty prompt")
     if recipe.finetune.epochs < 0 or recipe.finetune.learning_rate <= 0:
         raise FwsvdError(f"{origin}: 'finetune.epochs' must be >= 0 and 'finetune.learning_rate' > 0")
-    if recipe.data.batch_size < 1 or recipe.data.max_length < 2:
-        raise FwsvdError(f"{origin}: 'data.batch_size' must be >= 1 and 'data.max_length' >= 2")
-
-
-def _check_cut(ratio: Optional[float], rank: Optional[int], where: str, origin: str) -> None:
-    if ratio is not None and rank is not None:
-        raise FwsvdError(f"{origin}: '{where}' sets both ratio and rank; keep one")
-    if ratio is None and rank is None:
-        raise FwsvdError(f"{origin}: '{where}' needs a ratio or a rank")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise FwsvdError(f"{origin}: '{where}.ratio' must be in (0, 1], got {ratio}")
-    if rank is not None and rank < 1:
-        raise FwsvdError(f"{origin}: '{where}.rank' must be at least 1, got {rank}")
-
-
-def _check_regex(pattern: str, where: str, origin: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise FwsvdError(f"{origin}: '{where}' is not a valid regular expression: {exc}") from None
 
 
 def parse_recipe(data: dict[str, Any], origin: str = "<recipe>", base_dir: str | Path = ".") -> Recipe:
     """Build a checked Recipe from an already-loaded mapping."""
     if not isinstance(data, dict):
         raise FwsvdError(f"{origin}: a recipe must be a YAML mapping at the top level")
-    # A recipe that names a rank or budget does not also get the default ratio.
     comp = data.get("compression")
-    if isinstance(comp, dict) and "ratio" not in comp and (comp.get("rank") is not None or comp.get("budget") is not None):
-        comp["ratio"] = None
+    if isinstance(comp, dict) and any(k in comp for k in _CUTS) and all(comp.get(k) is None for k in _CUTS):
+        raise FwsvdError(f"{origin}: 'compression' sets ratio, rank and budget all to null; it needs a ratio or a rank "
+                         "(or a budget)")
     recipe = _build(Recipe, data, "", origin)
     recipe.source = origin
     recipe.base_dir = str(base_dir)
@@ -361,12 +310,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise FwsvdError(f"{path}: not UTF-8 text: {exc}") from None
     if not isinstance(data, dict):
         raise FwsvdError(f"{path}: a recipe must be a YAML mapping at the top level")
-    cuts = ("ratio", "rank", "budget")
     for assignment in overrides:
         apply_override(data, assignment)
         key = assignment.split("=", 1)[0].strip()
-        if key.startswith("compression.") and key.split(".", 1)[1] in cuts:
-            for other in cuts:  # the command line's choice replaces the recipe's
+        if key.startswith("compression.") and key.split(".", 1)[1] in _CUTS:
+            for other in _CUTS:  # the command line's choice replaces the recipe's
                 if other != key.split(".", 1)[1]:
                     data["compression"][other] = None
     return parse_recipe(data, str(path), path.parent.resolve())

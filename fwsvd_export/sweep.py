@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import FwsvdError
-from .methods import get_method
-from .outputs import resolve_output, staged_output
+from .core import get_method
+from .stages.outputs import resolve_output, staged_output
 from .pipeline import run
 from .recipe import load_recipe
 

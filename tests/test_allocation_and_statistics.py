@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from fwsvd_export.allocate import Candidate, allocate_ranks
-from fwsvd_export.compress import compress_, factorized_layers
+from fwsvd_export.core.allocate import Candidate, allocate_ranks
+from fwsvd_export.core import compress_, factorized_layers
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.recipe import CompressionSpec, DataSource
-from fwsvd_export.tasks import TASKS
+from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences
 
@@ -61,9 +61,9 @@ def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
     assert len({p.rank for p in res.layers}) > 2  # ranks differ between layers
     assert all(p.allocate and "global allocation" in p.reason for p in res.layers)
     # Summed weighted truncation error (the loss estimate) is lower than with one ratio everywhere.
-    from fwsvd_export.compress import gather_statistics
-    from fwsvd_export.factorize import weighted_spectrum
-    from fwsvd_export.methods import METHODS
+    from fwsvd_export.core.compress import gather_statistics
+    from fwsvd_export.core.factorize import weighted_spectrum
+    from fwsvd_export.core.methods import METHODS
     layers = {p.name: bert.get_submodule(p.name) for p in res.layers}
     stats, _ = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, task.loss, False)
     total = {"uniform": 0.0, "global": 0.0}
@@ -92,7 +92,7 @@ def test_a_budget_too_small_for_one_rank_each_is_an_error(bert, batches):
 
 
 def test_layers_reading_one_input_share_one_input_gram(bert, batches):
-    from fwsvd_export.compress import gather_statistics
+    from fwsvd_export.core.compress import gather_statistics
     names = [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
     layers = {n: bert.get_submodule(n) for n in names}
     stats, _ = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches,
@@ -115,7 +115,7 @@ def test_wide_sides_fall_back_to_diagonal_and_the_report_says_so(bert, batches):
 
 
 def test_a_memory_budget_splits_the_pass_without_changing_the_statistics(bert, batches):
-    from fwsvd_export.compress import gather_statistics
+    from fwsvd_export.core.compress import gather_statistics
     layers = {n: m for n, m in bert.named_modules() if n.endswith("intermediate.dense") or n.endswith("output.dense")}
     loss = TASKS["text-classification"].loss
     one, info_one = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, loss, False)

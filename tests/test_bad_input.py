@@ -59,7 +59,7 @@ def test_invalid_regex(tmp_path, classifier_recipe):
 
 def test_unknown_method_lists_the_known_ones(tmp_path, classifier_recipe):
     classifier_recipe["compression"]["method"] = "magic"
-    fails(tmp_path, classifier_recipe, "unknown compression method 'magic'", "fwsvd", "kfac")
+    fails(tmp_path, classifier_recipe, "compression.method", "'magic'", "fwsvd", "kfac")
 
 
 def test_unknown_label_value(tmp_path, classifier_recipe, data_dir):

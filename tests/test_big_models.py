@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.models import load_for_statistics, model_location
+from fwsvd_export.stages.models import load_for_statistics, model_location
 from fwsvd_export.pipeline import compress_only
 from fwsvd_export.recipe import load_recipe
 

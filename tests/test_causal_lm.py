@@ -4,8 +4,8 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from fwsvd_export.compress import plan_layers
-from fwsvd_export.factorize import linear_weight
+from fwsvd_export.core.compress import plan_layers
+from fwsvd_export.core.factorize import linear_weight
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import CompressionSpec, load_recipe
 
@@ -90,7 +90,7 @@ def test_kv_cache_export_generates_in_onnx_runtime_like_pytorch(tmp_path, lm_rec
 def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_dir, tokenizer):
     from transformers import AutoModelForCausalLM
     from fwsvd_export.recipe import DataSource
-    from fwsvd_export.tasks import TASKS
+    from fwsvd_export.stages.tasks import TASKS
     from conftest import sentences
 
     task = TASKS["text-generation"]

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from fwsvd_export.cli import main
-from fwsvd_export.outputs import RUN_MARKER, STAGE_MARKER
+from fwsvd_export.stages.outputs import RUN_MARKER, STAGE_MARKER
 
 from conftest import write_recipe
 

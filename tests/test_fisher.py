@@ -3,11 +3,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from fwsvd_export.compress import linear_layers
+from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.fisher import collect_statistics
+from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.recipe import DataSource
-from fwsvd_export.tasks import TASKS, Batch
+from fwsvd_export.stages.tasks import TASKS, Batch
 
 from conftest import sentences
 

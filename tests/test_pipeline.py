@@ -9,7 +9,7 @@ import torch
 import fwsvd_export
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import load_recipe
-from fwsvd_export.validate import feeds
+from fwsvd_export.stages.validate import feeds
 
 from conftest import write_recipe
 

@@ -64,7 +64,7 @@ def test_a_budget_replaces_the_uniform_ratio(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, MINIMAL), ["compression.budget=0.4", "compression.rank_multiple=8"])
     assert recipe.compression.budget == 0.4 and recipe.compression.ratio is None and recipe.compression.rank_multiple == 8
     both = dict(MINIMAL, compression={"ratio": 0.5, "budget": 0.4})
-    with pytest.raises(FwsvdError, match="budget together with ratio"):
+    with pytest.raises(FwsvdError, match="budget' cannot be set together with ratio or rank"):
         load_recipe(write_recipe(tmp_path, both))
 
 

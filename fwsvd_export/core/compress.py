@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,15 +14,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import FwsvdError
+from ..errors import FwsvdError
 from . import stats_cache
 from .allocate import Candidate, allocate_ranks
-from .factorize import (LINEAR_TYPES, LowRankLinear, break_even_rank, linear_weight, low_rank_from_linear, pays_off,
-                        rank_for_ratio, weighted_spectrum)
-from .fisher import LayerStats, collect_statistics
+from .batch import Batch
+from .factorize import break_even_rank, linear_weight, low_rank_from_linear, pays_off, rank_for_ratio, weighted_spectrum
+from .families import family_of
 from .methods import get_method
-from .recipe import CompressionSpec
-from .tasks import Batch
+from .modules import linear_layers, set_module, tied_parameters
+from .spec import CompressionSpec
+from .statistics import LayerStats, collect_statistics
 
 
 @dataclass
@@ -68,36 +68,6 @@ class CompressionResult:
         return {"summary": self.summary(), "statistics": self.statistics, "layers": [asdict(p) for p in self.layers]}
 
 
-# Per model family, the layers worth factorizing: attention and MLP projections, never embeddings or heads.
-_DECODER = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-_ENCODER = r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)$"
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{family: [_ENCODER] for family in ("bert", "roberta", "xlm-roberta", "electra")},
-    "distilbert": [r"transformer\.layer\.\d+\.(attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.(lin1|lin2))$"],
-    "gpt2": [r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"],
-    **{family: [_DECODER] for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
-    "opt": [r"layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)$"],
-    "phi3": [r"layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))$"],
-}
-# For other families: every Linear but the task heads.
-HEADS = [r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler)(\.|$)"]
-
-
-def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(target, exclude) regexes for a model whose recipe names no target."""
-    family = getattr(getattr(model, "config", None), "model_type", None)
-    return (DEFAULT_TARGETS[family], []) if family in DEFAULT_TARGETS else ([r".*"], HEADS)
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LINEAR_TYPES)}
-
-
-def _tied(model: nn.Module) -> set[int]:
-    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    return {key for key, n in counts.items() if n > 1}
-
-
 def _uniform_rank(in_f: int, out_f: int, ratio: Optional[float], rank: Optional[int], multiple: int) -> int:
     if rank is None:
         rank = rank_for_ratio(in_f, out_f, ratio)
@@ -108,7 +78,8 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     """Decide each targeted layer's rank; raises when the plan cannot apply to this model.
     Under a budget, layers without an override get ``allocate=True`` and their rank later."""
     layers = linear_layers(model)
-    target, exclude = (spec.target, []) if spec.target is not None else default_targets(model)
+    family = family_of(model)
+    target, exclude = (spec.target, []) if spec.target is not None else (list(family.targets), list(family.exclude))
     exclude = exclude + spec.exclude
     chosen = {
         name: m for name, m in layers.items()
@@ -121,7 +92,7 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     for pattern in spec.overrides:
         if not any(re.search(pattern, name) for name in chosen):
             raise FwsvdError(f"compression.overrides key '{pattern}' matches no targeted layer")
-    tied = _tied(model)
+    tied = tied_parameters(model)
     plans = []
     for name, module in chosen.items():
         out_f, in_f = linear_weight(module).shape
@@ -153,11 +124,6 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
         else:
             plan.params_after = plan.rank * (in_f + out_f)
     return plans
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _stat_bytes(module: nn.Module, needs: set[str], max_gram_size: int) -> int:
@@ -284,6 +250,3 @@ def compress_(
     result.seconds["factorize"] = time.perf_counter() - start
     return result
 
-
-def factorized_layers(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}

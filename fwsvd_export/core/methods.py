@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from .errors import FwsvdError
+from ..errors import FwsvdError
 from .factorize import Side
-from .fisher import LayerStats
+from .statistics import LayerStats
 
 ASVD_ALPHA = 0.5
 

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from .generation import timed, greedy_ort, greedy_torch, prefill_and_decode
 from .ort_io import feeds, has_past
-from .recipe import ValidationSpec
-from .tasks import Batch, Task, metric_loss, run_torch
+from ..core.batch import Batch
+from ..recipe import ValidationSpec
+from .tasks import Task, metric_loss, run_torch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ort.set_default_logger_severity(4)  # a provider's failed start is detected and reported, not printed as an error

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .fisher import STATISTICS, LayerStats, link_shared_inputs
-from .tasks import Batch
+from .batch import Batch
+from .statistics import STATISTICS, LayerStats, link_shared_inputs
 
 
 def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:

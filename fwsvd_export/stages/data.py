@@ -14,8 +14,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .errors import FwsvdError
-from .recipe import DataSource, Recipe
+from ..errors import FwsvdError
+from ..recipe import DataSource, Recipe
 
 
 class Record(dict[str, Any]):

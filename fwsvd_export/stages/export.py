@@ -13,7 +13,7 @@ from typing import Optional
 import onnx
 from torch import nn
 
-from .compress import factorized_layers
+from ..core.modules import factorized_layers
 
 ONNX_FILE = "model.onnx"
 

@@ -35,9 +35,9 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .errors import FwsvdError
+from ..errors import FwsvdError
+from .batch import Batch
 from .factorize import linear_weight
-from .tasks import Batch
 
 STATISTICS = ("fisher", "input_gram", "output_gram", "input_abs")
 

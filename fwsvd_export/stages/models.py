@@ -11,8 +11,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import FwsvdError
-from .recipe import ModelSpec, Recipe
+from ..errors import FwsvdError
+from ..recipe import ModelSpec, Recipe
 from .tasks import get_task
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .errors import FwsvdError
+from ..errors import FwsvdError
 
 RUN_MARKER = ".fwsvd-export-run.json"
 STAGE_MARKER = ".fwsvd-export-partial.json"

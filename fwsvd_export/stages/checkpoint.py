@@ -18,9 +18,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from .errors import FwsvdError
-from .factorize import LINEAR_TYPES, LowRankLinear, linear_weight
-from .compress import set_module
+from ..core.factorize import LINEAR_TYPES, LowRankLinear, linear_weight
+from ..core.modules import set_module
+from ..errors import FwsvdError
 from .models import DTYPES, short_message
 from .tasks import TASKS, get_task
 

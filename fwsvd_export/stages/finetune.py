@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .factorize import LowRankLinear, balance_
-from .recipe import FinetuneSpec
-from .tasks import Batch, Task
+from ..core.batch import Batch
+from ..core.factorize import LowRankLinear, balance_
+from ..recipe import FinetuneSpec
+from .tasks import Task
 
 
 def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: FinetuneSpec, seed: int = 0,

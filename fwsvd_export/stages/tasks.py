@@ -6,37 +6,21 @@ The three tasks share one shape so that every later stage (statistics, export, v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from .data import Record
-from .errors import FwsvdError
-from .recipe import DataSource
+from ..core.batch import Batch
+from ..errors import FwsvdError
+
+if TYPE_CHECKING:  # the recipe's task names come from this registry, so this module must not import the recipe
+    from ..recipe import DataSource
+    from .data import Record
 
 # In-batch contrastive loss scale, as used to train sentence-embedding models (cosine * 20).
 CONTRASTIVE_SCALE = 20.0
-
-
-@dataclass
-class Batch:
-    """Model inputs plus what the loss and metric need. Rows are `groups` blocks of `samples` rows:
-    a text-pair batch holds all first texts, then all second texts, so one sample spans two rows."""
-
-    inputs: dict[str, torch.Tensor]
-    token_mask: torch.Tensor  # (rows, seq) bool: real tokens, not padding
-    labels: Optional[torch.Tensor] = None
-    groups: int = 1
-
-    @property
-    def samples(self) -> int:
-        return self.inputs["input_ids"].shape[0] // self.groups
-
-    def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch({k: v.to(device) for k, v in self.inputs.items()}, move(self.token_mask), move(self.labels), self.groups)
 
 
 @dataclass
@@ -51,6 +35,13 @@ class Task:
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over samples, so grads are per-sample sums
     metric: Callable[[list[torch.Tensor], list[Batch], Optional[list[torch.Tensor]]], float]
     needs_reference: bool = False  # metric compares against the original model's outputs
+    skip_empty: bool = False  # empty texts are dropped (they add no tokens), not reported as bad records
+    onnx_task_with_past: Optional[str] = None  # exporter task with the key/value cache, if the task has one
+    generates: bool = False  # greedy generation is checked in ONNX Runtime against PyTorch
+
+    def onnx_task(self, with_past: bool) -> str:
+        """The exporter's task name for this task's graph."""
+        return self.onnx_task_with_past if with_past and self.onnx_task_with_past else self.name
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: Optional[list[str]], max_length: int) -> dict[str, torch.Tensor]:
@@ -235,12 +226,16 @@ def _perplexity(outputs, batches, reference=None) -> float:
 
 
 TASKS: dict[str, Task] = {
-    "text-classification": Task("text-classification", AutoModelForSequenceClassification, "logits", "accuracy", True,
-                                _cls_columns, _cls_batches, _cls_loss, _accuracy),
-    "feature-extraction": Task("feature-extraction", AutoModel, "last_hidden_state", "cosine_to_original", True,
-                               _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, needs_reference=True),
-    "text-generation": Task("text-generation", AutoModelForCausalLM, "logits", "perplexity", False,
-                            _lm_columns, _lm_batches, _lm_loss, _perplexity),
+    t.name: t
+    for t in (
+        Task("text-classification", AutoModelForSequenceClassification, "logits", "accuracy", True,
+             _cls_columns, _cls_batches, _cls_loss, _accuracy),
+        Task("feature-extraction", AutoModel, "last_hidden_state", "cosine_to_original", True,
+             _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, needs_reference=True),
+        Task("text-generation", AutoModelForCausalLM, "logits", "perplexity", False,
+             _lm_columns, _lm_batches, _lm_loss, _perplexity, skip_empty=True,
+             onnx_task_with_past="text-generation-with-past", generates=True),
+    )
 }
 
 

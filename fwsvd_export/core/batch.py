@@ -1,0 +1,27 @@
+"""The unit of calibration data the core consumes: model inputs, which tokens are real, and labels.
+Tasks build batches; the statistics pass and the loss only read them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Model inputs plus what the loss and metric need. Rows are `groups` blocks of `samples` rows:
+    a text-pair batch holds all first texts, then all second texts, so one sample spans two rows."""
+
+    inputs: dict[str, torch.Tensor]
+    token_mask: torch.Tensor  # (rows, seq) bool: real tokens, not padding
+    labels: Optional[torch.Tensor] = None
+    groups: int = 1
+
+    @property
+    def samples(self) -> int:
+        return self.inputs["input_ids"].shape[0] // self.groups
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, move(self.token_mask), move(self.labels), self.groups)

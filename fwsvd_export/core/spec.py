@@ -1,0 +1,104 @@
+"""What to compress and how far: the one description of a compression plan, for Python and YAML alike.
+
+A spec checks itself when it is made, so ``CompressionSpec(damping=0)`` fails here, with the field
+named, and the recipe (its YAML face) needs no rules of its own.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Literal, Optional
+
+from ..errors import SpecError
+from .methods import METHODS
+
+
+def _finite(spec: object) -> None:
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(f.name, f"must be a finite number, got {value}")
+
+
+def _regex(pattern: str, key: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise SpecError(key, f"is not a valid regular expression: {exc}") from None
+
+
+def _cut(ratio: Optional[float], rank: Optional[int], key: str) -> None:
+    """A uniform cut: exactly one of a kept ratio in (0, 1] and a rank >= 1."""
+    prefix = f"{key}." if key else ""
+    if ratio is not None and rank is not None:
+        raise SpecError(key or "ratio", "sets both ratio and rank; keep one")
+    if ratio is None and rank is None:
+        raise SpecError(key or "ratio", "needs a ratio or a rank")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise SpecError(f"{prefix}ratio", f"must be in (0, 1], got {ratio}")
+    if rank is not None and rank < 1:
+        raise SpecError(f"{prefix}rank", f"must be at least 1, got {rank}")
+
+
+@dataclass
+class LayerOverride:
+    ratio: Optional[float] = None
+    rank: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _finite(self)
+        _cut(self.ratio, self.rank, "")
+
+
+@dataclass
+class CompressionSpec:
+    """Which Linear layers to factorize, how to weight them, and how far to cut them. With none of
+    ratio, rank and budget given, each layer keeps half its weights."""
+
+    method: str = "kfac"  # the strongest in BENCHMARKS.md; "fwsvd" is the paper's method
+    target: Optional[list[str]] = None  # None: the model family's attention and MLP projections
+    exclude: list[str] = field(default_factory=list)
+    ratio: Optional[float] = None  # uniform: kept fraction of each layer's weights
+    rank: Optional[int] = None  # uniform: one fixed rank
+    budget: Optional[float] = None  # global allocation: kept fraction of the budget_scope's parameters
+    budget_scope: Literal["targeted", "model"] = "targeted"
+    rank_multiple: int = 1  # round ranks down to a multiple of this (8, 16, 32 suit fast GEMMs)
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    damping: float = 1e-2
+    max_gram_size: int = 8192  # a Gram side larger than this is gathered as its diagonal only
+    memory_budget_gb: Optional[float] = None  # statistics memory; over it, layers are gathered in several passes
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, more time
+    cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
+
+    def __post_init__(self) -> None:
+        _finite(self)
+        if self.method not in METHODS:
+            raise SpecError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.budget_scope not in ("targeted", "model"):
+            raise SpecError("budget_scope", f"must be 'targeted' or 'model', got {self.budget_scope!r}")
+        if self.budget is not None:
+            if self.rank is not None or self.ratio is not None:
+                raise SpecError("budget", "cannot be set together with ratio or rank; keep one")
+            if not 0 < self.budget <= 1:
+                raise SpecError("budget", f"must be in (0, 1], got {self.budget}")
+        else:
+            if self.ratio is None and self.rank is None:
+                self.ratio = 0.5
+            _cut(self.ratio, self.rank, "")
+        if self.rank_multiple < 1:
+            raise SpecError("rank_multiple", f"must be at least 1, got {self.rank_multiple}")
+        if self.max_gram_size < 1:
+            raise SpecError("max_gram_size", f"must be at least 1, got {self.max_gram_size}")
+        if not self.damping > 0:
+            raise SpecError("damping", f"must be > 0 (it keeps weights invertible), got {self.damping}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise SpecError("memory_budget_gb", f"must be > 0, got {self.memory_budget_gb}")
+        for i, pattern in enumerate(self.target or []):
+            _regex(pattern, f"target[{i}]")
+        for i, pattern in enumerate(self.exclude):
+            _regex(pattern, f"exclude[{i}]")
+        for pattern, override in self.overrides.items():
+            _regex(pattern, f"overrides.{pattern}")
+            if not isinstance(override, LayerOverride):
+                raise SpecError(f"overrides.{pattern}", f"must be a LayerOverride, got {override!r}")
