@@ -1,6 +1,7 @@
 """Global rank allocation under a budget, and statistics that scale: shared Grams, diagonal sides,
 several passes under a memory budget, and the on-disk cache."""
 import copy
+import re
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from transformers import AutoModelForSequenceClassification
 from fwsvd_export.core.allocate import Candidate, allocate_ranks
 from fwsvd_export.core import compress_, factorized_layers
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.recipe import CompressionSpec, DataSource
+from fwsvd_export.core import CompressionSpec, LayerOverride
+from fwsvd_export.recipe import DataSource
 from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences
@@ -161,3 +163,31 @@ def test_layers_the_loss_never_reaches_stay_dense_with_a_reason(tokenizer):
     pooler = next(p for p in res.layers if p.name == "pooler.dense")
     assert pooler.rank is None and "no calibration statistics" in pooler.reason
     assert sum(p.rank is not None for p in res.layers) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_an_unreadable_cache_file_is_a_miss_that_is_gathered_again_and_replaced(bert, batches, tmp_path, damage):
+    loss = TASKS["text-classification"].loss
+    spec = CompressionSpec(method="kfac", ratio=0.5, target=TARGET, cache_dir=str(tmp_path / "cache"))
+    reference = compress_(copy.deepcopy(bert), spec, batches, loss, progress=False)
+    (path,) = (tmp_path / "cache").glob("*.safetensors")
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00\xff" * 500, "empty": b""}[damage])
+    again = copy.deepcopy(bert)
+    result = compress_(again, spec, batches, loss, progress=False)
+    assert result.statistics["passes"] == 1 and result.statistics["cache"].startswith("stored")
+    assert str(path) in result.statistics["cache_unreadable"]
+    assert path.read_bytes() == data  # replaced by the same statistics, gathered again
+    assert [p.rank for p in result.layers] == [p.rank for p in reference.layers]
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("fields, key", [
+    ({"damping": 0}, "damping"), ({"damping": float("nan")}, "damping"), ({"ratio": 1.5}, "ratio"),
+    ({"method": "magic"}, "method"), ({"budget": 0.3, "ratio": 0.5}, "budget"), ({"rank": 0}, "rank"),
+    ({"target": ["("]}, "target[0]"), ({"memory_budget_gb": float("inf")}, "memory_budget_gb"),
+    ({"overrides": {"(": LayerOverride(ratio=0.5)}}, "overrides.("), ({"overrides": {"q": {"ratio": 0.5}}}, "overrides.q"),
+])
+def test_a_compression_spec_checks_itself_in_python_as_in_yaml(fields, key):
+    with pytest.raises(FwsvdError, match=re.escape(f"'{key}'")):
+        CompressionSpec(**fields)

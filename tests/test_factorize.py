@@ -74,11 +74,11 @@ def test_break_even_rank():
 def test_zero_importance_features_give_finite_factors(weight):
     fisher = torch.rand(40, dtype=torch.float64)
     fisher[::3] = 0.0
-    w = METHODS["fwsvd"].build(LayerStats(fisher=fisher), 1e-6)
+    w = METHODS["fwsvd"].build(LayerStats({"fisher": fisher}), 1e-6)
     f = factorize(weight, 8, w.left, w.right)
     assert torch.isfinite(f.first).all() and torch.isfinite(f.second).all()
     assert any("floored" in n for n in w.notes)
-    none = METHODS["fwsvd"].build(LayerStats(fisher=torch.zeros(40)), 1e-6)
+    none = METHODS["fwsvd"].build(LayerStats({"fisher": torch.zeros(40)}), 1e-6)
     assert none.right is None and "plain SVD" in none.notes[0]
 
 
@@ -91,29 +91,29 @@ def _grams(n_in=40, n_out=24, tokens=200, seed=0):
 
 def test_kfac_with_identity_output_gram_is_whitening(weight):
     c, _ = _grams()
-    kfac = METHODS["kfac"].build(LayerStats(input_gram=c, output_gram=torch.eye(24, dtype=torch.float64)), 1e-8)
-    llm = METHODS["svd-llm"].build(LayerStats(input_gram=c), 1e-8)
+    kfac = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": torch.eye(24, dtype=torch.float64)}), 1e-8)
+    llm = METHODS["svd-llm"].build(LayerStats({"input_gram": c}), 1e-8)
     torch.testing.assert_close(product(factorize(weight, 7, kfac.left, kfac.right)),
                                product(factorize(weight, 7, llm.left, llm.right)))
 
 
 def test_kfac_with_diagonal_input_and_identity_output_is_fwsvd(weight):
     importance = torch.rand(40, dtype=torch.float64) + 0.05
-    kfac = METHODS["kfac"].build(LayerStats(input_gram=torch.diag(importance), output_gram=torch.eye(24, dtype=torch.float64)), 0.0)
-    fw = METHODS["fwsvd"].build(LayerStats(fisher=importance), 0.0)
+    kfac = METHODS["kfac"].build(LayerStats({"input_gram": torch.diag(importance), "output_gram": torch.eye(24, dtype=torch.float64)}), 0.0)
+    fw = METHODS["fwsvd"].build(LayerStats({"fisher": importance}), 0.0)
     torch.testing.assert_close(product(factorize(weight, 5, kfac.left, kfac.right)),
                                product(factorize(weight, 5, fw.left, fw.right)))
 
 
 def test_kfac_full_rank_reproduces_the_weight(weight):
     c, g = _grams()
-    w = METHODS["kfac"].build(LayerStats(input_gram=c, output_gram=g), 1e-6)
+    w = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 1e-6)
     torch.testing.assert_close(product(factorize(weight, 24, w.left, w.right)), weight)
 
 
 def test_kfac_is_optimal_against_random_rank_r_alternatives(weight):
     c, g = _grams()
-    w = METHODS["kfac"].build(LayerStats(input_gram=c, output_gram=g), 0.0)
+    w = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 0.0)
     best = weighted_error(weight, product(factorize(weight, 6, w.left, w.right)), w.left, w.right)
     gen = torch.Generator().manual_seed(3)
     for other in (product(factorize(weight, 6)), product(factorize(weight, 6, right=w.right))):
@@ -132,7 +132,7 @@ def test_singular_grams_take_the_fallback_and_say_so(weight):
     assert torch.isfinite(root).all() and "not positive definite" in notes[0]
     g = torch.zeros(24, 24, dtype=torch.float64)
     g[0, 0] = 1.0
-    w = METHODS["kfac"].build(LayerStats(input_gram=singular, output_gram=g), 0.0)
+    w = METHODS["kfac"].build(LayerStats({"input_gram": singular, "output_gram": g}), 0.0)
     f = factorize(weight, 6, w.left, w.right)
     assert torch.isfinite(f.first).all() and torch.isfinite(f.second).all()
     assert w.notes

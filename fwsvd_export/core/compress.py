@@ -23,7 +23,7 @@ from .families import family_of
 from .methods import get_method
 from .modules import linear_layers, set_module, tied_parameters
 from .spec import CompressionSpec
-from .statistics import LayerStats, collect_statistics
+from .statistics import LayerStats, collect_statistics, statistic_bytes
 
 
 @dataclass
@@ -126,13 +126,6 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     return plans
 
 
-def _stat_bytes(module: nn.Module, needs: set[str], max_gram_size: int) -> int:
-    out_f, in_f = linear_weight(module).shape
-    side = lambda d: d * d if d <= max_gram_size else d  # noqa: E731
-    return 4 * (("input_gram" in needs) * side(in_f) + ("output_gram" in needs) * side(out_f)
-                + (("fisher" in needs) + ("input_abs" in needs)) * in_f)
-
-
 def _passes(todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec) -> list[dict[str, nn.Module]]:
     """Groups of layers whose statistics fit `memory_budget_gb`; one calibration pass each."""
     if spec.memory_budget_gb is None:
@@ -141,7 +134,7 @@ def _passes(todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec) 
     groups: list[dict[str, nn.Module]] = [{}]
     used = 0
     for name, module in todo.items():
-        size = _stat_bytes(module, needs, spec.max_gram_size)
+        size = statistic_bytes(*reversed(linear_weight(module).shape), needs, spec.max_gram_size)
         if groups[-1] and used + size > limit:
             groups.append({})
             used = 0
@@ -163,7 +156,10 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
     if spec.cache_dir is not None:
         folder = Path(spec.cache_dir) if cache_base is None else cache_base / spec.cache_dir
         key = stats_cache.cache_key(model, todo, calibration, loss_fn, spec.max_gram_size)
-        cached = stats_cache.load_cached(folder, key, list(todo), needs)
+        try:
+            cached = stats_cache.load_cached(folder, key, list(todo), needs)
+        except stats_cache.Unreadable as exc:
+            cached, info["cache_unreadable"] = None, f"{exc}; gathered again and replaced"
         if cached is not None:
             info["cache"] = f"hit {folder / key}.safetensors"
             return cached, info
@@ -177,6 +173,34 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
     if folder is not None:
         info["cache"] = f"stored {stats_cache.save_cached(folder, key, stats)}"
     return stats, info
+
+
+def _nonfinite(t: torch.Tensor) -> str:
+    """'' when every value is finite, else how many are NaN and how many infinite."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return ""
+    nan = int(torch.isnan(t).sum())
+    return f"{nan} NaN and {t.numel() - nan - int(torch.isfinite(t).sum())} infinite values"
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """A NaN or inf anywhere in the model poisons every gradient and every factor: refuse it up front."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        bad = _nonfinite(tensor.detach())
+        if bad:
+            raise FwsvdError(f"the model's '{name}' holds {bad}; fwsvd-export compresses only models with finite weights")
+
+
+def check_finite_statistics(stats: dict[str, LayerStats], needs: set[str]) -> None:
+    for layer, s in stats.items():
+        for name in sorted(needs):
+            value = getattr(s, name)
+            bad = "" if value is None else _nonfinite(value)
+            if bad:
+                raise FwsvdError(
+                    f"calibration statistic '{name}' of layer '{layer}' holds {bad}: the task loss or its gradient "
+                    "overflowed (a float16 model whose backward pass overflows: load it as float32 with "
+                    "model.dtype; or calibration data the model cannot score)")
 
 
 def _budget_params(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpec) -> int:
@@ -215,9 +239,11 @@ def compress_(
     if method.needs and (calibration is None or loss_fn is None):
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
     _check_budget(model, plans, spec)
+    check_finite_model(model)
     start = time.perf_counter()
     stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress, cache_base,
                                     statistics_model)
+    check_finite_statistics(stats, set(method.needs))
     result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start}, info)
     start = time.perf_counter()
     for plan in plans:  # a layer the loss never reached (e.g. an unused pooler) has nothing to weight by
@@ -242,6 +268,10 @@ def compress_(
     for plan in tqdm([p for p in plans if p.rank is not None], desc="factorizing", unit="layer", disable=not progress):
         weighting = weightings[plan.name]
         module, factors = low_rank_from_linear(todo[plan.name], plan.rank, weighting.left, weighting.right)
+        bad = next(filter(None, (_nonfinite(p.detach()) for p in module.parameters())), "")
+        if bad:
+            raise FwsvdError(f"the factors of layer '{plan.name}' hold {bad} although its weight and statistics are "
+                             f"finite; a larger compression.damping (now {spec.damping:g}) steadies the weighting")
         energy = factors.singular_values.square()
         plan.weighted_error = float((energy[plan.rank:].sum() / energy.sum().clamp(min=1e-300)).sqrt())
         plan.notes = weighting.notes + ([f"shares input statistics with {stats[plan.name].shares_input_with}"]

@@ -48,7 +48,9 @@ class Method:
 def _diagonal(values: torch.Tensor, damping: float, what: str) -> Weighting:
     values = values.double().clamp(min=0)
     mean = float(values.mean())
-    if mean <= 0 or not torch.isfinite(values).all():
+    if not torch.isfinite(values).all():  # compress_ refuses such statistics first; direct callers get told too
+        raise FwsvdError(f"the {what} statistics hold NaN or infinite values")
+    if mean <= 0:
         return Weighting(notes=[f"no {what} signal; plain SVD"])
     floor = damping * mean
     notes = []

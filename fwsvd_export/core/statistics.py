@@ -26,8 +26,8 @@ pair's own activations to the gradient of the in-batch contrastive loss.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -39,18 +39,19 @@ from ..errors import FwsvdError
 from .batch import Batch
 from .factorize import linear_weight
 
-STATISTICS = ("fisher", "input_gram", "output_gram", "input_abs")
-
-
 @dataclass
 class LayerStats:
-    fisher: Optional[torch.Tensor] = None  # (in,)
-    input_gram: Optional[torch.Tensor] = None  # (in, in)
-    output_gram: Optional[torch.Tensor] = None  # (out, out)
-    input_abs: Optional[torch.Tensor] = None  # (in,)
+    """One layer's statistics (means), by name; ``stats.fisher`` reads one, None when not gathered."""
+
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0
     tokens: int = 0
-    shares_input_with: Optional[str] = None  # another layer whose input (and input Gram) this one reads
+    shares_input_with: Optional[str] = None  # another layer whose input (and input statistics) this one reads
+
+    def __getattr__(self, name: str) -> Optional[torch.Tensor]:
+        if name in STATISTICS:
+            return self.__dict__.get("values", {}).get(name)
+        raise AttributeError(name)
 
 
 class _State:
@@ -93,9 +94,45 @@ def _gram(flat: torch.Tensor, full: bool) -> torch.Tensor:
     return flat.T @ flat if full else flat.square().sum(0)
 
 
+def _side(d: int, max_gram_size: int) -> int:
+    return d * d if d <= max_gram_size else d
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A per-layer calibration statistic. Its accumulator is a float32 sum on the host, divided at the
+    end by the real tokens or the samples seen. `accumulate` gets, by what it `reads`: "input": the real
+    tokens' inputs (tokens, in) and whether the Gram side is full; "output": the same for output
+    gradients; "both": per-sample inputs (n, T, in) and output gradients (n, T, out)."""
+
+    name: str
+    reads: Literal["input", "output", "both"]
+    accumulate: Callable[[torch.Tensor, object], torch.Tensor]
+    per: Literal["token", "sample"]
+    elements: Callable[[int, int, int], int]  # accumulator size for (in, out, max_gram_size)
+
+
+STATISTICS: dict[str, Statistic] = {
+    s.name: s
+    for s in (
+        Statistic("fisher", "both", _fisher_rows, "sample", lambda i, o, m: i),
+        Statistic("input_gram", "input", _gram, "token", lambda i, o, m: _side(i, m)),
+        Statistic("output_gram", "output", _gram, "token", lambda i, o, m: _side(o, m)),
+        Statistic("input_abs", "input", lambda flat, full: flat.abs().sum(0), "token", lambda i, o, m: i),
+    )
+}
+
+
+def statistic_bytes(in_features: int, out_features: int, needs: Iterable[str], max_gram_size: int) -> int:
+    """Host memory the accumulators of one layer take."""
+    return 4 * sum(STATISTICS[n].elements(in_features, out_features, max_gram_size) for n in needs)
+
+
 class _LayerCollector:
     def __init__(self, name: str, module: nn.Module, needs: set[str], state: _State, max_gram_size: int) -> None:
-        self.name, self.needs, self.state, self.stats = name, needs, state, LayerStats()
+        self.name, self.state, self.stats = name, state, LayerStats()
+        by_reads = lambda reads: [STATISTICS[n] for n in sorted(needs) if STATISTICS[n].reads == reads]  # noqa: E731
+        self.on_input, self.on_output, self.on_both = by_reads("input"), by_reads("output"), by_reads("both")
         out_features, in_features = linear_weight(module).shape
         self.full_in, self.full_out = in_features <= max_gram_size, out_features <= max_gram_size
         self._x: Optional[torch.Tensor] = None
@@ -104,15 +141,15 @@ class _LayerCollector:
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         value = value.cpu()
-        current = getattr(self.stats, name)
-        setattr(self.stats, name, value if current is None else current.add_(value))
+        current = self.stats.values.get(name)
+        self.stats.values[name] = value if current is None else current.add_(value)
 
     def _forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         raw = args[0]
-        if self.state.in_backward:  # recomputation: the input again, for the Fisher product only
-            if "fisher" in self.needs:
+        if self.state.in_backward:  # recomputation: the input again, for the input-and-gradient products only
+            if self.on_both:
                 self._x = raw.detach()
-                self._fisher_when_ready()
+                self._pair_when_ready()
             return
         if self.state.first_batch:
             owner = self.state.seen.get(id(raw))
@@ -125,42 +162,37 @@ class _LayerCollector:
         self.stats.tokens += flat.shape[0]
         self.stats.samples += x.shape[0]
         if self.stats.shares_input_with is None:
-            if "input_gram" in self.needs:
-                self._add("input_gram", _gram(flat, self.full_in))
-            if "input_abs" in self.needs:
-                self._add("input_abs", flat.abs().sum(0))
-        if {"fisher", "output_gram"} & self.needs and output.requires_grad:
+            for stat in self.on_input:
+                self._add(stat.name, stat.accumulate(flat, self.full_in))
+        if (self.on_output or self.on_both) and output.requires_grad:
             if id(module) not in self.state.recomputed:  # else the recomputation brings it back when needed
                 self._x = raw.detach()  # a reference, not a copy: layers reading one input share it
             output.register_hook(self._backward)
 
     def _backward(self, grad: torch.Tensor) -> None:
         g, mask = _per_sample(grad.detach(), self.state)
-        if "output_gram" in self.needs:
+        if self.on_output:
             flat = g.reshape(-1, g.shape[-1])[mask.reshape(-1)]
-            self._add("output_gram", _gram(flat, self.full_out))
-        if "fisher" in self.needs:
+            for stat in self.on_output:
+                self._add(stat.name, stat.accumulate(flat, self.full_out))
+        if self.on_both:
             self._g = g
-            self._fisher_when_ready()
+            self._pair_when_ready()
 
-    def _fisher_when_ready(self) -> None:
+    def _pair_when_ready(self) -> None:
         if self._x is not None and self._g is not None:
-            self._add("fisher", _fisher_rows(_per_sample(self._x, self.state)[0], self._g))
+            x = _per_sample(self._x, self.state)[0]
+            for stat in self.on_both:
+                self._add(stat.name, stat.accumulate(x, self._g))
             self._x = self._g = None
 
     def finish(self) -> LayerStats:
         """Means instead of sums."""
         self.handle.remove()
         s = self.stats
-        tokens, samples = max(s.tokens, 1), max(s.samples, 1)
-        result = LayerStats(
-            fisher=None if s.fisher is None else s.fisher / samples,
-            input_gram=None if s.input_gram is None else s.input_gram / tokens,
-            output_gram=None if s.output_gram is None else s.output_gram / tokens,
-            input_abs=None if s.input_abs is None else s.input_abs / tokens,
-            samples=s.samples, tokens=s.tokens, shares_input_with=s.shares_input_with,
-        )
-        return result
+        count = {"token": max(s.tokens, 1), "sample": max(s.samples, 1)}
+        means = {name: total / count[STATISTICS[name].per] for name, total in s.values.items()}
+        return LayerStats(means, s.samples, s.tokens, s.shares_input_with)
 
 
 def link_shared_inputs(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
@@ -168,7 +200,7 @@ def link_shared_inputs(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
     for s in stats.values():
         if s.shares_input_with in stats:
             owner = stats[s.shares_input_with]
-            s.input_gram, s.input_abs = owner.input_gram, owner.input_abs
+            s.values.update({n: v for n, v in owner.values.items() if STATISTICS[n].reads == "input"})
     return stats
 
 
@@ -190,7 +222,7 @@ def collect_statistics(
         return {name: LayerStats() for name in layers}
     state = _State()
     collectors = {name: _LayerCollector(name, module, needs, state, max_gram_size) for name, module in layers.items()}
-    backward = bool({"fisher", "output_gram"} & needs)
+    backward = any(STATISTICS[n].reads != "input" for n in needs)
     flags = {p: p.requires_grad for p in model.parameters()}
     hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     was_training = model.training

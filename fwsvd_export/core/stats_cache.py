@@ -1,8 +1,10 @@
 """Calibration statistics on disk, so another ratio, budget or method does not recompute them.
 
 A cache file is keyed by what the statistics depend on: the task loss, the targeted layers' names,
-every weight and buffer of the model, the calibration batches (token ids, masks, labels) and the Gram size limit. Any change to one
-of these gives a new key. Files are safetensors: one tensor per layer and statistic, counts in metadata.
+every weight and buffer of the model, the calibration batches (token ids, masks, labels), the Gram size limit
+and the cache format. Any change to one of these gives a new key. Files are safetensors: one tensor per
+layer and statistic, counts in metadata. A file that cannot be read back (truncated, corrupted, another
+format) is a miss: the statistics are gathered again and the file replaced, and the run's notes say so.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .batch import Batch
 from .statistics import STATISTICS, LayerStats, link_shared_inputs
+
+CACHE_FORMAT = 2  # bump when what a file holds, or how it is keyed, changes
 
 
 def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
@@ -30,7 +34,7 @@ def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
 def cache_key(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], loss_fn: Callable,
               max_gram_size: int) -> str:
     h = hashlib.sha256()
-    h.update(f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}|{max_gram_size}".encode())
+    h.update(f"{CACHE_FORMAT}|{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}|{max_gram_size}".encode())
     h.update("|".join(sorted(layers)).encode())
     for name, tensor in sorted(model.state_dict().items()):  # heads and norms shape the gradients too
         h.update(name.encode())
@@ -44,21 +48,29 @@ def cache_key(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batc
     return h.hexdigest()[:32]
 
 
+class Unreadable(Exception):
+    """A cache file that exists but cannot be used; the message says why."""
+
+
 def load_cached(folder: Path, key: str, layers: list[str], needs: set[str]) -> Optional[dict[str, LayerStats]]:
-    """The cached statistics for `key` if they cover every layer and every needed statistic."""
+    """The cached statistics for `key` if they cover every layer and every needed statistic; None when
+    there is no file or it lacks some; raises Unreadable for a file that cannot be read back."""
     path = folder / f"{key}.safetensors"
     if not path.is_file():
         return None
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as handle:
-        meta = json.loads(handle.metadata()["layers"])
-    stats = {}
-    for name in layers:
-        if name not in meta or any(f"{name}|{s}" not in tensors for s in needs):
-            return None
-        info = meta[name]
-        stats[name] = LayerStats(**{s: tensors.get(f"{name}|{s}") for s in STATISTICS},
-                                 samples=info["samples"], tokens=info["tokens"], shares_input_with=info["shares"])
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            meta = json.loads((handle.metadata() or {})["layers"])
+        stats = {}
+        for name in layers:
+            if name not in meta or any(f"{name}|{s}" not in tensors for s in needs):
+                return None
+            info = meta[name]
+            values = {s: tensors[f"{name}|{s}"] for s in STATISTICS if f"{name}|{s}" in tensors}
+            stats[name] = LayerStats(values, info["samples"], info["tokens"], info["shares"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:  # ValueError: bad JSON too
+        raise Unreadable(f"{path}: {type(exc).__name__}: {exc}") from None
     return link_shared_inputs(stats)
 
 
@@ -68,15 +80,15 @@ def save_cached(folder: Path, key: str, stats: dict[str, LayerStats]) -> Path:
     tensors, meta, stored = {}, {}, {}
     for name, s in stats.items():
         meta[name] = {"samples": s.samples, "tokens": s.tokens, "shares": s.shares_input_with}
-        for stat in STATISTICS:
-            value = getattr(s, stat)
-            if value is None:
-                continue
+        for stat, value in s.values.items():
             # Shared input Grams are one tensor; safetensors wants distinct storage, so clone aliases.
             tensors[f"{name}|{stat}"] = value.clone() if id(value) in stored else value.contiguous()
             stored[id(value)] = True
     path = folder / f"{key}.safetensors"
     tmp = folder / f".{key}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta)})
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"layers": json.dumps(meta)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
