@@ -8,6 +8,7 @@ and report (that is what one debugs from).
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Optional
 
 from torch import nn
 
-from .core import Batch, compress_, get_method
+from .core import Batch, CompressionResult, LayerStats, compress_, get_method
 from .recipe import Recipe
 from .stages.checkpoint import library_versions, save_checkpoint
 from .stages.data import load_records
@@ -24,8 +25,8 @@ from .stages.finetune import finetune_
 from .stages.models import load_for_statistics, load_model
 from .stages.outputs import resolve_output, staged_output
 from .stages.report import write_report
-from .stages.tasks import get_task
-from .stages.validate import Check, validate
+from .stages.tasks import Task, get_task
+from .stages.validate import Check, Reference, reference, validate
 
 
 
@@ -72,7 +73,7 @@ def linear_flop_ratio(plans: list) -> float:
     return sum(p["params_after"] for p in plans) / before if before else 1.0
 
 
-class _Clock:
+class Clock:
     """Wall time of each stage, in order."""
 
     def __init__(self) -> None:
@@ -86,102 +87,142 @@ class _Clock:
 
 
 @dataclass
-class Compressed:
-    """What the compress stage hands to export and validation."""
+class Prepared:
+    """What every compression of one model shares: loaded once per run, or once per sweep."""
 
+    recipe: Recipe
+    task: Task
     model: nn.Module
-    compressed: nn.Module
     tokenizer: object
     location: str
-    result: object
+    calibration: list[Batch]
     evaluation: list[Batch]
-    finetune_loss: list[float]
+    runner: Optional[nn.Module]  # a copy placed with the recipe's device_map for the statistics pass
 
 
-def compress_stage(recipe: Recipe, clock: _Clock, progress: bool) -> Compressed:
-    """Load, read the data, gather statistics, factorize and (optionally) fine-tune."""
+def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -> Prepared:
+    """Load the model and read the data (and, when any of `methods` needs statistics, the runner)."""
     task = get_task(recipe.model.task)
     model, tokenizer, location = load_model(recipe)
     clock.lap("load model")
     calibration = _batches(recipe, tokenizer, model.config, "calibration")
     evaluation = _batches(recipe, tokenizer, model.config, "evaluation")
     clock.lap("data")
-    runner = load_for_statistics(recipe, location) if get_method(recipe.compression.method).needs else None
+    needs = any(get_method(m).needs for m in (methods or [recipe.compression.method]))
+    runner = load_for_statistics(recipe, location) if needs else None
     if runner is not None:
         clock.lap("load model (device_map)")
-    compressed = copy.deepcopy(model)
-    result = compress_(compressed, recipe.compression, calibration, task.loss, progress, Path(recipe.base_dir or "."),
-                       statistics_model=runner)
-    del runner
+    return Prepared(recipe, task, model, tokenizer, location, calibration, evaluation, runner)
+
+
+def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: bool,
+                   statistics: Optional[dict[str, LayerStats]] = None) -> tuple[nn.Module, CompressionResult, list[float]]:
+    """Factorize a copy of the dense model per `recipe` (with `statistics` when a sweep gathered them),
+    then fine-tune it if the recipe asks."""
+    compressed = copy.deepcopy(prepared.model)
+    result = compress_(compressed, recipe.compression, prepared.calibration, prepared.task.loss, progress,
+                       Path(recipe.base_dir or "."), statistics_model=prepared.runner, statistics=statistics)
     clock.seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
     clock.lap("compress")
-    finetune_loss = []
+    finetune_loss: list[float] = []
     if recipe.finetune.epochs:
-        finetune_loss = finetune_(compressed, task, calibration, recipe.finetune, recipe.data.seed, progress)
+        finetune_loss = finetune_(compressed, prepared.task, prepared.calibration, recipe.finetune, recipe.data.seed, progress)
         clock.lap("finetune")
-    return Compressed(model, compressed, tokenizer, location, result, evaluation, finetune_loss)
+    return compressed, result, finetune_loss
 
 
 def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> tuple[Path, dict]:
     """The compress stage alone: writes the checkpoint folder (no export, no validation)."""
     folder = output_path(recipe, output)
     with staged_output(folder) as staged:
-        done = compress_stage(recipe, _Clock(), progress)
-        compression = done.result.to_dict()
-        save_checkpoint(done.compressed, done.tokenizer, staged.path, recipe.model.task, compression, recipe.to_dict(),
-                        done.location)
+        clock = Clock()
+        prepared = prepare(recipe, clock)
+        compressed, result, _ = compress_stage(prepared, recipe, clock, progress)
+        compression = result.to_dict()
+        save_checkpoint(compressed, prepared.tokenizer, staged.path, recipe.model.task, compression, recipe.to_dict(),
+                        prepared.location)
     return folder, compression
+
+
+@dataclass
+class Dense:
+    """The dense model's graph and reference results, which every compressed point is compared with."""
+
+    onnx: Path
+    graph: dict
+    reference: Reference
+
+
+def dense_stage(prepared: Prepared, folder: Path, clock: Clock, progress: bool) -> Dense:
+    """Export the dense model into `folder` and measure it once (PyTorch outputs, ORT latency)."""
+    recipe = prepared.recipe
+    onnx = export_onnx(prepared.model, prepared.tokenizer, folder, prepared.task.onnx_task(recipe.export.with_past),
+                       recipe.export.opset)
+    graph = inspect_graph(onnx, prepared.model)
+    clock.lap("export (dense)")
+    ref = reference(prepared.task, recipe.validation, prepared.model, prepared.evaluation, onnx,
+                    prepared.model.config.vocab_size, progress)
+    clock.lap("validate (dense)")
+    return Dense(onnx, graph, ref)
+
+
+def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, clock: Clock, progress: bool,
+                statistics: Optional[dict[str, LayerStats]] = None) -> dict:
+    """One compressed model: factorize, checkpoint, export, validate against `dense`; writes its report
+    into `folder` and returns it."""
+    task = prepared.task
+    compressed, result, finetune_loss = compress_stage(prepared, recipe, clock, progress, statistics)
+    compression = result.to_dict()
+    save_checkpoint(compressed, prepared.tokenizer, folder / "compressed", task.name, compression, recipe.to_dict(),
+                    prepared.location)
+    clock.lap("checkpoint")
+    small_onnx = export_onnx(compressed, prepared.tokenizer, folder / "onnx" / "compressed",
+                             task.onnx_task(recipe.export.with_past), recipe.export.opset)
+    graph = {"dense": dense.graph, "compressed": inspect_graph(small_onnx, compressed)}
+    clock.lap("export")
+    validation = validate(task, recipe.validation, dense.reference, compressed, prepared.evaluation, small_onnx,
+                          prepared.model.config.vocab_size, progress,
+                          _prompts(recipe, prepared.tokenizer, prepared.evaluation))
+    clock.lap("validate")
+    missing = graph["compressed"]["layers_missing_split"]
+    if missing:
+        validation.checks.append(Check("graph: split MatMuls", False, f"not found for {', '.join(missing)}"))
+    report = {
+        "tool": "fwsvd-export",
+        "versions": library_versions(),
+        "recipe_file": recipe.source,
+        "recipe": recipe.to_dict(),
+        "model": {"source": prepared.location, "task": task.name, "dtype": recipe.model.dtype},
+        "compression": compression,
+        "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss},
+        "sizes": {
+            "params_dense": count_params(prepared.model),
+            "params_compressed": count_params(compressed),
+            "onnx_dense_bytes": _bytes(dense.onnx.parent),
+            "onnx_compressed_bytes": _bytes(small_onnx.parent),
+        },
+        "flop_ratio": linear_flop_ratio(compression["layers"]),
+        "graph": graph,
+        "validation": validation.to_dict(),
+        "seconds": clock.seconds,
+        "artifacts": {"checkpoint": "compressed", "onnx_dense": os.path.relpath(dense.onnx, folder),
+                      "onnx_compressed": os.path.relpath(small_onnx, folder)},
+        "passed": validation.passed,
+    }
+    write_report(report, folder)
+    return report
 
 
 def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> RunResult:
     """Run every stage of `recipe`; the report's ``passed`` says whether validation held."""
     folder = output_path(recipe, output)
-    task = get_task(recipe.model.task)
-    clock = _Clock()
-    lap, seconds = clock.lap, clock.seconds
+    clock = Clock()
     with staged_output(folder) as staged:
-        stage = staged.path
-        done = compress_stage(recipe, clock, progress)
-        model, compressed, tokenizer, location, result = done.model, done.compressed, done.tokenizer, done.location, done.result
-        evaluation, finetune_loss = done.evaluation, done.finetune_loss
-        compression = result.to_dict()
-        save_checkpoint(compressed, tokenizer, stage / "compressed", task.name, compression, recipe.to_dict(), location)
-        lap("checkpoint")
-        onnx_task = task.onnx_task(recipe.export.with_past)
-        dense_onnx = export_onnx(model, tokenizer, stage / "onnx" / "dense", onnx_task, recipe.export.opset)
-        small_onnx = export_onnx(compressed, tokenizer, stage / "onnx" / "compressed", onnx_task, recipe.export.opset)
-        graph = {"dense": inspect_graph(dense_onnx, model), "compressed": inspect_graph(small_onnx, compressed)}
-        lap("export")
-        validation = validate(task, recipe.validation, model, compressed, evaluation, dense_onnx, small_onnx,
-                              model.config.vocab_size, progress, _prompts(recipe, tokenizer, evaluation))
-        lap("validate")
-        missing = graph["compressed"]["layers_missing_split"]
-        if missing:
-            validation.checks.append(Check("graph: split MatMuls", False, f"not found for {', '.join(missing)}"))
-        report = {
-            "tool": "fwsvd-export",
-            "versions": library_versions(),
-            "recipe_file": recipe.source,
-            "recipe": recipe.to_dict(),
-            "model": {"source": location, "task": task.name, "dtype": recipe.model.dtype},
-            "compression": compression,
-            "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss},
-            "sizes": {
-                "params_dense": count_params(model),
-                "params_compressed": count_params(compressed),
-                "onnx_dense_bytes": _bytes(dense_onnx.parent),
-                "onnx_compressed_bytes": _bytes(small_onnx.parent),
-            },
-            "flop_ratio": linear_flop_ratio(compression["layers"]),
-            "graph": graph,
-            "validation": validation.to_dict(),
-            "seconds": seconds,
-            "artifacts": {"checkpoint": "compressed", "onnx_dense": f"onnx/dense/{ONNX_FILE}",
-                          "onnx_compressed": f"onnx/compressed/{ONNX_FILE}"},
-            "output_notes": staged.notes,
-            "passed": validation.passed,
-        }
-        write_report(report, stage)
+        prepared = prepare(recipe, clock)
+        dense = dense_stage(prepared, staged.path / "onnx" / "dense", clock, progress)
+        report = point_stage(prepared, dense, recipe, staged.path, clock, progress)
+        report["output_notes"] = staged.notes
+        write_report(report, staged.path)
     return RunResult(folder, report)
 
 

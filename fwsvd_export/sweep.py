@@ -1,5 +1,9 @@
-"""The accuracy / size / latency frontier: one full run per (method, ratio or budget) point, a table,
-and plots of the task metric against kept parameters and against latency per execution provider.
+"""The accuracy / size / latency frontier over (method, ratio or budget) points, a table, and plots of
+the task metric against kept parameters and against latency per execution provider.
+
+A sweep pays once for what its points share: the model and data are loaded once, one statistics pass
+gathers what every method asks for, and the dense model is exported, evaluated and timed once (in
+`dense/`); each point only factorizes, writes its checkpoint, exports and validates the compressed model.
 The sweep folder is one staged output: it appears whole when every point has run, or not at all."""
 from __future__ import annotations
 
@@ -7,19 +11,18 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from .core import gather_for, get_method
 from .errors import FwsvdError
-from .core import get_method
-from .stages.outputs import resolve_output, staged_output
-from .pipeline import run
+from .pipeline import Clock, dense_stage, point_stage, prepare
 from .recipe import load_recipe
+from .stages.outputs import resolve_output, staged_output
 
 SWEEP_FILE = "sweep.json"
 
 
-def _point(method: str, kind: str, value: float, result) -> dict:
-    report = result.report
+def _point(method: str, kind: str, value: float, folder: str, report: dict) -> dict:
     val = report["validation"]
-    point = {"method": method, kind: value, "folder": result.output.name,
+    point = {"method": method, kind: value, "folder": folder,
              "targeted_kept_ratio": report["compression"]["summary"]["targeted_kept_ratio"],
              "model_kept_ratio": report["sizes"]["params_compressed"] / report["sizes"]["params_dense"],
              "metric": val["metric"], "original": val["original_torch"], "compressed_torch": val["compressed_torch"],
@@ -53,16 +56,15 @@ def _markdown(points: list[dict], kind: str) -> str:
 
 
 def plot(points: list[dict], folder: Path) -> list[Path]:
-    """PNG plots (needs matplotlib: pip install matplotlib); returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG plots (needs matplotlib: pip install matplotlib); returns the files written. Drawn on
+    standalone figures, so no global matplotlib state (backend, pyplot figures) is touched."""
+    from matplotlib.figure import Figure
 
     metric = points[0]["metric"]
     methods = list(dict.fromkeys(p["method"] for p in points))
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for m in methods:
         pts = sorted((p["model_kept_ratio"], p["compressed_torch"]) for p in points if p["method"] == m)
         ax.plot(*zip(*pts), marker="o", label=m)
@@ -71,10 +73,10 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "metric_vs_params.png", dpi=110)
-    plt.close(fig)
     written.append(folder / "metric_vs_params.png")
     for provider in sorted({p for point in points for p in point["providers"]}):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for m in methods:
             pts = sorted((p["providers"][provider]["compressed_ms"], p["providers"][provider]["metric"])
                          for p in points if p["method"] == m and provider in p["providers"])
@@ -87,7 +89,6 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
         fig.tight_layout()
         path = folder / f"metric_vs_latency_{provider}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
     return written
 
@@ -106,14 +107,26 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
     kind = "budget" if budget else "ratio"
     names = [get_method(m).name for m in methods]  # unknown methods fail before any run
     with staged_output(folder) as staged:
-        cache = base.compression.cache_dir or str(staged.path / ".statistics-cache")
         plan = [(method, value, load_recipe(recipe_path, [*overrides, f"compression.method={method}",
-                                                          f"compression.{kind}={value}", f"compression.cache_dir={cache}"]))
-                for method in names for value in values]  # every point's recipe is checked before the first runs
+                                                          f"compression.{kind}={value}"]))
+                for method in names for value in values]  # every point's recipe is checked before any compute
+        clock = Clock()
+        prepared = prepare(plan[0][2], clock, names)
+        statistics, info = None, {}
+        if any(get_method(m).needs for m in names):
+            statistics, info = gather_for(prepared.model, [r.compression for _, _, r in plan], prepared.calibration,
+                                          prepared.task.loss, progress, Path(base.base_dir or "."), prepared.runner)
+            prepared.runner = None
+            clock.lap("statistics (all points)")
+        dense = dense_stage(prepared, staged.path / "dense", clock, progress)
+        shared = {"seconds": clock.seconds, "statistics": info, "dense_onnx": "dense/model.onnx"}
         points: list[dict] = []
         for method, value, recipe in plan:
-            points.append(_point(method, kind, value, run(recipe, staged.path / f"{method}-{kind}{value:g}", progress)))
-            (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "points": points}, indent=2))
+            name = f"{method}-{kind}{value:g}"
+            (staged.path / name).mkdir()
+            report = point_stage(prepared, dense, recipe, staged.path / name, Clock(), progress, statistics)
+            points.append(_point(method, kind, value, name, report))
+            (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "shared": shared, "points": points}, indent=2))
         (staged.path / "sweep.md").write_text(_markdown(points, kind))
         try:
             plots = [folder / p.name for p in plot(points, staged.path)]

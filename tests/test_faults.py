@@ -194,6 +194,16 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def wait_until_exported(process: subprocess.Popen, folder: Path, limit: float = 120) -> None:
+    """Well into a run: its dense ONNX graph is written (and latency timing has begun)."""
+    deadline = time.monotonic() + limit
+    while not list(folder.glob(".out.partial-*/onnx/dense/model.onnx")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run ended (rc {process.poll()}) or took over {limit} s before exporting")
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_run_leaves_the_earlier_run_intact_and_nothing_partial(tmp_path, classifier_recipe, earlier_run,
                                                                             signum, code):
@@ -203,10 +213,7 @@ def test_a_signal_mid_run_leaves_the_earlier_run_intact_and_nothing_partial(tmp_
     process = subprocess.Popen(_command("run", str(recipe), "-o", str(earlier_run), "--quiet"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=_interruptible)
-    deadline = time.monotonic() + 120
-    while not any((p / "compressed").is_dir() for p in tmp_path.glob(".out.partial-*")):  # well into the run
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.1)
+    wait_until_exported(process, tmp_path)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     assert process.returncode == code, err
@@ -219,10 +226,7 @@ def test_after_sigkill_the_next_run_cleans_up(tmp_path, classifier_recipe, earli
     long = write_recipe(tmp_path, classifier_recipe, "long.yaml")
     process = subprocess.Popen(_command("run", str(long), "-o", str(earlier_run), "--quiet"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.partial-*/compressed")):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until_exported(process, tmp_path)
     process.kill()
     process.wait()
     assert len(leftovers(tmp_path)) == 1  # what SIGKILL leaves

@@ -1,6 +1,9 @@
 """Recovery fine-tuning as a recipe stage, and the sweep that draws the accuracy/size/latency frontier."""
 import json
 
+import pytest
+import safetensors.torch
+import torch
 from click.testing import CliRunner
 
 import fwsvd_export
@@ -39,8 +42,21 @@ def test_sweep_writes_a_table_points_and_plots(tmp_path, classifier_recipe):
     assert "| kfac | 0.3 |" in table and "accuracy (cpu)" in table
     for png in ("metric_vs_params.png", "metric_vs_latency_cpu.png"):
         assert (folder / png).stat().st_size > 1000
-    assert (folder / "kfac-ratio0.3" / "report.json").is_file()
-    assert list((folder / ".statistics-cache").glob("*.safetensors"))
+    shared = json.loads((folder / "sweep.json").read_text())["shared"]
+    assert shared["statistics"]["passes"] == 1  # one pass for svd and kfac at both ratios
+    assert (folder / "dense" / "model.onnx").is_file() and not list(folder.glob("*/onnx/dense"))
+    report = json.loads((folder / "kfac-ratio0.3" / "report.json").read_text())
+    assert report["compression"]["statistics"]["shared"] and report["compression"]["statistics"]["passes"] == 0
+    assert (folder / "kfac-ratio0.3" / report["artifacts"]["onnx_dense"]).resolve() == (folder / "dense" / "model.onnx").resolve()
+    assert not any("dense" in stage for stage in report["seconds"])  # a point pays only for its compressed model
+
+    alone = run(load_recipe(path, ["compression.method=kfac", "compression.ratio=0.3"]), tmp_path / "alone", progress=False)
+    ours, theirs = (safetensors.torch.load_file(f / "compressed" / "model.safetensors")
+                    for f in (folder / "kfac-ratio0.3", alone.output))
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # a sweep point is the run it stands for
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+    assert points[3]["compressed_torch"] == pytest.approx(alone.report["validation"]["compressed_torch"], abs=1e-6)
 
 
 def test_sweep_over_budgets(tmp_path, classifier_recipe):

@@ -8,7 +8,7 @@ that), so it can be used on any ``nn.Module`` with any batches and loss::
     result = compress_(model, CompressionSpec(method="kfac", ratio=0.4), batches, loss_fn)
 """
 from .batch import Batch
-from .compress import CompressionResult, LayerPlan, compress_, gather_statistics, plan_layers
+from .compress import CompressionResult, LayerPlan, compress_, gather_for, gather_statistics, plan_layers
 from .factorize import LowRankLinear, factorize
 from .families import FAMILIES, Family
 from .methods import METHODS, Method, get_method
@@ -18,4 +18,4 @@ from .statistics import STATISTICS, LayerStats, collect_statistics
 
 __all__ = ["Batch", "CompressionResult", "CompressionSpec", "FAMILIES", "Family", "LayerOverride", "LayerPlan",
            "LayerStats", "LowRankLinear", "METHODS", "Method", "STATISTICS", "collect_statistics", "compress_",
-           "factorize", "factorized_layers", "gather_statistics", "get_method", "linear_layers", "plan_layers"]
+           "factorize", "factorized_layers", "gather_for", "gather_statistics", "get_method", "linear_layers", "plan_layers"]

@@ -203,6 +203,23 @@ def check_finite_statistics(stats: dict[str, LayerStats], needs: set[str]) -> No
                     "model.dtype; or calibration data the model cannot score)")
 
 
+def gather_for(model: nn.Module, specs: list[CompressionSpec], calibration: list[Batch], loss_fn: Callable,
+               progress: bool = True, cache_base: Optional[Path] = None, runner: Optional[nn.Module] = None
+               ) -> tuple[dict[str, LayerStats], dict]:
+    """One statistics pass for several specs that differ in method and cut: the union of the layers
+    they target and of the statistics their methods need. Pass settings (memory, Gram size, cache)
+    come from the first spec."""
+    layers: dict[str, nn.Module] = {}
+    for spec in specs:
+        layers.update({p.name: model.get_submodule(p.name) for p in plan_layers(model, spec)
+                       if p.rank is not None or p.allocate})
+    needs = set().union(*(get_method(spec.method).needs for spec in specs))
+    check_finite_model(model)
+    stats, info = gather_statistics(model, layers, needs, specs[0], calibration, loss_fn, progress, cache_base, runner)
+    check_finite_statistics(stats, needs)
+    return stats, info
+
+
 def _budget_params(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpec) -> int:
     """Parameters the allocated layers may use, after fixed layers (and, for scope 'model', the rest)."""
     fixed = sum(p.params_after for p in plans if not p.allocate)
@@ -229,10 +246,12 @@ def compress_(
     progress: bool = True,
     cache_base: Optional[Path] = None,
     statistics_model: Optional[nn.Module] = None,
+    statistics: Optional[dict[str, LayerStats]] = None,
 ) -> CompressionResult:
     """Factorize the layers `spec` targets, in place, with `spec.method`; returns the per-layer plan.
     `statistics_model`, a copy with the same weights (e.g. spread over accelerators with a device_map),
-    runs the calibration pass instead of `model`."""
+    runs the calibration pass instead of `model`. `statistics`, from ``gather_for`` over several specs,
+    replaces the pass (a sweep gathers once for all its points)."""
     method = get_method(spec.method)
     plans = plan_layers(model, spec)
     todo = {p.name: model.get_submodule(p.name) for p in plans if p.rank is not None or p.allocate}
@@ -241,8 +260,11 @@ def compress_(
     _check_budget(model, plans, spec)
     check_finite_model(model)
     start = time.perf_counter()
-    stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress, cache_base,
-                                    statistics_model)
+    if statistics is None:
+        stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress,
+                                        cache_base, statistics_model)
+    else:
+        stats, info = {name: statistics.get(name, LayerStats()) for name in todo}, {"passes": 0, "cache": None, "shared": True}
     check_finite_statistics(stats, set(method.needs))
     result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start}, info)
     start = time.perf_counter()

@@ -97,17 +97,41 @@ def _outputs(run, batches: list[Batch], desc: str, progress: bool) -> list[torch
         return [run(b) for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)]
 
 
-def validate(task: Task, spec: ValidationSpec, original: torch.nn.Module, compressed: torch.nn.Module,
-             batches: list[Batch], dense_onnx: Path, compressed_onnx: Path, vocab_size: int,
+@dataclass
+class Reference:
+    """The dense model's results that every compressed model is compared with, measured once."""
+
+    outputs: list[torch.Tensor]  # the original model's PyTorch outputs on the evaluation batches
+    metric: float
+    timings: dict[str, dict[str, dict]] = field(default_factory=dict)  # provider -> shape -> latency
+    skipped: dict[str, str] = field(default_factory=dict)  # provider -> why its dense graph was not timed
+
+
+def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batches: list[Batch], dense_onnx: Path,
+              vocab_size: int, progress: bool = True) -> Reference:
+    """Evaluate the original model in PyTorch and time its ONNX graph on every provider the spec names."""
+    outputs = _outputs(lambda b: run_torch(original, task, b), batches, "original (torch)", progress)
+    ref = Reference(outputs, task.metric(outputs, batches, outputs if task.needs_reference else None))
+    for provider in spec.providers:
+        session, reason = open_session(dense_onnx, provider.name)
+        if session is None:
+            ref.skipped[provider.name] = reason
+            continue
+        ref.timings[provider.name] = {shape: latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
+                                      for shape in spec.latency.shapes}
+    return ref
+
+
+def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: torch.nn.Module,
+             batches: list[Batch], compressed_onnx: Path, vocab_size: int,
              progress: bool = True, prompts: Optional[list[torch.Tensor]] = None) -> Validation:
-    """All checks; `prompts` (token ids, one row each) drive the greedy-generation check of decoders."""
-    original_out = _outputs(lambda b: run_torch(original, task, b), batches, "original (torch)", progress)
+    """All checks of a compressed model against the dense `reference`; `prompts` (token ids, one row
+    each) drive the greedy-generation check of decoders."""
     compressed_out = _outputs(lambda b: run_torch(compressed, task, b), batches, "compressed (torch)", progress)
-    reference = original_out if task.needs_reference else None
+    reference = dense.outputs if task.needs_reference else None
     prompts = prompts or []
     greedy = [greedy_torch(compressed, ids, spec.generation_tokens) for ids in prompts]
-    result = Validation(task.metric_name, task.metric(original_out, batches, reference),
-                        task.metric(compressed_out, batches, reference))
+    result = Validation(task.metric_name, dense.metric, task.metric(compressed_out, batches, reference))
     loss = metric_loss(task, result.original_torch, result.compressed_torch)
     result.checks.append(Check("metric loss (compressed torch)", loss <= spec.max_metric_loss,
                                f"{task.metric_name} {result.original_torch:.4f} -> {result.compressed_torch:.4f} "
@@ -126,16 +150,15 @@ def validate(task: Task, spec: ValidationSpec, original: torch.nn.Module, compre
         entry["parity"] = parity(ort_out[:n], compressed_out[:n], spec.atol, spec.rtol)
         entry["metric"] = task.metric(ort_out, batches, reference)
         entry["metric_loss"] = metric_loss(task, result.original_torch, entry["metric"])
-        dense_session, reason = open_session(dense_onnx, provider.name)
         entry["latency"] = []
-        if dense_session is None:
-            entry["latency_skipped"] = f"dense graph: {reason}"
-        for shape in spec.latency.shapes if dense_session is not None else []:
-            dense = latency(dense_session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
+        if provider.name in dense.skipped:
+            entry["latency_skipped"] = f"dense graph: {dense.skipped[provider.name]}"
+        for shape, dense_time in dense.timings.get(provider.name, {}).items():
             small = latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
-            point = {"shape": shape, "dense": dense, "compressed": small, "speedup": dense["median_ms"] / small["median_ms"]}
+            point = {"shape": shape, "dense": dense_time, "compressed": small,
+                     "speedup": dense_time["median_ms"] / small["median_ms"]}
             if "decode_per_token" in small:
-                point["decode_speedup"] = dense["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
+                point["decode_speedup"] = dense_time["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
             entry["latency"].append(point)
         if has_past(session) and prompts:
             matches = [greedy_ort(session, ids, spec.generation_tokens) == expected for ids, expected in zip(prompts, greedy)]
@@ -150,4 +173,7 @@ def validate(task: Task, spec: ValidationSpec, original: torch.nn.Module, compre
                                    f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
+    if all(e["status"] == "unavailable" for e in result.providers.values()):
+        result.checks.append(Check("onnx runtime: validated", False, "no execution provider ran the compressed graph, "
+                                   "so nothing was checked in ONNX Runtime"))
     return result
