@@ -24,6 +24,7 @@ from .stages.export import ONNX_FILE, export_onnx, inspect_graph
 from .stages.finetune import finetune_
 from .stages.models import load_for_statistics, load_model
 from .stages.outputs import resolve_output, staged_output
+from .stages.precision import make_variant
 from .stages.report import write_report
 from .stages.tasks import Task, get_task
 from .stages.validate import Check, Reference, reference, validate
@@ -159,11 +160,18 @@ def dense_stage(prepared: Prepared, folder: Path, clock: Clock, progress: bool) 
     onnx = export_onnx(prepared.model, prepared.tokenizer, folder, prepared.task.onnx_task(recipe.export.with_past),
                        recipe.export.opset)
     graph = inspect_graph(onnx, prepared.model)
+    variants = _variants(prepared, onnx)
     clock.lap("export (dense)")
     ref = reference(prepared.task, recipe.validation, prepared.model, prepared.evaluation, onnx,
-                    prepared.model.config.vocab_size, progress)
+                    prepared.model.config.vocab_size, progress, variants)
     clock.lap("validate (dense)")
     return Dense(onnx, graph, ref)
+
+
+def _variants(prepared: Prepared, graph: Path, recipe: Optional[Recipe] = None) -> dict[str, Path]:
+    """The recipe's other precisions of an fp32 graph, each in its own folder beside it."""
+    export = (recipe or prepared.recipe).export
+    return {p: make_variant(graph, p, export.int8_mode, prepared.calibration) for p in export.precisions if p != "fp32"}
 
 
 def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, clock: Clock, progress: bool,
@@ -179,10 +187,11 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
     small_onnx = export_onnx(compressed, prepared.tokenizer, folder / "onnx" / "compressed",
                              task.onnx_task(recipe.export.with_past), recipe.export.opset)
     graph = {"dense": dense.graph, "compressed": inspect_graph(small_onnx, compressed)}
+    variants = _variants(prepared, small_onnx, recipe)
     clock.lap("export")
     validation = validate(task, recipe.validation, dense.reference, compressed, prepared.evaluation, small_onnx,
                           prepared.model.config.vocab_size, progress,
-                          _prompts(recipe, prepared.tokenizer, prepared.evaluation))
+                          _prompts(recipe, prepared.tokenizer, prepared.evaluation), variants)
     clock.lap("validate")
     missing = graph["compressed"]["layers_missing_split"]
     if missing:
@@ -206,7 +215,8 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
         "validation": validation.to_dict(),
         "seconds": clock.seconds,
         "artifacts": {"checkpoint": "compressed", "onnx_dense": os.path.relpath(dense.onnx, folder),
-                      "onnx_compressed": os.path.relpath(small_onnx, folder)},
+                      "onnx_compressed": os.path.relpath(small_onnx, folder),
+                      **{f"onnx_compressed_{p}": os.path.relpath(g, folder) for p, g in variants.items()}},
         "passed": validation.passed,
     }
     write_report(report, folder)

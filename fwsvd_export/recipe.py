@@ -19,10 +19,12 @@ import yaml
 
 from .core.spec import CompressionSpec, LayerOverride
 from .errors import FwsvdError, SpecError
+from .stages.precision import PRECISIONS
 from .stages.tasks import TASKS
 
 # Allowed values come from the registries (methods: checked by CompressionSpec): a new task needs no edit here.
 Task = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+Precision = Literal[tuple(PRECISIONS)]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -79,6 +81,8 @@ class FinetuneSpec:
 class ExportSpec:
     opset: Optional[int] = None
     with_past: bool = True  # text-generation: export the key/value cache, so generate() runs in ONNX Runtime
+    precisions: list[Precision] = field(default_factory=lambda: ["fp32"])  # int8 (CPU), fp16 (CUDA): extra folders
+    int8_mode: Literal["dynamic", "static"] = "dynamic"  # static: QDQ calibrated on data.calibration
     output: str = "outputs/run"
 
 
@@ -104,6 +108,7 @@ class ValidationSpec:
     rtol: float = 1e-2
     parity_batches: int = 2
     max_metric_loss: float = 0.05
+    max_quantization_loss: float = 0.005  # int8/fp16 compressed against fp32 compressed (absolute; relative for perplexity)
     latency: LatencySpec = field(default_factory=LatencySpec)
     prompts: list[str] = field(default_factory=list)  # greedy generation check (text-generation with past)
     generation_tokens: int = 16
@@ -266,6 +271,8 @@ def _check(recipe: Recipe, origin: str) -> None:
             raise FwsvdError(f"{origin}: 'validation.latency.shapes[{i}]' must look like BATCHxSEQUENCE, got {shape!r}")
     if recipe.data.batch_size < 1 or recipe.data.max_length < 2:
         raise FwsvdError(f"{origin}: 'data.batch_size' must be >= 1 and 'data.max_length' >= 2")
+    if "fp32" not in recipe.export.precisions:
+        raise FwsvdError(f"{origin}: 'export.precisions' must include fp32 (the other precisions are made from it)")
     if not recipe.validation.providers:
         raise FwsvdError(f"{origin}: 'validation.providers' is empty; a run must validate on at least one provider")
     for name in ("calibration", "evaluation"):

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fwsvd_export"
 ALLOWED = {
     "core": {"core"},
     "stages": {"core", "stages", "recipe"},
-    "recipe": {"core", "stages.tasks"},
+    "recipe": {"core", "stages.tasks", "stages.precision"},
 }
 
 

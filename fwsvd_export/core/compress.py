@@ -18,7 +18,7 @@ from ..errors import FwsvdError
 from . import stats_cache
 from .allocate import Candidate, allocate_ranks
 from .batch import Batch
-from .factorize import break_even_rank, linear_weight, low_rank_from_linear, pays_off, rank_for_ratio, weighted_spectrum
+from .factorize import balance_, break_even_rank, linear_weight, low_rank_from_linear, pays_off, rank_for_ratio, weighted_spectrum
 from .families import family_of
 from .methods import get_method
 from .modules import linear_layers, set_module, tied_parameters
@@ -290,6 +290,8 @@ def compress_(
     for plan in tqdm([p for p in plans if p.rank is not None], desc="factorizing", unit="layer", disable=not progress):
         weighting = weightings[plan.name]
         module, factors = low_rank_from_linear(todo[plan.name], plan.rank, weighting.left, weighting.right)
+        if spec.balance_factors:
+            balance_(module)
         bad = next(filter(None, (_nonfinite(p.detach()) for p in module.parameters())), "")
         if bad:
             raise FwsvdError(f"the factors of layer '{plan.name}' hold {bad} although its weight and statistics are "

@@ -70,6 +70,7 @@ class CompressionSpec:
     memory_budget_gb: Optional[float] = None  # statistics memory; over it, layers are gathered in several passes
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, more time
     cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
+    balance_factors: bool = True  # equal norms per rank component in both factors: they then quantize alike
 
     def __post_init__(self) -> None:
         _finite(self)

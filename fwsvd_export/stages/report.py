@@ -63,6 +63,8 @@ def markdown(report: dict) -> str:
             lines += ["For decoders exported with the key/value cache, the first columns time the prefill at that shape.", ""]
             lines += [f"Linear-layer FLOP ratio (compressed / dense): {report['flop_ratio']:.3f}; "
                       "it bounds the speedup the factorized layers alone can give.", ""]
+    if val and val.get("variants"):
+        lines += _precisions(report)
     lines += ["## Layers", ""]
     if report.get("artifacts", {}).get("ranks_plot"):
         lines += ["![ranks per layer](ranks.png)", ""]
@@ -73,6 +75,40 @@ def markdown(report: dict) -> str:
          for p in comp["layers"]])
     lines += ["## Stage times (s)", ""] + _table(["stage", "seconds"], [[k, v] for k, v in report["seconds"].items()])
     return "\n".join(lines)
+
+
+def precision_rows(report: dict) -> list[list[Any]]:
+    """One row per (artifact, provider): the dense and compressed fp32 graphs and every precision variant,
+    with task metric, file size and the speed-up over dense fp32 at the first latency shape."""
+    val, sizes = report["validation"], report["sizes"]
+    rows = []
+    for name, entry in val["providers"].items():
+        if entry["status"] == "unavailable":
+            continue
+        first = entry["latency"][0] if entry["latency"] else None
+        rows.append(["dense-fp32", name, val["original_torch"], sizes["onnx_dense_bytes"] / 1e6, 1.0 if first else None])
+        rows.append(["compressed-fp32", name, entry["metric"], sizes["onnx_compressed_bytes"] / 1e6,
+                     first["speedup"] if first else None])
+    for variant, measured in val["variants"].items():
+        for name, entry in measured.items():
+            if not isinstance(entry, dict):
+                continue
+            if entry["status"] != "measured":
+                rows.append([variant, name, None, measured["bytes"] / 1e6, None])
+                continue
+            first = entry["latency"][0] if entry["latency"] else None
+            rows.append([variant, name, entry["metric"], measured["bytes"] / 1e6,
+                         first["speedup_vs_dense_fp32"] if first else None])
+    return rows
+
+
+def _precisions(report: dict) -> list[str]:
+    val = report["validation"]
+    lines = ["## Precisions", ""] + _table(
+        ["artifact", "provider", val["metric"], "ONNX MB", "speed-up vs dense fp32"], precision_rows(report))
+    lines += ["dense-fp32's metric is the PyTorch model's. A variant is validated on the providers it is meant for "
+              "(int8: CPU, fp16: CUDA); '-' marks one whose provider did not start.", ""]
+    return lines + [f"- {v}" for v in val["verdicts"]] + ([""] if val["verdicts"] else [])
 
 
 def plot_ranks(report: dict, path: Path) -> bool:

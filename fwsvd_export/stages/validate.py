@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .generation import timed, greedy_ort, greedy_torch, prefill_and_decode
 from .ort_io import feeds, has_past
+from .precision import PRECISIONS
 from ..core.batch import Batch
 from ..recipe import ValidationSpec
 from .tasks import Task, metric_loss, run_torch
@@ -41,6 +42,8 @@ class Validation:
     compressed_torch: float
     providers: dict = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
+    variants: dict = field(default_factory=dict)  # "dense-int8", "compressed-int8", ...: per provider
+    verdicts: list[str] = field(default_factory=list)  # plain statements, e.g. when a dense variant is the better pick
 
     @property
     def passed(self) -> bool:
@@ -48,7 +51,8 @@ class Validation:
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "original_torch": self.original_torch, "compressed_torch": self.compressed_torch,
-                "providers": self.providers, "checks": [c.as_dict() for c in self.checks], "passed": self.passed}
+                "providers": self.providers, "variants": self.variants, "verdicts": self.verdicts,
+                "checks": [c.as_dict() for c in self.checks], "passed": self.passed}
 
 
 def open_session(path: Path, provider: str) -> tuple[Optional[ort.InferenceSession], str]:
@@ -79,6 +83,15 @@ def parity(outputs: list[torch.Tensor], reference: list[torch.Tensor], atol: flo
             "passed": abs_err <= atol + rtol * scale}
 
 
+def relative_error(outputs: list[torch.Tensor], source: list[torch.Tensor], rtol: float) -> dict:
+    """||outputs - source|| / ||source|| over all batches (Frobenius): the error of a lower precision, which
+    max-error parity overstates on outputs with a few outlier features."""
+    diff = sum(float((o.float() - s.float()).square().sum()) for o, s in zip(outputs, source))
+    norm = sum(float(s.float().square().sum()) for s in source)
+    error = (diff / norm) ** 0.5 if norm else diff ** 0.5
+    return {"relative_error": error, "rtol": rtol, "passed": error <= rtol}
+
+
 def latency(session: ort.InferenceSession, shape: str, vocab_size: int, warmup: int, runs: int) -> dict:
     """Median and p90 wall time (ms) of one run at BATCHxSEQUENCE after warm-up; for a graph with a
     key/value cache, that run is the prefill, and one decode step is timed too."""
@@ -105,11 +118,44 @@ class Reference:
     metric: float
     timings: dict[str, dict[str, dict]] = field(default_factory=dict)  # provider -> shape -> latency
     skipped: dict[str, str] = field(default_factory=dict)  # provider -> why its dense graph was not timed
+    variants: dict[str, dict] = field(default_factory=dict)  # "dense-int8" -> provider -> measurements
+
+
+def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Path, source: list[torch.Tensor],
+                    batches: list[Batch], vocab_size: int, progress: bool, reference_out: Optional[list[torch.Tensor]],
+                    dense_timings: dict[str, dict[str, dict]]) -> dict:
+    """A precision variant on each provider it is meant for: task metric, parity against `source` (the
+    outputs of the fp32 model it was made from) within the precision's tolerance, latency and speed-up
+    against the dense fp32 graph."""
+    kind = PRECISIONS[precision]
+    result: dict = {"bytes": _bytes(graph.parent), "tolerance_rtol": kind.rtol}
+    for provider in spec.providers:
+        if provider.name not in kind.providers:
+            continue
+        session, reason = open_session(graph, provider.name)
+        if session is None:
+            result[provider.name] = {"status": "unavailable", "reason": reason}
+            continue
+        out = _outputs(lambda b: run_ort(session, task, b), batches, f"{graph.parent.name} (onnx, {provider.name})", progress)
+        n = max(1, spec.parity_batches)
+        entry = {"status": "measured", "metric": task.metric(out, batches, reference_out),
+                 "parity": relative_error(out[:n], source[:n], kind.rtol), "latency": []}
+        for shape, dense_time in dense_timings.get(provider.name, {}).items():
+            own = latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
+            entry["latency"].append({"shape": shape, "median_ms": own["median_ms"],
+                                     "speedup_vs_dense_fp32": dense_time["median_ms"] / own["median_ms"]})
+        result[provider.name] = entry
+    return result
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("model.onnx*"))
 
 
 def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batches: list[Batch], dense_onnx: Path,
-              vocab_size: int, progress: bool = True) -> Reference:
-    """Evaluate the original model in PyTorch and time its ONNX graph on every provider the spec names."""
+              vocab_size: int, progress: bool = True, variants: Optional[dict[str, Path]] = None) -> Reference:
+    """Evaluate the original model in PyTorch, time its ONNX graph on every provider the spec names,
+    and measure its precision `variants` (precision -> graph), the baselines a user could ship instead."""
     outputs = _outputs(lambda b: run_torch(original, task, b), batches, "original (torch)", progress)
     ref = Reference(outputs, task.metric(outputs, batches, outputs if task.needs_reference else None))
     for provider in spec.providers:
@@ -119,12 +165,17 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
             continue
         ref.timings[provider.name] = {shape: latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
                                       for shape in spec.latency.shapes}
+    for precision, graph in (variants or {}).items():
+        ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, vocab_size,
+                                                             progress, outputs if task.needs_reference else None,
+                                                             ref.timings)
     return ref
 
 
 def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: torch.nn.Module,
              batches: list[Batch], compressed_onnx: Path, vocab_size: int,
-             progress: bool = True, prompts: Optional[list[torch.Tensor]] = None) -> Validation:
+             progress: bool = True, prompts: Optional[list[torch.Tensor]] = None,
+             variants: Optional[dict[str, Path]] = None) -> Validation:
     """All checks of a compressed model against the dense `reference`; `prompts` (token ids, one row
     each) drive the greedy-generation check of decoders."""
     compressed_out = _outputs(lambda b: run_torch(compressed, task, b), batches, "compressed (torch)", progress)
@@ -173,7 +224,51 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: tor
                                    f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
+    _validate_variants(task, spec, dense, result, compressed_out, batches, vocab_size, progress, reference, variants or {},
+                       _bytes(compressed_onnx.parent))
     if all(e["status"] == "unavailable" for e in result.providers.values()):
         result.checks.append(Check("onnx runtime: validated", False, "no execution provider ran the compressed graph, "
                                    "so nothing was checked in ONNX Runtime"))
     return result
+
+
+def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, result: Validation,
+                       compressed_out: list[torch.Tensor], batches: list[Batch], vocab_size: int, progress: bool,
+                       reference_out: Optional[list[torch.Tensor]], variants: dict[str, Path], fp32_bytes: int) -> None:
+    """Measure the compressed model's precision variants, check each against the compressed fp32 model
+    (parity within the precision's tolerance, metric within max_quantization_loss), and say plainly
+    when a dense variant of the original model is the better pick."""
+    result.variants.update(dense.variants)
+    for precision, graph in variants.items():
+        name = f"compressed-{precision}"
+        measured = measure_variant(task, spec, precision, graph, compressed_out, batches, vocab_size, progress,
+                                   reference_out, dense.timings)
+        result.variants[name] = measured
+        for provider, entry in measured.items():
+            if not isinstance(entry, dict) or entry.get("status") != "measured":
+                continue
+            fp32 = result.providers.get(provider, {}).get("metric", result.compressed_torch)
+            loss = metric_loss(task, fp32, entry["metric"])
+            p = entry["parity"]
+            result.checks.append(Check(f"{provider}: {name} parity", p["passed"],
+                                       f"||{precision} - fp32|| / ||fp32|| = {p['relative_error']:.3f} "
+                                       f"(allowed {p['rtol']:g})"))
+            result.checks.append(Check(f"{provider}: {name} metric loss", loss <= spec.max_quantization_loss,
+                                       f"{task.metric_name} {fp32:.4f} (compressed fp32) -> {entry['metric']:.4f} "
+                                       f"(loss {loss:.4f}, allowed {spec.max_quantization_loss})"))
+    shipped = {"compressed-fp32": (fp32_bytes, {p: e.get("metric") for p, e in result.providers.items()})}
+    shipped.update({n: (v["bytes"], {p: e.get("metric") for p, e in v.items() if isinstance(e, dict)})
+                    for n, v in result.variants.items() if n.startswith("compressed-")})
+    for dense_name, measured in dense.variants.items():
+        for provider, entry in measured.items():
+            if not isinstance(entry, dict) or entry.get("status") != "measured":
+                continue
+            for name, (size, metrics) in shipped.items():
+                ours = metrics.get(provider)
+                if ours is None:
+                    continue
+                if metric_loss(task, ours, entry["metric"]) <= 0 and measured["bytes"] <= size:
+                    result.verdicts.append(
+                        f"{dense_name} beats {name} on {provider}: {task.metric_name} {entry['metric']:.4f} vs "
+                        f"{ours:.4f}, {measured['bytes'] / 1e6:.1f} MB vs {size / 1e6:.1f} MB; ship {dense_name} unless "
+                        "latency decides")

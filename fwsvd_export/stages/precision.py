@@ -1,0 +1,95 @@
+"""Deployment precisions of an exported fp32 graph, made with ONNX Runtime's own tools: int8 for the
+CPU (dynamic weight quantization, per-channel where the operator allows, or static QDQ calibrated on
+the recipe's calibration batches) and fp16 for CUDA (LayerNorm, Softmax and the other ops ONNX
+Runtime's converter keeps in fp32 stay fp32; inputs and outputs keep their types).
+
+Each variant is a folder beside its source (``onnx/compressed`` -> ``onnx/compressed-int8``) with the
+same config and tokenizer files, so optimum's ``ORTModelFor*`` loads it like the fp32 one.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import onnx
+import onnxruntime as ort
+
+from ..core.batch import Batch
+from .ort_io import feeds
+
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    providers: tuple[str, ...]  # where the variant is meant to run, so where it is validated
+    rtol: float  # parity: ||output - fp32 source's output|| / ||fp32 source's output|| allowed (Frobenius)
+
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p
+    for p in (
+        Precision("fp32", ("cpu", "cuda"), 0.0),  # validated by the recipe's own atol and rtol
+        # Measured on MiniLM-L6 (BENCHMARKS.md): well-behaved int8 hidden states differ by 0.2-0.4 of their
+        # norm (pooled embeddings keep cosine 0.99); a broken quantization gives about 1.
+        Precision("int8", ("cpu",), 0.5),
+        Precision("fp16", ("cuda",), 0.02),
+    )
+}
+# Ops kept in fp32 in the fp16 graph, beside the converter's own list: normalisations and softmax.
+FP16_KEEP = ["LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "Softmax"]
+
+
+class _Batches:
+    """ONNX Runtime's CalibrationDataReader protocol over the recipe's calibration batches."""
+
+    def __init__(self, session: ort.InferenceSession, batches: list[Batch]) -> None:
+        self._feeds: Iterator[dict] = (feeds(session, b.inputs) for b in batches)
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+
+def _copy_side_files(source: Path, target: Path) -> None:
+    """config.json, tokenizer files: everything but the graph and its weights."""
+    for path in source.iterdir():
+        if path.is_file() and not path.name.startswith("model.onnx"):
+            shutil.copy2(path, target / path.name)
+
+
+def _int8(source: Path, target: Path, mode: str, calibration: list[Batch]) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if mode == "dynamic":
+        # reduce_range (7-bit weights): without it, per-channel int8 MatMuls of the factorized graph saturate
+        # on x86 CPUs without VNNI and the model collapses (BENCHMARKS.md, "Precisions").
+        quantize_dynamic(source, target, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
+        return
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    quantize_static(source, target, _Batches(session, calibration), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8)
+
+
+def _fp16(source: Path, target: Path) -> None:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
+                                     op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP)
+    onnx.save(model, str(target))
+
+
+def make_variant(fp32_graph: Path, precision: str, int8_mode: str = "dynamic",
+                 calibration: list[Batch] | None = None) -> Path:
+    """Write `precision`'s copy of `fp32_graph` (``.../NAME/model.onnx``) to ``.../NAME-PRECISION/``."""
+    folder = fp32_graph.parent.with_name(f"{fp32_graph.parent.name}-{precision}")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / fp32_graph.name
+    makers: dict[str, Callable[[], None]] = {
+        "int8": lambda: _int8(fp32_graph, target, int8_mode, calibration or []),
+        "fp16": lambda: _fp16(fp32_graph, target),
+    }
+    makers[precision]()
+    _copy_side_files(fp32_graph.parent, folder)
+    return target

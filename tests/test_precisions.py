@@ -1,0 +1,91 @@
+"""Precision variants: int8 (CPU) and fp16 (CUDA) copies of the dense and the compressed graph, made by
+ONNX Runtime's own tools, loadable by optimum, and validated against their fp32 source."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from fwsvd_export.pipeline import run
+from fwsvd_export.recipe import load_recipe
+from fwsvd_export.stages.ort_io import feeds
+
+from conftest import write_recipe
+
+
+@pytest.fixture(scope="module")
+def precision_run(tmp_path_factory, bert_dir, data_dir):
+    folder = tmp_path_factory.mktemp("precisions")
+    source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
+    recipe = {
+        "model": {"path": str(bert_dir), "task": "text-classification"},
+        "data": {"calibration": dict(source, max_samples=32), "evaluation": dict(source), "max_length": 32, "batch_size": 8},
+        "compression": {"method": "kfac", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
+        "export": {"precisions": ["fp32", "int8", "fp16"]},
+        "validation": {"providers": [{"name": "cpu", "required": True}, {"name": "cuda"}], "max_metric_loss": 0.2,
+                       "max_quantization_loss": 0.1, "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 3}},
+    }
+    return run(load_recipe(write_recipe(folder, recipe)), folder / "out", progress=False)
+
+
+def test_every_artifact_gets_its_int8_and_fp16_folder_beside_the_fp32_one(precision_run):
+    onnx_dir = precision_run.output / "onnx"
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["compressed", "compressed-fp16", "compressed-int8",
+                                                          "dense", "dense-fp16", "dense-int8"]
+    for name in ("dense", "compressed"):
+        fp32 = onnx.load(str(onnx_dir / name / "model.onnx"))
+        int8 = onnx.load(str(onnx_dir / f"{name}-int8" / "model.onnx"))
+        fp16 = onnx.load(str(onnx_dir / f"{name}-fp16" / "model.onnx"))
+        assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in int8.graph.node}
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer)
+        assert [i.type for i in fp16.graph.input] == [i.type for i in fp32.graph.input]  # io types kept
+        assert (onnx_dir / f"{name}-int8" / "model.onnx").stat().st_size < 0.6 * (onnx_dir / name / "model.onnx").stat().st_size
+        assert (onnx_dir / f"{name}-int8" / "config.json").is_file()
+
+
+def test_the_int8_graph_loads_in_optimum_and_agrees_with_its_fp32_source(precision_run):
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    folder = precision_run.output / "onnx" / "compressed-int8"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    inputs = tokenizer(["the red fox runs over the hill", "a quiet blue lake"], padding=True, return_tensors="pt")
+    quantized = ORTModelForSequenceClassification.from_pretrained(folder, provider="CPUExecutionProvider")(**inputs).logits
+    session = ort.InferenceSession(str(precision_run.output / "onnx" / "compressed" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    fp32 = session.run(["logits"], feeds(session, dict(inputs)))[0]
+    error = np.linalg.norm(quantized.detach().numpy() - fp32) / np.linalg.norm(fp32)
+    assert 0 < error < 0.5  # quantized (not a copy), and close
+
+
+def test_the_report_validates_each_variant_where_it_runs_and_states_the_tolerance(precision_run):
+    report = json.loads((precision_run.output / "report.json").read_text())
+    variants = report["validation"]["variants"]
+    assert sorted(variants) == ["compressed-fp16", "compressed-int8", "dense-fp16", "dense-int8"]
+    int8 = variants["compressed-int8"]
+    assert int8["tolerance_rtol"] == 0.5 and int8["cpu"]["status"] == "measured"
+    assert int8["cpu"]["parity"]["relative_error"] <= 0.5 and int8["cpu"]["latency"][0]["speedup_vs_dense_fp32"] > 0
+    assert "cpu" not in variants["compressed-fp16"]  # fp16 is for CUDA
+    if not report["validation"]["providers"]["cuda"].get("status") == "passed":
+        assert variants["compressed-fp16"]["cuda"]["status"] == "unavailable"
+    names = [c["name"] for c in report["validation"]["checks"]]
+    assert "cpu: compressed-int8 parity" in names and "cpu: compressed-int8 metric loss" in names
+    table = (precision_run.output / "report.md").read_text()
+    assert "## Precisions" in table and "| dense-int8 | cpu |" in table and "| compressed-int8 | cpu |" in table
+
+
+def test_static_int8_is_calibrated_qdq(tmp_path, classifier_recipe):
+    classifier_recipe["export"] = {"precisions": ["fp32", "int8"], "int8_mode": "static"}
+    classifier_recipe["validation"]["max_quantization_loss"] = 1.0
+    result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
+    ops = {n.op_type for n in onnx.load(str(result.output / "onnx" / "compressed-int8" / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
+    assert result.report["validation"]["variants"]["compressed-int8"]["cpu"]["status"] == "measured"
+
+
+def test_fp32_must_stay_among_the_precisions(tmp_path, classifier_recipe):
+    from fwsvd_export.errors import FwsvdError
+    classifier_recipe["export"] = {"precisions": ["int8"]}
+    with pytest.raises(FwsvdError, match="'export.precisions' must include fp32"):
+        load_recipe(write_recipe(tmp_path, classifier_recipe))
