@@ -4,13 +4,30 @@ Python API in one breath::
 
     from fwsvd_export import CompressionSpec, compress_, load
     result = compress_(model, CompressionSpec(method="fwsvd", ratio=0.5), calibration_batches, task.loss)
-"""
-from .core import METHODS, CompressionResult, CompressionSpec, LowRankLinear, collect_statistics, compress_, factorize, plan_layers
-from .errors import FwsvdError
-from .pipeline import run
-from .recipe import Recipe, load_recipe
-from .stages.checkpoint import load, save_checkpoint
 
-__all__ = ["CompressionResult", "CompressionSpec", "FwsvdError", "LowRankLinear", "METHODS", "Recipe",
-           "collect_statistics", "compress_", "factorize", "load", "load_recipe", "plan_layers", "run", "save_checkpoint"]
+Names resolve on first use, so ``import fwsvd_export.core`` loads the core alone, without the recipe,
+the stages or the pipeline.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import FwsvdError
+
+_HOMES = {
+    **{name: ".core" for name in ("METHODS", "CompressionResult", "CompressionSpec", "LowRankLinear",
+                                  "collect_statistics", "compress_", "factorize", "plan_layers")},
+    "run": ".pipeline", "Recipe": ".recipe", "load_recipe": ".recipe",
+    "load": ".stages.checkpoint", "save_checkpoint": ".stages.checkpoint",
+}
+__all__ = sorted([*_HOMES, "FwsvdError"])
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'fwsvd_export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    globals()[name] = value
+    return value

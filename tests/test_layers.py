@@ -55,3 +55,53 @@ def test_the_checker_sees_a_violation():
     assert violations("core", [PACKAGE / "core" / "probe.py"], source) == [
         "fwsvd_export/core/probe.py imports fwsvd_export.recipe",
         "fwsvd_export/core/probe.py imports fwsvd_export.stages.data"]
+
+
+BLOCKED = ["recipe", "stages", "pipeline", "sweep", "cli"]
+CORE_ALONE = f"""
+import sys
+blocked = {["fwsvd_export." + m for m in BLOCKED]!r}
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in blocked):
+            raise ImportError(f"blocked: {{name}}")
+
+sys.meta_path.insert(0, Refuse())
+import torch
+from torch import nn
+from fwsvd_export.core import METHODS, Batch, CompressionSpec, compress_, factorize
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+    def get_input_embeddings(self):
+        return self.embed
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.relu(self.proj(self.embed(input_ids)))).mean(1)
+
+torch.manual_seed(0)
+model = Tiny()
+ids = torch.randint(0, 50, (4, 6))
+batch = Batch({{"input_ids": ids}}, torch.ones_like(ids).bool(), torch.tensor([0, 1, 2, 0]))
+loss = lambda m, b: nn.functional.cross_entropy(m(**b.inputs), b.labels, reduction="sum")
+result = compress_(model, CompressionSpec(method="kfac", target=["proj"], rank=4), [batch], loss, progress=False)
+assert result.summary()["compressed_layers"] == 1 and sorted(METHODS) and callable(factorize)
+loaded = sorted(m for m in sys.modules if m.startswith("fwsvd_export"))
+print(" ".join(loaded))
+"""
+
+
+def test_the_core_imports_and_compresses_with_every_upper_layer_blocked():
+    """The issue's own check: with the recipe, stages, pipeline, sweep and CLI unimportable, the core
+    still imports and compresses a model."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", CORE_ALONE], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = done.stdout.split()
+    assert "fwsvd_export.core.compress" in loaded
+    assert not [m for m in loaded if any(m.startswith(f"fwsvd_export.{b}") for b in BLOCKED)]
