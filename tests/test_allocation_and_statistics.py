@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from fwsvd_export.core.allocate import Candidate, allocate_ranks
 from fwsvd_export.core import compress_, factorized_layers
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.core import CompressionSpec, LayerOverride
+from fwsvd_export.core import Batch, CompressionSpec, LayerOverride
 from fwsvd_export.recipe import DataSource
 from fwsvd_export.stages.tasks import TASKS
 
@@ -191,3 +191,57 @@ def test_an_unreadable_cache_file_is_a_miss_that_is_gathered_again_and_replaced(
 def test_a_compression_spec_checks_itself_in_python_as_in_yaml(fields, key):
     with pytest.raises(FwsvdError, match=re.escape(f"'{key}'")):
         CompressionSpec(**fields)
+
+
+class _Misleading(torch.nn.Module):
+    """Layer `loud` has large singular values but barely reaches the output; `quiet` has small ones and
+    decides it. Plain spectra (svd) send the global budget to the wrong layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(10, 32)
+        self.loud, self.quiet = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False)
+        with torch.no_grad():
+            self.loud.weight.mul_(10)
+            self.quiet.weight.mul_(0.1)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        return 1e-3 * self.loud(x) + 100 * self.quiet(x)
+
+
+def _misleading_case():
+    model = _Misleading()
+    batches = []
+    for seed in range(5):
+        ids = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(seed))
+        batches.append(Batch({"input_ids": ids}, torch.ones_like(ids).bool(), labels=model(ids).detach()))
+    loss = lambda m, b: (m(**b.inputs) - b.labels).square().sum()  # noqa: E731
+    return model, batches, loss
+
+
+def test_the_allocation_check_ships_uniform_ranks_when_the_global_allocation_is_worse():
+    model, batches, loss = _misleading_case()
+    spec = CompressionSpec(method="svd", target=["loud", "quiet"], budget=0.3)
+    result = compress_(model, spec, batches, loss, progress=False)
+    check = result.allocation
+    assert check["winner"] == "uniform" and check["held_out"] and check["check_batches"] == 1
+    assert check["candidates"]["global"]["loss"] > 1.3 * check["candidates"]["uniform"]["loss"]
+    assert all(c["params"] <= 0.3 * 2 * 32 * 32 for c in check["candidates"].values())
+    assert model.quiet.rank == model.loud.rank  # what shipped is the uniform allocation
+    unchecked = compress_(_misleading_case()[0], CompressionSpec(method="svd", target=["loud", "quiet"], budget=0.3,
+                                                                  allocation_check=0), batches, loss, progress=False)
+    assert unchecked.allocation == {} and unchecked.layers[0].rank > unchecked.layers[1].rank  # global: loud first
+
+
+def test_the_allocation_check_keeps_the_global_allocation_when_it_is_better(bert, batches):
+    loss = TASKS["text-classification"].loss
+    result = compress_(bert, CompressionSpec(method="kfac", target=TARGET, budget=0.4), batches, loss, progress=False)
+    check = result.allocation
+    assert check["winner"] == min(check["candidates"], key=lambda k: check["candidates"][k]["loss"])
+    assert check["candidates"][check["winner"]]["loss"] <= check["candidates"]["uniform"]["loss"]
+    assert result.summary()["targeted_kept_ratio"] <= 0.4 + 1e-9

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..errors import FwsvdError
 from . import stats_cache
 from .allocate import Candidate, allocate_ranks
+from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch
 from .factorize import balance_, break_even_rank, linear_weight, low_rank_from_linear, pays_off, rank_for_ratio, weighted_spectrum
 from .families import family_of
@@ -46,6 +47,7 @@ class CompressionResult:
     layers: list[LayerPlan]
     seconds: dict[str, float] = field(default_factory=dict)  # statistics pass, factorization
     statistics: dict = field(default_factory=dict)  # passes made, cache hit or store
+    allocation: dict = field(default_factory=dict)  # budget: the candidates checked, their losses, the winner
 
     @property
     def compressed(self) -> list[LayerPlan]:
@@ -65,7 +67,8 @@ class CompressionResult:
         }
 
     def to_dict(self) -> dict:
-        return {"summary": self.summary(), "statistics": self.statistics, "layers": [asdict(p) for p in self.layers]}
+        return {"summary": self.summary(), "statistics": self.statistics, "allocation": self.allocation,
+                "layers": [asdict(p) for p in self.layers]}
 
 
 def _uniform_rank(in_f: int, out_f: int, ratio: Optional[float], rank: Optional[int], multiple: int) -> int:
@@ -214,10 +217,18 @@ def gather_for(model: nn.Module, specs: list[CompressionSpec], calibration: list
         layers.update({p.name: model.get_submodule(p.name) for p in plan_layers(model, spec)
                        if p.rank is not None or p.allocate})
     needs = set().union(*(get_method(spec.method).needs for spec in specs))
+    calibration = _split(specs[0], calibration, loss_fn)[0]  # the points' allocation checks hold out the same slice
     check_finite_model(model)
     stats, info = gather_statistics(model, layers, needs, specs[0], calibration, loss_fn, progress, cache_base, runner)
     check_finite_statistics(stats, needs)
     return stats, info
+
+
+def _split(spec: CompressionSpec, calibration: list[Batch], loss_fn: Optional[Callable]) -> tuple[list[Batch], list[Batch]]:
+    """(statistics batches, allocation-check batches): only a budget with a task loss is checked."""
+    if spec.budget is None or loss_fn is None:
+        return calibration, []
+    return held_out(calibration, spec.allocation_check)
 
 
 def _budget_params(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpec) -> int:
@@ -236,6 +247,24 @@ def _check_budget(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpe
     if allocated and budget < sum(spec.rank_multiple * (p.in_features + p.out_features) for p in allocated):
         raise FwsvdError(f"compression.budget {spec.budget:g} of {spec.budget_scope} parameters leaves "
                          f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.rank_multiple} each")
+
+
+def _checked(model: nn.Module, allocated: list[LayerPlan], todo: dict[str, nn.Module], weightings: dict, ranks: dict,
+             budget: int, spec: CompressionSpec, check: list[Batch], loss_fn: Callable, result: CompressionResult,
+             reused: bool) -> dict[str, Optional[int]]:
+    """The allocation that wins the check on held-out calibration batches; recorded in `result`."""
+    layers = [Layer(p.name, p.in_features, p.out_features, todo[p.name], weightings[p.name].left,
+                    weightings[p.name].right) for p in allocated]
+    options = candidates(layers, ranks, budget, spec.rank_multiple)
+    winner, scores = choose(model, layers, options, budget, check, loss_fn)
+    result.allocation = {
+        "winner": winner, "candidates": scores, "check_batches": len(check),
+        "held_out": not reused,  # with one calibration batch the check reuses it
+        "global_minus_winner_loss": scores["global"]["loss"] - scores[winner]["loss"],
+    }
+    for p in allocated:
+        p.reason += f"; '{winner}' ranks won the allocation check"
+    return options[winner]
 
 
 def compress_(
@@ -259,6 +288,7 @@ def compress_(
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
     _check_budget(model, plans, spec)
     check_finite_model(model)
+    calibration, check = _split(spec, calibration or [], loss_fn)
     start = time.perf_counter()
     if statistics is None:
         stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress,
@@ -282,6 +312,9 @@ def compress_(
                              * method.spectrum_scale(p.in_features, p.out_features))
                    for p in tqdm(allocated, desc="weighted spectra", unit="layer", disable=not progress)]
         ranks = allocate_ranks(spectra, budget, spec.rank_multiple)
+        if check:
+            ranks = _checked(model, allocated, todo, weightings, ranks, budget, spec, check, loss_fn, result,
+                             reused=check[0] is calibration[0])
         for p in allocated:
             p.rank = rank = ranks[p.name]
             p.params_after = p.params_before if rank is None else rank * (p.in_features + p.out_features)

@@ -71,6 +71,7 @@ class CompressionSpec:
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, more time
     cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
     balance_factors: bool = True  # equal norms per rank component in both factors: they then quantize alike
+    allocation_check: float = 0.2  # budget: calibration held out to pick global, uniform or a blend (0: trust global)
 
     def __post_init__(self) -> None:
         _finite(self)
@@ -91,6 +92,8 @@ class CompressionSpec:
             raise SpecError("rank_multiple", f"must be at least 1, got {self.rank_multiple}")
         if self.max_gram_size < 1:
             raise SpecError("max_gram_size", f"must be at least 1, got {self.max_gram_size}")
+        if not 0 <= self.allocation_check < 1:
+            raise SpecError("allocation_check", f"must be in [0, 1), got {self.allocation_check}")
         if not self.damping > 0:
             raise SpecError("damping", f"must be > 0 (it keeps weights invertible), got {self.damping}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:

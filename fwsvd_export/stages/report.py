@@ -30,6 +30,11 @@ def markdown(report: dict) -> str:
          ["targeted Linear parameters", summary["targeted_params_before"], summary["targeted_params_after"], summary["targeted_kept_ratio"]],
          ["ONNX file (bytes)", sizes.get("onnx_dense_bytes"), sizes.get("onnx_compressed_bytes"),
           (sizes.get("onnx_compressed_bytes") or 0) / (sizes.get("onnx_dense_bytes") or 1)]])
+    check = comp.get("allocation")
+    if check:
+        losses = ", ".join(f"{k} {v['loss']:.4g}" for k, v in check["candidates"].items())
+        lines += [f"Allocation check: **{check['winner']}** ranks had the lowest task loss on {check['check_batches']} "
+                  f"{'held-out ' if check['held_out'] else ''}calibration batches ({losses}).", ""]
     graph = report.get("graph", {})
     if graph:
         g = graph["compressed"]

@@ -1,0 +1,109 @@
+"""An allocation that checks itself. The global allocation ranks layers by a local second-order
+estimate made once on the dense model; cut every layer deeply and the errors compound, so the estimate
+can prefer an allocation that is worse than uniform ranks. Before committing, candidates (uniform, the
+global one, and blends between them) are applied to the model and scored by the real task loss on
+calibration batches the statistics never saw; the lowest loss wins, and the result says by how much.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .batch import Batch
+from .factorize import Factors, LowRankLinear, factorize, linear_weight, pays_off, rank_for_ratio
+from .modules import set_module
+
+BLENDS = (0.25, 0.5, 0.75)  # weight of the global ranks in the blended candidates
+
+
+@dataclass
+class Layer:
+    name: str
+    in_features: int
+    out_features: int
+    module: nn.Module  # the dense layer
+    left: object
+    right: object
+
+
+def held_out(calibration: list[Batch], fraction: float) -> tuple[list[Batch], list[Batch]]:
+    """(batches for the statistics, batches for the check): the last `fraction` of the batches, at least
+    one; with a single batch the check reuses it (the result says so)."""
+    if fraction <= 0 or not calibration:
+        return calibration, []
+    if len(calibration) == 1:
+        return calibration, calibration
+    k = min(len(calibration) - 1, max(1, round(fraction * len(calibration))))
+    return calibration[:-k], calibration[-k:]
+
+
+def _snap(rank: Optional[float], layer: Layer, multiple: int) -> Optional[int]:
+    if rank is None:
+        return None
+    rank = int(rank) // multiple * multiple if multiple > 1 else int(rank)
+    rank = max(multiple, rank)
+    return rank if pays_off(layer.in_features, layer.out_features, rank) else None
+
+
+def candidates(layers: list[Layer], global_ranks: dict[str, Optional[int]], budget: int,
+               multiple: int) -> dict[str, dict[str, Optional[int]]]:
+    """Uniform ranks spending the same parameter budget, the global ranks, and blends of the two."""
+    dense = sum(l.in_features * l.out_features for l in layers)
+    ratio = min(1.0, budget / dense)
+    uniform = {l.name: _snap(rank_for_ratio(l.in_features, l.out_features, ratio), l, multiple) for l in layers}
+    full = {l.name: min(l.in_features, l.out_features) for l in layers}
+    found = {"uniform": uniform, "global": dict(global_ranks)}
+    for alpha in BLENDS:
+        found[f"blend {alpha:g}"] = {
+            l.name: _snap(alpha * (global_ranks[l.name] or full[l.name]) + (1 - alpha) * (uniform[l.name] or full[l.name]),
+                          l, multiple)
+            for l in layers}
+    return found
+
+
+def _params(layers: list[Layer], ranks: dict[str, Optional[int]]) -> int:
+    return sum(l.in_features * l.out_features if ranks[l.name] is None else ranks[l.name] * (l.in_features + l.out_features)
+               for l in layers)
+
+
+def _module(layer: Layer, factors: Factors, rank: int) -> LowRankLinear:
+    weight = linear_weight(layer.module)
+    bias = getattr(layer.module, "bias", None)
+    module = LowRankLinear(layer.in_features, rank, layer.out_features, bias=bias is not None,
+                           dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        module.first.weight.copy_(factors.first[:rank])
+        module.second.weight.copy_(factors.second[:, :rank])
+        if bias is not None:
+            module.second.bias.copy_(bias.detach())
+    return module
+
+
+def choose(model: nn.Module, layers: list[Layer], options: dict[str, dict[str, Optional[int]]], budget: int,
+           check: list[Batch], loss_fn: Callable[[nn.Module, Batch], torch.Tensor]) -> tuple[str, dict]:
+    """Apply each candidate within `budget` in turn, score it by the summed task loss on `check`, put the
+    dense layers back, and return the winner's name and every candidate's loss and size."""
+    options = {k: v for k, v in options.items() if k in ("uniform", "global") or _params(layers, v) <= budget}
+    top = {l.name: max([r[l.name] or 0 for r in options.values()]) for l in layers}
+    factors = {l.name: factorize(linear_weight(l.module), top[l.name], l.left, l.right) for l in layers if top[l.name]}
+    scores: dict = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for name, ranks in options.items():
+            for l in layers:
+                if ranks[l.name] is not None:
+                    set_module(model, l.name, _module(l, factors[l.name], ranks[l.name]))
+            with torch.no_grad():
+                loss = sum(float(loss_fn(model, b)) for b in check)
+            scores[name] = {"loss": loss, "params": _params(layers, ranks)}
+            for l in layers:
+                set_module(model, l.name, l.module)
+    finally:
+        model.train(was_training)
+    finite = {k: v for k, v in scores.items() if v["loss"] == v["loss"]}
+    winner = min(finite or scores, key=lambda k: (scores[k]["loss"], k != "global"))
+    return winner, scores
