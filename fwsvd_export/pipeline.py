@@ -127,7 +127,8 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
     clock.lap("compress")
     finetune_loss: list[float] = []
     if recipe.finetune.epochs:
-        finetune_loss = finetune_(compressed, prepared.task, prepared.calibration, recipe.finetune, recipe.data.seed, progress)
+        finetune_loss = finetune_(compressed, prepared.task, prepared.calibration, recipe.finetune, recipe.data.seed, progress,
+                                  teacher=prepared.model)
         clock.lap("finetune")
     return compressed, result, finetune_loss
 

@@ -75,6 +75,9 @@ class FinetuneSpec:
     epochs: int = 0
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
+    objective: Literal["task", "distill"] = "task"  # distill: match the dense model's outputs (no labels needed)
+    temperature: float = 2.0  # distill: softening of both models' logits
+    train: Literal["factors", "factors+norms", "all"] = "factors"  # what moves; the rest has no optimizer state
 
 
 @dataclass
@@ -285,6 +288,8 @@ def _check(recipe: Recipe, origin: str) -> None:
                          "'validation.latency.warmup' >= 0")
     if any(not p.strip() for p in recipe.validation.prompts):
         raise FwsvdError(f"{origin}: 'validation.prompts' holds an empty prompt")
+    if recipe.finetune.temperature <= 0:
+        raise FwsvdError(f"{origin}: 'finetune.temperature' must be > 0, got {recipe.finetune.temperature}")
     if recipe.finetune.epochs < 0 or recipe.finetune.learning_rate <= 0:
         raise FwsvdError(f"{origin}: 'finetune.epochs' must be >= 0 and 'finetune.learning_rate' > 0")
 

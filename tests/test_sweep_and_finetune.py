@@ -16,7 +16,7 @@ from conftest import write_recipe
 
 def test_recovery_finetuning_trains_the_factors_and_ships_the_trained_model(tmp_path, classifier_recipe):
     classifier_recipe["compression"]["ratio"] = 0.3
-    classifier_recipe["finetune"] = {"epochs": 3, "learning_rate": 3e-3}
+    classifier_recipe["finetune"] = {"epochs": 3, "learning_rate": 3e-3, "train": "all"}
     result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
     losses = result.report["finetune"]["epoch_loss"]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -66,3 +66,21 @@ def test_sweep_over_budgets(tmp_path, classifier_recipe):
     assert result.exit_code == 0, result.output
     point = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"][0]
     assert point["method"] == "fwsvd" and point["budget"] == 0.5 and point["targeted_kept_ratio"] <= 0.5
+
+
+@pytest.mark.parametrize("recipe_name", ["classifier_recipe", "lm_recipe"])
+def test_distillation_trains_only_the_factors_toward_the_dense_model_and_ships_them(tmp_path, request, recipe_name):
+    from fwsvd_export.core import LowRankLinear
+    recipe = request.getfixturevalue(recipe_name)
+    recipe["compression"]["ratio"] = 0.3
+    recipe["finetune"] = {"epochs": 3, "learning_rate": 3e-3, "objective": "distill"}
+    result = run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", progress=False)
+    losses = result.report["finetune"]["epoch_loss"]
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]  # the distillation loss falls
+    assert result.report["validation"]["providers"]["cpu"]["parity"]["passed"]  # the export is the trained model
+    trained = fwsvd_export.load(result.output / "compressed")
+    original = type(trained).from_pretrained(recipe["model"]["path"])
+    factorized = {n for n, m in trained.named_modules() if isinstance(m, LowRankLinear)}
+    for name, param in trained.named_parameters():  # frozen weights are the dense model's, bit for bit
+        if not any(name.startswith(f + ".") for f in factorized):
+            assert torch.equal(param, original.get_parameter(name)), name

@@ -34,6 +34,8 @@ class Task:
     make_batches: Callable[[list[Record], DataSource, PreTrainedTokenizerBase, int, int, bool, object], list[Batch]]
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over samples, so grads are per-sample sums
     metric: Callable[[list[torch.Tensor], list[Batch], Optional[list[torch.Tensor]]], float]
+    # Distillation: (student output, dense teacher output, batch, temperature) -> loss summed over samples.
+    distill: Callable[[torch.Tensor, torch.Tensor, Batch, float], torch.Tensor]
     needs_reference: bool = False  # metric compares against the original model's outputs
     skip_empty: bool = False  # empty texts are dropped (they add no tokens), not reported as bad records
     onnx_task_with_past: Optional[str] = None  # exporter task with the key/value cache, if the task has one
@@ -96,6 +98,18 @@ def _cls_loss(model, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
 
 
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of temperature-softened distributions over the last axis, times T^2
+    (so its gradients keep their scale across temperatures), per position."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1) * temperature**2
+
+
+def _cls_distill(student, teacher, batch: Batch, temperature: float) -> torch.Tensor:
+    return _kl(student, teacher, temperature).sum()
+
+
 def _accuracy(outputs, batches, reference=None) -> float:
     correct = sum(int((o.argmax(-1) == b.labels).sum()) for o, b in zip(outputs, batches))
     return correct / sum(len(b.labels) for b in batches)
@@ -149,6 +163,12 @@ def _emb_loss(model, batch: Batch) -> torch.Tensor:
     anchors, positives = emb.chunk(2)
     scores = CONTRASTIVE_SCALE * anchors @ positives.T
     return F.cross_entropy(scores, torch.arange(len(anchors), device=scores.device), reduction="sum")
+
+
+def _emb_distill(student, teacher, batch: Batch, temperature: float) -> torch.Tensor:
+    """1 - cosine of the mean-pooled embeddings, summed over texts."""
+    mask = batch.inputs["attention_mask"]
+    return (1 - F.cosine_similarity(mean_pool(student.float(), mask), mean_pool(teacher.float(), mask), dim=-1)).sum()
 
 
 def _cosine_to_reference(outputs, batches, reference) -> float:
@@ -219,6 +239,13 @@ def _lm_loss(model, batch: Batch) -> torch.Tensor:
     return _lm_nll(model(**batch.inputs).logits, batch.labels)
 
 
+def _lm_distill(student, teacher, batch: Batch, temperature: float) -> torch.Tensor:
+    """Next-token KL per real token, averaged over each sequence's tokens, summed over sequences."""
+    mask = batch.token_mask.to(student.device).float()
+    per_token = _kl(student, teacher, temperature) * mask
+    return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+
+
 def _perplexity(outputs, batches, reference=None) -> float:
     nll = sum(float(_lm_nll(torch.as_tensor(o), b.labels)) for o, b in zip(outputs, batches))
     tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
@@ -229,11 +256,11 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("text-classification", AutoModelForSequenceClassification, "logits", "accuracy", True,
-             _cls_columns, _cls_batches, _cls_loss, _accuracy),
+             _cls_columns, _cls_batches, _cls_loss, _accuracy, _cls_distill),
         Task("feature-extraction", AutoModel, "last_hidden_state", "cosine_to_original", True,
-             _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, needs_reference=True),
+             _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, _emb_distill, needs_reference=True),
         Task("text-generation", AutoModelForCausalLM, "logits", "perplexity", False,
-             _lm_columns, _lm_batches, _lm_loss, _perplexity, skip_empty=True,
+             _lm_columns, _lm_batches, _lm_loss, _perplexity, _lm_distill, skip_empty=True,
              onnx_task_with_past="text-generation-with-past", generates=True),
     )
 }
