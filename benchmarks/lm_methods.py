@@ -156,7 +156,7 @@ def build_model(args, vocab: Vocab, train_blocks: torch.Tensor) -> tuple[nn.Modu
     batches = batches_of(train_blocks[:steps * args.batch], args.batch)
     start = time.perf_counter()
     history = finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=args.lr,
-                                                          weight_decay=args.weight_decay), args.seed)
+                                                          weight_decay=args.weight_decay, train="all"), args.seed)
     info = {"steps": len(batches) * args.epochs, "epochs": args.epochs,
             "train_tokens": len(batches) * args.epochs * args.batch * args.block,
             "seconds": time.perf_counter() - start,

@@ -73,7 +73,7 @@ def build_classifier(args, train, test, tokenizer, labels) -> tuple[torch.nn.Mod
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     batches = TASK.make_batches(train, SOURCE, tokenizer, args.max_length, 32, True, model.config)
     start = time.perf_counter()
-    finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=1e-4), args.seed)
+    finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=1e-4, train="all"), args.seed)
     seconds = time.perf_counter() - start
     model.save_pretrained(cache)
     return model.eval(), seconds
@@ -126,7 +126,7 @@ def main() -> None:
                 row = {"budget": budget, "method": method, "allocation": allocation,
                        "kept": result.summary()["targeted_kept_ratio"], "accuracy": accuracy(compressed, test_batches)}
                 if method in args.recovery_methods.split(","):
-                    finetune_(compressed, TASK, recovery, FinetuneSpec(epochs=1, learning_rate=5e-5), args.seed, False)
+                    finetune_(compressed, TASK, recovery, FinetuneSpec(epochs=1, learning_rate=5e-5, train="all"), args.seed, False)
                     row["accuracy_recovered"] = accuracy(compressed, test_batches)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
