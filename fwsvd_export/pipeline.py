@@ -74,16 +74,34 @@ def linear_flop_ratio(plans: list) -> float:
     return sum(p["params_after"] for p in plans) / before if before else 1.0
 
 
+def _peak_rss_mb(reset: bool) -> float:
+    """The process's peak resident memory since the last reset (Linux: VmHWM, reset through clear_refs);
+    elsewhere the peak since start."""
+    try:
+        with open("/proc/self/status") as status:
+            peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+        if reset:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+        return peak
+    except (OSError, StopIteration, ValueError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Clock:
-    """Wall time of each stage, in order."""
+    """Wall time and peak host memory of each stage, in order."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
         self._last = time.perf_counter()
+        _peak_rss_mb(reset=True)
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
         self.seconds[stage] = now - self._last
+        self.peak_rss_mb[stage] = round(_peak_rss_mb(reset=True), 1)
         self._last = now
 
 
@@ -99,6 +117,7 @@ class Prepared:
     calibration: list[Batch]
     evaluation: list[Batch]
     runner: Optional[nn.Module]  # a copy placed with the recipe's device_map for the statistics pass
+    dense_params: int = 0
 
 
 def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -> Prepared:
@@ -113,14 +132,17 @@ def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -
     runner = load_for_statistics(recipe, location) if needs else None
     if runner is not None:
         clock.lap("load model (device_map)")
-    return Prepared(recipe, task, model, tokenizer, location, calibration, evaluation, runner)
+    return Prepared(recipe, task, model, tokenizer, location, calibration, evaluation, runner, count_params(model))
 
 
 def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: bool,
-                   statistics: Optional[dict[str, LayerStats]] = None) -> tuple[nn.Module, CompressionResult, list[float]]:
-    """Factorize a copy of the dense model per `recipe` (with `statistics` when a sweep gathered them),
-    then fine-tune it if the recipe asks."""
-    compressed = copy.deepcopy(prepared.model)
+                   statistics: Optional[dict[str, LayerStats]] = None,
+                   last: bool = False) -> tuple[nn.Module, CompressionResult, list[float]]:
+    """Factorize the dense model per `recipe` (with `statistics` when a sweep gathered them), then
+    fine-tune it if the recipe asks. When this is the `last` use of the dense model (and distillation
+    does not need it as teacher), it is factorized in place: the host holds one copy of the model."""
+    teacher_needed = recipe.finetune.epochs and recipe.finetune.objective == "distill"
+    compressed = prepared.model if last and not teacher_needed else copy.deepcopy(prepared.model)
     result = compress_(compressed, recipe.compression, prepared.calibration, prepared.task.loss, progress,
                        Path(recipe.base_dir or "."), statistics_model=prepared.runner, statistics=statistics)
     clock.seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
@@ -139,7 +161,7 @@ def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress:
     with staged_output(folder) as staged:
         clock = Clock()
         prepared = prepare(recipe, clock)
-        compressed, result, _ = compress_stage(prepared, recipe, clock, progress)
+        compressed, result, _ = compress_stage(prepared, recipe, clock, progress, last=True)
         compression = result.to_dict()
         save_checkpoint(compressed, prepared.tokenizer, staged.path, recipe.model.task, compression, recipe.to_dict(),
                         prepared.location)
@@ -176,11 +198,11 @@ def _variants(prepared: Prepared, graph: Path, recipe: Optional[Recipe] = None) 
 
 
 def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, clock: Clock, progress: bool,
-                statistics: Optional[dict[str, LayerStats]] = None) -> dict:
+                statistics: Optional[dict[str, LayerStats]] = None, last: bool = False) -> dict:
     """One compressed model: factorize, checkpoint, export, validate against `dense`; writes its report
-    into `folder` and returns it."""
+    into `folder` and returns it. `last`: no later point needs the dense model."""
     task = prepared.task
-    compressed, result, finetune_loss = compress_stage(prepared, recipe, clock, progress, statistics)
+    compressed, result, finetune_loss = compress_stage(prepared, recipe, clock, progress, statistics, last)
     compression = result.to_dict()
     save_checkpoint(compressed, prepared.tokenizer, folder / "compressed", task.name, compression, recipe.to_dict(),
                     prepared.location)
@@ -206,7 +228,7 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
         "compression": compression,
         "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss},
         "sizes": {
-            "params_dense": count_params(prepared.model),
+            "params_dense": prepared.dense_params,
             "params_compressed": count_params(compressed),
             "onnx_dense_bytes": _bytes(dense.onnx.parent),
             "onnx_compressed_bytes": _bytes(small_onnx.parent),
@@ -215,6 +237,7 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
         "graph": graph,
         "validation": validation.to_dict(),
         "seconds": clock.seconds,
+        "peak_rss_mb": clock.peak_rss_mb,  # per stage: the host memory high-water mark while it ran
         "artifacts": {"checkpoint": "compressed", "onnx_dense": os.path.relpath(dense.onnx, folder),
                       "onnx_compressed": os.path.relpath(small_onnx, folder),
                       **{f"onnx_compressed_{p}": os.path.relpath(g, folder) for p, g in variants.items()}},
@@ -231,7 +254,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
     with staged_output(folder) as staged:
         prepared = prepare(recipe, clock)
         dense = dense_stage(prepared, staged.path / "onnx" / "dense", clock, progress)
-        report = point_stage(prepared, dense, recipe, staged.path, clock, progress)
+        report = point_stage(prepared, dense, recipe, staged.path, clock, progress, last=True)
         report["output_notes"] = staged.notes
         write_report(report, staged.path)
     return RunResult(folder, report)

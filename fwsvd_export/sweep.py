@@ -121,10 +121,11 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
         dense = dense_stage(prepared, staged.path / "dense", clock, progress)
         shared = {"seconds": clock.seconds, "statistics": info, "dense_onnx": "dense/model.onnx"}
         points: list[dict] = []
-        for method, value, recipe in plan:
+        for i, (method, value, recipe) in enumerate(plan):
             name = f"{method}-{kind}{value:g}"
             (staged.path / name).mkdir()
-            report = point_stage(prepared, dense, recipe, staged.path / name, Clock(), progress, statistics)
+            report = point_stage(prepared, dense, recipe, staged.path / name, Clock(), progress, statistics,
+                                 last=i == len(plan) - 1)
             points.append(_point(method, kind, value, name, report))
             (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "shared": shared, "points": points}, indent=2))
         (staged.path / "sweep.md").write_text(_markdown(points, kind))

@@ -128,3 +128,11 @@ def test_a_required_provider_that_cannot_run_fails_the_run(tmp_path, classifier_
         pytest.skip("this machine really runs CUDA")
     assert cuda["status"] == "unavailable" and cuda["reason"]
     assert not result.passed
+
+
+def test_a_run_reports_peak_host_memory_per_stage(tmp_path, classifier_recipe):
+    result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
+    peaks = result.report["peak_rss_mb"]
+    assert set(peaks) == set(result.report["seconds"]) - {"compress: statistics", "compress: factorize"}
+    assert all(0 < mb < 64 * 1024 for mb in peaks.values())
+    assert "peak host memory (MB)" in (result.output / "report.md").read_text()

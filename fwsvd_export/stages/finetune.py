@@ -55,7 +55,7 @@ def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: Finetune
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
     order = random.Random(seed)
     history = []
-    model.train()
+    model.train(spec.objective == "task")  # distillation matches the teacher's deterministic outputs: no dropout
     try:
         with tqdm(total=steps, desc=f"recovery fine-tuning ({spec.objective})", unit="step", disable=not progress) as bar:
             for _ in range(spec.epochs):

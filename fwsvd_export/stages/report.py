@@ -78,7 +78,9 @@ def markdown(report: dict) -> str:
         [[p["name"], f"{p['out_features']}x{p['in_features']}", p["rank"] if p["rank"] is not None else "dense",
           p["params_after"] / p["params_before"], p["weighted_error"], "; ".join([p["reason"]] + p["notes"])]
          for p in comp["layers"]])
-    lines += ["## Stage times (s)", ""] + _table(["stage", "seconds"], [[k, v] for k, v in report["seconds"].items()])
+    peaks = report.get("peak_rss_mb", {})
+    lines += ["## Stages", ""] + _table(["stage", "seconds", "peak host memory (MB)"],
+                                        [[k, v, peaks.get(k)] for k, v in report["seconds"].items()])
     return "\n".join(lines)
 
 
