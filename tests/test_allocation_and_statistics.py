@@ -245,3 +245,33 @@ def test_the_allocation_check_keeps_the_global_allocation_when_it_is_better(bert
     assert check["winner"] == min(check["candidates"], key=lambda k: check["candidates"][k]["loss"])
     assert check["candidates"][check["winner"]]["loss"] <= check["candidates"]["uniform"]["loss"]
     assert result.summary()["targeted_kept_ratio"] <= 0.4 + 1e-9
+
+
+def test_sequential_statistics_equal_the_one_pass_ones_while_nothing_before_is_compressed(bert, batches):
+    """Block 0 kept dense: block 1's sequential statistics are taken through an unchanged model, so its
+    factors are exactly the one-pass ones."""
+    loss = TASKS["text-classification"].loss
+    keep = {r"layer\.0\.": LayerOverride(ratio=1.0)}
+    one = copy.deepcopy(bert)
+    compress_(one, CompressionSpec(method="kfac", target=TARGET, ratio=0.4, overrides=keep), batches, loss, progress=False)
+    seq = copy.deepcopy(bert)
+    result = compress_(seq, CompressionSpec(method="kfac", target=TARGET, ratio=0.4, overrides=keep, sequential=True),
+                       batches, loss, progress=False)
+    assert "sequential statistics" in result.seconds
+    pairs = list(zip(factorized_layers(one).items(), factorized_layers(seq).items()))
+    assert pairs and all("layer.1." in name for (name, _), _ in pairs)
+    for (name, a), (_, b) in pairs:
+        torch.testing.assert_close(a.first.weight, b.first.weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sequential_calibration_sees_the_earlier_blocks_errors(bert, batches):
+    loss = TASKS["text-classification"].loss
+    one, seq = copy.deepcopy(bert), copy.deepcopy(bert)
+    compress_(one, CompressionSpec(method="kfac", target=TARGET, ratio=0.3), batches, loss, progress=False)
+    compress_(seq, CompressionSpec(method="kfac", target=TARGET, ratio=0.3, sequential=True), batches, loss, progress=False)
+    layers_one, layers_seq = factorized_layers(one), factorized_layers(seq)
+    first = [n for n in layers_one if "layer.0." in n]
+    later = [n for n in layers_one if "layer.1." in n]
+    for name in first:  # the first block sees the dense model either way
+        torch.testing.assert_close(layers_one[name].first.weight, layers_seq[name].first.weight)
+    assert any(not torch.allclose(layers_one[n].first.weight, layers_seq[n].first.weight, atol=1e-4) for n in later)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,7 +21,7 @@ from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch
 from .factorize import balance_, break_even_rank, linear_weight, low_rank_from_linear, pays_off, rank_for_ratio, weighted_spectrum
 from .families import family_of
-from .methods import get_method
+from .methods import Weighting, get_method
 from .modules import linear_layers, set_module, tied_parameters
 from .spec import CompressionSpec
 from .statistics import LayerStats, collect_statistics, statistic_bytes
@@ -320,20 +320,52 @@ def compress_(
             p.params_after = p.params_before if rank is None else rank * (p.in_features + p.out_features)
             if rank is None:
                 p.reason += "; kept dense by the allocation"
-    for plan in tqdm([p for p in plans if p.rank is not None], desc="factorizing", unit="layer", disable=not progress):
-        weighting = weightings[plan.name]
-        module, factors = low_rank_from_linear(todo[plan.name], plan.rank, weighting.left, weighting.right)
-        if spec.balance_factors:
-            balance_(module)
-        bad = next(filter(None, (_nonfinite(p.detach()) for p in module.parameters())), "")
-        if bad:
-            raise FwsvdError(f"the factors of layer '{plan.name}' hold {bad} although its weight and statistics are "
-                             f"finite; a larger compression.damping (now {spec.damping:g}) steadies the weighting")
-        energy = factors.singular_values.square()
-        plan.weighted_error = float((energy[plan.rank:].sum() / energy.sum().clamp(min=1e-300)).sqrt())
-        plan.notes = weighting.notes + ([f"shares input statistics with {stats[plan.name].shares_input_with}"]
-                                        if stats[plan.name].shares_input_with else [])
-        set_module(model, plan.name, module)
-    result.seconds["factorize"] = time.perf_counter() - start
+    chosen = [p for p in plans if p.rank is not None]
+    sequential = spec.sequential and bool(method.needs)
+    # Sequential: blocks in model order (kept-dense layers place their block too); each after the first is
+    # calibrated through the model as factorized so far.
+    blocks = [[p for p in b if p.rank is not None] for b in _blocks(plans)] if sequential else [chosen]
+    bar = tqdm(total=len(chosen), desc="factorizing" + (" (sequential)" if sequential else ""), unit="layer",
+               disable=not progress)
+    for i, block in enumerate(blocks):
+        if i and block:  # earlier blocks are factorized now: their errors reach this block's statistics
+            clock = time.perf_counter()
+            fresh, _ = gather_statistics(model, {p.name: todo[p.name] for p in block}, set(method.needs),
+                                         replace(spec, cache_dir=None), calibration, loss_fn, False)
+            check_finite_statistics(fresh, set(method.needs))
+            stats.update(fresh)
+            weightings.update({p.name: method.build(fresh[p.name], spec.damping) for p in block})
+            result.seconds["sequential statistics"] = result.seconds.get("sequential statistics", 0.0) + time.perf_counter() - clock
+        for plan in block:
+            _factorize(model, plan, todo[plan.name], weightings[plan.name], stats[plan.name], spec)
+            bar.update(1)
+    bar.close()
+    result.seconds["factorize"] = time.perf_counter() - start - result.seconds.get("sequential statistics", 0.0)
     return result
+
+
+def _blocks(plans: list[LayerPlan]) -> list[list[LayerPlan]]:
+    """Plans grouped by transformer block (the name up to its first index, e.g. 'model.layers.3'), in model order."""
+    groups: dict[str, list[LayerPlan]] = {}
+    for plan in plans:
+        match = re.match(r"(.*?\.\d+)\.", plan.name)
+        groups.setdefault(match.group(1) if match else plan.name, []).append(plan)
+    return list(groups.values())
+
+
+def _factorize(model: nn.Module, plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: LayerStats,
+               spec: CompressionSpec) -> None:
+    """Replace one layer by its factorization, in place; the plan gets its error and notes."""
+    module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right)
+    if spec.balance_factors:
+        balance_(module)
+    bad = next(filter(None, (_nonfinite(p.detach()) for p in module.parameters())), "")
+    if bad:
+        raise FwsvdError(f"the factors of layer '{plan.name}' hold {bad} although its weight and statistics are "
+                         f"finite; a larger compression.damping (now {spec.damping:g}) steadies the weighting")
+    energy = factors.singular_values.square()
+    plan.weighted_error = float((energy[plan.rank:].sum() / energy.sum().clamp(min=1e-300)).sqrt())
+    plan.notes = weighting.notes + ([f"shares input statistics with {stats.shares_input_with}"]
+                                    if stats.shares_input_with else [])
+    set_module(model, plan.name, module)
 

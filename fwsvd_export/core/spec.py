@@ -71,6 +71,7 @@ class CompressionSpec:
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, more time
     cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
     balance_factors: bool = True  # equal norms per rank component in both factors: they then quantize alike
+    sequential: bool = False  # block by block, each block's statistics taken through the already-factorized ones
     allocation_check: float = 0.2  # budget: calibration held out to pick global, uniform or a blend (0: trust global)
 
     def __post_init__(self) -> None:
