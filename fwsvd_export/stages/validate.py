@@ -6,9 +6,14 @@ otherwise it is reported as unavailable with the reason, never as passed.
 """
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import onnxruntime as ort
 import torch
@@ -22,7 +27,6 @@ from ..recipe import ValidationSpec
 from .tasks import Task, metric_loss, run_torch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-ort.set_default_logger_severity(4)  # a provider's failed start is detected and reported, not printed as an error
 
 
 @dataclass
@@ -55,13 +59,33 @@ class Validation:
                 "checks": [c.as_dict() for c in self.checks], "passed": self.passed}
 
 
+@contextmanager
+def _stderr_to_log() -> Iterator[None]:
+    """Send what native code prints on stderr meanwhile (ONNX Runtime's provider-loading errors) to the
+    'fwsvd_export' log at debug level; no logger setting of ONNX Runtime is touched."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                logging.getLogger("fwsvd_export").debug("onnxruntime: %s", text)
+
+
 def open_session(path: Path, provider: str) -> tuple[Optional[ort.InferenceSession], str]:
     """A session that really runs on `provider` (short name), or None and the reason it does not."""
     name = PROVIDERS[provider]
     if name not in ort.get_available_providers():
         return None, f"{name} is not in this onnxruntime build (has {', '.join(ort.get_available_providers())})"
     try:
-        session = ort.InferenceSession(str(path), providers=[name])
+        with _stderr_to_log():  # a provider's failed start is detected and reported below, not printed as an error
+            session = ort.InferenceSession(str(path), providers=[name])
     except Exception as exc:  # provider libraries that fail to load raise on some builds
         return None, f"{name} failed to start: {exc}"
     used = session.get_providers()

@@ -1,0 +1,43 @@
+"""Using the package changes no global setting of the libraries around it."""
+import subprocess
+import sys
+
+import onnxruntime as ort
+import pytest
+
+PROBE = """
+import sys
+from pathlib import Path
+import fwsvd_export.cli, fwsvd_export.stages.validate, fwsvd_export.sweep  # everything the CLI loads
+import onnx, onnxruntime as ort
+from onnx import TensorProto, helper
+graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), sys.argv[1])
+ort.InferenceSession(sys.argv[1], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+"""
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs onnxruntime-gpu")
+def test_importing_the_package_leaves_onnx_runtime_logging_as_it_was(tmp_path):
+    """On a machine without CUDA libraries, ONNX Runtime itself reports the failed provider on stderr;
+    it still does after the package is imported (the tool silences only its own sessions)."""
+    from fwsvd_export.stages.validate import open_session
+    done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "m.onnx")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    session, reason = open_session(tmp_path / "m.onnx", "cuda")
+    if session is not None:
+        pytest.skip("CUDA starts on this machine: ONNX Runtime has nothing to report")
+    assert "CUDAExecutionProvider" in done.stderr and "could not start" in reason
+
+
+def test_the_sweep_plots_without_touching_matplotlibs_backend(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    from fwsvd_export.sweep import plot
+    matplotlib.use("svg")
+    points = [{"method": "kfac", "model_kept_ratio": r, "compressed_torch": 0.9 - r / 10, "original": 0.95, "metric": "accuracy",
+               "providers": {"cpu": {"compressed_ms": 10 * r, "metric": 0.9, "dense_ms": 12.0}}} for r in (0.3, 0.6)]
+    written = plot(points, tmp_path)
+    assert [p.name for p in written] == ["metric_vs_params.png", "metric_vs_latency_cpu.png"]
+    assert matplotlib.get_backend() == "svg"
