@@ -100,6 +100,7 @@ class LatencySpec:
     shapes: list[str] = field(default_factory=lambda: ["1x128"])
     warmup: int = 5
     runs: int = 30
+    threads: Optional[int] = None  # ONNX Runtime intra-op threads for every timed session (null: every core)
 
 
 @dataclass
@@ -283,6 +284,8 @@ def _check(recipe: Recipe, origin: str) -> None:
         if stride is not None and not 1 <= stride <= recipe.data.max_length:
             raise FwsvdError(f"{origin}: 'data.{name}.stride' must be between 1 and data.max_length ({recipe.data.max_length})")
     lat = recipe.validation.latency
+    if lat.threads is not None and lat.threads < 1:
+        raise FwsvdError(f"{origin}: 'validation.latency.threads' must be >= 1 (or null for every core), got {lat.threads}")
     if lat.runs < 1 or lat.warmup < 0 or recipe.validation.parity_batches < 1 or recipe.validation.generation_tokens < 1:
         raise FwsvdError(f"{origin}: 'validation.latency.runs', 'parity_batches' and 'generation_tokens' must be >= 1, "
                          "'validation.latency.warmup' >= 0")

@@ -78,14 +78,22 @@ def _stderr_to_log() -> Iterator[None]:
                 logging.getLogger("fwsvd_export").debug("onnxruntime: %s", text)
 
 
-def open_session(path: Path, provider: str) -> tuple[Optional[ort.InferenceSession], str]:
-    """A session that really runs on `provider` (short name), or None and the reason it does not."""
+def threads(spec: ValidationSpec) -> int:
+    """Intra-op threads of every session the tool times: the recipe's, else every core."""
+    return spec.latency.threads or os.cpu_count() or 1
+
+
+def open_session(path: Path, provider: str, intra_op_threads: int = 0) -> tuple[Optional[ort.InferenceSession], str]:
+    """A session that really runs on `provider` (short name), or None and the reason it does not.
+    `intra_op_threads` 0 leaves ONNX Runtime's default."""
     name = PROVIDERS[provider]
     if name not in ort.get_available_providers():
         return None, f"{name} is not in this onnxruntime build (has {', '.join(ort.get_available_providers())})"
     try:
         with _stderr_to_log():  # a provider's failed start is detected and reported below, not printed as an error
-            session = ort.InferenceSession(str(path), providers=[name])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = intra_op_threads
+            session = ort.InferenceSession(str(path), options, providers=[name])
     except Exception as exc:  # provider libraries that fail to load raise on some builds
         return None, f"{name} failed to start: {exc}"
     used = session.get_providers()
@@ -156,7 +164,7 @@ def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Pat
     for provider in spec.providers:
         if provider.name not in kind.providers:
             continue
-        session, reason = open_session(graph, provider.name)
+        session, reason = open_session(graph, provider.name, threads(spec))
         if session is None:
             result[provider.name] = {"status": "unavailable", "reason": reason}
             continue
@@ -183,7 +191,7 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
     outputs = _outputs(lambda b: run_torch(original, task, b), batches, "original (torch)", progress)
     ref = Reference(outputs, task.metric(outputs, batches, outputs if task.needs_reference else None))
     for provider in spec.providers:
-        session, reason = open_session(dense_onnx, provider.name)
+        session, reason = open_session(dense_onnx, provider.name, threads(spec))
         if session is None:
             ref.skipped[provider.name] = reason
             continue
@@ -212,9 +220,9 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: tor
                                f"{task.metric_name} {result.original_torch:.4f} -> {result.compressed_torch:.4f} "
                                f"(loss {loss:.4f}, allowed {spec.max_metric_loss})"))
     for provider in spec.providers:
-        entry: dict = {"provider": PROVIDERS[provider.name], "required": provider.required}
+        entry: dict = {"provider": PROVIDERS[provider.name], "required": provider.required, "threads": threads(spec)}
         result.providers[provider.name] = entry
-        session, reason = open_session(compressed_onnx, provider.name)
+        session, reason = open_session(compressed_onnx, provider.name, threads(spec))
         if session is None:
             entry.update(status="unavailable", reason=reason)
             if provider.required:
