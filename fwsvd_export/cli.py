@@ -10,6 +10,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -104,7 +105,10 @@ def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], q
     from .pipeline import run
     from .recipe import load_recipe
 
-    result = run(load_recipe(recipe, overrides), output, progress=not quiet)
+    loaded = load_recipe(recipe, overrides)
+    if _lent(loaded):
+        return
+    result = run(loaded, output, progress=not quiet)
     summary = result.report["compression"]["summary"]
     click.echo(f"{'PASSED' if result.passed else 'FAILED'}: {summary['compressed_layers']} layers factorized with "
                f"{summary['method']}, {summary['targeted_kept_ratio']:.1%} of targeted parameters kept")
@@ -114,6 +118,18 @@ def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], q
         click.echo(f"  note: {note}")
     click.echo(f"report: {result.output / 'report.md'}")
     sys.exit(0 if result.passed else EXIT_FAILED)
+
+
+def _lent(recipe) -> bool:
+    """Under torchrun with several processes: ranks other than 0 lend their share of the statistics
+    pass and stop (True); rank 0 goes on to do the whole run."""
+    from .core import distributed
+    from .pipeline import lend_statistics
+
+    if not distributed.init_from_environment() or distributed.world()[0] == 0:
+        return False
+    lend_statistics(recipe)
+    return True
 
 
 @main.command("compress")
@@ -127,7 +143,10 @@ def compress_command(recipe: Path, output: Path, overrides: tuple[str, ...], qui
     from .pipeline import compress_only
     from .recipe import load_recipe
 
-    folder, compression = compress_only(load_recipe(recipe, overrides), output, progress=not quiet)
+    loaded = load_recipe(recipe, overrides)
+    if _lent(loaded):
+        return
+    folder, compression = compress_only(loaded, output, progress=not quiet)
     summary = compression["summary"]
     click.echo(f"{summary['compressed_layers']} layers factorized with {summary['method']}, "
                f"{summary['targeted_kept_ratio']:.1%} of targeted parameters kept: {folder}")
@@ -178,6 +197,10 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
     """Run RECIPE at several ratios (or budgets) and methods; write a table and plots of the frontier."""
     from .recipe import load_recipe
     from .sweep import sweep
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FwsvdError("sweep runs in one process (it already gathers the statistics once for every point); "
+                         "launch it without torchrun")
 
     values = _floats(budgets, "--budgets") if budgets else _floats(ratios, "--ratios")
     names = [m.strip() for m in methods.split(",")] if methods else [load_recipe(recipe, overrides).compression.method]

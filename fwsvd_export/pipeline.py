@@ -155,6 +155,14 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
     return compressed, result, finetune_loss
 
 
+def lend_statistics(recipe: Recipe, progress: bool = False) -> None:
+    """A torchrun rank other than 0: load the model and data, score this rank's shard of the calibration
+    batches in step with rank 0, and write nothing."""
+    prepared = prepare(recipe, Clock())
+    compress_(prepared.model, recipe.compression, prepared.calibration, prepared.task.loss, progress,
+              Path(recipe.base_dir or "."), statistics_model=prepared.runner)
+
+
 def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> tuple[Path, dict]:
     """The compress stage alone: writes the checkpoint folder (no export, no validation)."""
     folder = output_path(recipe, output)

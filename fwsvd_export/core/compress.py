@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import FwsvdError
-from . import stats_cache
+from . import distributed, stats_cache
 from .allocate import Candidate, allocate_ranks
 from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch
@@ -151,12 +151,14 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
                       cache_base: Optional[Path] = None, runner: Optional[nn.Module] = None
                       ) -> tuple[dict[str, LayerStats], dict]:
     """Statistics for `todo` from the cache when it has them, else from one pass per memory group,
-    run on `runner` (a copy of `model` with the same weights, placed elsewhere) when given."""
+    run on `runner` (a copy of `model` with the same weights, placed elsewhere) when given. Under
+    torch.distributed each rank scores its shard and the sums are all-reduced (the cache is rank 0's)."""
     info: dict = {"passes": 0, "cache": None}
     if not needs or not todo:
         return {name: LayerStats() for name in todo}, info
+    rank, ranks = distributed.world()
     folder = None
-    if spec.cache_dir is not None:
+    if spec.cache_dir is not None and rank == 0:
         folder = Path(spec.cache_dir) if cache_base is None else cache_base / spec.cache_dir
         key = stats_cache.cache_key(model, todo, calibration, loss_fn, spec.max_gram_size)
         try:
@@ -165,14 +167,24 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
             cached, info["cache_unreadable"] = None, f"{exc}; gathered again and replaced"
         if cached is not None:
             info["cache"] = f"hit {folder / key}.safetensors"
-            return cached, info
+    if ranks > 1 and distributed.broadcast_flag(info["cache"] is not None):  # rank 0's hit is a hit for all
+        return (cached if rank == 0 else {}), info
+    if info["cache"] is not None:
+        return cached, info
     stats: dict[str, LayerStats] = {}
     runner = model if runner is None else runner
+    if ranks > 1 and len(calibration) < ranks:
+        raise FwsvdError(f"{len(calibration)} calibration batches cannot be shared by {ranks} processes; "
+                         "use more calibration data, a smaller data.batch_size, or fewer processes")
+    shard = distributed.shard(calibration) if ranks > 1 else calibration
     for group in _passes(todo, needs, spec):
         group = {name: runner.get_submodule(name) for name in group}
-        stats.update(collect_statistics(runner, group, calibration, loss_fn, needs, progress, spec.max_gram_size,
-                                        spec.gradient_checkpointing))
+        part = collect_statistics(runner, group, shard, loss_fn, needs, progress and rank == 0, spec.max_gram_size,
+                                  spec.gradient_checkpointing)
+        stats.update(distributed.all_reduce_statistics(part) if ranks > 1 else part)
         info["passes"] += 1
+    if ranks > 1:
+        info["ranks"] = ranks
     if folder is not None:
         info["cache"] = f"stored {stats_cache.save_cached(folder, key, stats)}"
     return stats, info
@@ -288,6 +300,8 @@ def compress_(
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
     _check_budget(model, plans, spec)
     check_finite_model(model)
+    if spec.sequential and distributed.world()[1] > 1:
+        raise FwsvdError("compression.sequential runs in one process; launch it without torchrun")
     calibration, check = _split(spec, calibration or [], loss_fn)
     start = time.perf_counter()
     if statistics is None:
@@ -297,6 +311,8 @@ def compress_(
         stats, info = {name: statistics.get(name, LayerStats()) for name in todo}, {"passes": 0, "cache": None, "shared": True}
     check_finite_statistics(stats, set(method.needs))
     result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start}, info)
+    if distributed.world()[0] > 0:  # other ranks lend their shard of the statistics; rank 0 factorizes
+        return result
     start = time.perf_counter()
     for plan in plans:  # a layer the loss never reached (e.g. an unused pooler) has nothing to weight by
         if plan.name in todo and any(getattr(stats[plan.name], s) is None for s in method.needs):
