@@ -13,18 +13,22 @@ def test_run_passes_and_prints_the_checks(tmp_path, classifier_recipe):
     result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet",
                                        "--set", "compression.ratio=0.6"])
     assert result.exit_code == 0, result.output
-    assert "PASSED" in result.output and "cpu: numeric parity" in result.output
+    assert "PASSED" in result.output and "[ok] cpu: numeric parity" in result.output
+    assert "[ok] cpu: metric loss: accuracy 1.0000 -> " in result.output and "allowed 0.1)" in result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["recipe"]["compression"]["ratio"] == 0.6
 
 
 def test_run_exits_1_when_validation_fails(tmp_path, classifier_recipe):
+    """Ratio 0.1 cuts the classifier's layers below their rank: the export is faithful, the accuracy is not."""
     classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}]
-    classifier_recipe["validation"]["max_metric_loss"] = -1.0  # no compression can gain accuracy beyond this
     path = write_recipe(tmp_path, classifier_recipe)
-    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet"])
-    assert result.exit_code == 1
-    assert "FAILED" in result.output and "[FAIL] cpu: metric loss" in result.output
+    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet",
+                                       "--set", "compression.ratio=0.1"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("FAILED: 12 layers factorized with fwsvd")
+    assert "[FAIL] cpu: metric loss" in result.output and "[FAIL] metric loss (compressed torch)" in result.output
+    assert "[ok] cpu: numeric parity" in result.output
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path, classifier_recipe):
@@ -46,7 +50,8 @@ def test_inspect_lists_layers_with_break_even_ranks(bert_dir):
 
 def test_inspect_shows_ranks_of_a_compressed_checkpoint(tmp_path, classifier_recipe):
     path = write_recipe(tmp_path, classifier_recipe)
-    CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet"])
+    run = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet"])
+    assert run.exit_code == 0, run.output
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out" / "compressed")])
     assert result.exit_code == 0, result.output
     line = next(l for l in result.output.splitlines() if l.startswith("bert.encoder.layer.0.intermediate.dense "))
@@ -54,10 +59,13 @@ def test_inspect_shows_ranks_of_a_compressed_checkpoint(tmp_path, classifier_rec
     assert "first" not in result.output
 
 
-def test_methods_lists_every_method():
+def test_methods_lists_every_method_with_its_statistics():
     result = CliRunner().invoke(main, ["methods"])
-    for name in ("svd", "fwsvd", "asvd", "svd-llm", "kfac"):
-        assert name in result.output
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines()}
+    assert list(rows) == ["svd", "fwsvd", "asvd", "svd-llm", "kfac"]
+    assert rows["svd"].endswith("(statistics: none)") and rows["fwsvd"].endswith("(statistics: fisher)")
+    assert rows["kfac"].endswith("(statistics: input_gram, output_gram)")
 
 
 def test_compress_then_export_as_separate_stages(tmp_path, classifier_recipe):

@@ -1,8 +1,12 @@
 """The embedded default: the shipped recipe on the real pretrained MiniLM-L6, every stage, offline."""
 from pathlib import Path
 
+import yaml
+
+from fwsvd_export.core import CompressionSpec
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.recipe import ValidationSpec, load_recipe
+from fwsvd_export.stages.tasks import TASKS
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "minilm-demo.yaml"
 
@@ -30,7 +34,16 @@ def test_offline_causal_lm_recipe_passes(tmp_path, tiny_llama_dir):
     assert report["validation"]["providers"]["cpu"]["generation"]["matching_prompts"] == 2
 
 
-def test_every_shipped_recipe_parses():
-    for path in sorted(DEMO.parent.glob("*.yaml")):
+def test_every_shipped_recipe_parses_to_what_it_says_and_its_data_files_exist():
+    paths = sorted(DEMO.parent.glob("*.yaml"))
+    assert DEMO in paths and DEMO.with_name("tiny-llama-offline.yaml") in paths
+    for path in paths:
+        raw = yaml.safe_load(path.read_text())
         recipe = load_recipe(path)
-        assert recipe.model.task and recipe.compression.method
+        assert recipe.model.task == raw["model"]["task"] and recipe.model.task in TASKS, path.name
+        assert recipe.compression.method == raw["compression"].get("method", CompressionSpec().method), path.name
+        gate = raw.get("validation", {}).get("max_metric_loss", ValidationSpec().max_metric_loss)
+        assert recipe.validation.max_metric_loss == gate, path.name
+        for role in ("calibration", "evaluation"):
+            source = getattr(recipe.data, role)
+            assert source.path is None or recipe.resolve(source.path).is_file(), (path.name, role, source.path)
