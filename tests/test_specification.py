@@ -205,6 +205,15 @@ def test_inspect_graph_names_the_layers_whose_split_is_absent(tmp_path, bert_dir
     assert report["factorized_layers"] == 3 and report["split_matmul_pairs_found"] == 2
     assert report["layers_missing_split"] == ["bert.encoder.layer.1.intermediate.dense"]
 
+    graph = onnx.load(str(path))  # a factor fed as a graph input instead of a weight: not a split MatMul
+    second = next(n for n in graph.graph.node if n.op_type == "MatMul" and "query/second" in n.name)
+    weight = next(i for i in second.input if i in {init.name for init in graph.graph.initializer})
+    init = next(i for i in graph.graph.initializer if i.name == weight)
+    graph.graph.input.append(onnx.helper.make_tensor_value_info(weight, init.data_type, list(init.dims)))
+    graph.graph.initializer.remove(init)
+    onnx.save(graph, str(tmp_path / "fed.onnx"))
+    assert inspect_graph(tmp_path / "fed.onnx", model)["layers_missing_split"] == [QUERY]
+
 
 # --- a sweep with a failing point -------------------------------------------------------------------
 

@@ -48,19 +48,32 @@ def _find(paths: dict[str, onnx.NodeProto], module: str) -> Optional[onnx.NodePr
     return next((node for path, node in paths.items() if path and module.endswith("." + path)), None)
 
 
+def _weight_shape(name: str, shapes: dict[str, tuple], producers: dict[str, onnx.NodeProto]) -> Optional[tuple]:
+    """The shape of the initializer `name` is, or comes from through Transpose, Identity or Cast nodes;
+    None for anything computed from the graph's inputs."""
+    if name in shapes:
+        return shapes[name]
+    node = producers.get(name)
+    if node is None or node.op_type not in ("Transpose", "Identity", "Cast") or not node.input:
+        return None
+    shape = _weight_shape(node.input[0], shapes, producers)
+    return shape[::-1] if shape is not None and node.op_type == "Transpose" else shape
+
+
 def inspect_graph(path: Path, model: nn.Module) -> dict:
     """Count matrix multiplies and find, for each factorized layer of `model`, its two (MatMul, or Gemm
     where the exporter flattened the input to 2-D) with weights of the factor shapes."""
     graph = onnx.load(str(path), load_external_data=False).graph
     shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    producers = {out: n for n in graph.node for out in n.output}
     products = {_module_path(n.name): n for n in graph.node if n.op_type in ("MatMul", "Gemm")}
     layers = {}
     for name, module in factorized_layers(model).items():
         found = {}
         for part, dims in (("first", (module.in_features, module.rank)), ("second", (module.rank, module.out_features))):
             node = _find(products, f"{name}.{part}")
-            weight_shapes = [shapes[i] for i in node.input if i in shapes] if node is not None else []
-            found[part] = node is not None and (not weight_shapes or dims in weight_shapes or dims[::-1] in weight_shapes)
+            weight_shapes = [_weight_shape(i, shapes, producers) for i in node.input] if node is not None else []
+            found[part] = dims in weight_shapes or dims[::-1] in weight_shapes  # a weight initializer of the factor's shape
         layers[name] = found["first"] and found["second"]
     ops = Counter(n.op_type for n in graph.node)
     return {
