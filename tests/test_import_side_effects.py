@@ -41,3 +41,29 @@ def test_the_sweep_plots_without_touching_matplotlibs_backend(tmp_path):
     written = plot(points, tmp_path)
     assert [p.name for p in written] == ["metric_vs_params.png", "metric_vs_latency_cpu.png"]
     assert matplotlib.get_backend() == "svg"
+
+
+def test_exporter_warnings_reach_the_log_not_the_console(tmp_path, bert_dir, tokenizer, caplog, capsys):
+    import logging
+    from transformers import AutoModelForSequenceClassification
+    from fwsvd_export.stages.export import export_onnx
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    with caplog.at_level(logging.DEBUG, logger="fwsvd_export"):
+        export_onnx(model, tokenizer, tmp_path / "onnx", "text-classification")
+    assert any("exporter warning: TracerWarning" in r.getMessage() for r in caplog.records)
+    assert "TracerWarning" not in capsys.readouterr().err
+
+
+def test_a_graph_input_the_tool_cannot_feed_is_a_user_error_naming_it(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    from fwsvd_export.errors import FwsvdError
+    from fwsvd_export.stages.ort_io import feeds
+    graph = helper.make_graph([helper.make_node("Add", ["input_ids", "pixel_values"], ["y"])], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 2]) for n in ("input_ids", "pixel_values")],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 2])])
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    import torch
+    with pytest.raises(FwsvdError, match="'pixel_values'"):
+        feeds(session, {"input_ids": torch.ones(1, 2, dtype=torch.long)})

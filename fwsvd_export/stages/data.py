@@ -99,7 +99,7 @@ def _read_hub(source: DataSource) -> list[Record]:
         raise FwsvdError(f"dataset '{source.dataset}' needs the `datasets` package: pip install datasets") from None
     try:
         table = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
-    except Exception as exc:  # network, auth, unknown name: all surface as one clear message
+    except (OSError, ValueError) as exc:  # network, auth, unknown name or split; a bug keeps its traceback
         raise FwsvdError(f"could not load dataset '{source.dataset}' (split {source.split}): {exc}") from None
     # Row numbers are the dataset's own indices (table[17]), so the user can look a row up directly.
     return [Record(row, f"dataset {source.dataset}[{source.split}] row {index}") for index, row in enumerate(table)]

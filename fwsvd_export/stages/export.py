@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import onnx
 from torch import nn
@@ -16,24 +16,44 @@ from torch import nn
 from ..core.modules import factorized_layers
 
 ONNX_FILE = "model.onnx"
+LOG = logging.getLogger("fwsvd_export")
 
 
 def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Optional[int] = None) -> Path:
-    """Write ``folder/model.onnx`` (with config and tokenizer) for the in-memory `model`."""
+    """Write ``folder/model.onnx`` (with config and tokenizer) for the in-memory `model`. What the exporter
+    prints, warns or logs goes to the 'fwsvd_export' log at debug level, not to the console."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger("optimum")
-    level = logger.level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logger.setLevel(logging.ERROR)
-        try:
-            onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False)
-        finally:
-            logger.setLevel(level)
+    with _exporter_output_to_log():
+        onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False)
     tokenizer.save_pretrained(folder)
     return folder / ONNX_FILE
+
+
+class _Forward(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        LOG.debug("exporter (%s): %s", record.name, record.getMessage())
+
+
+@contextlib.contextmanager
+def _exporter_output_to_log() -> Iterator[None]:
+    optimum = logging.getLogger("optimum")
+    handler, propagate = _Forward(), optimum.propagate
+    printed = io.StringIO()
+    optimum.addHandler(handler)
+    optimum.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        optimum.removeHandler(handler)
+        optimum.propagate = propagate
+        for warning in caught:
+            LOG.debug("exporter warning: %s: %s", warning.category.__name__, warning.message)
+        if printed.getvalue().strip():
+            LOG.debug("exporter output: %s", printed.getvalue().strip())
 
 
 def _module_path(node_name: str) -> str:

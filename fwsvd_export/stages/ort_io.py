@@ -8,6 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..errors import FwsvdError
+
 PAST, PRESENT = "past_key_values.", "present."
 _FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -33,7 +35,8 @@ def feeds(session: ort.InferenceSession, inputs: dict[str, torch.Tensor],
             else:
                 heads, head_dim = graph_input.shape[1], graph_input.shape[3]
                 if not isinstance(heads, int) or not isinstance(head_dim, int):
-                    raise ValueError(f"cannot size the empty cache for '{key}' from shape {graph_input.shape}")
+                    raise FwsvdError(f"cannot size the empty key/value cache for graph input '{key}' from its shape "
+                                     f"{graph_input.shape}: export with a fixed number of heads, or without the cache")
                 result[key] = np.zeros((ids.shape[0], heads, 0, head_dim), dtype=_FLOAT.get(graph_input.type, np.float32))
             continue
         if key == "attention_mask":
@@ -45,7 +48,9 @@ def feeds(session: ort.InferenceSession, inputs: dict[str, torch.Tensor],
         elif key == "position_ids":
             value = ((mask.long().cumsum(-1) - 1).clamp(min=0))[:, -ids.shape[1]:]
         else:
-            raise ValueError(f"the ONNX graph wants input '{key}', which this tool cannot provide")
+            raise FwsvdError(f"the ONNX graph wants input '{key}', which this tool cannot provide "
+                             f"(it feeds {', '.join(sorted(inputs))}, attention_mask, token_type_ids, position_ids "
+                             "and the key/value cache)")
         result[key] = value.cpu().numpy().astype(np.int64)
     return result
 
