@@ -237,6 +237,30 @@ def _build(cls: type, mapping: dict[str, Any], where: str, origin: str) -> Any:
         raise FwsvdError(f"{origin}: '{place}' {exc.problem}") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (list, dict)):
+            continue  # unhashable: construct_mapping names it
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' appears twice in one mapping (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506: a SafeLoader subclass
+
+
 def apply_override(data: dict[str, Any], assignment: str, origin: str = "--set") -> None:
     """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw recipe mapping."""
     if "=" not in assignment:
@@ -252,7 +276,7 @@ def apply_override(data: dict[str, Any], assignment: str, origin: str = "--set")
             raise FwsvdError(f"{origin}: '{key}' goes through '{part}', which is not a mapping")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _yaml(raw)
     except yaml.YAMLError as exc:
         raise FwsvdError(f"{origin}: the value of '{key}' is not valid YAML: {exc}") from None
 
@@ -318,7 +342,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise FwsvdError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise FwsvdError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
