@@ -45,13 +45,13 @@ class ModelSpec:
 
 @dataclass
 class DataSource:
-    """Records from a local JSONL/CSV/plain-text file, or from a `datasets` hub dataset."""
+    """Records from a local JSONL/CSV/TSV/plain-text file, or from a `datasets` hub dataset."""
 
     path: Optional[str] = None
     dataset: Optional[str] = None
     dataset_config: Optional[str] = None
     split: str = "train"
-    format: Literal["auto", "jsonl", "csv", "text"] = "auto"
+    format: Literal["auto", "jsonl", "csv", "tsv", "text"] = "auto"
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = None

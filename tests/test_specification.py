@@ -102,17 +102,19 @@ def test_per_sample_fisher_of_text_pairs_matches_a_loop_over_pairs(bert_dir, tok
 # --- delimited data files ---------------------------------------------------------------------------
 
 def test_csv_tsv_and_jsonl_of_the_same_rows_give_the_same_batches(tmp_path, classifier_recipe, tokenizer):
-    """Quoted delimiters and label names or indices read alike; .tsv is tab-separated (format auto or csv)."""
+    """Quoted delimiters and label names or indices read alike; .tsv is tab-separated, and so is any file
+    declared `format: tsv`."""
     rows = [("a quiet river, at morning", "red"), ("silver\tengine", "2"), ('the "old" market', "green")]
     (tmp_path / "data.csv").write_text("sentence,label\n" + "".join(f'"{t.replace(chr(34), 2 * chr(34))}",{l}\n'
                                                                      for t, l in rows))
     (tmp_path / "data.tsv").write_text("sentence\tlabel\n" + "".join(f'"{t.replace(chr(34), 2 * chr(34))}"\t{l}\n'
                                                                      for t, l in rows))
+    (tmp_path / "tabs.txt").write_text((tmp_path / "data.tsv").read_text())
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"sentence": t, "label": l}) + "\n" for t, l in rows))
     expected = [{"sentence": t, "label": l} for t, l in rows]
     task = TASKS["text-classification"]
     batches = {}
-    for name, fmt in (("data.csv", "auto"), ("data.tsv", "auto"), ("data.tsv", "csv"), ("data.jsonl", "auto")):
+    for name, fmt in (("data.csv", "auto"), ("data.tsv", "auto"), ("tabs.txt", "tsv"), ("data.jsonl", "auto")):
         classifier_recipe["data"]["calibration"] = {"path": str(tmp_path / name), "format": fmt,
                                                     "text_column": "sentence", "label_column": "label"}
         recipe = parse_recipe(classifier_recipe, "recipe.yaml", tmp_path)

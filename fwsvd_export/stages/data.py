@@ -1,4 +1,4 @@
-"""Calibration and evaluation records: local JSONL/CSV/plain-text files, or a `datasets` hub dataset.
+"""Calibration and evaluation records: local JSONL/CSV/TSV/plain-text files, or a `datasets` hub dataset.
 
 A record is a dict of column -> value that also knows where it came from. Which columns must exist
 depends on the task; the check happens here, before any model work, so a typo in a column name fails in
@@ -33,11 +33,13 @@ def _detect_format(path: Path, declared: str) -> str:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
-    if suffix in (".csv", ".tsv"):
+    if suffix == ".csv":
         return "csv"
+    if suffix in (".tsv", ".tab"):
+        return "tsv"
     if suffix in (".txt", ".text", ".raw"):
         return "text"
-    raise FwsvdError(f"{path}: cannot tell the format from the extension '{suffix}'; set 'format' (jsonl, csv, text)")
+    raise FwsvdError(f"{path}: cannot tell the format from the extension '{suffix}'; set 'format' (jsonl, csv, tsv, text)")
 
 
 def _decode(path: Path, origin: str) -> str:
@@ -51,11 +53,11 @@ def _decode(path: Path, origin: str) -> str:
         raise FwsvdError(f"{path}:{line}: not UTF-8 text ({exc.reason}); from '{origin}'") from None
 
 
-def _read_csv(path: Path, text: str) -> list[Record]:
+def _read_csv(path: Path, text: str, tabs: bool) -> list[Record]:
     """Rows keyed by the header. A row with more or fewer fields than the header is refused here, with
     its line: `csv.DictReader` would file the extras under the key None, or fill the gaps with None."""
     records = []
-    reader = csv.DictReader(io.StringIO(text, newline=""), dialect="excel-tab" if path.suffix.lower() == ".tsv" else "excel")
+    reader = csv.DictReader(io.StringIO(text, newline=""), dialect="excel-tab" if tabs else "excel")
     for row in reader:
         where = f"{path}:{reader.line_num}"
         header = len(reader.fieldnames)
@@ -72,8 +74,8 @@ def _read_csv(path: Path, text: str) -> list[Record]:
 
 def _read_file(path: Path, fmt: str, text_column: str, origin: str) -> list[Record]:
     text = _decode(path, origin)
-    if fmt == "csv":
-        return _read_csv(path, text)
+    if fmt in ("csv", "tsv"):
+        return _read_csv(path, text, tabs=fmt == "tsv")
     records = []
     for number, line in enumerate(io.StringIO(text, newline=None), 1):  # \n, \r\n or \r ends a line
         if not line.strip():
