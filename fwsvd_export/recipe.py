@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -143,6 +144,43 @@ class Recipe:
 
 _INTERNAL = {"source", "base_dir"}
 _CUTS = ("ratio", "rank", "budget")  # how far to cut: one of them
+_INT_RANGE = (-(2**63), 2**63 - 1)  # a recipe integer is a count, a size or a seed: anything larger is a typo
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr() for error messages: bounded in size (a YAML alias bomb must not become a gigabyte message) and
+    safe for integers too long for ``str`` (Python refuses to print more than 4300 digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 80, 80, 80
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 4
+
+    def repr_int(self, x: int, level: int) -> str:
+        return f"<a {x.bit_length()}-bit integer>" if x.bit_length() > 256 else super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+
+
+def _show(value: Any) -> str:
+    """A short, never-failing repr of a user's value."""
+    try:
+        return _SHORT.repr(value)
+    except Exception:  # noqa: BLE001 - a message must not fail while describing a bad value
+        return f"<{type(value).__name__}>"
+
+
+def _text(key: Any) -> str:
+    """A mapping key as text for a dotted path (str() for the usual scalars, never failing)."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, int) and key.bit_length() > 256:
+        return _show(key)
+    try:
+        return str(key)
+    except Exception:  # noqa: BLE001
+        return _show(key)
 
 
 def _type_name(tp: Any) -> str:
@@ -173,7 +211,7 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
 
     def fail() -> FwsvdError:
         kind = "a finite number" if tp is float else _type_name(tp)
-        return FwsvdError(f"{origin}: '{where}' must be {kind}, got {value!r}")
+        return FwsvdError(f"{origin}: '{where}' must be {kind}, got {_show(value)}")
 
     if _is_optional(tp):
         return None if value is None else _convert(value, _strip_optional(tp), where, origin)
@@ -194,7 +232,19 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
         if not isinstance(value, dict):
             raise fail()
         _, item = typing.get_args(tp)
-        return {str(k): _convert(v, item, f"{where}.{k}", origin) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        written: dict[str, Any] = {}
+        for k, v in value.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int, float)) or (
+                    isinstance(k, int) and not _INT_RANGE[0] <= k <= _INT_RANGE[1]):
+                raise FwsvdError(f"{origin}: '{where}' keys must be strings, got the key {_show(k)}")
+            key = str(k)
+            if key in out:  # 1 and "1" are one key once read as text: refuse rather than keep the last
+                raise FwsvdError(f"{origin}: '{where}' has the key '{key}' twice (written as {_show(written[key])} "
+                                 f"and as {_show(k)})")
+            written[key] = k
+            out[key] = _convert(v, item, f"{where}.{key}", origin)
+        return out
     if tp is bool:
         if not isinstance(value, bool):
             raise fail()
@@ -202,11 +252,19 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail()
+        if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            raise FwsvdError(f"{origin}: '{where}' is out of range (a 64-bit integer), got {_show(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail()
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            raise fail() from None
+        if not math.isfinite(number):
+            raise fail()
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise fail()
@@ -219,7 +277,7 @@ def _build(cls: type, mapping: dict[str, Any], where: str, origin: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.name not in _INTERNAL]
     for key in mapping:
         if key not in names:
-            place = f"{where}.{key}" if where else key
+            place = f"{where}.{_text(key)}" if where else _text(key)
             raise FwsvdError(f"{origin}: unknown key '{place}' (allowed here: {', '.join(names)})")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -230,6 +288,8 @@ def _build(cls: type, mapping: dict[str, Any], where: str, origin: str) -> Any:
             kwargs[f.name] = _convert(mapping[f.name], hints[f.name], place, origin)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise FwsvdError(f"{origin}: missing required key '{place}'")
+    if cls is CompressionSpec:
+        _check_patterns(kwargs, where, origin)
     try:
         return cls(**kwargs)  # core specs check their own fields
     except SpecError as exc:
@@ -237,28 +297,104 @@ def _build(cls: type, mapping: dict[str, Any], where: str, origin: str) -> Any:
         raise FwsvdError(f"{origin}: '{place}' {exc.problem}") from None
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+def _check_patterns(kwargs: dict[str, Any], where: str, origin: str) -> None:
+    """Regular expressions that ``re`` refuses with something other than ``re.error`` (a repeat count over
+    its limit raises OverflowError, a few thousand nested groups RecursionError): named here, because
+    CompressionSpec catches only ``re.error``. The usual bad patterns are left to CompressionSpec."""
+    prefix = f"{where}." if where else ""
+    places = [(f"{prefix}target[{i}]", p) for i, p in enumerate(kwargs.get("target") or [])]
+    places += [(f"{prefix}exclude[{i}]", p) for i, p in enumerate(kwargs.get("exclude") or [])]
+    places += [(f"{prefix}overrides.{p}", p) for p in kwargs.get("overrides") or {}]
+    for place, pattern in places:
+        try:
+            re.compile(pattern)
+        except re.error:
+            pass
+        except (OverflowError, ValueError) as exc:
+            raise FwsvdError(f"{origin}: '{place}' is not a valid regular expression: {exc}") from None
+        except RecursionError:
+            raise FwsvdError(f"{origin}: '{place}' is not a valid regular expression: nested too deeply") from None
 
 
-def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, (list, dict)):
-            continue  # unhashable: construct_mapping names it
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice (plain PyYAML silently keeps the last)."""
+
+    def __init__(self, path: str, line: int, first_line: int, mark: Any) -> None:
+        super().__init__(None, None, f"key '{path}' appears twice in one mapping (line {line}; first on line "
+                         f"{first_line})", mark)
+        self.path, self.line, self.first_line = path, line, first_line
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_VALUE_TAG = "tag:yaml.org,2002:value"
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only, never arbitrary objects), made strict for recipes:
+
+    * a mapping that gives one key twice, at any depth, raises :class:`DuplicateKeyError` with the dotted path
+      of the key and its line. Keys are compared as loaded values, so ``1``, ``1.0`` and ``true`` collide as
+      they would in the resulting dict. A mapping's own keys may still override those of a ``<<`` merge.
+    * a scalar its tag cannot hold (``!!int abc``, ``!!bool maybe``, a date ``2021-13-45``, a 5000-digit
+      number) raises a ``ConstructorError`` with its position, not a bare ValueError/KeyError from PyYAML.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._path: list[str] = []  # keys and indices leading to the node being composed
+        self._seen: dict[int, dict[Any, int]] = {}  # id(mapping node) -> {key: line}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if isinstance(parent, yaml.MappingNode) and index is None:  # a mapping's key
+            mark = self.peek_event().start_mark  # where the key is written, also when it is an alias
+            node = super().compose_node(parent, index)
+            self._check_key(parent, node, mark)
+            return node
+        if isinstance(parent, yaml.MappingNode):  # a value; index is its key's node
+            self._path.append(index.value if isinstance(index, yaml.ScalarNode) else "?")
+        elif isinstance(parent, yaml.SequenceNode):
+            self._path.append(f"[{index}]")
+        else:  # the document's root
+            return super().compose_node(parent, index)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        node = super().compose_mapping_node(anchor)
+        self._seen.pop(id(node), None)
+        return node
+
+    def _check_key(self, mapping: Any, key_node: Any, mark: Any) -> None:
+        if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+            return  # merges may be overridden; a list or mapping key is refused when the mapping is built
+        key = key_node.value if key_node.tag == _VALUE_TAG else self.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            return
+        seen = self._seen.setdefault(id(mapping), {})
+        line = mark.line + 1
         if key in seen:
+            parts = [*self._path, key_node.value]
+            raise DuplicateKeyError("".join(p if p.startswith("[") or i == 0 else f".{p}" for i, p in enumerate(parts)),
+                                    line, seen[key], mark)
+        seen[key] = line
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+            value = f" {_show(node.value)}" if isinstance(node, yaml.ScalarNode) else ""
             raise yaml.constructor.ConstructorError(
-                None, None, f"key '{key}' appears twice in one mapping (first on line {seen[key] + 1})", key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+                None, None, f"cannot read{value} as {node.tag}: {exc}", node.start_mark) from None
 
 
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506: a SafeLoader subclass
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506: a SafeLoader subclass
 
 
 def apply_override(data: dict[str, Any], assignment: str, origin: str = "--set") -> None:
@@ -277,8 +413,13 @@ def apply_override(data: dict[str, Any], assignment: str, origin: str = "--set")
         node = child
     try:
         node[parts[-1]] = _yaml(raw)
+    except DuplicateKeyError as exc:
+        raise FwsvdError(f"{origin}: in the value of '{key}', key '{key.strip()}.{exc.path}' appears twice in one "
+                         f"mapping (line {exc.line} of the value; first on line {exc.first_line})") from None
     except yaml.YAMLError as exc:
         raise FwsvdError(f"{origin}: the value of '{key}' is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise FwsvdError(f"{origin}: the value of '{key}' is not valid YAML: nested too deeply") from None
 
 
 def _check(recipe: Recipe, origin: str) -> None:
@@ -296,7 +437,7 @@ def _check(recipe: Recipe, origin: str) -> None:
         raise FwsvdError(f"{origin}: 'model.max_memory' and 'model.offload_folder' only apply with 'model.device_map'")
     for i, shape in enumerate(recipe.validation.latency.shapes):
         if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", shape):
-            raise FwsvdError(f"{origin}: 'validation.latency.shapes[{i}]' must look like BATCHxSEQUENCE, got {shape!r}")
+            raise FwsvdError(f"{origin}: 'validation.latency.shapes[{i}]' must look like BATCHxSEQUENCE, got {_show(shape)}")
     if recipe.data.batch_size < 1 or recipe.data.max_length < 2:
         raise FwsvdError(f"{origin}: 'data.batch_size' must be >= 1 and 'data.max_length' >= 2")
     if "fp32" not in recipe.export.precisions:
@@ -342,11 +483,20 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise FwsvdError(f"recipe file not found: {path}")
     try:
-        data = _yaml(path.read_text(encoding="utf-8")) or {}
+        data = _yaml(path.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise FwsvdError(f"{path}: key '{exc.path}' appears twice in one mapping (line {exc.line}; first on line "
+                         f"{exc.first_line}); give each key once") from None
     except yaml.YAMLError as exc:
         raise FwsvdError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise FwsvdError(f"{path}: not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise FwsvdError(f"{path}: not valid YAML: nested too deeply") from None
+    except OSError as exc:
+        raise FwsvdError(f"{path}: cannot read the recipe: {exc}") from None
+    if data is None:  # an empty file: the missing keys are named below
+        data = {}
     if not isinstance(data, dict):
         raise FwsvdError(f"{path}: a recipe must be a YAML mapping at the top level")
     for assignment in overrides:
