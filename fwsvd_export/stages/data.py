@@ -12,7 +12,7 @@ import io
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import FwsvdError
 from ..recipe import DataSource, Recipe
@@ -45,7 +45,10 @@ def _detect_format(path: Path, declared: str) -> str:
 def _decode(path: Path, origin: str) -> str:
     """The file's text without a byte-order mark (Excel writes one; it would join the first column's
     name). Decoded whole, so a bad byte is reported on its true line (chunked reads lose the position)."""
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as exc:  # unreadable (permissions, a vanished network mount, ...)
+        raise FwsvdError(f"{path}: cannot read the file ({exc.strerror or exc}); from '{origin}'") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -58,7 +61,7 @@ def _read_csv(path: Path, text: str, tabs: bool) -> list[Record]:
     its line: `csv.DictReader` would file the extras under the key None, or fill the gaps with None."""
     records = []
     reader = csv.DictReader(io.StringIO(text, newline=""), dialect="excel-tab" if tabs else "excel")
-    for row in reader:
+    for row in _csv_rows(path, reader, "TSV" if tabs else "CSV"):
         where = f"{path}:{reader.line_num}"
         header = len(reader.fieldnames)
         if None in row:
@@ -70,6 +73,20 @@ def _read_csv(path: Path, text: str, tabs: bool) -> list[Record]:
                              f" no value for column {', '.join(repr(c) for c in missing)}")
         records.append(Record(row, where))
     return records
+
+
+def _csv_rows(path: Path, reader: csv.DictReader, kind: str) -> Iterator[dict]:
+    """The reader's rows; a line the csv module cannot parse (e.g. a field over its size limit) is a user
+    error naming the file and line."""
+    rows = iter(reader)
+    while True:
+        try:
+            yield next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # DictReader.line_num is the last good row's; its inner reader's is the line that failed
+            raise FwsvdError(f"{path}:{reader.reader.line_num}: not valid {kind} ({exc})") from None
 
 
 def _read_file(path: Path, fmt: str, text_column: str, origin: str) -> list[Record]:
@@ -94,6 +111,14 @@ def _read_file(path: Path, fmt: str, text_column: str, origin: str) -> list[Reco
     return records
 
 
+def _hub_errors(datasets) -> tuple[type[BaseException], ...]:
+    """What `datasets.load_dataset` raises for a user's mistake or an unreachable hub: OSError (network,
+    auth, a missing dataset: `DatasetNotFoundError` is a FileNotFoundError), ValueError (an unknown config
+    or split) and the package's own DatasetsError where it has one."""
+    own = getattr(getattr(datasets, "exceptions", None), "DatasetsError", None)
+    return (OSError, ValueError) + ((own,) if isinstance(own, type) else ())
+
+
 def _read_hub(source: DataSource) -> list[Record]:
     try:
         import datasets  # optional: only hub users need it
@@ -101,7 +126,7 @@ def _read_hub(source: DataSource) -> list[Record]:
         raise FwsvdError(f"dataset '{source.dataset}' needs the `datasets` package: pip install datasets") from None
     try:
         table = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
-    except (OSError, ValueError) as exc:  # network, auth, unknown name or split; a bug keeps its traceback
+    except _hub_errors(datasets) as exc:  # network, auth, unknown name or split; a bug keeps its traceback
         raise FwsvdError(f"could not load dataset '{source.dataset}' (split {source.split}): {exc}") from None
     # Row numbers are the dataset's own indices (table[17]), so the user can look a row up directly.
     return [Record(row, f"dataset {source.dataset}[{source.split}] row {index}") for index, row in enumerate(table)]

@@ -21,7 +21,7 @@ LOG = logging.getLogger("fwsvd_export")
 
 def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Optional[int] = None) -> Path:
     """Write ``folder/model.onnx`` (with config and tokenizer) for the in-memory `model`. What the exporter
-    prints, warns or logs goes to the 'fwsvd_export' log at debug level, not to the console."""
+    prints, warns or logs goes to the 'fwsvd_export' log (see `_exporter_output_to_log`), not to the console."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -31,29 +31,57 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
     return folder / ONNX_FILE
 
 
+# Libraries whose loggers speak during an export; each keeps a console handler of its own.
+EXPORTER_LOGGERS = ("optimum", "transformers", "torch.onnx")
+
+
 class _Forward(logging.Handler):
+    """Re-logs a library's record on the 'fwsvd_export' logger: errors at their level, the rest one step
+    quieter (a library warning at INFO, its info at DEBUG), so they show only when the user asks for them."""
+
     def emit(self, record: logging.LogRecord) -> None:
-        LOG.debug("exporter (%s): %s", record.name, record.getMessage())
+        level = record.levelno if record.levelno >= logging.ERROR else (
+            logging.INFO if record.levelno >= logging.WARNING else logging.DEBUG)
+        LOG.log(level, "exporter (%s): %s", record.name, record.getMessage())
 
 
 @contextlib.contextmanager
 def _exporter_output_to_log() -> Iterator[None]:
-    optimum = logging.getLogger("optimum")
-    handler, propagate = _Forward(), optimum.propagate
-    printed = io.StringIO()
-    optimum.addHandler(handler)
-    optimum.propagate = False
+    """Meanwhile: Python warnings are recorded and logged at INFO (the exporter's TracerWarnings and the like,
+    one line each), the exporter libraries' log records are forwarded (`_Forward`) instead of reaching their
+    own console handlers, and text printed on sys.stdout / sys.stderr is logged at DEBUG (at WARNING when the
+    export fails, as it may explain the failure). Every setting touched is restored, and an exception of
+    the exporter propagates unchanged."""
+    forward = _Forward()
+    saved = []
+    for name in EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+        logger.addHandler(forward)
+        logger.propagate = False
+    printed_out, printed_err = io.StringIO(), io.StringIO()
+    caught: list[warnings.WarningMessage] = []
+    failed = True
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+        with warnings.catch_warnings(record=True) as caught, \
+                contextlib.redirect_stdout(printed_out), contextlib.redirect_stderr(printed_err):
             warnings.simplefilter("always")
             yield
+        failed = False
     finally:
-        optimum.removeHandler(handler)
-        optimum.propagate = propagate
+        for logger, handlers, propagate in saved:
+            logger.removeHandler(forward)
+            for handler in handlers:
+                logger.addHandler(handler)
+            logger.propagate = propagate
         for warning in caught:
-            LOG.debug("exporter warning: %s: %s", warning.category.__name__, warning.message)
-        if printed.getvalue().strip():
-            LOG.debug("exporter output: %s", printed.getvalue().strip())
+            LOG.info("exporter warning: %s: %s (%s:%s)", warning.category.__name__, warning.message,
+                     Path(warning.filename).name, warning.lineno)
+        for stream, buffer in (("stdout", printed_out), ("stderr", printed_err)):
+            if buffer.getvalue().strip():
+                LOG.log(logging.WARNING if failed else logging.DEBUG, "exporter %s: %s", stream, buffer.getvalue().strip())
 
 
 def _module_path(node_name: str) -> str:
@@ -69,32 +97,50 @@ def _find(paths: dict[str, onnx.NodeProto], module: str) -> Optional[onnx.NodePr
 
 
 def _weight_shape(name: str, shapes: dict[str, tuple], producers: dict[str, onnx.NodeProto]) -> Optional[tuple]:
-    """The shape of the initializer `name` is, or comes from through Transpose, Identity or Cast nodes;
-    None for anything computed from the graph's inputs."""
+    """The shape of the constant `name`: an initializer, a Constant node's tensor, or either of those through
+    Transpose (a reversed shape), Identity or Cast nodes; None for anything computed from the graph's inputs."""
     if name in shapes:
         return shapes[name]
     node = producers.get(name)
-    if node is None or node.op_type not in ("Transpose", "Identity", "Cast") or not node.input:
+    if node is None:
+        return None
+    if node.op_type == "Constant":
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        return tuple(value.dims) if value is not None else None
+    if node.op_type not in ("Transpose", "Identity", "Cast") or not node.input:
         return None
     shape = _weight_shape(node.input[0], shapes, producers)
-    return shape[::-1] if shape is not None and node.op_type == "Transpose" else shape
+    if shape is None or node.op_type != "Transpose":
+        return shape
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None) or list(range(len(shape)))[::-1]
+    return tuple(shape[i] for i in perm)
+
+
+def _is_factor(node: Optional[onnx.NodeProto], in_features: int, out_features: int, shapes: dict[str, tuple],
+               producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether `node` multiplies by a constant (in_features x out_features) matrix: its B input is an
+    initializer (or a Constant, or one of those transposed) of that shape as the node uses it. A MatMul or
+    Gemm whose weight comes from a graph input or from computed values is not a factor."""
+    if node is None or len(node.input) < 2:
+        return False
+    shape = _weight_shape(node.input[1], shapes, producers)
+    if node.op_type == "Gemm" and shape is not None and any(a.name == "transB" and a.i for a in node.attribute):
+        shape = shape[::-1]
+    return shape == (in_features, out_features)
 
 
 def inspect_graph(path: Path, model: nn.Module) -> dict:
     """Count matrix multiplies and find, for each factorized layer of `model`, its two (MatMul, or Gemm
-    where the exporter flattened the input to 2-D) with weights of the factor shapes."""
+    where the exporter flattened the input to 2-D), each with a constant weight of its factor's shape."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    inputs = {i.name for i in graph.input}  # an initializer also listed as a graph input can be overridden
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer if init.name not in inputs}
     producers = {out: n for n in graph.node for out in n.output}
     products = {_module_path(n.name): n for n in graph.node if n.op_type in ("MatMul", "Gemm")}
     layers = {}
     for name, module in factorized_layers(model).items():
-        found = {}
-        for part, dims in (("first", (module.in_features, module.rank)), ("second", (module.rank, module.out_features))):
-            node = _find(products, f"{name}.{part}")
-            weight_shapes = [_weight_shape(i, shapes, producers) for i in node.input] if node is not None else []
-            found[part] = dims in weight_shapes or dims[::-1] in weight_shapes  # a weight initializer of the factor's shape
-        layers[name] = found["first"] and found["second"]
+        layers[name] = (_is_factor(_find(products, f"{name}.first"), module.in_features, module.rank, shapes, producers)
+                        and _is_factor(_find(products, f"{name}.second"), module.rank, module.out_features, shapes, producers))
     ops = Counter(n.op_type for n in graph.node)
     return {
         "matmul_nodes": ops.get("MatMul", 0),

@@ -2,6 +2,7 @@
 cache inputs of graphs exported with past (empty for a full-sequence run)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -12,6 +13,12 @@ from ..errors import FwsvdError
 
 PAST, PRESENT = "past_key_values.", "present."
 _FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def graph_name(session: ort.InferenceSession) -> str:
+    """'the ONNX graph <file>' for a session opened from a file, else 'the ONNX graph' (one from bytes)."""
+    path = getattr(session, "_model_path", None)  # set by InferenceSession for a path; no public accessor
+    return f"the ONNX graph {path}" if isinstance(path, (str, Path)) else "the ONNX graph"
 
 
 def has_past(session: ort.InferenceSession) -> bool:
@@ -35,8 +42,9 @@ def feeds(session: ort.InferenceSession, inputs: dict[str, torch.Tensor],
             else:
                 heads, head_dim = graph_input.shape[1], graph_input.shape[3]
                 if not isinstance(heads, int) or not isinstance(head_dim, int):
-                    raise FwsvdError(f"cannot size the empty key/value cache for graph input '{key}' from its shape "
-                                     f"{graph_input.shape}: export with a fixed number of heads, or without the cache")
+                    raise FwsvdError(f"{graph_name(session)}: cannot size the empty key/value cache for graph input "
+                                     f"'{key}' from its shape {graph_input.shape}: export with a fixed number of heads, "
+                                     "or without the cache")
                 result[key] = np.zeros((ids.shape[0], heads, 0, head_dim), dtype=_FLOAT.get(graph_input.type, np.float32))
             continue
         if key == "attention_mask":
@@ -48,7 +56,7 @@ def feeds(session: ort.InferenceSession, inputs: dict[str, torch.Tensor],
         elif key == "position_ids":
             value = ((mask.long().cumsum(-1) - 1).clamp(min=0))[:, -ids.shape[1]:]
         else:
-            raise FwsvdError(f"the ONNX graph wants input '{key}', which this tool cannot provide "
+            raise FwsvdError(f"{graph_name(session)} wants input '{key}', which this tool cannot provide "
                              f"(it feeds {', '.join(sorted(inputs))}, attention_mask, token_type_ids, position_ids "
                              "and the key/value cache)")
         result[key] = value.cpu().numpy().astype(np.int64)

@@ -119,19 +119,19 @@ def _precisions(report: dict) -> list[str]:
 
 
 def plot_ranks(report: dict, path: Path) -> bool:
-    """Bar chart of the rank kept per layer against its break-even rank (needs matplotlib)."""
+    """Bar chart of the rank kept per layer against its break-even rank (needs matplotlib). Drawn on a
+    standalone figure, so matplotlib's global state (its backend, pyplot's figures) is left as it was."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     layers = report["compression"]["layers"]
     names = [p["name"] for p in layers]
     even = [p["in_features"] * p["out_features"] / (p["in_features"] + p["out_features"]) for p in layers]
     ranks = [p["rank"] if p["rank"] is not None else e for p, e in zip(layers, even)]
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 5.5))
+    fig = Figure(figsize=(max(6, 0.22 * len(names)), 5.5))
+    ax = fig.subplots()
     ax.bar(range(len(names)), even, color="#dddddd", label="break-even rank (dense above)")
     ax.bar(range(len(names)), ranks, color=["#4477aa" if p["rank"] is not None else "#bb5566" for p in layers],
            label="rank kept (red: dense)")
@@ -141,7 +141,6 @@ def plot_ranks(report: dict, path: Path) -> bool:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

@@ -27,6 +27,9 @@ from ..recipe import ValidationSpec
 from .tasks import Task, metric_loss, run_torch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# ONNX Runtime's severity for the sessions the tool opens: errors only (3). Provider-loading messages come from
+# ONNX Runtime's global logger, which the tool never changes; `_stderr_to_log` moves them to the log instead.
+SESSION_LOG_SEVERITY = 3
 
 
 @dataclass
@@ -93,6 +96,7 @@ def open_session(path: Path, provider: str, intra_op_threads: int = 0) -> tuple[
         with _stderr_to_log():  # a provider's failed start is detected and reported below, not printed as an error
             options = ort.SessionOptions()
             options.intra_op_num_threads = intra_op_threads
+            options.log_severity_level = SESSION_LOG_SEVERITY  # this session only; the global logger stays as it was
             session = ort.InferenceSession(str(path), options, providers=[name])
     except Exception as exc:  # provider libraries that fail to load raise on some builds
         return None, f"{name} failed to start: {exc}"
