@@ -1,7 +1,8 @@
 """What gradient checkpointing buys in the statistics pass: peak memory and time, with and without.
 
 A seeded, randomly initialised Llama-style decoder (the cost of a pass does not depend on training)
-scores `--batches` batches of `--batch` x `--tokens` random token ids with the next-token loss. Modes,
+scores `--batches` batches of `--batch` x `--tokens` random token ids with the next-token loss (the
+batches made by the library's text-generation task from the ids, every token scored). Modes,
 each timed `--repeats` times in rotated order after one untimed warm-up batch (medians reported):
 
 - ``plain``: forward + backward with parameter gradients, as in training (the reference);
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.stages.tasks import TASKS, Batch
-from measure import MEMORY_ENV, extra_peak, plain_pass, rotated_timings, run_memory_worker
+from measure import IdTokenizer, MEMORY_ENV, extra_peak, lm_blocks, plain_pass, rotated_timings, run_info, run_memory_worker
 
 TASK = TASKS["text-generation"]
 MODES = {"plain": (None, False), "fisher": ({"fisher"}, False), "fisher+ckpt": ({"fisher"}, True),
@@ -44,12 +43,11 @@ def build(args) -> tuple[nn.Module, list[Batch]]:
                          num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
                          max_position_embeddings=args.tokens, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
-    batches = []
-    for _ in range(args.batches):
-        ids = torch.randint(0, args.vocab, (args.batch, args.tokens))
-        mask = torch.ones_like(ids)
-        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), labels=ids.clone()))
-    return model, batches
+    # One text per block: its random ids, written out; no EOS, so every block is exactly one text's ids.
+    texts = [" ".join(map(str, row.tolist())) for _ in range(args.batches)
+             for row in torch.randint(0, args.vocab, (args.batch, args.tokens))]
+    tokenizer = IdTokenizer(lambda text: [int(i) for i in text.split()], None)
+    return model, lm_blocks(texts, tokenizer, args.tokens, args.batch)
 
 
 def pass_fn(mode: str, model: nn.Module, batches: list[Batch]) -> Callable[[], None]:
@@ -93,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = statistics.median(times["plain"])
     rows = {m: {"median_s": statistics.median(t), "times_s": t, "vs_plain": statistics.median(t) / plain,
                 "extra_peak_mib": memory[m], "extra_peak_vs_weights": memory[m] / weights_mib} for m, t in times.items()}
-    result = {"command": "python benchmarks/checkpointing.py " + " ".join(argv or sys.argv[1:]),
-              "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                         f"{torch.get_num_threads()} threads",
+    result = {**run_info(__file__, argv),
               "config": {k: v for k, v in vars(args).items() if k not in ("json", "memory_worker")},
               "weights_mib": weights_mib, "memory_env": MEMORY_ENV, "modes": rows}
     print(f"weights {weights_mib:.1f} MiB; {args.batches} batches of {args.batch}x{args.tokens} tokens")

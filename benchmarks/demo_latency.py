@@ -4,20 +4,23 @@ Why: the end-to-end issue asks whether the compressed ONNX graph (each factorize
 MatMuls) is really faster than the dense one on CPU, and by how much next to the FLOP ratio that bounds
 it. This script runs the whole demo pipeline (`recipes/minilm-demo.yaml`) once per method/ratio with
 more latency runs and shapes than the recipe's defaults, into a temporary folder, and tabulates what the
-pipeline measured: dense and compressed are timed in the same run, one after the other, per shape.
-Since the two are timed back to back, a neighbour's load that starts or stops between them skews the
-speedup; the CPU time other processes took during each run (from /proc/stat) is printed to tell.
+pipeline measured: within each run the dense graph is timed first, every shape, when the dense
+baseline is validated, and the compressed graph later, every shape, in the compressed model's
+validation (about a minute apart on 2 cores). A neighbour's load that starts or stops between the two
+skews the speedup; the CPU time other processes took during each run (from /proc/stat) is printed to
+tell. The full run reports (int8 variants' timings included) are kept in the JSON under `reports`.
 
 FLOP ratios: ``targeted`` is the report's ``flop_ratio`` (multiply-adds of the factorized Linear layers
 after / before); ``all Linear`` also counts the encoder Linears the recipe leaves dense (attention
 projections), so it is the closer bound on a whole-model speedup (attention score matmuls, embeddings,
 LayerNorm and GELU are not reduced at all).
+
+    python benchmarks/demo_latency.py --json benchmarks/results/demo_latency.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -29,17 +32,11 @@ from torch import nn
 from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import load_recipe
+from measure import run_info, system_busy_s
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "minilm-demo.yaml"
 DEFAULT_SHAPES = "1x32,1x128,8x128,32x128"  # all 3 configs: ~5 min on a quiet 2-core machine
-
-
-def system_busy_s() -> float:
-    """CPU seconds all processes have spent busy since boot (first line of /proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def encoder_linear_params() -> int:
@@ -121,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [(m.strip(), float(r)) for m, r in (c.split(":") for c in args.configs.split(",") if c.strip())]
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
 
+    info = run_info(__file__, argv)
     linear_before = encoder_linear_params()
     entries = []
     with tempfile.TemporaryDirectory(prefix="fwsvd-demo-latency-") as tmp:
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
           f"versions {json.dumps(versions)}\n")
     print_tables(rows)
     if args.json:
-        args.json.write_text(json.dumps({"runs": args.runs, "warmup": args.warmup, "shapes": shapes,
+        args.json.write_text(json.dumps({**info, "runs": args.runs, "warmup": args.warmup, "shapes": shapes,
                                          "versions": versions, "results": rows,
                                          "reports": [e["report"] for e in entries]}, indent=2, default=str))
     return 0

@@ -23,6 +23,9 @@ is 28 tokens, so batches pad to at most 28). Setting ``long`` needs longer texts
 has: each sample joins ``--join`` consecutive records' texts (and their pairs), truncated at
 max_length 128, batch 8 pairs. Each setting uses the first ``--short-pairs`` / ``--long-pairs``
 samples, to keep the run to a few minutes on 2 cores.
+
+    python benchmarks/fisher_cost.py --settings short --json benchmarks/results/fisher_cost_short.json
+    python benchmarks/fisher_cost.py --settings long --json benchmarks/results/fisher_cost_long.json
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.recipe import DataSource
 from fwsvd_export.stages.tasks import TASKS, Batch
-from measure import extra_peak, plain_pass, run_memory_worker
+from measure import extra_peak, plain_pass, rotated_clock_times, run_info, run_memory_worker, system_busy_s
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data" / "pairs-calibration.jsonl"
@@ -115,13 +118,6 @@ def pass_fn(mode: str, model: nn.Module, batches: list[Batch]) -> Callable[[], N
             "fisher": stats({"fisher"}), "kfac": stats({"input_gram", "output_gram"})}[mode]
 
 
-def system_busy_s() -> float:
-    """CPU seconds all processes have spent busy since boot (first line of /proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
 def memory_worker(mode: str, setting: str, join: int, pairs: int) -> None:
     """Subprocess entry: print the peak resident memory one pass of `mode` adds, in MiB, as JSON."""
     model, tokenizer = load_model()
@@ -139,15 +135,7 @@ def time_setting(model: nn.Module, batches: list[Batch], repeats: int) -> dict[s
     """Wall and CPU seconds of each mode's full pass, `repeats` times, in rotated order."""
     for mode in MODES:  # warm-up on one batch: allocator, thread pool, first-call paths
         pass_fn(mode, model, batches[:1])()
-    runs = {mode: pass_fn(mode, model, batches) for mode in MODES}
-    times: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": []} for m in MODES}
-    for r in range(repeats):
-        for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            runs[mode]()
-            times[mode]["cpu"].append(time.process_time() - cpu)
-            times[mode]["wall"].append(time.perf_counter() - wall)
-    return times
+    return rotated_clock_times({mode: pass_fn(mode, model, batches) for mode in MODES}, repeats)
 
 
 def describe(batches: list[Batch]) -> dict:
@@ -182,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
            "cpus": os.cpu_count(), "layers": len(encoder_linears(model)), "loadavg_start": os.getloadavg()}
     print(f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpus']} CPUs; {env['layers']} encoder Linear "
           f"layers; {args.repeats} repeats, median; load average at start {env['loadavg_start'][0]:.2f}\n")
-    results = {"env": env, "repeats": args.repeats, "settings": {}}
+    results = {**run_info(__file__, argv), "env": env, "repeats": args.repeats, "settings": {}}
     for setting in settings:
         join = args.join if setting == "long" else 1
         batches = make_batches(model, tokenizer, setting, join, pairs[setting])

