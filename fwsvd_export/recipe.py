@@ -85,7 +85,7 @@ class FinetuneSpec:
 class ExportSpec:
     opset: Optional[int] = None
     with_past: bool = True  # text-generation: export the key/value cache, so generate() runs in ONNX Runtime
-    precisions: list[Precision] = field(default_factory=lambda: ["fp32"])  # int8 (CPU), fp16 (CUDA): extra folders
+    precisions: list[Precision] = field(default_factory=lambda: ["fp32"])  # int8, int4 (CPU), fp16 (CUDA): extra folders
     int8_mode: Literal["dynamic", "static"] = "dynamic"  # static: QDQ calibrated on data.calibration
     output: str = "outputs/run"
 

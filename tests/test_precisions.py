@@ -89,3 +89,21 @@ def test_fp32_must_stay_among_the_precisions(tmp_path, classifier_recipe):
     classifier_recipe["export"] = {"precisions": ["int8"]}
     with pytest.raises(FwsvdError, match="'export.precisions' must include fp32"):
         load_recipe(write_recipe(tmp_path, classifier_recipe))
+
+
+def test_a_decoder_gets_a_4_bit_matmulnbits_copy_validated_on_the_cpu(tmp_path, lm_recipe):
+    lm_recipe["export"] = {"precisions": ["fp32", "int4"]}
+    result = run(load_recipe(write_recipe(tmp_path, lm_recipe)), tmp_path / "out", progress=False)
+    four_bit = {}
+    for name in ("dense", "compressed"):
+        graph = onnx.load(str(result.output / "onnx" / f"{name}-int4" / "model.onnx")).graph
+        weights = {i.name for i in graph.initializer}
+        float_weights = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+        assert float_weights == []  # every MatMul by a weight is 4-bit (attention's MatMuls stay float)
+        four_bit[name] = sum(n.op_type == "MatMulNBits" for n in graph.node)
+    assert four_bit["dense"] >= 7 * 2  # the 7 Linears of each of the 2 decoder layers (and the head)
+    assert four_bit["compressed"] > four_bit["dense"]  # both factors of each split layer
+    int4 = result.report["validation"]["variants"]["compressed-int4"]["cpu"]
+    assert int4["status"] == "measured" and 0 < int4["parity"]["relative_error"] <= 0.5
+    checks = {c["name"]: c for c in result.report["validation"]["checks"]}
+    assert checks["cpu: compressed-int4 parity"]["passed"] and "cpu: compressed-int4 metric loss" in checks

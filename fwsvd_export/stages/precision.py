@@ -1,7 +1,9 @@
 """Deployment precisions of an exported fp32 graph, made with ONNX Runtime's own tools: int8 for the
 CPU (dynamic weight quantization, per-channel where the operator allows, or static QDQ calibrated on
-the recipe's calibration batches) and fp16 for CUDA (LayerNorm, Softmax and the other ops ONNX
-Runtime's converter keeps in fp32 stay fp32; inputs and outputs keep their types).
+the recipe's calibration batches), int4 for the CPU (4-bit blockwise weights in ONNX Runtime's
+``MatMulNBits``, the weight-only format decoders ship in; activations stay float) and fp16 for CUDA
+(LayerNorm, Softmax and the other ops ONNX Runtime's converter keeps in fp32 stay fp32; inputs and
+outputs keep their types).
 
 Each variant is a folder beside its source (``onnx/compressed`` -> ``onnx/compressed-int8``) with the
 same config and tokenizer files, so optimum's ``ORTModelFor*`` loads it like the fp32 one.
@@ -20,7 +22,6 @@ from ..core.batch import Batch
 from .ort_io import feeds
 
 
-
 @dataclass(frozen=True)
 class Precision:
     name: str
@@ -36,8 +37,12 @@ PRECISIONS: dict[str, Precision] = {
         # norm (pooled embeddings keep cosine 0.99); a broken quantization gives about 1.
         Precision("int8", ("cpu",), 0.5),
         Precision("fp16", ("cuda",), 0.02),
+        # 4-bit weights in blocks of INT4_BLOCK along the input: about twice int8's error on the tiny test
+        # models (0.05-0.3 of the output norm); a layer quantized wrongly gives about 1.
+        Precision("int4", ("cpu",), 0.5),
     )
 }
+INT4_BLOCK = 32  # weights per scale: ONNX Runtime's smallest common block, the most accurate
 # Ops kept in fp32 in the fp16 graph, beside the converter's own list: normalisations and softmax.
 FP16_KEEP = ["LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "Softmax"]
 
@@ -80,6 +85,17 @@ def _fp16(source: Path, target: Path) -> None:
     onnx.save(model, str(target))
 
 
+def _int4(source: Path, target: Path) -> None:
+    """Every MatMul with a constant weight (both factors of a split layer, the dense ones kept) becomes a
+    MatMulNBits with symmetric 4-bit blocks; accuracy level 4 lets the CPU kernel compute in int8."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+
+
 def make_variant(fp32_graph: Path, precision: str, int8_mode: str = "dynamic",
                  calibration: list[Batch] | None = None) -> Path:
     """Write `precision`'s copy of `fp32_graph` (``.../NAME/model.onnx``) to ``.../NAME-PRECISION/``."""
@@ -89,6 +105,7 @@ def make_variant(fp32_graph: Path, precision: str, int8_mode: str = "dynamic",
     makers: dict[str, Callable[[], None]] = {
         "int8": lambda: _int8(fp32_graph, target, int8_mode, calibration or []),
         "fp16": lambda: _fp16(fp32_graph, target),
+        "int4": lambda: _int4(fp32_graph, target),
     }
     makers[precision]()
     _copy_side_files(fp32_graph.parent, folder)
