@@ -27,9 +27,11 @@ from fwsvd_export.core import CompressionSpec, compress_
 from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.ort_io import feeds
 from fwsvd_export.stages.precision import make_variant
-from fwsvd_export.stages.validate import latency
+from fwsvd_export.stages.latency import interleaved
+from fwsvd_export.stages.validate import open_session
 
 sys.path.insert(0, str(Path(__file__).parent))
+from measure import run_info  # noqa: E402
 from wordnet_classifier import SOURCE, TARGET, TASK, WORDNET, build_classifier, read_verbs  # noqa: E402
 
 # The int8 configurations a deployment engineer would try with onnxruntime.quantization.
@@ -55,16 +57,6 @@ def variants(graph: Path, calibration) -> dict[str, Path]:
         out[name] = target
     out["static QDQ, per-channel, reduce_range (shipped option)"] = make_variant(graph, "int8", "static", calibration)
     return out
-
-
-def interleaved_latency(graphs: dict[str, Path], shape: str, rounds: int, runs: int) -> dict[str, float]:
-    """Median ms per graph, the graphs taking turns `rounds` times so machine noise hits all alike."""
-    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
-    times: dict[str, list[float]] = {k: [] for k in graphs}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            times[k].append(latency(s, shape, 30522, 2, runs)["median_ms"])
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def main() -> None:
@@ -114,9 +106,10 @@ def main() -> None:
                 if balanced:
                     shipped[f"kfac {allocation} {value} fp32"] = graphs["fp32"]
                     shipped[f"kfac {allocation} {value} int8"] = graphs[next(iter(DYNAMIC))]
-        timing = {shape: interleaved_latency(shipped, shape, rounds=5, runs=20) for shape in ("1x40", "8x40")}
-    result = {"command": " ".join(["python", *sys.argv]), "test_rows": len(test), "rows": rows,
-              "latency_ms": timing, "ort": ort.__version__}
+        sessions = {k: open_session(p, "cpu", 2)[0] for k, p in shipped.items()}
+        timing = interleaved(sessions, ["1x40", "8x40"], model.config.vocab_size, warmup=2, runs=100, rounds=5)
+    result = {**run_info(__file__), "test_rows": len(test), "rows": rows,
+              "latency": {"threads": 2, "warmup": 2, "runs": 100, "interleaved_rounds": 5, "artifacts": timing}}
     print(json.dumps(timing, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -100,7 +100,8 @@ class ProviderSpec:
 class LatencySpec:
     shapes: list[str] = field(default_factory=lambda: ["1x128"])
     warmup: int = 5
-    runs: int = 30
+    runs: int = 30  # per artifact and shape, spread over the rounds
+    rounds: int = 5  # the artifacts take turns this many times, so machine noise hits all alike
     threads: Optional[int] = None  # ONNX Runtime intra-op threads for every timed session (null: every core)
 
 
@@ -451,8 +452,9 @@ def _check(recipe: Recipe, origin: str) -> None:
     lat = recipe.validation.latency
     if lat.threads is not None and lat.threads < 1:
         raise FwsvdError(f"{origin}: 'validation.latency.threads' must be >= 1 (or null for every core), got {lat.threads}")
-    if lat.runs < 1 or lat.warmup < 0 or recipe.validation.parity_batches < 1 or recipe.validation.generation_tokens < 1:
-        raise FwsvdError(f"{origin}: 'validation.latency.runs', 'parity_batches' and 'generation_tokens' must be >= 1, "
+    if (lat.runs < 1 or lat.rounds < 1 or lat.warmup < 0 or recipe.validation.parity_batches < 1
+            or recipe.validation.generation_tokens < 1):
+        raise FwsvdError(f"{origin}: 'validation.latency.runs', 'rounds', 'parity_batches' and 'generation_tokens' must be >= 1, "
                          "'validation.latency.warmup' >= 0")
     if any(not p.strip() for p in recipe.validation.prompts):
         raise FwsvdError(f"{origin}: 'validation.prompts' holds an empty prompt")

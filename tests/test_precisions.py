@@ -75,6 +75,20 @@ def test_the_report_validates_each_variant_where_it_runs_and_states_the_toleranc
     assert "## Precisions" in table and "| dense-int8 | cpu |" in table and "| compressed-int8 | cpu |" in table
 
 
+def test_every_artifact_is_timed_in_the_same_interleaved_rounds_as_dense_fp32(precision_run):
+    cpu = precision_run.report["validation"]["providers"]["cpu"]
+    method = cpu["latency_method"]
+    assert method["artifacts"] == ["dense", "compressed", "dense-int8", "compressed-int8"]  # fp16 is for CUDA
+    assert method["interleaved_rounds"] == 3 and method["runs"] == 3  # rounds are capped at the runs
+    point = cpu["latency"][0]
+    assert point["dense"]["runs"] == point["compressed"]["runs"] == 3
+    assert point["speedup"] == point["dense"]["median_ms"] / point["compressed"]["median_ms"]
+    for name in ("dense-int8", "compressed-int8"):
+        timing = precision_run.report["validation"]["variants"][name]["cpu"]["latency"][0]
+        assert timing["p90_ms"] >= timing["median_ms"] > 0
+        assert timing["speedup_vs_dense_fp32"] == point["dense"]["median_ms"] / timing["median_ms"]
+
+
 def test_static_int8_is_calibrated_qdq(tmp_path, classifier_recipe):
     classifier_recipe["export"] = {"precisions": ["fp32", "int8"], "int8_mode": "static"}
     classifier_recipe["validation"]["max_quantization_loss"] = 1.0

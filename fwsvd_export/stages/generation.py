@@ -1,11 +1,7 @@
 """Decoder checks that need the key/value cache: greedy generation parity between PyTorch and an ONNX
-graph exported with past, and prefill / per-token decode latency."""
+graph exported with past."""
 from __future__ import annotations
 
-import statistics
-import time
-
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -32,24 +28,3 @@ def greedy_ort(session: ort.InferenceSession, ids: torch.Tensor, steps: int) -> 
         generated.append(nxt)
         outputs = session.run(None, feeds(session, {"input_ids": torch.tensor([[nxt]])}, next_past(session, outputs)))
     return generated
-
-
-def timed(run, warmup: int, runs: int) -> dict:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    return {"median_ms": statistics.median(times), "p90_ms": float(np.percentile(times, 90)), "runs": runs}
-
-
-def prefill_and_decode(session: ort.InferenceSession, ids: torch.Tensor, warmup: int, runs: int) -> tuple[dict, dict]:
-    """Latency of the prompt pass at ids' shape, and of one decode step with that prompt cached."""
-    prompt = feeds(session, {"input_ids": ids})
-    prefill = timed(lambda: session.run(None, prompt), warmup, runs)
-    past = next_past(session, session.run(None, prompt))
-    step = feeds(session, {"input_ids": ids[:, -1:]}, past)
-    decode = timed(lambda: session.run(None, step), warmup, runs)
-    return prefill, decode

@@ -6,6 +6,7 @@ otherwise it is reported as unavailable with the reason, never as passed.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -19,7 +20,8 @@ import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
-from .generation import timed, greedy_ort, greedy_torch, prefill_and_decode
+from .generation import greedy_ort, greedy_torch
+from .latency import interleaved
 from .ort_io import feeds, has_past
 from .precision import PRECISIONS
 from ..core.batch import Batch
@@ -128,19 +130,6 @@ def relative_error(outputs: list[torch.Tensor], source: list[torch.Tensor], rtol
     return {"relative_error": error, "rtol": rtol, "passed": error <= rtol}
 
 
-def latency(session: ort.InferenceSession, shape: str, vocab_size: int, warmup: int, runs: int) -> dict:
-    """Median and p90 wall time (ms) of one run at BATCHxSEQUENCE after warm-up; for a graph with a
-    key/value cache, that run is the prefill, and one decode step is timed too."""
-    batch, seq = (int(v) for v in shape.split("x"))
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, max(2, min(vocab_size, 1001)), (batch, seq), generator=generator)
-    prefill, decode = prefill_and_decode(session, ids, warmup, runs) if has_past(session) else (None, None)
-    if prefill is not None:
-        return {**prefill, "decode_per_token": decode}
-    data = feeds(session, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return timed(lambda: session.run(None, data), warmup, runs)
-
-
 def _outputs(run, batches: list[Batch], desc: str, progress: bool) -> list[torch.Tensor]:
     with torch.no_grad():
         return [run(b) for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)]
@@ -152,17 +141,16 @@ class Reference:
 
     outputs: list[torch.Tensor]  # the original model's PyTorch outputs on the evaluation batches
     metric: float
-    timings: dict[str, dict[str, dict]] = field(default_factory=dict)  # provider -> shape -> latency
+    graphs: dict[str, Path] = field(default_factory=dict)  # "dense", "dense-int8", ...: timed beside each compressed model
     skipped: dict[str, str] = field(default_factory=dict)  # provider -> why its dense graph was not timed
     variants: dict[str, dict] = field(default_factory=dict)  # "dense-int8" -> provider -> measurements
 
 
 def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Path, source: list[torch.Tensor],
-                    batches: list[Batch], vocab_size: int, progress: bool, reference_out: Optional[list[torch.Tensor]],
-                    dense_timings: dict[str, dict[str, dict]]) -> dict:
-    """A precision variant on each provider it is meant for: task metric, parity against `source` (the
-    outputs of the fp32 model it was made from) within the precision's tolerance, latency and speed-up
-    against the dense fp32 graph."""
+                    batches: list[Batch], progress: bool, reference_out: Optional[list[torch.Tensor]]) -> dict:
+    """A precision variant on each provider it is meant for: task metric and parity against `source` (the
+    outputs of the fp32 model it was made from) within the precision's tolerance. Its latency is measured
+    later, interleaved with the other artifacts (`_time_artifacts`)."""
     kind = PRECISIONS[precision]
     result: dict = {"bytes": _bytes(graph.parent), "tolerance_rtol": kind.rtol}
     for provider in spec.providers:
@@ -174,13 +162,8 @@ def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Pat
             continue
         out = _outputs(lambda b: run_ort(session, task, b), batches, f"{graph.parent.name} (onnx, {provider.name})", progress)
         n = max(1, spec.parity_batches)
-        entry = {"status": "measured", "metric": task.metric(out, batches, reference_out),
-                 "parity": relative_error(out[:n], source[:n], kind.rtol), "latency": []}
-        for shape, dense_time in dense_timings.get(provider.name, {}).items():
-            own = latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
-            entry["latency"].append({"shape": shape, "median_ms": own["median_ms"],
-                                     "speedup_vs_dense_fp32": dense_time["median_ms"] / own["median_ms"]})
-        result[provider.name] = entry
+        result[provider.name] = {"status": "measured", "metric": task.metric(out, batches, reference_out),
+                                 "parity": relative_error(out[:n], source[:n], kind.rtol), "latency": []}
     return result
 
 
@@ -190,21 +173,19 @@ def _bytes(folder: Path) -> int:
 
 def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batches: list[Batch], dense_onnx: Path,
               vocab_size: int, progress: bool = True, variants: Optional[dict[str, Path]] = None) -> Reference:
-    """Evaluate the original model in PyTorch, time its ONNX graph on every provider the spec names,
-    and measure its precision `variants` (precision -> graph), the baselines a user could ship instead."""
+    """Evaluate the original model in PyTorch, check that its ONNX graph opens on every provider the spec
+    names, and measure its precision `variants` (precision -> graph), the baselines a user could ship
+    instead. Their latencies are measured beside each compressed model's, in `validate`."""
     outputs = _outputs(lambda b: run_torch(original, task, b), batches, "original (torch)", progress)
-    ref = Reference(outputs, task.metric(outputs, batches, outputs if task.needs_reference else None))
+    ref = Reference(outputs, task.metric(outputs, batches, outputs if task.needs_reference else None),
+                    {"dense": dense_onnx, **{f"dense-{p}": g for p, g in (variants or {}).items()}})
     for provider in spec.providers:
         session, reason = open_session(dense_onnx, provider.name, threads(spec))
         if session is None:
             ref.skipped[provider.name] = reason
-            continue
-        ref.timings[provider.name] = {shape: latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
-                                      for shape in spec.latency.shapes}
     for precision, graph in (variants or {}).items():
-        ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, vocab_size,
-                                                             progress, outputs if task.needs_reference else None,
-                                                             ref.timings)
+        ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, progress,
+                                                             outputs if task.needs_reference else None)
     return ref
 
 
@@ -240,13 +221,6 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: tor
         entry["latency"] = []
         if provider.name in dense.skipped:
             entry["latency_skipped"] = f"dense graph: {dense.skipped[provider.name]}"
-        for shape, dense_time in dense.timings.get(provider.name, {}).items():
-            small = latency(session, shape, vocab_size, spec.latency.warmup, spec.latency.runs)
-            point = {"shape": shape, "dense": dense_time, "compressed": small,
-                     "speedup": dense_time["median_ms"] / small["median_ms"]}
-            if "decode_per_token" in small:
-                point["decode_speedup"] = dense_time["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
-            entry["latency"].append(point)
         if has_past(session) and prompts:
             matches = [greedy_ort(session, ids, spec.generation_tokens) == expected for ids, expected in zip(prompts, greedy)]
             entry["generation"] = {"prompts": len(prompts), "tokens": spec.generation_tokens, "matching_prompts": sum(matches)}
@@ -260,8 +234,9 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: tor
                                    f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
-    _validate_variants(task, spec, dense, result, compressed_out, batches, vocab_size, progress, reference, variants or {},
+    _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {},
                        _bytes(compressed_onnx.parent))
+    _time_artifacts(spec, dense, result, compressed_onnx, variants or {}, vocab_size)
     if all(e["status"] == "unavailable" for e in result.providers.values()):
         result.checks.append(Check("onnx runtime: validated", False, "no execution provider ran the compressed graph, "
                                    "so nothing was checked in ONNX Runtime"))
@@ -269,16 +244,15 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: tor
 
 
 def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, result: Validation,
-                       compressed_out: list[torch.Tensor], batches: list[Batch], vocab_size: int, progress: bool,
+                       compressed_out: list[torch.Tensor], batches: list[Batch], progress: bool,
                        reference_out: Optional[list[torch.Tensor]], variants: dict[str, Path], fp32_bytes: int) -> None:
     """Measure the compressed model's precision variants, check each against the compressed fp32 model
     (parity within the precision's tolerance, metric within max_quantization_loss), and say plainly
     when a dense variant of the original model is the better pick."""
-    result.variants.update(dense.variants)
+    result.variants.update(copy.deepcopy(dense.variants))  # this point's latencies are added to the copies
     for precision, graph in variants.items():
         name = f"compressed-{precision}"
-        measured = measure_variant(task, spec, precision, graph, compressed_out, batches, vocab_size, progress,
-                                   reference_out, dense.timings)
+        measured = measure_variant(task, spec, precision, graph, compressed_out, batches, progress, reference_out)
         result.variants[name] = measured
         for provider, entry in measured.items():
             if not isinstance(entry, dict) or entry.get("status") != "measured":
@@ -308,3 +282,39 @@ def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, resul
                         f"{dense_name} beats {name} on {provider}: {task.metric_name} {entry['metric']:.4f} vs "
                         f"{ours:.4f}, {measured['bytes'] / 1e6:.1f} MB vs {size / 1e6:.1f} MB; ship {dense_name} unless "
                         "latency decides")
+
+
+def _time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, compressed_onnx: Path,
+                    variants: dict[str, Path], vocab_size: int) -> None:
+    """On each provider whose dense and compressed graphs both run: time dense fp32, the compressed graph and
+    every variant meant for the provider, interleaved (`latency.interleaved`), and record each one's
+    latency and speed-up against dense fp32 measured in the same rounds."""
+    for provider, entry in result.providers.items():
+        if entry.get("status") not in ("passed", "failed") or provider in dense.skipped:
+            continue
+        graphs = {"dense": dense.graphs["dense"], "compressed": compressed_onnx}
+        graphs.update({n: g for n, g in dense.graphs.items() if n != "dense"})
+        graphs.update({f"compressed-{p}": g for p, g in variants.items()})
+        sessions = {}
+        for name, graph in graphs.items():
+            measured = result.variants.get(name, {}).get(provider)
+            if name in ("dense", "compressed") or (measured or {}).get("status") == "measured":
+                sessions[name] = open_session(graph, provider, threads(spec))[0]
+        if any(s is None for s in sessions.values()):  # opened once already: only a vanished provider gets here
+            continue
+        timings = interleaved(sessions, spec.latency.shapes, vocab_size, spec.latency.warmup, spec.latency.runs,
+                              spec.latency.rounds)
+        entry["latency_method"] = {"interleaved_rounds": min(spec.latency.rounds, spec.latency.runs), "runs": spec.latency.runs,
+                                   "warmup": spec.latency.warmup, "threads": threads(spec), "artifacts": list(sessions)}
+        for shape, base in timings["dense"].items():
+            small = timings["compressed"][shape]
+            point = {"shape": shape, "dense": base, "compressed": small, "speedup": base["median_ms"] / small["median_ms"]}
+            if "decode_per_token" in small:
+                point["decode_speedup"] = base["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
+            entry["latency"].append(point)
+            for name in sessions:
+                if name not in ("dense", "compressed"):
+                    own = timings[name][shape]
+                    result.variants[name][provider]["latency"].append(
+                        {"shape": shape, "median_ms": own["median_ms"], "p90_ms": own["p90_ms"],
+                         "speedup_vs_dense_fp32": base["median_ms"] / own["median_ms"]})
