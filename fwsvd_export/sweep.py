@@ -1,5 +1,8 @@
 """The accuracy / size / latency frontier over (method, ratio or budget) points, a table, and plots of
-the task metric against kept parameters and against latency per execution provider.
+the task metric against kept parameters and against latency per execution provider; and, over every
+artifact of every point (each precision of the compressed model, the dense baselines once), a table of
+metric, file size and latency, the plain verdict of where dense int8 is the better pick, and the
+two-panel frontier plot of the task metric against size and against latency.
 
 A sweep pays once for what its points share: the model and data are loaded once, one statistics pass
 gathers what every method asks for, and the dense model is exported, evaluated and timed once (in
@@ -16,6 +19,8 @@ from .errors import FwsvdError
 from .pipeline import Clock, dense_stage, point_stage, prepare
 from .recipe import load_recipe
 from .stages.outputs import resolve_output, staged_output
+from .stages.report import FRONTIER_PLOT, artifact_rows, first_measured, plot_frontier
+from .stages.tasks import Task, metric_loss
 
 SWEEP_FILE = "sweep.json"
 
@@ -26,7 +31,7 @@ def _point(method: str, kind: str, value: float, folder: str, report: dict) -> d
              "targeted_kept_ratio": report["compression"]["summary"]["targeted_kept_ratio"],
              "model_kept_ratio": report["sizes"]["params_compressed"] / report["sizes"]["params_dense"],
              "metric": val["metric"], "original": val["original_torch"], "compressed_torch": val["compressed_torch"],
-             "providers": {}, "passed": report["passed"]}
+             "providers": {}, "artifacts": artifact_rows(report), "passed": report["passed"]}
     for name, entry in val["providers"].items():
         if entry["status"] == "unavailable":
             continue
@@ -53,6 +58,80 @@ def _markdown(points: list[dict], kind: str) -> str:
             row += [f"{e['metric']:.4g}", f"{e['compressed_ms']:.2f}", f"{e['speedup']:.2f}"] if e else ["-"] * 3
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _baselines(points: list[dict]) -> list[dict]:
+    """The dense artifacts' rows: measured once for the whole sweep, so every point carries the same."""
+    return [r for r in points[0]["artifacts"] if r["artifact"].startswith("dense-")]
+
+
+def _compressed(point: dict) -> list[dict]:
+    return [r for r in point["artifacts"] if r["artifact"].startswith("compressed-")]
+
+
+def dense_int8_wins(points: list[dict], task: Task) -> dict[str, list[dict]]:
+    """Per point, the compressed artifacts that dense int8 beats on the same provider: a task metric at
+    least as good together with a file no larger or a median latency no higher (`on` names which)."""
+    wins: dict[str, list[dict]] = {}
+    for point in points:
+        for dense in (r for r in point["artifacts"] if r["artifact"] == "dense-int8" and r["metric"] is not None):
+            for ours in _compressed(point):
+                if ours["provider"] != dense["provider"] or ours["metric"] is None:
+                    continue
+                if metric_loss(task, ours["metric"], dense["metric"]) > 0:
+                    continue
+                on = [name for name, key in (("size", "bytes"), ("latency", "median_ms"))
+                      if dense[key] is not None and ours[key] is not None and dense[key] <= ours[key]]
+                if on:
+                    wins.setdefault(point["folder"], []).append(
+                        {"artifact": ours["artifact"], "provider": ours["provider"], "on": on})
+    return wins
+
+
+def _verdict(points: list[dict], wins: dict[str, list[dict]]) -> str:
+    metric = points[0]["metric"]
+    if not any(r["artifact"] == "dense-int8" and r["metric"] is not None for p in points for r in p["artifacts"]):
+        return ("No dense int8 artifact was measured: add int8 to `export.precisions` to compare the compressed "
+                "artifacts with the baseline a user would otherwise ship.")
+    rule = (f"{metric} at least as good as the compressed artifact's, and a file no larger or a median latency "
+            "no higher, on the same provider")
+    if not wins:
+        return f"Dense int8 beats no compressed artifact at any point: nowhere does it have {rule}."
+    where = "; ".join(f"{name}: " + ", ".join(f"{w['artifact']} on {w['provider']} ({' and '.join(w['on'])})" for w in ws)
+                      for name, ws in wins.items())
+    return f"**Dense int8 beats the compressed artifact** ({rule}) at: {where}."
+
+
+def _artifact_table(points: list[dict], verdict: str, plotted: bool) -> str:
+    metric = points[0]["metric"]
+    rows = [("dense", r) for r in _baselines(points)] + [(p["folder"], r) for p in points for r in _compressed(p)]
+    shape = next((r["shape"] for _, r in rows if r["shape"]), "-")
+    head = ["point", "artifact", "provider", metric, "ONNX MB", f"median ms ({shape})", "speed-up vs dense fp32"]
+    lines = ["## Every artifact", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        if r["metric"] is None:
+            continue
+        cells = [name, r["artifact"], r["provider"], f"{r['metric']:.4g}", f"{r['bytes'] / 1e6:.2f}",
+                 "-" if r["median_ms"] is None else f"{r['median_ms']:.2f}",
+                 "-" if r["speedup"] is None else f"{r['speedup']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"dense-fp32's {metric} is the PyTorch model's; the dense artifacts are measured once for every point.", ""]
+    missing = sorted({f"{r['artifact'].split('-', 1)[1]} on {r['provider']}" for _, r in rows if r["metric"] is None})
+    if missing:
+        lines += [f"Not measured (the provider did not start): {', '.join(missing)}.", ""]
+    lines += [verdict, ""]
+    if plotted:
+        lines += [f"![{metric} against file size and latency, every artifact]({FRONTIER_PLOT})", ""]
+    return "\n".join(lines)
+
+
+def plot_artifacts(points: list[dict], task: Task, path: Path) -> bool:
+    """The frontier over every point: each method's artifact of each precision one series, each artifact
+    on the first provider that measured it, the dense artifacts as reference points (needs matplotlib)."""
+    rows = first_measured(_baselines(points))
+    rows += [{**r, "point": p["folder"], "series": f"{r['artifact']}, {p['method']}"}
+             for p in points for r in first_measured(_compressed(p))]
+    return plot_frontier(rows, points[0]["metric"], task.higher_is_better, path, "every artifact of the sweep")
 
 
 def plot(points: list[dict], folder: Path) -> list[Path]:
@@ -127,10 +206,15 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
             report = point_stage(prepared, dense, recipe, staged.path / name, Clock(), progress, statistics,
                                  last=i == len(plan) - 1)
             points.append(_point(method, kind, value, name, report))
-            (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "shared": shared, "points": points}, indent=2))
-        (staged.path / "sweep.md").write_text(_markdown(points, kind))
+            wins = dense_int8_wins(points, prepared.task)
+            (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "shared": shared, "points": points,
+                                                              "dense_int8_beats": wins}, indent=2))
         try:
             plots = [folder / p.name for p in plot(points, staged.path)]
         except ImportError:
             plots = []
+        drawn = plot_artifacts(points, prepared.task, staged.path / FRONTIER_PLOT)
+        plots += [folder / FRONTIER_PLOT] if drawn else []
+        (staged.path / "sweep.md").write_text(_markdown(points, kind) + "\n"
+                                              + _artifact_table(points, _verdict(points, wins), drawn))
     return folder, points, plots

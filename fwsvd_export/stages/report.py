@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from .tasks import get_task
+
+FRONTIER_PLOT = "frontier.png"  # the task metric against size and latency, every artifact
 
 
 def _fmt(value: Any) -> str:
@@ -70,6 +74,8 @@ def markdown(report: dict) -> str:
                       "it bounds the speedup the factorized layers alone can give.", ""]
     if val and val.get("variants"):
         lines += _precisions(report)
+    if report.get("artifacts", {}).get("frontier_plot"):
+        lines += [f"![{val['metric']} against file size and latency, every artifact]({FRONTIER_PLOT})", ""]
     lines += ["## Layers", ""]
     if report.get("artifacts", {}).get("ranks_plot"):
         lines += ["![ranks per layer](ranks.png)", ""]
@@ -84,38 +90,109 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def precision_rows(report: dict) -> list[list[Any]]:
-    """One row per (artifact, provider): the dense and compressed fp32 graphs and every precision variant,
-    with task metric, file size and the speed-up over dense fp32 at the first latency shape."""
+def artifact_rows(report: dict) -> list[dict]:
+    """Every artifact of the run on each provider it was measured on or meant for: the dense and the
+    compressed fp32 graph and every precision variant, with task metric, ONNX bytes, and at the first
+    latency shape the median latency and the speed-up over dense fp32 (None where not measured).
+    Dense fp32's metric is the PyTorch model's: its graph is timed, not evaluated."""
     val, sizes = report["validation"], report["sizes"]
     rows = []
+
+    def row(artifact: str, provider: str, metric: Optional[float], size: int, latency: Optional[dict],
+            ms: Optional[float], speedup: Optional[float]) -> None:
+        rows.append({"artifact": artifact, "provider": provider, "metric": metric, "bytes": size,
+                     "shape": latency["shape"] if latency else None, "median_ms": ms, "speedup": speedup})
+
     for name, entry in val["providers"].items():
         if entry["status"] == "unavailable":
             continue
         first = entry["latency"][0] if entry["latency"] else None
-        rows.append(["dense-fp32", name, val["original_torch"], sizes["onnx_dense_bytes"] / 1e6, 1.0 if first else None])
-        rows.append(["compressed-fp32", name, entry["metric"], sizes["onnx_compressed_bytes"] / 1e6,
-                     first["speedup"] if first else None])
+        row("dense-fp32", name, val["original_torch"], sizes["onnx_dense_bytes"], first,
+            first["dense"]["median_ms"] if first else None, 1.0 if first else None)
+        row("compressed-fp32", name, entry["metric"], sizes["onnx_compressed_bytes"], first,
+            first["compressed"]["median_ms"] if first else None, first["speedup"] if first else None)
     for variant, measured in val["variants"].items():
         for name, entry in measured.items():
             if not isinstance(entry, dict):
                 continue
-            if entry["status"] != "measured":
-                rows.append([variant, name, None, measured["bytes"] / 1e6, None])
-                continue
-            first = entry["latency"][0] if entry["latency"] else None
-            rows.append([variant, name, entry["metric"], measured["bytes"] / 1e6,
-                         first["speedup_vs_dense_fp32"] if first else None])
+            first = entry["latency"][0] if entry.get("latency") else None
+            row(variant, name, entry.get("metric"), measured["bytes"], first, first["median_ms"] if first else None,
+                first["speedup_vs_dense_fp32"] if first else None)
     return rows
+
+
+def first_measured(rows: list[dict]) -> list[dict]:
+    """Per artifact, its row on the first provider (in the recipe's order) that measured it."""
+    first: dict[str, dict] = {}
+    for r in rows:
+        if r["metric"] is not None:
+            first.setdefault(r["artifact"], r)
+    return list(first.values())
+
+
+def precision_rows(report: dict) -> list[list[Any]]:
+    """`artifact_rows` as the Precisions table shows them."""
+    return [[r["artifact"], r["provider"], r["metric"], r["bytes"] / 1e6, r["median_ms"], r["speedup"]]
+            for r in artifact_rows(report)]
 
 
 def _precisions(report: dict) -> list[str]:
     val = report["validation"]
     lines = ["## Precisions", ""] + _table(
-        ["artifact", "provider", val["metric"], "ONNX MB", "speed-up vs dense fp32"], precision_rows(report))
+        ["artifact", "provider", val["metric"], "ONNX MB", "median ms", "speed-up vs dense fp32"], precision_rows(report))
     lines += ["dense-fp32's metric is the PyTorch model's. A variant is validated on the providers it is meant for "
               "(int8: CPU, fp16: CUDA); '-' marks one whose provider did not start.", ""]
     return lines + [f"- {v}" for v in val["verdicts"]] + ([""] if val["verdicts"] else [])
+
+
+MARKERS = {"fp32": "o", "int8": "s", "fp16": "^", "int4": "D"}  # one marker style per precision
+
+
+def plot_frontier(rows: list[dict], metric: str, higher_is_better: bool, path: Path, title: str) -> bool:
+    """Two panels: the task metric against ONNX file size and against median latency (needs matplotlib).
+    `rows` are `artifact_rows`, one series per artifact; rows of sweep points carry a "point" label and a
+    "series" name (the artifact of one method), joined in order along each axis. Marker style says the precision;
+    dense artifacts are black reference points with a dotted line at their metric, so what lies on the
+    better side of dense int8 shows at a glance. Drawn on a standalone figure: matplotlib's global
+    state is left as it was."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+
+    measured = [r for r in rows if r["metric"] is not None]
+    if not measured:
+        return False
+    fig = Figure(figsize=(11, 4.5))
+    panels = fig.subplots(1, 2)
+    shape = next((r["shape"] for r in measured if r["shape"]), None)
+    names = list(dict.fromkeys(r.get("series", r["artifact"]) for r in measured))
+    dense = {r.get("series", r["artifact"]) for r in measured if r["artifact"].startswith("dense-")}
+    colour = {name: f"C{i}" for i, name in enumerate(n for n in names if n not in dense)}
+    for ax, key, scale, label in ((panels[0], "bytes", 1e-6, "ONNX file, MB"),
+                                  (panels[1], "median_ms", 1.0, f"median latency at {shape}, ms")):
+        for name in names:
+            series = sorted((r for r in measured if r.get("series", r["artifact"]) == name and r[key] is not None),
+                            key=lambda r: r[key])
+            if not series:
+                continue
+            marker = MARKERS.get(series[0]["artifact"].rsplit("-", 1)[-1], "o")
+            xs, ys = [r[key] * scale for r in series], [r["metric"] for r in series]
+            providers = ", ".join(dict.fromkeys(r["provider"] for r in series))
+            style = dict(color="black", markersize=9, linestyle="none") if name in dense else dict(color=colour[name])
+            ax.plot(xs, ys, marker=marker, label=f"{name} ({providers})", **style)
+            if name in dense:
+                ax.axhline(ys[0], color="grey", linestyle=":", linewidth=0.8)
+            for x, y, r in zip(xs, ys, series):
+                if "point" in r:
+                    ax.annotate(r["point"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=label, ylabel=f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def plot_ranks(report: dict, path: Path) -> bool:
@@ -147,5 +224,10 @@ def plot_ranks(report: dict, path: Path) -> bool:
 def write_report(report: dict, folder: Path) -> None:
     if plot_ranks(report, folder / "ranks.png"):
         report.setdefault("artifacts", {})["ranks_plot"] = "ranks.png"
+    val = report.get("validation")
+    if val and plot_frontier(first_measured(artifact_rows(report)), val["metric"],
+                             get_task(report["model"]["task"]).higher_is_better, folder / FRONTIER_PLOT,
+                             f"every artifact of the run ({report['compression']['summary']['method']})"):
+        report.setdefault("artifacts", {})["frontier_plot"] = FRONTIER_PLOT
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (folder / "report.md").write_text(markdown(report))
