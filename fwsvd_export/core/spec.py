@@ -54,7 +54,7 @@ class LayerOverride:
 @dataclass
 class CompressionSpec:
     """Which Linear layers to factorize, how to weight them, and how far to cut them. With none of
-    ratio, rank and budget given, each layer keeps half its weights."""
+    ratio, rank, budget and target_speedup given, each layer keeps half its weights."""
 
     method: str = "kfac"  # the strongest in BENCHMARKS.md; "fwsvd" is the paper's method
     target: Optional[list[str]] = None  # None: the model family's attention and MLP projections
@@ -73,6 +73,17 @@ class CompressionSpec:
     balance_factors: bool = True  # equal norms per rank component in both factors: they then quantize alike
     sequential: bool = False  # block by block, each block's statistics taken through the already-factorized ones
     allocation_check: float = 0.2  # budget: calibration held out to pick global, uniform or a blend (0: trust global)
+    # Global allocation of a latency budget: the model should run this many times faster, as measured on
+    # latency_provider at latency_shape (BATCHxSEQUENCE) in latency_precision, from timed factor pairs.
+    target_speedup: Optional[float] = None
+    latency_provider: Literal["cpu", "cuda"] = "cpu"
+    latency_shape: str = "1x128"
+    latency_precision: str = "fp32"  # a precision of export.precisions meant for latency_provider
+
+    @property
+    def allocates(self) -> bool:
+        """Whether ranks come from a global allocation (a parameter budget or a speed-up target)."""
+        return self.budget is not None or self.target_speedup is not None
 
     def __post_init__(self) -> None:
         _finite(self)
@@ -80,7 +91,12 @@ class CompressionSpec:
             raise SpecError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.budget_scope not in ("targeted", "model"):
             raise SpecError("budget_scope", f"must be 'targeted' or 'model', got {self.budget_scope!r}")
-        if self.budget is not None:
+        if self.target_speedup is not None:
+            if self.budget is not None or self.rank is not None or self.ratio is not None:
+                raise SpecError("target_speedup", "cannot be set together with ratio, rank or budget; keep one")
+            if not self.target_speedup > 1:
+                raise SpecError("target_speedup", f"must be > 1 (times faster than the dense model), got {self.target_speedup}")
+        elif self.budget is not None:
             if self.rank is not None or self.ratio is not None:
                 raise SpecError("budget", "cannot be set together with ratio or rank; keep one")
             if not 0 < self.budget <= 1:
@@ -91,6 +107,12 @@ class CompressionSpec:
             _cut(self.ratio, self.rank, "")
         if self.rank_multiple < 1:
             raise SpecError("rank_multiple", f"must be at least 1, got {self.rank_multiple}")
+        if self.latency_provider not in ("cpu", "cuda"):
+            raise SpecError("latency_provider", f"must be 'cpu' or 'cuda', got {self.latency_provider!r}")
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", self.latency_shape):
+            raise SpecError("latency_shape", f"must look like BATCHxSEQUENCE (e.g. '1x128'), got {self.latency_shape!r}")
+        if not self.latency_precision:
+            raise SpecError("latency_precision", "must name a precision (fp32, int8, ...)")
         if self.max_gram_size < 1:
             raise SpecError("max_gram_size", f"must be at least 1, got {self.max_gram_size}")
         if not 0 <= self.allocation_check < 1:
