@@ -19,8 +19,8 @@ from .errors import FwsvdError
 from .pipeline import Clock, dense_stage, point_stage, prepare
 from .recipe import load_recipe
 from .stages.outputs import resolve_output, staged_output
-from .stages.report import FRONTIER_PLOT, artifact_rows, first_measured, plot_frontier
-from .stages.tasks import Task, metric_loss
+from .stages.report import FRONTIER_PLOT, artifact_rows, dense_int8_beats, first_measured, plot_frontier
+from .stages.tasks import Task
 
 SWEEP_FILE = "sweep.json"
 
@@ -70,22 +70,8 @@ def _compressed(point: dict) -> list[dict]:
 
 
 def dense_int8_wins(points: list[dict], task: Task) -> dict[str, list[dict]]:
-    """Per point, the compressed artifacts that dense int8 beats on the same provider: a task metric at
-    least as good together with a file no larger or a median latency no higher (`on` names which)."""
-    wins: dict[str, list[dict]] = {}
-    for point in points:
-        for dense in (r for r in point["artifacts"] if r["artifact"] == "dense-int8" and r["metric"] is not None):
-            for ours in _compressed(point):
-                if ours["provider"] != dense["provider"] or ours["metric"] is None:
-                    continue
-                if metric_loss(task, ours["metric"], dense["metric"]) > 0:
-                    continue
-                on = [name for name, key in (("size", "bytes"), ("latency", "median_ms"))
-                      if dense[key] is not None and ours[key] is not None and dense[key] <= ours[key]]
-                if on:
-                    wins.setdefault(point["folder"], []).append(
-                        {"artifact": ours["artifact"], "provider": ours["provider"], "on": on})
-    return wins
+    """Per point, the compressed artifacts its dense int8 artifact beats (`report.dense_int8_beats`)."""
+    return {p["folder"]: beaten for p in points if (beaten := dense_int8_beats(p["artifacts"], task))}
 
 
 def _verdict(points: list[dict], wins: dict[str, list[dict]]) -> str:

@@ -89,6 +89,25 @@ def test_every_artifact_is_timed_in_the_same_interleaved_rounds_as_dense_fp32(pr
         assert timing["speedup_vs_dense_fp32"] == point["dense"]["median_ms"] / timing["median_ms"]
 
 
+def test_the_report_says_when_dense_int8_beats_a_compressed_artifact_on_size_or_latency(precision_run):
+    import copy
+    from fwsvd_export.stages.report import verdicts
+
+    report = copy.deepcopy(precision_run.report)
+    val = report["validation"]
+    dense, ours = val["variants"]["dense-int8"], val["variants"]["compressed-int8"]
+    dense["cpu"]["metric"] = ours["cpu"]["metric"]  # as accurate
+    dense["bytes"], dense["cpu"]["latency"][0]["median_ms"] = ours["bytes"] + 1, 0.5 * ours["cpu"]["latency"][0]["median_ms"]
+    said = verdicts(report)
+    assert any(v.startswith("dense-int8 beats compressed-int8 on cpu (latency)") and "unless size decides" in v for v in said)
+    dense["cpu"]["latency"][0]["median_ms"] = 2 * ours["cpu"]["latency"][0]["median_ms"]  # slower and larger: no win
+    assert not any("beats compressed-int8" in v for v in verdicts(report))
+    dense["bytes"] = ours["bytes"] - 1  # smaller, as accurate: a win on size
+    assert any(v.startswith("dense-int8 beats compressed-int8 on cpu (size)") for v in verdicts(report))
+    dense["cpu"]["metric"] = ours["cpu"]["metric"] - 0.01  # less accurate: never a win
+    assert not any("beats compressed-int8" in v for v in verdicts(report))
+
+
 def test_static_int8_is_calibrated_qdq(tmp_path, classifier_recipe):
     classifier_recipe["export"] = {"precisions": ["fp32", "int8"], "int8_mode": "static"}
     classifier_recipe["validation"]["max_quantization_loss"] = 1.0

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from .tasks import get_task
+from .tasks import Task, get_task, metric_loss
 
 FRONTIER_PLOT = "frontier.png"  # the task metric against size and latency, every artifact
 
@@ -130,6 +130,38 @@ def first_measured(rows: list[dict]) -> list[dict]:
     return list(first.values())
 
 
+def dense_int8_beats(rows: list[dict], task: Task) -> list[dict]:
+    """The compressed artifacts of one run that its dense int8 artifact beats on the same provider: a task
+    metric at least as good together with a file no larger or a median latency no higher (`on` names
+    which). Dense int8 is the artifact a user would ship instead of ours, so the report says so plainly."""
+    beaten = []
+    for dense in (r for r in rows if r["artifact"] == "dense-int8" and r["metric"] is not None):
+        for ours in rows:
+            if (not ours["artifact"].startswith("compressed-") or ours["provider"] != dense["provider"]
+                    or ours["metric"] is None or metric_loss(task, ours["metric"], dense["metric"]) > 0):
+                continue
+            on = [name for name, key in (("size", "bytes"), ("latency", "median_ms"))
+                  if dense[key] is not None and ours[key] is not None and dense[key] <= ours[key]]
+            if on:
+                beaten.append({"artifact": ours["artifact"], "provider": ours["provider"], "on": on})
+    return beaten
+
+
+def verdicts(report: dict) -> list[str]:
+    """The run's plain statements: where dense int8 is the better pick, and why."""
+    rows = {(r["artifact"], r["provider"]): r for r in artifact_rows(report)}
+    metric = report["validation"]["metric"]
+    lines = []
+    for beaten in dense_int8_beats(list(rows.values()), get_task(report["model"]["task"])):
+        dense, ours = rows[("dense-int8", beaten["provider"])], rows[(beaten["artifact"], beaten["provider"])]
+        lines.append(f"dense-int8 beats {beaten['artifact']} on {beaten['provider']} ({' and '.join(beaten['on'])}): "
+                     f"{metric} {dense['metric']:.4f} vs {ours['metric']:.4f}, {dense['bytes'] / 1e6:.1f} MB vs "
+                     f"{ours['bytes'] / 1e6:.1f} MB" + (f", {dense['median_ms']:.2f} ms vs {ours['median_ms']:.2f} ms"
+                                                      if dense["median_ms"] and ours["median_ms"] else "")
+                     + f"; ship dense-int8 unless {'size' if beaten['on'] == ['latency'] else 'latency'} decides")
+    return lines
+
+
 def precision_rows(report: dict) -> list[list[Any]]:
     """`artifact_rows` as the Precisions table shows them."""
     return [[r["artifact"], r["provider"], r["metric"], r["bytes"] / 1e6, r["median_ms"], r["speedup"]]
@@ -142,7 +174,8 @@ def _precisions(report: dict) -> list[str]:
         ["artifact", "provider", val["metric"], "ONNX MB", "median ms", "speed-up vs dense fp32"], precision_rows(report))
     lines += ["dense-fp32's metric is the PyTorch model's. A variant is validated on the providers it is meant for "
               "(int8: CPU, fp16: CUDA); '-' marks one whose provider did not start.", ""]
-    return lines + [f"- {v}" for v in val["verdicts"]] + ([""] if val["verdicts"] else [])
+    said = verdicts(report)
+    return lines + [f"- {v}" for v in said] + ([""] if said else [])
 
 
 MARKERS = {"fp32": "o", "int8": "s", "fp16": "^", "int4": "D"}  # one marker style per precision
@@ -225,6 +258,8 @@ def write_report(report: dict, folder: Path) -> None:
     if plot_ranks(report, folder / "ranks.png"):
         report.setdefault("artifacts", {})["ranks_plot"] = "ranks.png"
     val = report.get("validation")
+    if val:
+        val["verdicts"] = verdicts(report)
     if val and plot_frontier(first_measured(artifact_rows(report)), val["metric"],
                              get_task(report["model"]["task"]).higher_is_better, folder / FRONTIER_PLOT,
                              f"every artifact of the run ({report['compression']['summary']['method']})"):

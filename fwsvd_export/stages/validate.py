@@ -52,7 +52,6 @@ class Validation:
     providers: dict = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     variants: dict = field(default_factory=dict)  # "dense-int8", "compressed-int8", ...: per provider
-    verdicts: list[str] = field(default_factory=list)  # plain statements, e.g. when a dense variant is the better pick
 
     @property
     def passed(self) -> bool:
@@ -60,7 +59,7 @@ class Validation:
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "original_torch": self.original_torch, "compressed_torch": self.compressed_torch,
-                "providers": self.providers, "variants": self.variants, "verdicts": self.verdicts,
+                "providers": self.providers, "variants": self.variants,
                 "checks": [c.as_dict() for c in self.checks], "passed": self.passed}
 
 
@@ -234,8 +233,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: tor
                                    f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
-    _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {},
-                       _bytes(compressed_onnx.parent))
+    _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {})
     _time_artifacts(spec, dense, result, compressed_onnx, variants or {}, vocab_size)
     if all(e["status"] == "unavailable" for e in result.providers.values()):
         result.checks.append(Check("onnx runtime: validated", False, "no execution provider ran the compressed graph, "
@@ -245,10 +243,9 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: tor
 
 def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, result: Validation,
                        compressed_out: list[torch.Tensor], batches: list[Batch], progress: bool,
-                       reference_out: Optional[list[torch.Tensor]], variants: dict[str, Path], fp32_bytes: int) -> None:
-    """Measure the compressed model's precision variants, check each against the compressed fp32 model
-    (parity within the precision's tolerance, metric within max_quantization_loss), and say plainly
-    when a dense variant of the original model is the better pick."""
+                       reference_out: Optional[list[torch.Tensor]], variants: dict[str, Path]) -> None:
+    """Measure the compressed model's precision variants and check each against the compressed fp32 model
+    (parity within the precision's tolerance, metric within max_quantization_loss)."""
     result.variants.update(copy.deepcopy(dense.variants))  # this point's latencies are added to the copies
     for precision, graph in variants.items():
         name = f"compressed-{precision}"
@@ -266,22 +263,6 @@ def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, resul
             result.checks.append(Check(f"{provider}: {name} metric loss", loss <= spec.max_quantization_loss,
                                        f"{task.metric_name} {fp32:.4f} (compressed fp32) -> {entry['metric']:.4f} "
                                        f"(loss {loss:.4f}, allowed {spec.max_quantization_loss})"))
-    shipped = {"compressed-fp32": (fp32_bytes, {p: e.get("metric") for p, e in result.providers.items()})}
-    shipped.update({n: (v["bytes"], {p: e.get("metric") for p, e in v.items() if isinstance(e, dict)})
-                    for n, v in result.variants.items() if n.startswith("compressed-")})
-    for dense_name, measured in dense.variants.items():
-        for provider, entry in measured.items():
-            if not isinstance(entry, dict) or entry.get("status") != "measured":
-                continue
-            for name, (size, metrics) in shipped.items():
-                ours = metrics.get(provider)
-                if ours is None:
-                    continue
-                if metric_loss(task, ours, entry["metric"]) <= 0 and measured["bytes"] <= size:
-                    result.verdicts.append(
-                        f"{dense_name} beats {name} on {provider}: {task.metric_name} {entry['metric']:.4f} vs "
-                        f"{ours:.4f}, {measured['bytes'] / 1e6:.1f} MB vs {size / 1e6:.1f} MB; ship {dense_name} unless "
-                        "latency decides")
 
 
 def _time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, compressed_onnx: Path,
