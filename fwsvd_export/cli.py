@@ -122,13 +122,13 @@ def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], q
 
 def _lent(recipe) -> bool:
     """Under torchrun with several processes: ranks other than 0 lend their share of the statistics
-    pass and stop (True); rank 0 goes on to do the whole run."""
+    pass and of the factorization, then stop (True); rank 0 goes on to do the whole run."""
     from .core import distributed
-    from .pipeline import lend_statistics
+    from .pipeline import lend_compute
 
     if not distributed.init_from_environment() or distributed.world()[0] == 0:
         return False
-    lend_statistics(recipe)
+    lend_compute(recipe)
     return True
 
 

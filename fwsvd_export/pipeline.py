@@ -155,9 +155,9 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
     return compressed, result, finetune_loss
 
 
-def lend_statistics(recipe: Recipe, progress: bool = False) -> None:
-    """A torchrun rank other than 0: load the model and data, score this rank's shard of the calibration
-    batches in step with rank 0, and write nothing."""
+def lend_compute(recipe: Recipe, progress: bool = False) -> None:
+    """A torchrun rank other than 0: load the model and data, then, in step with rank 0, score this rank's
+    shard of the calibration batches and factorize its share of the layers for rank 0; write nothing."""
     prepared = prepare(recipe, Clock())
     compress_(prepared.model, recipe.compression, prepared.calibration, prepared.task.loss, progress,
               Path(recipe.base_dir or "."), statistics_model=prepared.runner)

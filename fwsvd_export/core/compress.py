@@ -19,9 +19,10 @@ from . import distributed, stats_cache
 from .allocate import Candidate, allocate_ranks
 from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch
-from .factorize import balance_, break_even_rank, linear_weight, low_rank_from_linear, pays_off, rank_for_ratio, weighted_spectrum
+from .factorize import (LowRankLinear, balance_, break_even_rank, linear_weight, low_rank_from_linear, pays_off,
+                        rank_for_ratio, weighted_spectrum)
 from .families import family_of
-from .methods import Weighting, get_method
+from .methods import Method, Weighting, get_method
 from .modules import linear_layers, set_module, tied_parameters
 from .spec import CompressionSpec
 from .statistics import LayerStats, collect_statistics, statistic_bytes
@@ -48,6 +49,7 @@ class CompressionResult:
     seconds: dict[str, float] = field(default_factory=dict)  # statistics pass, factorization
     statistics: dict = field(default_factory=dict)  # passes made, cache hit or store
     allocation: dict = field(default_factory=dict)  # budget: the candidates checked, their losses, the winner
+    factorization: dict = field(default_factory=dict)  # processes that factorized, layers each
 
     @property
     def compressed(self) -> list[LayerPlan]:
@@ -68,7 +70,7 @@ class CompressionResult:
 
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "statistics": self.statistics, "allocation": self.allocation,
-                "layers": [asdict(p) for p in self.layers]}
+                "factorization": self.factorization, "layers": [asdict(p) for p in self.layers]}
 
 
 def _uniform_rank(in_f: int, out_f: int, ratio: Optional[float], rank: Optional[int], multiple: int) -> int:
@@ -152,7 +154,8 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
                       ) -> tuple[dict[str, LayerStats], dict]:
     """Statistics for `todo` from the cache when it has them, else from one pass per memory group,
     run on `runner` (a copy of `model` with the same weights, placed elsewhere) when given. Under
-    torch.distributed each rank scores its shard and the sums are all-reduced (the cache is rank 0's)."""
+    torch.distributed each rank scores its shard and the sums are all-reduced; the cache is rank 0's,
+    and its hit reaches the other ranks by broadcast. Every rank ends with the same statistics."""
     info: dict = {"passes": 0, "cache": None}
     if not needs or not todo:
         return {name: LayerStats() for name in todo}, info
@@ -168,7 +171,7 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
         if cached is not None:
             info["cache"] = f"hit {folder / key}.safetensors"
     if ranks > 1 and distributed.broadcast_flag(info["cache"] is not None):  # rank 0's hit is a hit for all
-        return (cached if rank == 0 else {}), info
+        return distributed.broadcast_statistics(cached if rank == 0 else {}, list(todo)), info
     if info["cache"] is not None:
         return cached, info
     stats: dict[str, LayerStats] = {}
@@ -179,8 +182,10 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
     shard = distributed.shard(calibration) if ranks > 1 else calibration
     for group in _passes(todo, needs, spec):
         group = {name: runner.get_submodule(name) for name in group}
-        part = collect_statistics(runner, group, shard, loss_fn, needs, progress and rank == 0, spec.max_gram_size,
-                                  spec.gradient_checkpointing)
+        part = distributed.together(
+            lambda: collect_statistics(runner, group, shard, loss_fn, needs, progress and rank == 0, spec.max_gram_size,
+                                       spec.gradient_checkpointing),
+            "calibration statistics of its shard")
         stats.update(distributed.all_reduce_statistics(part) if ranks > 1 else part)
         info["passes"] += 1
     if ranks > 1:
@@ -292,7 +297,12 @@ def compress_(
     """Factorize the layers `spec` targets, in place, with `spec.method`; returns the per-layer plan.
     `statistics_model`, a copy with the same weights (e.g. spread over accelerators with a device_map),
     runs the calibration pass instead of `model`. `statistics`, from ``gather_for`` over several specs,
-    replaces the pass (a sweep gathers once for all its points)."""
+    replaces the pass (a sweep gathers once for all its points).
+
+    Under torch.distributed every rank calls this with the same model, spec and batches: each gathers
+    the statistics of its shard, then builds the weights of and factorizes its cost-balanced share of the
+    layers; rank 0 allocates and checks global ranks, receives every layer and is the only rank whose
+    `model` is factorized (the others' stays dense)."""
     method = get_method(spec.method)
     plans = plan_layers(model, spec)
     todo = {p.name: model.get_submodule(p.name) for p in plans if p.rank is not None or p.allocate}
@@ -311,26 +321,33 @@ def compress_(
         stats, info = {name: statistics.get(name, LayerStats()) for name in todo}, {"passes": 0, "cache": None, "shared": True}
     check_finite_statistics(stats, set(method.needs))
     result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start}, info)
-    if distributed.world()[0] > 0:  # other ranks lend their shard of the statistics; rank 0 factorizes
-        return result
     start = time.perf_counter()
     for plan in plans:  # a layer the loss never reached (e.g. an unused pooler) has nothing to weight by
         if plan.name in todo and any(getattr(stats[plan.name], s) is None for s in method.needs):
             del todo[plan.name]
             plan.rank, plan.allocate, plan.params_after = None, False, plan.params_before
             plan.reason = "no calibration statistics reached this layer (unused by the task loss); kept dense"
-    weightings = {name: method.build(stats[name], spec.damping) for name in todo}
+    process, processes = distributed.world()
+    owners = distributed.assign({name: _cost(module) for name, module in todo.items()}, processes)
     allocated = [p for p in plans if p.allocate]
+    weightings, spectra = distributed.together(
+        lambda: _weigh(method, spec, stats, todo, [n for n in todo if owners[n] == process], allocated, progress),
+        "building the layers' weights")
     if allocated:
         budget = _budget_params(model, plans, spec)
-        spectra = [Candidate(p.name, p.in_features, p.out_features,
-                             weighted_spectrum(linear_weight(todo[p.name]), weightings[p.name].left, weightings[p.name].right)
-                             * method.spectrum_scale(p.in_features, p.out_features))
-                   for p in tqdm(allocated, desc="weighted spectra", unit="layer", disable=not progress)]
-        ranks = allocate_ranks(spectra, budget, spec.rank_multiple)
-        if check:
-            ranks = _checked(model, allocated, todo, weightings, ranks, budget, spec, check, loss_fn, result,
-                             reused=check[0] is calibration[0])
+        for theirs, weights in distributed.to_first([(spectra, {n: weightings[n] for n in spectra} if check else {})]):
+            spectra.update(theirs)  # rank 0 allocates from every layer's spectrum and checks with their weights
+            weightings.update(weights)
+
+        def allocate() -> dict[str, Optional[int]]:
+            found = allocate_ranks([Candidate(p.name, p.in_features, p.out_features, spectra[p.name]) for p in allocated],
+                                   budget, spec.rank_multiple)
+            if check:
+                found = _checked(model, allocated, todo, weightings, found, budget, spec, check, loss_fn, result,
+                                 reused=check[0] is calibration[0])
+            return found
+
+        ranks = distributed.from_first(allocate, "allocating ranks")
         for p in allocated:
             p.rank = rank = ranks[p.name]
             p.params_after = p.params_before if rank is None else rank * (p.in_features + p.out_features)
@@ -341,8 +358,18 @@ def compress_(
     # Sequential: blocks in model order (kept-dense layers place their block too); each after the first is
     # calibrated through the model as factorized so far.
     blocks = [[p for p in b if p.rank is not None] for b in _blocks(plans)] if sequential else [chosen]
+    by_name = {p.name: p for p in chosen}
     bar = tqdm(total=len(chosen), desc="factorizing" + (" (sequential)" if sequential else ""), unit="layer",
                disable=not progress)
+
+    def factor_mine(block: list[LayerPlan]) -> list[_Factored]:
+        done = []
+        for plan in block:
+            if owners[plan.name] == process:
+                done.append(_factor(plan, todo[plan.name], weightings[plan.name], stats[plan.name], spec))
+                bar.update(1)
+        return done
+
     for i, block in enumerate(blocks):
         if i and block:  # earlier blocks are factorized now: their errors reach this block's statistics
             clock = time.perf_counter()
@@ -352,12 +379,36 @@ def compress_(
             stats.update(fresh)
             weightings.update({p.name: method.build(fresh[p.name], spec.damping) for p in block})
             result.seconds["sequential statistics"] = result.seconds.get("sequential statistics", 0.0) + time.perf_counter() - clock
-        for plan in block:
-            _factorize(model, plan, todo[plan.name], weightings[plan.name], stats[plan.name], spec)
-            bar.update(1)
+        done = distributed.together(lambda: factor_mine(block), "factorizing its layers")
+        for layer in done if process else ():
+            layer.module.cpu()  # sent from the host: unpickled on rank 0, a GPU tensor would land on this rank's GPU
+        for layer in distributed.to_first(done):  # rank 0 installs every rank's layers
+            _install(model, by_name[layer.name], layer, todo[layer.name])
+            if owners[layer.name]:
+                bar.update(1)
     bar.close()
+    result.factorization = {"processes": processes,
+                            "layers_per_process": [sum(owners[p.name] == r for p in chosen) for r in range(processes)]}
     result.seconds["factorize"] = time.perf_counter() - start - result.seconds.get("sequential statistics", 0.0)
     return result
+
+
+def _cost(module: nn.Module) -> float:
+    """The order of a layer's factorization flops: the SVD of P W Q and the decompositions of its sides."""
+    out_f, in_f = linear_weight(module).shape
+    return float(in_f * out_f * min(in_f, out_f) + in_f**3 + out_f**3)
+
+
+def _weigh(method: Method, spec: CompressionSpec, stats: dict[str, LayerStats], todo: dict[str, nn.Module],
+           mine: list[str], allocated: list[LayerPlan], progress: bool
+           ) -> tuple[dict[str, Weighting], dict[str, torch.Tensor]]:
+    """The weightings of the layers in `mine`, and the weighted spectra of those the budget allocates."""
+    weightings = {name: method.build(stats[name], spec.damping) for name in mine}
+    spectra = {p.name: weighted_spectrum(linear_weight(todo[p.name]), weightings[p.name].left, weightings[p.name].right)
+               * method.spectrum_scale(p.in_features, p.out_features)
+               for p in tqdm(allocated, desc="weighted spectra", unit="layer", disable=not progress)
+               if p.name in weightings}
+    return weightings, spectra
 
 
 def _blocks(plans: list[LayerPlan]) -> list[list[LayerPlan]]:
@@ -369,9 +420,19 @@ def _blocks(plans: list[LayerPlan]) -> list[list[LayerPlan]]:
     return list(groups.values())
 
 
-def _factorize(model: nn.Module, plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: LayerStats,
-               spec: CompressionSpec) -> None:
-    """Replace one layer by its factorization, in place; the plan gets its error and notes."""
+@dataclass
+class _Factored:
+    """One layer's two-factor replacement: made by the rank that owns the layer, installed by rank 0."""
+
+    name: str
+    module: LowRankLinear
+    weighted_error: float  # relative tail energy of the weighted spectrum
+    notes: list[str]
+
+
+def _factor(plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: LayerStats,
+            spec: CompressionSpec) -> _Factored:
+    """One layer's factorization at `plan.rank`, balanced and checked finite, with its report row's notes."""
     module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right)
     if spec.balance_factors:
         balance_(module)
@@ -380,8 +441,12 @@ def _factorize(model: nn.Module, plan: LayerPlan, dense: nn.Module, weighting: W
         raise FwsvdError(f"the factors of layer '{plan.name}' hold {bad} although its weight and statistics are "
                          f"finite; a larger compression.damping (now {spec.damping:g}) steadies the weighting")
     energy = factors.singular_values.square()
-    plan.weighted_error = float((energy[plan.rank:].sum() / energy.sum().clamp(min=1e-300)).sqrt())
-    plan.notes = weighting.notes + ([f"shares input statistics with {stats.shares_input_with}"]
-                                    if stats.shares_input_with else [])
-    set_module(model, plan.name, module)
+    return _Factored(plan.name, module, float((energy[plan.rank:].sum() / energy.sum().clamp(min=1e-300)).sqrt()),
+                     weighting.notes + ([f"shares input statistics with {stats.shares_input_with}"]
+                                        if stats.shares_input_with else []))
 
+
+def _install(model: nn.Module, plan: LayerPlan, layer: _Factored, dense: nn.Module) -> None:
+    """Replace the dense layer by its factorization, in place, on the dense layer's device."""
+    plan.weighted_error, plan.notes = layer.weighted_error, layer.notes
+    set_module(model, plan.name, layer.module.to(linear_weight(dense).device))

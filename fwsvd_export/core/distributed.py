@@ -1,21 +1,36 @@
-"""Data-parallel statistics on torch.distributed: under ``torchrun``, each rank scores its shard of the
-calibration batches and the sums are all-reduced, so every rank ends with the statistics of the whole
-set. Means are kept per layer, so sums are rebuilt from them and their counts (samples or tokens),
-reduced in float64, and divided again. Rank 0 alone factorizes and writes; a rank that fails makes the
-others fail at the collective's timeout, never hang.
+"""Data-parallel compression on torch.distributed. Under ``torchrun``, each rank scores its shard of
+the calibration batches and the sums are all-reduced, so every rank ends with the statistics of the
+whole set (means are kept per layer, so sums are rebuilt from them and their counts, samples or
+tokens, reduced in float64, and divided again). The ranks then build the weights of, and factorize,
+disjoint cost-balanced sets of layers, and rank 0 receives the factors; rank 0 alone allocates
+global ranks, checks them, and writes.
+
+Failures end every rank, never hang one: each parallel step ends with a small exchange of the ranks'
+errors, so when one rank's part raises, all raise its error (a FwsvdError stays one: bad input), and
+every collective has the process group's timeout (``FWSVD_COLLECTIVE_TIMEOUT_S``, default 600 s) for
+a rank that dies or stops answering outside those steps.
 """
 from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from ..errors import FwsvdError
 from .batch import Batch
 from .statistics import STATISTICS, LayerStats, link_shared_inputs
 
 TIMEOUT = timedelta(seconds=int(os.environ.get("FWSVD_COLLECTIVE_TIMEOUT_S", "600")))
+
+T = TypeVar("T")
+
+
+class PeerFailed(RuntimeError):
+    """Another rank's part of a parallel step raised an error that is not bad input; the message names
+    the rank and its error (the rank prints its own traceback)."""
 
 
 def world() -> tuple[int, int]:
@@ -27,11 +42,17 @@ def world() -> tuple[int, int]:
 
 def init_from_environment() -> bool:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL on GPUs,
-    gloo on CPUs. False when not launched by torchrun with more than one process."""
+    one GPU per local rank, gloo on CPUs. False when not launched by torchrun with more than one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
+    if torch.cuda.is_available():  # NCCL and the object collectives use the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
     return True
+
+
+def _device() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def shard(batches: list[Batch]) -> list[Batch]:
@@ -42,7 +63,7 @@ def shard(batches: list[Batch]) -> list[Batch]:
 def all_reduce_statistics(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
     """Every rank's statistics of its shard -> the statistics of all shards, on every rank. Layers and
     statistics are visited in sorted order, so all ranks issue the same collectives."""
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device = _device()
     for name in sorted(stats):
         s = stats[name]
         counts = torch.tensor([s.samples, s.tokens], dtype=torch.float64, device=device)
@@ -60,8 +81,103 @@ def all_reduce_statistics(stats: dict[str, LayerStats]) -> dict[str, LayerStats]
     return link_shared_inputs(stats)
 
 
+def broadcast_statistics(stats: dict[str, LayerStats], names: list[str]) -> dict[str, LayerStats]:
+    """Rank 0's statistics of `names` (a cache hit) on every rank, one layer at a time; an input
+    statistic a layer shares with another travels once, with its owner."""
+    rank, _ = world()
+    received = {}
+    for name in sorted(names):
+        s = stats[name] if rank == 0 else None
+        if s is not None and s.shares_input_with is not None:
+            s = LayerStats({k: v for k, v in s.values.items() if STATISTICS[k].reads != "input"},
+                           s.samples, s.tokens, s.shares_input_with)
+        box = [s]
+        dist.broadcast_object_list(box, 0)
+        received[name] = box[0]
+    return stats if rank == 0 else link_shared_inputs(received)
+
+
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's `flag` on every rank (e.g. whether its statistics cache answered)."""
-    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    value = torch.tensor([int(flag)], device=_device())
     dist.broadcast(value, 0)
     return bool(value.item())
+
+
+def assign(costs: dict[str, float], size: int) -> dict[str, int]:
+    """Each item's rank, balancing the summed cost: the costliest item first, each to the least-loaded
+    rank (ties: the lower rank; equal costs keep the given order), so every rank computes the same split."""
+    load = [0.0] * size
+    owners = {}
+    for name in sorted(costs, key=lambda n: -costs[n]):
+        rank = min(range(size), key=load.__getitem__)
+        owners[name] = rank
+        load[rank] += costs[name]
+    return owners
+
+
+def _failure(exc: Exception) -> tuple[bool, str]:
+    """(whether it is bad input, the message the other ranks show)."""
+    if isinstance(exc, FwsvdError):
+        return True, str(exc)
+    return False, f"{type(exc).__name__}: {exc}"
+
+
+def _raise(failures: list[Optional[tuple[bool, str]]], what: str) -> None:
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            bad_input, message = failure
+            raise (FwsvdError if bad_input else PeerFailed)(f"process {rank} of {len(failures)}, {what}: {message}")
+
+
+def together(work: Callable[[], T], what: str) -> T:
+    """This rank's part of a parallel step, then an exchange of the ranks' errors: a rank whose part
+    raised re-raises its own error, and the others raise it too, naming the rank (`what` says which
+    step), so all ranks stop at once."""
+    size = world()[1]
+    if size == 1:
+        return work()
+    failures: list[Optional[tuple[bool, str]]] = [None] * size
+    try:
+        value = work()
+    except Exception as exc:
+        dist.all_gather_object(failures, _failure(exc))
+        raise
+    dist.all_gather_object(failures, None)
+    _raise(failures, what)
+    return value
+
+
+def from_first(work: Callable[[], T], what: str) -> T:
+    """`work` run on rank 0 alone, its result (or its error) on every rank."""
+    rank, size = world()
+    if size == 1:
+        return work()
+    box: list = [None]
+    try:
+        if rank == 0:
+            box[0] = (None, work())
+    except Exception as exc:
+        dist.broadcast_object_list([(_failure(exc), None)], 0)
+        raise
+    dist.broadcast_object_list(box, 0)
+    failure, value = box[0]
+    _raise([failure] + [None] * (size - 1), what)
+    return value
+
+
+def to_first(items: list[T]) -> Iterator[T]:
+    """Every rank's `items` on rank 0, which yields its own first, then one item from each other rank
+    per round, so no rank holds another's items all at once; other ranks yield nothing. Every rank
+    must exhaust it (it holds collectives)."""
+    rank, size = world()
+    if rank == 0:
+        yield from items
+    if size == 1:
+        return
+    count = torch.tensor([len(items)], device=_device())
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    for k in range(int(count.item())):
+        received: Optional[list] = [None] * size if rank == 0 else None
+        dist.gather_object(items[k] if rank and k < len(items) else None, received, dst=0)
+        yield from (item for item in received or [] if item is not None)
