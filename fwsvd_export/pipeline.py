@@ -17,17 +17,20 @@ from typing import Optional
 from torch import nn
 
 from .core import Batch, CompressionResult, LayerStats, compress_, get_method
+from .core.allocate import TimeBudget
+from .errors import FwsvdError
 from .recipe import Recipe
 from .stages.checkpoint import library_versions, save_checkpoint
 from .stages.data import load_records
 from .stages.export import ONNX_FILE, export_onnx, inspect_graph
 from .stages.finetune import finetune_
+from .stages.kernel_timing import time_budget
 from .stages.models import load_for_statistics, load_model
 from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
 from .stages.report import write_report
 from .stages.tasks import Task, get_task
-from .stages.validate import Check, Reference, reference, validate
+from .stages.validate import Check, Reference, reference, threads, validate
 
 
 
@@ -136,15 +139,20 @@ def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -
 
 
 def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: bool,
-                   statistics: Optional[dict[str, LayerStats]] = None,
-                   last: bool = False) -> tuple[nn.Module, CompressionResult, list[float]]:
+                   statistics: Optional[dict[str, LayerStats]] = None, last: bool = False,
+                   dense: Optional["Dense"] = None) -> tuple[nn.Module, CompressionResult, list[float]]:
     """Factorize the dense model per `recipe` (with `statistics` when a sweep gathered them), then
     fine-tune it if the recipe asks. When this is the `last` use of the dense model (and distillation
-    does not need it as teacher), it is factorized in place: the host holds one copy of the model."""
+    does not need it as teacher), it is factorized in place: the host holds one copy of the model.
+    A speed-up target is measured against `dense`'s graph."""
+    latency = _time_budget(prepared, recipe, dense, progress) if recipe.compression.target_speedup is not None else None
+    if latency is not None:
+        clock.lap("kernel timing")
     teacher_needed = recipe.finetune.epochs and recipe.finetune.objective == "distill"
     compressed = prepared.model if last and not teacher_needed else copy.deepcopy(prepared.model)
     result = compress_(compressed, recipe.compression, prepared.calibration, prepared.task.loss, progress,
-                       Path(recipe.base_dir or "."), statistics_model=prepared.runner, statistics=statistics)
+                       Path(recipe.base_dir or "."), statistics_model=prepared.runner, statistics=statistics,
+                       latency=latency)
     clock.seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
     clock.lap("compress")
     finetune_loss: list[float] = []
@@ -153,6 +161,18 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
                                   teacher=prepared.model)
         clock.lap("finetune")
     return compressed, result, finetune_loss
+
+
+def _time_budget(prepared: Prepared, recipe: Recipe, dense: Optional["Dense"], progress: bool) -> TimeBudget:
+    """The layers' kernel timings (cached beside the statistics cache, else in the user's cache folder)
+    and the dense graph's time, in the precision and on the provider the speed-up target names."""
+    spec, lat = recipe.compression, recipe.validation.latency
+    if dense is None:
+        raise FwsvdError("compression.target_speedup is measured against the dense ONNX graph: use `fwsvd-export run`")
+    graph = dense.reference.graphs["dense" if spec.latency_precision == "fp32" else f"dense-{spec.latency_precision}"]
+    cache = recipe.resolve(spec.cache_dir) if spec.cache_dir else Path.home() / ".cache" / "fwsvd-export"
+    return time_budget(prepared.model, spec, graph, prepared.model.config.vocab_size, threads(recipe.validation),
+                       lat.warmup, lat.runs, cache, progress)
 
 
 def lend_compute(recipe: Recipe, progress: bool = False) -> None:
@@ -165,6 +185,9 @@ def lend_compute(recipe: Recipe, progress: bool = False) -> None:
 
 def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> tuple[Path, dict]:
     """The compress stage alone: writes the checkpoint folder (no export, no validation)."""
+    if recipe.compression.target_speedup is not None:
+        raise FwsvdError(f"{recipe.source}: 'compression.target_speedup' is measured against the dense ONNX graph, "
+                         "which `compress` does not make; use `fwsvd-export run`")
     folder = output_path(recipe, output)
     with staged_output(folder) as staged:
         clock = Clock()
@@ -210,7 +233,7 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
     """One compressed model: factorize, checkpoint, export, validate against `dense`; writes its report
     into `folder` and returns it. `last`: no later point needs the dense model."""
     task = prepared.task
-    compressed, result, finetune_loss = compress_stage(prepared, recipe, clock, progress, statistics, last)
+    compressed, result, finetune_loss = compress_stage(prepared, recipe, clock, progress, statistics, last, dense)
     compression = result.to_dict()
     save_checkpoint(compressed, prepared.tokenizer, folder / "compressed", task.name, compression, recipe.to_dict(),
                     prepared.location)

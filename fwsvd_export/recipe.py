@@ -144,7 +144,7 @@ class Recipe:
 
 
 _INTERNAL = {"source", "base_dir"}
-_CUTS = ("ratio", "rank", "budget")  # how far to cut: one of them
+_CUTS = ("ratio", "rank", "budget", "target_speedup")  # how far to cut: one of them
 _INT_RANGE = (-(2**63), 2**63 - 1)  # a recipe integer is a count, a size or a seed: anything larger is a typo
 
 
@@ -441,6 +441,14 @@ def _check(recipe: Recipe, origin: str) -> None:
             raise FwsvdError(f"{origin}: 'validation.latency.shapes[{i}]' must look like BATCHxSEQUENCE, got {_show(shape)}")
     if recipe.data.batch_size < 1 or recipe.data.max_length < 2:
         raise FwsvdError(f"{origin}: 'data.batch_size' must be >= 1 and 'data.max_length' >= 2")
+    comp = recipe.compression
+    if comp.target_speedup is not None:
+        if comp.latency_precision not in recipe.export.precisions:
+            raise FwsvdError(f"{origin}: 'compression.latency_precision' {comp.latency_precision!r} must be one of "
+                             f"'export.precisions' {recipe.export.precisions}: the speed-up is measured on that graph")
+        if comp.latency_provider not in PRECISIONS[comp.latency_precision].providers:
+            raise FwsvdError(f"{origin}: 'compression.latency_provider' {comp.latency_provider!r} does not run "
+                             f"{comp.latency_precision} (it runs on {', '.join(PRECISIONS[comp.latency_precision].providers)})")
     if "fp32" not in recipe.export.precisions:
         raise FwsvdError(f"{origin}: 'export.precisions' must include fp32 (the other precisions are made from it)")
     if not recipe.validation.providers:
@@ -470,8 +478,8 @@ def parse_recipe(data: dict[str, Any], origin: str = "<recipe>", base_dir: str |
         raise FwsvdError(f"{origin}: a recipe must be a YAML mapping at the top level")
     comp = data.get("compression")
     if isinstance(comp, dict) and any(k in comp for k in _CUTS) and all(comp.get(k) is None for k in _CUTS):
-        raise FwsvdError(f"{origin}: 'compression' sets ratio, rank and budget all to null; it needs a ratio or a rank "
-                         "(or a budget)")
+        raise FwsvdError(f"{origin}: 'compression' sets ratio, rank, budget and target_speedup all to null; it needs "
+                         "a ratio or a rank (or a budget, or a target_speedup)")
     recipe = _build(Recipe, data, "", origin)
     recipe.source = origin
     recipe.base_dir = str(base_dir)

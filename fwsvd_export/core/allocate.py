@@ -153,3 +153,23 @@ def speedup_budget(tables: dict[str, CostTable], allocated: list[str], fixed: di
             f"{linear:.3g} ms of the model's {model_ms:.3g} ms, and with rank {multiple} in every allocated layer "
             f"the model would run at most {reach:.2f}x faster; ask for less, or target more layers")
     return budget
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """What a speed-up target is spent from: each targeted layer's measured cost table, the dense
+    model's measured time, and where both were measured (provider, shape, precision), for messages."""
+
+    tables: dict[str, CostTable]
+    model_ms: float
+    where: str
+
+    def budget(self, allocated: list[str], fixed: dict[str, Optional[int]], target_speedup: float, multiple: int) -> float:
+        """`speedup_budget` for these tables; raises when the target is out of reach."""
+        return speedup_budget(self.tables, allocated, {n: r for n, r in fixed.items() if n in self.tables},
+                              self.model_ms, target_speedup, multiple, self.where)
+
+    def predicted_speedup(self, ranks: dict[str, Optional[int]]) -> float:
+        """The model's speed-up if its targeted layers take their tables' time at `ranks` and the rest stays."""
+        saved = sum(self.tables[n].dense - self.tables[n](r) for n, r in ranks.items() if n in self.tables)
+        return self.model_ms / max(self.model_ms - saved, 1e-9)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FwsvdError
 from . import distributed, stats_cache
-from .allocate import Candidate, allocate_ranks
+from .allocate import Candidate, TimeBudget, allocate, allocate_ranks, table_costs
 from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch
 from .factorize import (LowRankLinear, balance_, break_even_rank, linear_weight, low_rank_from_linear, pays_off,
@@ -102,7 +102,7 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     for name, module in chosen.items():
         out_f, in_f = linear_weight(module).shape
         dense = in_f * out_f
-        ratio, rank, rule = (None, None, "uniform") if spec.budget is not None else (spec.ratio, spec.rank, "uniform")
+        ratio, rank, rule = (None, None, "uniform") if spec.allocates else (spec.ratio, spec.rank, "uniform")
         for pattern, override in spec.overrides.items():
             if re.search(pattern, name):
                 ratio, rank, rule = override.ratio, override.rank, f"override '{pattern}'"
@@ -116,7 +116,9 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
             raise FwsvdError(f"rank {rank} ({rule}) is larger than layer '{name}' allows: "
                              f"its weight is {out_f}x{in_f}, so its rank is at most {min(in_f, out_f)}")
         if rank is None and ratio is None:  # budget mode, no override
-            plan.allocate, plan.reason = True, f"global allocation, budget {spec.budget:g} of {spec.budget_scope}"
+            plan.allocate, plan.reason = True, (
+                f"global allocation, budget {spec.budget:g} of {spec.budget_scope}" if spec.budget is not None else
+                f"global allocation of time, {spec.target_speedup:g}x faster on {spec.latency_provider} at {spec.latency_shape}")
             continue
         if ratio is not None and ratio >= 1:
             plan.reason = "ratio 1 keeps the layer dense"
@@ -260,8 +262,10 @@ def _budget_params(model: nn.Module, plans: list[LayerPlan], spec: CompressionSp
 def _check_budget(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpec) -> None:
     """Fail before the statistics pass when the budget cannot give every allocated layer one rank step."""
     allocated = [p for p in plans if p.allocate]
-    budget = _budget_params(model, plans, spec) if allocated else 0
-    if allocated and budget < sum(spec.rank_multiple * (p.in_features + p.out_features) for p in allocated):
+    if spec.budget is None or not allocated:  # a speed-up target is checked against its time budget instead
+        return
+    budget = _budget_params(model, plans, spec)
+    if budget < sum(spec.rank_multiple * (p.in_features + p.out_features) for p in allocated):
         raise FwsvdError(f"compression.budget {spec.budget:g} of {spec.budget_scope} parameters leaves "
                          f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.rank_multiple} each")
 
@@ -293,11 +297,13 @@ def compress_(
     cache_base: Optional[Path] = None,
     statistics_model: Optional[nn.Module] = None,
     statistics: Optional[dict[str, LayerStats]] = None,
+    latency: Optional[TimeBudget] = None,
 ) -> CompressionResult:
     """Factorize the layers `spec` targets, in place, with `spec.method`; returns the per-layer plan.
     `statistics_model`, a copy with the same weights (e.g. spread over accelerators with a device_map),
     runs the calibration pass instead of `model`. `statistics`, from ``gather_for`` over several specs,
-    replaces the pass (a sweep gathers once for all its points).
+    replaces the pass (a sweep gathers once for all its points). `latency`, the layers' measured costs and
+    the dense model's time, is what a `spec.target_speedup` allocation spends (rank 0 needs it).
 
     Under torch.distributed every rank calls this with the same model, spec and batches: each gathers
     the statistics of its shard, then builds the weights of and factorizes its cost-balanced share of the
@@ -309,6 +315,12 @@ def compress_(
     if method.needs and (calibration is None or loss_fn is None):
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
     _check_budget(model, plans, spec)
+    if spec.target_speedup is not None and distributed.world()[0] == 0:  # fails before the statistics pass
+        if latency is None:
+            raise FwsvdError("compression.target_speedup needs the layers' measured latencies and the dense model's: "
+                             "run it through the pipeline (fwsvd-export run), not compress alone")
+        latency.budget([p.name for p in plans if p.allocate], {p.name: p.rank for p in plans if not p.allocate},
+                       spec.target_speedup, spec.rank_multiple)
     check_finite_model(model)
     if spec.sequential and distributed.world()[1] > 1:
         raise FwsvdError("compression.sequential runs in one process; launch it without torchrun")
@@ -334,20 +346,22 @@ def compress_(
         lambda: _weigh(method, spec, stats, todo, [n for n in todo if owners[n] == process], allocated, progress),
         "building the layers' weights")
     if allocated:
-        budget = _budget_params(model, plans, spec)
+        budget = _budget_params(model, plans, spec) if spec.budget is not None else 0
         for theirs, weights in distributed.to_first([(spectra, {n: weightings[n] for n in spectra} if check else {})]):
             spectra.update(theirs)  # rank 0 allocates from every layer's spectrum and checks with their weights
             weightings.update(weights)
 
-        def allocate() -> dict[str, Optional[int]]:
-            found = allocate_ranks([Candidate(p.name, p.in_features, p.out_features, spectra[p.name]) for p in allocated],
-                                   budget, spec.rank_multiple)
+        def allocate_here() -> dict[str, Optional[int]]:
+            layers = [Candidate(p.name, p.in_features, p.out_features, spectra[p.name]) for p in allocated]
+            if spec.target_speedup is not None:
+                return _timed_allocation(layers, plans, spec, latency, result)
+            found = allocate_ranks(layers, budget, spec.rank_multiple)
             if check:
                 found = _checked(model, allocated, todo, weightings, found, budget, spec, check, loss_fn, result,
                                  reused=check[0] is calibration[0])
             return found
 
-        ranks = distributed.from_first(allocate, "allocating ranks")
+        ranks = distributed.from_first(allocate_here, "allocating ranks")
         for p in allocated:
             p.rank = rank = ranks[p.name]
             p.params_after = p.params_before if rank is None else rank * (p.in_features + p.out_features)
@@ -391,6 +405,19 @@ def compress_(
                             "layers_per_process": [sum(owners[p.name] == r for p in chosen) for r in range(processes)]}
     result.seconds["factorize"] = time.perf_counter() - start - result.seconds.get("sequential statistics", 0.0)
     return result
+
+
+def _timed_allocation(layers: list[Candidate], plans: list[LayerPlan], spec: CompressionSpec, latency: TimeBudget,
+                      result: CompressionResult) -> dict[str, Optional[int]]:
+    """Ranks that spend the time budget of `spec.target_speedup`; the predicted speed-up is recorded."""
+    allocated = [c.name for c in layers]
+    fixed = {p.name: p.rank for p in plans if not p.allocate}
+    budget = latency.budget(allocated, fixed, spec.target_speedup, spec.rank_multiple)
+    ranks = allocate(layers, budget, spec.rank_multiple, table_costs(latency.tables))
+    result.allocation = {"target_speedup": spec.target_speedup, "measured_on": latency.where,
+                         "dense_model_ms": latency.model_ms, "budget_ms": budget,
+                         "predicted_speedup": latency.predicted_speedup({**fixed, **ranks})}
+    return ranks
 
 
 def _cost(module: nn.Module) -> float:

@@ -37,10 +37,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 from tqdm.auto import tqdm
 
-from ..core.allocate import CostTable
+from ..core.allocate import CostTable, TimeBudget
+from ..core.compress import plan_layers
+from ..core.spec import CompressionSpec
 from ..core.factorize import break_even_rank
 from ..errors import FwsvdError
 from .precision import PRECISIONS, make_variant
+from .latency import interleaved
 from .validate import PROVIDERS, SESSION_LOG_SEVERITY, open_session
 
 TIMING_FORMAT = 1  # bump when what a cache file holds, or how it is measured, changes
@@ -352,3 +355,18 @@ def recommended_multiple(timings: dict[tuple[int, int], Timing]) -> int:
             break
         chosen = base = 2 * base
     return chosen
+
+
+def time_budget(model, spec: CompressionSpec, dense_graph: Path, vocab_size: int, threads: int, warmup: int, runs: int,
+                cache_dir: Path, progress: bool = True) -> TimeBudget:
+    """What `spec.target_speedup` spends: the dense graph (in `spec.latency_precision`) timed on
+    `spec.latency_provider` at `spec.latency_shape`, and the factor-pair cost table of every targeted layer."""
+    provider, shape, precision = spec.latency_provider, spec.latency_shape, spec.latency_precision
+    where = f"on {provider} at {shape} ({precision})"
+    session, reason = open_session(dense_graph, provider, threads)
+    if session is None:
+        raise FwsvdError(f"compression.target_speedup is measured {where}, which cannot run here: {reason}")
+    model_ms = interleaved({"dense": session}, [shape], vocab_size, warmup, runs, 1)["dense"][shape]["median_ms"]
+    layers = {p.name: (p.in_features, p.out_features) for p in plan_layers(model, spec)}
+    timings = measure(sorted(set(layers.values())), provider, precision, shape, threads, cache_dir, progress=progress)
+    return TimeBudget(cost_tables(timings, layers, spec.rank_multiple), model_ms, where)

@@ -35,7 +35,11 @@ def markdown(report: dict) -> str:
          ["ONNX file (bytes)", sizes.get("onnx_dense_bytes"), sizes.get("onnx_compressed_bytes"),
           (sizes.get("onnx_compressed_bytes") or 0) / (sizes.get("onnx_dense_bytes") or 1)]])
     check = comp.get("allocation")
-    if check:
+    if check and "target_speedup" in check:
+        lines += [f"Speed-up target: **{check['target_speedup']:g}x** {check['measured_on']}; the measured layer timings "
+                  f"predict {check['predicted_speedup']:.2f}x (dense {check['dense_model_ms']:.3g} ms, Linear time budget "
+                  f"{check['budget_ms']:.3g} ms); the validation below measures the graphs.", ""]
+    elif check:
         losses = ", ".join(f"{k} {v['loss']:.4g}" for k, v in check["candidates"].items())
         lines += [f"Allocation check: **{check['winner']}** ranks had the lowest task loss on {check['check_batches']} "
                   f"{'held-out ' if check['held_out'] else ''}calibration batches ({losses}).", ""]

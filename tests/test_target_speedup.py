@@ -1,0 +1,90 @@
+"""compression.target_speedup: global allocation spends a budget in measured time, not in parameters. The
+layers' factor-pair timings are measured once per machine (cached) and the dense graph timed on the same
+provider; a target out of reach is refused before the statistics pass."""
+import json
+
+import pytest
+import yaml
+from transformers import BertConfig, BertForSequenceClassification
+
+from fwsvd_export.errors import FwsvdError
+from fwsvd_export.pipeline import compress_only, run
+from fwsvd_export.recipe import load_recipe
+
+from conftest import write_recipe
+
+
+@pytest.fixture(scope="module")
+def wide_classifier(tmp_path_factory, tokenizer, classifier_dir):
+    """Wide enough (256 x 1024 Linears) that a factor pair can beat its dense MatMul on a CPU; the labels
+    of the tiny classifier, so it reads the same data."""
+    labels = BertConfig.from_pretrained(classifier_dir).id2label
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, id2label=labels,
+                        label2id={v: k for k, v in labels.items()})
+    folder = tmp_path_factory.mktemp("wide-classifier")
+    BertForSequenceClassification(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def speedup_recipe(classifier_recipe, wide_classifier, tmp_path):
+    classifier_recipe["model"]["path"] = str(wide_classifier)
+    classifier_recipe["data"]["max_length"] = 64
+    classifier_recipe["compression"] = {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": None,
+                                        "target_speedup": 1.1, "latency_shape": "1x64",
+                                        "cache_dir": str(tmp_path / "cache")}
+    classifier_recipe["validation"]["latency"] = {"shapes": ["1x64"], "warmup": 1, "runs": 5}
+    classifier_recipe["validation"]["max_metric_loss"] = 1.0  # a random model: this test is about the allocation
+    return classifier_recipe
+
+
+def test_a_speedup_target_allocates_ranks_within_the_measured_time_budget(tmp_path, speedup_recipe):
+    result = run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
+    allocation = result.report["compression"]["allocation"]
+    assert allocation["target_speedup"] == 1.1 and allocation["measured_on"] == "on cpu at 1x64 (fp32)"
+    assert allocation["predicted_speedup"] >= 1.1  # the tables' time of the chosen ranks fits the budget
+    layers = result.report["compression"]["layers"]
+    assert any(p["rank"] is not None for p in layers)
+    assert all("global allocation of time" in p["reason"] for p in layers)
+    assert "kernel timing" in result.report["seconds"]
+    cached = list((tmp_path / "cache").glob("kernel-timing-*.json"))
+    assert len(cached) == 1 and {"256x256", "256x1024", "1024x256"} <= set(json.loads(cached[0].read_text())["shapes"])
+
+
+def test_a_second_run_reuses_the_kernel_timings(tmp_path, speedup_recipe):
+    recipe = write_recipe(tmp_path, speedup_recipe)
+    run(load_recipe(recipe), tmp_path / "one", progress=False)
+    (cached,) = (tmp_path / "cache").glob("kernel-timing-*.json")
+    before = cached.stat().st_mtime_ns
+    second = run(load_recipe(recipe), tmp_path / "two", progress=False)
+    assert cached.stat().st_mtime_ns == before  # nothing measured again
+    assert second.report["compression"]["allocation"]["target_speedup"] == 1.1
+
+
+def test_a_target_out_of_reach_is_refused_before_the_statistics_pass(tmp_path, speedup_recipe):
+    speedup_recipe["compression"]["target_speedup"] = 1000.0
+    with pytest.raises(FwsvdError, match=r"target_speedup 1000 on cpu at 1x64 \(fp32\) cannot be reached"):
+        run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_speedup_target_names_a_precision_the_recipe_exports_and_a_provider_that_runs_it(tmp_path, speedup_recipe):
+    speedup_recipe["compression"]["latency_precision"] = "int8"
+    with pytest.raises(FwsvdError, match="'compression.latency_precision' 'int8' must be one of 'export.precisions'"):
+        load_recipe(write_recipe(tmp_path, speedup_recipe))
+    speedup_recipe["export"] = {"precisions": ["fp32", "fp16"]}
+    speedup_recipe["compression"]["latency_precision"] = "fp16"
+    with pytest.raises(FwsvdError, match="'compression.latency_provider' 'cpu' does not run fp16"):
+        load_recipe(write_recipe(tmp_path, speedup_recipe))
+
+
+def test_compress_alone_refuses_a_speedup_target(tmp_path, speedup_recipe):
+    with pytest.raises(FwsvdError, match="use `fwsvd-export run`"):
+        compress_only(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
+
+
+def test_set_replaces_a_ratio_with_a_speedup_target(tmp_path, classifier_recipe):
+    recipe = load_recipe(write_recipe(tmp_path, classifier_recipe), ["compression.target_speedup=2"])
+    assert recipe.compression.target_speedup == 2.0 and recipe.compression.ratio is None
