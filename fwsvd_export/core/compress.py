@@ -325,6 +325,7 @@ def compress_(
     if spec.sequential and distributed.world()[1] > 1:
         raise FwsvdError("compression.sequential runs in one process; launch it without torchrun")
     calibration, check = _split(spec, calibration or [], loss_fn)
+    distributed.start_together()  # under torchrun, the others wait here for rank 0's dense stage
     start = time.perf_counter()
     if statistics is None:
         stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress,

@@ -24,6 +24,11 @@ from .batch import Batch
 from .statistics import STATISTICS, LayerStats, link_shared_inputs
 
 TIMEOUT = timedelta(seconds=int(os.environ.get("FWSVD_COLLECTIVE_TIMEOUT_S", "600")))
+# How long the other ranks wait for rank 0 to reach the statistics pass: it exports and validates the dense
+# model first, which takes far longer than any collective on a large model. torchrun ends every rank when
+# one dies, so this only bounds a rank 0 that hangs.
+START_TIMEOUT = timedelta(seconds=int(os.environ.get("FWSVD_START_TIMEOUT_S", str(6 * 3600))))
+_start_group: Optional[dist.ProcessGroup] = None
 
 T = TypeVar("T")
 
@@ -48,7 +53,16 @@ def init_from_environment() -> bool:
     if torch.cuda.is_available():  # NCCL and the object collectives use the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
+    global _start_group
+    _start_group = dist.new_group(backend="gloo", timeout=START_TIMEOUT)
     return True
+
+
+def start_together() -> None:
+    """Every rank waits here until all have arrived (rank 0 after its dense stage), with START_TIMEOUT
+    rather than the collective timeout; a no-op outside a group made by `init_from_environment`."""
+    if _start_group is not None:
+        dist.barrier(group=_start_group)
 
 
 def _device() -> str:
