@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fwsvd_export.core import CompressionSpec
-from fwsvd_export.core.allocate import Candidate, CostTable, allocate, allocate_ranks, speedup_budget, table_costs
+from fwsvd_export.core.allocate import (Candidate, CostTable, TimeBudget, allocate, allocate_ranks, speedup_budget,
+                                      table_costs)
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.kernel_timing import Timing, cost_tables, measure, rank_grid, recommended_multiple
 
@@ -174,3 +175,17 @@ def test_a_speedup_target_is_a_cut_of_its_own():
 def test_the_spec_rejects_bad_latency_settings(fields, key):
     with pytest.raises(FwsvdError, match=re.escape(f"'{key}'")):
         CompressionSpec(**fields)
+
+
+def test_a_model_timed_faster_than_its_layers_is_taken_to_take_their_time():
+    """Layers timed alone sum to 8 ms, the whole model to 5 ms: the budget counts the model as 8 ms, so a
+    saving is never counted against time the model does not spend and an absurd target stays out of reach."""
+    tables = {"a": CostTable((8, 16), (1.0, 2.0), 4.0), "b": CostTable((8, 16), (1.0, 2.0), 4.0)}
+    budget = TimeBudget(tables, 5.0, "on cpu at 1x128")
+    assert budget.linear_ms == 8.0 and budget.total_ms == 8.0
+    assert budget.budget(["a", "b"], {}, 2.0, 8) == pytest.approx(8 - 8 / 2)
+    assert budget.predicted_speedup({"a": 8, "b": 8}) == pytest.approx(8 / 2)
+    with pytest.raises(FwsvdError, match="target_speedup 1000 on cpu at 1x128 cannot be reached"):
+        budget.budget(["a", "b"], {}, 1000.0, 8)
+    slower = TimeBudget(tables, 10.0, "on cpu at 1x128")  # 2 ms outside the targeted layers
+    assert slower.total_ms == 10.0 and slower.predicted_speedup({"a": 8, "b": 8}) == pytest.approx(10 / 4)

@@ -416,7 +416,8 @@ def _timed_allocation(layers: list[Candidate], plans: list[LayerPlan], spec: Com
     budget = latency.budget(allocated, fixed, spec.target_speedup, spec.rank_multiple)
     ranks = allocate(layers, budget, spec.rank_multiple, table_costs(latency.tables))
     result.allocation = {"target_speedup": spec.target_speedup, "measured_on": latency.where,
-                         "dense_model_ms": latency.model_ms, "budget_ms": budget,
+                         "dense_model_ms": latency.model_ms, "targeted_layers_dense_ms": latency.linear_ms,
+                         "budget_ms": budget,
                          "predicted_speedup": latency.predicted_speedup({**fixed, **ranks})}
     return ranks
 
