@@ -124,8 +124,8 @@ def test_fp32_must_stay_among_the_precisions(tmp_path, classifier_recipe):
         load_recipe(write_recipe(tmp_path, classifier_recipe))
 
 
-def test_a_decoder_gets_a_4_bit_matmulnbits_copy_validated_on_the_cpu(tmp_path, lm_recipe):
-    lm_recipe["export"] = {"precisions": ["fp32", "int4"]}
+def test_a_decoder_gets_int8_and_4_bit_matmulnbits_copies_validated_on_the_cpu(tmp_path, lm_recipe):
+    lm_recipe["export"] = {"precisions": ["fp32", "int8", "int4"]}
     result = run(load_recipe(write_recipe(tmp_path, lm_recipe)), tmp_path / "out", progress=False)
     four_bit = {}
     for name in ("dense", "compressed"):
@@ -136,6 +136,13 @@ def test_a_decoder_gets_a_4_bit_matmulnbits_copy_validated_on_the_cpu(tmp_path, 
         four_bit[name] = sum(n.op_type == "MatMulNBits" for n in graph.node)
     assert four_bit["dense"] >= 7 * 2  # the 7 Linears of each of the 2 decoder layers (and the head)
     assert four_bit["compressed"] > four_bit["dense"]  # both factors of each split layer
+    for name in ("dense-int8", "compressed-int8"):
+        ops = {n.op_type for n in onnx.load(str(result.output / "onnx" / name / "model.onnx")).graph.node}
+        assert "MatMulInteger" in ops and "MatMulNBits" not in ops
+        int8 = result.report["validation"]["variants"][name]["cpu"]
+        assert int8["status"] == "measured" and 0 < int8["parity"]["relative_error"] <= 0.5
+        timing = int8["latency"][0]
+        assert timing["speedup_vs_dense_fp32"] > 0 and timing["decode_speedup_vs_dense_fp32"] > 0  # prefill and decode
     int4 = result.report["validation"]["variants"]["compressed-int4"]["cpu"]
     assert int4["status"] == "measured" and 0 < int4["parity"]["relative_error"] <= 0.5
     checks = {c["name"]: c for c in result.report["validation"]["checks"]}
