@@ -10,6 +10,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.pipeline import compress_only, run
 from fwsvd_export.recipe import load_recipe
+from fwsvd_export.stages.kernel_timing import Timing, recommended_multiple
 
 from conftest import write_recipe
 
@@ -50,7 +51,21 @@ def test_a_speedup_target_allocates_ranks_within_the_measured_time_budget(tmp_pa
     assert all("global allocation of time" in p["reason"] for p in layers)
     assert "kernel timing" in result.report["seconds"]
     cached = list((tmp_path / "cache").glob("kernel-timing-*.json"))
-    assert len(cached) == 1 and {"256x256", "256x1024", "1024x256"} <= set(json.loads(cached[0].read_text())["shapes"])
+    shapes = json.loads(cached[0].read_text())["shapes"]
+    assert len(cached) == 1 and {"256x256", "256x1024", "1024x256"} <= set(shapes)
+    # With no rank_multiple in the recipe, ranks step with the kernels: the multiple the timings show.
+    multiple = recommended_multiple({tuple(map(int, k.split("x"))): Timing(**v) for k, v in shapes.items()})
+    assert allocation["rank_multiple"] == multiple and allocation["rank_multiple_from"] == "kernel timings"
+    assert all(p["rank"] % multiple == 0 for p in layers if p["rank"] is not None)
+
+
+def test_a_recipes_rank_multiple_overrides_the_one_the_timings_show(tmp_path, speedup_recipe):
+    speedup_recipe["compression"]["rank_multiple"] = 24  # a multiple no kernel step suggests
+    result = run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
+    allocation = result.report["compression"]["allocation"]
+    assert allocation["rank_multiple"] == 24 and allocation["rank_multiple_from"] == "recipe"
+    ranks = [p["rank"] for p in result.report["compression"]["layers"] if p["rank"] is not None]
+    assert ranks and all(r % 24 == 0 for r in ranks)
 
 
 def test_a_second_run_reuses_the_kernel_timings(tmp_path, speedup_recipe):

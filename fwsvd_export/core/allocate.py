@@ -167,6 +167,7 @@ class TimeBudget:
     tables: dict[str, CostTable]
     model_ms: float
     where: str
+    multiple: int = 1  # the tables' ranks are multiples of this
 
     @property
     def linear_ms(self) -> float:

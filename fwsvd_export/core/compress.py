@@ -123,7 +123,7 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
         if ratio is not None and ratio >= 1:
             plan.reason = "ratio 1 keeps the layer dense"
             continue
-        plan.rank = _uniform_rank(in_f, out_f, ratio, rank, spec.rank_multiple)
+        plan.rank = _uniform_rank(in_f, out_f, ratio, rank, spec.multiple)
         plan.reason = f"{rule}, " + (f"rank {rank}" if rank is not None else f"ratio {ratio:g}")
         if not pays_off(in_f, out_f, plan.rank):
             plan.reason = f"rank {plan.rank} would not save parameters (break-even {break_even_rank(in_f, out_f):.1f}); kept dense"
@@ -265,9 +265,9 @@ def _check_budget(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpe
     if spec.budget is None or not allocated:  # a speed-up target is checked against its time budget instead
         return
     budget = _budget_params(model, plans, spec)
-    if budget < sum(spec.rank_multiple * (p.in_features + p.out_features) for p in allocated):
+    if budget < sum(spec.multiple * (p.in_features + p.out_features) for p in allocated):
         raise FwsvdError(f"compression.budget {spec.budget:g} of {spec.budget_scope} parameters leaves "
-                         f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.rank_multiple} each")
+                         f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.multiple} each")
 
 
 def _checked(model: nn.Module, allocated: list[LayerPlan], todo: dict[str, nn.Module], weightings: dict, ranks: dict,
@@ -276,7 +276,7 @@ def _checked(model: nn.Module, allocated: list[LayerPlan], todo: dict[str, nn.Mo
     """The allocation that wins the check on held-out calibration batches; recorded in `result`."""
     layers = [Layer(p.name, p.in_features, p.out_features, todo[p.name], weightings[p.name].left,
                     weightings[p.name].right) for p in allocated]
-    options = candidates(layers, ranks, budget, spec.rank_multiple)
+    options = candidates(layers, ranks, budget, spec.multiple)
     winner, scores = choose(model, layers, options, budget, check, loss_fn)
     result.allocation = {
         "winner": winner, "candidates": scores, "check_batches": len(check),
@@ -320,7 +320,7 @@ def compress_(
             raise FwsvdError("compression.target_speedup needs the layers' measured latencies and the dense model's: "
                              "run it through the pipeline (fwsvd-export run), not compress alone")
         latency.budget([p.name for p in plans if p.allocate], {p.name: p.rank for p in plans if not p.allocate},
-                       spec.target_speedup, spec.rank_multiple)
+                       spec.target_speedup, latency.multiple)
     check_finite_model(model)
     if spec.sequential and distributed.world()[1] > 1:
         raise FwsvdError("compression.sequential runs in one process; launch it without torchrun")
@@ -356,7 +356,7 @@ def compress_(
             layers = [Candidate(p.name, p.in_features, p.out_features, spectra[p.name]) for p in allocated]
             if spec.target_speedup is not None:
                 return _timed_allocation(layers, plans, spec, latency, result)
-            found = allocate_ranks(layers, budget, spec.rank_multiple)
+            found = allocate_ranks(layers, budget, spec.multiple)
             if check:
                 found = _checked(model, allocated, todo, weightings, found, budget, spec, check, loss_fn, result,
                                  reused=check[0] is calibration[0])
@@ -413,9 +413,11 @@ def _timed_allocation(layers: list[Candidate], plans: list[LayerPlan], spec: Com
     """Ranks that spend the time budget of `spec.target_speedup`; the predicted speed-up is recorded."""
     allocated = [c.name for c in layers]
     fixed = {p.name: p.rank for p in plans if not p.allocate}
-    budget = latency.budget(allocated, fixed, spec.target_speedup, spec.rank_multiple)
-    ranks = allocate(layers, budget, spec.rank_multiple, table_costs(latency.tables))
+    budget = latency.budget(allocated, fixed, spec.target_speedup, latency.multiple)
+    ranks = allocate(layers, budget, latency.multiple, table_costs(latency.tables))
     result.allocation = {"target_speedup": spec.target_speedup, "measured_on": latency.where,
+                         "rank_multiple": latency.multiple,
+                         "rank_multiple_from": "recipe" if spec.rank_multiple else "kernel timings",
                          "dense_model_ms": latency.model_ms, "targeted_layers_dense_ms": latency.linear_ms,
                          "budget_ms": budget,
                          "predicted_speedup": latency.predicted_speedup({**fixed, **ranks})}

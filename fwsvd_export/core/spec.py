@@ -63,7 +63,9 @@ class CompressionSpec:
     rank: Optional[int] = None  # uniform: one fixed rank
     budget: Optional[float] = None  # global allocation: kept fraction of the budget_scope's parameters
     budget_scope: Literal["targeted", "model"] = "targeted"
-    rank_multiple: int = 1  # round ranks down to a multiple of this (8, 16, 32 suit fast GEMMs)
+    # Round ranks down to a multiple of this (8, 16, 32 suit fast GEMMs). None: 1, except that a
+    # target_speedup run takes the step its kernel timings show (the stage measures them anyway).
+    rank_multiple: Optional[int] = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     damping: float = 1e-2
     max_gram_size: int = 8192  # a Gram side larger than this is gathered as its diagonal only
@@ -85,6 +87,11 @@ class CompressionSpec:
         """Whether ranks come from a global allocation (a parameter budget or a speed-up target)."""
         return self.budget is not None or self.target_speedup is not None
 
+    @property
+    def multiple(self) -> int:
+        """The rank multiple in force where no kernel timings chose one."""
+        return self.rank_multiple or 1
+
     def __post_init__(self) -> None:
         _finite(self)
         if self.method not in METHODS:
@@ -105,7 +112,7 @@ class CompressionSpec:
             if self.ratio is None and self.rank is None:
                 self.ratio = 0.5
             _cut(self.ratio, self.rank, "")
-        if self.rank_multiple < 1:
+        if self.rank_multiple is not None and self.rank_multiple < 1:
             raise SpecError("rank_multiple", f"must be at least 1, got {self.rank_multiple}")
         if self.latency_provider not in ("cpu", "cuda"):
             raise SpecError("latency_provider", f"must be 'cpu' or 'cuda', got {self.latency_provider!r}")

@@ -369,4 +369,5 @@ def time_budget(model, spec: CompressionSpec, dense_graph: Path, vocab_size: int
     model_ms = interleaved({"dense": session}, [shape], vocab_size, warmup, runs, 1)["dense"][shape]["median_ms"]
     layers = {p.name: (p.in_features, p.out_features) for p in plan_layers(model, spec)}
     timings = measure(sorted(set(layers.values())), provider, precision, shape, threads, cache_dir, progress=progress)
-    return TimeBudget(cost_tables(timings, layers, spec.rank_multiple), model_ms, where)
+    multiple = spec.rank_multiple or recommended_multiple(timings)
+    return TimeBudget(cost_tables(timings, layers, multiple), model_ms, where, multiple)
