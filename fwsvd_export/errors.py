@@ -11,3 +11,14 @@ class SpecError(FwsvdError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"'{key}' {problem}")
         self.key, self.problem = key, problem
+
+
+# transformers can explain a bad config with a list of every model type it knows (about 5 KB).
+MESSAGE_LIMIT = 300
+
+
+def short_message(exc: BaseException) -> str:
+    """The first line of an error from a library, at most MESSAGE_LIMIT characters, for one-line reports."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else type(exc).__name__
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 4].rstrip() + " ..."

@@ -14,7 +14,8 @@ import fwsvd_export
 from fwsvd_export.stages.checkpoint import MANIFEST, WEIGHTS, load, read_manifest
 from fwsvd_export.cli import main
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.stages.models import MESSAGE_LIMIT, is_local_path, load_pretrained
+from fwsvd_export.errors import MESSAGE_LIMIT
+from fwsvd_export.stages.models import is_local_path, load_pretrained
 from fwsvd_export.pipeline import compress_only
 from fwsvd_export.recipe import load_recipe
 

@@ -15,6 +15,8 @@ ALLOWED = {
     "core": {"core"},
     "stages": {"core", "stages", "recipe"},
     "recipe": {"core", "stages.tasks", "stages.precision"},
+    "pipeline": {"core", "stages", "recipe"},
+    "sweep": {"core", "stages", "recipe", "pipeline"},
 }
 
 
@@ -105,3 +107,17 @@ def test_the_core_imports_and_compresses_with_every_upper_layer_blocked():
     loaded = done.stdout.split()
     assert "fwsvd_export.core.compress" in loaded
     assert not [m for m in loaded if any(m.startswith(f"fwsvd_export.{b}") for b in BLOCKED)]
+
+
+def test_loading_a_checkpoint_loads_neither_the_recipe_nor_the_compression_stack():
+    """`fwsvd_export.load` needs the low-rank module, not the statistics, allocation or recipe code."""
+    import subprocess
+    import sys
+    script = ("import sys\nfrom fwsvd_export import load\n"
+              "print(' '.join(m for m in sys.modules if m.startswith('fwsvd_export')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = set(done.stdout.split())
+    assert "fwsvd_export.core.factorize" in loaded
+    assert not loaded & {"fwsvd_export.recipe", "fwsvd_export.core.compress", "fwsvd_export.core.statistics",
+                         "fwsvd_export.core.allocate", "fwsvd_export.stages.data"}

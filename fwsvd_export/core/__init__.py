@@ -7,15 +7,33 @@ that), so it can be used on any ``nn.Module`` with any batches and loss::
     from fwsvd_export.core import CompressionSpec, compress_
     result = compress_(model, CompressionSpec(method="kfac", ratio=0.4), batches, loss_fn)
 """
-from .batch import Batch
-from .compress import CompressionResult, LayerPlan, compress_, gather_for, gather_statistics, plan_layers
-from .factorize import LowRankLinear, factorize
-from .families import FAMILIES, Family
-from .methods import METHODS, Method, get_method
-from .modules import factorized_layers, linear_layers
-from .spec import CompressionSpec, LayerOverride
-from .statistics import STATISTICS, LayerStats, collect_statistics
+from __future__ import annotations
 
-__all__ = ["Batch", "CompressionResult", "CompressionSpec", "FAMILIES", "Family", "LayerOverride", "LayerPlan",
-           "LayerStats", "LowRankLinear", "METHODS", "Method", "STATISTICS", "collect_statistics", "compress_",
-           "factorize", "factorized_layers", "gather_for", "gather_statistics", "get_method", "linear_layers", "plan_layers"]
+import importlib
+from typing import Any
+
+# Eager: the low-rank module is what every user of the core needs, and the function `factorize` must
+# shadow the submodule of the same name that importing it binds here.
+from .factorize import LowRankLinear, factorize
+
+# Each public name and its module: names resolve on first use, so that a module that needs one piece
+# of the core (a checkpoint loader needs the low-rank module) does not load the rest.
+_HOMES = {
+    **dict.fromkeys(["Batch"], ".batch"),
+    **dict.fromkeys(["CompressionResult", "LayerPlan", "compress_", "gather_for", "gather_statistics", "plan_layers"],
+                    ".compress"),
+    **dict.fromkeys(["FAMILIES", "Family"], ".families"),
+    **dict.fromkeys(["METHODS", "Method", "get_method"], ".methods"),
+    **dict.fromkeys(["factorized_layers", "linear_layers"], ".modules"),
+    **dict.fromkeys(["CompressionSpec", "LayerOverride"], ".spec"),
+    **dict.fromkeys(["STATISTICS", "LayerStats", "collect_statistics"], ".statistics"),
+}
+__all__ = sorted([*_HOMES, "LowRankLinear", "factorize"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -11,22 +11,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import FwsvdError
+from ..errors import FwsvdError, short_message
 from ..recipe import ModelSpec, Recipe
+from .checkpoint import DTYPES
 from .tasks import get_task
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# transformers can explain a bad config with a list of every model type it knows (about 5 KB).
-MESSAGE_LIMIT = 300
-
-
-def short_message(exc: BaseException) -> str:
-    """The first line of an error from a library, at most MESSAGE_LIMIT characters, for one-line reports."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0].strip() if lines else type(exc).__name__
-    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 4].rstrip() + " ..."
-
 
 def is_local_path(location: str) -> bool:
     """Whether `location` means a path on disk rather than a hub id. Hub ids are `name` or `org/name`: one
