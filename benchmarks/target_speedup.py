@@ -89,6 +89,7 @@ def main() -> None:
                 allocation, cpu = report["compression"]["allocation"], report["validation"]["providers"]["cpu"]
                 point = cpu["latency"][0]
                 rows.append({"shape": shape, "target": target, "predicted": allocation["predicted_speedup"],
+                             "rank_multiple": allocation["rank_multiple"], "dense_ms_for_budget": allocation["dense_model_ms"],
                              "measured": point["speedup"], "dense_ms": point["dense"]["median_ms"],
                              "compressed_ms": point["compressed"]["median_ms"],
                              "accuracy_dense": report["validation"]["original_torch"], "accuracy": cpu["metric"],
