@@ -101,3 +101,15 @@ def test_bad_compression_values(tmp_path, classifier_recipe, key, value, fragmen
 def test_max_length_beyond_the_model_positions(tmp_path, classifier_recipe):
     classifier_recipe["data"]["max_length"] = 4096
     fails(tmp_path, classifier_recipe, "data.max_length' 4096 exceeds the model's 128 positions")
+
+
+def test_no_provider_to_validate_on_is_refused(tmp_path, classifier_recipe):
+    """A run that would check nothing in ONNX Runtime must not pass."""
+    classifier_recipe["validation"]["providers"] = []
+    fails(tmp_path, classifier_recipe, "validation.providers", "at least one provider")
+
+
+def test_a_negative_max_length_of_a_decoder_names_max_length(tmp_path, lm_recipe):
+    lm_recipe["data"]["max_length"] = -1
+    message = fails(tmp_path, lm_recipe, "data.max_length")
+    assert "stride" not in message
