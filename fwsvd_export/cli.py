@@ -166,7 +166,7 @@ def export_command(checkpoint: Path, output: Path, opset: int | None, no_past: b
     from .stages.tasks import get_task
 
     task = read_manifest(checkpoint)["task"]
-    with staged_output(output) as staged:
+    with staged_output(output, inputs=[checkpoint]) as staged:
         model, tokenizer = load(checkpoint, with_tokenizer=True)
         path = export_onnx(model, tokenizer, staged.path, get_task(task).onnx_task(not no_past), opset)
         graph = inspect_graph(path, model)

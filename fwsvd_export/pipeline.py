@@ -44,6 +44,12 @@ class RunResult:
         return bool(self.report["passed"])
 
 
+def read_paths(recipe: Recipe) -> list[Path]:
+    """The local files and folders a run reads (the model folder, the data files): an output may not hold them."""
+    data = [getattr(recipe.data, role).path for role in ("calibration", "evaluation")]
+    return [recipe.resolve(p) for p in [recipe.model.path, *data] if p]
+
+
 def output_path(recipe: Recipe, output: Optional[str | Path]) -> Path:
     """Where the run's results go: `output`, else the recipe's export.output (relative to the recipe)."""
     return resolve_output(output if output is not None else recipe.resolve(recipe.export.output))
@@ -189,7 +195,7 @@ def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress:
         raise FwsvdError(f"{recipe.source}: 'compression.target_speedup' is measured against the dense ONNX graph, "
                          "which `compress` does not make; use `fwsvd-export run`")
     folder = output_path(recipe, output)
-    with staged_output(folder) as staged:
+    with staged_output(folder, inputs=read_paths(recipe)) as staged:
         clock = Clock()
         prepared = prepare(recipe, clock)
         compressed, result, _ = compress_stage(prepared, recipe, clock, progress, last=True)
@@ -282,7 +288,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
     """Run every stage of `recipe`; the report's ``passed`` says whether validation held."""
     folder = output_path(recipe, output)
     clock = Clock()
-    with staged_output(folder) as staged:
+    with staged_output(folder, inputs=read_paths(recipe)) as staged:
         prepared = prepare(recipe, clock)
         dense = dense_stage(prepared, staged.path / "onnx" / "dense", clock, progress)
         report = point_stage(prepared, dense, recipe, staged.path, clock, progress, last=True)

@@ -16,7 +16,7 @@ from typing import Optional
 
 from .core import gather_for, get_method
 from .errors import FwsvdError
-from .pipeline import Clock, dense_stage, point_stage, prepare
+from .pipeline import Clock, dense_stage, point_stage, prepare, read_paths
 from .recipe import load_recipe
 from .stages.outputs import resolve_output, staged_output
 from .stages.report import FRONTIER_PLOT, artifact_rows, dense_int8_beats, first_measured, plot_frontier
@@ -171,7 +171,7 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
     folder = resolve_output(output or base.resolve(base.export.output).with_name(base.resolve(base.export.output).name + "-sweep"))
     kind = "budget" if budget else "ratio"
     names = [get_method(m).name for m in methods]  # unknown methods fail before any run
-    with staged_output(folder) as staged:
+    with staged_output(folder, inputs=read_paths(base)) as staged:
         plan = [(method, value, load_recipe(recipe_path, [*overrides, f"compression.method={method}",
                                                           f"compression.{kind}={value}"]))
                 for method in names for value in values]  # every point's recipe is checked before any compute

@@ -115,6 +115,29 @@ def test_compress_replaces_its_own_earlier_checkpoint(tmp_path, classifier_recip
     assert manifest["recipe"]["compression"]["ratio"] == 0.3
 
 
+def test_a_checkpoint_is_never_exported_into_itself(tmp_path, classifier_recipe):
+    recipe = write_recipe(tmp_path, classifier_recipe)
+    assert cli("compress", str(recipe), "-o", str(tmp_path / "ckpt")).exit_code == 0
+    before = snapshot(tmp_path / "ckpt")
+    for output in (tmp_path / "ckpt", tmp_path):
+        result = cli("export", str(tmp_path / "ckpt"), "-o", str(output))
+        assert result.exit_code == 2, result.output
+        assert "which this command reads" in result.output
+    assert snapshot(tmp_path / "ckpt") == before and leftovers(tmp_path) == []
+
+
+def test_a_run_never_replaces_the_earlier_run_its_model_comes_from(tmp_path, classifier_recipe):
+    """A recipe whose model is an earlier run's checkpoint cannot write over that run."""
+    recipe = write_recipe(tmp_path, classifier_recipe)
+    assert cli("compress", str(recipe), "-o", str(tmp_path / "first")).exit_code == 0
+    before = snapshot(tmp_path / "first")
+    classifier_recipe["model"]["path"] = str(tmp_path / "first")
+    second = write_recipe(tmp_path, classifier_recipe)
+    result = cli("compress", str(second), "-o", str(tmp_path / "first"))
+    assert result.exit_code == 2 and "which this command reads" in result.output, result.output
+    assert snapshot(tmp_path / "first") == before and leftovers(tmp_path) == []
+
+
 def test_a_stale_partial_folder_of_a_killed_run_is_removed_and_reported(tmp_path, earlier_run):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

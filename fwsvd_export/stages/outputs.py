@@ -20,7 +20,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from ..errors import FwsvdError
 
@@ -181,10 +181,22 @@ class Staged:
         self.path, self.notes = path, notes
 
 
+def check_apart(folder: Path, inputs: Iterable[Path]) -> None:
+    """Refuses an output folder that is, or holds, one of the inputs the run reads: replacing it would
+    delete them (a checkpoint exported into itself, a run over the earlier run its model comes from)."""
+    for item in inputs:
+        source = Path(os.path.abspath(Path(item).expanduser())).resolve()
+        if source == folder or folder in source.parents:
+            raise FwsvdError(f"output folder {folder} holds {item}, which this command reads; write the results to "
+                             "another folder")
+
+
 @contextmanager
-def staged_output(output: str | Path) -> Iterator[Staged]:
-    """A staging folder that replaces `output` when the block completes and vanishes when it fails."""
+def staged_output(output: str | Path, inputs: Iterable[Path] = ()) -> Iterator[Staged]:
+    """A staging folder that replaces `output` when the block completes and vanishes when it fails;
+    `inputs` (what the command reads) must lie outside `output`."""
     folder = resolve_output(output)
+    check_apart(folder, inputs)
     check_replaceable(folder)
     created: list[Path] = []
     try:
