@@ -56,3 +56,13 @@ def test_a_float16_backward_overflow_is_refused_naming_the_layer_and_the_cause(l
     with pytest.raises(FwsvdError, match=r"statistic '(input|output)_gram' of layer 'model\.layers\.\d\..*overflowed.*float32"):
         compress_(model, CompressionSpec(method="kfac", ratio=0.5), [batch], task.loss, progress=False)
     assert not any(type(m).__name__ == "LowRankLinear" for m in model.modules())  # nothing was replaced
+
+
+def test_recovery_fine_tuning_that_diverges_is_refused_and_writes_nothing(tmp_path, classifier_recipe):
+    """A learning rate that blows the factors up must not reach the checkpoint."""
+    classifier_recipe["finetune"] = {"epochs": 2, "learning_rate": 1e37, "train": "all"}
+    result = CliRunner().invoke(main, ["compress", str(write_recipe(tmp_path, classifier_recipe)),
+                                       "-o", str(tmp_path / "ckpt")])
+    assert result.exit_code == 2, result.output
+    assert "recovery fine-tuning" in result.output and "finetune.learning_rate" in result.output
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt.partial-*"))

@@ -63,6 +63,9 @@ def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: Finetune
                 for batch in order.sample(batches, len(batches)):
                     batch = batch.to(device)
                     loss = objective_loss(model, task, batch, spec, teacher)
+                    if not bool(torch.isfinite(loss)):
+                        raise FwsvdError(f"recovery fine-tuning diverged: the loss became {float(loss)} in epoch "
+                                         f"{len(history) + 1}; lower finetune.learning_rate (now {spec.learning_rate:g})")
                     optimizer.zero_grad(set_to_none=True)
                     (loss / batch.samples).backward()
                     optimizer.step()
@@ -71,6 +74,10 @@ def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: Finetune
                     samples += batch.samples
                     bar.update(1)
                 history.append(total / max(samples, 1))
+        diverged = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if diverged:
+            raise FwsvdError(f"recovery fine-tuning left non-finite weights in '{diverged[0]}' ({len(diverged)} tensors); "
+                             f"lower finetune.learning_rate (now {spec.learning_rate:g})")
     finally:
         optimizer.zero_grad(set_to_none=True)
         for p, flag in flags.items():
