@@ -87,6 +87,17 @@ def test_an_earlier_run_with_a_changed_file_is_not_replaced(tmp_path, earlier_ru
     assert snapshot(earlier_run) == before
 
 
+def test_an_edit_that_keeps_the_size_still_counts_as_a_change(tmp_path, earlier_run):
+    report = earlier_run / "report.md"
+    text = report.read_text()
+    time.sleep(0.01)
+    report.write_text(text.replace("a", "b", 1) if "a" in text else text.upper())  # same size, new content
+    before = snapshot(earlier_run)
+    result = cli("run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run))
+    assert result.exit_code == 2 and "files changed since: report.md" in result.output
+    assert snapshot(earlier_run) == before
+
+
 def test_an_untouched_earlier_run_is_replaced_whole(tmp_path, earlier_run):
     before = json.loads((earlier_run / "report.json").read_text())
     result = cli("run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run), "--set", "compression.ratio=0.3")

@@ -43,9 +43,10 @@ def resolve_output(path: str | Path) -> Path:
     return folder
 
 
-def _files(folder: Path) -> Optional[dict[str, int]]:
-    """Every regular file below `folder` with its size, or None when a link or special file is there."""
-    found: dict[str, int] = {}
+def _files(folder: Path) -> Optional[dict[str, list[int]]]:
+    """Every regular file below `folder` with its size and modification time (ns), or None when a link or
+    special file is there: an edit that keeps a file's size still changes its time."""
+    found: dict[str, list[int]] = {}
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = Path(root) / name
@@ -53,7 +54,8 @@ def _files(folder: Path) -> Optional[dict[str, int]]:
                 return None
         for name in files:
             path = Path(root) / name
-            found[path.relative_to(folder).as_posix()] = path.stat().st_size
+            stat = path.stat()
+            found[path.relative_to(folder).as_posix()] = [stat.st_size, stat.st_mtime_ns]
     return found
 
 
