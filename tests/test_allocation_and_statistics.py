@@ -182,6 +182,24 @@ def test_an_unreadable_cache_file_is_a_miss_that_is_gathered_again_and_replaced(
     assert not list((tmp_path / "cache").glob(".*.tmp"))
 
 
+def test_a_cache_file_holding_non_finite_statistics_is_a_miss_gathered_again(bert, batches, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    loss = TASKS["text-classification"].loss
+    spec = CompressionSpec(method="kfac", ratio=0.5, target=TARGET, cache_dir=str(tmp_path / "cache"))
+    compress_(copy.deepcopy(bert), spec, batches, loss, progress=False)
+    (path,) = (tmp_path / "cache").glob("*.safetensors")
+    data = path.read_bytes()
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    first = sorted(tensors)[0]
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    result = compress_(copy.deepcopy(bert), spec, batches, loss, progress=False)
+    assert result.statistics["passes"] == 1 and "non-finite" in result.statistics["cache_unreadable"]
+    assert path.read_bytes() == data  # replaced by the statistics gathered again
+
+
 @pytest.mark.parametrize("fields, key", [
     ({"damping": 0}, "damping"), ({"damping": float("nan")}, "damping"), ({"ratio": 1.5}, "ratio"),
     ({"method": "magic"}, "method"), ({"budget": 0.3, "ratio": 0.5}, "budget"), ({"rank": 0}, "rank"),

@@ -170,6 +170,10 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
             cached = stats_cache.load_cached(folder, key, list(todo), needs)
         except stats_cache.Unreadable as exc:
             cached, info["cache_unreadable"] = None, f"{exc}; gathered again and replaced"
+        found = _first_nonfinite(cached, needs) if cached is not None else None
+        if found:  # bit rot, or a file written by hand
+            cached, info["cache_unreadable"] = None, (f"{folder / key}.safetensors holds non-finite values in "
+                                                      f"{found[0]}.{found[1]}; gathered again and replaced")
         if cached is not None:
             info["cache"] = f"hit {folder / key}.safetensors"
     if ranks > 1 and distributed.broadcast_flag(info["cache"] is not None):  # rank 0's hit is a hit for all
@@ -193,6 +197,7 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
     if ranks > 1:
         info["ranks"] = ranks
     if folder is not None:
+        check_finite_statistics(stats, needs)  # never cache what the run will refuse
         info["cache"] = f"stored {stats_cache.save_cached(folder, key, stats)}"
     return stats, info
 
@@ -213,16 +218,25 @@ def check_finite_model(model: nn.Module) -> None:
             raise FwsvdError(f"the model's '{name}' holds {bad}; fwsvd-export compresses only models with finite weights")
 
 
-def check_finite_statistics(stats: dict[str, LayerStats], needs: set[str]) -> None:
+def _first_nonfinite(stats: dict[str, LayerStats], needs: set[str]) -> Optional[tuple[str, str, str]]:
+    """(layer, statistic, what is wrong) for the first non-finite statistic, None when all are finite."""
     for layer, s in stats.items():
         for name in sorted(needs):
             value = getattr(s, name)
             bad = "" if value is None else _nonfinite(value)
             if bad:
-                raise FwsvdError(
-                    f"calibration statistic '{name}' of layer '{layer}' holds {bad}: the task loss or its gradient "
-                    "overflowed (a float16 model whose backward pass overflows: load it as float32 with "
-                    "model.dtype; or calibration data the model cannot score)")
+                return layer, name, bad
+    return None
+
+
+def check_finite_statistics(stats: dict[str, LayerStats], needs: set[str]) -> None:
+    found = _first_nonfinite(stats, needs)
+    if found:
+        layer, name, bad = found
+        raise FwsvdError(
+            f"calibration statistic '{name}' of layer '{layer}' holds {bad}: the task loss or its gradient "
+            "overflowed (a float16 model whose backward pass overflows: load it as float32 with "
+            "model.dtype; or calibration data the model cannot score)")
 
 
 def gather_for(model: nn.Module, specs: list[CompressionSpec], calibration: list[Batch], loss_fn: Callable,
