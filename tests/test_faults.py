@@ -161,10 +161,17 @@ def test_a_stale_partial_folder_of_a_killed_run_is_removed_and_reported(tmp_path
     (running / STAGE_MARKER).write_text(json.dumps({"tool": "fwsvd-export", "pid": os.getpid(), "host": os.uname().nodename}))
     foreign = tmp_path / ".out.partial-mine"  # not ours: no marker
     foreign.mkdir()
+    finished = tmp_path / ".out.partial-finished"  # complete, killed before it was moved into place
+    finished.mkdir()
+    (finished / RUN_MARKER).write_text(json.dumps({"tool": "fwsvd-export", "pid": dead.pid, "host": os.uname().nodename,
+                                                   "files": {}}))
     result = cli("run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run))
     assert result.exit_code == 0, result.output
     assert "note: removed .out.partial-stale, left by an interrupted run" in result.output
-    assert not stale.exists() and running.is_dir() and foreign.is_dir()
+    assert "note: removed .out.partial-finished, left by an interrupted run" in result.output
+    assert "left .out.partial-running alone: the run that made it may still be going" in result.output
+    assert "left .out.partial-mine alone: it holds no marker of this tool" in result.output
+    assert not stale.exists() and not finished.exists() and running.is_dir() and foreign.is_dir()
 
 
 def test_output_below_a_regular_file_fails_before_the_model_loads(tmp_path, classifier_recipe):

@@ -117,8 +117,15 @@ def clean_stale(folder: Path) -> list[str]:
     if not folder.parent.is_dir():
         return notes
     for path in sorted(folder.parent.glob(f".{folder.name}.partial-*")):
-        marker = path / STAGE_MARKER
-        if path.is_dir() and not path.is_symlink() and marker.is_file() and not _alive(marker):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        # a staging folder holds the stage marker while the run works, the run marker once it is complete
+        marker = next((m for m in (path / STAGE_MARKER, path / RUN_MARKER) if m.is_file()), None)
+        if marker is None:
+            notes.append(f"left {path.name} alone: it holds no marker of this tool")
+        elif _alive(marker):
+            notes.append(f"left {path.name} alone: the run that made it may still be going")
+        else:
             shutil.rmtree(path, ignore_errors=True)
             notes.append(f"removed {path.name}, left by an interrupted run")
     for path in sorted(folder.parent.glob(f".{folder.name}.replaced-*")):
@@ -211,9 +218,10 @@ def staged_output(output: str | Path, inputs: Iterable[Path] = ()) -> Iterator[S
     try:
         (stage / STAGE_MARKER).write_text(json.dumps({"tool": TOOL, "pid": os.getpid(), "host": socket.gethostname()}))
         yield Staged(stage, notes)
+        owner = json.loads((stage / STAGE_MARKER).read_text())
         (stage / STAGE_MARKER).unlink()
         files = _files(stage)
-        (stage / RUN_MARKER).write_text(json.dumps({"tool": TOOL, "files": files}, indent=1, sort_keys=True))
+        (stage / RUN_MARKER).write_text(json.dumps({**owner, "files": files}, indent=1, sort_keys=True))
         check_replaceable(folder)  # it may have changed during the run
         _swap(stage, folder)
     except BaseException:
