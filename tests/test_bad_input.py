@@ -113,3 +113,9 @@ def test_a_negative_max_length_of_a_decoder_names_max_length(tmp_path, lm_recipe
     lm_recipe["data"]["max_length"] = -1
     message = fails(tmp_path, lm_recipe, "data.max_length")
     assert "stride" not in message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_number_in_the_recipe_names_its_key(tmp_path, classifier_recipe, value):
+    classifier_recipe["compression"]["damping"] = value
+    fails(tmp_path, classifier_recipe, "compression.damping", "finite")

@@ -274,3 +274,35 @@ def test_after_sigkill_the_next_run_cleans_up(tmp_path, classifier_recipe, earli
     result = cli("run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run))
     assert result.exit_code == 0, result.output
     assert "left by an interrupted run" in result.output and leftovers(tmp_path) == []
+
+
+def test_a_run_that_validated_on_no_provider_does_not_pass(tmp_path, classifier_recipe):
+    """Only an optional provider that cannot start here (CUDA on this CPU machine): nothing was checked."""
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("CUDA runs here")
+    classifier_recipe["validation"]["providers"] = [{"name": "cuda"}]
+    result = cli("run", str(write_recipe(tmp_path, classifier_recipe)), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert not report["passed"]
+    assert any(c["name"] == "onnx runtime: validated" and not c["passed"] for c in report["validation"]["checks"])
+
+
+def test_a_failed_rename_puts_the_earlier_run_back(tmp_path, earlier_run, monkeypatch):
+    """The swap moves the earlier run aside, then renames the new one in; when that fails, the earlier
+    run is restored byte for byte and the new one is removed."""
+    before = snapshot(earlier_run)
+    real = Path.rename
+
+    def rename(self, target):
+        if ".partial-" in self.name:
+            raise OSError(28, "No space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    result = cli("run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run), "--set", "compression.ratio=0.3")
+    assert result.exit_code == 3, result.output
+    assert snapshot(earlier_run) == before and leftovers(tmp_path) == []
