@@ -292,7 +292,8 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
         prepared = prepare(recipe, clock)
         dense = dense_stage(prepared, staged.path / "onnx" / "dense", clock, progress)
         report = point_stage(prepared, dense, recipe, staged.path, clock, progress, last=True)
-        report["output_notes"] = staged.notes
+        unreadable = report["compression"]["statistics"].get("cache_unreadable")
+        report["output_notes"] = staged.notes + ([f"statistics cache: {unreadable}"] if unreadable else [])
         write_report(report, staged.path)
     return RunResult(folder, report)
 

@@ -306,3 +306,14 @@ def test_a_failed_rename_puts_the_earlier_run_back(tmp_path, earlier_run, monkey
     result = cli("run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run), "--set", "compression.ratio=0.3")
     assert result.exit_code == 3, result.output
     assert snapshot(earlier_run) == before and leftovers(tmp_path) == []
+
+
+def test_an_unreadable_statistics_cache_is_said_on_the_console(tmp_path, classifier_recipe):
+    classifier_recipe["compression"]["cache_dir"] = str(tmp_path / "cache")
+    recipe = write_recipe(tmp_path, classifier_recipe)
+    assert cli("run", str(recipe), "-o", str(tmp_path / "one")).exit_code == 0
+    (cached,) = (tmp_path / "cache").glob("*.safetensors")
+    cached.write_bytes(b"\x00" * 64)
+    result = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "two")])
+    assert result.exit_code == 0, result.output
+    assert f"note: statistics cache: {cached}" in result.output and "gathered again and replaced" in result.output
