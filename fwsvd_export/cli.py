@@ -67,9 +67,10 @@ def guarded(command: Callable) -> Callable:
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt as exc:
-            signum = getattr(exc, "signum", signal.SIGINT)
-            click.echo(f"interrupted ({signal.Signals(signum).name}): no output was written, earlier outputs are "
-                       "untouched", err=True)
+            signum, done = getattr(exc, "signum", signal.SIGINT), getattr(exc, "output_in_place", None)
+            click.echo(f"interrupted ({signal.Signals(signum).name}): " + (
+                f"just after the results were moved into place: {done} is complete" if done else
+                "no output was written, earlier outputs are untouched"), err=True)
             sys.exit(EXIT_SIGNAL + signum)
         except Exception as exc:
             if _out_of_room(exc):

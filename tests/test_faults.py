@@ -317,3 +317,20 @@ def test_an_unreadable_statistics_cache_is_said_on_the_console(tmp_path, classif
     result = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "two")])
     assert result.exit_code == 0, result.output
     assert f"note: statistics cache: {cached}" in result.output and "gathered again and replaced" in result.output
+
+
+def test_a_signal_during_the_swap_arrives_after_it_and_says_the_output_is_complete(tmp_path, earlier_run, monkeypatch):
+    from fwsvd_export.stages import outputs
+    real = outputs._swap
+
+    def swap_under_sigterm(stage, folder):
+        os.kill(os.getpid(), signal.SIGTERM)  # held until the swap is done
+        real(stage, folder)
+
+    monkeypatch.setattr(outputs, "_swap", swap_under_sigterm)
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run),
+                                       "--set", "compression.ratio=0.3", "--quiet"])
+    assert result.exit_code == 143, result.output
+    assert f"just after the results were moved into place: {earlier_run.resolve()} is complete" in result.output
+    assert json.loads((earlier_run / "report.json").read_text())["recipe"]["compression"]["ratio"] == 0.3
+    assert leftovers(tmp_path) == []

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -142,12 +143,20 @@ def clean_stale(folder: Path) -> list[str]:
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """SIGINT and SIGTERM wait until the block is done, then reach their own handlers. Held at the Python
+    level: a thread mask would not do, the process's other threads (ONNX Runtime's, torch's) would take them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread handles signals
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in caught:
+            signal.raise_signal(s)
 
 
 def _swap(stage: Path, folder: Path) -> None:
@@ -215,6 +224,7 @@ def staged_output(output: str | Path, inputs: Iterable[Path] = ()) -> Iterator[S
     except OSError as exc:
         _remove_empty(created)
         raise FwsvdError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
+    swapped = False
     try:
         (stage / STAGE_MARKER).write_text(json.dumps({"tool": TOOL, "pid": os.getpid(), "host": socket.gethostname()}))
         yield Staged(stage, notes)
@@ -223,8 +233,13 @@ def staged_output(output: str | Path, inputs: Iterable[Path] = ()) -> Iterator[S
         files = _files(stage)
         (stage / RUN_MARKER).write_text(json.dumps({**owner, "files": files}, indent=1, sort_keys=True))
         check_replaceable(folder)  # it may have changed during the run
-        _swap(stage, folder)
-    except BaseException:
+        with _signals_held():  # a signal during the swap arrives once it is done, and is told so
+            _swap(stage, folder)
+            swapped = True
+    except BaseException as exc:
+        if swapped:
+            exc.output_in_place = folder  # type: ignore[attr-defined]
+            raise
         shutil.rmtree(stage, ignore_errors=True)
         _remove_empty(created)
         raise
