@@ -453,6 +453,9 @@ def _check(recipe: Recipe, origin: str) -> None:
         raise FwsvdError(f"{origin}: 'export.precisions' must include fp32 (the other precisions are made from it)")
     if not recipe.validation.providers:
         raise FwsvdError(f"{origin}: 'validation.providers' is empty; a run must validate on at least one provider")
+    for key in ("atol", "rtol", "max_metric_loss", "max_quantization_loss"):  # below 0, every check would fail
+        if getattr(recipe.validation, key) < 0:
+            raise FwsvdError(f"{origin}: 'validation.{key}' must be >= 0, got {getattr(recipe.validation, key)}")
     for name in ("calibration", "evaluation"):
         stride = getattr(recipe.data, name).stride
         if stride is not None and not 1 <= stride <= recipe.data.max_length:

@@ -119,3 +119,9 @@ def test_a_negative_max_length_of_a_decoder_names_max_length(tmp_path, lm_recipe
 def test_a_non_finite_number_in_the_recipe_names_its_key(tmp_path, classifier_recipe, value):
     classifier_recipe["compression"]["damping"] = value
     fails(tmp_path, classifier_recipe, "compression.damping", "finite")
+
+
+@pytest.mark.parametrize("key", ["atol", "rtol", "max_metric_loss", "max_quantization_loss"])
+def test_a_negative_tolerance_names_its_key(tmp_path, classifier_recipe, key):
+    classifier_recipe["validation"][key] = -0.1
+    fails(tmp_path, classifier_recipe, f"validation.{key}", ">= 0")
