@@ -30,8 +30,9 @@ CHECKPOINT_HINT = ("a checkpoint is a folder written by `fwsvd-export compress` 
                    "`fwsvd-export run` output)")
 LAYER_FIELDS = ("in_features", "rank", "out_features", "bias")
 
+# The dtype names recipes and manifests use.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # safetensors' dtype codes for the tensors a model state holds.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the names recipes and manifests use
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}

@@ -160,19 +160,19 @@ def _signals_held() -> Iterator[None]:
 
 
 def _swap(stage: Path, folder: Path) -> None:
-    """Put `stage` where `folder` is; the earlier contents are deleted only once the new ones are in."""
+    """Put `stage` where `folder` is; the earlier contents are deleted only once the new ones are in.
+    The caller holds signals (`_signals_held`), so the two renames are not torn apart."""
     if not folder.exists():
         stage.rename(folder)
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.replaced-", dir=folder.parent))
-    with _signals_held():
-        aside.rmdir()
-        folder.rename(aside)
-        try:
-            stage.rename(folder)
-        except BaseException:
-            aside.rename(folder)
-            raise
+    aside.rmdir()
+    folder.rename(aside)
+    try:
+        stage.rename(folder)
+    except BaseException:
+        aside.rename(folder)
+        raise
     try:
         shutil.rmtree(aside)
     except OSError as exc:
@@ -224,11 +224,10 @@ def staged_output(output: str | Path, inputs: Iterable[Path] = ()) -> Iterator[S
     except OSError as exc:
         _remove_empty(created)
         raise FwsvdError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
-    swapped = False
+    owner, swapped = {"tool": TOOL, "pid": os.getpid(), "host": socket.gethostname()}, False
     try:
-        (stage / STAGE_MARKER).write_text(json.dumps({"tool": TOOL, "pid": os.getpid(), "host": socket.gethostname()}))
+        (stage / STAGE_MARKER).write_text(json.dumps(owner))
         yield Staged(stage, notes)
-        owner = json.loads((stage / STAGE_MARKER).read_text())
         (stage / STAGE_MARKER).unlink()
         files = _files(stage)
         (stage / RUN_MARKER).write_text(json.dumps({**owner, "files": files}, indent=1, sort_keys=True))
