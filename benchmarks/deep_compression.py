@@ -1,6 +1,7 @@
 """Deep compression with kfac and every option that targets deep cuts, alone and combined: sequential
-calibration, the checked budget allocation against the unchecked global one, and recovery by
-distillation (1 epoch, calibration text only), with the wall time of each configuration.
+calibration, the checked budget allocation against the unchecked global one, and recovery (distillation
+for 1 epoch on the calibration text; distillation or task fine-tuning for 3 epochs on the training
+split), with the wall time of each configuration.
 
 Two models, both built offline and cached by the scripts that define them:
 - `--model classifier` (default): the WordNet verb classifier of `wordnet_classifier.py` (MiniLM-L6
@@ -26,7 +27,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -46,16 +47,28 @@ import lm_methods  # noqa: E402
 import wordnet_classifier  # noqa: E402
 from measure import run_info, system_busy_s  # noqa: E402
 
-CONFIGS = {  # name: (compression options, distill epochs)
-    "uniform": ({}, 0),
-    "uniform+sequential": ({"sequential": True}, 0),
-    "global-unchecked": ({"budget": True, "allocation_check": 0.0}, 0),
-    "global-checked": ({"budget": True}, 0),
-    "uniform+distill": ({}, 1),
-    "uniform+sequential+distill": ({"sequential": True}, 1),
-    "global-checked+distill": ({"budget": True}, 1),
+@dataclass(frozen=True)
+class Recovery:
+    """Recovery fine-tuning after compression: its objective, epochs, learning rate and rows, either the
+    calibration batches or the whole training split (distillation reads no labels from either)."""
+    objective: str
+    epochs: int
+    learning_rate: float
+    rows: str  # calibration | train
+
+
+SHORT_DISTILL = Recovery("distill", 1, 1e-4, "calibration")
+CONFIGS: dict[str, tuple[dict, Recovery | None]] = {  # name: (compression options, recovery)
+    "uniform": ({}, None),
+    "uniform+sequential": ({"sequential": True}, None),
+    "global-unchecked": ({"budget": True, "allocation_check": 0.0}, None),
+    "global-checked": ({"budget": True}, None),
+    "uniform+distill": ({}, SHORT_DISTILL),
+    "uniform+sequential+distill": ({"sequential": True}, SHORT_DISTILL),
+    "global-checked+distill": ({"budget": True}, SHORT_DISTILL),
+    "global-checked+distill-train": ({"budget": True}, Recovery("distill", 3, 3e-4, "train")),
+    "global-checked+task-train": ({"budget": True}, Recovery("task", 3, 3e-4, "train")),
 }
-DISTILL_LR = 1e-4
 
 # Per-model defaults of the shared arguments.
 DEFAULTS = {
@@ -74,6 +87,7 @@ class Bench:
     task: Task
     target: list[str]
     calibration: list[Batch]
+    train: list[Batch]  # the split the dense model was trained on, for recovery on more than the calibration rows
     score: Callable[[nn.Module], dict]  # held-out metric(s) of a model, as row fields
     about: dict  # dense score and data sizes, for the top of the results JSON
 
@@ -88,9 +102,10 @@ def classifier_bench(args) -> Bench:
     calibration = task.make_batches(train[:args.calibration], source, tokenizer, args.max_length, 16, True, model.config)
     test_batches = task.make_batches(sorted(test, key=lambda r: len(r["text"])), source, tokenizer, args.max_length, 64,
                                      False, model.config)
+    train_batches = task.make_batches(train, source, tokenizer, args.max_length, 32, True, model.config)
     dense = wordnet_classifier.accuracy(model, test_batches)
     print(f"dense accuracy {dense:.4f}", flush=True)
-    return Bench(model, task, wordnet_classifier.TARGET, calibration,
+    return Bench(model, task, wordnet_classifier.TARGET, calibration, train_batches,
                  lambda m: {"accuracy": wordnet_classifier.accuracy(m, test_batches)},
                  {"dense_accuracy": dense, "test_rows": len(test), "training_seconds": training_seconds})
 
@@ -107,24 +122,24 @@ def lm_bench(args) -> Bench:
     def score(m: nn.Module) -> dict:
         ppl = lm_methods.perplexity(m, test_batches)
         return {"perplexity": ppl, "perplexity_to_dense": ppl / dense}
-    return Bench(model, lm_methods.TASK, lm_methods.TARGET, calibration, score,
+    return Bench(model, lm_methods.TASK, lm_methods.TARGET, calibration, train_batches, score,
                  {"dense_perplexity": dense, "test_blocks": lm_methods.block_count(test_batches),
                   "calibration_blocks": lm_methods.block_count(calibration), "training": training, "lm": LM_FIXED})
 
 
 def run_config(bench: Bench, name: str, kept: float, seed: int) -> dict:
     """One configuration on a copy of the dense model: its row, timed from the statistics to the end of recovery."""
-    options, distill = CONFIGS[name]
+    options, recovery = CONFIGS[name]
     options = dict(options)
     cut = {"budget": kept} if options.pop("budget", False) else {"ratio": kept}
     compressed = copy.deepcopy(bench.model)
     busy, cpu, start = system_busy_s(), time.process_time(), time.perf_counter()
     result = compress_(compressed, CompressionSpec(method="kfac", target=bench.target, **cut, **options),
                        bench.calibration, bench.task.loss, False)
-    if distill:
-        finetune_(compressed, bench.task, bench.calibration,
-                  FinetuneSpec(epochs=distill, learning_rate=DISTILL_LR, objective="distill"), seed, False,
-                  teacher=bench.model)
+    if recovery:
+        finetune_(compressed, bench.task, bench.train if recovery.rows == "train" else bench.calibration,
+                  FinetuneSpec(epochs=recovery.epochs, learning_rate=recovery.learning_rate, objective=recovery.objective),
+                  seed, False, teacher=bench.model)
     seconds = time.perf_counter() - start
     others = system_busy_s() - busy - (time.process_time() - cpu)
     return {"kept": kept, "config": name, "kept_actual": result.summary()["targeted_kept_ratio"], **bench.score(compressed),
@@ -164,7 +179,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**info, "model": args.model, **bench.about, "distill_learning_rate": DISTILL_LR,
+        args.json.write_text(json.dumps({**info, "model": args.model, **bench.about, "recovery": {n: asdict(r) for n, (_, r) in CONFIGS.items() if r},
                                          "rows": rows, "args": vars(args) | {"json": str(args.json)}}, indent=2) + "\n")
 
 

@@ -2,7 +2,9 @@
 `wordnet_classifier.py` (MiniLM-L6 fine-tuned offline, its cache reused), through the tool's own `run`:
 for each target and shape, the speed-up the kernel timings predict, the speed-up the validation measures
 (dense fp32 and compressed fp32 timed in interleaved rounds in ONNX Runtime on the CPU, 2 threads), and
-held-out accuracy in ONNX Runtime. Statistics and kernel timings are cached between the runs.
+held-out accuracy in ONNX Runtime. Statistics and kernel timings are cached between the runs, so a
+`--repeats` run differs from the first only in what is measured anew: the dense graph's profile that the
+budget is taken from, and the validation's timings.
 
     apt-get install wordnet-base
     python benchmarks/target_speedup.py --json benchmarks/results/target_speedup.json
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--targets", default="1.5,2.0,3.0")
     parser.add_argument("--shapes", default="1x128,8x128")
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each (shape, target), one after another")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
     parser.add_argument("--json", type=Path)
@@ -76,20 +79,22 @@ def main() -> None:
             (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": labels[r["label"]]}) + "\n"
                                                          for r in rows_of))
         for shape in args.shapes.split(","):
-            for target in (float(t) for t in args.targets.split(",")):
+            for target, repeat in ((float(t), i) for t in args.targets.split(",") for i in range(args.repeats)):
                 path = folder / "recipe.yaml"
                 path.write_text(yaml.safe_dump(recipe(folder / "model", folder, target, shape, folder / "cache", args)))
                 busy, own, start = system_busy_s(), time.process_time(), time.perf_counter()
                 try:
-                    report = run(load_recipe(path), folder / f"run-{shape}-{target}", progress=False).report
+                    report = run(load_recipe(path), folder / f"run-{shape}-{target}-{repeat}", progress=False).report
                 except FwsvdError as exc:  # an unreachable target is a result too
-                    rows.append({"shape": shape, "target": target, "error": str(exc)})
+                    rows.append({"shape": shape, "target": target, "repeat": repeat, "error": str(exc)})
                     print(json.dumps(rows[-1]), flush=True)
                     continue
                 allocation, cpu = report["compression"]["allocation"], report["validation"]["providers"]["cpu"]
                 point = cpu["latency"][0]
-                rows.append({"shape": shape, "target": target, "predicted": allocation["predicted_speedup"],
+                rows.append({"shape": shape, "target": target, "repeat": repeat, "predicted": allocation["predicted_speedup"],
                              "rank_multiple": allocation["rank_multiple"], "dense_ms_for_budget": allocation["dense_model_ms"],
+                             "linear_ms_for_budget": allocation["targeted_layers_dense_ms"],
+                             "in_graph_ratio": allocation["in_graph_ratio"],
                              "measured": point["speedup"], "dense_ms": point["dense"]["median_ms"],
                              "compressed_ms": point["compressed"]["median_ms"],
                              "accuracy_dense": report["validation"]["original_torch"], "accuracy": cpu["metric"],

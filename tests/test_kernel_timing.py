@@ -12,7 +12,7 @@ from fwsvd_export.core import CompressionSpec
 from fwsvd_export.core.allocate import (Candidate, CostTable, TimeBudget, allocate, allocate_ranks, speedup_budget,
                                       table_costs)
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.stages.kernel_timing import Timing, cost_tables, measure, rank_grid, recommended_multiple
+from fwsvd_export.stages.kernel_timing import Timing, cost_tables, in_graph, measure, rank_grid, recommended_multiple
 
 SHAPES = [(48, 96), (96, 48)]
 QUICK = dict(rounds=2, repeats=1, progress=False)
@@ -175,6 +175,23 @@ def test_a_speedup_target_is_a_cut_of_its_own():
 def test_the_spec_rejects_bad_latency_settings(fields, key):
     with pytest.raises(FwsvdError, match=re.escape(f"'{key}'")):
         CompressionSpec(**fields)
+
+
+def test_tables_are_scaled_to_each_layers_time_inside_the_model():
+    """A layer's product nodes took 2 ms in the profiled model where its dense graph alone took 4: its table
+    halves. Node names are module paths, maybe without the leading scope ('model.'). A layer the profile
+    does not name (a fusion renamed it) takes the median ratio of the others."""
+    alone = CostTable((8, 16), (1.0, 2.0), 4.0)
+    tables = {name: alone for name in ("model.enc.0.q", "model.enc.0.k", "model.enc.1.q", "model.enc.1.k")}
+    nodes = {"/enc.0/q/MatMul": 2.0, "/enc.0/k/MatMul": 4.0, "/enc.1/q/MatMul": 1.0,
+             "/enc.0/MatMul": 9.0}  # the last: attention scores, no layer's
+    scaled, ratio = in_graph(tables, nodes)
+    assert ratio == pytest.approx(1.0 / 2)
+    assert scaled["model.enc.0.q"] == CostTable((8, 16), (0.5, 1.0), 2.0)
+    assert scaled["model.enc.0.k"] == alone
+    assert scaled["model.enc.1.q"] == CostTable((8, 16), (0.25, 0.5), 1.0)
+    assert scaled["model.enc.1.k"] == CostTable((8, 16), (0.5, 1.0), 2.0)  # not profiled: the median ratio
+    assert in_graph(tables, {}) == (tables, 1.0)
 
 
 def test_a_model_timed_faster_than_its_layers_is_taken_to_take_their_time():

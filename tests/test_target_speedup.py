@@ -46,6 +46,10 @@ def test_a_speedup_target_allocates_ranks_within_the_measured_time_budget(tmp_pa
     allocation = result.report["compression"]["allocation"]
     assert allocation["target_speedup"] == 1.1 and allocation["measured_on"] == "on cpu at 1x64 (fp32)"
     assert allocation["predicted_speedup"] >= 1.1  # the tables' time of the chosen ranks fits the budget
+    # The model's time and its layers' share come from the same profiled runs of the dense graph: the
+    # layers take part of it, and the tables were scaled to their time there.
+    assert 0 < allocation["targeted_layers_dense_ms"] < allocation["dense_model_ms"]
+    assert allocation["in_graph_ratio"] > 0
     layers = result.report["compression"]["layers"]
     assert any(p["rank"] is not None for p in layers)
     assert all("global allocation of time" in p["reason"] for p in layers)

@@ -160,14 +160,16 @@ class TimeBudget:
     """What a speed-up target is spent from: each targeted layer's measured cost table, the dense
     model's measured time, and where both were measured (provider, shape, precision), for messages.
 
-    The layers are timed one graph each and the model whole, so their sum can exceed the model's time
-    (a busy machine, or per-run costs the model pays once): the model is then taken to take at least
-    its targeted layers' time, so that a saving is never counted against time the model does not spend."""
+    The tables are scaled to the layers' time inside the model (`in_graph_ratio` is the median of
+    in-model over alone), and their sum should not exceed the model's time; when it does (per-run
+    costs the model pays once), the model is taken to take at least its targeted layers' time, so
+    that a saving is never counted against time the model does not spend."""
 
     tables: dict[str, CostTable]
     model_ms: float
     where: str
     multiple: int = 1  # the tables' ranks are multiples of this
+    in_graph_ratio: float = 1.0
 
     @property
     def linear_ms(self) -> float:

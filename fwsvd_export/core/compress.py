@@ -433,6 +433,7 @@ def _timed_allocation(layers: list[Candidate], plans: list[LayerPlan], spec: Com
                          "rank_multiple": latency.multiple,
                          "rank_multiple_from": "recipe" if spec.rank_multiple else "kernel timings",
                          "dense_model_ms": latency.model_ms, "targeted_layers_dense_ms": latency.linear_ms,
+                         "in_graph_ratio": latency.in_graph_ratio,
                          "budget_ms": budget,
                          "predicted_speedup": latency.predicted_speedup({**fixed, **ranks})}
     return ranks

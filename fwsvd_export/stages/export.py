@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, TypeVar
 
 import onnx
 from torch import nn
@@ -17,6 +17,7 @@ from ..core.modules import factorized_layers
 
 ONNX_FILE = "model.onnx"
 LOG = logging.getLogger("fwsvd_export")
+T = TypeVar("T")
 
 
 def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Optional[int] = None) -> Path:
@@ -84,13 +85,14 @@ def _exporter_output_to_log() -> Iterator[None]:
                 LOG.log(logging.WARNING if failed else logging.DEBUG, "exporter %s: %s", stream, buffer.getvalue().strip())
 
 
-def _module_path(node_name: str) -> str:
+def module_path(node_name: str) -> str:
     """'/encoder/layer.0/attention/self/query/first/MatMul' -> 'encoder.layer.0.attention.self.query.first'"""
     return ".".join(node_name.strip("/").split("/")[:-1])
 
 
-def _find(paths: dict[str, onnx.NodeProto], module: str) -> Optional[onnx.NodeProto]:
-    """The node of `module`; the exporter may drop leading scopes (e.g. 'model.'), so match on a suffix."""
+def find_module(paths: dict[str, T], module: str) -> Optional[T]:
+    """What `paths` (module path -> value, from node names) holds for `module`; the exporter may drop
+    leading scopes (e.g. 'model.'), so match on a suffix."""
     if module in paths:
         return paths[module]
     return next((node for path, node in paths.items() if path and module.endswith("." + path)), None)
@@ -136,11 +138,11 @@ def inspect_graph(path: Path, model: nn.Module) -> dict:
     inputs = {i.name for i in graph.input}  # an initializer also listed as a graph input can be overridden
     shapes = {init.name: tuple(init.dims) for init in graph.initializer if init.name not in inputs}
     producers = {out: n for n in graph.node for out in n.output}
-    products = {_module_path(n.name): n for n in graph.node if n.op_type in ("MatMul", "Gemm")}
+    products = {module_path(n.name): n for n in graph.node if n.op_type in ("MatMul", "Gemm")}
     layers = {}
     for name, module in factorized_layers(model).items():
-        layers[name] = (_is_factor(_find(products, f"{name}.first"), module.in_features, module.rank, shapes, producers)
-                        and _is_factor(_find(products, f"{name}.second"), module.rank, module.out_features, shapes, producers))
+        layers[name] = (_is_factor(find_module(products, f"{name}.first"), module.in_features, module.rank, shapes, producers)
+                        and _is_factor(find_module(products, f"{name}.second"), module.rank, module.out_features, shapes, producers))
     ops = Counter(n.op_type for n in graph.node)
     return {
         "matmul_nodes": ops.get("MatMul", 0),

@@ -14,7 +14,8 @@ per layer shape: a second run measures nothing, a new shape only itself.
 
 From the table come a recommended rank multiple (``recommended_multiple``, see there) and a cost per
 rank for the global allocation (``cost_tables``: the empty graph's time taken off, ranks off the
-multiple left out, then made non-decreasing by isotonic regression).
+multiple left out, then made non-decreasing by isotonic regression). A time budget (``time_budget``)
+scales each layer's table to the layer's time inside the profiled dense model (``in_graph``).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ from ..core.spec import CompressionSpec
 from ..core.factorize import break_even_rank
 from ..errors import FwsvdError
 from .precision import PRECISIONS, make_variant
-from .latency import interleaved
+from .export import module_path, find_module
+from .latency import passes_at
 from .validate import PROVIDERS, SESSION_LOG_SEVERITY, open_session
 
 TIMING_FORMAT = 1  # bump when what a cache file holds, or how it is measured, changes
@@ -53,6 +55,8 @@ MAX_POINTS = 48  # ranks timed per shape at most; wide layers get a coarser grid
 MAX_MULTIPLE = 64  # the largest rank multiple recommended_multiple considers
 FLAT = 1 / 3  # a multiple is recommended when rounding ranks up to it costs at most this share of the trend
 GROUP_BYTES = 256 * 2**20  # weights (fp32) of the graphs held open at once
+PRODUCTS = ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+            "QLinearMatMul", "MatMulNBits")  # the operators a Linear's product runs as, fused or quantized
 
 
 @dataclass
@@ -359,15 +363,69 @@ def recommended_multiple(timings: dict[tuple[int, int], Timing]) -> int:
 
 def time_budget(model, spec: CompressionSpec, dense_graph: Path, vocab_size: int, threads: int, warmup: int, runs: int,
                 cache_dir: Path, progress: bool = True) -> TimeBudget:
-    """What `spec.target_speedup` spends: the dense graph (in `spec.latency_precision`) timed on
-    `spec.latency_provider` at `spec.latency_shape`, and the factor-pair cost table of every targeted layer."""
+    """What `spec.target_speedup` spends: the dense graph (in `spec.latency_precision`) profiled on
+    `spec.latency_provider` at `spec.latency_shape`, and the factor-pair cost table of every targeted layer.
+
+    A layer runs at another speed inside the model than alone (caches, threads, a busy neighbour), and the
+    whole graph's time drifts between runs; so the budget takes the model's time and each targeted layer's
+    share of it from the same profiled runs, and the tables only say how a layer's time changes with its
+    rank: each is scaled so that its dense entry is the layer's time in the model (`in_graph`)."""
     provider, shape, precision = spec.latency_provider, spec.latency_shape, spec.latency_precision
     where = f"on {provider} at {shape} ({precision})"
     session, reason = open_session(dense_graph, provider, threads)
     if session is None:
         raise FwsvdError(f"compression.target_speedup is measured {where}, which cannot run here: {reason}")
-    model_ms = interleaved({"dense": session}, [shape], vocab_size, warmup, runs, 1)["dense"][shape]["median_ms"]
+    del session
+    model_ms, nodes = profiled(dense_graph, provider, threads, shape, vocab_size, warmup, runs)
     layers = {p.name: (p.in_features, p.out_features) for p in plan_layers(model, spec)}
     timings = measure(sorted(set(layers.values())), provider, precision, shape, threads, cache_dir, progress=progress)
     multiple = spec.rank_multiple or recommended_multiple(timings)
-    return TimeBudget(cost_tables(timings, layers, multiple), model_ms, where, multiple)
+    tables, ratio = in_graph(cost_tables(timings, layers, multiple), nodes)
+    return TimeBudget(tables, model_ms, where, multiple, ratio)
+
+
+def in_graph(tables: dict[str, CostTable], nodes: dict[str, float]) -> tuple[dict[str, CostTable], float]:
+    """Each layer's table scaled by (its product nodes' time in the model) / (its dense time alone); a
+    layer whose nodes are not found (renamed by a fusion) takes the median ratio of those found, 1 when
+    none is. Returns the tables and that median."""
+    by_module: dict[str, float] = {}
+    for name, ms in nodes.items():
+        by_module[module_path(name)] = by_module.get(module_path(name), 0.0) + ms
+    ratios = {}
+    for layer, table in tables.items():
+        found = find_module(by_module, layer)
+        if found is not None and table.dense > 0:
+            ratios[layer] = found / table.dense
+    median = statistics.median(ratios.values()) if ratios else 1.0
+    scaled = {}
+    for layer, table in tables.items():
+        r = ratios.get(layer, median)
+        scaled[layer] = CostTable(table.ranks, tuple(c * r for c in table.costs), table.dense * r)
+    return scaled, median
+
+
+def profiled(graph: Path, provider: str, threads: int, shape: str, vocab_size: int, warmup: int,
+             runs: int) -> tuple[float, dict[str, float]]:
+    """The median time (ms) of `runs` passes of `graph` at BATCHXSEQUENCE after `warmup` untimed ones, and
+    per matrix-product node (by name) the median of its kernel time in those same passes. The profile is
+    written to a temporary folder and read back; nothing stays behind."""
+    with tempfile.TemporaryDirectory(prefix="fwsvd-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = SESSION_LOG_SEVERITY
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(graph), options, providers=[PROVIDERS[provider]])
+        run = passes_at(session, shape, vocab_size)["pass"]
+        for _ in range(warmup + runs):
+            run()
+        events = json.loads(Path(session.end_profiling()).read_text())
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-runs:]
+    start = model_runs[0]["ts"]
+    nodes: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["ts"] >= start and e["name"].endswith("_kernel_time") \
+                and e.get("args", {}).get("op_name") in PRODUCTS:
+            nodes.setdefault(e["name"][:-len("_kernel_time")], []).append(e["dur"] / 1000)
+    return (statistics.median(e["dur"] / 1000 for e in model_runs),
+            {name: statistics.median(times) for name, times in nodes.items()})
