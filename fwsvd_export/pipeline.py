@@ -178,7 +178,7 @@ def _time_budget(prepared: Prepared, recipe: Recipe, dense: Optional["Dense"], p
     graph = dense.reference.graphs["dense" if spec.latency_precision == "fp32" else f"dense-{spec.latency_precision}"]
     cache = recipe.resolve(spec.cache_dir) if spec.cache_dir else Path.home() / ".cache" / "fwsvd-export"
     return time_budget(prepared.model, spec, graph, prepared.model.config.vocab_size, threads(recipe.validation),
-                       lat.warmup, lat.runs, cache, progress)
+                       lat.warmup, lat.runs, lat.rounds, cache, progress)
 
 
 def lend_compute(recipe: Recipe, progress: bool = False) -> None:

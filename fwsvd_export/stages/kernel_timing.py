@@ -45,7 +45,7 @@ from ..core.factorize import break_even_rank
 from ..errors import FwsvdError
 from .precision import PRECISIONS, make_variant
 from .export import module_path, find_module
-from .latency import passes_at
+from .latency import interleaved
 from .validate import PROVIDERS, SESSION_LOG_SEVERITY, open_session
 
 TIMING_FORMAT = 1  # bump when what a cache file holds, or how it is measured, changes
@@ -362,21 +362,22 @@ def recommended_multiple(timings: dict[tuple[int, int], Timing]) -> int:
 
 
 def time_budget(model, spec: CompressionSpec, dense_graph: Path, vocab_size: int, threads: int, warmup: int, runs: int,
-                cache_dir: Path, progress: bool = True) -> TimeBudget:
+                rounds: int, cache_dir: Path, progress: bool = True) -> TimeBudget:
     """What `spec.target_speedup` spends: the dense graph (in `spec.latency_precision`) profiled on
     `spec.latency_provider` at `spec.latency_shape`, and the factor-pair cost table of every targeted layer.
 
     A layer runs at another speed inside the model than alone (caches, threads, a busy neighbour), and the
     whole graph's time drifts between runs; so the budget takes the model's time and each targeted layer's
-    share of it from the same profiled runs, and the tables only say how a layer's time changes with its
-    rank: each is scaled so that its dense entry is the layer's time in the model (`in_graph`)."""
+    time in it from the same stretch of interleaved runs (`profiled`), and the tables only say how a
+    layer's time changes with its rank: each is scaled so that its dense entry is the layer's time in the
+    model (`in_graph`)."""
     provider, shape, precision = spec.latency_provider, spec.latency_shape, spec.latency_precision
     where = f"on {provider} at {shape} ({precision})"
     session, reason = open_session(dense_graph, provider, threads)
     if session is None:
         raise FwsvdError(f"compression.target_speedup is measured {where}, which cannot run here: {reason}")
+    model_ms, nodes = profiled(session, dense_graph, provider, threads, shape, vocab_size, warmup, runs, rounds)
     del session
-    model_ms, nodes = profiled(dense_graph, provider, threads, shape, vocab_size, warmup, runs)
     layers = {p.name: (p.in_features, p.out_features) for p in plan_layers(model, spec)}
     timings = measure(sorted(set(layers.values())), provider, precision, shape, threads, cache_dir, progress=progress)
     multiple = spec.rank_multiple or recommended_multiple(timings)
@@ -404,10 +405,12 @@ def in_graph(tables: dict[str, CostTable], nodes: dict[str, float]) -> tuple[dic
     return scaled, median
 
 
-def profiled(graph: Path, provider: str, threads: int, shape: str, vocab_size: int, warmup: int,
-             runs: int) -> tuple[float, dict[str, float]]:
-    """The median time (ms) of `runs` passes of `graph` at BATCHXSEQUENCE after `warmup` untimed ones, and
-    per matrix-product node (by name) the median of its kernel time in those same passes. The profile is
+def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads: int, shape: str, vocab_size: int,
+             warmup: int, runs: int, rounds: int) -> tuple[float, dict[str, float]]:
+    """The median time (ms) of `session` (a plain one of `graph`) at BATCHXSEQUENCE, and per matrix-product
+    node (by name) the median of its kernel time in a profiled session of `graph`, the two timed in
+    interleaved rounds: profiling slows the work between kernels, not the kernels, so the model's time
+    is taken without it and its nodes' times with it, from the same stretch of time. The profile is
     written to a temporary folder and read back; nothing stays behind."""
     with tempfile.TemporaryDirectory(prefix="fwsvd-profile-") as tmp:
         options = ort.SessionOptions()
@@ -415,17 +418,14 @@ def profiled(graph: Path, provider: str, threads: int, shape: str, vocab_size: i
         options.log_severity_level = SESSION_LOG_SEVERITY
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(graph), options, providers=[PROVIDERS[provider]])
-        run = passes_at(session, shape, vocab_size)["pass"]
-        for _ in range(warmup + runs):
-            run()
-        events = json.loads(Path(session.end_profiling()).read_text())
+        profiling = ort.InferenceSession(str(graph), options, providers=[PROVIDERS[provider]])
+        timed = interleaved({"plain": session, "profiled": profiling}, [shape], vocab_size, warmup, runs, rounds)
+        events = json.loads(Path(profiling.end_profiling()).read_text())
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-runs:]
-    start = model_runs[0]["ts"]
+    start = model_runs[0]["ts"]  # the warm-up runs come first
     nodes: dict[str, list[float]] = {}
     for e in events:
         if e.get("cat") == "Node" and e["ts"] >= start and e["name"].endswith("_kernel_time") \
                 and e.get("args", {}).get("op_name") in PRODUCTS:
             nodes.setdefault(e["name"][:-len("_kernel_time")], []).append(e["dur"] / 1000)
-    return (statistics.median(e["dur"] / 1000 for e in model_runs),
-            {name: statistics.median(times) for name, times in nodes.items()})
+    return timed["plain"][shape]["median_ms"], {name: statistics.median(times) for name, times in nodes.items()}

@@ -19,7 +19,7 @@ import torch
 from .ort_io import feeds, has_past, next_past
 
 
-def passes_at(session: ort.InferenceSession, shape: str, vocab_size: int) -> dict[str, Callable[[], object]]:
+def _passes(session: ort.InferenceSession, shape: str, vocab_size: int) -> dict[str, Callable[[], object]]:
     """What one sample runs at BATCHxSEQUENCE: the whole pass, or the prefill and one decode step."""
     batch, seq = (int(v) for v in shape.split("x"))
     generator = torch.Generator().manual_seed(0)
@@ -44,7 +44,7 @@ def interleaved(sessions: dict[str, ort.InferenceSession], shapes: list[str], vo
     rounds = max(1, min(rounds, runs))
     result: dict[str, dict[str, dict]] = {name: {} for name in names}
     for shape in shapes:
-        passes = {name: passes_at(sessions[name], shape, vocab_size) for name in names}
+        passes = {name: _passes(sessions[name], shape, vocab_size) for name in names}
         for parts in passes.values():
             for run in parts.values():
                 for _ in range(warmup):
