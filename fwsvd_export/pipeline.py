@@ -19,7 +19,7 @@ from torch import nn
 from .core import Batch, CompressionResult, LayerStats, compress_, get_method
 from .core.allocate import TimeBudget
 from .errors import FwsvdError
-from .recipe import Recipe
+from .recipe import DATA_ROLES, Recipe
 from .stages.checkpoint import library_versions, save_checkpoint
 from .stages.data import load_records
 from .stages.export import ONNX_FILE, export_onnx, inspect_graph
@@ -46,7 +46,7 @@ class RunResult:
 
 def read_paths(recipe: Recipe) -> list[Path]:
     """The local files and folders a run reads (the model folder, the data files): an output may not hold them."""
-    data = [getattr(recipe.data, role).path for role in ("calibration", "evaluation")]
+    data = [source.path for source in (getattr(recipe.data, role) for role in DATA_ROLES) if source]
     return [recipe.resolve(p) for p in [recipe.model.path, *data] if p]
 
 
@@ -58,9 +58,10 @@ def output_path(recipe: Recipe, output: Optional[str | Path]) -> Path:
 def _batches(recipe: Recipe, tokenizer, config, role: str) -> list[Batch]:
     task = get_task(recipe.model.task)
     source = getattr(recipe.data, role)
-    records = load_records(recipe, role, task.columns(source, role == "calibration"), skip_empty=task.skip_empty)
+    training = role != "evaluation"  # calibration and fine-tuning rows need what the task loss reads
+    records = load_records(recipe, role, task.columns(source, training), skip_empty=task.skip_empty)
     return task.make_batches(records, source, tokenizer, recipe.data.max_length, recipe.data.batch_size,
-                             role == "calibration", config)
+                             training, config)
 
 
 def _prompts(recipe: Recipe, tokenizer, evaluation: list[Batch]) -> list:
@@ -127,6 +128,7 @@ class Prepared:
     evaluation: list[Batch]
     runner: Optional[nn.Module]  # a copy placed with the recipe's device_map for the statistics pass
     dense_params: int = 0
+    finetune: Optional[list[Batch]] = None  # data.finetune's batches, when the recipe names them
 
 
 def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -> Prepared:
@@ -136,12 +138,14 @@ def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -
     clock.lap("load model")
     calibration = _batches(recipe, tokenizer, model.config, "calibration")
     evaluation = _batches(recipe, tokenizer, model.config, "evaluation")
+    finetune = _batches(recipe, tokenizer, model.config, "finetune") if recipe.data.finetune else None
     clock.lap("data")
     needs = any(get_method(m).needs for m in (methods or [recipe.compression.method]))
     runner = load_for_statistics(recipe, location) if needs else None
     if runner is not None:
         clock.lap("load model (device_map)")
-    return Prepared(recipe, task, model, tokenizer, location, calibration, evaluation, runner, count_params(model))
+    return Prepared(recipe, task, model, tokenizer, location, calibration, evaluation, runner, count_params(model),
+                    finetune)
 
 
 def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: bool,
@@ -163,8 +167,8 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
     clock.lap("compress")
     finetune_loss: list[float] = []
     if recipe.finetune.epochs:
-        finetune_loss = finetune_(compressed, prepared.task, prepared.calibration, recipe.finetune, recipe.data.seed, progress,
-                                  teacher=prepared.model)
+        finetune_loss = finetune_(compressed, prepared.task, prepared.finetune or prepared.calibration, recipe.finetune,
+                                  recipe.data.seed, progress, teacher=prepared.model)
         clock.lap("finetune")
     return compressed, result, finetune_loss
 
@@ -263,7 +267,9 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
         "recipe": recipe.to_dict(),
         "model": {"source": prepared.location, "task": task.name, "dtype": recipe.model.dtype},
         "compression": compression,
-        "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss},
+        "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss,
+                     "data": "finetune" if prepared.finetune else "calibration",
+                     "batches": len(prepared.finetune or prepared.calibration) if recipe.finetune.epochs else 0},
         "sizes": {
             "params_dense": prepared.dense_params,
             "params_compressed": count_params(compressed),

@@ -60,10 +60,14 @@ class DataSource:
     stride: Optional[int] = None  # text-generation evaluation: sliding-window step (default: max_length)
 
 
+DATA_ROLES = ("calibration", "evaluation", "finetune")  # the data sections a recipe may name
+
+
 @dataclass
 class DataSpec:
     calibration: DataSource
     evaluation: DataSource
+    finetune: Optional[DataSource] = None  # rows recovery fine-tuning trains on (default: the calibration rows)
     max_length: int = 128
     batch_size: int = 16
     seed: int = 0
@@ -71,7 +75,8 @@ class DataSpec:
 
 @dataclass
 class FinetuneSpec:
-    """Optional recovery training of the factorized model on the calibration data (epochs 0: off)."""
+    """Optional recovery training of the factorized model on data.finetune, else the calibration data
+    (epochs 0: off)."""
 
     epochs: int = 0
     learning_rate: float = 5e-5
@@ -428,8 +433,10 @@ def _check(recipe: Recipe, origin: str) -> None:
     sources = [k for k in ("path", "hub_id", "package") if getattr(recipe.model, k)]
     if len(sources) != 1:
         raise FwsvdError(f"{origin}: 'model' needs exactly one of path, hub_id, package (got {sources or 'none'})")
-    for name in ("calibration", "evaluation"):
-        src: DataSource = getattr(recipe.data, name)
+    for name in DATA_ROLES:
+        src: Optional[DataSource] = getattr(recipe.data, name)
+        if src is None:
+            continue
         if (src.path is None) == (src.dataset is None):
             raise FwsvdError(f"{origin}: 'data.{name}' needs exactly one of path, dataset")
         if src.max_samples is not None and src.max_samples < 1:
@@ -456,8 +463,10 @@ def _check(recipe: Recipe, origin: str) -> None:
     for key in ("atol", "rtol", "max_metric_loss", "max_quantization_loss"):  # below 0, every check would fail
         if getattr(recipe.validation, key) < 0:
             raise FwsvdError(f"{origin}: 'validation.{key}' must be >= 0, got {getattr(recipe.validation, key)}")
-    for name in ("calibration", "evaluation"):
-        stride = getattr(recipe.data, name).stride
+    if recipe.data.finetune is not None and not recipe.finetune.epochs:
+        raise FwsvdError(f"{origin}: 'data.finetune' names rows to fine-tune on, but 'finetune.epochs' is 0 (off)")
+    for name in DATA_ROLES:
+        stride = (getattr(recipe.data, name) or DataSource()).stride
         if stride is not None and not 1 <= stride <= recipe.data.max_length:
             raise FwsvdError(f"{origin}: 'data.{name}.stride' must be between 1 and data.max_length ({recipe.data.max_length})")
     lat = recipe.validation.latency

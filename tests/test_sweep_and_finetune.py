@@ -21,10 +21,38 @@ def test_recovery_finetuning_trains_the_factors_and_ships_the_trained_model(tmp_
     losses = result.report["finetune"]["epoch_loss"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert "finetune" in result.report["seconds"]
+    assert result.report["finetune"]["data"] == "calibration" and result.report["finetune"]["batches"] == 4  # 32 rows
     cpu = result.report["validation"]["providers"]["cpu"]
     assert cpu["parity"]["passed"]  # the exported graph is the fine-tuned model
     reloaded = fwsvd_export.load(result.output / "compressed")
     assert isinstance(reloaded.get_submodule("bert.encoder.layer.0.intermediate.dense"), fwsvd_export.LowRankLinear)
+
+
+def test_recovery_trains_on_data_finetune_when_the_recipe_names_it(tmp_path, classifier_recipe):
+    """Statistics want a few hundred rows; recovery gains from the whole training split: data.finetune."""
+    classifier_recipe["compression"]["ratio"] = 0.3
+    classifier_recipe["data"]["finetune"] = dict(classifier_recipe["data"]["evaluation"], max_samples=40)
+    classifier_recipe["finetune"] = {"epochs": 1, "learning_rate": 1e-3}
+    result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
+    assert result.report["finetune"]["data"] == "finetune" and result.report["finetune"]["batches"] == 5  # 40 rows of 8
+    assert result.report["validation"]["providers"]["cpu"]["parity"]["passed"]
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"finetune": None}, "'data.finetune' names rows to fine-tune on, but 'finetune.epochs' is 0"),
+    ({"path": None}, "'data.finetune' needs exactly one of path, dataset"),
+    ({"max_samples": 0}, "'data.finetune.max_samples' must be at least 1"),
+])
+def test_bad_finetune_data_is_refused_before_anything_runs(tmp_path, classifier_recipe, change, problem):
+    classifier_recipe["data"]["finetune"] = dict(classifier_recipe["data"]["evaluation"])
+    classifier_recipe["finetune"] = {"epochs": 1}
+    if change.pop("finetune", 1) is None:
+        del classifier_recipe["finetune"]
+    classifier_recipe["data"]["finetune"].update(change)
+    path = write_recipe(tmp_path, classifier_recipe)
+    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and problem in result.output, result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_sweep_writes_a_table_points_and_plots(tmp_path, classifier_recipe):
