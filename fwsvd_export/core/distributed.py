@@ -1,7 +1,9 @@
 """Data-parallel compression on torch.distributed. Under ``torchrun``, each rank scores its shard of
 the calibration batches and the sums are all-reduced, so every rank ends with the statistics of the
 whole set (means are kept per layer, so sums are rebuilt from them and their counts, samples or
-tokens, reduced in float64, and divided again). The ranks then build the weights of, and factorize,
+tokens, reduced in the accumulators' own float32, and divided again; counts are reduced in float64).
+float32 is enough for a sum over a few ranks, and a float64 copy of the Grams would double what gloo
+moves and add two conversions of every accumulator. The ranks then build the weights of, and factorize,
 disjoint cost-balanced sets of layers, and rank 0 receives the factors; rank 0 alone allocates
 global ranks, checks them, and writes.
 
@@ -87,10 +89,10 @@ def all_reduce_statistics(stats: dict[str, LayerStats]) -> dict[str, LayerStats]
             if s.shares_input_with is not None and STATISTICS[stat].reads == "input":
                 continue  # the owner's tensor, reduced once with the owner and linked again below
             mine = s.samples if STATISTICS[stat].per == "sample" else s.tokens
-            total = s.values[stat].double().to(device) * mine
+            total = s.values[stat].to(device) * mine
             dist.all_reduce(total)
             whole = samples if STATISTICS[stat].per == "sample" else tokens
-            s.values[stat] = (total / max(whole, 1)).float().cpu()
+            s.values[stat] = total.div_(max(whole, 1)).cpu()
         s.samples, s.tokens = samples, tokens
     return link_shared_inputs(stats)
 
