@@ -407,7 +407,7 @@ def in_graph(tables: dict[str, CostTable], nodes: dict[str, float]) -> tuple[dic
 
 def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads: int, shape: str, vocab_size: int,
              warmup: int, runs: int, rounds: int) -> tuple[float, dict[str, float]]:
-    """The median time (ms) of `session` (a plain one of `graph`) at BATCHXSEQUENCE, and per matrix-product
+    """The median time (ms) of `session` (a plain one of `graph`) at BATCHxSEQUENCE, and per matrix-product
     node (by name) the median of its kernel time in a profiled session of `graph`, the two timed in
     interleaved rounds: profiling slows the work between kernels, not the kernels, so the model's time
     is taken without it and its nodes' times with it, from the same stretch of time. The profile is
@@ -419,7 +419,8 @@ def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         profiling = ort.InferenceSession(str(graph), options, providers=[PROVIDERS[provider]])
-        timed = interleaved({"plain": session, "profiled": profiling}, [shape], vocab_size, warmup, runs, rounds)
+        timed = interleaved({"plain": session, "profiled": profiling}, [shape], vocab_size, warmup, runs, rounds,
+                            decode=False)  # a decoder's budget is its prompt pass: only those runs are profiled
         events = json.loads(Path(profiling.end_profiling()).read_text())
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-runs:]
     start = model_runs[0]["ts"]  # the warm-up runs come first

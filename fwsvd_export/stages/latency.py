@@ -19,8 +19,9 @@ import torch
 from .ort_io import feeds, has_past, next_past
 
 
-def _passes(session: ort.InferenceSession, shape: str, vocab_size: int) -> dict[str, Callable[[], object]]:
-    """What one sample runs at BATCHxSEQUENCE: the whole pass, or the prefill and one decode step."""
+def _passes(session: ort.InferenceSession, shape: str, vocab_size: int, decode: bool) -> dict[str, Callable[[], object]]:
+    """What one sample runs at BATCHxSEQUENCE: the whole pass, and with `decode` for a graph with a
+    key/value cache, one decode step after it too."""
     batch, seq = (int(v) for v in shape.split("x"))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1, max(2, min(vocab_size, 1001)), (batch, seq), generator=generator)
@@ -28,8 +29,11 @@ def _passes(session: ort.InferenceSession, shape: str, vocab_size: int) -> dict[
         data = feeds(session, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         return {"pass": lambda: session.run(None, data)}
     prompt = feeds(session, {"input_ids": ids})
-    step = feeds(session, {"input_ids": ids[:, -1:]}, next_past(session, session.run(None, prompt)))
-    return {"pass": lambda: session.run(None, prompt), "decode_per_token": lambda: session.run(None, step)}
+    parts = {"pass": lambda: session.run(None, prompt)}
+    if decode:
+        step = feeds(session, {"input_ids": ids[:, -1:]}, next_past(session, session.run(None, prompt)))
+        parts["decode_per_token"] = lambda: session.run(None, step)
+    return parts
 
 
 def _summary(times: list[float]) -> dict:
@@ -37,14 +41,15 @@ def _summary(times: list[float]) -> dict:
 
 
 def interleaved(sessions: dict[str, ort.InferenceSession], shapes: list[str], vocab_size: int, warmup: int,
-                runs: int, rounds: int) -> dict[str, dict[str, dict]]:
+                runs: int, rounds: int, decode: bool = True) -> dict[str, dict[str, dict]]:
     """name -> shape -> {median_ms, p90_ms, runs[, decode_per_token]}: `runs` timed runs per artifact and
-    shape, spread over `rounds` turns (the first artifact of a round rotates)."""
+    shape, spread over `rounds` turns (the first artifact of a round rotates); `decode` False times a
+    cached decoder's prompt pass alone."""
     names = list(sessions)
     rounds = max(1, min(rounds, runs))
     result: dict[str, dict[str, dict]] = {name: {} for name in names}
     for shape in shapes:
-        passes = {name: _passes(sessions[name], shape, vocab_size) for name in names}
+        passes = {name: _passes(sessions[name], shape, vocab_size, decode) for name in names}
         for parts in passes.values():
             for run in parts.values():
                 for _ in range(warmup):
@@ -64,4 +69,3 @@ def interleaved(sessions: dict[str, ort.InferenceSession], shapes: list[str], vo
                 measured["decode_per_token"] = _summary(parts["decode_per_token"])
             result[name][shape] = measured
     return result
-
