@@ -8,7 +8,7 @@ Two models, both built offline and cached by the scripts that define them:
   fine-tuned offline); held-out accuracy in PyTorch with 25 and 10% (`--kept`) of the encoder's Linear
   weights kept.
 - `--model lm`: the causal LM of `lm_methods.py` (its default shape, trained `--steps 100000 --epochs 3`
-  like the model of BENCHMARKS.md, on WordNet glosses); held-out perplexity with 60, 80 and 90% of the
+  like the model of BENCHMARKS.md unless `--epochs` says otherwise, on WordNet glosses); held-out perplexity with 60, 80 and 90% of the
   decoder Linears' parameters removed (`--kept 0.4,0.2,0.1`).
 
 Every configuration gathers its own statistics (no statistics cache), so its time is its full cost;
@@ -17,7 +17,9 @@ Every configuration gathers its own statistics (no statistics cache), so its tim
     apt-get install wordnet-base
     python benchmarks/deep_compression.py --json benchmarks/results/deep_compression.json
     python benchmarks/deep_compression.py --kept 0.15 --json benchmarks/results/deep_compression_15.json
-    python benchmarks/deep_compression.py --model lm --json benchmarks/results/deep_compression_lm.json
+    python benchmarks/deep_compression.py --kept 0.1 --configs global-checked+distill-train,global-checked+task-train --json benchmarks/results/deep_compression_recovery.json
+    python benchmarks/deep_compression.py --kept 0.1 --calibration 4000 --configs uniform,global-checked --json benchmarks/results/deep_compression_calibration.json
+    python benchmarks/deep_compression.py --model lm --epochs 1 --configs uniform,uniform+sequential,global-unchecked,global-checked,uniform+distill,uniform+sequential+distill,global-checked+distill --json benchmarks/results/deep_compression_lm.json
 """
 from __future__ import annotations
 
