@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import threading

@@ -22,7 +22,7 @@ from .errors import FwsvdError
 from .recipe import DATA_ROLES, Recipe
 from .stages.checkpoint import library_versions, save_checkpoint
 from .stages.data import load_records
-from .stages.export import ONNX_FILE, export_onnx, inspect_graph
+from .stages.export import export_onnx, inspect_graph
 from .stages.finetune import finetune_
 from .stages.kernel_timing import time_budget
 from .stages.models import load_for_statistics, load_model

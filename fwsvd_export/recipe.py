@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .core.spec import CompressionSpec, LayerOverride
+from .core.spec import CompressionSpec
 from .errors import FwsvdError, SpecError
 from .stages.precision import PRECISIONS
 from .stages.tasks import TASKS
@@ -466,7 +466,7 @@ def _check(recipe: Recipe, origin: str) -> None:
     if recipe.data.finetune is not None and not recipe.finetune.epochs:
         raise FwsvdError(f"{origin}: 'data.finetune' names rows to fine-tune on, but 'finetune.epochs' is 0 (off)")
     for name in DATA_ROLES:
-        stride = (getattr(recipe.data, name) or DataSource()).stride
+        stride = getattr(getattr(recipe.data, name), "stride", None)  # data.finetune may be absent
         if stride is not None and not 1 <= stride <= recipe.data.max_length:
             raise FwsvdError(f"{origin}: 'data.{name}.stride' must be between 1 and data.max_length ({recipe.data.max_length})")
     lat = recipe.validation.latency

@@ -4,7 +4,6 @@ provider; a target out of reach is refused before the statistics pass."""
 import json
 
 import pytest
-import yaml
 from transformers import BertConfig, BertForSequenceClassification
 
 from fwsvd_export.errors import FwsvdError
