@@ -2,7 +2,8 @@
 `wordnet_classifier.py` (MiniLM-L6 fine-tuned offline, its cache reused), through the tool's own `run`:
 for each target and shape, the speed-up the kernel timings predict, the speed-up the validation measures
 (dense fp32 and compressed fp32 timed in interleaved rounds in ONNX Runtime on the CPU, 2 threads), and
-held-out accuracy in ONNX Runtime. Statistics and kernel timings are cached between the runs, so a
+held-out accuracy in ONNX Runtime; and the run's trials, each compression it timed against the dense graph
+before keeping the one closest to the target (aimed at, predicted, measured). Statistics and kernel timings are cached between the runs, so a
 `--repeats` run differs from the first only in what is measured anew: the dense graph's profile that the
 budget is taken from, and the validation's timings. Each row also times the run's dense graph against a second
 session of itself, interleaved as the validation times dense against compressed (`aa_ratio`): the ratio a
@@ -103,6 +104,8 @@ def main() -> None:
                              "rank_multiple": allocation["rank_multiple"], "dense_ms_for_budget": allocation["dense_model_ms"],
                              "linear_ms_for_budget": allocation["targeted_layers_dense_ms"],
                              "in_graph_ratio": allocation["in_graph_ratio"],
+                             "aimed_at": allocation["aimed_at"], "trials": allocation["aim"]["trials"],
+                             "kept_trial": allocation["aim"]["kept"],
                              "measured": point["speedup"], "dense_ms": point["dense"]["median_ms"],
                              "compressed_ms": point["compressed"]["median_ms"],
                              "accuracy_dense": report["validation"]["original_torch"], "accuracy": cpu["metric"],

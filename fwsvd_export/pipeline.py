@@ -8,16 +8,20 @@ and report (that is what one debugs from).
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 from torch import nn
 
-from .core import Batch, CompressionResult, LayerStats, compress_, get_method
+from .core import Batch, CompressionResult, LayerStats, check_speedup_target, compress_, gather_for, get_method
 from .core.allocate import TimeBudget
+from .core.distributed import world
 from .errors import FwsvdError
 from .recipe import DATA_ROLES, Recipe
 from .stages.checkpoint import library_versions, save_checkpoint
@@ -25,12 +29,13 @@ from .stages.data import load_records
 from .stages.export import export_onnx, inspect_graph
 from .stages.finetune import finetune_
 from .stages.kernel_timing import time_budget
+from .stages.latency import interleaved
 from .stages.models import load_for_statistics, load_model
 from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
 from .stages.report import write_report
 from .stages.tasks import Task, get_task
-from .stages.validate import Check, Reference, reference, threads, validate
+from .stages.validate import Check, Reference, open_session, reference, threads, torch_results, validate
 
 
 
@@ -99,8 +104,19 @@ def _peak_rss_mb(reset: bool) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere
+    nothing more), so that what one stage freed is not counted in the next stage's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Clock:
-    """Wall time and peak host memory of each stage, in order."""
+    """Wall time and peak host memory of each stage, in order; memory a stage freed is returned to the
+    system before the next one starts."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -109,6 +125,7 @@ class Clock:
         _peak_rss_mb(reset=True)
 
     def lap(self, stage: str) -> None:
+        release_freed_memory()
         now = time.perf_counter()
         self.seconds[stage] = now - self._last
         self.peak_rss_mb[stage] = round(_peak_rss_mb(reset=True), 1)
@@ -130,6 +147,11 @@ class Prepared:
     dense_params: int = 0
     finetune: Optional[list[Batch]] = None  # data.finetune's batches, when the recipe names them
 
+    def release_models(self) -> None:
+        """Drop the torch models once no later stage reads them (after the last point's PyTorch results)."""
+        self.model = self.runner = None  # type: ignore[assignment]
+        release_freed_memory()
+
 
 def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -> Prepared:
     """Load the model and read the data (and, when any of `methods` needs statistics, the runner)."""
@@ -150,19 +172,27 @@ def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -
 
 def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: bool,
                    statistics: Optional[dict[str, LayerStats]] = None, last: bool = False,
-                   dense: Optional["Dense"] = None) -> tuple[nn.Module, CompressionResult, list[float]]:
+                   dense: Optional["Dense"] = None, scratch: Optional[Path] = None
+                   ) -> tuple[nn.Module, CompressionResult, list[float]]:
     """Factorize the dense model per `recipe` (with `statistics` when a sweep gathered them), then
     fine-tune it if the recipe asks. When this is the `last` use of the dense model (and distillation
     does not need it as teacher), it is factorized in place: the host holds one copy of the model.
-    A speed-up target is measured against `dense`'s graph."""
-    latency = _time_budget(prepared, recipe, dense, progress) if recipe.compression.target_speedup is not None else None
-    if latency is not None:
-        clock.lap("kernel timing")
+    A speed-up target is measured against `dense`'s graph, its trials exported into `scratch`."""
     teacher_needed = recipe.finetune.epochs and recipe.finetune.objective == "distill"
-    compressed = prepared.model if last and not teacher_needed else copy.deepcopy(prepared.model)
-    result = compress_(compressed, recipe.compression, prepared.calibration, prepared.task.loss, progress,
-                       Path(recipe.base_dir or "."), statistics_model=prepared.runner, statistics=statistics,
-                       latency=latency)
+    if recipe.compression.target_speedup is not None:
+        if dense is None or scratch is None:
+            raise FwsvdError("compression.target_speedup is measured against the dense ONNX graph: use `fwsvd-export run`")
+        latency = _time_budget(prepared, recipe, dense, progress)
+        clock.lap("kernel timing")
+        compressed, result = _aimed(prepared, recipe, dense, latency, statistics, scratch, progress)
+        if last and not teacher_needed:
+            prepared.model = compressed  # the dense copy goes: as if factorized in place
+    else:
+        compressed = prepared.model if last and not teacher_needed else copy.deepcopy(prepared.model)
+        result = compress_(compressed, recipe.compression, prepared.calibration, prepared.task.loss, progress,
+                           Path(recipe.base_dir or "."), statistics_model=prepared.runner, statistics=statistics)
+    if last:
+        prepared.runner = None  # the statistics are gathered: the device_map copy is not needed again
     clock.seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
     clock.lap("compress")
     finetune_loss: list[float] = []
@@ -173,13 +203,99 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
     return compressed, result, finetune_loss
 
 
-def _time_budget(prepared: Prepared, recipe: Recipe, dense: Optional["Dense"], progress: bool) -> TimeBudget:
+AIM_TRIALS = 3  # compressions at most for one speed-up target
+AIM_TOLERANCE = 0.03  # a trial measured within this share of the target ends the search
+
+
+def next_aim(aimed: float, target: float, measured: float) -> float:
+    """The speed-up to allocate for next: the last aim corrected by how far its measurement missed, taking
+    the timings' error to hold near the target (the kernels of a small factor pair run relatively
+    faster inside the model than alone, so a prediction's error grows with the cut)."""
+    return max(1.0 + AIM_TOLERANCE, aimed * target / measured)
+
+
+def _aimed(prepared: Prepared, recipe: Recipe, dense: "Dense", latency: TimeBudget,
+           statistics: Optional[dict[str, LayerStats]], scratch: Path, progress: bool
+           ) -> tuple[nn.Module, CompressionResult]:
+    """Compressions of copies of the dense model for `compression.target_speedup`, each measured: exported
+    into `scratch`, timed against the dense graph (interleaved, on the target's provider, shape and
+    precision) and, when off by more than AIM_TOLERANCE, followed by one aimed at `next_aim`, up to
+    AIM_TRIALS; the trial measured closest to the target is kept. The statistics are gathered once for
+    all trials. Under torch.distributed the other ranks take part in one compression, so there is one
+    trial."""
+    spec, target = recipe.compression, recipe.compression.target_speedup
+    base = Path(recipe.base_dir or ".")
+    check_speedup_target(prepared.model, spec, latency)  # before the statistics pass
+    trials = AIM_TRIALS if world()[1] == 1 else 1
+    gathered = None
+    if trials > 1 and statistics is None and get_method(spec.method).needs:
+        start = time.perf_counter()
+        statistics, info = gather_for(prepared.model, [spec], prepared.calibration, prepared.task.loss, progress, base,
+                                      prepared.runner)
+        gathered = (info, time.perf_counter() - start)
+    aim, measured, best, stopped = target, [], None, "trials spent"
+    for trial in range(trials):
+        model = copy.deepcopy(prepared.model)
+        try:
+            result = compress_(model, replace(spec, target_speedup=aim), prepared.calibration, prepared.task.loss,
+                               progress, base, statistics_model=prepared.runner, statistics=statistics, latency=latency)
+        except FwsvdError as exc:
+            if not trial:
+                raise
+            stopped = f"next aim out of reach: {exc}"  # keep the trials measured so far
+            break
+        speedup, dense_ms, trial_ms = _measure_trial(prepared, recipe, dense, model, scratch)
+        measured.append({"aimed_at": aim, "predicted": result.allocation["predicted_speedup"], "measured": speedup,
+                         "dense_ms": dense_ms, "compressed_ms": trial_ms,
+                         "kept_ratio": result.summary()["targeted_kept_ratio"]})
+        if best is None or abs(speedup / target - 1) < abs(best[2] / target - 1):
+            best = (model, result, speedup, trial)
+        del model
+        if abs(speedup / target - 1) <= AIM_TOLERANCE:
+            stopped = "within tolerance"
+            break
+        aim = next_aim(aim, target, speedup)
+    model, result, _, kept = best
+    if gathered is not None:
+        result.statistics, result.seconds["statistics"] = gathered
+    result.allocation.update(target_speedup=target, aimed_at=measured[kept]["aimed_at"],
+                             aim={"tolerance": AIM_TOLERANCE, "max_trials": trials, "trials": measured, "kept": kept,
+                                  "stopped": stopped})
+    return model, result
+
+
+def _measure_trial(prepared: Prepared, recipe: Recipe, dense: "Dense", model: nn.Module, scratch: Path
+                   ) -> tuple[float, float, float]:
+    """(speed-up, dense ms, trial ms) of `model`'s graph against the dense one where the speed-up target
+    is measured; the trial's graphs are written into a new folder `scratch/.aim/` and removed with it."""
+    spec, lat = recipe.compression, recipe.validation.latency
+    folder = scratch / ".aim"
+    folder.mkdir()  # new: only what this call wrote is removed below
+    try:
+        graph = export_onnx(model, prepared.tokenizer, folder / "trial", prepared.task.onnx_task(recipe.export.with_past),
+                            recipe.export.opset)
+        if spec.latency_precision != "fp32":
+            graph = make_variant(graph, spec.latency_precision, recipe.export.int8_mode, prepared.calibration)
+        graphs = {"dense": _budget_graph(dense, spec.latency_precision), "trial": graph}
+        sessions = {name: open_session(g, spec.latency_provider, threads(recipe.validation))[0] for name, g in graphs.items()}
+        timed = interleaved(sessions, [spec.latency_shape], prepared.model.config.vocab_size, lat.warmup, lat.runs,
+                            lat.rounds, decode=False)
+        del sessions
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    dense_ms, trial_ms = (timed[n][spec.latency_shape]["median_ms"] for n in ("dense", "trial"))
+    return dense_ms / trial_ms, dense_ms, trial_ms
+
+
+def _budget_graph(dense: "Dense", precision: str) -> Path:
+    return dense.reference.graphs["dense" if precision == "fp32" else f"dense-{precision}"]
+
+
+def _time_budget(prepared: Prepared, recipe: Recipe, dense: "Dense", progress: bool) -> TimeBudget:
     """The layers' kernel timings (cached beside the statistics cache, else in the user's cache folder)
     and the dense graph's time, in the precision and on the provider the speed-up target names."""
     spec, lat = recipe.compression, recipe.validation.latency
-    if dense is None:
-        raise FwsvdError("compression.target_speedup is measured against the dense ONNX graph: use `fwsvd-export run`")
-    graph = dense.reference.graphs["dense" if spec.latency_precision == "fp32" else f"dense-{spec.latency_precision}"]
+    graph = _budget_graph(dense, spec.latency_precision)
     cache = recipe.resolve(spec.cache_dir) if spec.cache_dir else Path.home() / ".cache" / "fwsvd-export"
     return time_budget(prepared.model, spec, graph, prepared.model.config.vocab_size, threads(recipe.validation),
                        lat.warmup, lat.runs, lat.rounds, cache, progress)
@@ -243,7 +359,7 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
     """One compressed model: factorize, checkpoint, export, validate against `dense`; writes its report
     into `folder` and returns it. `last`: no later point needs the dense model."""
     task = prepared.task
-    compressed, result, finetune_loss = compress_stage(prepared, recipe, clock, progress, statistics, last, dense)
+    compressed, result, finetune_loss = compress_stage(prepared, recipe, clock, progress, statistics, last, dense, folder)
     compression = result.to_dict()
     save_checkpoint(compressed, prepared.tokenizer, folder / "compressed", task.name, compression, recipe.to_dict(),
                     prepared.location)
@@ -253,9 +369,14 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
     graph = {"dense": dense.graph, "compressed": inspect_graph(small_onnx, compressed)}
     variants = _variants(prepared, small_onnx, recipe)
     clock.lap("export")
-    validation = validate(task, recipe.validation, dense.reference, compressed, prepared.evaluation, small_onnx,
-                          prepared.model.config.vocab_size, progress,
-                          _prompts(recipe, prepared.tokenizer, prepared.evaluation), variants)
+    prompts = _prompts(recipe, prepared.tokenizer, prepared.evaluation)
+    vocab_size, params_compressed = prepared.model.config.vocab_size, count_params(compressed)
+    evidence = torch_results(task, recipe.validation, compressed, prepared.evaluation, prompts, progress)
+    if last:  # what follows needs the models' graphs and results only: the host holds the graphs alone
+        del compressed
+        prepared.release_models()
+    validation = validate(task, recipe.validation, dense.reference, evidence, prepared.evaluation, small_onnx,
+                          vocab_size, progress, prompts, variants)
     clock.lap("validate")
     missing = graph["compressed"]["layers_missing_split"]
     if missing:
@@ -272,7 +393,7 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
                      "batches": len(prepared.finetune or prepared.calibration) if recipe.finetune.epochs else 0},
         "sizes": {
             "params_dense": prepared.dense_params,
-            "params_compressed": count_params(compressed),
+            "params_compressed": params_compressed,
             "onnx_dense_bytes": _bytes(dense.onnx.parent),
             "onnx_compressed_bytes": _bytes(small_onnx.parent),
         },

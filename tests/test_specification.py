@@ -21,7 +21,7 @@ from fwsvd_export.recipe import DataSource, load_recipe, parse_recipe
 from fwsvd_export.stages.data import load_records
 from fwsvd_export.stages.export import export_onnx, inspect_graph
 from fwsvd_export.stages.tasks import TASKS
-from fwsvd_export.stages.validate import feeds, validate
+from fwsvd_export.stages.validate import feeds, torch_results, validate
 
 from conftest import sentences, write_recipe
 
@@ -44,7 +44,8 @@ def test_a_broken_factorization_fails_the_metric_gate_and_only_it(tmp_path, clas
     for layer in factorized_layers(model).values():
         layer.first.weight.data.zero_()
     graph = export_onnx(model, prepared.tokenizer, tmp_path / "broken", "text-classification")
-    validation = validate(prepared.task, recipe.validation, dense.reference, model, prepared.evaluation, graph,
+    evidence = torch_results(prepared.task, recipe.validation, model, prepared.evaluation, progress=False)
+    validation = validate(prepared.task, recipe.validation, dense.reference, evidence, prepared.evaluation, graph,
                           model.config.vocab_size, progress=False).to_dict()
     assert validation["passed"] is False
     assert failing(validation["checks"]) == METRIC_CHECKS

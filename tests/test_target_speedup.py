@@ -4,10 +4,12 @@ provider; a target out of reach is refused before the statistics pass."""
 import json
 
 import pytest
+
+import fwsvd_export.pipeline
 from transformers import BertConfig, BertForSequenceClassification
 
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.pipeline import compress_only, run
+from fwsvd_export.pipeline import AIM_TOLERANCE, AIM_TRIALS, compress_only, next_aim, run
 from fwsvd_export.recipe import load_recipe
 from fwsvd_export.stages.kernel_timing import Timing, recommended_multiple
 
@@ -44,7 +46,8 @@ def test_a_speedup_target_allocates_ranks_within_the_measured_time_budget(tmp_pa
     result = run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
     allocation = result.report["compression"]["allocation"]
     assert allocation["target_speedup"] == 1.1 and allocation["measured_on"] == "on cpu at 1x64 (fp32)"
-    assert allocation["predicted_speedup"] >= 1.1  # the tables' time of the chosen ranks fits the budget
+    # the tables' time of the chosen ranks fits the budget of the speed-up the kept trial was aimed at
+    assert allocation["predicted_speedup"] >= allocation["aimed_at"]
     # The model's time and its layers' share come from the same profiled runs of the dense graph: the
     # layers take part of it, and the tables were scaled to their time there.
     assert 0 < allocation["targeted_layers_dense_ms"] < allocation["dense_model_ms"]
@@ -60,6 +63,39 @@ def test_a_speedup_target_allocates_ranks_within_the_measured_time_budget(tmp_pa
     multiple = recommended_multiple({tuple(map(int, k.split("x"))): Timing(**v) for k, v in shapes.items()})
     assert allocation["rank_multiple"] == multiple and allocation["rank_multiple_from"] == "kernel timings"
     assert all(p["rank"] % multiple == 0 for p in layers if p["rank"] is not None)
+
+
+@pytest.mark.parametrize("tolerance", [AIM_TOLERANCE, 0.0])  # 0: no trial is close enough, every one is made
+def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(tmp_path, speedup_recipe, monkeypatch,
+                                                                                 tolerance):
+    """The tables predict; the trial's own graph, timed beside the dense one, decides. A trial that misses
+    the target by more than the tolerance is followed by one aimed where the miss says, and the trial
+    measured closest to the target is the one kept; its scratch graphs are gone from the output."""
+    monkeypatch.setattr(fwsvd_export.pipeline, "AIM_TOLERANCE", tolerance)
+    speedup_recipe["compression"]["target_speedup"] = 1.3
+    result = run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
+    allocation = result.report["compression"]["allocation"]
+    aim = allocation["aim"]
+    trials, miss = aim["trials"], lambda trial: abs(trial["measured"] / 1.3 - 1)
+    assert aim["tolerance"] == tolerance and trials[0]["aimed_at"] == 1.3
+    assert 1 <= len(trials) <= AIM_TRIALS
+    if len(trials) < AIM_TRIALS:  # the search stops early at a trial close enough, or an aim the tables cannot reach
+        assert aim["stopped"] == "within tolerance" and miss(trials[-1]) <= tolerance \
+            or aim["stopped"].startswith("next aim out of reach")
+    assert all(t["measured"] == pytest.approx(t["dense_ms"] / t["compressed_ms"]) for t in trials)
+    for before, after in zip(trials, trials[1:]):
+        assert miss(before) > aim["tolerance"]
+        assert after["aimed_at"] == pytest.approx(max(1.0 + tolerance, before["aimed_at"] * 1.3 / before["measured"]))
+    kept = trials[aim["kept"]]
+    assert all(miss(kept) <= miss(t) for t in trials) and allocation["aimed_at"] == kept["aimed_at"]
+    assert result.report["compression"]["summary"]["targeted_kept_ratio"] == pytest.approx(kept["kept_ratio"])
+    assert not (result.output / ".aim").exists()
+
+
+def test_the_next_aim_corrects_the_last_by_its_miss_and_stays_above_one():
+    assert next_aim(2.0, 2.0, 2.26) == pytest.approx(2.0 * 2.0 / 2.26)  # overshot: aim lower
+    assert next_aim(1.5, 2.0, 1.8) == pytest.approx(1.5 * 2.0 / 1.8)  # undershot: aim higher than the last aim
+    assert next_aim(1.1, 1.1, 5.0) == pytest.approx(1.0 + AIM_TOLERANCE)  # never at or below no speed-up
 
 
 def test_a_recipes_rank_multiple_overrides_the_one_the_timings_show(tmp_path, speedup_recipe):

@@ -20,7 +20,8 @@ from .factorize import LowRankLinear, factorize
 # of the core (a checkpoint loader needs the low-rank module) does not load the rest.
 _HOMES = {
     **dict.fromkeys(["Batch"], ".batch"),
-    **dict.fromkeys(["CompressionResult", "LayerPlan", "compress_", "gather_for", "gather_statistics", "plan_layers"],
+    **dict.fromkeys(["CompressionResult", "LayerPlan", "check_speedup_target", "compress_", "gather_for",
+                     "gather_statistics", "plan_layers"],
                     ".compress"),
     **dict.fromkeys(["FAMILIES", "Family"], ".families"),
     **dict.fromkeys(["METHODS", "Method", "get_method"], ".methods"),

@@ -329,12 +329,8 @@ def compress_(
     if method.needs and (calibration is None or loss_fn is None):
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
     _check_budget(model, plans, spec)
-    if spec.target_speedup is not None and distributed.world()[0] == 0:  # fails before the statistics pass
-        if latency is None:
-            raise FwsvdError("compression.target_speedup needs the layers' measured latencies and the dense model's: "
-                             "run it through the pipeline (fwsvd-export run), not compress alone")
-        latency.budget([p.name for p in plans if p.allocate], {p.name: p.rank for p in plans if not p.allocate},
-                       spec.target_speedup, latency.multiple)
+    if distributed.world()[0] == 0:  # fails before the statistics pass
+        check_speedup_target(model, spec, latency, plans)
     check_finite_model(model)
     if spec.sequential and distributed.world()[1] > 1:
         raise FwsvdError("compression.sequential runs in one process; launch it without torchrun")
@@ -420,6 +416,20 @@ def compress_(
                             "layers_per_process": [sum(owners[p.name] == r for p in chosen) for r in range(processes)]}
     result.seconds["factorize"] = time.perf_counter() - start - result.seconds.get("sequential statistics", 0.0)
     return result
+
+
+def check_speedup_target(model: nn.Module, spec: CompressionSpec, latency: Optional[TimeBudget],
+                         plans: Optional[list[LayerPlan]] = None) -> None:
+    """Raise when `spec.target_speedup` has no measured budget or cannot be reached within it (no-op without
+    a target): what `compress_` checks before its statistics pass, for callers that gather them first."""
+    if spec.target_speedup is None:
+        return
+    if latency is None:
+        raise FwsvdError("compression.target_speedup needs the layers' measured latencies and the dense model's: "
+                         "run it through the pipeline (fwsvd-export run), not compress alone")
+    plans = plans if plans is not None else plan_layers(model, spec)
+    latency.budget([p.name for p in plans if p.allocate], {p.name: p.rank for p in plans if not p.allocate},
+                   spec.target_speedup, latency.multiple)
 
 
 def _timed_allocation(layers: list[Candidate], plans: list[LayerPlan], spec: CompressionSpec, latency: TimeBudget,

@@ -179,8 +179,8 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
     ref = Reference(outputs, task.metric(outputs, batches, outputs if task.needs_reference else None),
                     {"dense": dense_onnx, **{f"dense-{p}": g for p, g in (variants or {}).items()}})
     for provider in spec.providers:
-        session, reason = open_session(dense_onnx, provider.name, threads(spec))
-        if session is None:
+        reason = open_session(dense_onnx, provider.name, threads(spec))[1]  # the session itself is not kept
+        if reason:
             ref.skipped[provider.name] = reason
     for precision, graph in (variants or {}).items():
         ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, progress,
@@ -188,16 +188,32 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
     return ref
 
 
-def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: torch.nn.Module,
+@dataclass
+class TorchResults:
+    """The compressed model's PyTorch results its graphs are checked against, taken first so that the
+    model can be released before any ONNX Runtime session opens (the host then holds the model once,
+    in the sessions)."""
+
+    outputs: list[torch.Tensor]  # on the evaluation batches
+    greedy: list[list[int]]  # the greedy continuation of each prompt
+
+
+def torch_results(task: Task, spec: ValidationSpec, compressed: torch.nn.Module, batches: list[Batch],
+                  prompts: Optional[list[torch.Tensor]] = None, progress: bool = True) -> TorchResults:
+    """`compressed`'s outputs on `batches`, and for `prompts` (token ids, one row each) its greedy tokens."""
+    outputs = _outputs(lambda b: run_torch(compressed, task, b), batches, "compressed (torch)", progress)
+    return TorchResults(outputs, [greedy_torch(compressed, ids, spec.generation_tokens) for ids in prompts or []])
+
+
+def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: TorchResults,
              batches: list[Batch], compressed_onnx: Path, vocab_size: int,
              progress: bool = True, prompts: Optional[list[torch.Tensor]] = None,
              variants: Optional[dict[str, Path]] = None) -> Validation:
-    """All checks of a compressed model against the dense `reference`; `prompts` (token ids, one row
-    each) drive the greedy-generation check of decoders."""
-    compressed_out = _outputs(lambda b: run_torch(compressed, task, b), batches, "compressed (torch)", progress)
+    """All checks of a compressed model (its PyTorch results and its graph) against the dense `reference`;
+    `prompts`, those `torch_results` continued, drive the greedy-generation check of decoders."""
+    compressed_out, greedy = compressed.outputs, compressed.greedy
     reference = dense.outputs if task.needs_reference else None
     prompts = prompts or []
-    greedy = [greedy_torch(compressed, ids, spec.generation_tokens) for ids in prompts]
     result = Validation(task.metric_name, dense.metric, task.metric(compressed_out, batches, reference))
     loss = metric_loss(task, result.original_torch, result.compressed_torch)
     result.checks.append(Check("metric loss (compressed torch)", loss <= spec.max_metric_loss,
@@ -233,6 +249,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: tor
                                    f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
+        del session  # the timing below opens its own sessions, all at once
     _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {})
     _time_artifacts(spec, dense, result, compressed_onnx, variants or {}, vocab_size)
     if all(e["status"] == "unavailable" for e in result.providers.values()):
