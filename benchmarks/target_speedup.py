@@ -3,9 +3,9 @@
 for each target and shape, the speed-up the kernel timings predict, the speed-up the validation measures
 (dense fp32 and compressed fp32 timed in interleaved rounds in ONNX Runtime on the CPU, 2 threads), and
 held-out accuracy in ONNX Runtime; and the run's trials, each compression it timed against the dense graph
-before keeping the one closest to the target (aimed at, predicted, measured). Statistics and kernel timings are cached between the runs, so a
-`--repeats` run differs from the first only in what is measured anew: the dense graph's profile that the
-budget is taken from, and the validation's timings. Each row also times the run's dense graph against a second
+before keeping the one closest to the target (aimed at, predicted, measured). Statistics and kernel timings
+are cached between the runs, so a `--repeats` run differs from the first only in what is measured anew: the
+dense graph's profile that the budget is taken from, the trials' and the validation's timings. Each row also times the run's dense graph against a second
 session of itself, interleaved as the validation times dense against compressed (`aa_ratio`): the ratio a
 perfect measurement would give as 1, so its spread is the precision any measured speed-up has on this machine.
 
