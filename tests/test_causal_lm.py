@@ -1,4 +1,6 @@
 """Causal LM families on tiny configs: default targets, compression, export and ORT parity."""
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
@@ -8,6 +10,8 @@ from fwsvd_export.core.compress import plan_layers
 from fwsvd_export.core.factorize import linear_weight
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import CompressionSpec, load_recipe
+from fwsvd_export.stages.export import export_onnx, tie_transposed_copies
+from fwsvd_export.stages.ort_io import feeds
 
 from conftest import quick_validation, write_recipe
 
@@ -106,3 +110,51 @@ def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_di
         nll = sum(float(model(input_ids=row[None], labels=lab[None]).loss) * int((lab[1:] != -100).sum())
                   for b in batches for row, lab in zip(b.inputs["input_ids"], b.labels))
     assert ours == pytest.approx(float(torch.exp(torch.tensor(nll / scored))), rel=1e-4)
+
+
+def _big_initializers(graph, vocab_size: int) -> list[tuple]:
+    return [tuple(i.dims) for i in onnx.load(str(graph), load_external_data=False).graph.initializer if vocab_size in i.dims]
+
+
+def _ort_logits(graph, ids: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], feeds(session, {"input_ids": ids}))[0])
+
+
+@pytest.mark.parametrize("external_data", [False, True])
+def test_a_tied_embedding_is_stored_once_in_the_graph(tmp_path, tokenizer, external_data):
+    """Constant folding stores a tied lm_head's transposed weight as a second initializer (the largest matrix
+    of the model, twice); the tool's graph keeps the embedding once, read through a Transpose, in a file with
+    its weights inside or beside it (as large models are written), and runs like PyTorch."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    torch.manual_seed(0)
+    vocab = tokenizer.vocab_size
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, **DECODER)).eval()
+    folder = tmp_path / "onnx"
+    onnx_export_from_model(model, output=folder, task="text-generation-with-past", do_validation=False,
+                           no_post_process=True)
+    graph = folder / "model.onnx"
+    if external_data:
+        onnx.save(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="model.onnx_data",
+                  size_threshold=1024)
+    assert sorted(_big_initializers(graph, vocab)) == [(48, vocab), (vocab, 48)]  # what the exporter writes
+
+    assert tie_transposed_copies(graph) and _big_initializers(graph, vocab) == [(vocab, 48)]
+    proto = onnx.load(str(graph), load_external_data=False)
+    assert any(n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight" for n in proto.graph.node)
+    assert (folder / "model.onnx_data").exists() == external_data
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no scratch left
+    ids = torch.randint(1, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert torch.allclose(_ort_logits(graph, ids), expected, atol=1e-4)
+
+
+def test_export_leaves_a_graph_without_tied_copies_as_the_exporter_wrote_it(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, tie_word_embeddings=False, **DECODER)).eval()
+    graph = export_onnx(model, tokenizer, tmp_path / "onnx", "text-generation-with-past")
+    before = graph.read_bytes()
+    assert tie_transposed_copies(graph) == [] and graph.read_bytes() == before
+    assert sorted(_big_initializers(graph, tokenizer.vocab_size)) == [(48, tokenizer.vocab_size), (tokenizer.vocab_size, 48)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -26,10 +28,73 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
     from optimum.exporters.onnx import onnx_export_from_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    with _exporter_output_to_log():
-        onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False)
+    with _exporter_output_to_log():  # optimum's own post-processing holds the whole graph in memory 3 times
+        onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True)
+    tie_transposed_copies(folder / ONNX_FILE)
     tokenizer.save_pretrained(folder)
     return folder / ONNX_FILE
+
+
+ROWS_AT_ONCE = 4096  # rows of a matrix compared at a time: the comparison's memory stays small
+
+
+def tie_transposed_copies(path: Path) -> list[str]:
+    """Give back the copy of a tied embedding that the exporter folds: a model whose output projection
+    shares the embedding's weight (GPT-2, Llama and Qwen with tied embeddings) is traced as Gather(E) and
+    MatMul(x, E^T), and constant folding stores E^T as an initializer of its own, the largest matrix of
+    the model a second time. Each MatMul/Gemm initializer that is exactly the transpose of an initializer
+    only Gathers read is replaced by a Transpose of it (ONNX Runtime folds it again in memory when a
+    session opens, but the file holds E once, as optimum writes it). The graph is read with onnx_ir,
+    whose external tensors stay on disk, and compared a slice at a time, so the host never holds the
+    model's weights, as optimum's post-processing (skipped for this) does three times. Returns the
+    initializers removed; the file is rewritten only when there are any."""
+    import numpy as np
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    graph = model.graph
+    sources = [v for v in graph.initializers.values() if v.shape is not None and len(v.shape) == 2
+               and v.uses() and all(u.node.op_type == "Gather" and u.idx == 0 for u in v.uses())]
+    removed = []
+    for value in list(graph.initializers.values()):
+        users = value.uses()
+        if value.shape is None or len(value.shape) != 2 or not users or \
+                any(u.node.op_type not in ("MatMul", "Gemm") for u in users):
+            continue
+        source = next((s for s in sources if s.dtype == value.dtype and tuple(s.shape) == tuple(value.shape)[::-1]
+                       and _transposed(s.const_value.numpy(), value.const_value.numpy(), np)), None)
+        if source is None:
+            continue
+        transpose = ir.node("Transpose", [source], {"perm": [1, 0]}, name=f"{value.name}/tied_transpose")
+        graph.insert_before(users[0].node, transpose)
+        value.replace_all_uses_with(transpose.outputs[0])
+        graph.initializers.pop(value.name)
+        removed.append(value.name)
+    if removed:
+        _rewrite(model, path)
+    return removed
+
+
+def _transposed(matrix, other, np) -> bool:
+    """Whether `other` is exactly `matrix` transposed, compared ROWS_AT_ONCE rows of `matrix` at a time."""
+    return all(np.array_equal(matrix[i:i + ROWS_AT_ONCE], other[:, i:i + ROWS_AT_ONCE].T)
+               for i in range(0, matrix.shape[0], ROWS_AT_ONCE))
+
+
+def _rewrite(model, path: Path) -> None:
+    """Save `model` over `path` (and its external data file, when it has one) through a new sibling folder,
+    the tensors streamed from the old files, then move the new files into place."""
+    import onnx_ir as ir
+
+    data = path.with_name(path.name + "_data")
+    scratch = path.parent / f".{path.name}.rewrite"
+    scratch.mkdir()  # new: only this call's files are in it
+    try:
+        ir.save(model, scratch / path.name, external_data=data.name if data.exists() else None)
+        for written in scratch.iterdir():
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # Libraries whose loggers speak during an export; each keeps a console handler of its own.
