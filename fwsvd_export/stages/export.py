@@ -81,16 +81,22 @@ def _transposed(matrix, other, np) -> bool:
                for i in range(0, matrix.shape[0], ROWS_AT_ONCE))
 
 
+EXTERNAL_BYTES = 2**30  # a graph whose weights reach this is rewritten with them beside it, in model.onnx_data
+
+
 def _rewrite(model, path: Path) -> None:
-    """Save `model` over `path` (and its external data file, when it has one) through a new sibling folder,
-    the tensors streamed from the old files, then move the new files into place."""
+    """Save `model` over `path` through a new sibling folder, then move the new files into place. Weights go
+    to an external data file when the graph had one or they reach EXTERNAL_BYTES: written there they are
+    streamed, where embedding them would serialize the whole graph twice more in memory."""
     import onnx_ir as ir
 
     data = path.with_name(path.name + "_data")
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     scratch = path.parent / f".{path.name}.rewrite"
     scratch.mkdir()  # new: only this call's files are in it
     try:
-        ir.save(model, scratch / path.name, external_data=data.name if data.exists() else None)
+        ir.save(model, scratch / path.name,
+                external_data=data.name if data.exists() or weights >= EXTERNAL_BYTES else None)
         for written in scratch.iterdir():
             os.replace(written, path.parent / written.name)
     finally:
