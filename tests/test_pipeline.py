@@ -1,5 +1,7 @@
 """End to end on tiny real models: recipe -> compressed checkpoint -> ONNX with split MatMuls -> ORT."""
+import gc
 import json
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 import fwsvd_export
-from fwsvd_export.pipeline import run
+from fwsvd_export.pipeline import Clock, dense_stage, point_stage, prepare, run
 from fwsvd_export.recipe import load_recipe
 from fwsvd_export.stages.validate import feeds
 
@@ -136,3 +138,25 @@ def test_a_run_reports_peak_host_memory_per_stage(tmp_path, classifier_recipe):
     assert set(peaks) == set(result.report["seconds"]) - {"compress: statistics", "compress: factorize"}
     assert all(0 < mb < 64 * 1024 for mb in peaks.values())
     assert "peak host memory (MB)" in (result.output / "report.md").read_text()
+
+
+def test_the_last_point_drops_the_torch_model_before_onnx_runtime_validates_it(tmp_path, classifier_recipe,
+                                                                                monkeypatch):
+    """Validation gets the compressed model's PyTorch results first; then the model, factorized in place of
+    the dense one, is released, so the host holds the weights in the ORT sessions alone."""
+    recipe = load_recipe(write_recipe(tmp_path, classifier_recipe))
+    prepared = prepare(recipe, Clock())
+    dense = dense_stage(prepared, tmp_path / "dense", Clock(), progress=False)
+    model, alive = weakref.ref(prepared.model), []
+    real = fwsvd_export.pipeline.validate
+
+    def observed(*args, **kwargs):  # the real validation, with a look at the model first
+        gc.collect()
+        alive.append(model() is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fwsvd_export.pipeline, "validate", observed)
+    (tmp_path / "point").mkdir()
+    report = point_stage(prepared, dense, recipe, tmp_path / "point", Clock(), progress=False, last=True)
+    assert alive == [False] and prepared.model is None
+    assert report["validation"]["providers"]["cpu"]["parity"]["passed"]
