@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, TypeVar
 
+import numpy as np
 import onnx
 from torch import nn
 
@@ -44,11 +45,10 @@ def tie_transposed_copies(path: Path) -> list[str]:
     MatMul(x, E^T), and constant folding stores E^T as an initializer of its own, the largest matrix of
     the model a second time. Each MatMul/Gemm initializer that is exactly the transpose of an initializer
     only Gathers read is replaced by a Transpose of it (ONNX Runtime folds it again in memory when a
-    session opens, but the file holds E once, as optimum writes it). The graph is read with onnx_ir,
-    whose external tensors stay on disk, and compared a slice at a time, so the host never holds the
-    model's weights, as optimum's post-processing (skipped for this) does three times. Returns the
-    initializers removed; the file is rewritten only when there are any."""
-    import numpy as np
+    session opens, but the file holds E once, as optimum writes it). The graph is read with onnx_ir, whose
+    external tensors stay on disk (a graph with its weights inside is read whole, once), and compared a
+    slice at a time, where optimum's post-processing (skipped for this) holds the whole graph up to three
+    times. Returns the initializers removed; the file is rewritten only when there are any."""
     import onnx_ir as ir
 
     model = ir.load(path)
@@ -62,7 +62,7 @@ def tie_transposed_copies(path: Path) -> list[str]:
                 any(u.node.op_type not in ("MatMul", "Gemm") for u in users):
             continue
         source = next((s for s in sources if s.dtype == value.dtype and tuple(s.shape) == tuple(value.shape)[::-1]
-                       and _transposed(s.const_value.numpy(), value.const_value.numpy(), np)), None)
+                       and _transposed(s.const_value.numpy(), value.const_value.numpy())), None)
         if source is None:
             continue
         transpose = ir.node("Transpose", [source], {"perm": [1, 0]}, name=f"{value.name}/tied_transpose")
@@ -75,7 +75,7 @@ def tie_transposed_copies(path: Path) -> list[str]:
     return removed
 
 
-def _transposed(matrix, other, np) -> bool:
+def _transposed(matrix: np.ndarray, other: np.ndarray) -> bool:
     """Whether `other` is exactly `matrix` transposed, compared ROWS_AT_ONCE rows of `matrix` at a time."""
     return all(np.array_equal(matrix[i:i + ROWS_AT_ONCE], other[:, i:i + ROWS_AT_ONCE].T)
                for i in range(0, matrix.shape[0], ROWS_AT_ONCE))
