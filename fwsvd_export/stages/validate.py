@@ -249,7 +249,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
                                    f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
-        del session  # the timing below opens its own sessions, all at once
+        session = None  # closed: the timing below opens its own sessions, all at once
     _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {})
     _time_artifacts(spec, dense, result, compressed_onnx, variants or {}, vocab_size)
     if all(e["status"] == "unavailable" for e in result.providers.values()):
