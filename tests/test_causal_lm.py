@@ -10,7 +10,7 @@ from fwsvd_export.core.compress import plan_layers
 from fwsvd_export.core.factorize import linear_weight
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import CompressionSpec, load_recipe
-from fwsvd_export.stages.export import export_onnx, tie_transposed_copies
+from fwsvd_export.stages.export import export_onnx, fold_weight_transposes
 from fwsvd_export.stages.ort_io import feeds
 
 from conftest import quick_validation, write_recipe
@@ -121,11 +121,19 @@ def _ort_logits(graph, ids: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(["logits"], feeds(session, {"input_ids": ids}))[0])
 
 
+def _transposed_initializers(graph) -> list[str]:
+    proto = onnx.load(str(graph), load_external_data=False).graph
+    names = {i.name for i in proto.initializer}
+    return [n.input[0] for n in proto.node if n.op_type == "Transpose" and n.input[0] in names]
+
+
 @pytest.mark.parametrize("external_data", [False, True])
 def test_a_tied_embedding_is_stored_once_in_the_graph(tmp_path, tokenizer, external_data):
-    """Constant folding stores a tied lm_head's transposed weight as a second initializer (the largest matrix
-    of the model, twice); the tool's graph keeps the embedding once, read through a Transpose, in a file with
-    its weights inside or beside it (as large models are written), and runs like PyTorch."""
+    """The exporter runs without constant folding (which holds every weight twice while serializing), so
+    weights reach their MatMuls through Transposes; the tool stores each one as its MatMul reads it, except
+    a tied embedding, which the output projection reads transposed: it stays stored once, behind its
+    Transpose, in a file with its weights inside or beside it (as large models are written), and the graph
+    runs like PyTorch."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     torch.manual_seed(0)
@@ -133,16 +141,17 @@ def test_a_tied_embedding_is_stored_once_in_the_graph(tmp_path, tokenizer, exter
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, **DECODER)).eval()
     folder = tmp_path / "onnx"
     onnx_export_from_model(model, output=folder, task="text-generation-with-past", do_validation=False,
-                           no_post_process=True)
+                           no_post_process=True, do_constant_folding=False)
     graph = folder / "model.onnx"
     if external_data:
         onnx.save(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="model.onnx_data",
                   size_threshold=1024)
-    assert sorted(_big_initializers(graph, vocab)) == [(48, vocab), (vocab, 48)]  # what the exporter writes
+    weights = 2 * 7 + 1  # two layers of seven projections, and the output projection
+    assert len(_transposed_initializers(graph)) == weights  # what the exporter writes
 
-    assert tie_transposed_copies(graph) and _big_initializers(graph, vocab) == [(vocab, 48)]
-    proto = onnx.load(str(graph), load_external_data=False)
-    assert any(n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight" for n in proto.graph.node)
+    assert fold_weight_transposes(graph) == {"folded": weights - 1, "kept": 1}
+    assert _big_initializers(graph, vocab) == [(vocab, 48)]
+    assert _transposed_initializers(graph) == ["model.embed_tokens.weight"]
     assert (folder / "model.onnx_data").exists() == external_data
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no scratch left
     ids = torch.randint(1, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -151,10 +160,16 @@ def test_a_tied_embedding_is_stored_once_in_the_graph(tmp_path, tokenizer, exter
     assert torch.allclose(_ort_logits(graph, ids), expected, atol=1e-4)
 
 
-def test_export_leaves_a_graph_without_tied_copies_as_the_exporter_wrote_it(tmp_path, tokenizer):
+def test_an_exported_graph_stores_every_untied_weight_as_its_matmul_reads_it(tmp_path, tokenizer):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, tie_word_embeddings=False, **DECODER)).eval()
+    vocab = tokenizer.vocab_size
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **DECODER)).eval()
     graph = export_onnx(model, tokenizer, tmp_path / "onnx", "text-generation-with-past")
+    assert _transposed_initializers(graph) == []
+    assert sorted(_big_initializers(graph, vocab)) == [(48, vocab), (vocab, 48)]  # lm_head as MatMul reads it, embedding
     before = graph.read_bytes()
-    assert tie_transposed_copies(graph) == [] and graph.read_bytes() == before
-    assert sorted(_big_initializers(graph, tokenizer.vocab_size)) == [(48, tokenizer.vocab_size), (tokenizer.vocab_size, 48)]
+    assert fold_weight_transposes(graph) == {"folded": 0, "kept": 0} and graph.read_bytes() == before
+    ids = torch.randint(1, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert torch.allclose(_ort_logits(graph, ids), expected, atol=1e-4)

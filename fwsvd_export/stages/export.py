@@ -30,55 +30,49 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
 
     folder.mkdir(parents=True, exist_ok=True)
     with _exporter_output_to_log():  # optimum's own post-processing holds the whole graph in memory 3 times
-        onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True)
-    tie_transposed_copies(folder / ONNX_FILE)
+        onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True,
+                               do_constant_folding=False)
+    fold_weight_transposes(folder / ONNX_FILE)
     tokenizer.save_pretrained(folder)
     return folder / ONNX_FILE
 
 
-ROWS_AT_ONCE = 4096  # rows of a matrix compared at a time: the comparison's memory stays small
-
-
-def tie_transposed_copies(path: Path) -> list[str]:
-    """Give back the copy of a tied embedding that the exporter folds: a model whose output projection
-    shares the embedding's weight (GPT-2, Llama and Qwen with tied embeddings) is traced as Gather(E) and
-    MatMul(x, E^T), and constant folding stores E^T as an initializer of its own, the largest matrix of
-    the model a second time. Each MatMul/Gemm initializer that is exactly the transpose of an initializer
-    only Gathers read is replaced by a Transpose of it (ONNX Runtime folds it again in memory when a
-    session opens, but the file holds E once, as optimum writes it). The graph is read with onnx_ir, whose
-    external tensors stay on disk (a graph with its weights inside is read whole, once), and compared a
-    slice at a time, where optimum's post-processing (skipped for this) holds the whole graph up to three
-    times. Returns the initializers removed; the file is rewritten only when there are any."""
+def fold_weight_transposes(path: Path) -> dict[str, int]:
+    """Store each Linear's weight the way its MatMul reads it. The exporter runs without constant folding:
+    folding holds every weight a second time, transposed, while the graph is serialized in memory (the
+    largest part of a whole run's peak on a 0.5B model: BENCHMARKS.md), so each weight reaches its MatMul
+    through a Transpose. Here a weight that only its Transpose reads is replaced by its transpose, computed
+    when the file is written, one tensor at a time; one that other nodes read too keeps its Transpose, so a
+    tied embedding (Gathered as it is, multiplied transposed by the output projection) is stored once and
+    ONNX Runtime folds the Transpose in memory when a session opens. The graph is read with onnx_ir, whose
+    external tensors stay on disk (a graph with its weights inside is read whole, once). Returns how many
+    Transposes were folded and kept; the file is rewritten only when one was folded."""
     import onnx_ir as ir
 
     model = ir.load(path)
     graph = model.graph
-    sources = [v for v in graph.initializers.values() if v.shape is not None and len(v.shape) == 2
-               and v.uses() and all(u.node.op_type == "Gather" and u.idx == 0 for u in v.uses())]
-    removed = []
-    for value in list(graph.initializers.values()):
-        users = value.uses()
-        if value.shape is None or len(value.shape) != 2 or not users or \
-                any(u.node.op_type not in ("MatMul", "Gemm") for u in users):
+    counts = {"folded": 0, "kept": 0}
+    for node in list(graph):
+        weight = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if weight is None or not weight.is_initializer() or weight.is_graph_input() or weight.const_value is None \
+                or weight.shape is None or len(weight.shape) != 2 or node.outputs[0].is_graph_output():
             continue
-        source = next((s for s in sources if s.dtype == value.dtype and tuple(s.shape) == tuple(value.shape)[::-1]
-                       and _transposed(s.const_value.numpy(), value.const_value.numpy())), None)
-        if source is None:
+        if len(weight.uses()) > 1:
+            counts["kept"] += 1
             continue
-        transpose = ir.node("Transpose", [source], {"perm": [1, 0]}, name=f"{value.name}/tied_transpose")
-        graph.insert_before(users[0].node, transpose)
-        value.replace_all_uses_with(transpose.outputs[0])
-        graph.initializers.pop(value.name)
-        removed.append(value.name)
-    if removed:
+        tensor = weight.const_value
+        shape = ir.Shape(list(tensor.shape)[::-1])
+        folded = ir.Value(name=f"{weight.name}.transposed", shape=shape, type=ir.TensorType(tensor.dtype),
+                          const_value=ir.LazyTensor(lambda t=tensor: ir.tensor(np.ascontiguousarray(t.numpy().T)),
+                                                    tensor.dtype, shape, name=f"{weight.name}.transposed"))
+        graph.register_initializer(folded)
+        node.outputs[0].replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(weight.name)
+        counts["folded"] += 1
+    if counts["folded"]:
         _rewrite(model, path)
-    return removed
-
-
-def _transposed(matrix: np.ndarray, other: np.ndarray) -> bool:
-    """Whether `other` is exactly `matrix` transposed, compared ROWS_AT_ONCE rows of `matrix` at a time."""
-    return all(np.array_equal(matrix[i:i + ROWS_AT_ONCE], other[:, i:i + ROWS_AT_ONCE].T)
-               for i in range(0, matrix.shape[0], ROWS_AT_ONCE))
+    return counts
 
 
 EXTERNAL_BYTES = 2**30  # a graph whose weights reach this is rewritten with them beside it, in model.onnx_data
@@ -92,6 +86,10 @@ def _rewrite(model, path: Path) -> None:
 
     data = path.with_name(path.name + "_data")
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    for value in model.graph.initializers.values():
+        # No value_info for weights (the tensors carry their type and shape), as the exporter writes them:
+        # ONNX Runtime's quantizer transposes a Gemm's weight in place and a stale shape beside it fails.
+        value.shape, value.type = None, None
     scratch = path.parent / f".{path.name}.rewrite"
     scratch.mkdir()  # new: only this call's files are in it
     try:
