@@ -8,6 +8,10 @@ are cached between the runs, so a `--repeats` run differs from the first only in
 dense graph's profile that the budget is taken from, the trials' and the validation's timings. Each row also times the run's dense graph against a second
 session of itself, interleaved as the validation times dense against compressed (`aa_ratio`): the ratio a
 perfect measurement would give as 1, so its spread is the precision any measured speed-up has on this machine.
+With `--precision int8` the target is a speed-up over the dense int8 graph (`compression.latency_precision`),
+both int8 graphs are validated beside the fp32 ones, and each row adds the compressed int8 artifact against
+dense int8 at every shape: accuracy, file size and speed (the deployment frontier); `--recovery task`
+fine-tunes the factors on the training split after compression (the run's `finetune` section).
 
     apt-get install wordnet-base
     python benchmarks/target_speedup.py --json benchmarks/results/target_speedup.json
@@ -34,22 +38,41 @@ from fwsvd_export.stages.latency import interleaved
 from fwsvd_export.stages.validate import open_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import run_info, system_busy_s  # noqa: E402
+from measure import TRAIN_TASK, run_info, system_busy_s  # noqa: E402
 from wordnet_classifier import WORDNET, build_classifier, read_verbs  # noqa: E402
 
 
 def recipe(model: Path, data: Path, target: float, shape: str, cache: Path, args) -> dict:
     source = {"text_column": "text", "label_column": "label"}
-    return {
+    shapes = [shape] + [s for s in args.shapes.split(",") if s != shape] if args.precision != "fp32" else [shape]
+    result = {
         "model": {"path": str(model), "task": "text-classification"},
         "data": {"calibration": dict(source, path=str(data / "calibration.jsonl")),
                  "evaluation": dict(source, path=str(data / "heldout.jsonl")),
                  "max_length": args.max_length, "batch_size": 16},
         "compression": {"method": "kfac", "target": [r"encoder\.layer\.\d+\."], "ratio": None, "target_speedup": target,
-                        "latency_shape": shape, "cache_dir": str(cache)},
+                        "latency_shape": shape, "latency_precision": args.precision, "cache_dir": str(cache)},
+        "export": {"precisions": sorted({"fp32", args.precision})},
         "validation": {"providers": [{"name": "cpu", "required": True}], "max_metric_loss": 1.0,
-                       "latency": {"shapes": [shape], "warmup": 3, "runs": args.runs, "rounds": args.rounds, "threads": 2}},
+                       "latency": {"shapes": shapes, "warmup": 3, "runs": args.runs, "rounds": args.rounds, "threads": 2}},
     }
+    if args.recovery == "task":
+        result["data"]["finetune"] = dict(source, path=str(data / "train.jsonl"))
+        recovery = TRAIN_TASK.spec()
+        result["finetune"] = {"epochs": recovery.epochs, "learning_rate": recovery.learning_rate,
+                              "objective": recovery.objective}
+    return result
+
+
+def frontier(report: dict, precision: str) -> dict:
+    """The compressed artifact in `precision` against the dense one in it: accuracy, size and speed per shape."""
+    variants = report["validation"]["variants"]
+    dense, compressed = variants[f"dense-{precision}"], variants[f"compressed-{precision}"]
+    speed = {d["shape"]: d["median_ms"] / c["median_ms"] for d, c in zip(dense["cpu"]["latency"], compressed["cpu"]["latency"])}
+    return {"dense_accuracy": dense["cpu"]["metric"], "accuracy": compressed["cpu"]["metric"],
+            "dense_bytes": dense["bytes"], "bytes": compressed["bytes"], "smaller": dense["bytes"] / compressed["bytes"],
+            "dense_ms": {d["shape"]: d["median_ms"] for d in dense["cpu"]["latency"]},
+            "ms": {c["shape"]: c["median_ms"] for c in compressed["cpu"]["latency"]}, "faster": speed}
 
 
 def main() -> None:
@@ -64,6 +87,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (shape, target), one after another")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="what the target is a speed-up in")
+    parser.add_argument("--recovery", default="none", choices=["none", "task"], help="fine-tune the factors after compression")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
     parser.add_argument("--json", type=Path)
@@ -80,7 +105,7 @@ def main() -> None:
         folder = Path(tmp)
         classifier.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
-        for name, rows_of in (("calibration", train[:args.calibration]), ("heldout", test)):
+        for name, rows_of in (("calibration", train[:args.calibration]), ("heldout", test), ("train", train)):
             (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": labels[r["label"]]}) + "\n"
                                                          for r in rows_of))
         for shape in args.shapes.split(","):
@@ -99,7 +124,7 @@ def main() -> None:
                 graph = folder / f"run-{shape}-{target}-{repeat}" / "onnx" / "dense" / "model.onnx"
                 twins = {name: open_session(graph, "cpu", 2)[0] for name in ("a", "b")}
                 aa = interleaved(twins, [shape], classifier.config.vocab_size, 3, args.runs, args.rounds)
-                point = cpu["latency"][0]
+                point = next(p for p in cpu["latency"] if p["shape"] == shape)
                 rows.append({"shape": shape, "target": target, "repeat": repeat, "predicted": allocation["predicted_speedup"],
                              "rank_multiple": allocation["rank_multiple"], "dense_ms_for_budget": allocation["dense_model_ms"],
                              "linear_ms_for_budget": allocation["targeted_layers_dense_ms"],
@@ -114,9 +139,12 @@ def main() -> None:
                              "aa_ratio": aa["a"][shape]["median_ms"] / aa["b"][shape]["median_ms"],
                              "seconds": seconds,
                              "other_processes_cpu_s": system_busy_s() - busy - (time.process_time() - own)})
+                if args.precision != "fp32":
+                    rows[-1]["frontier"] = frontier(report, args.precision)
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({**run_info(__file__), "test_rows": len(test), "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({**run_info(__file__), "test_rows": len(test), "precision": args.precision,
+                                         "recovery": args.recovery, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
