@@ -90,6 +90,12 @@ def _rewrite(model, path: Path) -> None:
         # No value_info for weights (the tensors carry their type and shape), as the exporter writes them:
         # ONNX Runtime's quantizer transposes a Gemm's weight in place and a stale shape beside it fails.
         value.shape, value.type = None, None
+    for node in model.graph.all_nodes():
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                # A Constant kept in the data file (optimum puts those of 100 bytes or more there for graphs
+                # over 2 GB): saving moves initializers only, so it would keep its offset into the old file.
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
     scratch = path.parent / f".{path.name}.rewrite"
     scratch.mkdir()  # new: only this call's files are in it
     try:
