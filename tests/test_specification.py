@@ -22,6 +22,7 @@ from fwsvd_export.stages.data import load_records
 from fwsvd_export.stages.export import export_onnx, inspect_graph
 from fwsvd_export.stages.tasks import TASKS
 from fwsvd_export.stages.validate import feeds, torch_results, validate
+from fwsvd_export.stages.validate import reference as dense_reference
 
 from conftest import sentences, write_recipe
 
@@ -50,6 +51,25 @@ def test_a_broken_factorization_fails_the_metric_gate_and_only_it(tmp_path, clas
     assert validation["passed"] is False
     assert failing(validation["checks"]) == METRIC_CHECKS
     assert validation["original_torch"] == 1.0 and validation["compressed_torch"] < 0.5
+
+
+def test_a_dense_graph_that_does_not_open_fails_the_run_where_the_compressed_one_runs(tmp_path, classifier_recipe):
+    """The dense graph is an artifact too (the baseline a user compares against): a provider that runs the
+    compressed graph but cannot open the dense one is a failed check, not a silently skipped timing."""
+    classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}]
+    recipe = load_recipe(write_recipe(tmp_path, classifier_recipe))
+    prepared = prepare(recipe, Clock())
+    graph = export_onnx(prepared.model, prepared.tokenizer, tmp_path / "dense", "text-classification")
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # cut short, as a full disk leaves it
+    dense = dense_reference(prepared.task, recipe.validation, prepared.model, prepared.evaluation, graph,
+                      prepared.model.config.vocab_size, progress=False)
+    model, _, _ = compress_stage(prepared, recipe, Clock(), progress=False)
+    compressed = export_onnx(model, prepared.tokenizer, tmp_path / "compressed", "text-classification")
+    evidence = torch_results(prepared.task, recipe.validation, model, prepared.evaluation, progress=False)
+    validation = validate(prepared.task, recipe.validation, dense, evidence, prepared.evaluation, compressed,
+                          model.config.vocab_size, progress=False).to_dict()
+    assert failing(validation["checks"]) == {"cpu: dense graph opens"} and validation["passed"] is False
+    assert validation["providers"]["cpu"]["latency_skipped"].startswith("dense graph: CPUExecutionProvider failed")
 
 
 # --- the per-sample Fisher of text pairs ------------------------------------------------------------
