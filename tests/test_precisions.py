@@ -40,6 +40,8 @@ def test_every_artifact_gets_its_int8_and_fp16_folder_beside_the_fp32_one(precis
         assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in int8.graph.node}
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer)
         assert [i.type for i in fp16.graph.input] == [i.type for i in fp32.graph.input]  # io types kept
+        for graph in (int8, fp16):
+            onnx.checker.check_model(graph)  # valid ONNX (nodes in order), not only loadable by ONNX Runtime
         assert (onnx_dir / f"{name}-int8" / "model.onnx").stat().st_size < 0.6 * (onnx_dir / name / "model.onnx").stat().st_size
         assert (onnx_dir / f"{name}-int8" / "config.json").is_file()
 
@@ -147,3 +149,40 @@ def test_a_decoder_gets_int8_and_4_bit_matmulnbits_copies_validated_on_the_cpu(t
     assert int4["status"] == "measured" and 0 < int4["parity"]["relative_error"] <= 0.5
     checks = {c["name"]: c for c in result.report["validation"]["checks"]}
     assert checks["cpu: compressed-int4 parity"]["passed"] and "cpu: compressed-int4 metric loss" in checks
+
+
+def test_a_graph_with_its_weights_beside_it_gets_variants_with_their_weights_beside_them(tmp_path, monkeypatch,
+                                                                                          tokenizer):
+    """A large model's graph keeps its weights in a data file (optimum's way for graphs over 2 GB, forced
+    here on a tiny decoder); its int8, int4 and fp16 copies do too, where embedding them could not be saved
+    past 2 GB, and the CPU ones run and agree with the fp32 graph."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fwsvd_export.stages.export import export_onnx
+    from fwsvd_export.stages.precision import PRECISIONS, make_variant
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    fp32 = export_onnx(model, tokenizer, tmp_path / "compressed", "text-generation-with-past")
+    assert fp32.with_name("model.onnx_data").exists()
+
+    def logits(graph):
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        ids = np.arange(1, 10, dtype=np.int64)[None] % tokenizer.vocab_size
+        return session.run(["logits"], feeds(session, {"input_ids": torch.from_numpy(ids)}))[0]
+
+    reference = logits(fp32)
+    for precision in ("int8", "int4", "fp16"):
+        graph = make_variant(fp32, precision)
+        assert graph.parent.name == f"compressed-{precision}"
+        beside = [p for p in graph.parent.iterdir() if p.name.startswith("model.onnx") and p != graph]
+        assert len(beside) == 1 and beside[0].stat().st_size > graph.stat().st_size  # the weights are beside it
+        onnx.checker.check_model(str(graph))
+        if "cpu" in PRECISIONS[precision].providers:
+            error = np.linalg.norm(logits(graph) - reference) / np.linalg.norm(reference)
+            assert 0 < error <= PRECISIONS[precision].rtol, precision
+    weights = onnx.load(str(tmp_path / "compressed-fp16" / "model.onnx")).graph.initializer
+    assert {onnx.TensorProto.FLOAT16} <= {w.data_type for w in weights}

@@ -64,28 +64,32 @@ def _copy_side_files(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def _int8(source: Path, target: Path, mode: str, calibration: list[Batch]) -> None:
+def _int8(source: Path, target: Path, mode: str, calibration: list[Batch], external: bool) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if mode == "dynamic":
         # reduce_range (7-bit weights): without it, per-channel int8 MatMuls of the factorized graph saturate
         # on x86 CPUs without VNNI and the model collapses (BENCHMARKS.md, "Precisions").
-        quantize_dynamic(source, target, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(source, target, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
+                         use_external_data_format=external)
         return
     session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    quantize_static(source, target, _Batches(session, calibration), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8)
+    quantize_static(source, target, _Batches(session, calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    use_external_data_format=external)
 
 
-def _fp16(source: Path, target: Path) -> None:
+def _fp16(source: Path, target: Path, external: bool) -> None:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
                                      op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP)
-    onnx.save(model, str(target))
+    OnnxModel(model).topological_sort()  # the converter appends the input Casts last: a graph ONNX rejects
+    onnx.save(model, str(target), save_as_external_data=external, location=target.name + "_data")
 
 
-def _int4(source: Path, target: Path) -> None:
+def _int4(source: Path, target: Path, external: bool) -> None:
     """Every MatMul with a constant weight (both factors of a split layer, the dense ones kept) becomes a
     MatMulNBits with symmetric 4-bit blocks; accuracy level 4 lets the CPU kernel compute in int8."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -93,19 +97,22 @@ def _int4(source: Path, target: Path) -> None:
     config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
     quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
 
 
 def make_variant(fp32_graph: Path, precision: str, int8_mode: str = "dynamic",
                  calibration: list[Batch] | None = None) -> Path:
-    """Write `precision`'s copy of `fp32_graph` (``.../NAME/model.onnx``) to ``.../NAME-PRECISION/``."""
+    """Write `precision`'s copy of `fp32_graph` (``.../NAME/model.onnx``) to ``.../NAME-PRECISION/``. A
+    source whose weights sit beside it (a large model's) gives a copy whose weights sit beside it too, in
+    the file name each tool writes: embedded, a graph over 2 GB could not be saved at all."""
     folder = fp32_graph.parent.with_name(f"{fp32_graph.parent.name}-{precision}")
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / fp32_graph.name
+    external = fp32_graph.with_name(fp32_graph.name + "_data").exists()
     makers: dict[str, Callable[[], None]] = {
-        "int8": lambda: _int8(fp32_graph, target, int8_mode, calibration or []),
-        "fp16": lambda: _fp16(fp32_graph, target),
-        "int4": lambda: _int4(fp32_graph, target),
+        "int8": lambda: _int8(fp32_graph, target, int8_mode, calibration or [], external),
+        "fp16": lambda: _fp16(fp32_graph, target, external),
+        "int4": lambda: _int4(fp32_graph, target, external),
     }
     makers[precision]()
     _copy_side_files(fp32_graph.parent, folder)
