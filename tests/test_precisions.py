@@ -186,3 +186,37 @@ def test_a_graph_with_its_weights_beside_it_gets_variants_with_their_weights_bes
             assert 0 < error <= PRECISIONS[precision].rtol, precision
     weights = onnx.load(str(tmp_path / "compressed-fp16" / "model.onnx")).graph.initializer
     assert {onnx.TensorProto.FLOAT16} <= {w.data_type for w in weights}
+
+
+def test_a_tied_output_projection_is_quantized_like_every_other_linear(tmp_path, tokenizer):
+    """A tied embedding is stored once, read by its Gather and, through a Transpose, by the output
+    projection; ONNX Runtime's quantizers quantize only MatMuls by an initializer, so they read an untied
+    copy of the graph: the output projection, the largest matrix of a small decoder, is int8 (or 4-bit)
+    too. The fp32 graph is left as it was and the copy is gone."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fwsvd_export.stages.export import export_onnx
+    from fwsvd_export.stages.precision import PRECISIONS, make_variant
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True)).eval()
+    fp32 = export_onnx(model, tokenizer, tmp_path / "dense", "text-generation-with-past")
+    before = fp32.read_bytes()
+    ids = torch.arange(1, 10)[None] % tokenizer.vocab_size
+
+    def logits(graph):
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        return session.run(["logits"], feeds(session, {"input_ids": ids}))[0]
+
+    reference = logits(fp32)
+    for precision, op in (("int8", "MatMulInteger"), ("int4", "MatMulNBits")):
+        graph = make_variant(fp32, precision)
+        nodes = onnx.load(str(graph)).graph.node
+        assert sum(n.op_type == op for n in nodes) == 2 * 7 + 1  # two layers of seven projections, and the head
+        assert sorted(p.name for p in graph.parent.iterdir() if p.name.startswith(".")) == []
+        error = np.linalg.norm(logits(graph) - reference) / np.linalg.norm(reference)
+        assert 0 < error <= PRECISIONS[precision].rtol, precision
+    assert fp32.read_bytes() == before

@@ -72,12 +72,15 @@ def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
     the target by more than the tolerance is followed by one aimed where the miss says, and the trial
     measured closest to the target is the one kept; its scratch graphs are gone from the output."""
     monkeypatch.setattr(fwsvd_export.pipeline, "AIM_TOLERANCE", tolerance)
-    speedup_recipe["compression"]["target_speedup"] = 1.3
+    # Within reach wherever the Linears take a seventh of the model's time (about a fifth on the slowest
+    # machine seen, a busy one): this test is about the search, not about how fast the machine is.
+    target = 1.15
+    speedup_recipe["compression"]["target_speedup"] = target
     result = run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
     allocation = result.report["compression"]["allocation"]
     aim = allocation["aim"]
-    trials, miss = aim["trials"], lambda trial: abs(trial["measured"] / 1.3 - 1)
-    assert aim["tolerance"] == tolerance and trials[0]["aimed_at"] == 1.3
+    trials, miss = aim["trials"], lambda trial: abs(trial["measured"] / target - 1)
+    assert aim["tolerance"] == tolerance and trials[0]["aimed_at"] == target
     assert 1 <= len(trials) <= AIM_TRIALS
     if len(trials) < AIM_TRIALS:  # the search stops early at a trial close enough, or an aim the tables cannot reach
         assert aim["stopped"] == "within tolerance" and miss(trials[-1]) <= tolerance \
@@ -85,7 +88,7 @@ def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
     assert all(t["measured"] == pytest.approx(t["dense_ms"] / t["compressed_ms"]) for t in trials)
     for before, after in zip(trials, trials[1:]):
         assert miss(before) > aim["tolerance"]
-        assert after["aimed_at"] == pytest.approx(max(1.0 + tolerance, before["aimed_at"] * 1.3 / before["measured"]))
+        assert after["aimed_at"] == pytest.approx(max(1.0 + tolerance, before["aimed_at"] * target / before["measured"]))
     kept = trials[aim["kept"]]
     assert all(miss(kept) <= miss(t) for t in trials) and allocation["aimed_at"] == kept["aimed_at"]
     assert result.report["compression"]["summary"]["targeted_kept_ratio"] == pytest.approx(kept["kept_ratio"])

@@ -50,6 +50,33 @@ def fold_weight_transposes(path: Path) -> dict[str, int]:
     import onnx_ir as ir
 
     model = ir.load(path)
+    counts = _fold_transposes(model, shared=False)
+    if counts["folded"]:
+        _rewrite(model, path)
+    return counts
+
+
+def untied_copy(path: Path, target: Path) -> bool:
+    """Write to `target` a copy of the graph at `path` in which a weight that other nodes read besides its
+    Transpose (a tied embedding) gets a transposed copy of its own for the Transpose's readers: ONNX
+    Runtime's quantizers only quantize a MatMul whose weight is an initializer, and would leave a tied
+    output projection, the largest matrix of a small decoder, in fp32. False, writing nothing, when no
+    weight is shared so."""
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    if not _fold_transposes(model, shared=True)["folded"]:
+        return False
+    _save(model, target, external=path.with_name(path.name + "_data").exists())
+    return True
+
+
+def _fold_transposes(model, shared: bool) -> dict[str, int]:
+    """Replace, in the onnx_ir `model`, each Transpose of a 2-D weight by the weight's transpose (a lazy
+    initializer, computed when the file is written). A weight other nodes read too keeps its Transpose
+    ("kept"), or with `shared` stays for those nodes beside its transposed copy."""
+    import onnx_ir as ir
+
     graph = model.graph
     counts = {"folded": 0, "kept": 0}
     for node in list(graph):
@@ -57,7 +84,8 @@ def fold_weight_transposes(path: Path) -> dict[str, int]:
         if weight is None or not weight.is_initializer() or weight.is_graph_input() or weight.const_value is None \
                 or weight.shape is None or len(weight.shape) != 2 or node.outputs[0].is_graph_output():
             continue
-        if len(weight.uses()) > 1:
+        alone = len(weight.uses()) == 1
+        if not alone and not shared:
             counts["kept"] += 1
             continue
         tensor = weight.const_value
@@ -68,10 +96,9 @@ def fold_weight_transposes(path: Path) -> dict[str, int]:
         graph.register_initializer(folded)
         node.outputs[0].replace_all_uses_with(folded)
         graph.remove(node, safe=True)
-        graph.initializers.pop(weight.name)
+        if alone:
+            graph.initializers.pop(weight.name)
         counts["folded"] += 1
-    if counts["folded"]:
-        _rewrite(model, path)
     return counts
 
 
@@ -82,10 +109,22 @@ def _rewrite(model, path: Path) -> None:
     """Save `model` over `path` through a new sibling folder, then move the new files into place. Weights go
     to an external data file when the graph had one or they reach EXTERNAL_BYTES: written there they are
     streamed, where embedding them would serialize the whole graph twice more in memory."""
-    import onnx_ir as ir
-
     data = path.with_name(path.name + "_data")
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    scratch = path.parent / f".{path.name}.rewrite"
+    scratch.mkdir()  # new: only this call's files are in it
+    try:
+        _save(model, scratch / path.name, external=data.exists() or weights >= EXTERNAL_BYTES)
+        for written in scratch.iterdir():
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _save(model, target: Path, external: bool) -> None:
+    """Save the onnx_ir `model` at `target`, its weights in ``<target>_data`` when `external`."""
+    import onnx_ir as ir
+
     for value in model.graph.initializers.values():
         # No value_info for weights (the tensors carry their type and shape), as the exporter writes them:
         # ONNX Runtime's quantizer transposes a Gemm's weight in place and a stale shape beside it fails.
@@ -96,15 +135,7 @@ def _rewrite(model, path: Path) -> None:
                 # A Constant kept in the data file (optimum puts those of 100 bytes or more there for graphs
                 # over 2 GB): saving moves initializers only, so it would keep its offset into the old file.
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
-    scratch = path.parent / f".{path.name}.rewrite"
-    scratch.mkdir()  # new: only this call's files are in it
-    try:
-        ir.save(model, scratch / path.name,
-                external_data=data.name if data.exists() or weights >= EXTERNAL_BYTES else None)
-        for written in scratch.iterdir():
-            os.replace(written, path.parent / written.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    ir.save(model, target, external_data=target.name + "_data" if external else None)
 
 
 # Libraries whose loggers speak during an export; each keeps a console handler of its own.

@@ -42,6 +42,7 @@ PRECISIONS: dict[str, Precision] = {
         Precision("int4", ("cpu",), 0.5),
     )
 }
+QUANTIZED = ("int8", "int4")  # made by a quantizer, which reads weights only as initializers
 INT4_BLOCK = 32  # weights per scale: ONNX Runtime's smallest common block, the most accurate
 # Ops kept in fp32 in the fp16 graph, beside the converter's own list: normalisations and softmax.
 FP16_KEEP = ["LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "Softmax"]
@@ -104,16 +105,28 @@ def make_variant(fp32_graph: Path, precision: str, int8_mode: str = "dynamic",
                  calibration: list[Batch] | None = None) -> Path:
     """Write `precision`'s copy of `fp32_graph` (``.../NAME/model.onnx``) to ``.../NAME-PRECISION/``. A
     source whose weights sit beside it (a large model's) gives a copy whose weights sit beside it too, in
-    the file name each tool writes: embedded, a graph over 2 GB could not be saved at all."""
+    the file name each tool writes: embedded, a graph over 2 GB could not be saved at all. The quantizers
+    read an untied copy of a graph with a tied embedding (`untied_copy`), so its output projection is
+    quantized like every other Linear; the copy is removed afterwards."""
+    from .export import untied_copy  # here: the recipe reads this module's registry and needs no exporter
+
     folder = fp32_graph.parent.with_name(f"{fp32_graph.parent.name}-{precision}")
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / fp32_graph.name
     external = fp32_graph.with_name(fp32_graph.name + "_data").exists()
-    makers: dict[str, Callable[[], None]] = {
-        "int8": lambda: _int8(fp32_graph, target, int8_mode, calibration or [], external),
-        "fp16": lambda: _fp16(fp32_graph, target, external),
-        "int4": lambda: _int4(fp32_graph, target, external),
-    }
-    makers[precision]()
+    scratch = folder / ".untied"
+    scratch.mkdir()  # new: only this call's files are in it
+    try:
+        source = fp32_graph
+        if precision in QUANTIZED and untied_copy(fp32_graph, scratch / fp32_graph.name):
+            source = scratch / fp32_graph.name
+        makers: dict[str, Callable[[], None]] = {
+            "int8": lambda: _int8(source, target, int8_mode, calibration or [], external),
+            "fp16": lambda: _fp16(source, target, external),
+            "int4": lambda: _int4(source, target, external),
+        }
+        makers[precision]()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     _copy_side_files(fp32_graph.parent, folder)
     return target
