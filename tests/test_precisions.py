@@ -6,10 +6,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import load_recipe
+from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.ort_io import feeds
+from fwsvd_export.stages.precision import PRECISIONS, make_variant
 
 from conftest import write_recipe
 
@@ -151,30 +155,24 @@ def test_a_decoder_gets_int8_and_4_bit_matmulnbits_copies_validated_on_the_cpu(t
     assert checks["cpu: compressed-int4 parity"]["passed"] and "cpu: compressed-int4 metric loss" in checks
 
 
+def _logits(graph, ids) -> np.ndarray:
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], feeds(session, {"input_ids": ids}))[0]
+
+
 def test_a_graph_with_its_weights_beside_it_gets_variants_with_their_weights_beside_them(tmp_path, monkeypatch,
                                                                                           tokenizer):
     """A large model's graph keeps its weights in a data file (optimum's way for graphs over 2 GB, forced
     here on a tiny decoder); its int8, int4 and fp16 copies do too, where embedding them could not be saved
     past 2 GB, and the CPU ones run and agree with the fp32 graph."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fwsvd_export.stages.export import export_onnx
-    from fwsvd_export.stages.precision import PRECISIONS, make_variant
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
     monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
     fp32 = export_onnx(model, tokenizer, tmp_path / "compressed", "text-generation-with-past")
     assert fp32.with_name("model.onnx_data").exists()
-
-    def logits(graph):
-        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-        ids = np.arange(1, 10, dtype=np.int64)[None] % tokenizer.vocab_size
-        return session.run(["logits"], feeds(session, {"input_ids": torch.from_numpy(ids)}))[0]
-
-    reference = logits(fp32)
+    ids = torch.arange(1, 10)[None] % tokenizer.vocab_size
+    reference = _logits(fp32, ids)
     for precision in ("int8", "int4", "fp16"):
         graph = make_variant(fp32, precision)
         assert graph.parent.name == f"compressed-{precision}"
@@ -182,7 +180,7 @@ def test_a_graph_with_its_weights_beside_it_gets_variants_with_their_weights_bes
         assert len(beside) == 1 and beside[0].stat().st_size > graph.stat().st_size  # the weights are beside it
         onnx.checker.check_model(str(graph))
         if "cpu" in PRECISIONS[precision].providers:
-            error = np.linalg.norm(logits(graph) - reference) / np.linalg.norm(reference)
+            error = np.linalg.norm(_logits(graph, ids) - reference) / np.linalg.norm(reference)
             assert 0 < error <= PRECISIONS[precision].rtol, precision
     weights = onnx.load(str(tmp_path / "compressed-fp16" / "model.onnx")).graph.initializer
     assert {onnx.TensorProto.FLOAT16} <= {w.data_type for w in weights}
@@ -193,12 +191,6 @@ def test_a_tied_output_projection_is_quantized_like_every_other_linear(tmp_path,
     projection; ONNX Runtime's quantizers quantize only MatMuls by an initializer, so they read an untied
     copy of the graph: the output projection, the largest matrix of a small decoder, is int8 (or 4-bit)
     too. The fp32 graph is left as it was and the copy is gone."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fwsvd_export.stages.export import export_onnx
-    from fwsvd_export.stages.precision import PRECISIONS, make_variant
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -206,17 +198,12 @@ def test_a_tied_output_projection_is_quantized_like_every_other_linear(tmp_path,
     fp32 = export_onnx(model, tokenizer, tmp_path / "dense", "text-generation-with-past")
     before = fp32.read_bytes()
     ids = torch.arange(1, 10)[None] % tokenizer.vocab_size
-
-    def logits(graph):
-        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-        return session.run(["logits"], feeds(session, {"input_ids": ids}))[0]
-
-    reference = logits(fp32)
+    reference = _logits(fp32, ids)
     for precision, op in (("int8", "MatMulInteger"), ("int4", "MatMulNBits")):
         graph = make_variant(fp32, precision)
         nodes = onnx.load(str(graph)).graph.node
         assert sum(n.op_type == op for n in nodes) == 2 * 7 + 1  # two layers of seven projections, and the head
         assert sorted(p.name for p in graph.parent.iterdir() if p.name.startswith(".")) == []
-        error = np.linalg.norm(logits(graph) - reference) / np.linalg.norm(reference)
+        error = np.linalg.norm(_logits(graph, ids) - reference) / np.linalg.norm(reference)
         assert 0 < error <= PRECISIONS[precision].rtol, precision
     assert fp32.read_bytes() == before
