@@ -67,7 +67,7 @@ def untied_copy(path: Path, target: Path) -> bool:
     model = ir.load(path)
     if not _fold_transposes(model, shared=True)["folded"]:
         return False
-    _save(model, target, external=path.with_name(path.name + "_data").exists())
+    _save(model, target, external=_external(model, path))
     return True
 
 
@@ -88,12 +88,14 @@ def _fold_transposes(model, shared: bool) -> dict[str, int]:
         if not alone and not shared:
             counts["kept"] += 1
             continue
-        tensor = weight.const_value
+        tensor, name = weight.const_value, f"{weight.name}.transposed"
         shape = ir.Shape(list(tensor.shape)[::-1])
-        folded = ir.Value(name=f"{weight.name}.transposed", shape=shape, type=ir.TensorType(tensor.dtype),
-                          const_value=ir.LazyTensor(lambda t=tensor: ir.tensor(np.ascontiguousarray(t.numpy().T)),
-                                                    tensor.dtype, shape, name=f"{weight.name}.transposed"))
-        graph.register_initializer(folded)
+        folded = graph.initializers.get(name)  # one copy however many Transposes read the weight
+        if folded is None:
+            folded = ir.Value(name=name, shape=shape, type=ir.TensorType(tensor.dtype),
+                              const_value=ir.LazyTensor(lambda t=tensor: ir.tensor(np.ascontiguousarray(t.numpy().T)),
+                                                        tensor.dtype, shape, name=name))
+            graph.register_initializer(folded)
         node.outputs[0].replace_all_uses_with(folded)
         graph.remove(node, safe=True)
         if alone:
@@ -109,16 +111,21 @@ def _rewrite(model, path: Path) -> None:
     """Save `model` over `path` through a new sibling folder, then move the new files into place. Weights go
     to an external data file when the graph had one or they reach EXTERNAL_BYTES: written there they are
     streamed, where embedding them would serialize the whole graph twice more in memory."""
-    data = path.with_name(path.name + "_data")
-    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     scratch = path.parent / f".{path.name}.rewrite"
     scratch.mkdir()  # new: only this call's files are in it
     try:
-        _save(model, scratch / path.name, external=data.exists() or weights >= EXTERNAL_BYTES)
+        _save(model, scratch / path.name, external=_external(model, path))
         for written in scratch.iterdir():
             os.replace(written, path.parent / written.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _external(model, path: Path) -> bool:
+    """Whether `model`, read from `path`, is saved with its weights beside it: the graph had a data file,
+    or its weights reach EXTERNAL_BYTES."""
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return path.with_name(path.name + "_data").exists() or weights >= EXTERNAL_BYTES
 
 
 def _save(model, target: Path, external: bool) -> None:
