@@ -86,6 +86,7 @@ def test_every_artifact_is_timed_in_the_same_interleaved_rounds_as_dense_fp32(pr
     method = cpu["latency_method"]
     assert method["artifacts"] == ["dense", "compressed", "dense-int8", "compressed-int8"]  # fp16 is for CUDA
     assert method["interleaved_rounds"] == 3 and method["runs"] == 3  # rounds are capped at the runs
+    assert method["spinning_after_run"] is False  # no session's idle threads take the cores of the next one's run
     point = cpu["latency"][0]
     assert point["dense"]["runs"] == point["compressed"]["runs"] == 3
     assert point["speedup"] == point["dense"]["median_ms"] / point["compressed"]["median_ms"]

@@ -46,7 +46,7 @@ from ..errors import FwsvdError
 from .precision import PRECISIONS, make_variant
 from .export import module_path, find_module
 from .latency import interleaved
-from .validate import PROVIDERS, SESSION_LOG_SEVERITY, open_session
+from .validate import PROVIDERS, open_session, session_options
 
 TIMING_FORMAT = 1  # bump when what a cache file holds, or how it is measured, changes
 OPSET, IR_VERSION = 17, 8
@@ -200,15 +200,10 @@ def _graph(path: Path, tokens: int, in_features: int, out_features: int, rank: O
 
 class _Runner:
     """One session with its input and output bound on the provider's device, so a run times the kernels,
-    not copies between host and device. Its worker threads stop spinning when a run ends, as they do when
-    a model's last op ends, so they take no cores from the graph timed next."""
+    not copies between host and device (its threads stop spinning after a run, as `session_options` says)."""
 
     def __init__(self, graph: Path, provider: str, threads: int, x: np.ndarray, width: int) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = SESSION_LOG_SEVERITY
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-        self.session = ort.InferenceSession(str(graph), options, providers=[PROVIDERS[provider]])
+        self.session = ort.InferenceSession(str(graph), session_options(threads), providers=[PROVIDERS[provider]])
         device = "cuda" if provider == "cuda" else "cpu"
         self.binding = self.session.io_binding()
         self.binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
@@ -413,9 +408,7 @@ def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads:
     is taken without it and its nodes' times with it, from the same stretch of time. The profile is
     written to a temporary folder and read back; nothing stays behind."""
     with tempfile.TemporaryDirectory(prefix="fwsvd-profile-") as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = SESSION_LOG_SEVERITY
+        options = session_options(threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         profiling = ort.InferenceSession(str(graph), options, providers=[PROVIDERS[provider]])

@@ -87,6 +87,18 @@ def threads(spec: ValidationSpec) -> int:
     return spec.latency.threads or os.cpu_count() or 1
 
 
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """Options of every session the tool opens. `intra_op_threads` 0 leaves ONNX Runtime's default. The
+    worker threads stop spinning when a run ends: the tool times several sessions in turns in one
+    process, and a session's threads spinning after its run take the cores from the next session's run
+    (on 2 cores that doubled every 1x128 time; BENCHMARKS.md, "Spinning threads")."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.log_severity_level = SESSION_LOG_SEVERITY  # this session only; the global logger stays as it was
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 def open_session(path: Path, provider: str, intra_op_threads: int = 0) -> tuple[Optional[ort.InferenceSession], str]:
     """A session that really runs on `provider` (short name), or None and the reason it does not.
     `intra_op_threads` 0 leaves ONNX Runtime's default."""
@@ -95,16 +107,21 @@ def open_session(path: Path, provider: str, intra_op_threads: int = 0) -> tuple[
         return None, f"{name} is not in this onnxruntime build (has {', '.join(ort.get_available_providers())})"
     try:
         with _stderr_to_log():  # a provider's failed start is detected and reported below, not printed as an error
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = intra_op_threads
-            options.log_severity_level = SESSION_LOG_SEVERITY  # this session only; the global logger stays as it was
-            session = ort.InferenceSession(str(path), options, providers=[name])
+            session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=[name])
     except Exception as exc:  # provider libraries that fail to load raise on some builds
         return None, f"{name} failed to start: {exc}"
     used = session.get_providers()
     if not used or used[0] != name:
         return None, f"{name} could not start on this machine (session fell back to {', '.join(used)})"
     return session, ""
+
+
+def _spins(session: ort.InferenceSession) -> bool:
+    """Whether `session`'s worker threads go on spinning after a run (as read back from the session)."""
+    try:
+        return session.get_session_options().get_session_config_entry("session.force_spinning_stop") != "1"
+    except RuntimeError:  # the entry was never set: ONNX Runtime's default, spinning
+        return True
 
 
 def run_ort(session: ort.InferenceSession, task: Task, batch: Batch) -> torch.Tensor:
@@ -306,7 +323,8 @@ def _time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, 
         timings = interleaved(sessions, spec.latency.shapes, vocab_size, spec.latency.warmup, spec.latency.runs,
                               spec.latency.rounds)
         entry["latency_method"] = {"interleaved_rounds": min(spec.latency.rounds, spec.latency.runs), "runs": spec.latency.runs,
-                                   "warmup": spec.latency.warmup, "threads": threads(spec), "artifacts": list(sessions)}
+                                   "warmup": spec.latency.warmup, "threads": threads(spec), "artifacts": list(sessions),
+                                   "spinning_after_run": _spins(sessions["dense"])}
         for shape, base in timings["dense"].items():
             small = timings["compressed"][shape]
             point = {"shape": shape, "dense": base, "compressed": small, "speedup": base["median_ms"] / small["median_ms"]}
