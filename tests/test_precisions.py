@@ -191,7 +191,7 @@ def test_a_tied_output_projection_is_quantized_like_every_other_linear(tmp_path,
     """A tied embedding is stored once, read by its Gather and, through a Transpose, by the output
     projection; ONNX Runtime's quantizers quantize only MatMuls by an initializer, so they read an untied
     copy of the graph: the output projection, the largest matrix of a small decoder, is int8 (or 4-bit)
-    too. The fp32 graph is left as it was and the copy is gone."""
+    too; in int4 the embedding table is 4-bit as well. The fp32 graph is left as it was and the copy is gone."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -204,6 +204,9 @@ def test_a_tied_output_projection_is_quantized_like_every_other_linear(tmp_path,
         graph = make_variant(fp32, precision)
         nodes = onnx.load(str(graph)).graph.node
         assert sum(n.op_type == op for n in nodes) == 2 * 7 + 1  # two layers of seven projections, and the head
+        if precision == "int4":  # the embedding the Gather reads is 4-bit too: a quarter of the fp32 bytes, and less
+            assert sum(n.op_type == "GatherBlockQuantized" for n in nodes) == 1
+            assert graph.stat().st_size < 0.4 * fp32.stat().st_size
         assert sorted(p.name for p in graph.parent.iterdir() if p.name.startswith(".")) == []
         error = np.linalg.norm(_logits(graph, ids) - reference) / np.linalg.norm(reference)
         assert 0 < error <= PRECISIONS[precision].rtol, precision

@@ -1,7 +1,8 @@
 """Deployment precisions of an exported fp32 graph, made with ONNX Runtime's own tools: int8 for the
 CPU (dynamic weight quantization, per-channel where the operator allows, or static QDQ calibrated on
 the recipe's calibration batches), int4 for the CPU (4-bit blockwise weights in ONNX Runtime's
-``MatMulNBits``, the weight-only format decoders ship in; activations stay float) and fp16 for CUDA
+``MatMulNBits`` and embedding tables in its ``GatherBlockQuantized``, the weight-only format decoders
+ship in; activations stay float) and fp16 for CUDA
 (LayerNorm, Softmax and the other ops ONNX Runtime's converter keeps in fp32 stay fp32; inputs and
 outputs keep their types).
 
@@ -92,10 +93,13 @@ def _fp16(source: Path, target: Path, external: bool) -> None:
 
 def _int4(source: Path, target: Path, external: bool) -> None:
     """Every MatMul with a constant weight (both factors of a split layer, the dense ones kept) becomes a
-    MatMulNBits with symmetric 4-bit blocks; accuracy level 4 lets the CPU kernel compute in int8."""
+    MatMulNBits with symmetric 4-bit blocks; accuracy level 4 lets the CPU kernel compute in int8. Every
+    Gather of a constant table (the token embedding, the largest matrix of a small decoder, kept in fp32
+    otherwise) becomes a GatherBlockQuantized with 4-bit blocks along the hidden axis."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4)
+    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4,
+                                          op_types_to_quantize=("MatMul", "Gather"))
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
