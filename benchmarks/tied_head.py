@@ -2,7 +2,9 @@
 made from the tool's fp32 graph as ONNX Runtime's quantizers see it ("as exported": the output
 projection reads the embedding through a Transpose, so it stays an fp32 MatMul) and as the tool now
 hands it to them ("untied": the projection gets its own transposed weight, quantized like every other
-Linear; `fwsvd_export.stages.precision.make_variant`).
+Linear; `fwsvd_export.stages.precision.make_variant`). In int4 the tool also makes the embedding table
+its Gather reads 4-bit (since commit d67b34a); "int4 untied, embedding fp32" is the untied graph with the
+MatMuls alone quantized, as the tool made it before.
 
 Decoders built from real configurations with seeded random weights (`scaling.py`'s family; size and
 speed do not depend on training, and no trained tied decoder is available offline), exported with the
@@ -27,7 +29,7 @@ import torch
 from measure import run_info
 from scaling import FAMILY, build_in_subprocess
 
-ARTIFACTS = ("fp32", "int8 as exported", "int8 untied", "int4 as exported", "int4 untied")
+ARTIFACTS = ("fp32", "int8 as exported", "int8 untied", "int4 as exported", "int4 untied, embedding fp32", "int4 untied")
 
 
 def make_artifacts(name: str, work: Path) -> dict[str, Path]:
@@ -56,6 +58,22 @@ def make_artifacts(name: str, work: Path) -> dict[str, Path]:
         graphs[f"{p} as exported"] = exported
         untied = root / f"dense-{p}" / "model.onnx"
         graphs[f"{p} untied"] = untied if untied.exists() else precision.make_variant(fp32, p)
+    matmuls_only = root / "int4-embedding-fp32" / "model.onnx"
+    if not matmuls_only.exists():
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+        from fwsvd_export.stages.export import untied_copy
+
+        matmuls_only.parent.mkdir(parents=True)
+        untied_copy(fp32, matmuls_only.with_name("untied.onnx"))
+        config = DefaultWeightOnlyQuantConfig(block_size=precision.INT4_BLOCK, is_symmetric=True, accuracy_level=4,
+                                              op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(matmuls_only.with_name("untied.onnx"))), algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(matmuls_only), use_external_data_format=external)
+        for leftover in matmuls_only.parent.glob("untied.onnx*"):
+            leftover.unlink()
+    graphs["int4 untied, embedding fp32"] = matmuls_only
     return graphs
 
 
