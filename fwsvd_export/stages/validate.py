@@ -91,7 +91,7 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     """Options of every session the tool opens. `intra_op_threads` 0 leaves ONNX Runtime's default. The
     worker threads stop spinning when a run ends: the tool times several sessions in turns in one
     process, and a session's threads spinning after its run take the cores from the next session's run
-    (on 2 cores that doubled every 1x128 time; BENCHMARKS.md, "Spinning threads")."""
+    (on 2 cores, 1x128 runs took up to 1.9x as long; BENCHMARKS.md, "Spinning threads")."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = SESSION_LOG_SEVERITY  # this session only; the global logger stays as it was
