@@ -65,10 +65,11 @@ def make_artifacts(name: str, work: Path) -> dict[str, Path]:
         from fwsvd_export.stages.export import untied_copy
 
         matmuls_only.parent.mkdir(parents=True)
-        untied_copy(fp32, matmuls_only.with_name("untied.onnx"))
+        untied = matmuls_only.with_name("untied.onnx")
+        source = untied if untied_copy(fp32, untied) else fp32  # a decoder without a tie needs no copy
         config = DefaultWeightOnlyQuantConfig(block_size=precision.INT4_BLOCK, is_symmetric=True, accuracy_level=4,
                                               op_types_to_quantize=("MatMul",))
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(matmuls_only.with_name("untied.onnx"))), algo_config=config)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(matmuls_only), use_external_data_format=external)
         for leftover in matmuls_only.parent.glob("untied.onnx*"):
