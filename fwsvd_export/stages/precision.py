@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -101,7 +102,8 @@ def _int4(source: Path, target: Path, external: bool) -> None:
     config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4,
                                           op_types_to_quantize=("MatMul", "Gather"))
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
-    quantizer.process()
+    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (a padding row): 0/0, stored as 0
+        quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
 
 
