@@ -67,3 +67,29 @@ def test_a_graph_input_the_tool_cannot_feed_is_a_user_error_naming_it(tmp_path):
     import torch
     with pytest.raises(FwsvdError, match="'pixel_values'"):
         feeds(session, {"input_ids": torch.ones(1, 2, dtype=torch.long)})
+
+
+CONVERT = """
+import logging, sys
+from pathlib import Path
+from fwsvd_export.stages.precision import make_variant
+for precision in ("int8", "int4"):
+    make_variant(Path(sys.argv[1]), precision)
+root = logging.getLogger()
+print(len(root.handlers), logging.getLevelName(root.level))
+logging.getLogger("fwsvd_export").addHandler(logging.StreamHandler())  # as the CLI does
+logging.getLogger("fwsvd_export").warning("after the conversions")
+"""
+
+
+def test_making_int8_and_int4_copies_prints_nothing_and_leaves_the_root_logger_as_it_was(tmp_path, bert_dir, tokenizer):
+    """ONNX Runtime's quantizers log on the root logger (whose first use gives it a console handler) and one
+    of them configures it on import; afterwards every record of the tool would be printed twice."""
+    from transformers import AutoModel
+    from fwsvd_export.stages.export import export_onnx
+    graph = export_onnx(AutoModel.from_pretrained(bert_dir).eval(), tokenizer, tmp_path / "dense", "feature-extraction")
+    done = subprocess.run([sys.executable, "-c", CONVERT, str(graph)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "WARNING"]
+    assert done.stderr == "after the conversions\n"
+    assert (tmp_path / "dense-int8" / "model.onnx").exists() and (tmp_path / "dense-int4" / "model.onnx").exists()

@@ -2,34 +2,30 @@
 ``ORTModelFor*`` classes, plus a check that each factorized Linear really became two MatMuls."""
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import shutil
-import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Optional, TypeVar
+from typing import Optional, TypeVar
 
 import numpy as np
 import onnx
 from torch import nn
 
 from ..core.modules import factorized_layers
+from .library_log import library_output_to_log
 
 ONNX_FILE = "model.onnx"
-LOG = logging.getLogger("fwsvd_export")
 T = TypeVar("T")
 
 
 def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Optional[int] = None) -> Path:
     """Write ``folder/model.onnx`` (with config and tokenizer) for the in-memory `model`. What the exporter
-    prints, warns or logs goes to the 'fwsvd_export' log (see `_exporter_output_to_log`), not to the console."""
+    prints, warns or logs goes to the 'fwsvd_export' log (see `library_output_to_log`), not to the console."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    with _exporter_output_to_log():  # optimum's own post-processing holds the whole graph in memory 3 times
+    with library_output_to_log("exporter", EXPORTER_LOGGERS):  # optimum's own post-processing holds the whole graph in memory 3 times
         onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True,
                                do_constant_folding=False)
     fold_weight_transposes(folder / ONNX_FILE)
@@ -147,55 +143,6 @@ def _save(model, target: Path, external: bool) -> None:
 
 # Libraries whose loggers speak during an export; each keeps a console handler of its own.
 EXPORTER_LOGGERS = ("optimum", "transformers", "torch.onnx")
-
-
-class _Forward(logging.Handler):
-    """Re-logs a library's record on the 'fwsvd_export' logger: errors at their level, the rest one step
-    quieter (a library warning at INFO, its info at DEBUG), so they show only when the user asks for them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        level = record.levelno if record.levelno >= logging.ERROR else (
-            logging.INFO if record.levelno >= logging.WARNING else logging.DEBUG)
-        LOG.log(level, "exporter (%s): %s", record.name, record.getMessage())
-
-
-@contextlib.contextmanager
-def _exporter_output_to_log() -> Iterator[None]:
-    """Meanwhile: Python warnings are recorded and logged at INFO (the exporter's TracerWarnings and the like,
-    one line each), the exporter libraries' log records are forwarded (`_Forward`) instead of reaching their
-    own console handlers, and text printed on sys.stdout / sys.stderr is logged at DEBUG (at WARNING when the
-    export fails, as it may explain the failure). Every setting touched is restored, and an exception of
-    the exporter propagates unchanged."""
-    forward = _Forward()
-    saved = []
-    for name in EXPORTER_LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.handlers[:], logger.propagate))
-        for handler in logger.handlers[:]:
-            logger.removeHandler(handler)
-        logger.addHandler(forward)
-        logger.propagate = False
-    printed_out, printed_err = io.StringIO(), io.StringIO()
-    caught: list[warnings.WarningMessage] = []
-    failed = True
-    try:
-        with warnings.catch_warnings(record=True) as caught, \
-                contextlib.redirect_stdout(printed_out), contextlib.redirect_stderr(printed_err):
-            warnings.simplefilter("always")
-            yield
-        failed = False
-    finally:
-        for logger, handlers, propagate in saved:
-            logger.removeHandler(forward)
-            for handler in handlers:
-                logger.addHandler(handler)
-            logger.propagate = propagate
-        for warning in caught:
-            LOG.info("exporter warning: %s: %s (%s:%s)", warning.category.__name__, warning.message,
-                     Path(warning.filename).name, warning.lineno)
-        for stream, buffer in (("stdout", printed_out), ("stderr", printed_err)):
-            if buffer.getvalue().strip():
-                LOG.log(logging.WARNING if failed else logging.DEBUG, "exporter %s: %s", stream, buffer.getvalue().strip())
 
 
 def module_path(node_name: str) -> str:

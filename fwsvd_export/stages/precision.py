@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from ..core.batch import Batch
+from .library_log import library_output_to_log
 from .ort_io import feeds
 
 
@@ -131,7 +132,8 @@ def make_variant(fp32_graph: Path, precision: str, int8_mode: str = "dynamic",
             "fp16": lambda: _fp16(source, target, external),
             "int4": lambda: _int4(source, target, external),
         }
-        makers[precision]()
+        with library_output_to_log(f"{precision} conversion", ("onnxruntime",)):
+            makers[precision]()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _copy_side_files(fp32_graph.parent, folder)
