@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=40)
     parser.add_argument("--targets", default="1.5,2.0,3.0")
     parser.add_argument("--shapes", default="1x128,8x128")
+    parser.add_argument("--aimed", help="the shapes a target is aimed at, in turn (default: every one of --shapes)")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (shape, target), one after another")
@@ -108,7 +109,7 @@ def main() -> None:
         for name, rows_of in (("calibration", train[:args.calibration]), ("heldout", test), ("train", train)):
             (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": r["text"], "label": labels[r["label"]]}) + "\n"
                                                          for r in rows_of))
-        for shape in args.shapes.split(","):
+        for shape in (args.aimed or args.shapes).split(","):
             for target, repeat in ((float(t), i) for t in args.targets.split(",") for i in range(args.repeats)):
                 path = folder / "recipe.yaml"
                 path.write_text(yaml.safe_dump(recipe(folder / "model", folder, target, shape, folder / "cache", args)))
