@@ -1,6 +1,7 @@
 """compression.target_speedup: global allocation spends a budget in measured time, not in parameters. The
 layers' factor-pair timings are measured once per machine (cached) and the dense graph timed on the same
 provider; a target out of reach is refused before the statistics pass."""
+import copy
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.pipeline import AIM_TOLERANCE, AIM_TRIALS, compress_only, next_aim, run
 from fwsvd_export.recipe import load_recipe
+from fwsvd_export.stages.report import markdown
 from fwsvd_export.stages.kernel_timing import Timing, recommended_multiple
 
 from conftest import write_recipe
@@ -93,6 +95,20 @@ def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
     assert all(miss(kept) <= miss(t) for t in trials) and allocation["aimed_at"] == kept["aimed_at"]
     assert result.report["compression"]["summary"]["targeted_kept_ratio"] == pytest.approx(kept["kept_ratio"])
     assert not (result.output / ".aim").exists()
+    # report.md lists the trials, the kept one marked, and says when the dense graph's own time moved more
+    # than the tolerance across the budget and the trials (the machine changed speed under the run).
+    text = (result.output / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.count("|") == 9 and line.split("|")[1].strip().isdigit()]
+    assert "| trial | aimed at | predicted | measured | dense ms | trial ms |" in text
+    assert len(rows) == len(trials) and [r.rstrip(" |").endswith("yes") for r in rows].count(True) == 1
+    assert rows[aim["kept"]].rstrip(" |").endswith("yes")
+    steady = copy.deepcopy(result.report)
+    for trial in steady["compression"]["allocation"]["aim"]["trials"]:
+        trial["dense_ms"] = allocation["dense_model_ms"]
+    assert "the machine's speed changed" not in markdown(steady)
+    drifted = steady["compression"]["allocation"]["aim"]["trials"][-1]
+    drifted["dense_ms"] = allocation["dense_model_ms"] * (1.5 + tolerance)
+    assert f"({0.5 + tolerance:.0%} apart): the machine's speed changed" in markdown(steady)
 
 
 def test_the_next_aim_corrects_the_last_by_its_miss_and_stays_above_one():

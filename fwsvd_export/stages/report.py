@@ -22,6 +22,24 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _aim_lines(allocation: dict) -> list[str]:
+    """The speed-up target's trials, and how far the dense graph's own time moved across the budget and
+    the trials: a machine whose speed changes under the run changes every speed-up measured on it."""
+    aim = allocation["aim"]
+    trials = aim["trials"]
+    lines = [f"Trials (each compression's graph timed against the dense one, interleaved; the one measured closest "
+             f"to the target is kept; search stopped: {aim['stopped']}):", ""]
+    lines += _table(["trial", "aimed at", "predicted", "measured", "dense ms", "trial ms", "targeted weights kept", "kept"],
+                    [[i + 1, t["aimed_at"], t["predicted"], t["measured"], t["dense_ms"], t["compressed_ms"],
+                      t["kept_ratio"], "yes" if i == aim["kept"] else ""] for i, t in enumerate(trials)])
+    dense = [allocation["dense_model_ms"]] + [t["dense_ms"] for t in trials]
+    if max(dense) / min(dense) - 1 > aim["tolerance"]:
+        lines += [f"The dense graph took {min(dense):.3g}-{max(dense):.3g} ms across the budget and the trials "
+                  f"({max(dense) / min(dense) - 1:.0%} apart): the machine's speed changed during the run, and a "
+                  "speed-up measured on it is uncertain by about as much: time on a machine nothing else runs on.", ""]
+    return lines
+
+
 def markdown(report: dict) -> str:
     comp, val, sizes = report["compression"], report.get("validation"), report["sizes"]
     summary = comp["summary"]
@@ -39,6 +57,8 @@ def markdown(report: dict) -> str:
         lines += [f"Speed-up target: **{check['target_speedup']:g}x** {check['measured_on']}; the measured layer timings "
                   f"predict {check['predicted_speedup']:.2f}x (dense {check['dense_model_ms']:.3g} ms, Linear time budget "
                   f"{check['budget_ms']:.3g} ms); the validation below measures the graphs.", ""]
+        if "aim" in check:
+            lines += _aim_lines(check)
     elif check:
         losses = ", ".join(f"{k} {v['loss']:.4g}" for k, v in check["candidates"].items())
         lines += [f"Allocation check: **{check['winner']}** ranks had the lowest task loss on {check['check_batches']} "
