@@ -25,7 +25,8 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
     from optimum.exporters.onnx import onnx_export_from_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    with library_output_to_log("exporter", EXPORTER_LOGGERS):  # optimum's own post-processing holds the whole graph in memory 3 times
+    # no_post_process: optimum's own post-processing holds the whole graph in memory 3 times
+    with library_output_to_log("exporter", EXPORTER_LOGGERS):
         onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True,
                                do_constant_folding=False)
     fold_weight_transposes(folder / ONNX_FILE)

@@ -48,7 +48,7 @@ def library_output_to_log(speaker: str, loggers: tuple[str, ...]) -> Iterator[No
     records and those logged on the root logger itself are forwarded (`_Forward`) instead of reaching
     console handlers, the root logger cannot be given a console handler, and text printed on sys.stdout
     / sys.stderr is logged at DEBUG (at WARNING when the call fails, as it may explain the failure). Each
-    line names the `speaker` ("exporter", "quantizer"). Every setting touched is restored, and an
+    line names the `speaker` ("exporter", "int8 conversion"). Every setting touched is restored, and an
     exception of the library propagates unchanged."""
     forward = _Forward(speaker)
     saved = []
