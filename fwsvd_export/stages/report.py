@@ -27,11 +27,15 @@ def _aim_lines(allocation: dict) -> list[str]:
     the trials: a machine whose speed changes under the run changes every speed-up measured on it."""
     aim = allocation["aim"]
     trials = aim["trials"]
-    lines = [f"Trials (each compression's graph timed against the dense one, interleaved; the one measured closest "
-             f"to the target is kept; search stopped: {aim['stopped']}):", ""]
-    lines += _table(["trial", "aimed at", "predicted", "measured", "dense ms", "trial ms", "targeted weights kept", "kept"],
-                    [[i + 1, t["aimed_at"], t["predicted"], t["measured"], t["dense_ms"], t["compressed_ms"],
-                      t["kept_ratio"], "yes" if i == aim["kept"] else ""] for i, t in enumerate(trials)])
+    together = aim["kept_by"] == "measured_together"
+    lines = ["Trials (each compression's graph timed against the dense one, interleaved"
+             + ("; then all of them again in the same rounds, where the one closest to the target is kept"
+                if together else "") + f"; search stopped: {aim['stopped']}):", ""]
+    lines += _table(["trial", "aimed at", "predicted", "measured", "dense ms", "trial ms"]
+                    + (["measured together"] if together else []) + ["targeted weights kept", "kept"],
+                    [[i + 1, t["aimed_at"], t["predicted"], t["measured"], t["dense_ms"], t["compressed_ms"]]
+                     + ([t["measured_together"]] if together else []) + [t["kept_ratio"], "yes" if i == aim["kept"] else ""]
+                     for i, t in enumerate(trials)])
     dense = [allocation["dense_model_ms"]] + [t["dense_ms"] for t in trials]
     if max(dense) / min(dense) - 1 > aim["tolerance"]:
         lines += [f"The dense graph took {min(dense):.3g}-{max(dense):.3g} ms across the budget and the trials "
