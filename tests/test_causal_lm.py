@@ -10,7 +10,7 @@ from fwsvd_export.core.compress import plan_layers
 from fwsvd_export.core.factorize import linear_weight
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import CompressionSpec, load_recipe
-from fwsvd_export.stages.export import export_onnx, fold_weight_transposes
+from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.ort_io import feeds
 
 from conftest import quick_validation, write_recipe
@@ -127,38 +127,39 @@ def _transposed_initializers(graph) -> list[str]:
     return [n.input[0] for n in proto.node if n.op_type == "Transpose" and n.input[0] in names]
 
 
-def _external_constants(graph) -> list[str]:
-    proto = onnx.load(str(graph), load_external_data=False).graph
-    return [n.name for n in proto.node for a in n.attribute
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL]
+def _weights_are_the_models(graph, model) -> int:
+    """Assert every initializer of `graph` holds `model`'s tensor of its name (or its transpose, for a folded
+    Transpose's '<name>.transposed') bit for bit and no weight is left a graph input; returns how many."""
+    proto = onnx.load(str(graph))
+    state = model.state_dict()
+    assert not [i.name for i in proto.graph.input if i.name in state]
+    for init in proto.graph.initializer:
+        name, transposed = init.name.removesuffix(".transposed"), init.name.endswith(".transposed")
+        expected = state[name].T if transposed else state[name]
+        assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(init).copy()), expected), init.name
+    return len(proto.graph.initializer)
 
 
 @pytest.mark.parametrize("external_data", [False, True])
 def test_a_tied_embedding_is_stored_once_in_the_graph(tmp_path, monkeypatch, tokenizer, external_data):
-    """The exporter runs without constant folding (which holds every weight twice while serializing), so
-    weights reach their MatMuls through Transposes; the tool stores each one as its MatMul reads it, except
-    a tied embedding, which the output projection reads transposed: it stays stored once, behind its
-    Transpose, in a file with its weights inside or beside it, and the graph runs like PyTorch. Beside it is
-    optimum's own way for graphs over 2 GB (forced here): constants of 100 bytes or more (the rotary
-    frequencies, with head_dim 64) go to the data file too, and must still be read right after the rewrite."""
-    from optimum.exporters.onnx import onnx_export_from_model
-
+    """The exporter writes the graph without its weights and without constant folding (each would hold the
+    weights again in memory), so weights reach their MatMuls through Transposes; the tool then stores the
+    model's own tensors, each as its MatMul reads it, except a tied embedding, which the output projection
+    reads transposed: it stays stored once, behind its Transpose, in a file with its weights inside or
+    beside it, and the graph runs like PyTorch. Beside it is optimum's own way for graphs over 2 GB (forced
+    here): constants of 100 bytes or more (the rotary frequencies, with head_dim 64) go to a data file, and
+    must still be read right after the rewrite."""
     torch.manual_seed(0)
     vocab = tokenizer.vocab_size
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, head_dim=64, **DECODER)).eval()
     folder = tmp_path / "onnx"
     if external_data:
         monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
-    onnx_export_from_model(model, output=folder, task="text-generation-with-past", do_validation=False,
-                           no_post_process=True, do_constant_folding=False)
-    graph = folder / "model.onnx"
-    assert bool(_external_constants(graph)) == external_data
-    weights = 2 * 7 + 1  # two layers of seven projections, and the output projection
-    assert len(_transposed_initializers(graph)) == weights  # what the exporter writes
-
-    assert fold_weight_transposes(graph) == {"folded": weights - 1, "kept": 1}
+    graph = export_onnx(model, tokenizer, folder, "text-generation-with-past")
     assert _big_initializers(graph, vocab) == [(vocab, 48)]
     assert _transposed_initializers(graph) == ["model.embed_tokens.weight"]
+    # two layers of seven projections, the embedding, and the five norms' weights: all ones, stored once
+    assert _weights_are_the_models(graph, model) == 2 * 7 + 1 + 1
     assert (folder / "model.onnx_data").exists() == external_data
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no scratch left
     ids = torch.randint(1, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -174,8 +175,7 @@ def test_an_exported_graph_stores_every_untied_weight_as_its_matmul_reads_it(tmp
     graph = export_onnx(model, tokenizer, tmp_path / "onnx", "text-generation-with-past")
     assert _transposed_initializers(graph) == []
     assert sorted(_big_initializers(graph, vocab)) == [(48, vocab), (vocab, 48)]  # lm_head as MatMul reads it, embedding
-    before = graph.read_bytes()
-    assert fold_weight_transposes(graph) == {"folded": 0, "kept": 0} and graph.read_bytes() == before
+    assert _weights_are_the_models(graph, model) == 2 * 7 + 2 + 1  # projections, embedding and head, norms
     ids = torch.randint(1, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids).logits

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import load_recipe
+from fwsvd_export.stages import export
 from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.ort_io import feeds
 from fwsvd_export.stages.precision import PRECISIONS, make_variant
@@ -163,13 +164,13 @@ def _logits(graph, ids) -> np.ndarray:
 
 def test_a_graph_with_its_weights_beside_it_gets_variants_with_their_weights_beside_them(tmp_path, monkeypatch,
                                                                                           tokenizer):
-    """A large model's graph keeps its weights in a data file (optimum's way for graphs over 2 GB, forced
-    here on a tiny decoder); its int8, int4 and fp16 copies do too, where embedding them could not be saved
-    past 2 GB, and the CPU ones run and agree with the fp32 graph."""
+    """A large model's graph keeps its weights in a data file (the export's way from 1 GiB of weights,
+    forced here on a tiny decoder); its int8, int4 and fp16 copies do too, where embedding them could not be
+    saved past 2 GB, and the CPU ones run and agree with the fp32 graph."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
-    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    monkeypatch.setattr(export, "EXTERNAL_BYTES", 0)
     fp32 = export_onnx(model, tokenizer, tmp_path / "compressed", "text-generation-with-past")
     assert fp32.with_name("model.onnx_data").exists()
     ids = torch.arange(1, 10)[None] % tokenizer.vocab_size

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Collection, Iterator, Optional, TypeVar
 
 import numpy as np
 import onnx
@@ -26,30 +27,59 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
 
     folder.mkdir(parents=True, exist_ok=True)
     # no_post_process: optimum's own post-processing holds the whole graph in memory 3 times
-    with library_output_to_log("exporter", EXPORTER_LOGGERS):
+    with library_output_to_log("exporter", EXPORTER_LOGGERS), _graph_without_weights() as inputs:
         onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True,
                                do_constant_folding=False)
-    fold_weight_transposes(folder / ONNX_FILE)
+    store_weights(folder / ONNX_FILE, model, inputs)
     tokenizer.save_pretrained(folder)
     return folder / ONNX_FILE
 
 
-def fold_weight_transposes(path: Path) -> dict[str, int]:
-    """Store each Linear's weight the way its MatMul reads it. The exporter runs without constant folding:
-    folding holds every weight a second time, transposed, while the graph is serialized in memory (the
-    largest part of a whole run's peak on a 0.5B model: BENCHMARKS.md), so each weight reaches its MatMul
-    through a Transpose. Here a weight that only its Transpose reads is replaced by its transpose, computed
-    when the file is written, one tensor at a time; one that other nodes read too keeps its Transpose, so a
-    tied embedding (Gathered as it is, multiplied transposed by the output projection) is stored once and
-    ONNX Runtime folds the Transpose in memory when a session opens. The graph is read with onnx_ir, whose
-    external tensors stay on disk (a graph with its weights inside is read whole, once). Returns how many
-    Transposes were folded and kept; the file is rewritten only when one was folded."""
-    import onnx_ir as ir
+@contextmanager
+def _graph_without_weights() -> Iterator[list[str]]:
+    """Have optimum's call of ``torch.onnx.export`` write the graph alone (``export_params=False``: each weight
+    becomes a graph input named as in the model's state dict); yields the names of the model's own inputs,
+    as optimum passes them. With its weights, torch's TorchScript exporter (the one optimum uses) holds a
+    graph under 2 GB three times in memory beside the model (built, serialized, copied out: the largest part
+    of a 0.5B run's peak, BENCHMARKS.md), and optimum loads a graph over 2 GB whole to save it again."""
+    import torch.onnx
 
-    model = ir.load(path)
-    counts = _fold_transposes(model, shared=False)
-    if counts["folded"]:
-        _rewrite(model, path)
+    export, inputs = torch.onnx.export, []
+
+    def without_weights(*args, **kwargs):
+        inputs.extend(kwargs.get("input_names") or ())
+        return export(*args, **{**kwargs, "export_params": False})
+
+    torch.onnx.export = without_weights
+    try:
+        yield inputs
+    finally:
+        torch.onnx.export = export
+
+
+def store_weights(path: Path, model: nn.Module, inputs: Collection[str]) -> dict[str, int]:
+    """Make each graph input of the graph at `path` that is not one of the model's `inputs` an initializer
+    holding `model`'s own tensor of that state-dict name, store each Linear's weight the way its MatMul reads
+    it (`_fold_transposes`) and rewrite the file, the weights streamed to ``model.onnx_data`` one tensor at a
+    time when they reach EXTERNAL_BYTES: the host never holds a second copy of them. Returns how many tensors
+    were stored and how many Transposes were folded and kept."""
+    import onnx_ir as ir
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    graph_model = ir.load(path)
+    graph, state = graph_model.graph, model.state_dict()
+    weights = [v for v in graph.inputs if v.name not in inputs]
+    for value in weights:
+        tensor = state.get(value.name)
+        if tensor is None or value.shape is None or tuple(value.shape) != tuple(tensor.shape):
+            found = "no such tensor" if tensor is None else f"a tensor of shape {tuple(tensor.shape)}"
+            raise RuntimeError(f"{path}: the exporter left graph input {value.name!r} (shape {value.shape}) that is "
+                               f"not a model input, and the model's state dict has {found}")
+        graph.inputs.remove(value)
+        value.const_value = TorchTensor(tensor.detach(), name=value.name)
+        graph.register_initializer(value)
+    counts = {"stored": len(weights), **_fold_transposes(graph_model, shared=False)}
+    _rewrite(graph_model, path)
     return counts
 
 
@@ -70,8 +100,12 @@ def untied_copy(path: Path, target: Path) -> bool:
 
 def _fold_transposes(model, shared: bool) -> dict[str, int]:
     """Replace, in the onnx_ir `model`, each Transpose of a 2-D weight by the weight's transpose (a lazy
-    initializer, computed when the file is written). A weight other nodes read too keeps its Transpose
-    ("kept"), or with `shared` stays for those nodes beside its transposed copy."""
+    initializer, computed when the file is written, one tensor at a time). The exporter runs without
+    constant folding, which would make each transposed weight a tensor the model does not have (and held
+    every weight a second time), so each weight reaches its MatMul through a Transpose. A weight other nodes
+    read too keeps its Transpose ("kept"), so a tied embedding (Gathered as it is, multiplied transposed by
+    the output projection) is stored once and ONNX Runtime folds the Transpose when a session opens; with
+    `shared` it stays for those nodes beside its transposed copy."""
     import onnx_ir as ir
 
     graph = model.graph
