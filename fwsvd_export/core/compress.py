@@ -354,8 +354,8 @@ def compress_(
     owners = distributed.assign({name: _cost(module) for name, module in todo.items()}, processes)
     allocated = [p for p in plans if p.allocate]
     weightings, spectra = distributed.together(
-        lambda: _weigh(method, spec, stats, todo, [n for n in todo if owners[n] == process], allocated, progress),
-        "building the layers' weights")
+        lambda: _weigh(method, spec, stats, todo, [p for p in allocated if owners[p.name] == process], bool(check),
+                       progress), "building the layers' weights")
     if allocated:
         budget = _budget_params(model, plans, spec) if spec.budget is not None else 0
         for theirs, weights in distributed.to_first([(spectra, {n: weightings[n] for n in spectra} if check else {})]):
@@ -388,10 +388,18 @@ def compress_(
                disable=not progress)
 
     def factor_mine(block: list[LayerPlan]) -> list[_Factored]:
+        """Factorize this rank's layers of `block`. In one process each is installed at once, and its dense
+        module, statistics and side weights are let go: the host holds one layer's weights twice, not all."""
         done = []
         for plan in block:
             if owners[plan.name] == process:
-                done.append(_factor(plan, todo[plan.name], weightings[plan.name], stats[plan.name], spec))
+                weighting = weightings.pop(plan.name, None) or method.build(stats[plan.name], spec.damping)
+                layer = _factor(plan, todo[plan.name], weighting, stats[plan.name], spec)
+                if processes == 1:
+                    _install(model, plan, layer, todo.pop(plan.name))
+                    del stats[plan.name]
+                else:
+                    done.append(layer)
                 bar.update(1)
         return done
 
@@ -402,7 +410,8 @@ def compress_(
                                          replace(spec, cache_dir=None), calibration, loss_fn, False)
             check_finite_statistics(fresh, set(method.needs))
             stats.update(fresh)
-            weightings.update({p.name: method.build(fresh[p.name], spec.damping) for p in block})
+            for p in block:  # built again from the fresh statistics when the layer is factorized
+                weightings.pop(p.name, None)
             result.seconds["sequential statistics"] = result.seconds.get("sequential statistics", 0.0) + time.perf_counter() - clock
         done = distributed.together(lambda: factor_mine(block), "factorizing its layers")
         for layer in done if process else ():
@@ -456,14 +465,19 @@ def _cost(module: nn.Module) -> float:
 
 
 def _weigh(method: Method, spec: CompressionSpec, stats: dict[str, LayerStats], todo: dict[str, nn.Module],
-           mine: list[str], allocated: list[LayerPlan], progress: bool
+           mine: list[LayerPlan], keep: bool, progress: bool
            ) -> tuple[dict[str, Weighting], dict[str, torch.Tensor]]:
-    """The weightings of the layers in `mine`, and the weighted spectra of those the budget allocates."""
-    weightings = {name: method.build(stats[name], spec.damping) for name in mine}
-    spectra = {p.name: weighted_spectrum(linear_weight(todo[p.name]), weightings[p.name].left, weightings[p.name].right)
-               * method.spectrum_scale(p.in_features, p.out_features)
-               for p in tqdm(allocated, desc="weighted spectra", unit="layer", disable=not progress)
-               if p.name in weightings}
+    """The weighted spectra of the layers in `mine` (those the budget allocates that this rank owns), and
+    with `keep` their weightings (the allocation check factorizes with them). Without `keep` each weighting
+    is let go once its spectrum is taken and is built again when its layer is factorized: held for every
+    layer at once, kfac's float64 side weights outweigh the model (BENCHMARKS.md)."""
+    weightings, spectra = {}, {}
+    for p in tqdm(mine, desc="weighted spectra", unit="layer", disable=not progress):
+        weighting = method.build(stats[p.name], spec.damping)
+        spectra[p.name] = (weighted_spectrum(linear_weight(todo[p.name]), weighting.left, weighting.right)
+                           * method.spectrum_scale(p.in_features, p.out_features))
+        if keep:
+            weightings[p.name] = weighting
     return weightings, spectra
 
 
