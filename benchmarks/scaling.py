@@ -13,13 +13,15 @@ by frequency, then filler tokens), nothing downloaded:
 
 Each runs the whole tool through its CLI, ``python -m fwsvd_export run RECIPE -o DIR`` (statistics,
 factorization, checkpoint, ONNX export with the key/value cache, ONNX Runtime validation), with kfac
-and with fwsvd, every decoder projection kept at `--ratio` of its weights, on WordNet glosses packed
+and with fwsvd, every decoder projection kept at `--ratio` of its weights (or, with `--budget`, that share
+of them under a global allocation, its check off), on WordNet glosses packed
 into `--batches` calibration batches of `--batch` x `--tokens` tokens and `--eval-blocks` held-out
 blocks. Stage seconds and peak RSS per stage come from the run's report.json; beside them, the
 process tree's peak RSS (sampled every 0.5 s) and, per stage, how many cores other processes kept
 busy (/proc/stat minus the run's own CPU time): the machine is shared. `--distributed MODEL` adds, on
 that model, ``torchrun --nproc-per-node 2`` with OMP_NUM_THREADS=1 per process against the one-process
-run (2 threads).
+run (2 threads). `--library DIR` runs the tool of another checkout (a worktree of an older commit, for
+an A/B on one machine); each row records the commit it ran.
 
 Results accumulate in the JSON (a run is replaced when measured again), and every invocation then
 refits: per stage and method, the power-law exponent of seconds and of peak RSS in the parameter
@@ -154,7 +156,8 @@ def write_data(folder: Path, args) -> dict[str, Path]:
 
 
 def recipe(model_dir: Path, data: dict[str, Path], method: str, args, name: str) -> dict:
-    compression = {"method": method, "ratio": args.ratio, "gradient_checkpointing": True, "damping": 0.01}
+    share = {"budget": args.budget, "allocation_check": 0.0} if args.budget else {"ratio": args.ratio}
+    compression = {"method": method, **share, "gradient_checkpointing": True, "damping": 0.01}
     if method == "kfac" and name in args.diagonal_mlp:
         # Full Grams of the MLP-wide sides would not fit in this machine's memory: see the module doc.
         compression["max_gram_size"] = FAMILY[name]["intermediate_size"] - 1
@@ -219,12 +222,13 @@ class Watch:
         return round(max(0.0, (b1 - b0) - (c1 - c0)) / (t1 - t0), 2) if t1 > t0 else None
 
 
-def launch(command: list[str], env: dict, log: Path) -> dict:
-    """Run `command`, watched; wall seconds, exit code, tree peak RSS, load, other processes' cores."""
+def launch(command: list[str], env: dict, log: Path, library: Path) -> dict:
+    """Run `command` in `library` (its ``-m fwsvd_export`` is that checkout's), watched; wall seconds, exit
+    code, tree peak RSS, load, other processes' cores."""
     load_before = os.getloadavg()
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[1])
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=library)
         watch = Watch(proc.pid)
         code = proc.wait()
     end = time.perf_counter()
@@ -267,13 +271,13 @@ def measure(name: str, method: str, processes: int, threads: int, args, data: di
                    "-m", "fwsvd_export", "run", str(recipe_path), "-o", str(output), "--quiet"]
     print(f"[{time.strftime('%H:%M:%S')}] {name} {method} {arm} ...", flush=True)
     log = work / f"log-{method}-{arm}.txt"
-    result = launch(command, env, log)
+    result = launch(command, env, log, args.library)
     watch, end = result.pop("_watch"), result.pop("_end")
     data_spec = {"calibration_tokens": args.batches * args.batch * args.tokens,
                  "evaluation_tokens": args.eval_blocks * args.tokens}
     row = {"model": name, "method": method, "processes": processes, "threads_per_process": threads, **data_spec,
            "command": " ".join(command[1:]).replace(sys.executable, "python"), "recipe": yaml.safe_load(recipe_path.read_text()),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "library_commit": commit(args.library), **result}
     report_path = output / "report.json"
     if result["exit_code"] not in (0, 1) or not report_path.exists():
         row["log_tail"] = log.read_text()[-4000:]
@@ -290,6 +294,13 @@ def measure(name: str, method: str, processes: int, threads: int, args, data: di
     print(f"  {result['wall_s']} s, exit {result['exit_code']}, passed {report['passed']}, "
           f"peak {max(report['peak_rss_mb'].values()):.0f} MB, others {result['others_cores']} cores", flush=True)
     return row
+
+
+def commit(library: Path) -> str:
+    """The commit `library` is checked out at (with '+changes' when its tracked files differ from it)."""
+    head = subprocess.run(["git", "-C", str(library), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(library), "diff", "--quiet", "HEAD", "--", "fwsvd_export"]).returncode
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 # --- invocation -----------------------------------------------------------------------------------------
@@ -314,6 +325,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--budget", type=float, help="a global budget (allocation check off) instead of --ratio")
+    parser.add_argument("--library", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="the checkout whose tool is run (an older commit's worktree, for an A/B)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fwsvd-scaling"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-runs", action="store_true", help="only refit and print from --json")
@@ -542,7 +556,8 @@ def achieved_rates(singles: dict) -> dict:
     out = {}
     for (name, method), rows in singles.items():
         row, config = rows[0], FAMILY[name]
-        data, ratio = row["recipe"]["data"], row["recipe"]["compression"]["ratio"]
+        compression = row["recipe"]["compression"]
+        data, ratio = row["recipe"]["data"], compression.get("ratio", compression.get("budget"))  # a budget: on average
         forward, accumulate = stat_flops(config, method, row["calibration_tokens"], max_gram_of(row), data["max_length"])
         out[f"{name}/{method}"] = {
             "statistics_gflop": round((forward + accumulate) / 1e9),
@@ -590,11 +605,11 @@ def paper_estimate(fits: dict, singles: dict) -> dict:
                 memory = {
                     "host: fp32 weights, each process": round(graph_gb, 1),
                     "host: statistics accumulators, each process": round(grams / 1e9, 1),
-                    "host: kfac side weights (float64), all layers": round(8 * side_weight_floats(config, max_gram) / 1e9, 1)
-                    if method == "kfac" else 0.0,
+                    "host: kfac side weights (float64), all layers (held together before 701d1ee)": round(
+                        8 * side_weight_floats(config, max_gram) / 1e9, 1) if method == "kfac" else 0.0,
                     "host: 1 layer's factorization workspace": round(8 * workspace_floats(config, method, max_gram) / 1e9, 2),
-                    "host: 8 processes, today": round(a["gpus"] * (graph_gb + grams / 1e9) + (
-                        8 * side_weight_floats(config, max_gram) / 1e9 if method == "kfac" else 0), 1),
+                    "host: 8 processes, today (side weights built per layer)": round(a["gpus"] * (
+                        graph_gb + grams / 1e9 + 8 * workspace_floats(config, method, max_gram) / 1e9), 1),
                     "host: one copy, accumulators sharded, side weights built per layer": round(
                         graph_gb + grams / 1e9 + a["gpus"] * 8 * workspace_floats(config, method, max_gram) / 1e9, 1),
                     "GPU: bf16 weights replica": round(2 * info["params"] / 1e9, 1),
