@@ -6,6 +6,7 @@ for Ctrl-C, 143 for SIGTERM). SIGTERM is handled like Ctrl-C: staged output is r
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import json
@@ -55,6 +56,16 @@ def _fail(exc: FwsvdError) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _forget_native_interrupt() -> None:
+    """CPython ends the process by SIGINT at exit, whatever `sys.exit` asked, when a KeyboardInterrupt last
+    escaped code it ran for a native caller (``PyRun_*``): a Ctrl-C that landed there exited -2, not 130.
+    Running an empty string the same way clears that flag."""
+    try:
+        ctypes.pythonapi.PyRun_SimpleString(b"")
+    except AttributeError:  # not CPython
+        pass
+
+
 def guarded(command: Callable) -> Callable:
     """Map every way a command can end onto the exit codes above, with a message naming the cause."""
 
@@ -71,6 +82,7 @@ def guarded(command: Callable) -> Callable:
             click.echo(f"interrupted ({signal.Signals(signum).name}): " + (
                 f"just after the results were moved into place: {done} is complete" if done else
                 "no output was written, earlier outputs are untouched"), err=True)
+            _forget_native_interrupt()
             sys.exit(EXIT_SIGNAL + signum)
         except Exception as exc:
             if _out_of_room(exc):

@@ -319,6 +319,24 @@ def test_an_unreadable_statistics_cache_is_said_on_the_console(tmp_path, classif
     assert f"note: statistics cache: {cached}" in result.output and "gathered again and replaced" in result.output
 
 
+def test_ctrl_c_that_passed_through_code_run_for_a_native_caller_still_exits_130(tmp_path):
+    """A program run as ``python -m`` (as the tool is) is ended by SIGINT (-2) at exit, whatever exit code it
+    asked for, when a KeyboardInterrupt last escaped code CPython evaluated for a native caller (PyRun_*), as
+    when Ctrl-C lands in such code inside a library; the tool still exits 130 and says so."""
+    (tmp_path / "interrupted_command.py").write_text(
+        "import ctypes\n"
+        "from fwsvd_export.cli import guarded\n"
+        "@guarded\n"
+        "def command():\n"
+        "    ctypes.pythonapi.PyRun_SimpleString(b'raise KeyboardInterrupt')\n"
+        "    raise KeyboardInterrupt\n"
+        "command()\n")
+    done = subprocess.run([sys.executable, "-m", "interrupted_command"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted (SIGINT): no output was written" in done.stderr
+
+
 def test_a_signal_during_the_swap_arrives_after_it_and_says_the_output_is_complete(tmp_path, earlier_run, monkeypatch):
     from fwsvd_export.stages import outputs
     real = outputs._swap

@@ -170,8 +170,9 @@ def _save(model, target: Path, external: bool) -> None:
     for node in model.graph.all_nodes():
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                # A Constant kept in the data file (optimum puts those of 100 bytes or more there for graphs
-                # over 2 GB): saving moves initializers only, so it would keep its offset into the old file.
+                # A Constant kept in the data file (optimum puts those of 100 bytes or more there for a graph
+                # over 2 GB, or with FORCE_ONNX_EXTERNAL_DATA=1): saving moves initializers only, so it would
+                # keep its offset into the old file.
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
     ir.save(model, target, external_data=target.name + "_data" if external else None)
 
