@@ -58,8 +58,9 @@ def _fail(exc: FwsvdError) -> None:
 
 def _forget_native_interrupt() -> None:
     """CPython ends the process by SIGINT at exit, whatever `sys.exit` asked, when a KeyboardInterrupt last
-    escaped code it ran for a native caller (``PyRun_*``): a Ctrl-C that landed there exited -2, not 130.
-    Running an empty string the same way clears that flag."""
+    escaped code it ran for a native caller (``PyRun_*``): a Ctrl-C that landed there exited -2, not 130 (and
+    would end by SIGINT a run that went on after a library swallowed it). Running an empty string the same
+    way clears that flag; `guarded` does so however a command ends."""
     try:
         ctypes.pythonapi.PyRun_SimpleString(b"")
     except AttributeError:  # not CPython
@@ -82,7 +83,6 @@ def guarded(command: Callable) -> Callable:
             click.echo(f"interrupted ({signal.Signals(signum).name}): " + (
                 f"just after the results were moved into place: {done} is complete" if done else
                 "no output was written, earlier outputs are untouched"), err=True)
-            _forget_native_interrupt()
             sys.exit(EXIT_SIGNAL + signum)
         except Exception as exc:
             if _out_of_room(exc):
@@ -92,6 +92,8 @@ def guarded(command: Callable) -> Callable:
             click.echo("error: fwsvd-export crashed (a bug, not your input); no output was written. Please report "
                        "it with the traceback above.", err=True)
             sys.exit(EXIT_CRASH)
+        finally:
+            _forget_native_interrupt()
 
     return wrapper
 

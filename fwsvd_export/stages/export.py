@@ -30,7 +30,7 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
     with library_output_to_log("exporter", EXPORTER_LOGGERS), _graph_without_weights() as inputs:
         onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True,
                                do_constant_folding=False)
-    store_weights(folder / ONNX_FILE, model, inputs)
+    _store_weights(folder / ONNX_FILE, model, inputs)
     tokenizer.save_pretrained(folder)
     return folder / ONNX_FILE
 
@@ -57,12 +57,11 @@ def _graph_without_weights() -> Iterator[list[str]]:
         torch.onnx.export = export
 
 
-def store_weights(path: Path, model: nn.Module, inputs: Collection[str]) -> dict[str, int]:
+def _store_weights(path: Path, model: nn.Module, inputs: Collection[str]) -> None:
     """Make each graph input of the graph at `path` that is not one of the model's `inputs` an initializer
     holding `model`'s own tensor of that state-dict name, store each Linear's weight the way its MatMul reads
     it (`_fold_transposes`) and rewrite the file, the weights streamed to ``model.onnx_data`` one tensor at a
-    time when they reach EXTERNAL_BYTES: the host never holds a second copy of them. Returns how many tensors
-    were stored and how many Transposes were folded and kept."""
+    time when they reach EXTERNAL_BYTES: the host never holds a second copy of them."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
@@ -78,9 +77,8 @@ def store_weights(path: Path, model: nn.Module, inputs: Collection[str]) -> dict
         graph.inputs.remove(value)
         value.const_value = TorchTensor(tensor.detach(), name=value.name)
         graph.register_initializer(value)
-    counts = {"stored": len(weights), **_fold_transposes(graph_model, shared=False)}
+    _fold_transposes(graph_model, shared=False)
     _rewrite(graph_model, path)
-    return counts
 
 
 def untied_copy(path: Path, target: Path) -> bool:
