@@ -13,7 +13,7 @@ from fwsvd_export.recipe import CompressionSpec, load_recipe
 from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.ort_io import feeds
 
-from conftest import quick_validation, write_recipe
+from conftest import bert_config, quick_validation, write_recipe
 
 DECODER = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128)
@@ -180,3 +180,45 @@ def test_an_exported_graph_stores_every_untied_weight_as_its_matmul_reads_it(tmp
     with torch.no_grad():
         expected = model(ids).logits
     assert torch.allclose(_ort_logits(graph, ids), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_kind", ["bert encoder", "llama tied, factorized", "qwen2 with past"])
+def test_shape_inference_sees_no_weight_values_and_the_graph_is_byte_for_byte_the_same(
+        tmp_path, monkeypatch, tokenizer, model_kind):
+    """torch's graph-wide ONNX shape inference, given the weights' values, held them again in memory (the
+    0.5B decoder's export rose 2.3 GB above the model); the tool gives it none, which must change no byte of
+    the graph: an encoder, a tied decoder with factorized layers, a decoder with biases and its cache."""
+    import contextlib
+    import torch._C
+    from transformers import BertModel
+    from fwsvd_export.core.factorize import low_rank_from_linear
+    from fwsvd_export.core.modules import set_module
+    from fwsvd_export.stages import export
+
+    torch.manual_seed(0)
+    vocab = tokenizer.vocab_size
+    if model_kind == "bert encoder":
+        model, task = BertModel(bert_config(tokenizer)).eval(), "feature-extraction"
+    elif model_kind == "qwen2 with past":
+        model, task = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, **DECODER)).eval(), "text-generation-with-past"
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, **DECODER)).eval()
+        task = "text-generation-with-past"
+        for name in ("model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"):
+            set_module(model, name, low_rank_from_linear(model.get_submodule(name), 8)[0])
+
+    seen, infer = [], torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def spy(graph, params_dict, opset_version):
+        seen.append(len(params_dict))
+        return infer(graph, params_dict, opset_version)
+
+    monkeypatch.setattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", spy)
+    graph = export.export_onnx(model, tokenizer, tmp_path / "tool", task)
+    assert seen and set(seen) == {0}  # the pass ran, and never with a weight
+    assert torch._C._jit_pass_onnx_graph_shape_type_inference is spy  # put back as it was found
+    monkeypatch.setattr(export, "_shape_inference_without_weight_values", contextlib.nullcontext)
+    seen.clear()
+    reference = export.export_onnx(model, tokenizer, tmp_path / "reference", task)
+    assert min(seen) > 0  # torch's own way: the weights' values given
+    assert graph.read_bytes() == reference.read_bytes()
