@@ -105,7 +105,7 @@ def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_di
     scored = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     assert scored == stream_length - 1
     with torch.no_grad():
-        ours = task.metric([model(**b.inputs).logits for b in batches], batches, None)
+        ours = task.metric([task.summary(model(**b.inputs).logits, b) for b in batches], batches, None)
         # The Hugging Face perplexity guide's way: the model's own mean loss times the scored tokens, per window.
         nll = sum(float(model(input_ids=row[None], labels=lab[None]).loss) * int((lab[1:] != -100).sum())
                   for b in batches for row, lab in zip(b.inputs["input_ids"], b.labels))
@@ -139,6 +139,34 @@ def _weights_are_the_models(graph, model) -> int:
         assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(init).copy()), expected), init.name
     return len(proto.graph.initializer)
 
+
+
+def test_validation_holds_a_decoders_whole_logits_for_the_parity_batches_only(llama_dir, tokenizer, tmp_path):
+    """A decoder's logits are tokens x vocabulary (hundreds of GB on WikiText-2's test split for a 150k
+    vocabulary): of every evaluation batch the validation keeps the summed loss the perplexity reads, and whole
+    logits for `parity_batches` only, and gets the perplexity the whole logits give."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+    from fwsvd_export.recipe import DataSource, ValidationSpec
+    from fwsvd_export.stages.tasks import TASKS
+    from fwsvd_export.stages.validate import reference
+    from conftest import sentences
+
+    task = TASKS["text-generation"]
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    batches = task.make_batches([{"text": t} for t in sentences(12, 9)], DataSource(stride=8), tokenizer, 24, 2,
+                                False, None)
+    assert len(batches) >= 3
+    dense = reference(task, ValidationSpec(parity_batches=1), model, batches, tmp_path / "model.onnx",
+                      model.config.vocab_size, progress=False)
+    assert len(dense.outputs.whole) == 1 and [s.numel() for s in dense.outputs.summaries] == [1] * len(batches)
+    with torch.no_grad():
+        logits = [model(**b.inputs).logits for b in batches]
+    assert torch.equal(dense.outputs.whole[0], logits[0])
+    nll = sum(F.cross_entropy(l[:, :-1].reshape(-1, l.shape[-1]), b.labels[:, 1:].reshape(-1), reduction="sum",
+                              ignore_index=-100) for l, b in zip(logits, batches))
+    tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
+    assert dense.metric == pytest.approx(float(torch.exp(nll / tokens)), rel=1e-5)
 
 @pytest.mark.parametrize("external_data", [False, True])
 def test_a_tied_embedding_is_stored_once_in_the_graph(tmp_path, monkeypatch, tokenizer, external_data):

@@ -23,6 +23,10 @@ if TYPE_CHECKING:  # the recipe's task names come from this registry, so this mo
 CONTRASTIVE_SCALE = 20.0
 
 
+def _whole(output: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return output
+
+
 @dataclass
 class Task:
     name: str
@@ -33,6 +37,8 @@ class Task:
     columns: Callable[[DataSource, bool], list[str]]  # required columns (source, is_calibration)
     make_batches: Callable[[list[Record], DataSource, PreTrainedTokenizerBase, int, int, bool, object], list[Batch]]
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over samples, so grads are per-sample sums
+    # The task metric of a model, from each evaluation batch's `summary` (and the dense model's, when
+    # `needs_reference`).
     metric: Callable[[list[torch.Tensor], list[Batch], Optional[list[torch.Tensor]]], float]
     # Distillation: (student output, dense teacher output, batch, temperature) -> loss summed over samples.
     distill: Callable[[torch.Tensor, torch.Tensor, Batch, float], torch.Tensor]
@@ -40,6 +46,9 @@ class Task:
     skip_empty: bool = False  # empty texts are dropped (they add no tokens), not reported as bad records
     onnx_task_with_past: Optional[str] = None  # exporter task with the key/value cache, if the task has one
     generates: bool = False  # greedy generation is checked in ONNX Runtime against PyTorch
+    # What the metric reads of one batch's output: validation holds it for every evaluation batch and whole
+    # outputs for the parity batches only (a decoder's logits are tokens x vocabulary).
+    summary: Callable[[torch.Tensor, Batch], torch.Tensor] = _whole
 
     def onnx_task(self, with_past: bool) -> str:
         """The exporter's task name for this task's graph."""
@@ -171,14 +180,13 @@ def _emb_distill(student, teacher, batch: Batch, temperature: float) -> torch.Te
     return (1 - F.cosine_similarity(mean_pool(student.float(), mask), mean_pool(teacher.float(), mask), dim=-1)).sum()
 
 
-def _cosine_to_reference(outputs, batches, reference) -> float:
-    total, count = 0.0, 0
-    for out, ref, b in zip(outputs, reference, batches):
-        mask = b.inputs["attention_mask"]
-        sims = F.cosine_similarity(mean_pool(out.float(), mask), mean_pool(ref.float(), mask), dim=-1)
-        total += float(sims.sum())
-        count += len(sims)
-    return total / count
+def _pooled(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return mean_pool(hidden.float(), batch.inputs["attention_mask"])
+
+
+def _cosine_to_reference(pooled, batches, reference) -> float:
+    sims = [F.cosine_similarity(out, ref, dim=-1) for out, ref in zip(pooled, reference)]
+    return float(sum(s.sum() for s in sims)) / sum(len(s) for s in sims)
 
 
 # --- causal language modelling -------------------------------------------------------------------
@@ -246,8 +254,12 @@ def _lm_distill(student, teacher, batch: Batch, temperature: float) -> torch.Ten
     return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
 
 
-def _perplexity(outputs, batches, reference=None) -> float:
-    nll = sum(float(_lm_nll(torch.as_tensor(o), b.labels)) for o, b in zip(outputs, batches))
+def _batch_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return _lm_nll(logits, batch.labels)
+
+
+def _perplexity(nlls, batches, reference=None) -> float:
+    nll = sum(float(n) for n in nlls)
     tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     return float(torch.exp(torch.tensor(nll / tokens)))
 
@@ -258,10 +270,11 @@ TASKS: dict[str, Task] = {
         Task("text-classification", AutoModelForSequenceClassification, "logits", "accuracy", True,
              _cls_columns, _cls_batches, _cls_loss, _accuracy, _cls_distill),
         Task("feature-extraction", AutoModel, "last_hidden_state", "cosine_to_original", True,
-             _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, _emb_distill, needs_reference=True),
+             _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, _emb_distill, needs_reference=True,
+             summary=_pooled),
         Task("text-generation", AutoModelForCausalLM, "logits", "perplexity", False,
              _lm_columns, _lm_batches, _lm_loss, _perplexity, _lm_distill, skip_empty=True,
-             onnx_task_with_past="text-generation-with-past", generates=True),
+             onnx_task_with_past="text-generation-with-past", generates=True, summary=_batch_nll),
     )
 }
 

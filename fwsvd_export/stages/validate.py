@@ -146,23 +146,44 @@ def relative_error(outputs: list[torch.Tensor], source: list[torch.Tensor], rtol
     return {"relative_error": error, "rtol": rtol, "passed": error <= rtol}
 
 
-def _outputs(run, batches: list[Batch], desc: str, progress: bool) -> list[torch.Tensor]:
+@dataclass
+class Outputs:
+    """A model's outputs on the evaluation batches: whole for the first `validation.parity_batches`, and of
+    every batch what the task's metric reads (`Task.summary`, a decoder's summed loss). A decoder's logits are
+    tokens x vocabulary: Qwen2.5-0.5B's on 512 held-out tokens are 297 MiB, on WikiText-2's test split
+    hundreds of GB, and the validation held them whole, once per model and artifact."""
+
+    whole: list[torch.Tensor]
+    summaries: list[torch.Tensor]
+
+
+def _outputs(run, task: Task, spec: ValidationSpec, batches: list[Batch], desc: str, progress: bool) -> Outputs:
+    result = Outputs([], [])
     with torch.no_grad():
-        return [run(b) for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)]
+        for k, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):
+            output = run(batch)
+            result.summaries.append(task.summary(output, batch))
+            if k < max(1, spec.parity_batches):
+                result.whole.append(output)
+    return result
+
+
+def _metric(task: Task, outputs: Outputs, batches: list[Batch], reference: Optional[Outputs]) -> float:
+    return task.metric(outputs.summaries, batches, reference.summaries if reference else None)
 
 
 @dataclass
 class Reference:
     """The dense model's results that every compressed model is compared with, measured once."""
 
-    outputs: list[torch.Tensor]  # the original model's PyTorch outputs on the evaluation batches
+    outputs: Outputs  # the original model's PyTorch outputs on the evaluation batches
     metric: float
     graphs: dict[str, Path] = field(default_factory=dict)  # "dense", "dense-int8", ...: timed beside each compressed model
     variants: dict[str, dict] = field(default_factory=dict)  # "dense-int8" -> provider -> measurements
 
 
-def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Path, source: list[torch.Tensor],
-                    batches: list[Batch], progress: bool, reference_out: Optional[list[torch.Tensor]]) -> dict:
+def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Path, source: Outputs,
+                    batches: list[Batch], progress: bool, reference_out: Optional[Outputs]) -> dict:
     """A precision variant on each provider it is meant for: task metric and parity against `source` (the
     outputs of the fp32 model it was made from) within the precision's tolerance. Its latency is measured
     later, interleaved with the other artifacts (`_time_artifacts`)."""
@@ -175,10 +196,10 @@ def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Pat
         if session is None:
             result[provider.name] = {"status": "unavailable", "reason": reason}
             continue
-        out = _outputs(lambda b: run_ort(session, task, b), batches, f"{graph.parent.name} (onnx, {provider.name})", progress)
-        n = max(1, spec.parity_batches)
-        result[provider.name] = {"status": "measured", "metric": task.metric(out, batches, reference_out),
-                                 "parity": relative_error(out[:n], source[:n], kind.rtol), "latency": []}
+        out = _outputs(lambda b: run_ort(session, task, b), task, spec, batches,
+                       f"{graph.parent.name} (onnx, {provider.name})", progress)
+        result[provider.name] = {"status": "measured", "metric": _metric(task, out, batches, reference_out),
+                                 "parity": relative_error(out.whole, source.whole, kind.rtol), "latency": []}
     return result
 
 
@@ -192,8 +213,8 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
     baselines a user could ship instead. The dense graph itself is first opened to be timed beside a
     compressed one, in `validate`, once the torch models are let go: opened here, beside the model, it
     set a 0.5B run's peak (BENCHMARKS.md, "Shape inference without the weights' values")."""
-    outputs = _outputs(lambda b: run_torch(original, task, b), batches, "original (torch)", progress)
-    ref = Reference(outputs, task.metric(outputs, batches, outputs if task.needs_reference else None),
+    outputs = _outputs(lambda b: run_torch(original, task, b), task, spec, batches, "original (torch)", progress)
+    ref = Reference(outputs, _metric(task, outputs, batches, outputs if task.needs_reference else None),
                     {"dense": dense_onnx, **{f"dense-{p}": g for p, g in (variants or {}).items()}})
     for precision, graph in (variants or {}).items():
         ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, progress,
@@ -207,14 +228,14 @@ class TorchResults:
     model can be released before any ONNX Runtime session opens (the host then holds the model once,
     in the sessions)."""
 
-    outputs: list[torch.Tensor]  # on the evaluation batches
+    outputs: Outputs  # on the evaluation batches
     greedy: list[list[int]]  # the greedy continuation of each prompt
 
 
 def torch_results(task: Task, spec: ValidationSpec, compressed: torch.nn.Module, batches: list[Batch],
                   prompts: Optional[list[torch.Tensor]] = None, progress: bool = True) -> TorchResults:
     """`compressed`'s outputs on `batches`, and for `prompts` (token ids, one row each) its greedy tokens."""
-    outputs = _outputs(lambda b: run_torch(compressed, task, b), batches, "compressed (torch)", progress)
+    outputs = _outputs(lambda b: run_torch(compressed, task, b), task, spec, batches, "compressed (torch)", progress)
     return TorchResults(outputs, [greedy_torch(compressed, ids, spec.generation_tokens) for ids in prompts or []])
 
 
@@ -227,7 +248,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
     compressed_out, greedy = compressed.outputs, compressed.greedy
     reference = dense.outputs if task.needs_reference else None
     prompts = prompts or []
-    result = Validation(task.metric_name, dense.metric, task.metric(compressed_out, batches, reference))
+    result = Validation(task.metric_name, dense.metric, _metric(task, compressed_out, batches, reference))
     loss = metric_loss(task, result.original_torch, result.compressed_torch)
     result.checks.append(Check("metric loss (compressed torch)", loss <= spec.max_metric_loss,
                                f"{task.metric_name} {result.original_torch:.4f} -> {result.compressed_torch:.4f} "
@@ -241,10 +262,10 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
             if provider.required:
                 result.checks.append(Check(f"{provider.name}: provider available", False, reason))
             continue
-        ort_out = _outputs(lambda b: run_ort(session, task, b), batches, f"compressed (onnx, {provider.name})", progress)
-        n = max(1, spec.parity_batches)
-        entry["parity"] = parity(ort_out[:n], compressed_out[:n], spec.atol, spec.rtol)
-        entry["metric"] = task.metric(ort_out, batches, reference)
+        ort_out = _outputs(lambda b: run_ort(session, task, b), task, spec, batches,
+                           f"compressed (onnx, {provider.name})", progress)
+        entry["parity"] = parity(ort_out.whole, compressed_out.whole, spec.atol, spec.rtol)
+        entry["metric"] = _metric(task, ort_out, batches, reference)
         entry["metric_loss"] = metric_loss(task, result.original_torch, entry["metric"])
         entry["latency"] = []
         if has_past(session) and prompts:
@@ -270,8 +291,8 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
 
 
 def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, result: Validation,
-                       compressed_out: list[torch.Tensor], batches: list[Batch], progress: bool,
-                       reference_out: Optional[list[torch.Tensor]], variants: dict[str, Path]) -> None:
+                       compressed_out: Outputs, batches: list[Batch], progress: bool,
+                       reference_out: Optional[Outputs], variants: dict[str, Path]) -> None:
     """Measure the compressed model's precision variants and check each against the compressed fp32 model
     (parity within the precision's tolerance, metric within max_quantization_loss)."""
     result.variants.update(copy.deepcopy(dense.variants))  # this point's latencies are added to the copies
