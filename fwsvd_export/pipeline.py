@@ -35,7 +35,8 @@ from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
 from .stages.report import write_report
 from .stages.tasks import Task, get_task
-from .stages.validate import Check, Reference, open_session, reference, threads, torch_results, validate
+from .stages.validate import (Check, Reference, open_session, reference, threads, time_artifacts, torch_results,
+                               validate)
 
 
 
@@ -399,7 +400,11 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
         del compressed
         prepared.release_models()
     validation = validate(task, recipe.validation, dense.reference, evidence, prepared.evaluation, small_onnx,
-                          vocab_size, progress, prompts, variants)
+                          progress, prompts, variants)
+    del evidence  # the timing needs the graphs alone
+    if last:
+        dense.reference.release_outputs()
+    time_artifacts(recipe.validation, dense.reference, validation, small_onnx, variants, vocab_size)
     clock.lap("validate")
     missing = graph["compressed"]["layers_missing_split"]
     if missing:

@@ -21,7 +21,7 @@ from fwsvd_export.recipe import DataSource, load_recipe, parse_recipe
 from fwsvd_export.stages.data import load_records
 from fwsvd_export.stages.export import export_onnx, inspect_graph
 from fwsvd_export.stages.tasks import TASKS
-from fwsvd_export.stages.validate import feeds, torch_results, validate
+from fwsvd_export.stages.validate import feeds, time_artifacts, torch_results, validate
 from fwsvd_export.stages.validate import reference as dense_reference
 
 from conftest import sentences, write_recipe
@@ -47,7 +47,7 @@ def test_a_broken_factorization_fails_the_metric_gate_and_only_it(tmp_path, clas
     graph = export_onnx(model, prepared.tokenizer, tmp_path / "broken", "text-classification")
     evidence = torch_results(prepared.task, recipe.validation, model, prepared.evaluation, progress=False)
     validation = validate(prepared.task, recipe.validation, dense.reference, evidence, prepared.evaluation, graph,
-                          model.config.vocab_size, progress=False).to_dict()
+                          progress=False).to_dict()
     assert validation["passed"] is False
     assert failing(validation["checks"]) == METRIC_CHECKS
     assert validation["original_torch"] == 1.0 and validation["compressed_torch"] < 0.5
@@ -66,8 +66,9 @@ def test_a_dense_graph_that_does_not_open_fails_the_run_where_the_compressed_one
     model, _, _ = compress_stage(prepared, recipe, Clock(), progress=False)
     compressed = export_onnx(model, prepared.tokenizer, tmp_path / "compressed", "text-classification")
     evidence = torch_results(prepared.task, recipe.validation, model, prepared.evaluation, progress=False)
-    validation = validate(prepared.task, recipe.validation, dense, evidence, prepared.evaluation, compressed,
-                          model.config.vocab_size, progress=False).to_dict()
+    checked = validate(prepared.task, recipe.validation, dense, evidence, prepared.evaluation, compressed, progress=False)
+    time_artifacts(recipe.validation, dense, checked, compressed, {}, model.config.vocab_size)
+    validation = checked.to_dict()
     assert failing(validation["checks"]) == {"cpu: dense graph opens"} and validation["passed"] is False
     assert validation["providers"]["cpu"]["latency_skipped"].startswith("dense graph: CPUExecutionProvider failed")
 

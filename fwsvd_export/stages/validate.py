@@ -181,12 +181,16 @@ class Reference:
     graphs: dict[str, Path] = field(default_factory=dict)  # "dense", "dense-int8", ...: timed beside each compressed model
     variants: dict[str, dict] = field(default_factory=dict)  # "dense-int8" -> provider -> measurements
 
+    def release_outputs(self) -> None:
+        """Let go of the outputs once no later compressed model is compared with them."""
+        self.outputs = Outputs([], [])
+
 
 def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Path, source: Outputs,
                     batches: list[Batch], progress: bool, reference_out: Optional[Outputs]) -> dict:
     """A precision variant on each provider it is meant for: task metric and parity against `source` (the
     outputs of the fp32 model it was made from) within the precision's tolerance. Its latency is measured
-    later, interleaved with the other artifacts (`_time_artifacts`)."""
+    later, interleaved with the other artifacts (`time_artifacts`)."""
     kind = PRECISIONS[precision]
     result: dict = {"bytes": _bytes(graph.parent), "tolerance_rtol": kind.rtol}
     for provider in spec.providers:
@@ -240,11 +244,11 @@ def torch_results(task: Task, spec: ValidationSpec, compressed: torch.nn.Module,
 
 
 def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: TorchResults,
-             batches: list[Batch], compressed_onnx: Path, vocab_size: int,
-             progress: bool = True, prompts: Optional[list[torch.Tensor]] = None,
-             variants: Optional[dict[str, Path]] = None) -> Validation:
+             batches: list[Batch], compressed_onnx: Path, progress: bool = True,
+             prompts: Optional[list[torch.Tensor]] = None, variants: Optional[dict[str, Path]] = None) -> Validation:
     """All checks of a compressed model (its PyTorch results and its graph) against the dense `reference`;
-    `prompts`, those `torch_results` continued, drive the greedy-generation check of decoders."""
+    `prompts`, those `torch_results` continued, drive the greedy-generation check of decoders. The artifacts
+    are timed afterwards (`time_artifacts`), once the caller has let go of the outputs it no longer needs."""
     compressed_out, greedy = compressed.outputs, compressed.greedy
     reference = dense.outputs if task.needs_reference else None
     prompts = prompts or []
@@ -281,9 +285,8 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
                                    f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
-        session = None  # closed: the timing below opens its own sessions, all at once
+        session = ort_out = None  # closed and let go: the timing opens its own sessions, all at once
     _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {})
-    _time_artifacts(spec, dense, result, compressed_onnx, variants or {}, vocab_size)
     if all(e["status"] == "unavailable" for e in result.providers.values()):
         result.checks.append(Check("onnx runtime: validated", False, "no execution provider ran the compressed graph, "
                                    "so nothing was checked in ONNX Runtime"))
@@ -314,8 +317,8 @@ def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, resul
                                        f"(loss {loss:.4f}, allowed {spec.max_quantization_loss})"))
 
 
-def _time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, compressed_onnx: Path,
-                    variants: dict[str, Path], vocab_size: int) -> None:
+def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, compressed_onnx: Path,
+                   variants: dict[str, Path], vocab_size: int) -> None:
     """On each provider whose dense and compressed graphs both run: time dense fp32, the compressed graph and
     every variant meant for the provider, interleaved (`latency.interleaved`), and record each one's
     latency and speed-up against dense fp32 measured in the same rounds."""
