@@ -366,8 +366,7 @@ def dense_stage(prepared: Prepared, folder: Path, clock: Clock, progress: bool) 
     graph = inspect_graph(onnx, prepared.model)
     variants = _variants(prepared, onnx)
     clock.lap("export (dense)")
-    ref = reference(prepared.task, recipe.validation, prepared.model, prepared.evaluation, onnx,
-                    prepared.model.config.vocab_size, progress, variants)
+    ref = reference(prepared.task, recipe.validation, prepared.model, prepared.evaluation, onnx, progress, variants)
     clock.lap("validate (dense)")
     return Dense(onnx, graph, ref)
 
@@ -402,8 +401,6 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
     validation = validate(task, recipe.validation, dense.reference, evidence, prepared.evaluation, small_onnx,
                           progress, prompts, variants)
     del evidence  # the timing needs the graphs alone
-    if last:
-        dense.reference.release_outputs()
     time_artifacts(recipe.validation, dense.reference, validation, small_onnx, variants, vocab_size)
     clock.lap("validate")
     missing = graph["compressed"]["layers_missing_split"]

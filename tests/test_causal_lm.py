@@ -144,12 +144,13 @@ def _weights_are_the_models(graph, model) -> int:
 def test_validation_holds_a_decoders_whole_logits_for_the_parity_batches_only(llama_dir, tokenizer, tmp_path):
     """A decoder's logits are tokens x vocabulary (hundreds of GB on WikiText-2's test split for a 150k
     vocabulary): of every evaluation batch the validation keeps the summed loss the perplexity reads, and whole
-    logits for `parity_batches` only, and gets the perplexity the whole logits give."""
+    logits for a compressed model's `parity_batches` only (the dense model's none), and gets the perplexity the
+    whole logits give."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
     from fwsvd_export.recipe import DataSource, ValidationSpec
     from fwsvd_export.stages.tasks import TASKS
-    from fwsvd_export.stages.validate import reference
+    from fwsvd_export.stages.validate import reference, torch_results
     from conftest import sentences
 
     task = TASKS["text-generation"]
@@ -157,12 +158,14 @@ def test_validation_holds_a_decoders_whole_logits_for_the_parity_batches_only(ll
     batches = task.make_batches([{"text": t} for t in sentences(12, 9)], DataSource(stride=8), tokenizer, 24, 2,
                                 False, None)
     assert len(batches) >= 3
-    dense = reference(task, ValidationSpec(parity_batches=1), model, batches, tmp_path / "model.onnx",
-                      model.config.vocab_size, progress=False)
-    assert len(dense.outputs.whole) == 1 and [s.numel() for s in dense.outputs.summaries] == [1] * len(batches)
+    spec = ValidationSpec(parity_batches=1)
+    held = torch_results(task, spec, model, batches, progress=False).outputs
+    assert len(held.whole) == 1 and [s.numel() for s in held.summaries] == [1] * len(batches)
+    dense = reference(task, spec, model, batches, tmp_path / "model.onnx", progress=False)
+    assert [s.numel() for s in dense.summaries] == [1] * len(batches)
     with torch.no_grad():
         logits = [model(**b.inputs).logits for b in batches]
-    assert torch.equal(dense.outputs.whole[0], logits[0])
+    assert torch.equal(held.whole[0], logits[0])
     nll = sum(F.cross_entropy(l[:, :-1].reshape(-1, l.shape[-1]), b.labels[:, 1:].reshape(-1), reduction="sum",
                               ignore_index=-100) for l, b in zip(logits, batches))
     tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)

@@ -61,8 +61,7 @@ def test_a_dense_graph_that_does_not_open_fails_the_run_where_the_compressed_one
     prepared = prepare(recipe, Clock())
     graph = export_onnx(prepared.model, prepared.tokenizer, tmp_path / "dense", "text-classification")
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # cut short, as a full disk leaves it
-    dense = dense_reference(prepared.task, recipe.validation, prepared.model, prepared.evaluation, graph,
-                      prepared.model.config.vocab_size, progress=False)
+    dense = dense_reference(prepared.task, recipe.validation, prepared.model, prepared.evaluation, graph, progress=False)
     model, _, _ = compress_stage(prepared, recipe, Clock(), progress=False)
     compressed = export_onnx(model, prepared.tokenizer, tmp_path / "compressed", "text-classification")
     evidence = torch_results(prepared.task, recipe.validation, model, prepared.evaluation, progress=False)

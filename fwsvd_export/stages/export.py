@@ -71,8 +71,8 @@ def _shape_inference_without_weight_values() -> Iterator[None]:
         yield
         return
 
-    def without_values(graph, params_dict, opset_version):
-        return infer(graph, {}, opset_version)
+    def without_values(graph, params_dict, *rest):
+        return infer(graph, {}, *rest)
 
     torch._C._jit_pass_onnx_graph_shape_type_inference = without_values
     try:

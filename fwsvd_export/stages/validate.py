@@ -168,26 +168,22 @@ def _outputs(run, task: Task, spec: ValidationSpec, batches: list[Batch], desc: 
     return result
 
 
-def _metric(task: Task, outputs: Outputs, batches: list[Batch], reference: Optional[Outputs]) -> float:
-    return task.metric(outputs.summaries, batches, reference.summaries if reference else None)
+def _metric(task: Task, outputs: Outputs, batches: list[Batch], reference: Optional[list[torch.Tensor]]) -> float:
+    return task.metric(outputs.summaries, batches, reference)
 
 
 @dataclass
 class Reference:
     """The dense model's results that every compressed model is compared with, measured once."""
 
-    outputs: Outputs  # the original model's PyTorch outputs on the evaluation batches
+    summaries: list[torch.Tensor]  # what the metric reads of the original model's output on each evaluation batch
     metric: float
     graphs: dict[str, Path] = field(default_factory=dict)  # "dense", "dense-int8", ...: timed beside each compressed model
     variants: dict[str, dict] = field(default_factory=dict)  # "dense-int8" -> provider -> measurements
 
-    def release_outputs(self) -> None:
-        """Let go of the outputs once no later compressed model is compared with them."""
-        self.outputs = Outputs([], [])
-
 
 def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Path, source: Outputs,
-                    batches: list[Batch], progress: bool, reference_out: Optional[Outputs]) -> dict:
+                    batches: list[Batch], progress: bool, reference_out: Optional[list[torch.Tensor]]) -> dict:
     """A precision variant on each provider it is meant for: task metric and parity against `source` (the
     outputs of the fp32 model it was made from) within the precision's tolerance. Its latency is measured
     later, interleaved with the other artifacts (`time_artifacts`)."""
@@ -212,17 +208,19 @@ def _bytes(folder: Path) -> int:
 
 
 def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batches: list[Batch], dense_onnx: Path,
-              vocab_size: int, progress: bool = True, variants: Optional[dict[str, Path]] = None) -> Reference:
+              progress: bool = True, variants: Optional[dict[str, Path]] = None) -> Reference:
     """Evaluate the original model in PyTorch and measure its precision `variants` (precision -> graph), the
-    baselines a user could ship instead. The dense graph itself is first opened to be timed beside a
-    compressed one, in `validate`, once the torch models are let go: opened here, beside the model, it
-    set a 0.5B run's peak (BENCHMARKS.md, "Shape inference without the weights' values")."""
+    baselines a user could ship instead. Of its outputs only the metric's summaries are kept: compressed
+    models are checked for parity against their own PyTorch outputs, and these are held through compression. The dense graph itself is first opened to be timed beside a
+    compressed one (`time_artifacts`), once the torch models are let go: opened here, beside the model, it
+    set a 0.5B run's dense validation peak (BENCHMARKS.md, "Shape inference without the weights' values")."""
     outputs = _outputs(lambda b: run_torch(original, task, b), task, spec, batches, "original (torch)", progress)
-    ref = Reference(outputs, _metric(task, outputs, batches, outputs if task.needs_reference else None),
+    compared = outputs.summaries if task.needs_reference else None
+    ref = Reference(outputs.summaries, _metric(task, outputs, batches, compared),
                     {"dense": dense_onnx, **{f"dense-{p}": g for p, g in (variants or {}).items()}})
     for precision, graph in (variants or {}).items():
         ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, progress,
-                                                             outputs if task.needs_reference else None)
+                                                             compared)
     return ref
 
 
@@ -250,7 +248,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
     `prompts`, those `torch_results` continued, drive the greedy-generation check of decoders. The artifacts
     are timed afterwards (`time_artifacts`), once the caller has let go of the outputs it no longer needs."""
     compressed_out, greedy = compressed.outputs, compressed.greedy
-    reference = dense.outputs if task.needs_reference else None
+    reference = dense.summaries if task.needs_reference else None
     prompts = prompts or []
     result = Validation(task.metric_name, dense.metric, _metric(task, compressed_out, batches, reference))
     loss = metric_loss(task, result.original_torch, result.compressed_torch)
@@ -295,7 +293,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
 
 def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, result: Validation,
                        compressed_out: Outputs, batches: list[Batch], progress: bool,
-                       reference_out: Optional[Outputs], variants: dict[str, Path]) -> None:
+                       reference_out: Optional[list[torch.Tensor]], variants: dict[str, Path]) -> None:
     """Measure the compressed model's precision variants and check each against the compressed fp32 model
     (parity within the precision's tolerance, metric within max_quantization_loss)."""
     result.variants.update(copy.deepcopy(dense.variants))  # this point's latencies are added to the copies
