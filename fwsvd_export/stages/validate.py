@@ -151,7 +151,7 @@ class Outputs:
     """A model's outputs on the evaluation batches: whole for the first `validation.parity_batches`, and of
     every batch what the task's metric reads (`Task.summary`, a decoder's summed loss). A decoder's logits are
     tokens x vocabulary: Qwen2.5-0.5B's on 512 held-out tokens are 297 MiB, on WikiText-2's test split
-    hundreds of GB, and the validation held them whole, once per model and artifact."""
+    hundreds of GB, once per model and artifact checked."""
 
     whole: list[torch.Tensor]
     summaries: list[torch.Tensor]
@@ -211,9 +211,10 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
               progress: bool = True, variants: Optional[dict[str, Path]] = None) -> Reference:
     """Evaluate the original model in PyTorch and measure its precision `variants` (precision -> graph), the
     baselines a user could ship instead. Of its outputs only the metric's summaries are kept: compressed
-    models are checked for parity against their own PyTorch outputs, and these are held through compression. The dense graph itself is first opened to be timed beside a
-    compressed one (`time_artifacts`), once the torch models are let go: opened here, beside the model, it
-    set a 0.5B run's dense validation peak (BENCHMARKS.md, "Shape inference without the weights' values")."""
+    models are checked for parity against their own PyTorch outputs, and these are held through compression.
+    The dense graph itself is first opened to be timed beside a compressed one (`time_artifacts`), once the
+    torch models are let go: opened here, beside the model, it set a 0.5B run's dense validation peak
+    (BENCHMARKS.md, "Shape inference without the weights' values")."""
     outputs = _outputs(lambda b: run_torch(original, task, b), task, spec, batches, "original (torch)", progress)
     compared = outputs.summaries if task.needs_reference else None
     ref = Reference(outputs.summaries, _metric(task, outputs, batches, compared),
