@@ -29,13 +29,12 @@ from .stages.data import load_records
 from .stages.export import export_onnx, inspect_graph
 from .stages.finetune import finetune_
 from .stages.kernel_timing import time_budget
-from .stages.latency import interleaved
 from .stages.models import load_for_statistics, load_model
 from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
 from .stages.report import write_report
 from .stages.tasks import Task, get_task
-from .stages.validate import (Check, Reference, open_session, reference, threads, time_artifacts, torch_results,
+from .stages.validate import (Check, Reference, reference, threads, time_artifacts, time_graphs, torch_results,
                                validate)
 
 
@@ -303,11 +302,10 @@ def _trial_graph(prepared: Prepared, recipe: Recipe, model: nn.Module, folder: P
 def _time_graphs(prepared: Prepared, recipe: Recipe, dense: "Dense", graphs: dict[str, Path]) -> dict[str, float]:
     """Median ms of the dense graph ("dense") and of each of `graphs`, timed in the same interleaved rounds
     where the speed-up target is measured."""
-    spec, lat = recipe.compression, recipe.validation.latency
+    spec = recipe.compression
     paths = {"dense": _budget_graph(dense, spec.latency_precision), **graphs}
-    sessions = {name: open_session(g, spec.latency_provider, threads(recipe.validation))[0] for name, g in paths.items()}
-    timed = interleaved(sessions, [spec.latency_shape], prepared.model.config.vocab_size, lat.warmup, lat.runs,
-                        lat.rounds, decode=False)
+    timed = time_graphs(paths, spec.latency_provider, recipe.validation, [spec.latency_shape],
+                        prepared.model.config.vocab_size, decode=False)
     return {name: timed[name][spec.latency_shape]["median_ms"] for name in paths}
 
 

@@ -108,6 +108,7 @@ class LatencySpec:
     runs: int = 30  # per artifact and shape, spread over the rounds
     rounds: int = 5  # the artifacts take turns this many times, so machine noise hits all alike
     threads: Optional[int] = None  # ONNX Runtime intra-op threads for every timed session (null: every core)
+    one_at_a_time: bool = False  # hold one session at a time, reopened each turn: graphs too big to sit side by side
 
 
 @dataclass

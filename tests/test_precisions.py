@@ -1,6 +1,7 @@
 """Precision variants: int8 (CPU) and fp16 (CUDA) copies of the dense and the compressed graph, made by
 ONNX Runtime's own tools, loadable by optimum, and validated against their fp32 source."""
 import json
+import weakref
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import load_recipe
 from fwsvd_export.stages import export
 from fwsvd_export.stages.export import export_onnx
+from fwsvd_export.stages.latency import in_turn
 from fwsvd_export.stages.ort_io import feeds
 from fwsvd_export.stages.precision import PRECISIONS, make_variant
 
@@ -29,7 +31,8 @@ def precision_run(tmp_path_factory, bert_dir, data_dir):
         "compression": {"method": "kfac", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
         "export": {"precisions": ["fp32", "int8", "fp16"]},
         "validation": {"providers": [{"name": "cpu", "required": True}, {"name": "cuda"}], "max_metric_loss": 0.2,
-                       "max_quantization_loss": 0.1, "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 3}},
+                       "max_quantization_loss": 0.1,
+                       "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 3, "one_at_a_time": True}},
     }
     return run(load_recipe(write_recipe(folder, recipe)), folder / "out", progress=False)
 
@@ -88,6 +91,7 @@ def test_every_artifact_is_timed_in_the_same_interleaved_rounds_as_dense_fp32(pr
     assert method["artifacts"] == ["dense", "compressed", "dense-int8", "compressed-int8"]  # fp16 is for CUDA
     assert method["interleaved_rounds"] == 3 and method["runs"] == 3  # rounds are capped at the runs
     assert method["spinning_after_run"] is False  # no session's idle threads take the cores of the next one's run
+    assert method["one_at_a_time"] is True  # as the recipe asks: each turn reopens its graph
     point = cpu["latency"][0]
     assert point["dense"]["runs"] == point["compressed"]["runs"] == 3
     assert point["speedup"] == point["dense"]["median_ms"] / point["compressed"]["median_ms"]
@@ -95,6 +99,28 @@ def test_every_artifact_is_timed_in_the_same_interleaved_rounds_as_dense_fp32(pr
         timing = precision_run.report["validation"]["variants"][name]["cpu"]["latency"][0]
         assert timing["p90_ms"] >= timing["median_ms"] > 0
         assert timing["speedup_vs_dense_fp32"] == point["dense"]["median_ms"] / timing["median_ms"]
+
+
+def test_graphs_too_big_to_sit_side_by_side_are_timed_one_session_at_a_time(precision_run):
+    onnx_dir = precision_run.output / "onnx"
+    names = ["dense", "compressed", "dense-int8", "compressed-int8"]
+    alive, opened = [], []
+
+    def opener(name):
+        def open_one():
+            assert all(ref() is None for ref in alive), "a session of an earlier turn is still held"
+            session = ort.InferenceSession(str(onnx_dir / name / "model.onnx"), providers=["CPUExecutionProvider"])
+            alive.append(weakref.ref(session))
+            opened.append(name)
+            return session
+        return open_one
+
+    timings = in_turn({name: opener(name) for name in names}, ["1x8", "2x8"], 30522, warmup=1, runs=5, rounds=2)
+    assert opened == names + names[1:] + names[:1]  # every artifact each round, the first one rotating
+    for name in names:
+        for shape in ("1x8", "2x8"):
+            assert timings[name][shape]["runs"] == 5  # 3 in the first round, 2 in the second
+            assert timings[name][shape]["p90_ms"] >= timings[name][shape]["median_ms"] > 0
 
 
 def test_the_report_says_when_dense_int8_beats_a_compressed_artifact_on_size_or_latency(precision_run):

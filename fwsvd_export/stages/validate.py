@@ -7,6 +7,7 @@ otherwise it is reported as unavailable with the reason, never as passed.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import sys
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .generation import greedy_ort, greedy_torch
-from .latency import interleaved
+from .latency import in_turn, interleaved
 from .ort_io import feeds, has_past
 from .precision import PRECISIONS
 from ..core.batch import Batch
@@ -284,7 +285,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
                                    f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
-        session = ort_out = None  # closed and let go: the timing opens its own sessions, all at once
+        session = ort_out = None  # closed and let go: the timing opens its own sessions
     _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {})
     if all(e["status"] == "unavailable" for e in result.providers.values()):
         result.checks.append(Check("onnx runtime: validated", False, "no execution provider ran the compressed graph, "
@@ -316,6 +317,30 @@ def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, resul
                                        f"(loss {loss:.4f}, allowed {spec.max_quantization_loss})"))
 
 
+class _WontOpen(Exception):
+    """A graph that opened before would not open again for timing (a provider gone since)."""
+
+
+def _reopen(graph: Path, provider: str, intra_op_threads: int) -> ort.InferenceSession:
+    session, reason = open_session(graph, provider, intra_op_threads)
+    if session is None:
+        raise _WontOpen(f"{graph}: {reason}")
+    return session
+
+
+def time_graphs(graphs: dict[str, Path], provider: str, spec: ValidationSpec, shapes: list[str], vocab_size: int,
+                decode: bool = True) -> dict[str, dict[str, dict]]:
+    """`graphs` timed against each other on `provider` as `spec.latency` asks: their sessions held side
+    by side (`latency.interleaved`), or with `one_at_a_time` one session at a time, reopened for each
+    turn (`latency.in_turn`): the memory of the biggest graph instead of all of them."""
+    lat = spec.latency
+    opens = {name: functools.partial(_reopen, graph, provider, threads(spec)) for name, graph in graphs.items()}
+    if lat.one_at_a_time:
+        return in_turn(opens, shapes, vocab_size, lat.warmup, lat.runs, lat.rounds, decode)
+    return interleaved({name: o() for name, o in opens.items()}, shapes, vocab_size, lat.warmup, lat.runs,
+                       lat.rounds, decode)
+
+
 def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, compressed_onnx: Path,
                    variants: dict[str, Path], vocab_size: int) -> None:
     """On each provider whose dense and compressed graphs both run: time dense fp32, the compressed graph and
@@ -331,28 +356,30 @@ def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, c
             entry.update(status="failed", latency_skipped=f"dense graph: {reason}")
             result.checks.append(Check(f"{provider}: dense graph opens", False, reason))
             continue
+        spins = _spins(opened)
+        del opened  # `time_graphs` opens each graph as the recipe asks
         graphs = {"dense": dense.graphs["dense"], "compressed": compressed_onnx}
         graphs.update({n: g for n, g in dense.graphs.items() if n != "dense"})
         graphs.update({f"compressed-{p}": g for p, g in variants.items()})
-        sessions = {"dense": opened}
-        for name, graph in graphs.items():
-            measured = result.variants.get(name, {}).get(provider)
-            if name == "compressed" or (measured or {}).get("status") == "measured":
-                sessions[name] = open_session(graph, provider, threads(spec))[0]
-        if any(s is None for s in sessions.values()):  # opened once already: only a vanished provider gets here
+        timed = {name: graph for name, graph in graphs.items() if name in ("dense", "compressed")
+                 or result.variants.get(name, {}).get(provider, {}).get("status") == "measured"}
+        try:
+            timings = time_graphs(timed, provider, spec, spec.latency.shapes, vocab_size)
+        except _WontOpen as exc:
+            entry.update(status="failed", latency_skipped=str(exc))
+            result.checks.append(Check(f"{provider}: graphs open for timing", False, str(exc)))
             continue
-        timings = interleaved(sessions, spec.latency.shapes, vocab_size, spec.latency.warmup, spec.latency.runs,
-                              spec.latency.rounds)
-        entry["latency_method"] = {"interleaved_rounds": min(spec.latency.rounds, spec.latency.runs), "runs": spec.latency.runs,
-                                   "warmup": spec.latency.warmup, "threads": threads(spec), "artifacts": list(sessions),
-                                   "spinning_after_run": _spins(sessions["dense"])}
+        lat = spec.latency
+        entry["latency_method"] = {"interleaved_rounds": min(lat.rounds, lat.runs), "runs": lat.runs,
+                                   "warmup": lat.warmup, "threads": threads(spec), "artifacts": list(timed),
+                                   "one_at_a_time": lat.one_at_a_time, "spinning_after_run": spins}
         for shape, base in timings["dense"].items():
             small = timings["compressed"][shape]
             point = {"shape": shape, "dense": base, "compressed": small, "speedup": base["median_ms"] / small["median_ms"]}
             if "decode_per_token" in small:
                 point["decode_speedup"] = base["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
             entry["latency"].append(point)
-            for name in sessions:
+            for name in timed:
                 if name not in ("dense", "compressed"):
                     own = timings[name][shape]
                     timing = {"shape": shape, "median_ms": own["median_ms"], "p90_ms": own["p90_ms"],
