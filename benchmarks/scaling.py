@@ -14,7 +14,8 @@ by frequency, then filler tokens), nothing downloaded:
 Each runs the whole tool through its CLI, ``python -m fwsvd_export run RECIPE -o DIR`` (statistics,
 factorization, checkpoint, ONNX export with the key/value cache, ONNX Runtime validation), with kfac
 and with fwsvd, every decoder projection kept at `--ratio` of its weights (or, with `--budget`, that share
-of them under a global allocation, its check off), on WordNet glosses packed
+of them under a global allocation, its check off; with `--one-at-a-time`, the final timing holds one
+ONNX Runtime session at a time), on WordNet glosses packed
 into `--batches` calibration batches of `--batch` x `--tokens` tokens and `--eval-blocks` held-out
 blocks. Stage seconds and peak RSS per stage come from the run's report.json; beside them, the
 process tree's peak RSS (sampled every 0.5 s) and, per stage, how many cores other processes kept
@@ -170,7 +171,8 @@ def recipe(model_dir: Path, data: dict[str, Path], method: str, args, name: str)
         "export": {"precisions": ["fp32"], "with_past": True},
         "validation": {"providers": [{"name": "cpu", "required": True}], "max_metric_loss": 0.05,
                        "prompts": ["the act of"], "generation_tokens": 4,
-                       "latency": {"shapes": [f"1x{args.tokens // 2}"], "warmup": 1, "runs": 2, "rounds": 1}},
+                       "latency": {"shapes": [f"1x{args.tokens // 2}"], "warmup": 1, "runs": 2, "rounds": 1,
+                                   "one_at_a_time": args.one_at_a_time}},
     }
 
 
@@ -326,6 +328,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--budget", type=float, help="a global budget (allocation check off) instead of --ratio")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="validation.latency.one_at_a_time: the final timing holds one graph at a time")
     parser.add_argument("--library", type=Path, default=Path(__file__).resolve().parents[1],
                         help="the checkout whose tool is run (an older commit's worktree, for an A/B)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fwsvd-scaling"))
