@@ -112,6 +112,48 @@ def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_di
     assert ours == pytest.approx(float(torch.exp(torch.tensor(nll / scored))), rel=1e-4)
 
 
+def test_a_decoders_loss_makes_no_copy_of_its_logits():
+    """Logits are tokens x vocabulary (a 2 x 128-token batch of Qwen2.5-0.5B: 155 MB): the statistics pass's
+    loss and its backward make nothing of that size beyond the logits, their log-softmax and a gradient of
+    each (shifting the logits by a position, not the labels, would copy them and scatter their gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from fwsvd_export.core.batch import Batch
+    from fwsvd_export.stages.tasks import TASKS
+
+    vocab, batch, tokens = 500, 2, 24
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # the tied output projection's
+
+    class VocabularySized(TorchDispatchMode):
+        """The op that first made each new memory of tokens x vocabulary (at least the shifted logits' size)."""
+
+        def __init__(self):
+            super().__init__()
+            self.made: dict[int, tuple[str, torch.Tensor]] = {}  # holding each tensor: no address is reused
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in [] if func.is_view else out if isinstance(out, (tuple, list)) else [out]:
+                if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab
+                        and t.numel() >= batch * (tokens - 1) * vocab):
+                    where = t.untyped_storage().data_ptr()
+                    if where not in weights:
+                        self.made.setdefault(where, (str(func), t))
+            return out
+
+    with VocabularySized() as seen:
+        TASKS["text-generation"].loss(model, Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                                   torch.ones_like(ids).bool(), labels)).backward()
+    assert sorted(op for op, _ in seen.made.values()) == sorted([
+        "aten.mm.default", "aten._log_softmax.default",  # the logits and their log-softmax
+        "aten.nll_loss_backward.default", "aten._log_softmax_backward_data.default"])  # and a gradient of each
+
+
 def _big_initializers(graph, vocab_size: int) -> list[tuple]:
     return [tuple(i.dims) for i in onnx.load(str(graph), load_external_data=False).graph.initializer if vocab_size in i.dims]
 
