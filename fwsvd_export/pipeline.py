@@ -8,7 +8,6 @@ and report (that is what one debugs from).
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Optional
 from torch import nn
 
 from .core import Batch, CompressionResult, LayerStats, check_speedup_target, compress_, gather_for, get_method
+from .core import heap
 from .core.allocate import TimeBudget
 from .core.distributed import world
 from .errors import FwsvdError
@@ -108,10 +108,7 @@ def release_freed_memory() -> None:
     """Collect garbage and hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere
     nothing more), so that what one stage freed is not counted in the next stage's peak."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    heap.trim()
 
 
 class Clock:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..errors import FwsvdError
+from . import heap
 from .batch import Batch
 from .factorize import linear_weight
 
@@ -245,6 +246,7 @@ def collect_statistics(
                     with torch.no_grad():
                         loss_fn(model, batch)
                 state.first_batch, state.seen = False, {}
+                heap.trim()  # this batch's activations, before the next batch scatters among them
     finally:
         hook.remove()
         for p, flag in flags.items():
