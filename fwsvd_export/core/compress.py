@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import FwsvdError
-from . import distributed, stats_cache
+from . import distributed, heap, stats_cache
 from .allocate import Candidate, TimeBudget, allocate, allocate_ranks, table_costs
 from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch
@@ -400,6 +400,7 @@ def compress_(
                     del stats[plan.name]
                 else:
                     done.append(layer)
+                heap.trim()  # the layer's workspace, before the next layer's scatters among it
                 bar.update(1)
         return done
 
