@@ -72,6 +72,30 @@ def test_a_dense_graph_that_does_not_open_fails_the_run_where_the_compressed_one
     assert validation["providers"]["cpu"]["latency_skipped"].startswith("dense graph: CPUExecutionProvider failed")
 
 
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_a_graph_that_stops_opening_before_its_timing_fails_the_run(tmp_path, classifier_recipe, one_at_a_time):
+    """A compressed graph damaged after its validation (as a full disk or a second process leaves it) makes the
+    timing fail with a check naming the graph, whether the sessions are held side by side or one at a time."""
+    classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}]
+    classifier_recipe["validation"]["latency"] = {"shapes": ["1x8"], "warmup": 1, "runs": 2, "rounds": 2,
+                                                  "one_at_a_time": one_at_a_time}
+    recipe = load_recipe(write_recipe(tmp_path, classifier_recipe))
+    prepared = prepare(recipe, Clock())
+    dense = dense_stage(prepared, tmp_path / "dense", Clock(), progress=False)
+    model, _, _ = compress_stage(prepared, recipe, Clock(), progress=False)
+    compressed = export_onnx(model, prepared.tokenizer, tmp_path / "compressed", "text-classification")
+    evidence = torch_results(prepared.task, recipe.validation, model, prepared.evaluation, progress=False)
+    checked = validate(prepared.task, recipe.validation, dense.reference, evidence, prepared.evaluation, compressed,
+                       progress=False)
+    assert checked.passed
+    compressed.write_bytes(compressed.read_bytes()[: compressed.stat().st_size // 2])
+    time_artifacts(recipe.validation, dense.reference, checked, compressed, {}, model.config.vocab_size)
+    validation = checked.to_dict()
+    assert failing(validation["checks"]) == {"cpu: graphs open for timing"} and validation["passed"] is False
+    skipped = validation["providers"]["cpu"]["latency_skipped"]
+    assert skipped.startswith(f"{compressed}: CPUExecutionProvider failed") and not validation["providers"]["cpu"]["latency"]
+
+
 # --- the per-sample Fisher of text pairs ------------------------------------------------------------
 
 def pair_batches(tokenizer, n: int = 6, batch_size: int = 3):
