@@ -138,7 +138,11 @@ def test_the_report_says_when_dense_int8_beats_a_compressed_artifact_on_size_or_
     dense["cpu"]["latency"][0]["median_ms"] = 2 * ours["cpu"]["latency"][0]["median_ms"]  # slower and larger: no win
     assert not any("beats compressed-int8" in v for v in verdicts(report))
     dense["bytes"] = ours["bytes"] - 1  # smaller, as accurate: a win on size
-    assert any(v.startswith("dense-int8 beats compressed-int8 on cpu (size)") for v in verdicts(report))
+    assert any(v.startswith("dense-int8 beats compressed-int8 on cpu (size)") and "unless latency decides" in v
+               for v in verdicts(report))
+    dense["cpu"]["latency"][0]["median_ms"] = 0.5 * ours["cpu"]["latency"][0]["median_ms"]  # smaller and faster
+    assert any(v.startswith("dense-int8 beats compressed-int8 on cpu (size and latency)") and v.endswith("ship dense-int8")
+               for v in verdicts(report))
     dense["cpu"]["metric"] = ours["cpu"]["metric"] - 0.01  # less accurate: never a win
     assert not any("beats compressed-int8" in v for v in verdicts(report))
 
