@@ -118,7 +118,7 @@ class Clock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.peak_rss_mb: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self._start = self._last = time.perf_counter()
         _peak_rss_mb(reset=True)
 
     def lap(self, stage: str) -> None:
@@ -127,6 +127,11 @@ class Clock:
         self.seconds[stage] = now - self._last
         self.peak_rss_mb[stage] = round(_peak_rss_mb(reset=True), 1)
         self._last = now
+
+    def whole(self) -> dict[str, float]:
+        """Seconds since the clock started and the largest stage peak: the run's own peak, which tools
+        reading the process's high-water mark at exit (`/usr/bin/time`) cannot see after the resets."""
+        return {"seconds": time.perf_counter() - self._start, "peak_rss_mb": max(self.peak_rss_mb.values(), default=0.0)}
 
 
 @dataclass
@@ -441,6 +446,7 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
         report = point_stage(prepared, dense, recipe, staged.path, clock, progress, last=True)
         unreadable = report["compression"]["statistics"].get("cache_unreadable")
         report["output_notes"] = staged.notes + ([f"statistics cache: {unreadable}"] if unreadable else [])
+        report["whole_run"] = clock.whole()
         write_report(report, staged.path)
     return RunResult(folder, report)
 
