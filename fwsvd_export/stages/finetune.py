@@ -64,7 +64,7 @@ def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: Finetune
                     batch = batch.to(device)
                     loss = objective_loss(model, task, batch, spec, teacher)
                     if not bool(torch.isfinite(loss)):
-                        raise FwsvdError(f"recovery fine-tuning diverged: the loss became {float(loss)} in epoch "
+                        raise FwsvdError(f"recovery fine-tuning diverged: the loss became {loss.item()} in epoch "
                                          f"{len(history) + 1}; lower finetune.learning_rate (now {spec.learning_rate:g})")
                     optimizer.zero_grad(set_to_none=True)
                     (loss / batch.samples).backward()
