@@ -113,7 +113,8 @@ def markdown(report: dict) -> str:
           p["params_after"] / p["params_before"], p["weighted_error"], "; ".join([p["reason"]] + p["notes"])]
          for p in comp["layers"]])
     peaks = report.get("peak_rss_mb", {})
-    whole = [["whole run", report["whole_run"]["seconds"], report["whole_run"]["peak_rss_mb"]]] if "whole_run" in report else []
+    run = report.get("whole_run")
+    whole = [["whole run", run["seconds"], run["peak_rss_mb"]]] if run else []
     lines += ["## Stages", ""] + _table(["stage", "seconds", "peak host memory (MB)"],
                                         [[k, v, peaks.get(k)] for k, v in report["seconds"].items()] + whole)
     return "\n".join(lines)
