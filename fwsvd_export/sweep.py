@@ -184,17 +184,21 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
             prepared.runner = None
             clock.lap("statistics (all points)")
         dense = dense_stage(prepared, staged.path / "dense", clock, progress)
-        shared = {"seconds": clock.seconds, "statistics": info, "dense_onnx": "dense/model.onnx"}
+        shared = {"seconds": clock.seconds, "peak_rss_mb": clock.peak_rss_mb, "statistics": info,
+                  "dense_onnx": "dense/model.onnx"}
         points: list[dict] = []
+        peaks = [clock.whole()["peak_rss_mb"]]
         for i, (method, value, recipe) in enumerate(plan):
             name = f"{method}-{kind}{value:g}"
             (staged.path / name).mkdir()
             report = point_stage(prepared, dense, recipe, staged.path / name, Clock(), progress, statistics,
                                  last=i == len(plan) - 1)
             points.append(_point(method, kind, value, name, report))
+            peaks.append(max(report["peak_rss_mb"].values(), default=0.0))
             wins = dense_int8_wins(points, prepared.task)
+            whole = {**clock.whole(), "peak_rss_mb": max(peaks)}  # each point's clock resets the high-water mark
             (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "shared": shared, "points": points,
-                                                              "dense_int8_beats": wins}, indent=2))
+                                                              "dense_int8_beats": wins, "whole_run": whole}, indent=2))
         try:
             plots = [folder / p.name for p in plot(points, staged.path)]
         except ImportError:
@@ -202,5 +206,7 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
         drawn = plot_artifacts(points, prepared.task, staged.path / FRONTIER_PLOT)
         plots += [folder / FRONTIER_PLOT] if drawn else []
         (staged.path / "sweep.md").write_text(_markdown(points, kind) + "\n"
-                                              + _artifact_table(points, _verdict(points, wins), drawn))
+                                              + _artifact_table(points, _verdict(points, wins), drawn)
+                                              + f"\nWhole sweep: {whole['seconds']:.1f} s, peak host memory "
+                                                f"{whole['peak_rss_mb']:.0f} MB.\n")
     return folder, points, plots

@@ -70,8 +70,13 @@ def test_sweep_writes_a_table_points_and_plots(tmp_path, classifier_recipe):
     assert "| kfac | 0.3 |" in table and "accuracy (cpu)" in table
     for png in ("metric_vs_params.png", "metric_vs_latency_cpu.png"):
         assert (folder / png).stat().st_size > 1000
-    shared = json.loads((folder / "sweep.json").read_text())["shared"]
+    summary = json.loads((folder / "sweep.json").read_text())
+    shared = summary["shared"]
     assert shared["statistics"]["passes"] == 1  # one pass for svd and kfac at both ratios
+    point_peaks = [max(json.loads((folder / p["folder"] / "report.json").read_text())["peak_rss_mb"].values())
+                   for p in points]
+    assert summary["whole_run"]["peak_rss_mb"] == max([*shared["peak_rss_mb"].values(), *point_peaks])  # the sweep's own
+    assert f"peak host memory {summary['whole_run']['peak_rss_mb']:.0f} MB" in table
     assert (folder / "dense" / "model.onnx").is_file() and not list(folder.glob("*/onnx/dense"))
     report = json.loads((folder / "kfac-ratio0.3" / "report.json").read_text())
     assert report["compression"]["statistics"]["shared"] and report["compression"]["statistics"]["passes"] == 0
