@@ -34,8 +34,8 @@ from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
 from .stages.report import write_report
 from .stages.tasks import Task, get_task
-from .stages.validate import (Check, Reference, reference, threads, time_artifacts, time_graphs, torch_results,
-                               validate)
+from .stages.validate import (Check, Reference, graph_bytes, reference, threads, time_artifacts, time_graphs,
+                               torch_results, validate)
 
 
 
@@ -419,8 +419,8 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
         "sizes": {
             "params_dense": prepared.dense_params,
             "params_compressed": params_compressed,
-            "onnx_dense_bytes": _bytes(dense.onnx.parent),
-            "onnx_compressed_bytes": _bytes(small_onnx.parent),
+            "onnx_dense_bytes": graph_bytes(dense.onnx.parent),
+            "onnx_compressed_bytes": graph_bytes(small_onnx.parent),
         },
         "flop_ratio": linear_flop_ratio(compression["layers"]),
         "graph": graph,
@@ -449,7 +449,3 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
         report["whole_run"] = clock.whole()
         write_report(report, staged.path)
     return RunResult(folder, report)
-
-
-def _bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("model.onnx*"))

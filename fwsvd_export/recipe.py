@@ -108,7 +108,9 @@ class LatencySpec:
     runs: int = 30  # per artifact and shape, spread over the rounds
     rounds: int = 5  # the artifacts take turns this many times, so machine noise hits all alike
     threads: Optional[int] = None  # ONNX Runtime intra-op threads for every timed session (null: every core)
-    one_at_a_time: bool = False  # hold one session at a time, reopened each turn: graphs too big to sit side by side
+    # true: hold one session at a time, reopened each turn; auto: when the graphs side by side would take more
+    # than half the memory available (graphs too big to sit side by side)
+    one_at_a_time: Literal[False, True, "auto"] = "auto"
 
 
 @dataclass
@@ -223,7 +225,7 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
     if _is_optional(tp):
         return None if value is None else _convert(value, _strip_optional(tp), where, origin)
     if typing.get_origin(tp) is Literal:
-        if value not in typing.get_args(tp):
+        if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):  # 1 is not true
             raise fail()
         return value
     if dataclasses.is_dataclass(tp):

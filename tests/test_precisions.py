@@ -91,7 +91,7 @@ def test_every_artifact_is_timed_in_the_same_interleaved_rounds_as_dense_fp32(pr
     assert method["artifacts"] == ["dense", "compressed", "dense-int8", "compressed-int8"]  # fp16 is for CUDA
     assert method["interleaved_rounds"] == 3 and method["runs"] == 3  # rounds are capped at the runs
     assert method["spinning_after_run"] is False  # no session's idle threads take the cores of the next one's run
-    assert method["one_at_a_time"] is True  # as the recipe asks: each turn reopens its graph
+    assert method["one_at_a_time"] is True and method["one_at_a_time_asked"] is True  # each turn reopens its graph
     point = cpu["latency"][0]
     assert point["dense"]["runs"] == point["compressed"]["runs"] == 3
     assert point["speedup"] == point["dense"]["median_ms"] / point["compressed"]["median_ms"]
@@ -122,6 +122,21 @@ def test_graphs_too_big_to_sit_side_by_side_are_timed_one_session_at_a_time(prec
         for shape in ("1x8", "2x8"):
             assert timings[name][shape]["runs"] == 5  # 3 in the first round, 2 in the second
             assert timings[name][shape]["p90_ms"] >= timings[name][shape]["median_ms"] > 0
+
+
+def test_graphs_are_timed_one_at_a_time_by_default_only_when_side_by_side_they_would_crowd_the_memory(precision_run,
+                                                                                                   monkeypatch):
+    from fwsvd_export.recipe import LatencySpec
+    from fwsvd_export.stages import validate
+
+    onnx_dir = precision_run.output / "onnx"
+    graphs = {name: onnx_dir / name / "model.onnx" for name in ("dense", "compressed", "dense-int8", "compressed-int8")}
+    assert not validate.one_at_a_time(LatencySpec(), graphs)  # "auto": a few MB fit beside each other
+    monkeypatch.setattr(validate, "SIDE_BY_SIDE_SHARE", sum(validate.graph_bytes(g.parent) for g in graphs.values())
+                        / validate._available_bytes() / 2)  # as if the host had room for half of them
+    assert validate.one_at_a_time(LatencySpec(), graphs)
+    assert not validate.one_at_a_time(LatencySpec(one_at_a_time=False), graphs)  # the recipe's word stands
+    assert validate.one_at_a_time(LatencySpec(one_at_a_time=True), {"dense": graphs["dense"]})
 
 
 def test_the_report_says_when_dense_int8_beats_a_compressed_artifact_on_size_or_latency(precision_run):

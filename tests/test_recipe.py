@@ -16,6 +16,7 @@ def test_minimal_recipe_gets_sensible_defaults(tmp_path):
     assert recipe.compression.method == "kfac" and recipe.compression.ratio == 0.5
     assert [p.name for p in recipe.validation.providers] == ["cpu", "cuda"]
     assert recipe.validation.providers[0].required and not recipe.validation.providers[1].required
+    assert recipe.validation.latency.one_at_a_time == "auto"  # graphs timed side by side while they fit
 
 
 def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
@@ -78,6 +79,8 @@ def test_clearing_the_cut_on_the_command_line_is_an_error_not_a_silent_default(t
     ("validation.latency.runs=0", "must be >= 1"),
     ("compression.target=[unclosed", "not valid YAML"),
     ("validation.prompts=['']", "empty prompt"),
+    ("validation.latency.one_at_a_time=1", "'validation.latency.one_at_a_time' must be False | True | 'auto', got 1"),
+    ("validation.latency.one_at_a_time=always", "must be False | True | 'auto', got 'always'"),
 ])
 def test_more_bad_values_are_named(tmp_path, assignment, fragment):
     with pytest.raises(FwsvdError) as info:

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -26,7 +26,7 @@ from .latency import in_turn, interleaved
 from .ort_io import feeds, has_past
 from .precision import PRECISIONS
 from ..core.batch import Batch
-from ..recipe import ValidationSpec
+from ..recipe import LatencySpec, ValidationSpec
 from .tasks import Task, metric_loss, run_torch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -189,7 +189,7 @@ def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Pat
     outputs of the fp32 model it was made from) within the precision's tolerance. Its latency is measured
     later, interleaved with the other artifacts (`time_artifacts`)."""
     kind = PRECISIONS[precision]
-    result: dict = {"bytes": _bytes(graph.parent), "tolerance_rtol": kind.rtol}
+    result: dict = {"bytes": graph_bytes(graph.parent), "tolerance_rtol": kind.rtol}
     for provider in spec.providers:
         if provider.name not in kind.providers:
             continue
@@ -204,7 +204,8 @@ def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Pat
     return result
 
 
-def _bytes(folder: Path) -> int:
+def graph_bytes(folder: Path) -> int:
+    """The ONNX graph's bytes in `folder`, its external weights included."""
     return sum(f.stat().st_size for f in folder.glob("model.onnx*"))
 
 
@@ -332,6 +333,29 @@ def _reopen(graph: Path, provider: str, intra_op_threads: int) -> ort.InferenceS
     return session
 
 
+SIDE_BY_SIDE_SHARE = 0.5  # `one_at_a_time: auto` holds graphs side by side while their bytes fit this share
+
+
+def _available_bytes() -> Optional[int]:
+    """The host memory the kernel says is available (Linux's MemAvailable); None where it cannot say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def one_at_a_time(lat: LatencySpec, graphs: dict[str, Path]) -> bool:
+    """Whether `graphs` are timed one session at a time: as the recipe says, or with "auto" when their
+    files (sessions hold about their weights) would take more than SIDE_BY_SIDE_SHARE of the available
+    memory side by side, so that a model the host can hold once is not lost to an out-of-memory at its
+    last stage."""
+    if lat.one_at_a_time != "auto":
+        return lat.one_at_a_time
+    available = _available_bytes()
+    return available is not None and sum(graph_bytes(g.parent) for g in graphs.values()) > SIDE_BY_SIDE_SHARE * available
+
+
 def time_graphs(graphs: dict[str, Path], provider: str, spec: ValidationSpec, shapes: list[str], vocab_size: int,
                 decode: bool = True) -> dict[str, dict[str, dict]]:
     """`graphs` timed against each other on `provider` as `spec.latency` asks: their sessions held side
@@ -339,7 +363,7 @@ def time_graphs(graphs: dict[str, Path], provider: str, spec: ValidationSpec, sh
     turn (`latency.in_turn`): the memory of the biggest graph instead of all of them."""
     lat = spec.latency
     opens = {name: functools.partial(_reopen, graph, provider, threads(spec)) for name, graph in graphs.items()}
-    if lat.one_at_a_time:
+    if one_at_a_time(lat, graphs):
         return in_turn(opens, shapes, vocab_size, lat.warmup, lat.runs, lat.rounds, decode)
     return interleaved({name: o() for name, o in opens.items()}, shapes, vocab_size, lat.warmup, lat.runs,
                        lat.rounds, decode)
@@ -358,8 +382,9 @@ def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, c
         graphs.update({f"compressed-{p}": g for p, g in variants.items()})
         timed = {name: graph for name, graph in graphs.items() if name in ("dense", "compressed")
                  or result.variants.get(name, {}).get(provider, {}).get("status") == "measured"}
+        lat = replace(spec.latency, one_at_a_time=one_at_a_time(spec.latency, timed))  # decided once, recorded below
         try:
-            timings = time_graphs(timed, provider, spec, spec.latency.shapes, vocab_size)
+            timings = time_graphs(timed, provider, replace(spec, latency=lat), lat.shapes, vocab_size)
         except _WontOpen as exc:
             if exc.graph == dense.graphs["dense"]:
                 # The provider runs the compressed graph, so the dense one (an artifact of the run, the baseline
@@ -370,10 +395,10 @@ def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, c
                 entry.update(status="failed", latency_skipped=str(exc))
                 result.checks.append(Check(f"{provider}: graphs open for timing", False, str(exc)))
             continue
-        lat = spec.latency
         entry["latency_method"] = {"interleaved_rounds": min(lat.rounds, lat.runs), "runs": lat.runs,
                                    "warmup": lat.warmup, "threads": threads(spec), "artifacts": list(timed),
-                                   "one_at_a_time": lat.one_at_a_time, "spinning_after_run": _spins(session_options())}
+                                   "one_at_a_time": lat.one_at_a_time, "one_at_a_time_asked": spec.latency.one_at_a_time,
+                                   "spinning_after_run": _spins(session_options())}
         for shape, base in timings["dense"].items():
             small = timings["compressed"][shape]
             point = {"shape": shape, "dense": base, "compressed": small, "speedup": base["median_ms"] / small["median_ms"]}
