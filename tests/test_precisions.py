@@ -139,6 +139,17 @@ def test_graphs_are_timed_one_at_a_time_by_default_only_when_side_by_side_they_w
     assert validate.one_at_a_time(LatencySpec(one_at_a_time=True), {"dense": graphs["dense"]})
 
 
+def test_a_containers_memory_limit_bounds_the_memory_counted_available(tmp_path):
+    from fwsvd_export.stages.validate import _available_bytes
+
+    host = _available_bytes(tmp_path / "no-cgroup")  # the host's MemAvailable alone
+    (tmp_path / "memory.max").write_text("max\n")  # no limit set
+    (tmp_path / "memory.current").write_text(f"{2**30}\n")
+    assert abs(_available_bytes(tmp_path) - host) < 2**28  # the host's figure moves a little between readings
+    (tmp_path / "memory.max").write_text(f"{3 * 2**30}\n")  # a 3 GiB container that uses 1 GiB
+    assert host < 2**31 or _available_bytes(tmp_path) == 2 * 2**30
+
+
 def test_the_report_says_when_dense_int8_beats_a_compressed_artifact_on_size_or_latency(precision_run):
     import copy
     from fwsvd_export.stages.report import verdicts

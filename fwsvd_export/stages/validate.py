@@ -336,13 +336,22 @@ def _reopen(graph: Path, provider: str, intra_op_threads: int) -> ort.InferenceS
 SIDE_BY_SIDE_SHARE = 0.5  # `one_at_a_time: auto` holds graphs side by side while their bytes fit this share
 
 
-def _available_bytes() -> Optional[int]:
-    """The host memory the kernel says is available (Linux's MemAvailable); None where it cannot say."""
+def _available_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+    """The memory this process can still take: Linux's MemAvailable, or less under a cgroup v2 limit (a
+    container's, which /proc/meminfo does not show); None where neither can be read."""
+    found = []
     try:
         with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+            found.append(next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")))
     except (OSError, StopIteration, ValueError):
-        return None
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def one_at_a_time(lat: LatencySpec, graphs: dict[str, Path]) -> bool:
