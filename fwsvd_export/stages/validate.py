@@ -368,8 +368,9 @@ def one_at_a_time(lat: LatencySpec, graphs: dict[str, Path]) -> bool:
 def time_graphs(graphs: dict[str, Path], provider: str, spec: ValidationSpec, shapes: list[str], vocab_size: int,
                 decode: bool = True) -> dict[str, dict[str, dict]]:
     """`graphs` timed against each other on `provider` as `spec.latency` asks: their sessions held side
-    by side (`latency.interleaved`), or with `one_at_a_time` one session at a time, reopened for each
-    turn (`latency.in_turn`): the memory of the biggest graph instead of all of them."""
+    by side (`latency.interleaved`), or where `one_at_a_time` says so (asked, or "auto" and too big) one
+    session at a time, reopened for each turn (`latency.in_turn`): the memory of the biggest graph
+    instead of all of them."""
     lat = spec.latency
     opens = {name: functools.partial(_reopen, graph, provider, threads(spec)) for name, graph in graphs.items()}
     if one_at_a_time(lat, graphs):
