@@ -193,8 +193,8 @@ def _text(key: Any) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:  # as the recipe's YAML writes them
+        return " | ".join(str(a).lower() if isinstance(a, bool) else repr(a) for a in typing.get_args(tp))
     if _is_optional(tp):
         return f"{_type_name(_strip_optional(tp))} or null"
     origin = typing.get_origin(tp)

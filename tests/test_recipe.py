@@ -79,8 +79,8 @@ def test_clearing_the_cut_on_the_command_line_is_an_error_not_a_silent_default(t
     ("validation.latency.runs=0", "must be >= 1"),
     ("compression.target=[unclosed", "not valid YAML"),
     ("validation.prompts=['']", "empty prompt"),
-    ("validation.latency.one_at_a_time=1", "'validation.latency.one_at_a_time' must be False | True | 'auto', got 1"),
-    ("validation.latency.one_at_a_time=always", "must be False | True | 'auto', got 'always'"),
+    ("validation.latency.one_at_a_time=1", "'validation.latency.one_at_a_time' must be false | true | 'auto', got 1"),
+    ("validation.latency.one_at_a_time=always", "must be false | true | 'auto', got 'always'"),
 ])
 def test_more_bad_values_are_named(tmp_path, assignment, fragment):
     with pytest.raises(FwsvdError) as info:
