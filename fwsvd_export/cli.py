@@ -94,6 +94,8 @@ def guarded(command: Callable) -> Callable:
             sys.exit(EXIT_CRASH)
         finally:
             _forget_native_interrupt()
+            if "fwsvd_export.core.distributed" in sys.modules:  # loaded only where a run may have joined a group
+                sys.modules["fwsvd_export.core.distributed"].leave()
 
     return wrapper
 

@@ -60,6 +60,15 @@ def init_from_environment() -> bool:
     return True
 
 
+def leave() -> None:
+    """Leave the process group while the interpreter still runs: left to the teardown at exit, a gloo
+    group whose peer has already gone can abort the process (SIGABRT) after its error was printed."""
+    global _start_group
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # every group, the start group too
+    _start_group = None
+
+
 def start_together() -> None:
     """Every rank waits here until all have arrived (rank 0 after its dense stage), with START_TIMEOUT
     rather than the collective timeout; a no-op outside a group made by `init_from_environment`."""
