@@ -319,113 +319,191 @@ def compress_(
     replaces the pass (a sweep gathers once for all its points). `latency`, the layers' measured costs and
     the dense model's time, is what a `spec.target_speedup` allocation spends (rank 0 needs it).
 
-    Under torch.distributed every rank calls this with the same model, spec and batches: each gathers
-    the statistics of its shard, then builds the weights of and factorizes its cost-balanced share of the
-    layers; rank 0 allocates and checks global ranks, receives every layer and is the only rank whose
-    `model` is factorized (the others' stays dense)."""
+    The steps: plan (every check that can fail before the long compute), gather (the calibration
+    statistics), weigh (the weighted spectra of the layers a budget allocates), allocate (their ranks),
+    factorize (each layer replaced by its two factors). Under torch.distributed every rank calls this with
+    the same model, spec and batches: each gathers the statistics of its shard, then builds the weights of
+    and factorizes its cost-balanced share of the layers; rank 0 allocates and checks global ranks, receives
+    every layer and is the only rank whose `model` is factorized (the others' stays dense)."""
+    work = _plan(model, spec, calibration, loss_fn, latency, progress)
+    distributed.start_together()  # under torchrun, the others wait here for rank 0's dense stage
+    start = time.perf_counter()
+    info = _gather(work, cache_base, statistics_model, statistics)
+    result = CompressionResult(work.method.name, work.plans, {"statistics": time.perf_counter() - start}, info)
+    start = time.perf_counter()
+    _drop_unreached(work)
+    spectra = _weigh_mine(work)
+    _allocate(work, spectra, latency, result)
+    _factorize(work, result)
+    result.seconds["factorize"] = time.perf_counter() - start - result.seconds.get("sequential statistics", 0.0)
+    return result
+
+
+@dataclass
+class _Work:
+    """What the steps of one `compress_` call share: the plan, the layers still to factorize (dropped as
+    they are installed), and what each step adds for the next (statistics, owners, weightings)."""
+
+    model: nn.Module
+    spec: CompressionSpec
+    method: Method
+    plans: list[LayerPlan]
+    todo: dict[str, nn.Module]
+    calibration: list[Batch]  # the statistics batches
+    check: list[Batch]  # the allocation check's held-out batches (empty: no check)
+    loss_fn: Optional[Callable]
+    progress: bool
+    stats: dict[str, LayerStats] = field(default_factory=dict)
+    owners: dict[str, int] = field(default_factory=dict)  # layer -> the process that factorizes it
+    weightings: dict[str, Weighting] = field(default_factory=dict)
+
+    @property
+    def allocated(self) -> list[LayerPlan]:
+        return [p for p in self.plans if p.allocate]
+
+
+def _plan(model: nn.Module, spec: CompressionSpec, calibration: Optional[list[Batch]], loss_fn: Optional[Callable],
+          latency: Optional[TimeBudget], progress: bool) -> _Work:
+    """The layers' plan, with every refusal that does not need the statistics made before the long compute."""
     method = get_method(spec.method)
     plans = plan_layers(model, spec)
     todo = {p.name: model.get_submodule(p.name) for p in plans if p.rank is not None or p.allocate}
     if method.needs and (calibration is None or loss_fn is None):
         raise FwsvdError(f"method '{method.name}' needs calibration data and a task loss")
     _check_budget(model, plans, spec)
-    if distributed.world()[0] == 0:  # fails before the statistics pass
+    if distributed.world()[0] == 0:
         check_speedup_target(model, spec, latency, plans)
     check_finite_model(model)
     if spec.sequential and distributed.world()[1] > 1:
         raise FwsvdError("compression.sequential runs in one process; launch it without torchrun")
-    calibration, check = _split(spec, calibration or [], loss_fn)
-    distributed.start_together()  # under torchrun, the others wait here for rank 0's dense stage
-    start = time.perf_counter()
-    if statistics is None:
-        stats, info = gather_statistics(model, todo, set(method.needs), spec, calibration or [], loss_fn, progress,
-                                        cache_base, statistics_model)
+    statistics_batches, check = _split(spec, calibration or [], loss_fn)
+    return _Work(model, spec, method, plans, todo, statistics_batches, check, loss_fn, progress)
+
+
+def _gather(work: _Work, cache_base: Optional[Path], runner: Optional[nn.Module],
+            shared: Optional[dict[str, LayerStats]]) -> dict:
+    """Fill `work.stats` from one calibration pass (or the cache, or a sweep's `shared` statistics); returns
+    how they were had."""
+    needs = set(work.method.needs)
+    if shared is None:
+        work.stats, info = gather_statistics(work.model, work.todo, needs, work.spec, work.calibration, work.loss_fn,
+                                             work.progress, cache_base, runner)
     else:
-        stats, info = {name: statistics.get(name, LayerStats()) for name in todo}, {"passes": 0, "cache": None, "shared": True}
-    check_finite_statistics(stats, set(method.needs))
-    result = CompressionResult(method.name, plans, {"statistics": time.perf_counter() - start}, info)
-    start = time.perf_counter()
-    for plan in plans:  # a layer the loss never reached (e.g. an unused pooler) has nothing to weight by
-        if plan.name in todo and any(getattr(stats[plan.name], s) is None for s in method.needs):
-            del todo[plan.name]
+        work.stats = {name: shared.get(name, LayerStats()) for name in work.todo}
+        info = {"passes": 0, "cache": None, "shared": True}
+    check_finite_statistics(work.stats, needs)
+    return info
+
+
+def _drop_unreached(work: _Work) -> None:
+    """A layer the loss never reached (e.g. an unused pooler) has nothing to weight by: it stays dense."""
+    for plan in work.plans:
+        if plan.name in work.todo and any(getattr(work.stats[plan.name], s) is None for s in work.method.needs):
+            del work.todo[plan.name]
             plan.rank, plan.allocate, plan.params_after = None, False, plan.params_before
             plan.reason = "no calibration statistics reached this layer (unused by the task loss); kept dense"
+
+
+def _weigh_mine(work: _Work) -> dict[str, torch.Tensor]:
+    """Share the layers out by cost, then the weighted spectra of this process's allocated layers (their
+    weightings kept in `work` when the allocation check needs them)."""
     process, processes = distributed.world()
-    owners = distributed.assign({name: _cost(module) for name, module in todo.items()}, processes)
-    allocated = [p for p in plans if p.allocate]
-    weightings, spectra = distributed.together(
-        lambda: _weigh(method, spec, stats, todo, [p for p in allocated if owners[p.name] == process], bool(check),
-                       progress), "building the layers' weights")
-    if allocated:
-        budget = _budget_params(model, plans, spec) if spec.budget is not None else 0
-        for theirs, weights in distributed.to_first([(spectra, {n: weightings[n] for n in spectra} if check else {})]):
-            spectra.update(theirs)  # rank 0 allocates from every layer's spectrum and checks with their weights
-            weightings.update(weights)
+    work.owners = distributed.assign({name: _cost(module) for name, module in work.todo.items()}, processes)
+    mine = [p for p in work.allocated if work.owners[p.name] == process]
+    work.weightings, spectra = distributed.together(
+        lambda: _weigh(work.method, work.spec, work.stats, work.todo, mine, bool(work.check), work.progress),
+        "building the layers' weights")
+    return spectra
 
-        def allocate_here() -> dict[str, Optional[int]]:
-            layers = [Candidate(p.name, p.in_features, p.out_features, spectra[p.name]) for p in allocated]
-            if spec.target_speedup is not None:
-                return _timed_allocation(layers, plans, spec, latency, result)
-            found = allocate_ranks(layers, budget, spec.multiple)
-            if check:
-                found = _checked(model, allocated, todo, weightings, found, budget, spec, check, loss_fn, result,
-                                 reused=check[0] is calibration[0])
-            return found
 
-        ranks = distributed.from_first(allocate_here, "allocating ranks")
-        for p in allocated:
-            p.rank = rank = ranks[p.name]
-            p.params_after = p.params_before if rank is None else rank * (p.in_features + p.out_features)
-            if rank is None:
-                p.reason += "; kept dense by the allocation"
-    chosen = [p for p in plans if p.rank is not None]
-    sequential = spec.sequential and bool(method.needs)
-    # Sequential: blocks in model order (kept-dense layers place their block too); each after the first is
-    # calibrated through the model as factorized so far.
-    blocks = [[p for p in b if p.rank is not None] for b in _blocks(plans)] if sequential else [chosen]
+def _allocate(work: _Work, spectra: dict[str, torch.Tensor], latency: Optional[TimeBudget],
+              result: CompressionResult) -> None:
+    """Rank 0 gathers every allocated layer's spectrum, chooses the ranks (a parameter budget, checked on
+    held-out batches, or a time budget) and every process learns them."""
+    allocated, spec = work.allocated, work.spec
+    if not allocated:
+        return
+    budget = _budget_params(work.model, work.plans, spec) if spec.budget is not None else 0
+    sent = {n: work.weightings[n] for n in spectra} if work.check else {}
+    for theirs, weights in distributed.to_first([(spectra, sent)]):
+        spectra.update(theirs)
+        work.weightings.update(weights)
+
+    def allocate_here() -> dict[str, Optional[int]]:
+        layers = [Candidate(p.name, p.in_features, p.out_features, spectra[p.name]) for p in allocated]
+        if spec.target_speedup is not None:
+            return _timed_allocation(layers, work.plans, spec, latency, result)
+        found = allocate_ranks(layers, budget, spec.multiple)
+        if work.check:
+            found = _checked(work.model, allocated, work.todo, work.weightings, found, budget, spec, work.check,
+                             work.loss_fn, result, reused=work.check[0] is work.calibration[0])
+        return found
+
+    ranks = distributed.from_first(allocate_here, "allocating ranks")
+    for p in allocated:
+        p.rank = rank = ranks[p.name]
+        p.params_after = p.params_before if rank is None else rank * (p.in_features + p.out_features)
+        if rank is None:
+            p.reason += "; kept dense by the allocation"
+
+
+def _factorize(work: _Work, result: CompressionResult) -> None:
+    """Replace each chosen layer by its factors, in one block, or block by block in model order when
+    `spec.sequential` (each block after the first calibrated through the model as factorized so far; kept-
+    dense layers place their block too). Rank 0 installs every process's layers."""
+    chosen = [p for p in work.plans if p.rank is not None]
+    sequential = work.spec.sequential and bool(work.method.needs)
+    blocks = [[p for p in b if p.rank is not None] for b in _blocks(work.plans)] if sequential else [chosen]
     by_name = {p.name: p for p in chosen}
-    bar = tqdm(total=len(chosen), desc="factorizing" + (" (sequential)" if sequential else ""), unit="layer",
-               disable=not progress)
+    with tqdm(total=len(chosen), desc="factorizing" + (" (sequential)" if sequential else ""), unit="layer",
+              disable=not work.progress) as bar:
+        for i, block in enumerate(blocks):
+            if i and block:  # earlier blocks are factorized now: their errors reach this block's statistics
+                _recalibrate(work, block, result)
+            done = distributed.together(lambda: _factor_mine(work, block, bar), "factorizing its layers")
+            for layer in done if distributed.world()[0] else ():
+                layer.module.cpu()  # sent from the host: unpickled on rank 0, a GPU tensor would land on this rank's GPU
+            for layer in distributed.to_first(done):  # rank 0 installs every rank's layers
+                _install(work.model, by_name[layer.name], layer, work.todo[layer.name])
+                if work.owners[layer.name]:
+                    bar.update(1)
+    processes = distributed.world()[1]
+    result.factorization = {"processes": processes, "layers_per_process": [
+        sum(work.owners[p.name] == r for p in chosen) for r in range(processes)]}
 
-    def factor_mine(block: list[LayerPlan]) -> list[_Factored]:
-        """Factorize this rank's layers of `block`. In one process each is installed at once, and its dense
-        module, statistics and side weights are let go: the host holds one layer's weights twice, not all."""
-        done = []
-        for plan in block:
-            if owners[plan.name] == process:
-                weighting = weightings.pop(plan.name, None) or method.build(stats[plan.name], spec.damping)
-                layer = _factor(plan, todo[plan.name], weighting, stats[plan.name], spec)
-                if processes == 1:
-                    _install(model, plan, layer, todo.pop(plan.name))
-                    del stats[plan.name]
-                else:
-                    done.append(layer)
-                heap.trim()  # the layer's workspace, before the next layer's scatters among it
-                bar.update(1)
-        return done
 
-    for i, block in enumerate(blocks):
-        if i and block:  # earlier blocks are factorized now: their errors reach this block's statistics
-            clock = time.perf_counter()
-            fresh, _ = gather_statistics(model, {p.name: todo[p.name] for p in block}, set(method.needs),
-                                         replace(spec, cache_dir=None), calibration, loss_fn, False)
-            check_finite_statistics(fresh, set(method.needs))
-            stats.update(fresh)
-            for p in block:  # built again from the fresh statistics when the layer is factorized
-                weightings.pop(p.name, None)
-            result.seconds["sequential statistics"] = result.seconds.get("sequential statistics", 0.0) + time.perf_counter() - clock
-        done = distributed.together(lambda: factor_mine(block), "factorizing its layers")
-        for layer in done if process else ():
-            layer.module.cpu()  # sent from the host: unpickled on rank 0, a GPU tensor would land on this rank's GPU
-        for layer in distributed.to_first(done):  # rank 0 installs every rank's layers
-            _install(model, by_name[layer.name], layer, todo[layer.name])
-            if owners[layer.name]:
-                bar.update(1)
-    bar.close()
-    result.factorization = {"processes": processes,
-                            "layers_per_process": [sum(owners[p.name] == r for p in chosen) for r in range(processes)]}
-    result.seconds["factorize"] = time.perf_counter() - start - result.seconds.get("sequential statistics", 0.0)
-    return result
+def _recalibrate(work: _Work, block: list[LayerPlan], result: CompressionResult) -> None:
+    """Sequential calibration: `block`'s statistics again, through the model as factorized so far."""
+    clock = time.perf_counter()
+    needs = set(work.method.needs)
+    fresh, _ = gather_statistics(work.model, {p.name: work.todo[p.name] for p in block}, needs,
+                                 replace(work.spec, cache_dir=None), work.calibration, work.loss_fn, False)
+    check_finite_statistics(fresh, needs)
+    work.stats.update(fresh)
+    for p in block:  # built again from the fresh statistics when the layer is factorized
+        work.weightings.pop(p.name, None)
+    result.seconds["sequential statistics"] = (result.seconds.get("sequential statistics", 0.0)
+                                               + time.perf_counter() - clock)
+
+
+def _factor_mine(work: _Work, block: list[LayerPlan], bar: tqdm) -> list[_Factored]:
+    """Factorize this process's layers of `block`. In one process each is installed at once, and its dense
+    module, statistics and side weights are let go: the host holds one layer's weights twice, not all."""
+    process, processes = distributed.world()
+    done = []
+    for plan in block:
+        if work.owners[plan.name] != process:
+            continue
+        weighting = work.weightings.pop(plan.name, None) or work.method.build(work.stats[plan.name], work.spec.damping)
+        layer = _factor(plan, work.todo[plan.name], weighting, work.stats[plan.name], work.spec)
+        if processes == 1:
+            _install(work.model, plan, layer, work.todo.pop(plan.name))
+            del work.stats[plan.name]
+        else:
+            done.append(layer)
+        heap.trim()  # the layer's workspace, before the next layer's scatters among it
+        bar.update(1)
+    return done
 
 
 def check_speedup_target(model: nn.Module, spec: CompressionSpec, latency: Optional[TimeBudget],
