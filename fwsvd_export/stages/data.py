@@ -107,8 +107,23 @@ def _read_file(path: Path, fmt: str, text_column: str, origin: str) -> list[Reco
             raise FwsvdError(f"{where}: not valid JSON: {exc.msg}") from None
         if not isinstance(record, dict):
             raise FwsvdError(f"{where}: each line must be a JSON object")
+        if "\\u" in line:  # only a \u escape can write a lone surrogate into text that decoded as UTF-8
+            _refuse_lone_surrogates(record, where, origin)
         records.append(Record(record, where))
     return records
+
+
+def _refuse_lone_surrogates(record: dict, where: str, origin: str) -> None:
+    """JSON may spell half of a UTF-16 surrogate pair (``"\\ud800"``); Python keeps it as a string no encoder
+    accepts, and the tokenizer would fail on it later with a bare TypeError. Refused here like any other
+    text that is not UTF-8, with its line and column."""
+    for column, value in record.items():
+        try:
+            json.dumps([column, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            escape = exc.object[exc.start:exc.end].encode("unicode_escape").decode("ascii")
+            raise FwsvdError(f"{where}: not UTF-8 text (the escape '{escape}' in column {ascii(column)} is half of "
+                             f"a surrogate pair, with no other half); from '{origin}'") from None
 
 
 def _hub_errors(datasets) -> tuple[type[BaseException], ...]:
