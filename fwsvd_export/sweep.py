@@ -158,6 +158,20 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
     return written
 
 
+def point_folder(method: str, kind: str, value: float) -> str:
+    """A point's folder in the sweep, e.g. ``kfac-ratio0.5`` (the value to 6 significant digits)."""
+    return f"{method}-{kind}{value:g}"
+
+
+def _refuse_repeats(folders: list[str], kind: str) -> None:
+    """A point given twice (a method or a value listed twice) would run twice, the second time into the
+    first one's folder; refused before any work."""
+    for i, name in enumerate(folders):
+        if name in folders[:i]:
+            raise FwsvdError(f"the sweep lists the point {name} twice (a method or {kind} given twice); each point "
+                             "runs once")
+
+
 def sweep(recipe_path: str | Path, values: list[float], methods: list[str], output: Optional[Path] = None,
           overrides: tuple[str, ...] = (), budget: bool = False, progress: bool = True
           ) -> tuple[Path, list[dict], list[Path]]:
@@ -171,6 +185,7 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
     folder = resolve_output(output or base.resolve(base.export.output).with_name(base.resolve(base.export.output).name + "-sweep"))
     kind = "budget" if budget else "ratio"
     names = [get_method(m).name for m in methods]  # unknown methods fail before any run
+    _refuse_repeats([point_folder(m, kind, v) for m in names for v in values], kind)
     with staged_output(folder, inputs=read_paths(base)) as staged:
         plan = [(method, value, load_recipe(recipe_path, [*overrides, f"compression.method={method}",
                                                           f"compression.{kind}={value}"]))
@@ -189,7 +204,7 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
         points: list[dict] = []
         peaks = [clock.whole()["peak_rss_mb"]]
         for i, (method, value, recipe) in enumerate(plan):
-            name = f"{method}-{kind}{value:g}"
+            name = point_folder(method, kind, value)
             (staged.path / name).mkdir()
             report = point_stage(prepared, dense, recipe, staged.path / name, Clock(), progress, statistics,
                                  last=i == len(plan) - 1)
