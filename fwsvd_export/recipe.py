@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 
@@ -42,6 +42,7 @@ class ModelSpec:
     device_map: Optional[str] = None  # accelerate placement for the statistics pass: "auto", "cuda", "sequential", ...
     max_memory: dict[str, str] = field(default_factory=dict)  # per device, e.g. {"0": "20GiB", "cpu": "60GiB"}
     offload_folder: Optional[str] = None  # where device_map may put weights that fit on no device ("disk")
+    trust_remote_code: bool = False  # run the model folder's own Python (config.json's auto_map); named in the report
 
 
 @dataclass
@@ -215,15 +216,29 @@ def _strip_optional(tp: Any) -> Any:
     return next(a for a in typing.get_args(tp) if a is not type(None))
 
 
-def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
-    """Check `value` against the annotation `tp`; `where` is the dotted key for error messages."""
+def _under(place: str, key: str) -> bool:
+    """`place` is the dotted key `key` or lies inside its value."""
+    return place == key or place.startswith((f"{key}.", f"{key}["))
+
+
+def _origin(place: str, origin: str, sets: Mapping[str, str]) -> str:
+    """Who wrote the value at `place`, for its error message: the ``--set`` of it or of a key above it
+    (`sets`: dotted key -> that --set), else `origin`, the recipe file."""
+    owners = [key for key in sets if _under(place, key)]
+    return sets[max(owners, key=len)] if owners else origin
+
+
+def _convert(value: Any, tp: Any, where: str, origin: str, sets: Mapping[str, str]) -> Any:
+    """Check `value` against the annotation `tp`; `where` is the dotted key for error messages, `origin`
+    the file and `sets` the --set overrides they name (`_origin`)."""
+    origin = _origin(where, origin, sets)
 
     def fail() -> FwsvdError:
         kind = "a finite number" if tp is float else _type_name(tp)
         return FwsvdError(f"{origin}: '{where}' must be {kind}, got {_show(value)}")
 
     if _is_optional(tp):
-        return None if value is None else _convert(value, _strip_optional(tp), where, origin)
+        return None if value is None else _convert(value, _strip_optional(tp), where, origin, sets)
     if typing.get_origin(tp) is Literal:
         if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):  # 1 is not true
             raise fail()
@@ -231,12 +246,12 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise fail()
-        return _build(tp, value, where, origin)
+        return _build(tp, value, where, origin, sets)
     if typing.get_origin(tp) is list:
         if not isinstance(value, list):
             raise fail()
         (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{where}[{i}]", origin) for i, v in enumerate(value)]
+        return [_convert(v, item, f"{where}[{i}]", origin, sets) for i, v in enumerate(value)]
     if typing.get_origin(tp) is dict:
         if not isinstance(value, dict):
             raise fail()
@@ -252,7 +267,7 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
                 raise FwsvdError(f"{origin}: '{where}' has the key '{key}' twice (written as {_show(written[key])} "
                                  f"and as {_show(k)})")
             written[key] = k
-            out[key] = _convert(v, item, f"{where}.{key}", origin)
+            out[key] = _convert(v, item, f"{where}.{key}", origin, sets)
         return out
     if tp is bool:
         if not isinstance(value, bool):
@@ -281,32 +296,32 @@ def _convert(value: Any, tp: Any, where: str, origin: str) -> Any:
     raise TypeError(f"unsupported recipe annotation {tp!r}")
 
 
-def _build(cls: type, mapping: dict[str, Any], where: str, origin: str) -> Any:
+def _build(cls: type, mapping: dict[str, Any], where: str, origin: str, sets: Mapping[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in _INTERNAL]
     for key in mapping:
         if key not in names:
             place = f"{where}.{_text(key)}" if where else _text(key)
-            raise FwsvdError(f"{origin}: unknown key '{place}' (allowed here: {', '.join(names)})")
+            raise FwsvdError(f"{_origin(place, origin, sets)}: unknown key '{place}' (allowed here: {', '.join(names)})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in _INTERNAL:
             continue
         place = f"{where}.{f.name}" if where else f.name
         if f.name in mapping:
-            kwargs[f.name] = _convert(mapping[f.name], hints[f.name], place, origin)
+            kwargs[f.name] = _convert(mapping[f.name], hints[f.name], place, origin, sets)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise FwsvdError(f"{origin}: missing required key '{place}'")
     if cls is CompressionSpec:
-        _check_patterns(kwargs, where, origin)
+        _check_patterns(kwargs, where, origin, sets)
     try:
         return cls(**kwargs)  # core specs check their own fields
     except SpecError as exc:
         place = f"{where}.{exc.key}" if where else exc.key
-        raise FwsvdError(f"{origin}: '{place}' {exc.problem}") from None
+        raise FwsvdError(f"{_origin(place, origin, sets)}: '{place}' {exc.problem}") from None
 
 
-def _check_patterns(kwargs: dict[str, Any], where: str, origin: str) -> None:
+def _check_patterns(kwargs: dict[str, Any], where: str, origin: str, sets: Mapping[str, str]) -> None:
     """Regular expressions that ``re`` refuses with something other than ``re.error`` (a repeat count over
     its limit raises OverflowError, a few thousand nested groups RecursionError): named here, because
     CompressionSpec catches only ``re.error``. The usual bad patterns are left to CompressionSpec."""
@@ -320,9 +335,10 @@ def _check_patterns(kwargs: dict[str, Any], where: str, origin: str) -> None:
         except re.error:
             pass
         except (OverflowError, ValueError) as exc:
-            raise FwsvdError(f"{origin}: '{place}' is not a valid regular expression: {exc}") from None
+            raise FwsvdError(f"{_origin(place, origin, sets)}: '{place}' is not a valid regular expression: {exc}") from None
         except RecursionError:
-            raise FwsvdError(f"{origin}: '{place}' is not a valid regular expression: nested too deeply") from None
+            raise FwsvdError(f"{_origin(place, origin, sets)}: '{place}' is not a valid regular expression: nested too "
+                             "deeply") from None
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -400,6 +416,14 @@ class RecipeLoader(yaml.SafeLoader):
             value = f" {_show(node.value)}" if isinstance(node, yaml.ScalarNode) else ""
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read{value} as {node.tag}: {exc}", node.start_mark) from None
+
+
+# YAML 1.2 (core schema) reads a float written with an exponent and no dot or no exponent sign (1e-5, 1.0e5,
+# .5E3) as a number, PyYAML's YAML 1.1 as text; the recipe reads numbers as 1.2 does. Tried after PyYAML's own
+# resolvers, which read every other number (integers stay integers).
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+                                   list("-+.0123456789"))
 
 
 def _yaml(text: str) -> Any:
@@ -487,15 +511,17 @@ def _check(recipe: Recipe, origin: str) -> None:
         raise FwsvdError(f"{origin}: 'finetune.epochs' must be >= 0 and 'finetune.learning_rate' > 0")
 
 
-def parse_recipe(data: dict[str, Any], origin: str = "<recipe>", base_dir: str | Path = ".") -> Recipe:
-    """Build a checked Recipe from an already-loaded mapping."""
+def parse_recipe(data: dict[str, Any], origin: str = "<recipe>", base_dir: str | Path = ".",
+                 sets: Optional[Mapping[str, str]] = None) -> Recipe:
+    """Build a checked Recipe from an already-loaded mapping; a wrong value that a ``--set`` wrote is named by
+    that --set (`sets`: dotted key -> the --set as the user typed it), the others by `origin`."""
     if not isinstance(data, dict):
         raise FwsvdError(f"{origin}: a recipe must be a YAML mapping at the top level")
     comp = data.get("compression")
     if isinstance(comp, dict) and any(k in comp for k in _CUTS) and all(comp.get(k) is None for k in _CUTS):
         raise FwsvdError(f"{origin}: 'compression' sets ratio, rank, budget and target_speedup all to null; it needs "
                          "a ratio or a rank (or a budget, or a target_speedup)")
-    recipe = _build(Recipe, data, "", origin)
+    recipe = _build(Recipe, data, "", origin, sets or {})
     recipe.source = origin
     recipe.base_dir = str(base_dir)
     _check(recipe, origin)
@@ -524,11 +550,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = {}
     if not isinstance(data, dict):
         raise FwsvdError(f"{path}: a recipe must be a YAML mapping at the top level")
+    sets: dict[str, str] = {}
     for assignment in overrides:
         apply_override(data, assignment)
         key = assignment.split("=", 1)[0].strip()
+        sets = {k: v for k, v in sets.items() if not _under(k, key)}  # this --set replaced what they wrote
+        sets[key] = f"--set {_show(assignment)}"
         if key.startswith("compression.") and key.split(".", 1)[1] in _CUTS:
             for other in _CUTS:  # the command line's choice replaces the recipe's
                 if other != key.split(".", 1)[1]:
                     data["compression"][other] = None
-    return parse_recipe(data, str(path), path.parent.resolve())
+    return parse_recipe(data, str(path), path.parent.resolve(), sets)
