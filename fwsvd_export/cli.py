@@ -2,7 +2,9 @@
 
 Exit codes: 0 passed, 1 validation failed, 2 bad input (recipe, data, model, output path), 3 the tool
 could not finish (a bug, or the machine: disk full, out of memory), 128 + N killed by signal N (130
-for Ctrl-C, 143 for SIGTERM). SIGTERM is handled like Ctrl-C: staged output is removed on the way out.
+for Ctrl-C, 143 for SIGTERM). SIGTERM, SIGHUP (the terminal closed) and SIGQUIT are handled like Ctrl-C: staged
+output is removed on the way out. Nothing heavy is imported at module level, so that a Ctrl-C while the
+libraries load reaches a command's handler (one line, exit 130), not Python's traceback.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from typing import Callable
 import click
 
 from .errors import FwsvdError
-from .stages.tasks import TASKS
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CRASH, EXIT_SIGNAL = 1, 2, 3, 128
+# handled like Ctrl-C: closing the terminal sends SIGHUP, Ctrl-\ sends SIGQUIT
+_TERMINATING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
 _MACHINE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM, errno.EROFS}
 
 
@@ -38,6 +41,29 @@ class Interrupted(KeyboardInterrupt):
 
 def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
+
+
+def _handle_termination() -> None:
+    """Turn each terminating signal into `Interrupted`, so staged output is removed as for Ctrl-C. A signal
+    the caller ignores stays ignored (``nohup`` starts the command with SIGHUP ignored so that it outlives
+    the terminal)."""
+    for signum in _TERMINATING:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_interrupted)
+
+
+class _TaskChoice(click.Choice):
+    """The registry's task names, read when the option is parsed or the help shown: the registry imports
+    torch and transformers (seconds), which would otherwise load before any command's handler is in place."""
+
+    def __init__(self) -> None:  # no names yet: `choices` reads them on use
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from .stages.tasks import TASKS
+
+        return tuple(TASKS)
 
 
 def _out_of_room(exc: BaseException) -> bool:
@@ -104,7 +130,7 @@ def guarded(command: Callable) -> Callable:
 @click.version_option(package_name="fwsvd-export")
 def main() -> None:
     """Compress a transformer's Linear layers with Fisher-weighted SVD, export ONNX, validate in ONNX Runtime."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    _handle_termination()
     if not logging.getLogger("fwsvd_export").handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -194,10 +220,26 @@ def export_command(checkpoint: Path, output: Path, opset: int | None, no_past: b
 
 
 def _floats(text: str, name: str) -> list[float]:
+    """The numbers of a sweep option: at least one (an empty list would silently fall back to a default),
+    each once (`_once`)."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+    if not values:
+        raise click.BadParameter(f"expected comma-separated numbers, got none ({text!r})", param_hint=name)
+    _once([f"{v:g}" for v in values], name)  # as the point folders name them
+    return values
+
+
+def _once(items: list[str], name: str) -> None:
+    """Refuse a sweep option that gives a value twice, before any work: the point would run twice, the
+    second time into the first one's folder."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            raise click.BadParameter(f"{item} is given twice; each point runs once", param_hint=name)
+        seen.add(item)
 
 
 @main.command("sweep")
@@ -219,8 +261,9 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
         raise FwsvdError("sweep runs in one process (it already gathers the statistics once for every point); "
                          "launch it without torchrun")
 
-    values = _floats(budgets, "--budgets") if budgets else _floats(ratios, "--ratios")
+    values = _floats(budgets, "--budgets") if budgets is not None else _floats(ratios, "--ratios")
     names = [m.strip() for m in methods.split(",")] if methods else [load_recipe(recipe, overrides).compression.method]
+    _once(names, "--methods")
     folder, points, plots = sweep(recipe, values, names, output, overrides, budget=budgets is not None, progress=not quiet)
     click.echo((folder / "sweep.md").read_text())
     for path in plots:
@@ -236,7 +279,7 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
 @main.command("inspect")
 @click.argument("model")
 @click.option("--task", default="feature-extraction", show_default=True,
-              type=click.Choice(list(TASKS)))
+              type=_TaskChoice())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
 def inspect_command(model: str, task: str, as_json: bool) -> None:
