@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
+from ..core.compress import _nonfinite as nonfinite
 from ..core.factorize import LINEAR_TYPES, LowRankLinear, linear_weight
 from ..core.modules import set_module
 from ..errors import FwsvdError, short_message
@@ -203,19 +204,63 @@ def _check_dtypes(model: PreTrainedModel, tensors: Header, dtype: str, path: Pat
                          f"tensors are stored otherwise, e.g. '{name}' as {found}")
 
 
-def load(folder: str | Path, with_tokenizer: bool = False):
+def _check_finite(model: PreTrainedModel, weights: Path) -> None:
+    """A NaN or inf in any tensor reaches the model's outputs and every graph exported from it: a checkpoint
+    whose weights file was damaged or written by a diverged run is refused, the tensor named."""
+    for name, tensor in model.state_dict().items():
+        bad = nonfinite(tensor)
+        if bad:
+            raise FwsvdError(f"{weights}: '{name}' holds {bad}; a checkpoint must hold finite weights "
+                             "(fwsvd_export.load(..., check_finite=False) loads it anyway, to inspect it)")
+
+
+def _missing_tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files `folder` lacks: tokenizer_config.json, and those its tokenizer class reads the
+    vocabulary from (a fast tokenizer's tokenizer.json, or the slow one's own files)."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    path = folder / "tokenizer_config.json"
+    try:
+        name = json.loads(path.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return [f for f in ("tokenizer_config.json", "tokenizer.json") if not (folder / f).is_file()]
+    tokenizer_class = tokenizer_class_from_name(name) if isinstance(name, str) else None
+    wanted = tokenizer_class.vocab_files_names.values() if tokenizer_class is not None else ["tokenizer.json"]
+    return [f for f in wanted if not (folder / f).is_file()]
+
+
+def _load_tokenizer(folder: Path, manifest: dict[str, Any], trust_remote_code: bool):
+    """The checkpoint's tokenizer, or an error naming the files it lacks (transformers fails on a folder
+    without them with a TypeError or AttributeError from deep inside)."""
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        missing = _missing_tokenizer_files(folder)
+        source = manifest.get("source_model")
+        what = f"it lacks {', '.join(missing)}" if missing else short_message(exc)
+        raise FwsvdError(f"{folder}: the tokenizer cannot be loaded: {what}. `fwsvd-export compress` writes the "
+                         "tokenizer files beside config.json; copy them from the source model"
+                         + (f" ({source})" if source else "")) from None
+
+
+def load(folder: str | Path, with_tokenizer: bool = False, check_finite: bool = True, trust_remote_code: bool = False):
     """Rebuild a compressed model from its checkpoint folder (and its tokenizer, if asked), after checking that
-    the manifest, config.json and model.safetensors agree with each other."""
+    the manifest, config.json and model.safetensors agree with each other and, unless `check_finite` is
+    False, that every weight is finite. The folder's own Python (config.json's auto_map) runs only with
+    `trust_remote_code`."""
+    from .models import check_custom_code  # here: models imports this module
+
     folder = Path(folder)
     manifest = read_manifest(folder)
     path, weights = folder / MANIFEST, folder / WEIGHTS
     dtype = DTYPES[manifest["dtype"]]
     tensors = _read_header(weights)
+    check_custom_code(folder, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise FwsvdError(f"{folder / 'config.json'}: {short_message(exc)}") from None
-    model = get_task(manifest["task"]).auto_class.from_config(config, dtype=dtype)
+    model = get_task(manifest["task"]).auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     factorized = manifest["factorized"]
     _check_layers(model, factorized, path)
     _check_factors(tensors, factorized, path, weights)
@@ -227,10 +272,9 @@ def load(folder: str | Path, with_tokenizer: bool = False):
         load_model(model, str(weights), strict=True)
     except RuntimeError as exc:
         raise FwsvdError(f"{weights} does not match {path}: {exc}") from None
+    if check_finite:
+        _check_finite(model, weights)
     model.eval()
     if with_tokenizer:
-        try:
-            return model, AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as exc:
-            raise FwsvdError(f"{folder}: the tokenizer files cannot be loaded: {short_message(exc)}") from None
+        return model, _load_tokenizer(folder, manifest, trust_remote_code)
     return model

@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 from torch import nn
 
+from ..core.compress import _nonfinite as nonfinite
 from ..core.modules import factorized_layers
+from ..errors import FwsvdError
 from .library_log import library_output_to_log
 
 ONNX_FILE = "model.onnx"
@@ -85,7 +87,8 @@ def _store_weights(path: Path, model: nn.Module, inputs: Collection[str]) -> Non
     """Make each graph input of the graph at `path` that is not one of the model's `inputs` an initializer
     holding `model`'s own tensor of that state-dict name, store each Linear's weight the way its MatMul reads
     it (`_fold_transposes`) and rewrite the file, the weights streamed to ``model.onnx_data`` one tensor at a
-    time when they reach EXTERNAL_BYTES: the host never holds a second copy of them."""
+    time when they reach EXTERNAL_BYTES: the host never holds a second copy of them. A weight that is not
+    finite is refused, named: no command writes a graph that computes NaN."""
     import onnx_ir as ir
     from onnx_ir.tensor_adapters import TorchTensor
 
@@ -98,6 +101,9 @@ def _store_weights(path: Path, model: nn.Module, inputs: Collection[str]) -> Non
             found = "no such tensor" if tensor is None else f"a tensor of shape {tuple(tensor.shape)}"
             raise RuntimeError(f"{path}: the exporter left graph input {value.name!r} (shape {value.shape}) that is "
                                f"not a model input, and the model's state dict has {found}")
+        bad = nonfinite(tensor.detach())
+        if bad:  # the graph would compute NaN or inf wherever the tensor reaches
+            raise FwsvdError(f"the model's '{value.name}' holds {bad}: an ONNX graph is written with finite weights only")
         graph.inputs.remove(value)
         value.const_value = TorchTensor(tensor.detach(), name=value.name)
         graph.register_initializer(value)

@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError, safe_open
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import FwsvdError, short_message
 from ..recipe import ModelSpec, Recipe
 from .checkpoint import DTYPES
-from .tasks import get_task
+from .tasks import Task, get_task
+
+log = logging.getLogger("fwsvd_export")
 
 def is_local_path(location: str) -> bool:
     """Whether `location` means a path on disk rather than a hub id. Hub ids are `name` or `org/name`: one
@@ -64,20 +69,168 @@ def model_location(recipe: Recipe) -> str:
     return str(spec.hub_id)
 
 
-def load_pretrained(location: str, task_name: str, dtype: str = "float32", revision: str | None = None,
-                    placement: Optional[dict[str, Any]] = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model in eval mode and its tokenizer, from a local folder or a hub id; `placement` holds
-    accelerate's from_pretrained arguments (device_map, max_memory, offload_folder), if any."""
-    task = get_task(task_name)
-    source = check_local_model(location) if is_local_path(location) else location
-    kwargs = {"revision": revision} if revision else {}
+def check_custom_code(folder: Path, allowed: bool) -> None:
+    """Refuse a model folder whose config.json maps transformers' Auto classes to the folder's own Python
+    (`auto_map`) for a model type transformers does not know: loading it runs that code (transformers would
+    ask on the terminal, where a CI job hangs), so it runs only where the recipe says
+    model.trust_remote_code: true. Checked before transformers reads the folder."""
+    path = folder / "config.json"
     try:
-        model = task.auto_class.from_pretrained(source, dtype=DTYPES[dtype], **kwargs, **(placement or {}))
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # transformers reports it, running nothing
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map or allowed or config.get("model_type") in CONFIG_MAPPING:
+        return
+    code = sorted({str(ref).split("--")[-1].split(".")[0] + ".py" for refs in auto_map.values()
+                   for ref in (refs if isinstance(refs, list) else [refs]) if ref})
+    raise FwsvdError(f"{path} has an auto_map to the folder's own Python ({', '.join(code)}) for model type "
+                     f"{json.dumps(config.get('model_type'))}, which transformers does not know: loading it would run "
+                     "that code, and fwsvd-export runs no model's code unless told to (trust_remote_code). If you "
+                     "trust the folder, set model.trust_remote_code: true in the recipe")
+
+
+def _stored_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The shape and file of each tensor in the folder's safetensors weights (one file, or the shards its
+    index names), from the headers alone; empty for weights in another format."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    else:
+        files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            shapes.update({key: (tuple(f.get_slice(key).get_shape()), name) for key in f.keys()})
+    return shapes
+
+
+def _config_keys(config: PretrainedConfig, value: int) -> list[str]:
+    """The integer keys of `config` that hold `value`: which of them sized a tensor."""
+    return [k for k, v in config.to_dict().items() if type(v) is int and v == value]
+
+
+def check_sizes(folder: Path, task: Task, config: PretrainedConfig, trust_remote_code: bool = False) -> None:
+    """Each tensor the model config.json builds must have the shape the weights file stores, checked from
+    the safetensors headers before any weight is read: transformers would fail deep inside
+    `load_state_dict` with a size mismatch. The message names the config key that sized the tensor."""
+    stored = _stored_shapes(folder)
+    if not stored:
+        return
+    with torch.device("meta"):
+        model = task.auto_class.from_config(config, trust_remote_code=trust_remote_code)
+    prefix = model.base_model_prefix
+    wrong = []
+    for name, tensor in model.state_dict().items():
+        # a task model's names carry the base model's prefix, a base model's do not: checkpoints hold either
+        keys = (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}."))
+        found, file = next((stored[k] for k in keys if k in stored), (None, ""))
+        if found is not None and found != tuple(tensor.shape):
+            wrong.append((name, found, file, tuple(tensor.shape)))
+    if not wrong:
+        return
+    name, found, file, built = wrong[0]
+    differs = next((b for f, b in zip(found, built) if f != b), None) if len(found) == len(built) else None
+    keys = _config_keys(config, differs) if differs is not None else []
+    what = f"{folder / 'config.json'}'s {' or '.join(keys)} {differs}" if keys else str(folder / "config.json")
+    more = f" ({len(wrong) - 1} more tensors disagree too)" if len(wrong) > 1 else ""
+    raise FwsvdError(f"{what} disagrees with the weights: {name} is {list(found)} in {file}, where the config "
+                     f"makes it {list(built)}{more}")
+
+
+def _checked_config(folder: Path, task: Task, kwargs: dict[str, Any]) -> PretrainedConfig:
+    """The local folder's config, once its sizes are checked against the weights' headers (a hub id's
+    weights are not here to check before transformers fetches them)."""
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    check_sizes(folder, task, config, kwargs["trust_remote_code"])
+    return config
+
+
+def _is_head(model: PreTrainedModel, key: str) -> bool:
+    """Whether the weight `key` (as transformers names it in its loading report) lies outside the base
+    model (the encoder or decoder stack): a task head."""
+    first = key.split(".")[0]
+    if model.base_model is model:
+        return first not in dict(model.named_children())
+    return first != model.base_model_prefix
+
+
+def _listing(keys: list[str], shown: int = 4) -> str:
+    return ", ".join(keys[:shown]) + (f" (and {len(keys) - shown} more)" if len(keys) > shown else "")
+
+
+# Tasks whose model may start with a newly initialised head when the folder holds the bare model (a plain
+# encoder for text-classification), and what the report says of it. A checkpoint's own head that the
+# task's model has no use for (a classifier's, for feature extraction) is dropped for every task.
+NEW_HEADS = {"text-classification": "its predictions mean nothing until that head is fine-tuned"}
+
+
+def check_loading(model: PreTrainedModel, info: dict[str, list], task: Task, location: str) -> list[str]:
+    """Refuse weights the model lacks (transformers would initialise them randomly) or does not use (it
+    would drop them), naming them, except a task head (NEW_HEADS) and a checkpoint's unused head;
+    returns the notes that say so, for the run's report."""
+    config_layers = getattr(model.config, "num_hidden_layers", None)
+    notes = []
+    for kind, problem, fate in (("missing_keys", "are not in the weights", "randomly initialised"),
+                                ("unexpected_keys", "are not used by the model", "dropped")):
+        keys = sorted(info.get(kind, []))
+        head = [k for k in keys if _is_head(model, k)]
+        allowed = head if kind == "unexpected_keys" or task.name in NEW_HEADS else []
+        rest = [k for k in keys if k not in allowed]
+        if rest:
+            layered = config_layers is not None and all(re.search(r"\.\d+\.", k) for k in rest)
+            what = (f"config.json's num_hidden_layers {config_layers} disagrees with the weights of '{location}'"
+                    if layered else f"the weights of '{location}' do not fit the model its config.json builds")
+            raise FwsvdError(f"{what}: {len(rest)} tensors {problem} (they would be {fate}): {_listing(rest)}")
+        if allowed and kind == "missing_keys":
+            notes.append(f"the {task.name} head ({_listing(allowed)}) is not in the weights of '{location}': it was "
+                         f"newly initialised, so {NEW_HEADS[task.name]}")
+        elif allowed:
+            notes.append(f"the task head in the weights of '{location}' ({_listing(allowed)}) is not used by "
+                         f"{task.name}: dropped")
+    return notes
+
+
+LOADING_NOTES = "fwsvd_loading_notes"  # the model attribute load_pretrained leaves its notes in
+
+
+def loading_notes(model: PreTrainedModel) -> list[str]:
+    """What load_pretrained let pass when it loaded `model` (a newly initialised or unused head), for the
+    run's report (report.json's model.notes)."""
+    return list(getattr(model, LOADING_NOTES, []))
+
+
+def load_pretrained(location: str, task_name: str, dtype: str = "float32", revision: str | None = None,
+                    placement: Optional[dict[str, Any]] = None, trust_remote_code: bool = False
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model in eval mode and its tokenizer, from a local folder or a hub id; `placement` holds
+    accelerate's from_pretrained arguments (device_map, max_memory, offload_folder), if any. A local
+    folder's config.json is checked against its weights before they are read, and every weight must be
+    used; the folder's own Python runs only with `trust_remote_code`. `loading_notes(model)` says what
+    loading let pass."""
+    task = get_task(task_name)
+    local = is_local_path(location)
+    source = check_local_model(location) if local else location
+    if local:
+        check_custom_code(Path(source), trust_remote_code)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **({"revision": revision} if revision else {})}
+    try:
+        checked = {"config": _checked_config(Path(source), task, kwargs)} if local else {}
+        model, info = task.auto_class.from_pretrained(source, dtype=DTYPES[dtype], output_loading_info=True, **checked,
+                                                      **kwargs, **(placement or {}))
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         hint = ("; with this placement the model may fit on no device at all (raise model.max_memory)"
                 if placement else "")
         raise FwsvdError(f"could not load model '{location}' for {task.name}: {short_message(exc)}{hint}") from None
+    except RuntimeError as exc:  # weights in a format whose shapes check_sizes cannot read first
+        if "size mismatch" not in str(exc):
+            raise
+        raise FwsvdError(f"config.json of '{location}' disagrees with its weights: {' '.join(str(exc).split())}") from None
+    notes = check_loading(model, info, task, location)
+    for note in notes:
+        log.warning(note)
+    setattr(model, LOADING_NOTES, notes)
     if tokenizer.pad_token is None:  # causal LMs often ship without one
         if tokenizer.eos_token is None and tokenizer.unk_token is None:
             raise FwsvdError(f"the tokenizer of '{location}' has no pad, EOS or unknown token to pad batches with")
@@ -90,7 +243,8 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
 def load_model(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """The recipe's model and tokenizer, and where they were loaded from."""
     location = model_location(recipe)
-    model, tokenizer = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision)
+    model, tokenizer = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision,
+                                       trust_remote_code=recipe.model.trust_remote_code)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit is not None and recipe.data.max_length > limit:
         raise FwsvdError(f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's "
@@ -121,6 +275,7 @@ def load_for_statistics(recipe: Recipe, location: str) -> Optional[PreTrainedMod
     kwargs = placement(recipe)
     if kwargs is None:
         return None
-    model = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision, kwargs)[0]
+    model = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision, kwargs,
+                            recipe.model.trust_remote_code)[0]
     devices = set(getattr(model, "hf_device_map", {"": "cpu"}).values())
     return None if devices <= {"cpu", torch.device("cpu")} else model

@@ -44,12 +44,22 @@ def _aim_lines(allocation: dict) -> list[str]:
     return lines
 
 
+def _loading_lines(report: dict) -> list[str]:
+    """What loading the model let pass (a head newly initialised or left unused: report.json's model.notes)
+    and whether the model folder's own Python could run: the model measured is not exactly the one stored."""
+    notes = list(report["model"].get("notes", []))
+    if (report.get("recipe") or {}).get("model", {}).get("trust_remote_code"):
+        notes.append("model.trust_remote_code is true: the model folder's own Python was allowed to run")
+    return [f"Note: {note}." for note in notes] + ([""] if notes else [])
+
+
 def markdown(report: dict) -> str:
     comp, val, sizes = report["compression"], report.get("validation"), report["sizes"]
     summary = comp["summary"]
     verdict = "PASSED" if report["passed"] else "FAILED"
     lines = [f"# fwsvd-export report: {verdict}", "",
              f"Model `{report['model']['source']}` ({report['model']['task']}), method **{summary['method']}**.", ""]
+    lines += _loading_lines(report)
     lines += ["## Size", ""] + _table(
         ["", "dense", "compressed", "ratio"],
         [["parameters", sizes["params_dense"], sizes["params_compressed"], sizes["params_compressed"] / sizes["params_dense"]],
