@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .batch import Batch
-from .factorize import Factors, LowRankLinear, factorize, linear_weight, pays_off, rank_for_ratio
+from .factorize import Factors, LowRankLinear, Side, factorize, linear_weight, pays_off, rank_for_ratio
 from .modules import set_module
 
 BLENDS = (0.25, 0.5, 0.75)  # weight of the global ranks in the blended candidates
@@ -25,8 +25,8 @@ class Layer:
     in_features: int
     out_features: int
     module: nn.Module  # the dense layer
-    left: object
-    right: object
+    left: Side
+    right: Side
 
 
 def held_out(calibration: list[Batch], fraction: float) -> tuple[list[Batch], list[Batch]]:
@@ -65,8 +65,8 @@ def candidates(layers: list[Layer], global_ranks: dict[str, Optional[int]], budg
 
 
 def _params(layers: list[Layer], ranks: dict[str, Optional[int]]) -> int:
-    return sum(l.in_features * l.out_features if ranks[l.name] is None else ranks[l.name] * (l.in_features + l.out_features)
-               for l in layers)
+    return sum(l.in_features * l.out_features if (rank := ranks[l.name]) is None
+               else rank * (l.in_features + l.out_features) for l in layers)
 
 
 def _module(layer: Layer, factors: Factors, rank: int) -> LowRankLinear:
@@ -83,20 +83,22 @@ def _module(layer: Layer, factors: Factors, rank: int) -> LowRankLinear:
 
 
 def choose(model: nn.Module, layers: list[Layer], options: dict[str, dict[str, Optional[int]]], budget: int,
-           check: list[Batch], loss_fn: Callable[[nn.Module, Batch], torch.Tensor]) -> tuple[str, dict]:
+           check: list[Batch], loss_fn: Callable[[nn.Module, Batch], torch.Tensor]
+           ) -> tuple[str, dict[str, dict[str, float]]]:
     """Apply each candidate within `budget` in turn, score it by the summed task loss on `check`, put the
     dense layers back, and return the winner's name and every candidate's loss and size."""
     options = {k: v for k, v in options.items() if k in ("uniform", "global") or _params(layers, v) <= budget}
     top = {l.name: max([r[l.name] or 0 for r in options.values()]) for l in layers}
     factors = {l.name: factorize(linear_weight(l.module), top[l.name], l.left, l.right) for l in layers if top[l.name]}
-    scores: dict = {}
+    scores: dict[str, dict[str, float]] = {}
     was_training = model.training
     model.eval()
     try:
         for name, ranks in options.items():
             for l in layers:
-                if ranks[l.name] is not None:
-                    set_module(model, l.name, _module(l, factors[l.name], ranks[l.name]))
+                rank = ranks[l.name]
+                if rank is not None:
+                    set_module(model, l.name, _module(l, factors[l.name], rank))
             with torch.no_grad():
                 loss = sum(float(loss_fn(model, b)) for b in check)
             scores[name] = {"loss": loss, "params": _params(layers, ranks)}

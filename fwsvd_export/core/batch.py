@@ -3,9 +3,10 @@ Tasks build batches; the statistics pass and the loss only read them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -23,5 +24,8 @@ class Batch:
         return self.inputs["input_ids"].shape[0] // self.groups
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch({k: v.to(device) for k, v in self.inputs.items()}, move(self.token_mask), move(self.labels), self.groups)
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.token_mask.to(device),
+                     None if self.labels is None else self.labels.to(device), self.groups)
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # the task loss of a model on a batch

@@ -8,7 +8,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from ..errors import FwsvdError
 from . import distributed, heap, stats_cache
 from .allocate import Candidate, TimeBudget, allocate, allocate_ranks, table_costs
 from .allocation_check import Layer, candidates, choose, held_out
-from .batch import Batch
+from .batch import Batch, LossFn
 from .factorize import (LowRankLinear, balance_, break_even_rank, linear_weight, low_rank_from_linear, pays_off,
                         rank_for_ratio, weighted_spectrum)
 from .families import family_of
@@ -47,15 +47,15 @@ class CompressionResult:
     method: str
     layers: list[LayerPlan]
     seconds: dict[str, float] = field(default_factory=dict)  # statistics pass, factorization
-    statistics: dict = field(default_factory=dict)  # passes made, cache hit or store
-    allocation: dict = field(default_factory=dict)  # budget: the candidates checked, their losses, the winner
-    factorization: dict = field(default_factory=dict)  # processes that factorized, layers each
+    statistics: dict[str, Any] = field(default_factory=dict)  # passes made, cache hit or store
+    allocation: dict[str, Any] = field(default_factory=dict)  # budget: the candidates checked, their losses, the winner
+    factorization: dict[str, Any] = field(default_factory=dict)  # processes that factorized, layers each
 
     @property
     def compressed(self) -> list[LayerPlan]:
         return [p for p in self.layers if p.rank is not None]
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         before = sum(p.params_before for p in self.layers)
         after = sum(p.params_after for p in self.layers)
         return {
@@ -68,13 +68,14 @@ class CompressionResult:
             "targeted_kept_ratio": after / before if before else 1.0,
         }
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary(), "statistics": self.statistics, "allocation": self.allocation,
                 "factorization": self.factorization, "layers": [asdict(p) for p in self.layers]}
 
 
 def _uniform_rank(in_f: int, out_f: int, ratio: Optional[float], rank: Optional[int], multiple: int) -> int:
     if rank is None:
+        assert ratio is not None, "a uniform cut has a ratio or a rank (CompressionSpec and LayerOverride check)"
         rank = rank_for_ratio(in_f, out_f, ratio)
     return max(multiple, rank // multiple * multiple) if multiple > 1 else rank
 
@@ -141,7 +142,8 @@ def _passes(todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec) 
     groups: list[dict[str, nn.Module]] = [{}]
     used = 0
     for name, module in todo.items():
-        size = statistic_bytes(*reversed(linear_weight(module).shape), needs, spec.max_gram_size)
+        out_f, in_f = linear_weight(module).shape
+        size = statistic_bytes(in_f, out_f, needs, spec.max_gram_size)
         if groups[-1] and used + size > limit:
             groups.append({})
             used = 0
@@ -151,18 +153,22 @@ def _passes(todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec) 
 
 
 def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec,
-                      calibration: list[Batch], loss_fn: Callable, progress: bool,
+                      calibration: list[Batch], loss_fn: Optional[LossFn], progress: bool,
                       cache_base: Optional[Path] = None, runner: Optional[nn.Module] = None
-                      ) -> tuple[dict[str, LayerStats], dict]:
+                      ) -> tuple[dict[str, LayerStats], dict[str, Any]]:
     """Statistics for `todo` from the cache when it has them, else from one pass per memory group,
     run on `runner` (a copy of `model` with the same weights, placed elsewhere) when given. Under
     torch.distributed each rank scores its shard and the sums are all-reduced; the cache is rank 0's,
-    and its hit reaches the other ranks by broadcast. Every rank ends with the same statistics."""
-    info: dict = {"passes": 0, "cache": None}
+    and its hit reaches the other ranks by broadcast. Every rank ends with the same statistics. `loss_fn`
+    may be None only when there is nothing to gather (`needs` or `todo` empty)."""
+    info: dict[str, Any] = {"passes": 0, "cache": None}
     if not needs or not todo:
         return {name: LayerStats() for name in todo}, info
+    if loss_fn is None:
+        raise FwsvdError(f"the statistics {sorted(needs)} need a task loss")
     rank, ranks = distributed.world()
     folder = None
+    cached: Optional[dict[str, LayerStats]] = None  # rank 0's cache hit
     if spec.cache_dir is not None and rank == 0:
         folder = Path(spec.cache_dir) if cache_base is None else cache_base / spec.cache_dir
         key = stats_cache.cache_key(model, todo, calibration, loss_fn, spec.max_gram_size)
@@ -176,9 +182,9 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
                                                       f"{found[0]}.{found[1]}; gathered again and replaced")
         if cached is not None:
             info["cache"] = f"hit {folder / key}.safetensors"
-    if ranks > 1 and distributed.broadcast_flag(info["cache"] is not None):  # rank 0's hit is a hit for all
-        return distributed.broadcast_statistics(cached if rank == 0 else {}, list(todo)), info
-    if info["cache"] is not None:
+    if ranks > 1 and distributed.broadcast_flag(cached is not None):  # rank 0's hit is a hit for all
+        return distributed.broadcast_statistics(cached or {}, list(todo)), info
+    if cached is not None:
         return cached, info
     stats: dict[str, LayerStats] = {}
     runner = model if runner is None else runner
@@ -239,9 +245,9 @@ def check_finite_statistics(stats: dict[str, LayerStats], needs: set[str]) -> No
             "model.dtype; or calibration data the model cannot score)")
 
 
-def gather_for(model: nn.Module, specs: list[CompressionSpec], calibration: list[Batch], loss_fn: Callable,
+def gather_for(model: nn.Module, specs: list[CompressionSpec], calibration: list[Batch], loss_fn: LossFn,
                progress: bool = True, cache_base: Optional[Path] = None, runner: Optional[nn.Module] = None
-               ) -> tuple[dict[str, LayerStats], dict]:
+               ) -> tuple[dict[str, LayerStats], dict[str, Any]]:
     """One statistics pass for several specs that differ in method and cut: the union of the layers
     they target and of the statistics their methods need. Pass settings (memory, Gram size, cache)
     come from the first spec."""
@@ -257,7 +263,8 @@ def gather_for(model: nn.Module, specs: list[CompressionSpec], calibration: list
     return stats, info
 
 
-def _split(spec: CompressionSpec, calibration: list[Batch], loss_fn: Optional[Callable]) -> tuple[list[Batch], list[Batch]]:
+def _split(spec: CompressionSpec, calibration: list[Batch], loss_fn: Optional[LossFn]
+           ) -> tuple[list[Batch], list[Batch]]:
     """(statistics batches, allocation-check batches): only a budget with a task loss is checked."""
     if spec.budget is None or loss_fn is None:
         return calibration, []
@@ -266,6 +273,7 @@ def _split(spec: CompressionSpec, calibration: list[Batch], loss_fn: Optional[Ca
 
 def _budget_params(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpec) -> int:
     """Parameters the allocated layers may use, after fixed layers (and, for scope 'model', the rest)."""
+    assert spec.budget is not None, "only a parameter budget is spent in parameters (callers check)"
     fixed = sum(p.params_after for p in plans if not p.allocate)
     if spec.budget_scope == "model":
         targeted = sum(p.params_before for p in plans)
@@ -284,9 +292,9 @@ def _check_budget(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpe
                          f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.multiple} each")
 
 
-def _checked(model: nn.Module, allocated: list[LayerPlan], todo: dict[str, nn.Module], weightings: dict, ranks: dict,
-             budget: int, spec: CompressionSpec, check: list[Batch], loss_fn: Callable, result: CompressionResult,
-             reused: bool) -> dict[str, Optional[int]]:
+def _checked(model: nn.Module, allocated: list[LayerPlan], todo: dict[str, nn.Module], weightings: dict[str, Weighting],
+             ranks: dict[str, Optional[int]], budget: int, spec: CompressionSpec, check: list[Batch], loss_fn: LossFn,
+             result: CompressionResult, reused: bool) -> dict[str, Optional[int]]:
     """The allocation that wins the check on held-out calibration batches; recorded in `result`."""
     layers = [Layer(p.name, p.in_features, p.out_features, todo[p.name], weightings[p.name].left,
                     weightings[p.name].right) for p in allocated]
@@ -306,7 +314,7 @@ def compress_(
     model: nn.Module,
     spec: CompressionSpec,
     calibration: Optional[list[Batch]] = None,
-    loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
+    loss_fn: Optional[LossFn] = None,
     progress: bool = True,
     cache_base: Optional[Path] = None,
     statistics_model: Optional[nn.Module] = None,
@@ -351,7 +359,7 @@ class _Work:
     todo: dict[str, nn.Module]
     calibration: list[Batch]  # the statistics batches
     check: list[Batch]  # the allocation check's held-out batches (empty: no check)
-    loss_fn: Optional[Callable]
+    loss_fn: Optional[LossFn]
     progress: bool
     stats: dict[str, LayerStats] = field(default_factory=dict)
     owners: dict[str, int] = field(default_factory=dict)  # layer -> the process that factorizes it
@@ -362,7 +370,7 @@ class _Work:
         return [p for p in self.plans if p.allocate]
 
 
-def _plan(model: nn.Module, spec: CompressionSpec, calibration: Optional[list[Batch]], loss_fn: Optional[Callable],
+def _plan(model: nn.Module, spec: CompressionSpec, calibration: Optional[list[Batch]], loss_fn: Optional[LossFn],
           latency: Optional[TimeBudget], progress: bool) -> _Work:
     """The layers' plan, with every refusal that does not need the statistics made before the long compute."""
     method = get_method(spec.method)
@@ -381,7 +389,7 @@ def _plan(model: nn.Module, spec: CompressionSpec, calibration: Optional[list[Ba
 
 
 def _gather(work: _Work, cache_base: Optional[Path], runner: Optional[nn.Module],
-            shared: Optional[dict[str, LayerStats]]) -> dict:
+            shared: Optional[dict[str, LayerStats]]) -> dict[str, Any]:
     """Fill `work.stats` from one calibration pass (or the cache, or a sweep's `shared` statistics); returns
     how they were had."""
     needs = set(work.method.needs)
@@ -432,9 +440,11 @@ def _allocate(work: _Work, spectra: dict[str, torch.Tensor], latency: Optional[T
     def allocate_here() -> dict[str, Optional[int]]:
         layers = [Candidate(p.name, p.in_features, p.out_features, spectra[p.name]) for p in allocated]
         if spec.target_speedup is not None:
+            assert latency is not None, "check_speedup_target refused a speed-up target without latencies"
             return _timed_allocation(layers, work.plans, spec, latency, result)
         found = allocate_ranks(layers, budget, spec.multiple)
         if work.check:
+            assert work.loss_fn is not None, "_split holds out check batches only with a task loss"
             found = _checked(work.model, allocated, work.todo, work.weightings, found, budget, spec, work.check,
                              work.loss_fn, result, reused=work.check[0] is work.calibration[0])
         return found
@@ -486,7 +496,7 @@ def _recalibrate(work: _Work, block: list[LayerPlan], result: CompressionResult)
                                                + time.perf_counter() - clock)
 
 
-def _factor_mine(work: _Work, block: list[LayerPlan], bar: tqdm) -> list[_Factored]:
+def _factor_mine(work: _Work, block: list[LayerPlan], bar: tqdm[Any]) -> list[_Factored]:
     """Factorize this process's layers of `block`. In one process each is installed at once, and its dense
     module, statistics and side weights are let go: the host holds one layer's weights twice, not all."""
     process, processes = distributed.world()
@@ -523,6 +533,7 @@ def check_speedup_target(model: nn.Module, spec: CompressionSpec, latency: Optio
 def _timed_allocation(layers: list[Candidate], plans: list[LayerPlan], spec: CompressionSpec, latency: TimeBudget,
                       result: CompressionResult) -> dict[str, Optional[int]]:
     """Ranks that spend the time budget of `spec.target_speedup`; the predicted speed-up is recorded."""
+    assert spec.target_speedup is not None, "called for a speed-up target only"
     allocated = [c.name for c in layers]
     fixed = {p.name: p.rank for p in plans if not p.allocate}
     budget = latency.budget(allocated, fixed, spec.target_speedup, latency.multiple)
@@ -582,6 +593,7 @@ class _Factored:
 def _factor(plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: LayerStats,
             spec: CompressionSpec) -> _Factored:
     """One layer's factorization at `plan.rank`, balanced and checked finite, with its report row's notes."""
+    assert plan.rank is not None, "only layers given a rank are factorized"
     module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right)
     if spec.balance_factors:
         balance_(module)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -110,7 +110,7 @@ def broadcast_statistics(stats: dict[str, LayerStats], names: list[str]) -> dict
     """Rank 0's statistics of `names` (a cache hit) on every rank, one layer at a time; an input
     statistic a layer shares with another travels once, with its owner."""
     rank, _ = world()
-    received = {}
+    received: dict[str, LayerStats] = {}
     for name in sorted(names):
         s = stats[name] if rank == 0 else None
         if s is not None and s.shares_input_with is not None:
@@ -118,6 +118,7 @@ def broadcast_statistics(stats: dict[str, LayerStats], names: list[str]) -> dict
                            s.samples, s.tokens, s.shares_input_with)
         box = [s]
         dist.broadcast_object_list(box, 0)
+        assert box[0] is not None, "rank 0 sends every named layer's statistics"
         received[name] = box[0]
     return stats if rank == 0 else link_shared_inputs(received)
 
@@ -178,7 +179,7 @@ def from_first(work: Callable[[], T], what: str) -> T:
     rank, size = world()
     if size == 1:
         return work()
-    box: list = [None]
+    box: list[Any] = [None]  # rank 0's (failure, result), pickled
     try:
         if rank == 0:
             box[0] = (None, work())
@@ -186,6 +187,8 @@ def from_first(work: Callable[[], T], what: str) -> T:
         dist.broadcast_object_list([(_failure(exc), None)], 0)
         raise
     dist.broadcast_object_list(box, 0)
+    failure: Optional[tuple[bool, str]]
+    value: T
     failure, value = box[0]
     _raise([failure] + [None] * (size - 1), what)
     return value
@@ -203,6 +206,6 @@ def to_first(items: list[T]) -> Iterator[T]:
     count = torch.tensor([len(items)], device=_device())
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     for k in range(int(count.item())):
-        received: Optional[list] = [None] * size if rank == 0 else None
+        received: Optional[list[Optional[T]]] = [None] * size if rank == 0 else None
         dist.gather_object(items[k] if rank and k < len(items) else None, received, dst=0)
         yield from (item for item in received or [] if item is not None)

@@ -39,7 +39,8 @@ class LowRankLinear(nn.Module):
         self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+        y: torch.Tensor = self.second(self.first(x))  # nn.Module.__call__ is typed as returning Any
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}"
@@ -66,7 +67,10 @@ class Factors:
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a Linear or a Conv1D (whose stored weight is (in, out))."""
-    weight = module.weight.detach()
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    weight = weight.detach()
     return weight.T if isinstance(module, Conv1D) else weight
 
 
@@ -113,7 +117,8 @@ def _right_solve(m: torch.Tensor, side: Side) -> torch.Tensor:
 def weighted_spectrum(weight: torch.Tensor, left: Side = None, right: Side = None) -> torch.Tensor:
     """Singular values of P W Q: the tail beyond rank r is the weighted truncation error."""
     m = _right_apply(_left_apply(_f64(left), weight.detach().double()), _f64(right))
-    return torch.linalg.svdvals(m)
+    values: torch.Tensor = torch.linalg.svdvals(m)  # torch's linalg bindings are typed as returning Any
+    return values
 
 
 def factorize(weight: torch.Tensor, rank: int, left: Side = None, right: Side = None) -> Factors:

@@ -32,4 +32,5 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(model: nn.Module) -> Family:
-    return FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None), ANY_FAMILY)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return FAMILIES.get(model_type, ANY_FAMILY) if isinstance(model_type, str) else ANY_FAMILY

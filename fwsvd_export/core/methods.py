@@ -87,7 +87,8 @@ def input_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Te
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "input", notes)
     damped = _damped(gram, damping)
-    factor, info = torch.linalg.cholesky_ex(damped)
+    factor: torch.Tensor
+    factor, info = torch.linalg.cholesky_ex(damped)  # torch's linalg bindings are typed as returning Any
     if int(info) == 0 and torch.isfinite(factor).all():
         return factor
     notes.append("input Gram not positive definite after damping; used eigenvalue-clipped square root")
@@ -105,19 +106,27 @@ def output_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.T
     return (vectors * values.sqrt()[None, :]) @ vectors.T
 
 
+def _needed(stats: LayerStats, name: str) -> torch.Tensor:
+    """A statistic the method reads: compress_ keeps dense a layer that lacks one; direct callers are told."""
+    value = stats.values.get(name)
+    if value is None:
+        raise FwsvdError(f"the method needs the '{name}' statistic, which was not gathered for this layer")
+    return value
+
+
 def _svd(stats: LayerStats, damping: float) -> Weighting:
     return Weighting()
 
 
 def _fwsvd(stats: LayerStats, damping: float) -> Weighting:
-    w = _diagonal(stats.fisher, damping, "Fisher")
+    w = _diagonal(_needed(stats, "fisher"), damping, "Fisher")
     if w.right is not None:
         w.right = w.right.sqrt()
     return w
 
 
 def _asvd(stats: LayerStats, damping: float) -> Weighting:
-    w = _diagonal(stats.input_abs, damping, "activation")
+    w = _diagonal(_needed(stats, "input_abs"), damping, "activation")
     if w.right is not None:
         w.right = w.right.pow(ASVD_ALPHA)
     return w
@@ -125,17 +134,18 @@ def _asvd(stats: LayerStats, damping: float) -> Weighting:
 
 def _svd_llm(stats: LayerStats, damping: float) -> Weighting:
     notes: list[str] = []
-    return Weighting(right=input_root(stats.input_gram, damping, notes), notes=notes)
+    return Weighting(right=input_root(_needed(stats, "input_gram"), damping, notes), notes=notes)
 
 
 def _kfac(stats: LayerStats, damping: float) -> Weighting:
     notes: list[str] = []
-    right = input_root(stats.input_gram, damping, notes)
-    out_diag = stats.output_gram if stats.output_gram.dim() == 1 else stats.output_gram.diagonal()
+    right = input_root(_needed(stats, "input_gram"), damping, notes)
+    output_gram = _needed(stats, "output_gram")
+    out_diag = output_gram if output_gram.dim() == 1 else output_gram.diagonal()
     if float(out_diag.sum()) <= 0:
         notes.append("no output-gradient signal; input side only (svd-llm)")
         return Weighting(right=right, notes=notes)
-    return Weighting(left=output_root(stats.output_gram, damping, notes), right=right, notes=notes)
+    return Weighting(left=output_root(output_gram, damping, notes), right=right, notes=notes)
 
 
 METHODS: dict[str, Method] = {

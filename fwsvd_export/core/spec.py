@@ -14,7 +14,7 @@ from ..errors import SpecError
 from .methods import METHODS
 
 
-def _finite(spec: object) -> None:
+def _finite(spec: LayerOverride | CompressionSpec) -> None:
     for f in fields(spec):
         value = getattr(spec, f.name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -51,7 +51,8 @@ class LayerStats:
 
     def __getattr__(self, name: str) -> Optional[torch.Tensor]:
         if name in STATISTICS:
-            return self.__dict__.get("values", {}).get(name)
+            values: dict[str, torch.Tensor] = self.__dict__.get("values", {})
+            return values.get(name)
         raise AttributeError(name)
 
 
@@ -62,8 +63,9 @@ class _State:
     groups: int = 1
     first_batch: bool = True
     in_backward: bool = False  # forward hooks firing now come from a checkpoint recomputation
-    recomputed: frozenset = frozenset()  # ids of the modules inside checkpointed blocks
-    seen: dict  # id(input tensor) -> (tensor, layer name), for this batch; the reference pins the id
+    recomputed: frozenset[int] = frozenset()  # ids of the modules inside checkpointed blocks
+    # id(input tensor) -> (tensor, the first layer that read it), for this batch; the reference pins the id
+    seen: dict[int, tuple[torch.Tensor, _LayerCollector]]
 
     def __init__(self) -> None:
         self.seen = {}
@@ -108,7 +110,7 @@ class Statistic:
 
     name: str
     reads: Literal["input", "output", "both"]
-    accumulate: Callable[[torch.Tensor, object], torch.Tensor]
+    accumulate: Callable[[torch.Tensor, Any], torch.Tensor]  # the second argument: a bool or a tensor, by `reads`
     per: Literal["token", "sample"]
     elements: Callable[[int, int, int], int]  # accumulator size for (in, out, max_gram_size)
 
@@ -132,7 +134,10 @@ def statistic_bytes(in_features: int, out_features: int, needs: Iterable[str], m
 class _LayerCollector:
     def __init__(self, name: str, module: nn.Module, needs: set[str], state: _State, max_gram_size: int) -> None:
         self.name, self.state, self.stats = name, state, LayerStats()
-        by_reads = lambda reads: [STATISTICS[n] for n in sorted(needs) if STATISTICS[n].reads == reads]  # noqa: E731
+
+        def by_reads(reads: str) -> list[Statistic]:
+            return [STATISTICS[n] for n in sorted(needs) if STATISTICS[n].reads == reads]
+
         self.on_input, self.on_output, self.on_both = by_reads("input"), by_reads("output"), by_reads("both")
         out_features, in_features = linear_weight(module).shape
         self.full_in, self.full_out = in_features <= max_gram_size, out_features <= max_gram_size
@@ -145,7 +150,7 @@ class _LayerCollector:
         current = self.stats.values.get(name)
         self.stats.values[name] = value if current is None else current.add_(value)
 
-    def _forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def _forward(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         raw = args[0]
         if self.state.in_backward:  # recomputation: the input again, for the input-and-gradient products only
             if self.on_both:
@@ -168,7 +173,7 @@ class _LayerCollector:
         if (self.on_output or self.on_both) and output.requires_grad:
             if id(module) not in self.state.recomputed:  # else the recomputation brings it back when needed
                 self._x = raw.detach()  # a reference, not a copy: layers reading one input share it
-            output.register_hook(self._backward)
+            output.register_hook(self._backward)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
     def _backward(self, grad: torch.Tensor) -> None:
         g, mask = _per_sample(grad.detach(), self.state)
@@ -225,7 +230,8 @@ def collect_statistics(
     collectors = {name: _LayerCollector(name, module, needs, state, max_gram_size) for name, module in layers.items()}
     backward = any(STATISTICS[n].reads != "input" for n in needs)
     flags = {p: p.requires_grad for p in model.parameters()}
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]  # transformers' method, not nn.Module's
+    hook = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     was_training = model.training
     model.eval()
     device = input_device(model)
@@ -240,7 +246,7 @@ def collect_statistics(
                 if backward:
                     loss = loss_fn(model, batch)
                     state.in_backward = True
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
                     state.in_backward = False
                 else:
                     with torch.no_grad():
@@ -259,7 +265,7 @@ def collect_statistics(
 def input_device(model: nn.Module) -> torch.device:
     """Where batches go: the input embeddings' device, or their execution device when accelerate
     keeps their weights offloaded (device_map)."""
-    embeddings = model.get_input_embeddings()
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]  # transformers' method, not nn.Module's
     hook = getattr(embeddings, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
     return torch.device(device) if device is not None else embeddings.weight.device
@@ -270,17 +276,18 @@ def _no_kv_cache(model: nn.Module) -> Iterator[None]:
     """A scoring pass needs no key/value cache, and a recomputed block must not append to one."""
     config = getattr(model, "config", None)
     saved = getattr(config, "use_cache", None)
-    if saved is not None:
-        config.use_cache = False
+    if config is None or saved is None:
+        yield
+        return
+    config.use_cache = False
     try:
         yield
     finally:
-        if saved is not None:
-            config.use_cache = saved
+        config.use_cache = saved
 
 
 @contextmanager
-def _checkpointed_blocks(model: nn.Module, enabled: bool) -> Iterator[frozenset]:
+def _checkpointed_blocks(model: nn.Module, enabled: bool) -> Iterator[frozenset[int]]:
     """Run every transformer block under non-reentrant activation checkpointing, in eval mode
     (transformers' own switch only acts in training mode, where dropout would perturb the statistics).
     Yields the ids of the modules inside those blocks."""
@@ -296,7 +303,7 @@ def _checkpointed_blocks(model: nn.Module, enabled: bool) -> Iterator[frozenset]
         own = block.__dict__.get("forward")  # accelerate installs its hooks as an instance attribute
         inner = block.forward
 
-        def forward(*args, _inner=inner, **kwargs):
+        def forward(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
             with set_checkpoint_early_stop(False):  # every forward hook must fire again in the recomputation
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 

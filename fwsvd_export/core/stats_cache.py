@@ -12,14 +12,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .batch import Batch
+from .batch import Batch, LossFn
 from .statistics import STATISTICS, LayerStats, link_shared_inputs
 
 CACHE_FORMAT = 2  # bump when what a file holds, or how it is keyed, changes
@@ -31,7 +31,7 @@ def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def cache_key(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], loss_fn: Callable,
+def cache_key(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], loss_fn: LossFn,
               max_gram_size: int) -> str:
     h = hashlib.sha256()
     h.update(f"{CACHE_FORMAT}|{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}|{max_gram_size}".encode())
