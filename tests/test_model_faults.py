@@ -124,6 +124,21 @@ def test_a_known_head_loads_and_is_noted(bert_dir):
     assert loading_notes(load_pretrained(str(bert_dir), "text-classification")[0]) == []
 
 
+def test_a_pooler_that_feature_extraction_never_reads_may_be_missing(bert_dir, tmp_path):
+    """A masked-LM checkpoint often lacks the pooler; mean-pooled embeddings never read it, so feature
+    extraction loads it with a note, while a missing encoder weight is still refused."""
+    folder = model_copy(bert_dir, tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".pooler." not in k}, folder / "model.safetensors")
+    notes = loading_notes(load_pretrained(str(folder), "feature-extraction")[0])
+    assert any("pooler.dense.weight" in n and "never reads" in n for n in notes), notes
+    with pytest.raises(FwsvdError, match="pooler"):
+        load_pretrained(str(folder), "text-classification")
+    save_file({k: v for k, v in weights.items() if "layer.1.output.dense" not in k}, folder / "model.safetensors")
+    with pytest.raises(FwsvdError, match="layer.1.output.dense"):
+        load_pretrained(str(folder), "feature-extraction")
+
+
 # 6. A folder's own Python is never run unless the recipe allows it.
 
 CUSTOM_CODE = """

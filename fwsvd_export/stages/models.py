@@ -159,34 +159,36 @@ def _listing(keys: list[str], shown: int = 4) -> str:
     return ", ".join(keys[:shown]) + (f" (and {len(keys) - shown} more)" if len(keys) > shown else "")
 
 
-# Tasks whose model may start with a newly initialised head when the folder holds the bare model (a plain
-# encoder for text-classification), and what the report says of it. A checkpoint's own head that the
-# task's model has no use for (a classifier's, for feature extraction) is dropped for every task.
-NEW_HEADS = {"text-classification": "its predictions mean nothing until that head is fine-tuned"}
+def _unread(model: PreTrainedModel, key: str, task: Task) -> bool:
+    """Whether the weight `key` lies in a base-model module that `task` never reads (Task.unread)."""
+    return any(re.search(rf"(^|\.){re.escape(part)}\.", key) for part in task.unread)
 
 
 def check_loading(model: PreTrainedModel, info: dict[str, list], task: Task, location: str) -> list[str]:
     """Refuse weights the model lacks (transformers would initialise them randomly) or does not use (it
-    would drop them), naming them, except a task head (NEW_HEADS) and a checkpoint's unused head;
-    returns the notes that say so, for the run's report."""
+    would drop them), naming them, except a task's new head (Task.new_head), a module the task never reads
+    (Task.unread) and a checkpoint's unused head; returns the notes that say so, for the run's report."""
     config_layers = getattr(model.config, "num_hidden_layers", None)
     notes = []
     for kind, problem, fate in (("missing_keys", "are not in the weights", "randomly initialised"),
                                 ("unexpected_keys", "are not used by the model", "dropped")):
         keys = sorted(info.get(kind, []))
-        head = [k for k in keys if _is_head(model, k)]
-        allowed = head if kind == "unexpected_keys" or task.name in NEW_HEADS else []
-        rest = [k for k in keys if k not in allowed]
+        unread = [k for k in keys if kind == "missing_keys" and _unread(model, k, task)]
+        head = [k for k in keys if _is_head(model, k) and (kind == "unexpected_keys" or task.new_head)]
+        rest = [k for k in keys if k not in head and k not in unread]
         if rest:
             layered = config_layers is not None and all(re.search(r"\.\d+\.", k) for k in rest)
             what = (f"config.json's num_hidden_layers {config_layers} disagrees with the weights of '{location}'"
                     if layered else f"the weights of '{location}' do not fit the model its config.json builds")
             raise FwsvdError(f"{what}: {len(rest)} tensors {problem} (they would be {fate}): {_listing(rest)}")
-        if allowed and kind == "missing_keys":
-            notes.append(f"the {task.name} head ({_listing(allowed)}) is not in the weights of '{location}': it was "
-                         f"newly initialised, so {NEW_HEADS[task.name]}")
-        elif allowed:
-            notes.append(f"the task head in the weights of '{location}' ({_listing(allowed)}) is not used by "
+        if unread:
+            notes.append(f"{_listing(unread)} (not in the weights of '{location}') were newly initialised; "
+                         f"{task.name} never reads them")
+        if head and kind == "missing_keys":
+            notes.append(f"the {task.name} head ({_listing(head)}) is not in the weights of '{location}': it was "
+                         f"newly initialised, so {task.new_head}")
+        elif head:
+            notes.append(f"the task head in the weights of '{location}' ({_listing(head)}) is not used by "
                          f"{task.name}: dropped")
     return notes
 

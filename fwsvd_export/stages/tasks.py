@@ -49,6 +49,12 @@ class Task:
     # What the metric reads of one batch's output: validation holds it for every evaluation batch and whole
     # outputs for the parity batches only (a decoder's logits are tokens x vocabulary).
     summary: Callable[[torch.Tensor, Batch], torch.Tensor] = _whole
+    # A folder that holds the bare model may be loaded for this task with its head newly initialised; what
+    # the report says of such a head (None: the head must be in the weights).
+    new_head: Optional[str] = None
+    # Base-model modules the task never reads (their weights may be missing from a plain checkpoint, e.g. an
+    # MLM's pooler under mean pooling), with the report's note on them.
+    unread: tuple[str, ...] = ()
 
     def onnx_task(self, with_past: bool) -> str:
         """The exporter's task name for this task's graph."""
@@ -270,10 +276,11 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("text-classification", AutoModelForSequenceClassification, "logits", "accuracy", True,
-             _cls_columns, _cls_batches, _cls_loss, _accuracy, _cls_distill),
+             _cls_columns, _cls_batches, _cls_loss, _accuracy, _cls_distill,
+             new_head="its predictions mean nothing until that head is fine-tuned"),
         Task("feature-extraction", AutoModel, "last_hidden_state", "cosine_to_original", True,
              _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, _emb_distill, needs_reference=True,
-             summary=_pooled),
+             summary=_pooled, unread=("pooler",)),
         Task("text-generation", AutoModelForCausalLM, "logits", "perplexity", False,
              _lm_columns, _lm_batches, _lm_loss, _perplexity, _lm_distill, skip_empty=True,
              onnx_task_with_past="text-generation-with-past", generates=True, summary=_batch_nll),
