@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -137,6 +138,16 @@ def test_a_pooler_that_feature_extraction_never_reads_may_be_missing(bert_dir, t
     save_file({k: v for k, v in weights.items() if "layer.1.output.dense" not in k}, folder / "model.safetensors")
     with pytest.raises(FwsvdError, match="layer.1.output.dense"):
         load_pretrained(str(folder), "feature-extraction")
+
+
+def test_pickled_weights_are_never_loaded(bert_dir, tmp_path):
+    """Only safetensors are read: a folder whose weights are a pickle (pytorch_model.bin) is refused, so no
+    pickle from a model folder is ever unpickled."""
+    folder = model_copy(bert_dir, tmp_path / "model")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FwsvdError, match="safetensors"):
+        load_pretrained(str(folder), "text-classification")
 
 
 # 6. A folder's own Python is never run unless the recipe allows it.

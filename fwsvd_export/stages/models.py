@@ -218,8 +218,9 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **({"revision": revision} if revision else {})}
     try:
         checked = {"config": _checked_config(Path(source), task, kwargs)} if local else {}
-        model, info = task.auto_class.from_pretrained(source, dtype=DTYPES[dtype], output_loading_info=True, **checked,
-                                                      **kwargs, **(placement or {}))
+        model, info = task.auto_class.from_pretrained(source, dtype=DTYPES[dtype], output_loading_info=True,
+                                                      use_safetensors=True,  # pickled weights are never loaded
+                                                      **checked, **kwargs, **(placement or {}))
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         hint = ("; with this placement the model may fit on no device at all (raise model.max_memory)"
