@@ -19,8 +19,8 @@ from . import distributed, heap, stats_cache
 from .allocate import Candidate, TimeBudget, allocate, allocate_ranks, table_costs
 from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch, LossFn
-from .factorize import (LowRankLinear, balance_, break_even_rank, linear_weight, low_rank_from_linear, pays_off,
-                        rank_for_ratio, weighted_spectrum)
+from .factorize import (LowRankLinear, balance_, break_even_rank, linear_weight, low_rank_from_linear, nonfinite,
+                        pays_off, rank_for_ratio, weighted_spectrum)
 from .families import family_of
 from .methods import Method, Weighting, get_method
 from .modules import linear_layers, set_module, tied_parameters
@@ -208,18 +208,10 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
     return stats, info
 
 
-def _nonfinite(t: torch.Tensor) -> str:
-    """'' when every value is finite, else how many are NaN and how many infinite."""
-    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
-        return ""
-    nan = int(torch.isnan(t).sum())
-    return f"{nan} NaN and {t.numel() - nan - int(torch.isfinite(t).sum())} infinite values"
-
-
 def check_finite_model(model: nn.Module) -> None:
     """A NaN or inf anywhere in the model poisons every gradient and every factor: refuse it up front."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        bad = _nonfinite(tensor.detach())
+        bad = nonfinite(tensor.detach())
         if bad:
             raise FwsvdError(f"the model's '{name}' holds {bad}; fwsvd-export compresses only models with finite weights")
 
@@ -229,7 +221,7 @@ def _first_nonfinite(stats: dict[str, LayerStats], needs: set[str]) -> Optional[
     for layer, s in stats.items():
         for name in sorted(needs):
             value = getattr(s, name)
-            bad = "" if value is None else _nonfinite(value)
+            bad = "" if value is None else nonfinite(value)
             if bad:
                 return layer, name, bad
     return None
@@ -597,7 +589,7 @@ def _factor(plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: Laye
     module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right)
     if spec.balance_factors:
         balance_(module)
-    bad = next(filter(None, (_nonfinite(p.detach()) for p in module.parameters())), "")
+    bad = next(filter(None, (nonfinite(p.detach()) for p in module.parameters())), "")
     if bad:
         raise FwsvdError(f"the factors of layer '{plan.name}' hold {bad} although its weight and statistics are "
                          f"finite; a larger compression.damping (now {spec.damping:g}) steadies the weighting")

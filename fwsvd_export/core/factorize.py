@@ -74,6 +74,15 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return weight.T if isinstance(module, Conv1D) else weight
 
 
+def nonfinite(t: torch.Tensor) -> str:
+    """'' when every value is finite, else how many are NaN and how many infinite: what every check that
+    refuses a non-finite weight, statistic or factor says."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return ""
+    nan = int(torch.isnan(t).sum())
+    return f"{nan} NaN and {t.numel() - nan - int(torch.isfinite(t).sum())} infinite values"
+
+
 def break_even_rank(in_features: int, out_features: int) -> float:
     """Ranks at or above this store at least as many weights as the dense matrix."""
     return in_features * out_features / (in_features + out_features)

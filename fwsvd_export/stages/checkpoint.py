@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from ..core.compress import _nonfinite as nonfinite
+from ..core.factorize import nonfinite
 from ..core.factorize import LINEAR_TYPES, LowRankLinear, linear_weight
 from ..core.modules import set_module
 from ..errors import FwsvdError, short_message
