@@ -337,18 +337,20 @@ def test_ctrl_c_that_passed_through_code_run_for_a_native_caller_still_exits_130
     assert "interrupted (SIGINT): no output was written" in done.stderr
 
 
-def test_a_signal_during_the_swap_arrives_after_it_and_says_the_output_is_complete(tmp_path, earlier_run, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
+def test_a_signal_during_the_swap_arrives_after_it_and_says_the_output_is_complete(tmp_path, earlier_run, monkeypatch,
+                                                                                     signum):
     from fwsvd_export.stages import outputs
     real = outputs._swap
 
-    def swap_under_sigterm(stage, folder):
-        os.kill(os.getpid(), signal.SIGTERM)  # held until the swap is done
+    def swap_under_signal(stage, folder):
+        os.kill(os.getpid(), signum)  # held until the swap is done
         real(stage, folder)
 
-    monkeypatch.setattr(outputs, "_swap", swap_under_sigterm)
+    monkeypatch.setattr(outputs, "_swap", swap_under_signal)
     result = CliRunner().invoke(main, ["run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run),
                                        "--set", "compression.ratio=0.3", "--quiet"])
-    assert result.exit_code == 143, result.output
+    assert result.exit_code == 128 + signum, result.output
     assert f"just after the results were moved into place: {earlier_run.resolve()} is complete" in result.output
     assert json.loads((earlier_run / "report.json").read_text())["recipe"]["compression"]["ratio"] == 0.3
     assert leftovers(tmp_path) == []

@@ -225,15 +225,19 @@ def _settle_aside(aside: Path, folder: Path, inside: bool) -> list[str]:
     return [f"removed {aside.name}, an earlier output an interrupted swap had set aside"]
 
 
+_HELD = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+
+
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done, then reach their own handlers. Held at the Python
-    level: a thread mask would not do, the process's other threads (ONNX Runtime's, torch's) would take them."""
+    """The terminating signals (Ctrl-C, SIGTERM, a closed terminal's SIGHUP, SIGQUIT) wait until the block is
+    done, then reach their own handlers. Held at the Python level: a thread mask would not do, the process's
+    other threads (ONNX Runtime's, torch's) would take them."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread handles signals
         return
     caught: list[int] = []
-    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in _HELD}
     try:
         yield
     finally:
