@@ -13,10 +13,11 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .core import Batch, CompressionResult, LayerStats, check_speedup_target, compress_, gather_for, get_method
@@ -30,7 +31,7 @@ from .stages.data import load_records
 from .stages.export import export_onnx, inspect_graph
 from .stages.finetune import finetune_
 from .stages.kernel_timing import time_budget
-from .stages.models import load_for_statistics, load_model
+from .stages.models import load_for_statistics, load_model, loading_notes
 from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
 from .stages.report import write_report
@@ -151,6 +152,7 @@ class Prepared:
     runner: Optional[nn.Module]  # a copy placed with the recipe's device_map for the statistics pass
     dense_params: int = 0
     finetune: Optional[list[Batch]] = None  # data.finetune's batches, when the recipe names them
+    loading_notes: list[str] = field(default_factory=list)  # what loading let pass (a new or unused head)
 
     def release_models(self) -> None:
         """Drop the torch models once no later stage reads them (after the last point's PyTorch results)."""
@@ -169,21 +171,22 @@ def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -
     clock.lap("data")
     needs = any(get_method(m).needs for m in (methods or [recipe.compression.method]))
     if needs:
-        _announce_calibration(calibration, recipe.data.max_length)
+        _announce_calibration(model, calibration, recipe.data.max_length)
     runner = load_for_statistics(recipe, location) if needs else None
     if runner is not None:
         clock.lap("load model (device_map)")
     return Prepared(recipe, task, model, tokenizer, location, calibration, evaluation, runner, count_params(model),
-                    finetune)
+                    finetune, loading_notes(model))
 
 
-def _announce_calibration(batches: list[Batch], max_length: int) -> None:
-    """Say what the statistics pass will read, and warn when it is far beyond what the statistics need: the
-    pass takes time and memory in proportion, and a 50 MB one-line file once became 35,330 batches (about
-    50 minutes and 6 GB) without a word."""
+def _announce_calibration(model: nn.Module, batches: list[Batch], max_length: int) -> None:
+    """Say what the statistics pass will read and roughly how long it takes, and warn when it is far beyond
+    what the statistics need: the pass takes time and memory in proportion, and a 50 MB one-line file once
+    became 35,330 batches (about 50 minutes and 6 GB) without a word."""
     sequences = sum(b.samples for b in batches)
     tokens = int(sum(int(b.token_mask.sum()) for b in batches))
-    size = f"{len(batches)} batches, {sequences} sequences, {tokens} tokens of 'data.calibration'"
+    size = (f"{len(batches)} batches, {sequences} sequences, {tokens} tokens of 'data.calibration' "
+            f"(roughly {_duration(_pass_seconds(model, batches))})")
     if sequences <= _MANY_SEQUENCES:
         log.info("the statistics pass reads %s", size)
         return
@@ -192,6 +195,20 @@ def _announce_calibration(batches: list[Batch], max_length: int) -> None:
                 "it with 'data.calibration.max_samples' (the records kept, drawn at random), or give a shorter file: "
                 "max_samples does not cut a record, so a text of a few very long lines must be cut itself",
                 size, max_length)
+
+
+def _pass_seconds(model: nn.Module, batches: list[Batch]) -> float:
+    """The statistics pass's time, estimated from one forward of its longest batch: a forward and its
+    backward cost about three forwards a batch (the statistics' hooks add to that)."""
+    longest = max(batches, key=lambda b: b.token_mask.numel())
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(**longest.inputs)
+        return 3 * (time.perf_counter() - start) * len(batches)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: bool,
@@ -433,7 +450,8 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
         "versions": library_versions(),
         "recipe_file": recipe.source,
         "recipe": recipe.to_dict(),
-        "model": {"source": prepared.location, "task": task.name, "dtype": recipe.model.dtype},
+        "model": {"source": prepared.location, "task": task.name, "dtype": recipe.model.dtype,
+                  "notes": prepared.loading_notes},
         "compression": compression,
         "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss,
                      "data": "finetune" if prepared.finetune else "calibration",

@@ -190,3 +190,4 @@ def test_the_tiny_recipe_says_its_size_without_a_warning(tmp_path, classifier_re
     said = [r for r in caplog.records if "statistics pass" in r.getMessage()]
     assert [r.levelno for r in said] == [logging.INFO]
     assert said[0].getMessage().startswith("the statistics pass reads 4 batches, 32 sequences, ")
+    assert re.search(r"\(roughly \d+ s\)$", said[0].getMessage()), said[0].getMessage()

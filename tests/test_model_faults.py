@@ -19,7 +19,7 @@ from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.checkpoint import WEIGHTS, load
 from fwsvd_export.stages.models import load_pretrained, loading_notes
 
-from conftest import quick_validation, write_recipe
+from conftest import RECIPES, quick_validation, write_recipe
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
 INTERMEDIATE = "bert.encoder.layer.0.intermediate.dense"
@@ -123,6 +123,22 @@ def test_a_known_head_loads_and_is_noted(bert_dir):
     notes = loading_notes(model)
     assert len(notes) == 1 and "not used" in notes[0] and "classifier.weight" in notes[0]
     assert loading_notes(load_pretrained(str(bert_dir), "text-classification")[0]) == []
+
+
+def test_what_loading_let_pass_is_in_the_report(classifier_dir, data_dir, tmp_path):
+    """The classifier compressed as a sentence encoder: its unused head is dropped, and the report says so."""
+    source = {"path": str(RECIPES / "data" / "pairs-evaluation.jsonl"), "text_column": "text",
+              "text_pair_column": "text_pair", "max_samples": 16}
+    recipe = {"model": {"path": str(classifier_dir), "task": "feature-extraction"},
+              "data": {"calibration": source, "evaluation": source, "max_length": 32, "batch_size": 8},
+              "compression": {"method": "svd", "ratio": 0.5},
+              "validation": quick_validation(max_metric_loss=1.0)}
+    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, recipe)), "-o", str(tmp_path / "out"),
+                                       "--quiet"])
+    assert result.exit_code in (0, 1), result.output
+    notes = json.loads((tmp_path / "out" / "report.json").read_text())["model"]["notes"]
+    assert len(notes) == 1 and "classifier.weight" in notes[0] and "dropped" in notes[0]
+    assert f"Note: {notes[0]}." in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_a_pooler_that_feature_extraction_never_reads_may_be_missing(bert_dir, tmp_path):
