@@ -8,18 +8,18 @@ libraries load reaches a command's handler (one line, exit 130), not Python's tr
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import json
-import logging
 import os
 import re
 import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import click
 
@@ -43,13 +43,20 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def _handle_termination() -> None:
-    """Turn each terminating signal into `Interrupted`, so staged output is removed as for Ctrl-C. A signal
-    the caller ignores stays ignored (``nohup`` starts the command with SIGHUP ignored so that it outlives
-    the terminal)."""
-    for signum in _TERMINATING:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
+@contextlib.contextmanager
+def _termination_as_interrupt() -> Iterator[None]:
+    """Meanwhile, each terminating signal raises `Interrupted`, so staged output is removed as for Ctrl-C. A
+    signal the caller ignores stays ignored (``nohup`` starts the command with SIGHUP ignored so that it
+    outlives the terminal). The handlers found are put back on exit (`main` holds this for one command)."""
+    found = {signum: signal.getsignal(signum) for signum in _TERMINATING}
+    for signum, handler in found.items():
+        if handler is not signal.SIG_IGN:
             signal.signal(signum, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for signum, handler in found.items():  # None: a handler set outside Python, not restorable from here
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class _TaskChoice(click.Choice):
@@ -120,8 +127,6 @@ def guarded(command: Callable) -> Callable:
             sys.exit(EXIT_CRASH)
         finally:
             _forget_native_interrupt()
-            if "fwsvd_export.core.distributed" in sys.modules:  # loaded only where a run may have joined a group
-                sys.modules["fwsvd_export.core.distributed"].leave()
 
     return wrapper
 
@@ -130,11 +135,11 @@ def guarded(command: Callable) -> Callable:
 @click.version_option(package_name="fwsvd-export")
 def main() -> None:
     """Compress a transformer's Linear layers with Fisher-weighted SVD, export ONNX, validate in ONNX Runtime."""
-    _handle_termination()
-    if not logging.getLogger("fwsvd_export").handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logging.getLogger("fwsvd_export").addHandler(handler)
+    from .stages.library_log import log_to_console
+
+    command = click.get_current_context()  # closed when the command ends, however it ends: each setting put back
+    command.with_resource(_termination_as_interrupt())
+    command.with_resource(log_to_console())
 
 
 @main.command("run")
@@ -165,11 +170,12 @@ def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], q
 
 def _lent(recipe) -> bool:
     """Under torchrun with several processes: ranks other than 0 lend their share of the statistics
-    pass and of the factorization, then stop (True); rank 0 goes on to do the whole run."""
+    pass and of the factorization, then stop (True); rank 0 goes on to do the whole run. The process group
+    is held for the rest of the command (`distributed.joined`) and left when it ends, however it ends."""
     from .core import distributed
     from .pipeline import lend_compute
 
-    if not distributed.init_from_environment() or distributed.world()[0] == 0:
+    if not click.get_current_context().with_resource(distributed.joined()) or distributed.world()[0] == 0:
         return False
     lend_compute(recipe)
     return True

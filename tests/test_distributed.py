@@ -46,7 +46,7 @@ def _setup(kind: str, folder: str):
 
 def _join(rank: int, rendezvous: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
-                            timeout=distributed.TIMEOUT)
+                            timeout=distributed.collective_timeout())
 
 
 def _specs(cache: str) -> dict[str, CompressionSpec]:
@@ -79,13 +79,16 @@ def _fault_in_shard_1(folder: str) -> None:
 def _two_processes(rank: int, encoder: str, decoder: str, out: str) -> None:
     sys.stderr = open(f"{out}/stderr.{rank}", "w", buffering=1)
     _join(rank, f"{out}/rdv")
-    for kind, folder in (("encoder", encoder), ("decoder", decoder)):
-        model, layers, batches, loss = _setup(kind, folder)
-        stats, _ = gather_statistics(model, layers, NEEDS, CompressionSpec(), batches, loss, False)
-        torch.save({n: (s.values, s.samples, s.tokens) for n, s in stats.items()}, f"{out}/stats-{kind}.{rank}")
-    for name, spec in _specs(f"{out}/cache").items():
-        torch.save(_compress(spec, encoder), f"{out}/{name}.{rank}")
-    _fault_in_shard_1(encoder)
+    try:
+        for kind, folder in (("encoder", encoder), ("decoder", decoder)):
+            model, layers, batches, loss = _setup(kind, folder)
+            stats, _ = gather_statistics(model, layers, NEEDS, CompressionSpec(), batches, loss, False)
+            torch.save({n: (s.values, s.samples, s.tokens) for n, s in stats.items()}, f"{out}/stats-{kind}.{rank}")
+        for name, spec in _specs(f"{out}/cache").items():
+            torch.save(_compress(spec, encoder), f"{out}/{name}.{rank}")
+        _fault_in_shard_1(encoder)
+    finally:  # the group is this function's to leave (the package leaves alone a group it did not make)
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

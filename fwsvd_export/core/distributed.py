@@ -15,6 +15,7 @@ a rank that dies or stops answering outside those steps.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
@@ -25,11 +26,7 @@ from ..errors import FwsvdError
 from .batch import Batch
 from .statistics import STATISTICS, LayerStats, link_shared_inputs
 
-TIMEOUT = timedelta(seconds=int(os.environ.get("FWSVD_COLLECTIVE_TIMEOUT_S", "600")))
-# How long the other ranks wait for rank 0 to reach the statistics pass: it exports and validates the dense
-# model first, which takes far longer than any collective on a large model. torchrun ends every rank when
-# one dies, so this only bounds a rank 0 that hangs.
-START_TIMEOUT = timedelta(seconds=int(os.environ.get("FWSVD_START_TIMEOUT_S", str(6 * 3600))))
+# The group `joined` made for `start_together`, None outside that block (and where the caller made the group).
 _start_group: Optional[dist.ProcessGroup] = None
 
 T = TypeVar("T")
@@ -47,31 +44,55 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_environment() -> bool:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL on GPUs,
-    one GPU per local rank, gloo on CPUs. False when not launched by torchrun with more than one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    if torch.cuda.is_available():  # NCCL and the object collectives use the current device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
-    global _start_group
-    _start_group = dist.new_group(backend="gloo", timeout=START_TIMEOUT)
-    return True
+def collective_timeout() -> timedelta:
+    """Every collective's timeout: ``FWSVD_COLLECTIVE_TIMEOUT_S`` (default 600 s), read when a group is joined."""
+    return timedelta(seconds=int(os.environ.get("FWSVD_COLLECTIVE_TIMEOUT_S", "600")))
 
 
-def leave() -> None:
-    """Leave the process group while the interpreter still runs: left to the teardown at exit, a gloo
-    group whose peer has already gone can abort the process (SIGABRT) after its error was printed."""
+def start_timeout() -> timedelta:
+    """How long the other ranks wait for rank 0 to reach the statistics pass: it exports and validates the
+    dense model first, which takes far longer than any collective on a large model. torchrun ends every rank
+    when one dies, so this only bounds a rank 0 that hangs. ``FWSVD_START_TIMEOUT_S``, default 6 hours."""
+    return timedelta(seconds=int(os.environ.get("FWSVD_START_TIMEOUT_S", str(6 * 3600))))
+
+
+@contextmanager
+def joined() -> Iterator[bool]:
+    """Meanwhile, this process is in the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR,
+    ...): NCCL on GPUs, one GPU per local rank, gloo on CPUs. Yields whether it runs with other processes:
+    False when not launched by torchrun with more than one, and nothing is changed then.
+
+    Scoped: a group made here is left on exit, the block raising or not, while the interpreter still runs
+    (left to the teardown at exit, a gloo group whose peer has already gone can abort the process with
+    SIGABRT after its error was printed), and the current CUDA device it set is set back. A group that
+    was already initialised (its maker's to end) is used as found and left alone; `start_together` is
+    then a no-op."""
     global _start_group
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()  # every group, the start group too
-    _start_group = None
+        yield True
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield False
+        return
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    if device is not None:  # NCCL and the object collectives use the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    found = _start_group
+    try:
+        dist.init_process_group("nccl" if device is not None else "gloo", timeout=collective_timeout())
+        _start_group = dist.new_group(backend="gloo", timeout=start_timeout())
+        yield True
+    finally:
+        _start_group = found
+        if dist.is_initialized():
+            dist.destroy_process_group()  # every group, the start group too
+        if device is not None:
+            torch.cuda.set_device(device)
 
 
 def start_together() -> None:
-    """Every rank waits here until all have arrived (rank 0 after its dense stage), with START_TIMEOUT
-    rather than the collective timeout; a no-op outside a group made by `init_from_environment`."""
+    """Every rank waits here until all have arrived (rank 0 after its dense stage), with `start_timeout`
+    rather than the collective timeout; a no-op outside a group made by `joined`."""
     if _start_group is not None:
         dist.barrier(group=_start_group)
 

@@ -43,45 +43,73 @@ class _Divert(logging.Filter):
 
 
 @contextlib.contextmanager
+def _logger_kept(logger: logging.Logger) -> Iterator[logging.Logger]:
+    """The block may change `logger`'s handlers, filters, level and propagation (as a library configuring
+    it on first use would): on exit, raising or not, it has exactly those it had on entry."""
+    handlers, filters = logger.handlers[:], logger.filters[:]
+    level, propagate, disabled = logger.level, logger.propagate, logger.disabled
+    try:
+        yield logger
+    finally:
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.filters[:] = filters
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled
+
+
+@contextlib.contextmanager
+def log_to_console() -> Iterator[None]:
+    """Meanwhile, the 'fwsvd_export' log is printed on stderr ("LEVEL: message") unless it already has a
+    handler (a program using the package configured it); on exit its handlers are those it had. The
+    command line holds this for one command; the package itself never configures logging."""
+    with _logger_kept(LOG):
+        if not LOG.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+            LOG.addHandler(handler)
+        yield
+
+
+@contextlib.contextmanager
 def library_output_to_log(speaker: str, loggers: tuple[str, ...]) -> Iterator[None]:
     """Meanwhile: Python warnings are recorded and logged at INFO (one line each), the named `loggers`'
     records and those logged on the root logger itself are forwarded (`_Forward`) instead of reaching
     console handlers, the root logger cannot be given a console handler, and text printed on sys.stdout
     / sys.stderr is logged at DEBUG (at WARNING when the call fails, as it may explain the failure). Each
-    line names the `speaker` ("exporter", "int8 conversion"). Every setting touched is restored, and an
-    exception of the library propagates unchanged."""
+    line names the `speaker` ("exporter", "int8 conversion"). An exception of the library propagates
+    unchanged.
+
+    Every setting touched is restored, the block raising or not: the named loggers and the root logger
+    get back exactly the handlers, filters, level and propagation they had (a handler a library added
+    meanwhile would hold the captured stream), the warnings filters and ``warnings.showwarning`` are
+    restored by `warnings.catch_warnings`, and sys.stdout / sys.stderr by `contextlib.redirect_stdout`
+    / `redirect_stderr`."""
     forward = _Forward(speaker)
-    saved = []
-    for name in loggers:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.handlers[:], logger.propagate))
-        for handler in logger.handlers[:]:
-            logger.removeHandler(handler)
-        logger.addHandler(forward)
-        logger.propagate = False
-    root, divert = logging.getLogger(), _Divert(forward)
-    placeholder = logging.NullHandler() if not root.handlers else None  # logging.basicConfig adds nothing then
-    if placeholder is not None:
-        root.addHandler(placeholder)
-    root.addFilter(divert)
     printed_out, printed_err = io.StringIO(), io.StringIO()
     caught: list[warnings.WarningMessage] = []
     failed = True
     try:
-        with warnings.catch_warnings(record=True) as caught, \
-                contextlib.redirect_stdout(printed_out), contextlib.redirect_stderr(printed_err):
+        with contextlib.ExitStack() as kept:
+            for name in loggers:
+                logger = kept.enter_context(_logger_kept(logging.getLogger(name)))
+                for handler in logger.handlers[:]:
+                    logger.removeHandler(handler)
+                logger.addHandler(forward)
+                logger.propagate = False
+            root = kept.enter_context(_logger_kept(logging.getLogger()))
+            if not root.handlers:
+                root.addHandler(logging.NullHandler())  # logging.basicConfig adds nothing then
+            root.addFilter(_Divert(forward))
+            caught = kept.enter_context(warnings.catch_warnings(record=True))
+            kept.enter_context(contextlib.redirect_stdout(printed_out))
+            kept.enter_context(contextlib.redirect_stderr(printed_err))
             warnings.simplefilter("always")
             yield
         failed = False
     finally:
-        root.removeFilter(divert)
-        if placeholder is not None:
-            root.removeHandler(placeholder)
-        for logger, handlers, propagate in saved:
-            logger.removeHandler(forward)
-            for handler in handlers:
-                logger.addHandler(handler)
-            logger.propagate = propagate
         for warning in caught:
             LOG.info("%s warning: %s: %s (%s:%s)", speaker, warning.category.__name__, warning.message,
                      Path(warning.filename).name, warning.lineno)
