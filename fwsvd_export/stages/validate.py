@@ -67,20 +67,31 @@ class Validation:
 @contextmanager
 def _stderr_to_log() -> Iterator[None]:
     """Send what native code prints on stderr meanwhile (ONNX Runtime's provider-loading errors) to the
-    'fwsvd_export' log at debug level; no logger setting of ONNX Runtime is touched."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode(errors="replace").strip()
-            if text:
-                logging.getLogger("fwsvd_export").debug("onnxruntime: %s", text)
+    'fwsvd_export' log at debug level; no logger setting of ONNX Runtime is touched. File descriptor 2 is
+    pointed at a temporary file for the block and back at what it was on exit, the block raising or not
+    (`open_session` holds this around opening a session only). With fd 2 closed there is nothing to divert."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()  # what Python wrote before the block goes where it was meant to
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                if sys.stderr is not None:
+                    sys.stderr.flush()
+                os.dup2(saved, 2)
+                sink.seek(0)
+                text = sink.read().decode(errors="replace").strip()
+                if text:
+                    logging.getLogger("fwsvd_export").debug("onnxruntime: %s", text)
+    finally:
+        os.close(saved)
 
 
 def threads(spec: ValidationSpec) -> int:
