@@ -9,9 +9,11 @@ import csv
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import onnx
 import onnxruntime as ort
@@ -312,3 +314,177 @@ def test_an_unreadable_file_is_a_user_error_naming_it(tmp_path):
             records(tmp_path, path)
     finally:
         path.chmod(0o644)
+
+
+# --- every process-wide change is scoped: each context manager restores what it found, raising or not ------
+
+class Boom(Exception):
+    pass
+
+
+def logger_settings(logger: logging.Logger) -> tuple:
+    return logger.handlers[:], logger.filters[:], logger.level, logger.propagate, logger.disabled
+
+
+def test_library_output_to_log_restores_the_loggers_warnings_and_streams_it_found_even_when_the_block_raises():
+    """A library that, meanwhile, configures the root logger and its own, changes the warnings filters and
+    prints, then fails: its exception propagates and every one of those settings is as it was."""
+    from fwsvd_export.stages.library_log import library_output_to_log
+    lib, root = logging.getLogger("fwsvd-test-library"), logging.getLogger()
+    kept_handler, kept_filter = logging.NullHandler(), logging.Filter("x")
+    lib.addHandler(kept_handler)
+    lib.addFilter(kept_filter)
+    lib.setLevel(logging.INFO)
+    try:
+        before = (logger_settings(lib), logger_settings(root), warnings.filters[:], warnings.showwarning,
+                  sys.stdout, sys.stderr)
+        with pytest.raises(Boom):
+            with library_output_to_log("test library", ("fwsvd-test-library",)):
+                assert lib.handlers != [kept_handler] and not lib.propagate  # diverted meanwhile
+                logging.basicConfig(level=logging.DEBUG)  # the root already has a (placeholder) handler: nothing
+                root.addHandler(logging.StreamHandler())
+                root.setLevel(logging.DEBUG)
+                lib.addHandler(logging.StreamHandler())
+                lib.setLevel(logging.DEBUG)
+                lib.propagate = True
+                warnings.simplefilter("error")
+                print("printed by the library")
+                raise Boom()
+        assert (logger_settings(lib), logger_settings(root), warnings.filters[:], warnings.showwarning,
+                sys.stdout, sys.stderr) == before
+    finally:
+        lib.removeHandler(kept_handler)
+        lib.removeFilter(kept_filter)
+        lib.setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("configured", [False, True], ids=["unconfigured", "configured by the program"])
+def test_the_console_log_is_the_commands_alone(configured):
+    """`log_to_console` gives the 'fwsvd_export' log a stderr handler for the block unless the program using
+    the package gave it one; on exit, raising or not, its handlers are those it had."""
+    from fwsvd_export.stages.library_log import log_to_console
+    tool = logging.getLogger("fwsvd_export")
+    own = logging.NullHandler()
+    if configured:
+        tool.addHandler(own)
+    try:
+        before = logger_settings(tool)
+        with pytest.raises(Boom), log_to_console():
+            if configured:
+                assert tool.handlers == [own]
+            else:
+                assert len(tool.handlers) == 1 and type(tool.handlers[0]) is logging.StreamHandler
+            raise Boom()
+        assert logger_settings(tool) == before
+    finally:
+        tool.removeHandler(own)
+
+
+def _fd_identity(fd: int) -> tuple:
+    found = os.fstat(fd)
+    return found.st_dev, found.st_ino, found.st_mode
+
+
+def test_native_stderr_goes_to_the_log_and_fd_2_comes_back_even_when_the_block_raises(caplog):
+    from fwsvd_export.stages.validate import _stderr_to_log
+    fd2, open_fds = _fd_identity(2), sorted(os.listdir("/proc/self/fd"))
+    with caplog.at_level(logging.DEBUG, logger="fwsvd_export"):
+        with pytest.raises(Boom), _stderr_to_log():
+            assert _fd_identity(2) != fd2
+            os.write(2, b"native code speaking on fd 2\n")
+            raise Boom()
+    assert _fd_identity(2) == fd2
+    assert sorted(os.listdir("/proc/self/fd")) == open_fds  # the saved copy and the sink are closed
+    assert "onnxruntime: native code speaking on fd 2" in caplog.text
+
+
+def test_the_exporters_patches_of_torch_are_undone_even_when_the_export_raises():
+    import torch.onnx
+    from fwsvd_export.stages.export import _graph_without_weights, _shape_inference_without_weight_values
+    export = torch.onnx.export
+    infer = getattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", None)
+    with pytest.raises(Boom), _graph_without_weights(), _shape_inference_without_weight_values():
+        assert torch.onnx.export is not export
+        raise Boom()
+    assert torch.onnx.export is export
+    assert getattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", None) is infer
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["ends", "raises"])
+def test_a_command_holds_its_signal_handlers_and_console_log_for_itself(fails):
+    """The command line turns SIGTERM, SIGHUP and SIGQUIT into an interrupt and prints the tool's log while a
+    command runs (here one added for the test); afterwards the process has the handlers it had."""
+    import click
+    from click.testing import CliRunner
+    from fwsvd_export.cli import _TERMINATING, _raise_interrupted, main
+    tool = logging.getLogger("fwsvd_export")
+    seen = []
+
+    @click.command("scope-probe")
+    def probe():
+        seen.append(({s: signal.getsignal(s) for s in _TERMINATING}, tool.handlers[:]))
+        if fails:
+            raise Boom()
+
+    handlers, log_handlers = {s: signal.getsignal(s) for s in _TERMINATING}, tool.handlers[:]
+    main.add_command(probe)
+    try:
+        result = CliRunner().invoke(main, ["scope-probe"])
+    finally:
+        main.commands.pop("scope-probe")
+    assert isinstance(result.exception, Boom) if fails else result.exit_code == 0
+    during, during_log = seen[0]
+    assert set(during.values()) == {_raise_interrupted}
+    assert len(during_log) == 1 and type(during_log[0]) is logging.StreamHandler
+    assert {s: signal.getsignal(s) for s in _TERMINATING} == handlers and tool.handlers == log_handlers
+
+
+JOIN = """
+import sys
+import torch.distributed as dist
+from fwsvd_export.core import distributed
+try:
+    with distributed.joined() as joined:
+        assert joined and dist.is_initialized() and distributed.world() == (int(sys.argv[1]), 2)
+        assert distributed._start_group is not None
+        distributed.start_together()
+        raise RuntimeError("the block fails")
+except RuntimeError as exc:
+    assert str(exc) == "the block fails"
+assert not dist.is_initialized() and distributed._start_group is None
+print("left the group")
+"""
+
+
+def test_a_process_group_the_tool_joins_is_left_when_the_block_ends_even_raising(tmp_path):
+    """Two processes described as torchrun describes them join, meet, fail, and are out of the group."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "CUDA_VISIBLE_DEVICES")}
+    runs = [subprocess.Popen([sys.executable, "-c", JOIN, str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="",
+                                                 FWSVD_COLLECTIVE_TIMEOUT_S="60", FWSVD_START_TIMEOUT_S="60"))
+            for rank in (0, 1)]
+    for run in runs:
+        out, err = run.communicate(timeout=180)
+        assert run.returncode == 0 and out == "left the group\n", err[-2000:]
+
+
+def test_a_process_group_found_initialised_is_used_and_left_alone(tmp_path):
+    import torch.distributed as dist
+    from fwsvd_export.core import distributed
+    with distributed.joined() as joined:  # not under torchrun: nothing to join, nothing changed
+        assert not joined and not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        with pytest.raises(Boom), distributed.joined() as joined:
+            assert joined and distributed.world() == (0, 1)
+            distributed.start_together()  # a no-op: the tool made no start group
+            raise Boom()
+        assert dist.is_initialized() and dist.group.WORLD is group and distributed._start_group is None
+    finally:
+        dist.destroy_process_group()
