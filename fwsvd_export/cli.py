@@ -151,18 +151,18 @@ def main() -> None:
 def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Run every stage of RECIPE: compress, checkpoint, export, validate, report."""
     from .pipeline import run
-    from .recipe import load_recipe
+    from .loader import load_recipe
 
     loaded = load_recipe(recipe, overrides)
     if _lent(loaded):
         return
     result = run(loaded, output, progress=not quiet)
-    summary = result.report["compression"]["summary"]
+    summary = result.report.compression.summary()
     click.echo(f"{'PASSED' if result.passed else 'FAILED'}: {summary['compressed_layers']} layers factorized with "
                f"{summary['method']}, {summary['targeted_kept_ratio']:.1%} of targeted parameters kept")
-    for check in result.report["validation"]["checks"]:
-        click.echo(f"  [{'ok' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
-    for note in result.report["output_notes"]:
+    for check in result.report.validation.checks:
+        click.echo(f"  [{'ok' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
+    for note in result.report.output_notes or []:
         click.echo(f"  note: {note}")
     click.echo(f"report: {result.output / 'report.md'}")
     sys.exit(0 if result.passed else EXIT_FAILED)
@@ -190,7 +190,7 @@ def _lent(recipe) -> bool:
 def compress_command(recipe: Path, output: Path, overrides: tuple[str, ...], quiet: bool) -> None:
     """Only the compress stage of RECIPE: write a checkpoint that `fwsvd_export.load` rebuilds."""
     from .pipeline import compress_only
-    from .recipe import load_recipe
+    from .loader import load_recipe
 
     loaded = load_recipe(recipe, overrides)
     if _lent(loaded):
@@ -260,7 +260,7 @@ def _once(items: list[str], name: str) -> None:
 def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str | None, output: Path | None,
                   overrides: tuple[str, ...], quiet: bool) -> None:
     """Run RECIPE at several ratios (or budgets) and methods; write a table and plots of the frontier."""
-    from .recipe import load_recipe
+    from .loader import load_recipe
     from .sweep import sweep
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -290,7 +290,7 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
 @guarded
 def inspect_command(model: str, task: str, as_json: bool) -> None:
     """List MODEL's Linear layers (a folder, hub id, or checkpoint), their shapes and break-even ranks."""
-    from .core.factorize import LowRankLinear, break_even_rank, linear_weight
+    from .core.lowrank import LowRankLinear, break_even_rank, linear_weight
     from .core.modules import linear_layers
     from .stages.checkpoint import MANIFEST, load
     from .stages.models import load_pretrained

@@ -8,36 +8,34 @@ and report (that is what one debugs from).
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import os
-import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .core import Batch, CompressionResult, LayerStats, check_speedup_target, compress_, gather_for, get_method
-from .core import heap
-from .core.allocate import TimeBudget
-from .core.distributed import world
+from . import aim
+from .aim import AIM_TOLERANCE, AIM_TRIALS, next_aim  # noqa: F401 - the pipeline's names before aim.py
+from .core import Batch, CompressionResult, LayerStats, compress_, get_method
 from .errors import FwsvdError
-from .recipe import DATA_ROLES, Recipe
+from .config import DATA_ROLES, Recipe
 from .stages.checkpoint import library_versions, save_checkpoint
+from .stages.clock import Clock, release_freed_memory  # noqa: F401 - release_freed_memory: the pipeline's name before
 from .stages.data import load_records
 from .stages.export import export_onnx, inspect_graph
 from .stages.finetune import finetune_
-from .stages.kernel_timing import time_budget
 from .stages.models import load_for_statistics, load_model, loading_notes
 from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
+from .stages.prepared import Dense, Prepared
 from .stages.report import write_report
-from .stages.tasks import Task, get_task
-from .stages.validate import (Check, Reference, graph_bytes, reference, threads, time_artifacts, time_graphs,
-                               torch_results, validate)
+from .stages.run_report import Artifacts, FinetuneInfo, ModelInfo, RunReport, Sizes, WholeRun
+from .stages.tasks import get_task
+from .stages.validate import Check, Validation, graph_bytes, reference, time_artifacts, torch_results, validate
 
 log = logging.getLogger("fwsvd_export")
 _MANY_SEQUENCES = 8192  # the statistics settle within a few hundred to a few thousand sequences
@@ -46,11 +44,11 @@ _MANY_SEQUENCES = 8192  # the statistics settle within a few hundred to a few th
 @dataclass
 class RunResult:
     output: Path
-    report: dict
+    report: RunReport  # as written to report.json (`report.to_dict()`) and report.md
 
     @property
     def passed(self) -> bool:
-        return bool(self.report["passed"])
+        return self.report.passed
 
 
 def read_paths(recipe: Recipe) -> list[Path]:
@@ -85,79 +83,6 @@ def _prompts(recipe: Recipe, tokenizer, evaluation: list[Batch]) -> list:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def linear_flop_ratio(plans: list) -> float:
-    """Multiply-adds of the targeted Linear layers after / before (they scale with parameter counts)."""
-    before = sum(p["params_before"] for p in plans)
-    return sum(p["params_after"] for p in plans) / before if before else 1.0
-
-
-def _peak_rss_mb(reset: bool) -> float:
-    """The process's peak resident memory since the last reset (Linux: VmHWM, reset through clear_refs);
-    elsewhere the peak since start."""
-    try:
-        with open("/proc/self/status") as status:
-            peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-        if reset:
-            with open("/proc/self/clear_refs", "w") as refs:
-                refs.write("5")
-        return peak
-    except (OSError, StopIteration, ValueError):
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere
-    nothing more), so that what one stage freed is not counted in the next stage's peak."""
-    gc.collect()
-    heap.trim()
-
-
-class Clock:
-    """Wall time and peak host memory of each stage, in order; memory a stage freed is returned to the
-    system before the next one starts."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.peak_rss_mb: dict[str, float] = {}
-        self._start = self._last = time.perf_counter()
-        _peak_rss_mb(reset=True)
-
-    def lap(self, stage: str) -> None:
-        release_freed_memory()
-        now = time.perf_counter()
-        self.seconds[stage] = now - self._last
-        self.peak_rss_mb[stage] = round(_peak_rss_mb(reset=True), 1)
-        self._last = now
-
-    def whole(self) -> dict[str, float]:
-        """Seconds since the clock started and the largest stage peak: the run's own peak, which tools
-        reading the process's high-water mark at exit (`/usr/bin/time`) cannot see after the resets."""
-        return {"seconds": time.perf_counter() - self._start, "peak_rss_mb": max(self.peak_rss_mb.values(), default=0.0)}
-
-
-@dataclass
-class Prepared:
-    """What every compression of one model shares: loaded once per run, or once per sweep."""
-
-    recipe: Recipe
-    task: Task
-    model: nn.Module
-    tokenizer: object
-    location: str
-    calibration: list[Batch]
-    evaluation: list[Batch]
-    runner: Optional[nn.Module]  # a copy placed with the recipe's device_map for the statistics pass
-    dense_params: int = 0
-    finetune: Optional[list[Batch]] = None  # data.finetune's batches, when the recipe names them
-    loading_notes: list[str] = field(default_factory=list)  # what loading let pass (a new or unused head)
-
-    def release_models(self) -> None:
-        """Drop the torch models once no later stage reads them (after the last point's PyTorch results)."""
-        self.model = self.runner = None  # type: ignore[assignment]
-        release_freed_memory()
 
 
 def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -> Prepared:
@@ -213,7 +138,7 @@ def _duration(seconds: float) -> str:
 
 def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: bool,
                    statistics: Optional[dict[str, LayerStats]] = None, last: bool = False,
-                   dense: Optional["Dense"] = None, scratch: Optional[Path] = None
+                   dense: Optional[Dense] = None, scratch: Optional[Path] = None
                    ) -> tuple[nn.Module, CompressionResult, list[float]]:
     """Factorize the dense model per `recipe` (with `statistics` when a sweep gathered them), then
     fine-tune it if the recipe asks. When this is the `last` use of the dense model (and distillation
@@ -223,9 +148,9 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
     if recipe.compression.target_speedup is not None:
         if dense is None or scratch is None:
             raise FwsvdError("compression.target_speedup is measured against the dense ONNX graph: use `fwsvd-export run`")
-        latency = _time_budget(prepared, recipe, dense, progress)
+        latency = aim.layer_time_budget(prepared, recipe, dense, progress)
         clock.lap("kernel timing")
-        compressed, result = _aimed(prepared, recipe, dense, latency, statistics, scratch, progress)
+        compressed, result = aim.aimed(prepared, recipe, dense, latency, statistics, scratch, progress)
         if last and not teacher_needed:
             prepared.model = compressed  # the dense copy goes: as if factorized in place
     else:
@@ -242,126 +167,6 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
                                   recipe.data.seed, progress, teacher=prepared.model)
         clock.lap("finetune")
     return compressed, result, finetune_loss
-
-
-AIM_TRIALS = 3  # compressions at most for one speed-up target
-AIM_TOLERANCE = 0.03  # a trial measured within this share of the target ends the search
-
-
-def next_aim(aimed: float, target: float, measured: float) -> float:
-    """The speed-up to allocate for next: the last aim corrected by how far its measurement missed, taking
-    the timings' error to hold near the target (the kernels of a small factor pair run relatively
-    faster inside the model than alone, so a prediction's error grows with the cut)."""
-    return max(1.0 + AIM_TOLERANCE, aimed * target / measured)
-
-
-def _aimed(prepared: Prepared, recipe: Recipe, dense: "Dense", latency: TimeBudget,
-           statistics: Optional[dict[str, LayerStats]], scratch: Path, progress: bool
-           ) -> tuple[nn.Module, CompressionResult]:
-    """Compressions of copies of the dense model for `compression.target_speedup`, each measured: exported
-    into `scratch`, timed against the dense graph (interleaved, on the target's provider, shape and
-    precision) and, when off by more than AIM_TOLERANCE, followed by one aimed at `next_aim`, up to
-    AIM_TRIALS. Trials timed minutes apart are not comparable on a machine whose speed drifts, so after
-    several their graphs are timed once more, all in the same rounds with the dense one, and the trial
-    closest to the target there is kept. The host holds one trial's model at a time: a kept trial that is
-    not the last is compressed again (the same statistics and aim give the same factors). The statistics
-    are gathered once for all trials. Under torch.distributed the other ranks take part in one
-    compression, so there is one trial."""
-    spec, target = recipe.compression, recipe.compression.target_speedup
-    base = Path(recipe.base_dir or ".")
-    check_speedup_target(prepared.model, spec, latency)  # before the statistics pass
-    trials = AIM_TRIALS if world()[1] == 1 else 1
-    gathered = None
-    if trials > 1 and statistics is None and get_method(spec.method).needs:
-        start = time.perf_counter()
-        statistics, info = gather_for(prepared.model, [spec], prepared.calibration, prepared.task.loss, progress, base,
-                                      prepared.runner)
-        gathered = (info, time.perf_counter() - start)
-
-    def compress_at(aim: float) -> tuple[nn.Module, CompressionResult]:
-        model = copy.deepcopy(prepared.model)
-        return model, compress_(model, replace(spec, target_speedup=aim), prepared.calibration, prepared.task.loss,
-                                progress, base, statistics_model=prepared.runner, statistics=statistics, latency=latency)
-
-    aim, measured, graphs, held, stopped = target, [], {}, None, "trials spent"
-    folder = scratch / ".aim"
-    folder.mkdir()  # new: only what this call wrote is removed below
-    try:
-        for trial in range(trials):
-            held = None  # one trial model at a time
-            try:
-                model, result = compress_at(aim)
-            except FwsvdError as exc:
-                if not trial:
-                    raise
-                stopped = f"next aim out of reach: {exc}"  # keep the trials measured so far
-                break
-            name = f"trial {trial + 1}"
-            graphs[name] = _trial_graph(prepared, recipe, model, folder / f"trial-{trial + 1}")
-            timed = _time_graphs(prepared, recipe, dense, {name: graphs[name]})
-            speedup = timed["dense"] / timed[name]
-            measured.append({"aimed_at": aim, "predicted": result.allocation["predicted_speedup"], "measured": speedup,
-                             "dense_ms": timed["dense"], "compressed_ms": timed[name],
-                             "kept_ratio": result.summary()["targeted_kept_ratio"]})
-            held = (model, result, trial)
-            del model
-            if abs(speedup / target - 1) <= AIM_TOLERANCE:
-                stopped = "within tolerance"
-                break
-            aim = next_aim(aim, target, speedup)
-        if len(measured) > 1:
-            together = _time_graphs(prepared, recipe, dense, graphs)
-            for trial, entry in enumerate(measured):
-                entry["measured_together"] = together["dense"] / together[f"trial {trial + 1}"]
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    key = "measured_together" if len(measured) > 1 else "measured"
-    kept = min(range(len(measured)), key=lambda k: abs(measured[k][key] / target - 1))
-    if held is None or held[2] != kept:
-        held = None
-        model, result = compress_at(measured[kept]["aimed_at"])
-    else:
-        model, result, _ = held
-    if gathered is not None:
-        result.statistics, result.seconds["statistics"] = gathered
-    result.allocation.update(target_speedup=target, aimed_at=measured[kept]["aimed_at"],
-                             aim={"tolerance": AIM_TOLERANCE, "max_trials": trials, "trials": measured, "kept": kept,
-                                  "kept_by": key, "stopped": stopped})
-    return model, result
-
-
-def _trial_graph(prepared: Prepared, recipe: Recipe, model: nn.Module, folder: Path) -> Path:
-    """`model`'s graph in `folder`, in the precision the speed-up target is measured in."""
-    spec = recipe.compression
-    graph = export_onnx(model, prepared.tokenizer, folder, prepared.task.onnx_task(recipe.export.with_past),
-                        recipe.export.opset)
-    if spec.latency_precision != "fp32":
-        graph = make_variant(graph, spec.latency_precision, recipe.export.int8_mode, prepared.calibration)
-    return graph
-
-
-def _time_graphs(prepared: Prepared, recipe: Recipe, dense: "Dense", graphs: dict[str, Path]) -> dict[str, float]:
-    """Median ms of the dense graph ("dense") and of each of `graphs`, timed in the same interleaved rounds
-    where the speed-up target is measured."""
-    spec = recipe.compression
-    paths = {"dense": _budget_graph(dense, spec.latency_precision), **graphs}
-    timed = time_graphs(paths, spec.latency_provider, recipe.validation, [spec.latency_shape],
-                        prepared.model.config.vocab_size, decode=False)
-    return {name: timed[name][spec.latency_shape]["median_ms"] for name in paths}
-
-
-def _budget_graph(dense: "Dense", precision: str) -> Path:
-    return dense.reference.graphs["dense" if precision == "fp32" else f"dense-{precision}"]
-
-
-def _time_budget(prepared: Prepared, recipe: Recipe, dense: "Dense", progress: bool) -> TimeBudget:
-    """The layers' kernel timings (cached beside the statistics cache, else in the user's cache folder)
-    and the dense graph's time, in the precision and on the provider the speed-up target names."""
-    spec, lat = recipe.compression, recipe.validation.latency
-    graph = _budget_graph(dense, spec.latency_precision)
-    cache = recipe.resolve(spec.cache_dir) if spec.cache_dir else Path.home() / ".cache" / "fwsvd-export"
-    return time_budget(prepared.model, spec, graph, prepared.model.config.vocab_size, threads(recipe.validation),
-                       lat.warmup, lat.runs, lat.rounds, cache, progress)
 
 
 def lend_compute(recipe: Recipe, progress: bool = False) -> None:
@@ -388,15 +193,6 @@ def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress:
     return folder, compression
 
 
-@dataclass
-class Dense:
-    """The dense model's graph and reference results, which every compressed point is compared with."""
-
-    onnx: Path
-    graph: dict
-    reference: Reference
-
-
 def dense_stage(prepared: Prepared, folder: Path, clock: Clock, progress: bool) -> Dense:
     """Export the dense model into `folder` and measure it once (PyTorch outputs, ORT latency)."""
     recipe = prepared.recipe
@@ -417,13 +213,13 @@ def _variants(prepared: Prepared, graph: Path, recipe: Optional[Recipe] = None) 
 
 
 def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, clock: Clock, progress: bool,
-                statistics: Optional[dict[str, LayerStats]] = None, last: bool = False) -> dict:
-    """One compressed model: factorize, checkpoint, export, validate against `dense`; writes its report
-    into `folder` and returns it. `last`: no later point needs the dense model."""
+                statistics: Optional[dict[str, LayerStats]] = None, last: bool = False) -> RunReport:
+    """One compressed model: factorize, checkpoint, export, validate against `dense`, its files in
+    `folder`; returns its report, which the caller writes (`write_report`). `last`: no later point needs
+    the dense model."""
     task = prepared.task
     compressed, result, finetune_loss = compress_stage(prepared, recipe, clock, progress, statistics, last, dense, folder)
-    compression = result.to_dict()
-    save_checkpoint(compressed, prepared.tokenizer, folder / "compressed", task.name, compression, recipe.to_dict(),
+    save_checkpoint(compressed, prepared.tokenizer, folder / "compressed", task.name, result.to_dict(), recipe.to_dict(),
                     prepared.location)
     clock.lap("checkpoint")
     small_onnx = export_onnx(compressed, prepared.tokenizer, folder / "onnx" / "compressed",
@@ -432,8 +228,9 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
     variants = _variants(prepared, small_onnx, recipe)
     clock.lap("export")
     prompts = _prompts(recipe, prepared.tokenizer, prepared.evaluation)
-    vocab_size, params_compressed = prepared.model.config.vocab_size, count_params(compressed)
+    params_compressed = count_params(compressed)
     evidence = torch_results(task, recipe.validation, compressed, prepared.evaluation, prompts, progress)
+    vocab_size = prepared.model.config.vocab_size
     if last:  # what follows needs the models' graphs and results only: the host holds the graphs alone
         del compressed
         prepared.release_models()
@@ -445,35 +242,24 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
     missing = graph["compressed"]["layers_missing_split"]
     if missing:
         validation.checks.append(Check("graph: split MatMuls", False, f"not found for {', '.join(missing)}"))
-    report = {
-        "tool": "fwsvd-export",
-        "versions": library_versions(),
-        "recipe_file": recipe.source,
-        "recipe": recipe.to_dict(),
-        "model": {"source": prepared.location, "task": task.name, "dtype": recipe.model.dtype,
-                  "notes": prepared.loading_notes},
-        "compression": compression,
-        "finetune": {"epochs": recipe.finetune.epochs, "epoch_loss": finetune_loss,
-                     "data": "finetune" if prepared.finetune else "calibration",
-                     "batches": len(prepared.finetune or prepared.calibration) if recipe.finetune.epochs else 0},
-        "sizes": {
-            "params_dense": prepared.dense_params,
-            "params_compressed": params_compressed,
-            "onnx_dense_bytes": graph_bytes(dense.onnx.parent),
-            "onnx_compressed_bytes": graph_bytes(small_onnx.parent),
-        },
-        "flop_ratio": linear_flop_ratio(compression["layers"]),
-        "graph": graph,
-        "validation": validation.to_dict(),
-        "seconds": clock.seconds,
-        "peak_rss_mb": clock.peak_rss_mb,  # per stage: the host memory high-water mark while it ran
-        "artifacts": {"checkpoint": "compressed", "onnx_dense": os.path.relpath(dense.onnx, folder),
-                      "onnx_compressed": os.path.relpath(small_onnx, folder),
-                      **{f"onnx_compressed_{p}": os.path.relpath(g, folder) for p, g in variants.items()}},
-        "passed": validation.passed,
-    }
-    write_report(report, folder)
-    return report
+    sizes = Sizes(prepared.dense_params, params_compressed, graph_bytes(dense.onnx.parent), graph_bytes(small_onnx.parent))
+    artifacts = Artifacts("compressed", os.path.relpath(dense.onnx, folder), os.path.relpath(small_onnx, folder),
+                          {p: os.path.relpath(g, folder) for p, g in variants.items()})
+    return _run_report(prepared, recipe, result, finetune_loss, sizes, graph, validation, clock, artifacts)
+
+
+def _run_report(prepared: Prepared, recipe: Recipe, result: CompressionResult, finetune_loss: list[float], sizes: Sizes,
+                graph: dict, validation: Validation, clock: Clock, artifacts: Artifacts) -> RunReport:
+    """The report of one compressed model, from what its stages returned."""
+    tuned = bool(recipe.finetune.epochs)
+    return RunReport(
+        recipe_file=recipe.source, recipe=recipe.to_dict(),
+        model=ModelInfo(prepared.location, prepared.task.name, recipe.model.dtype, prepared.loading_notes),
+        compression=result,
+        finetune=FinetuneInfo(recipe.finetune.epochs, finetune_loss, "finetune" if prepared.finetune else "calibration",
+                              len(prepared.finetune or prepared.calibration) if tuned else 0),
+        sizes=sizes, graph=graph, validation=validation, seconds=dict(clock.seconds),
+        peak_rss_mb=dict(clock.peak_rss_mb), artifacts=artifacts, versions=library_versions())
 
 
 def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> RunResult:
@@ -484,8 +270,8 @@ def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = Tr
         prepared = prepare(recipe, clock)
         dense = dense_stage(prepared, staged.path / "onnx" / "dense", clock, progress)
         report = point_stage(prepared, dense, recipe, staged.path, clock, progress, last=True)
-        unreadable = report["compression"]["statistics"].get("cache_unreadable")
-        report["output_notes"] = staged.notes + ([f"statistics cache: {unreadable}"] if unreadable else [])
-        report["whole_run"] = clock.whole()
-        write_report(report, staged.path)
+        unreadable = report.compression.statistics.get("cache_unreadable")
+        report = replace(report, output_notes=staged.notes + ([f"statistics cache: {unreadable}"] if unreadable else []),
+                         whole_run=WholeRun(**clock.whole()))
+        report = write_report(report, staged.path)
     return RunResult(folder, report)

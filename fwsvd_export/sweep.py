@@ -11,28 +11,33 @@ The sweep folder is one staged output: it appears whole when every point has run
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from .core import gather_for, get_method
-from .errors import FwsvdError
-from .pipeline import Clock, dense_stage, point_stage, prepare, read_paths
-from .recipe import load_recipe
+from .errors import FwsvdError, SpecError
+from .pipeline import dense_stage, point_stage, prepare, read_paths
+from .config import Recipe
+from .loader import load_recipe
+from .stages.clock import Clock
 from .stages.outputs import resolve_output, staged_output
-from .stages.report import FRONTIER_PLOT, artifact_rows, dense_int8_beats, first_measured, plot_frontier
+from .stages.report import FRONTIER_PLOT, plot_frontier, write_report
+from .stages.run_report import RunReport, artifact_rows, dense_int8_beats, first_measured
 from .stages.tasks import Task
 
 SWEEP_FILE = "sweep.json"
 
 
-def _point(method: str, kind: str, value: float, folder: str, report: dict) -> dict:
-    val = report["validation"]
+def _point(method: str, kind: str, value: float, folder: str, report: RunReport) -> dict:
+    """One point's row of sweep.json."""
+    val = report.validation
     point = {"method": method, kind: value, "folder": folder,
-             "targeted_kept_ratio": report["compression"]["summary"]["targeted_kept_ratio"],
-             "model_kept_ratio": report["sizes"]["params_compressed"] / report["sizes"]["params_dense"],
-             "metric": val["metric"], "original": val["original_torch"], "compressed_torch": val["compressed_torch"],
-             "providers": {}, "artifacts": artifact_rows(report), "passed": report["passed"]}
-    for name, entry in val["providers"].items():
+             "targeted_kept_ratio": report.compression.summary()["targeted_kept_ratio"],
+             "model_kept_ratio": report.sizes.model_kept_ratio,
+             "metric": val.metric, "original": val.original_torch, "compressed_torch": val.compressed_torch,
+             "providers": {}, "artifacts": artifact_rows(report), "passed": report.passed}
+    for name, entry in val.providers.items():
         if entry["status"] == "unavailable":
             continue
         lat = entry["latency"][0]
@@ -172,6 +177,17 @@ def _refuse_repeats(folders: list[str], kind: str) -> None:
                              "runs once")
 
 
+def point_recipe(base: Recipe, method: str, kind: str, value: float) -> Recipe:
+    """`base` with the point's method and cut: `kind` ("ratio" or "budget") set to `value`, every other
+    cut (ratio, rank, budget, target_speedup) cleared, as a ``--set`` of it would; the spec checks it."""
+    cuts = {"ratio": None, "rank": None, "budget": None, "target_speedup": None, kind: value}
+    try:
+        return replace(base, compression=replace(base.compression, method=method, **cuts))
+    except SpecError as exc:
+        raise FwsvdError(f"{base.source}: the sweep's point {point_folder(method, kind, value)}: "
+                         f"'compression.{exc.key}' {exc.problem}") from None
+
+
 def sweep(recipe_path: str | Path, values: list[float], methods: list[str], output: Optional[Path] = None,
           overrides: tuple[str, ...] = (), budget: bool = False, progress: bool = True
           ) -> tuple[Path, list[dict], list[Path]]:
@@ -187,8 +203,7 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
     names = [get_method(m).name for m in methods]  # unknown methods fail before any run
     _refuse_repeats([point_folder(m, kind, v) for m in names for v in values], kind)
     with staged_output(folder, inputs=read_paths(base)) as staged:
-        plan = [(method, value, load_recipe(recipe_path, [*overrides, f"compression.method={method}",
-                                                          f"compression.{kind}={value}"]))
+        plan = [(method, value, point_recipe(base, method, kind, value))
                 for method in names for value in values]  # every point's recipe is checked before any compute
         clock = Clock()
         prepared = prepare(plan[0][2], clock, names)
@@ -208,8 +223,9 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
             (staged.path / name).mkdir()
             report = point_stage(prepared, dense, recipe, staged.path / name, Clock(), progress, statistics,
                                  last=i == len(plan) - 1)
+            report = write_report(report, staged.path / name)
             points.append(_point(method, kind, value, name, report))
-            peaks.append(max(report["peak_rss_mb"].values(), default=0.0))
+            peaks.append(max(report.peak_rss_mb.values(), default=0.0))
             wins = dense_int8_wins(points, prepared.task)
             whole = {**clock.whole(), "peak_rss_mb": max(peaks)}  # each point's clock resets the high-water mark
             (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "shared": shared, "points": points,

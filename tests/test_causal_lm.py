@@ -7,9 +7,10 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from fwsvd_export.core.compress import plan_layers
-from fwsvd_export.core.factorize import linear_weight
+from fwsvd_export.core.lowrank import linear_weight
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import CompressionSpec, load_recipe
+from fwsvd_export.core.spec import CompressionSpec
+from fwsvd_export.loader import load_recipe
 from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.ort_io import feeds
 
@@ -49,13 +50,13 @@ def test_family_compresses_exports_and_matches_in_onnx_runtime(tmp_path, family_
         "validation": quick_validation(),
     }
     result = run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", progress=False)
-    layers = result.report["compression"]["layers"]
+    layers = result.report.to_dict()["compression"]["layers"]
     assert len(layers) == 2 * per_block and all(p["rank"] for p in layers)
     assert not any("lm_head" in p["name"] or "embed" in p["name"] for p in layers)
-    assert result.report["graph"]["compressed"]["split_matmul_pairs_found"] == 2 * per_block
-    cpu = result.report["validation"]["providers"]["cpu"]
+    assert result.report.to_dict()["graph"]["compressed"]["split_matmul_pairs_found"] == 2 * per_block
+    cpu = result.report.to_dict()["validation"]["providers"]["cpu"]
     assert cpu["parity"]["passed"], cpu["parity"]
-    assert cpu["metric"] == pytest.approx(result.report["validation"]["compressed_torch"], rel=1e-3)
+    assert cpu["metric"] == pytest.approx(result.report.to_dict()["validation"]["compressed_torch"], rel=1e-3)
 
 
 def test_gpt2_conv1d_layers_count_as_linear_with_transposed_weights(tokenizer):
@@ -80,7 +81,7 @@ def test_kv_cache_export_generates_in_onnx_runtime_like_pytorch(tmp_path, lm_rec
     lm_recipe["validation"]["generation_tokens"] = 6
     lm_recipe["validation"]["prompts"] = ["quiet river at morning", "silver engine"]
     result = run(load_recipe(write_recipe(tmp_path, lm_recipe)), tmp_path / "out", progress=False)
-    cpu = result.report["validation"]["providers"]["cpu"]
+    cpu = result.report.to_dict()["validation"]["providers"]["cpu"]
     assert cpu["generation"] == {"prompts": 2, "tokens": 6, "matching_prompts": 2}
     lat = cpu["latency"][0]
     assert lat["dense"]["decode_per_token"]["median_ms"] > 0 and lat["decode_speedup"] > 0
@@ -93,7 +94,7 @@ def test_kv_cache_export_generates_in_onnx_runtime_like_pytorch(tmp_path, lm_rec
 
 def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_dir, tokenizer):
     from transformers import AutoModelForCausalLM
-    from fwsvd_export.recipe import DataSource
+    from fwsvd_export.config import DataSource
     from fwsvd_export.stages.tasks import TASKS
     from conftest import sentences
 
@@ -190,7 +191,7 @@ def test_validation_holds_a_decoders_whole_logits_for_the_parity_batches_only(ll
     whole logits give."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
-    from fwsvd_export.recipe import DataSource, ValidationSpec
+    from fwsvd_export.config import DataSource, ValidationSpec
     from fwsvd_export.stages.tasks import TASKS
     from fwsvd_export.stages.validate import reference, torch_results
     from conftest import sentences
@@ -264,7 +265,7 @@ def test_shape_inference_sees_no_weight_values_and_the_graph_is_byte_for_byte_th
     import contextlib
     import torch._C
     from transformers import BertModel
-    from fwsvd_export.core.factorize import low_rank_from_linear
+    from fwsvd_export.core.lowrank import low_rank_from_linear
     from fwsvd_export.core.modules import set_module
     from fwsvd_export.stages import export
 

@@ -5,7 +5,8 @@ import yaml
 
 from fwsvd_export.core import CompressionSpec
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import ValidationSpec, load_recipe
+from fwsvd_export.config import ValidationSpec
+from fwsvd_export.loader import load_recipe
 from fwsvd_export.stages.tasks import TASKS
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "minilm-demo.yaml"
@@ -14,7 +15,7 @@ DEMO = Path(__file__).resolve().parents[1] / "recipes" / "minilm-demo.yaml"
 def test_minilm_demo_recipe_passes(tmp_path):
     recipe = load_recipe(DEMO, ["validation.latency.runs=5", "validation.latency.warmup=1"])
     result = run(recipe, tmp_path / "demo", progress=False)
-    report = result.report
+    report = result.report.to_dict()
     assert report["compression"]["summary"]["compressed_layers"] == 12
     assert report["graph"]["compressed"]["split_matmul_pairs_found"] == 12
     cpu = report["validation"]["providers"]["cpu"]
@@ -28,7 +29,7 @@ def test_offline_causal_lm_recipe_passes(tmp_path, tiny_llama_dir):
     recipe = load_recipe(DEMO.with_name("tiny-llama-offline.yaml"),
                          ["validation.latency.runs=3", f"model.path={tiny_llama_dir}"])
     result = run(recipe, tmp_path / "lm", progress=False)
-    report = result.report
+    report = result.report.to_dict()
     assert result.passed, [c for c in report["validation"]["checks"] if not c["passed"]]
     assert report["compression"]["summary"]["targeted_kept_ratio"] <= 0.7
     assert report["validation"]["providers"]["cpu"]["generation"]["matching_prompts"] == 2

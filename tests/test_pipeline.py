@@ -10,7 +10,7 @@ import torch
 
 import fwsvd_export
 from fwsvd_export.pipeline import Clock, dense_stage, point_stage, prepare, run
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
 from fwsvd_export.stages.validate import feeds
 
 from conftest import write_recipe
@@ -26,7 +26,7 @@ def assert_artifacts(result, n_factorized):
                 "compressed/fwsvd_manifest.json", "compressed/tokenizer.json", "onnx/dense/model.onnx",
                 "onnx/compressed/model.onnx", "onnx/compressed/config.json"):
         assert (out / rel).is_file(), rel
-    graph = result.report["graph"]
+    graph = result.report.to_dict()["graph"]
     assert graph["compressed"]["split_matmul_pairs_found"] == n_factorized
     products = {k: graph[k]["matmul_nodes"] + graph[k]["gemm_nodes"] for k in ("dense", "compressed")}
     assert products["compressed"] == products["dense"] + n_factorized
@@ -36,14 +36,14 @@ def assert_artifacts(result, n_factorized):
 
 def test_classifier_end_to_end(tmp_path, classifier_recipe):
     result = run_recipe(tmp_path, classifier_recipe)
-    summary = result.report["compression"]["summary"]
+    summary = result.report.to_dict()["compression"]["summary"]
     assert summary["compressed_layers"] == 12  # q, k, v, attention output, intermediate, output x 2 layers
     assert_artifacts(result, 12)
-    cpu = result.report["validation"]["providers"]["cpu"]
+    cpu = result.report.to_dict()["validation"]["providers"]["cpu"]
     assert cpu["status"] == "passed" and cpu["parity"]["max_abs_error"] < 1e-4
-    assert cpu["metric"] == pytest.approx(result.report["validation"]["compressed_torch"])
-    assert result.report["validation"]["providers"]["cuda"]["status"] in ("passed", "unavailable")
-    assert {"load model", "data", "compress", "checkpoint", "export", "validate"} <= set(result.report["seconds"])
+    assert cpu["metric"] == pytest.approx(result.report.to_dict()["validation"]["compressed_torch"])
+    assert result.report.to_dict()["validation"]["providers"]["cuda"]["status"] in ("passed", "unavailable")
+    assert {"load model", "data", "compress", "checkpoint", "export", "validate"} <= set(result.report.to_dict()["seconds"])
     assert result.passed
 
 
@@ -80,10 +80,10 @@ def test_onnx_folder_loads_with_optimum_ort_classes(tmp_path, classifier_recipe,
 
 def test_causal_lm_end_to_end_with_kfac(tmp_path, lm_recipe):
     result = run_recipe(tmp_path, lm_recipe)
-    n = result.report["compression"]["summary"]["compressed_layers"]
+    n = result.report.to_dict()["compression"]["summary"]["compressed_layers"]
     assert n == 14  # q, k, v, o, gate, up, down x 2 layers
     assert_artifacts(result, n)
-    val = result.report["validation"]
+    val = result.report.to_dict()["validation"]
     assert val["metric"] == "perplexity"
     assert val["providers"]["cpu"]["metric"] == pytest.approx(val["compressed_torch"], rel=1e-3)
     assert result.passed
@@ -94,20 +94,20 @@ def test_every_method_runs_from_a_recipe(tmp_path, classifier_recipe, method):
     classifier_recipe["compression"]["method"] = method
     classifier_recipe["validation"]["latency"]["runs"] = 1
     result = run_recipe(tmp_path, classifier_recipe)
-    assert result.report["compression"]["summary"]["method"] == method
-    assert result.report["validation"]["providers"]["cpu"]["parity"]["passed"]
+    assert result.report.to_dict()["compression"]["summary"]["method"] == method
+    assert result.report.to_dict()["validation"]["providers"]["cpu"]["parity"]["passed"]
 
 
 def test_layers_that_would_not_shrink_stay_dense_and_say_so(tmp_path, classifier_recipe):
     classifier_recipe["compression"].update(ratio=None, rank=20, overrides={r"intermediate": {"rank": 8}})
     result = run_recipe(tmp_path, classifier_recipe)
-    layers = {p["name"]: p for p in result.report["compression"]["layers"]}
+    layers = {p["name"]: p for p in result.report.to_dict()["compression"]["layers"]}
     attention = layers["bert.encoder.layer.0.attention.self.query"]  # 48x48: break-even rank 24, rank 20 pays
     assert attention["rank"] == 20
     assert layers["bert.encoder.layer.0.intermediate.dense"]["rank"] == 8
     classifier_recipe["compression"].update(rank=30, overrides={})
     result = run_recipe(tmp_path, classifier_recipe)
-    query = {p["name"]: p for p in result.report["compression"]["layers"]}["bert.encoder.layer.0.attention.self.query"]
+    query = {p["name"]: p for p in result.report.to_dict()["compression"]["layers"]}["bert.encoder.layer.0.attention.self.query"]
     assert query["rank"] is None and "would not save parameters" in query["reason"]
     assert "dense" in (result.output / "report.md").read_text()
 
@@ -118,14 +118,14 @@ def test_a_failed_threshold_keeps_the_report_and_fails_the_run(tmp_path, classif
     classifier_recipe["validation"]["rtol"] = 0.0
     result = run_recipe(tmp_path, classifier_recipe)
     assert not result.passed
-    assert any(not c["passed"] and "parity" in c["name"] for c in result.report["validation"]["checks"])
+    assert any(not c["passed"] and "parity" in c["name"] for c in result.report.to_dict()["validation"]["checks"])
     assert "FAILED" in (result.output / "report.md").read_text()
 
 
 def test_a_required_provider_that_cannot_run_fails_the_run(tmp_path, classifier_recipe):
     classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}, {"name": "cuda", "required": True}]
     result = run_recipe(tmp_path, classifier_recipe)
-    cuda = result.report["validation"]["providers"]["cuda"]
+    cuda = result.report.to_dict()["validation"]["providers"]["cuda"]
     if torch.cuda.is_available() and cuda["status"] != "unavailable":
         pytest.skip("this machine really runs CUDA")
     assert cuda["status"] == "unavailable" and cuda["reason"]
@@ -134,12 +134,12 @@ def test_a_required_provider_that_cannot_run_fails_the_run(tmp_path, classifier_
 
 def test_a_run_reports_peak_host_memory_per_stage(tmp_path, classifier_recipe):
     result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
-    peaks = result.report["peak_rss_mb"]
-    assert set(peaks) == set(result.report["seconds"]) - {"compress: statistics", "compress: factorize"}
+    peaks = result.report.to_dict()["peak_rss_mb"]
+    assert set(peaks) == set(result.report.to_dict()["seconds"]) - {"compress: statistics", "compress: factorize"}
     assert all(0 < mb < 64 * 1024 for mb in peaks.values())
-    whole = result.report["whole_run"]  # the run's own peak: the largest stage's
+    whole = result.report.to_dict()["whole_run"]  # the run's own peak: the largest stage's
     assert whole["peak_rss_mb"] == max(peaks.values())
-    assert whole["seconds"] >= sum(s for stage, s in result.report["seconds"].items() if stage in peaks)
+    assert whole["seconds"] >= sum(s for stage, s in result.report.to_dict()["seconds"].items() if stage in peaks)
     report_md = (result.output / "report.md").read_text()
     assert "peak host memory (MB)" in report_md and f"| whole run | {whole['seconds']:.4g} |" in report_md
 
@@ -163,4 +163,4 @@ def test_the_last_point_drops_the_torch_model_before_onnx_runtime_validates_it(t
     (tmp_path / "point").mkdir()
     report = point_stage(prepared, dense, recipe, tmp_path / "point", Clock(), progress=False, last=True)
     assert alive == [False] and prepared.model is None
-    assert report["validation"]["providers"]["cpu"]["parity"]["passed"]
+    assert report.validation.providers["cpu"]["parity"]["passed"]

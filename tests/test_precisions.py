@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
 from fwsvd_export.stages import export
 from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.latency import in_turn
@@ -86,7 +86,7 @@ def test_the_report_validates_each_variant_where_it_runs_and_states_the_toleranc
 
 
 def test_every_artifact_is_timed_in_the_same_interleaved_rounds_as_dense_fp32(precision_run):
-    cpu = precision_run.report["validation"]["providers"]["cpu"]
+    cpu = precision_run.report.to_dict()["validation"]["providers"]["cpu"]
     method = cpu["latency_method"]
     assert method["artifacts"] == ["dense", "compressed", "dense-int8", "compressed-int8"]  # fp16 is for CUDA
     assert method["interleaved_rounds"] == 3 and method["runs"] == 3  # rounds are capped at the runs
@@ -96,7 +96,7 @@ def test_every_artifact_is_timed_in_the_same_interleaved_rounds_as_dense_fp32(pr
     assert point["dense"]["runs"] == point["compressed"]["runs"] == 3
     assert point["speedup"] == point["dense"]["median_ms"] / point["compressed"]["median_ms"]
     for name in ("dense-int8", "compressed-int8"):
-        timing = precision_run.report["validation"]["variants"][name]["cpu"]["latency"][0]
+        timing = precision_run.report.to_dict()["validation"]["variants"][name]["cpu"]["latency"][0]
         assert timing["p90_ms"] >= timing["median_ms"] > 0
         assert timing["speedup_vs_dense_fp32"] == point["dense"]["median_ms"] / timing["median_ms"]
 
@@ -126,7 +126,7 @@ def test_graphs_too_big_to_sit_side_by_side_are_timed_one_session_at_a_time(prec
 
 def test_graphs_are_timed_one_at_a_time_by_default_only_when_side_by_side_they_would_crowd_the_memory(precision_run,
                                                                                                    monkeypatch):
-    from fwsvd_export.recipe import LatencySpec
+    from fwsvd_export.config import LatencySpec
     from fwsvd_export.stages import validate
 
     onnx_dir = precision_run.output / "onnx"
@@ -155,8 +155,8 @@ def test_the_report_says_when_dense_int8_beats_a_compressed_artifact_on_size_or_
     from fwsvd_export.stages.report import verdicts
 
     report = copy.deepcopy(precision_run.report)
-    val = report["validation"]
-    dense, ours = val["variants"]["dense-int8"], val["variants"]["compressed-int8"]
+    val = report.validation
+    dense, ours = val.variants["dense-int8"], val.variants["compressed-int8"]
     dense["cpu"]["metric"] = ours["cpu"]["metric"]  # as accurate
     dense["bytes"], dense["cpu"]["latency"][0]["median_ms"] = ours["bytes"] + 1, 0.5 * ours["cpu"]["latency"][0]["median_ms"]
     said = verdicts(report)
@@ -179,7 +179,7 @@ def test_static_int8_is_calibrated_qdq(tmp_path, classifier_recipe):
     result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
     ops = {n.op_type for n in onnx.load(str(result.output / "onnx" / "compressed-int8" / "model.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
-    assert result.report["validation"]["variants"]["compressed-int8"]["cpu"]["status"] == "measured"
+    assert result.report.to_dict()["validation"]["variants"]["compressed-int8"]["cpu"]["status"] == "measured"
 
 
 def test_fp32_must_stay_among_the_precisions(tmp_path, classifier_recipe):
@@ -204,13 +204,13 @@ def test_a_decoder_gets_int8_and_4_bit_matmulnbits_copies_validated_on_the_cpu(t
     for name in ("dense-int8", "compressed-int8"):
         ops = {n.op_type for n in onnx.load(str(result.output / "onnx" / name / "model.onnx")).graph.node}
         assert "MatMulInteger" in ops and "MatMulNBits" not in ops
-        int8 = result.report["validation"]["variants"][name]["cpu"]
+        int8 = result.report.to_dict()["validation"]["variants"][name]["cpu"]
         assert int8["status"] == "measured" and 0 < int8["parity"]["relative_error"] <= 0.5
         timing = int8["latency"][0]
         assert timing["speedup_vs_dense_fp32"] > 0 and timing["decode_speedup_vs_dense_fp32"] > 0  # prefill and decode
-    int4 = result.report["validation"]["variants"]["compressed-int4"]["cpu"]
+    int4 = result.report.to_dict()["validation"]["variants"]["compressed-int4"]["cpu"]
     assert int4["status"] == "measured" and 0 < int4["parity"]["relative_error"] <= 0.5
-    checks = {c["name"]: c for c in result.report["validation"]["checks"]}
+    checks = {c["name"]: c for c in result.report.to_dict()["validation"]["checks"]}
     assert checks["cpu: compressed-int4 parity"]["passed"] and "cpu: compressed-int4 metric loss" in checks
 
 

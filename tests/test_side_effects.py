@@ -22,10 +22,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from transformers import BertForSequenceClassification
 
-from fwsvd_export.core.factorize import low_rank_from_linear
+from fwsvd_export.core.lowrank import low_rank_from_linear
 from fwsvd_export.core.modules import set_module
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.recipe import parse_recipe
+from fwsvd_export.loader import parse_recipe
 from fwsvd_export.stages import data
 from fwsvd_export.stages.export import export_onnx, inspect_graph
 from fwsvd_export.stages.ort_io import feeds
@@ -76,8 +76,10 @@ step("plain session after the tool's")
 ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 step("matplotlib")
 print("backend after import:", matplotlib.get_backend(), "pyplot" if "matplotlib.pyplot" in sys.modules else "")
-layers = [{{"name": f"layer.{{i}}", "in_features": 48, "out_features": 96, "rank": r}} for i, r in enumerate((8, None))]
-assert plot_ranks({{"compression": {{"layers": layers, "summary": {{"method": "fwsvd"}}}}}}, Path(sys.argv[2]))
+from fwsvd_export.core import CompressionResult
+from fwsvd_export.core.compress import LayerPlan
+layers = [LayerPlan(f"layer.{{i}}", 48, 96, r) for i, r in enumerate((8, None))]
+assert plot_ranks(CompressionResult("fwsvd", layers), Path(sys.argv[2]))
 print("backend after plot:", matplotlib.get_backend(), "pyplot" if "matplotlib.pyplot" in sys.modules else "")
 """
 

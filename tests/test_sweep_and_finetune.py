@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import fwsvd_export
 from fwsvd_export.cli import main
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
 
 from conftest import write_recipe
 
@@ -18,11 +18,11 @@ def test_recovery_finetuning_trains_the_factors_and_ships_the_trained_model(tmp_
     classifier_recipe["compression"]["ratio"] = 0.3
     classifier_recipe["finetune"] = {"epochs": 3, "learning_rate": 3e-3, "train": "all"}
     result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
-    losses = result.report["finetune"]["epoch_loss"]
+    losses = result.report.to_dict()["finetune"]["epoch_loss"]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert "finetune" in result.report["seconds"]
-    assert result.report["finetune"]["data"] == "calibration" and result.report["finetune"]["batches"] == 4  # 32 rows
-    cpu = result.report["validation"]["providers"]["cpu"]
+    assert "finetune" in result.report.to_dict()["seconds"]
+    assert result.report.to_dict()["finetune"]["data"] == "calibration" and result.report.to_dict()["finetune"]["batches"] == 4  # 32 rows
+    cpu = result.report.to_dict()["validation"]["providers"]["cpu"]
     assert cpu["parity"]["passed"]  # the exported graph is the fine-tuned model
     reloaded = fwsvd_export.load(result.output / "compressed")
     assert isinstance(reloaded.get_submodule("bert.encoder.layer.0.intermediate.dense"), fwsvd_export.LowRankLinear)
@@ -34,8 +34,8 @@ def test_recovery_trains_on_data_finetune_when_the_recipe_names_it(tmp_path, cla
     classifier_recipe["data"]["finetune"] = dict(classifier_recipe["data"]["evaluation"], max_samples=40)
     classifier_recipe["finetune"] = {"epochs": 1, "learning_rate": 1e-3}
     result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
-    assert result.report["finetune"]["data"] == "finetune" and result.report["finetune"]["batches"] == 5  # 40 rows of 8
-    assert result.report["validation"]["providers"]["cpu"]["parity"]["passed"]
+    assert result.report.to_dict()["finetune"]["data"] == "finetune" and result.report.to_dict()["finetune"]["batches"] == 5  # 40 rows of 8
+    assert result.report.to_dict()["validation"]["providers"]["cpu"]["parity"]["passed"]
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -89,7 +89,7 @@ def test_sweep_writes_a_table_points_and_plots(tmp_path, classifier_recipe):
     assert ours.keys() == theirs.keys()
     for key in ours:  # a sweep point is the run it stands for
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
-    assert points[3]["compressed_torch"] == pytest.approx(alone.report["validation"]["compressed_torch"], abs=1e-6)
+    assert points[3]["compressed_torch"] == pytest.approx(alone.report.to_dict()["validation"]["compressed_torch"], abs=1e-6)
 
 
 def test_sweep_over_budgets(tmp_path, classifier_recipe):
@@ -108,9 +108,9 @@ def test_distillation_trains_only_the_factors_toward_the_dense_model_and_ships_t
     recipe["compression"]["ratio"] = 0.3
     recipe["finetune"] = {"epochs": 3, "learning_rate": 1e-3, "objective": "distill", "temperature": 0.5}
     result = run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", progress=False)
-    losses = result.report["finetune"]["epoch_loss"]
+    losses = result.report.to_dict()["finetune"]["epoch_loss"]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]  # the distillation loss falls
-    assert result.report["validation"]["providers"]["cpu"]["parity"]["passed"]  # the export is the trained model
+    assert result.report.to_dict()["validation"]["providers"]["cpu"]["parity"]["passed"]  # the export is the trained model
     trained = fwsvd_export.load(result.output / "compressed")
     original = type(trained).from_pretrained(recipe["model"]["path"])
     factorized = {n for n, m in trained.named_modules() if isinstance(m, LowRankLinear)}

@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-import fwsvd_export.pipeline
+import fwsvd_export.aim
 from transformers import BertConfig, BertForSequenceClassification
 
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.pipeline import AIM_TOLERANCE, AIM_TRIALS, compress_only, next_aim, run
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.aim import AIM_TOLERANCE, AIM_TRIALS, next_aim
+from fwsvd_export.pipeline import compress_only, run
+from fwsvd_export.loader import load_recipe
 from fwsvd_export.stages.report import markdown
 from fwsvd_export.stages.kernel_timing import Timing, recommended_multiple
 
@@ -46,7 +47,7 @@ def speedup_recipe(classifier_recipe, wide_classifier, tmp_path):
 
 def test_a_speedup_target_allocates_ranks_within_the_measured_time_budget(tmp_path, speedup_recipe):
     result = run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
-    allocation = result.report["compression"]["allocation"]
+    allocation = result.report.to_dict()["compression"]["allocation"]
     assert allocation["target_speedup"] == 1.1 and allocation["measured_on"] == "on cpu at 1x64 (fp32)"
     # the tables' time of the chosen ranks fits the budget of the speed-up the kept trial was aimed at
     assert allocation["predicted_speedup"] >= allocation["aimed_at"]
@@ -54,10 +55,10 @@ def test_a_speedup_target_allocates_ranks_within_the_measured_time_budget(tmp_pa
     # layers take part of it, and the tables were scaled to their time there.
     assert 0 < allocation["targeted_layers_dense_ms"] < allocation["dense_model_ms"]
     assert allocation["in_graph_ratio"] > 0
-    layers = result.report["compression"]["layers"]
+    layers = result.report.to_dict()["compression"]["layers"]
     assert any(p["rank"] is not None for p in layers)
     assert all("global allocation of time" in p["reason"] for p in layers)
-    assert "kernel timing" in result.report["seconds"]
+    assert "kernel timing" in result.report.to_dict()["seconds"]
     cached = list((tmp_path / "cache").glob("kernel-timing-*.json"))
     shapes = json.loads(cached[0].read_text())["shapes"]
     assert len(cached) == 1 and {"256x256", "256x1024", "1024x256"} <= set(shapes)
@@ -75,13 +76,13 @@ def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
     trials, their graphs are timed again in the same rounds and the one closest to the target there is
     kept (compressed again if need be: its factors are those it was measured with); the scratch graphs
     are gone from the output."""
-    monkeypatch.setattr(fwsvd_export.pipeline, "AIM_TOLERANCE", tolerance)
+    monkeypatch.setattr(fwsvd_export.aim, "AIM_TOLERANCE", tolerance)
     # Within reach wherever the Linears take a seventh of the model's time (about a fifth on the slowest
     # machine seen, a busy one): this test is about the search, not about how fast the machine is.
     target = 1.15
     speedup_recipe["compression"]["target_speedup"] = target
     result = run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
-    allocation = result.report["compression"]["allocation"]
+    allocation = result.report.to_dict()["compression"]["allocation"]
     aim = allocation["aim"]
     trials, miss = aim["trials"], lambda trial: abs(trial["measured"] / target - 1)
     assert aim["tolerance"] == tolerance and trials[0]["aimed_at"] == target
@@ -98,7 +99,7 @@ def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
     assert aim["kept_by"] == by and all(("measured_together" in t) == (len(trials) > 1) for t in trials)
     assert all(abs(kept[by] / target - 1) <= abs(t[by] / target - 1) for t in trials)
     assert allocation["aimed_at"] == kept["aimed_at"]
-    assert result.report["compression"]["summary"]["targeted_kept_ratio"] == pytest.approx(kept["kept_ratio"])
+    assert result.report.to_dict()["compression"]["summary"]["targeted_kept_ratio"] == pytest.approx(kept["kept_ratio"])
     assert not (result.output / ".aim").exists()
     # report.md lists the trials, the kept one marked, and says when the dense graph's own time moved more
     # than the tolerance across the budget and the trials (the machine changed speed under the run).
@@ -110,10 +111,10 @@ def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
     assert len(rows) == len(trials) and [r.rstrip(" |").endswith("yes") for r in rows].count(True) == 1
     assert rows[aim["kept"]].rstrip(" |").endswith("yes")
     steady = copy.deepcopy(result.report)
-    for trial in steady["compression"]["allocation"]["aim"]["trials"]:
+    for trial in steady.compression.allocation["aim"]["trials"]:
         trial["dense_ms"] = allocation["dense_model_ms"]
     assert "the machine's speed changed" not in markdown(steady)
-    drifted = steady["compression"]["allocation"]["aim"]["trials"][-1]
+    drifted = steady.compression.allocation["aim"]["trials"][-1]
     drifted["dense_ms"] = allocation["dense_model_ms"] * (1.5 + tolerance)
     assert f"({0.5 + tolerance:.0%} apart): the machine's speed changed" in markdown(steady)
 
@@ -127,9 +128,9 @@ def test_the_next_aim_corrects_the_last_by_its_miss_and_stays_above_one():
 def test_a_recipes_rank_multiple_overrides_the_one_the_timings_show(tmp_path, speedup_recipe):
     speedup_recipe["compression"]["rank_multiple"] = 24  # a multiple no kernel step suggests
     result = run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
-    allocation = result.report["compression"]["allocation"]
+    allocation = result.report.to_dict()["compression"]["allocation"]
     assert allocation["rank_multiple"] == 24 and allocation["rank_multiple_from"] == "recipe"
-    ranks = [p["rank"] for p in result.report["compression"]["layers"] if p["rank"] is not None]
+    ranks = [p["rank"] for p in result.report.to_dict()["compression"]["layers"] if p["rank"] is not None]
     assert ranks and all(r % 24 == 0 for r in ranks)
 
 
@@ -140,7 +141,7 @@ def test_a_second_run_reuses_the_kernel_timings(tmp_path, speedup_recipe):
     before = cached.stat().st_mtime_ns
     second = run(load_recipe(recipe), tmp_path / "two", progress=False)
     assert cached.stat().st_mtime_ns == before  # nothing measured again
-    assert second.report["compression"]["allocation"]["target_speedup"] == 1.1
+    assert second.report.to_dict()["compression"]["allocation"]["target_speedup"] == 1.1
 
 
 def test_a_target_out_of_reach_is_refused_before_the_statistics_pass(tmp_path, speedup_recipe):

@@ -1,0 +1,229 @@
+"""The run report as data: `RunReport` and its parts, built from the compression's `CompressionResult` and
+the validation's `Validation`; ``report.json`` is `RunReport.to_dict()`, serialized once.
+
+The JSON keeps the layout it had when the report was a dict (no ``report_version`` field: nothing was
+renamed, added or removed): tool, versions, recipe_file, recipe, model, compression, finetune, sizes,
+flop_ratio, graph, validation (with its derived ``verdicts``), seconds, peak_rss_mb, artifacts, passed,
+and, for a whole run only (not a sweep point), output_notes and whole_run. `RunReport.from_dict` reads
+such a JSON back, so ``from_dict(d).to_dict() == d``.
+
+Also here, the reading every consumer of a report shares: the artifact rows (metric, file size and
+latency of every artifact), the dense-int8 comparison and the plain verdicts built on them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from ..core import CompressionResult
+from ..core.compress import LayerPlan
+from .tasks import Task, get_task, metric_loss
+from .validate import Check, Validation
+
+TOOL = "fwsvd-export"
+_VARIANT_PREFIX = "onnx_compressed_"  # artifacts: one key per precision variant of the compressed graph
+
+
+@dataclass
+class ModelInfo:
+    """The model measured: where it was loaded from, its task and dtype, and what loading let pass."""
+
+    source: str
+    task: str
+    dtype: Optional[str]
+    notes: list[str] = field(default_factory=list)  # a head newly initialised or left unused
+
+
+@dataclass
+class FinetuneInfo:
+    """The recovery fine-tuning: its epochs, the loss of each, and the rows it read."""
+
+    epochs: int
+    epoch_loss: list[float]
+    data: str  # "finetune" or "calibration"
+    batches: int
+
+
+@dataclass
+class Sizes:
+    params_dense: int
+    params_compressed: int
+    onnx_dense_bytes: int
+    onnx_compressed_bytes: int
+
+    @property
+    def model_kept_ratio(self) -> float:
+        return self.params_compressed / self.params_dense
+
+
+@dataclass
+class Artifacts:
+    """The run's files, relative to its folder."""
+
+    checkpoint: str
+    onnx_dense: str
+    onnx_compressed: str
+    variants: dict[str, str] = field(default_factory=dict)  # precision -> the compressed graph in it
+    ranks_plot: Optional[str] = None  # set once the plot is drawn
+    frontier_plot: Optional[str] = None
+
+    def to_dict(self) -> dict[str, str]:
+        found = {"checkpoint": self.checkpoint, "onnx_dense": self.onnx_dense, "onnx_compressed": self.onnx_compressed,
+                 **{_VARIANT_PREFIX + p: path for p, path in self.variants.items()}}
+        plots = {"ranks_plot": self.ranks_plot, "frontier_plot": self.frontier_plot}
+        return {**found, **{k: v for k, v in plots.items() if v is not None}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> "Artifacts":
+        variants = {k.removeprefix(_VARIANT_PREFIX): v for k, v in data.items() if k.startswith(_VARIANT_PREFIX)}
+        return cls(data["checkpoint"], data["onnx_dense"], data["onnx_compressed"], variants,
+                   data.get("ranks_plot"), data.get("frontier_plot"))
+
+
+@dataclass
+class WholeRun:
+    seconds: float
+    peak_rss_mb: float  # the largest stage peak
+
+
+@dataclass
+class RunReport:
+    """Everything one compressed model's run measured. `compression` and `validation` are the stages' own
+    results; their inner entries (allocation, providers, variants) keep the stages' dict shapes."""
+
+    recipe_file: Optional[str]
+    recipe: dict[str, Any]  # Recipe.to_dict(): the recipe as run, overrides applied
+    model: ModelInfo
+    compression: CompressionResult
+    finetune: FinetuneInfo
+    sizes: Sizes
+    graph: dict[str, dict]  # "dense" and "compressed": export.inspect_graph of each
+    validation: Validation
+    seconds: dict[str, float]  # per stage, in run order
+    peak_rss_mb: dict[str, float]  # per stage: the host memory high-water mark while it ran
+    artifacts: Artifacts
+    versions: dict[str, str] = field(default_factory=dict)
+    output_notes: Optional[list[str]] = None  # a whole run's only (a sweep point has none)
+    whole_run: Optional[WholeRun] = None  # a whole run's only
+    tool: str = TOOL
+
+    @property
+    def passed(self) -> bool:
+        return self.validation.passed
+
+    @property
+    def flop_ratio(self) -> float:
+        """Multiply-adds of the targeted Linear layers after / before (they scale with parameter counts)."""
+        before = sum(p.params_before for p in self.compression.layers)
+        return sum(p.params_after for p in self.compression.layers) / before if before else 1.0
+
+    @property
+    def metric(self) -> str:
+        return self.validation.metric
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json's content: plain JSON types, the keys in the order the file shows them."""
+        data: dict[str, Any] = {
+            "tool": self.tool, "versions": self.versions, "recipe_file": self.recipe_file, "recipe": self.recipe,
+            "model": asdict(self.model), "compression": self.compression.to_dict(), "finetune": asdict(self.finetune),
+            "sizes": asdict(self.sizes), "flop_ratio": self.flop_ratio, "graph": self.graph,
+            "validation": {**self.validation.to_dict(), "verdicts": verdicts(self)},
+            "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb, "artifacts": self.artifacts.to_dict(),
+            "passed": self.passed}
+        if self.output_notes is not None:
+            data["output_notes"] = self.output_notes
+        if self.whole_run is not None:
+            data["whole_run"] = asdict(self.whole_run)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunReport":
+        """A report read back from its JSON (the derived entries, summary, flop_ratio, passed and verdicts,
+        are computed again; the compression's stage seconds live in `seconds`)."""
+        comp, val = data["compression"], data["validation"]
+        compression = CompressionResult(comp["summary"]["method"], [LayerPlan(**p) for p in comp["layers"]],
+                                        statistics=comp["statistics"], allocation=comp["allocation"],
+                                        factorization=comp["factorization"])
+        validation = Validation(val["metric"], val["original_torch"], val["compressed_torch"], val["providers"],
+                                [Check(**c) for c in val["checks"]], val["variants"])
+        whole = data.get("whole_run")
+        return cls(data["recipe_file"], data["recipe"], ModelInfo(**data["model"]), compression,
+                   FinetuneInfo(**data["finetune"]), Sizes(**data["sizes"]), data["graph"], validation,
+                   data["seconds"], data["peak_rss_mb"], Artifacts.from_dict(data["artifacts"]), data["versions"],
+                   data.get("output_notes"), WholeRun(**whole) if whole is not None else None, data["tool"])
+
+
+# --- what every reader of a report derives from it ------------------------------------------------------
+
+def _row(artifact: str, provider: str, metric: Optional[float], size: int, latency: Optional[dict],
+         ms: Optional[float], speedup: Optional[float]) -> dict:
+    return {"artifact": artifact, "provider": provider, "metric": metric, "bytes": size,
+            "shape": latency["shape"] if latency else None, "median_ms": ms, "speedup": speedup}
+
+
+def artifact_rows(report: RunReport) -> list[dict]:
+    """Every artifact of the run on each provider it was measured on or meant for: the dense and the
+    compressed fp32 graph and every precision variant, with task metric, ONNX bytes, and at the first
+    latency shape the median latency and the speed-up over dense fp32 (None where not measured).
+    Dense fp32's metric is the PyTorch model's: its graph is timed, not evaluated."""
+    val, sizes = report.validation, report.sizes
+    rows = []
+    for name, entry in val.providers.items():
+        if entry["status"] == "unavailable":
+            continue
+        first = entry["latency"][0] if entry["latency"] else None
+        rows.append(_row("dense-fp32", name, val.original_torch, sizes.onnx_dense_bytes, first,
+                         first["dense"]["median_ms"] if first else None, 1.0 if first else None))
+        rows.append(_row("compressed-fp32", name, entry["metric"], sizes.onnx_compressed_bytes, first,
+                         first["compressed"]["median_ms"] if first else None, first["speedup"] if first else None))
+    for variant, measured in val.variants.items():
+        for name, entry in measured.items():
+            if not isinstance(entry, dict):
+                continue
+            first = entry["latency"][0] if entry.get("latency") else None
+            rows.append(_row(variant, name, entry.get("metric"), measured["bytes"], first,
+                             first["median_ms"] if first else None, first["speedup_vs_dense_fp32"] if first else None))
+    return rows
+
+
+def first_measured(rows: list[dict]) -> list[dict]:
+    """Per artifact, its row on the first provider (in the recipe's order) that measured it."""
+    first: dict[str, dict] = {}
+    for r in rows:
+        if r["metric"] is not None:
+            first.setdefault(r["artifact"], r)
+    return list(first.values())
+
+
+def dense_int8_beats(rows: list[dict], task: Task) -> list[dict]:
+    """The compressed artifacts of one run that its dense int8 artifact beats on the same provider: a task
+    metric at least as good together with a file no larger or a median latency no higher (`on` names
+    which). Dense int8 is the artifact a user would ship instead of ours, so the report says so plainly."""
+    beaten = []
+    for dense in (r for r in rows if r["artifact"] == "dense-int8" and r["metric"] is not None):
+        for ours in rows:
+            if (not ours["artifact"].startswith("compressed-") or ours["provider"] != dense["provider"]
+                    or ours["metric"] is None or metric_loss(task, ours["metric"], dense["metric"]) > 0):
+                continue
+            on = [name for name, key in (("size", "bytes"), ("latency", "median_ms"))
+                  if dense[key] is not None and ours[key] is not None and dense[key] <= ours[key]]
+            if on:
+                beaten.append({"artifact": ours["artifact"], "provider": ours["provider"], "on": on})
+    return beaten
+
+
+def verdicts(report: RunReport) -> list[str]:
+    """The run's plain statements: where dense int8 is the better pick, and why."""
+    rows = {(r["artifact"], r["provider"]): r for r in artifact_rows(report)}
+    metric = report.validation.metric
+    lines = []
+    for beaten in dense_int8_beats(list(rows.values()), get_task(report.model.task)):
+        dense, ours = rows[("dense-int8", beaten["provider"])], rows[(beaten["artifact"], beaten["provider"])]
+        on = beaten["on"]  # beaten on one axis only, ours may still win on the other
+        unless = "" if len(on) == 2 else f" unless {'size' if on == ['latency'] else 'latency'} decides"
+        lines.append(f"dense-int8 beats {beaten['artifact']} on {beaten['provider']} ({' and '.join(on)}): "
+                     f"{metric} {dense['metric']:.4f} vs {ours['metric']:.4f}, {dense['bytes'] / 1e6:.1f} MB vs "
+                     f"{ours['bytes'] / 1e6:.1f} MB" + (f", {dense['median_ms']:.2f} ms vs {ours['median_ms']:.2f} ms"
+                                                      if dense["median_ms"] and ours["median_ms"] else "")
+                     + f"; ship dense-int8{unless}")
+    return lines
