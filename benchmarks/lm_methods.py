@@ -51,7 +51,8 @@ from fwsvd_export.core.compress import compress_, gather_statistics, plan_layers
 from fwsvd_export.stages.finetune import finetune_
 from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.core.methods import METHODS
-from fwsvd_export.recipe import CompressionSpec, FinetuneSpec
+from fwsvd_export.config import FinetuneSpec
+from fwsvd_export.core.spec import CompressionSpec
 from fwsvd_export.stages.tasks import TASKS, Batch
 from measure import (MEMORY_ENV, WORDNET_DIR, IdTokenizer, extra_peak, first_rows, lm_blocks, plain_pass, read_wordnet,
                      rotated_timings, run_info, run_memory_worker)

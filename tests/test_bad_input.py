@@ -5,7 +5,7 @@ import pytest
 
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
 
 from conftest import write_recipe
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.models import load_for_statistics, model_location
 from fwsvd_export.pipeline import compress_only
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
 
 from conftest import write_recipe
 

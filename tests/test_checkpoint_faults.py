@@ -17,7 +17,7 @@ from fwsvd_export.errors import FwsvdError
 from fwsvd_export.errors import MESSAGE_LIMIT
 from fwsvd_export.stages.models import is_local_path, load_pretrained
 from fwsvd_export.pipeline import compress_only
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
 
 from conftest import quick_validation, write_recipe
 

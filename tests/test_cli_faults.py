@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from fwsvd_export.cli import main
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
 from fwsvd_export.sweep import sweep
 
 from conftest import sentences, write_recipe

@@ -8,7 +8,8 @@ import pytest
 from fwsvd_export.stages.data import load_records
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.pipeline import run
-from fwsvd_export.recipe import DataSource, load_recipe, parse_recipe
+from fwsvd_export.config import DataSource
+from fwsvd_export.loader import load_recipe, parse_recipe
 from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences, write_recipe

@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 from fwsvd_export.cli import guarded
 from fwsvd_export.core import CompressionSpec, compress_, distributed, gather_statistics, plan_layers
-from fwsvd_export.recipe import DataSource
+from fwsvd_export.config import DataSource
 from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences, write_recipe

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from fwsvd_export.core.factorize import break_even_rank, factorize, low_rank_from_linear, pays_off, rank_for_ratio
+from fwsvd_export.core.lowrank import break_even_rank, factorize, low_rank_from_linear, pays_off, rank_for_ratio
 from fwsvd_export.core.statistics import LayerStats
 from fwsvd_export.core.methods import METHODS, input_root
 
@@ -139,7 +139,7 @@ def test_singular_grams_take_the_fallback_and_say_so(weight):
 
 
 def test_balancing_keeps_the_product_and_equalises_factor_scales():
-    from fwsvd_export.core.factorize import balance_
+    from fwsvd_export.core.lowrank import balance_
 
     torch.manual_seed(0)
     linear = nn.Linear(30, 20).double()

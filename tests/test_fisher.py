@@ -6,8 +6,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.core.statistics import collect_statistics
-from fwsvd_export.recipe import DataSource
-from fwsvd_export.stages.tasks import TASKS, Batch
+from fwsvd_export.config import DataSource
+from fwsvd_export.core.batch import Batch
+from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences
 

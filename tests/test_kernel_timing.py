@@ -68,8 +68,9 @@ def test_int8_timings_are_their_own_table(tmp_path):
 
 
 @pytest.mark.parametrize("provider, precision, problem", [
-    ("tpu", "fp32", "latency_provider must be one of"), ("cpu", "int9", "latency_precision must be one of"),
-    ("cuda", "int8", "latency_precision int8 is made for cpu"), ("cpu", "fp16", "latency_precision fp16 is made for cuda")])
+    ("tpu", "fp32", "latency_provider must be one of"), ("cpu", "int9", "'compression.latency_precision' must be one of"),
+    ("cuda", "int8", "'compression.latency_provider' 'cuda' does not run int8, which is made for cpu"),
+    ("cpu", "fp16", "'compression.latency_provider' 'cpu' does not run fp16, which is made for cuda")])
 def test_a_provider_or_precision_that_cannot_be_timed_is_named(tmp_path, provider, precision, problem):
     with pytest.raises(FwsvdError, match=re.escape(problem)):
         measure(SHAPES, provider, precision, "1x8", 1, tmp_path, **QUICK)

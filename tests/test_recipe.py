@@ -2,7 +2,7 @@
 import pytest
 
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.recipe import load_recipe
+from fwsvd_export.loader import load_recipe
 
 from conftest import write_recipe
 
@@ -75,7 +75,8 @@ def test_clearing_the_cut_on_the_command_line_is_an_error_not_a_silent_default(t
 
 
 @pytest.mark.parametrize("assignment, fragment", [
-    ("data.evaluation.stride=0", "stride' must be between 1 and data.max_length"),
+    ("data.evaluation.stride=0", "'data.evaluation.stride' must be >= 1 (tokens), got 0"),
+    ("data.evaluation.stride=999", "'data.evaluation.stride' must be between 1 and max_length (128), got 999"),
     ("validation.latency.runs=0", "must be >= 1"),
     ("compression.target=[unclosed", "not valid YAML"),
     ("validation.prompts=['']", "empty prompt"),

@@ -17,7 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.recipe import Recipe, apply_override, load_recipe, parse_recipe
+from fwsvd_export.config import Recipe
+from fwsvd_export.loader import apply_override, load_recipe, parse_recipe
 
 from test_recipe import MINIMAL
 

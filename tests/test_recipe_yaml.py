@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.recipe import DuplicateKeyError, RecipeLoader, apply_override, load_recipe
+from fwsvd_export.loader import DuplicateKeyError, RecipeLoader, apply_override, load_recipe
 
 from conftest import write_recipe
 from test_recipe import MINIMAL

@@ -17,7 +17,8 @@ import fwsvd_export
 from fwsvd_export.cli import main
 from fwsvd_export.core import CompressionSpec, collect_statistics, compress_, factorized_layers, gather_statistics, linear_layers
 from fwsvd_export.pipeline import Clock, compress_stage, dense_stage, prepare
-from fwsvd_export.recipe import DataSource, load_recipe, parse_recipe
+from fwsvd_export.config import DataSource
+from fwsvd_export.loader import load_recipe, parse_recipe
 from fwsvd_export.stages.data import load_records
 from fwsvd_export.stages.export import export_onnx, inspect_graph
 from fwsvd_export.stages.tasks import TASKS

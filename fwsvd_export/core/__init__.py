@@ -12,14 +12,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Eager: the low-rank module is what every user of the core needs, and the function `factorize` must
-# shadow the submodule of the same name that importing it binds here.
-from .factorize import LowRankLinear, factorize
-
 # Each public name and its module: names resolve on first use, so that a module that needs one piece
-# of the core (a checkpoint loader needs the low-rank module) does not load the rest.
+# of the core (a checkpoint loader needs the low-rank module; a recipe, the spec) does not load the rest,
+# and importing the package loads no torch.
 _HOMES = {
     **dict.fromkeys(["Batch"], ".batch"),
+    **dict.fromkeys(["LowRankLinear", "factorize"], ".lowrank"),
     **dict.fromkeys(["CompressionResult", "LayerPlan", "check_speedup_target", "compress_", "gather_for",
                      "gather_statistics", "plan_layers"],
                     ".compress"),
@@ -29,7 +27,7 @@ _HOMES = {
     **dict.fromkeys(["CompressionSpec", "LayerOverride"], ".spec"),
     **dict.fromkeys(["STATISTICS", "LayerStats", "collect_statistics"], ".statistics"),
 }
-__all__ = sorted([*_HOMES, "LowRankLinear", "factorize"])
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str) -> Any:

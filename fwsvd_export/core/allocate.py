@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import FwsvdError
-from .factorize import break_even_rank
+from .lowrank import break_even_rank
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .batch import Batch
-from .factorize import Factors, LowRankLinear, Side, factorize, linear_weight, pays_off, rank_for_ratio
+from .lowrank import Factors, LowRankLinear, Side, factorize, linear_weight, pays_off, rank_for_ratio
 from .modules import set_module
 
 BLENDS = (0.25, 0.5, 0.75)  # weight of the global ranks in the blended candidates

@@ -19,7 +19,7 @@ from . import distributed, heap, stats_cache
 from .allocate import Candidate, TimeBudget, allocate, allocate_ranks, table_costs
 from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch, LossFn
-from .factorize import (LowRankLinear, balance_, break_even_rank, linear_weight, low_rank_from_linear, nonfinite,
+from .lowrank import (LowRankLinear, balance_, break_even_rank, linear_weight, low_rank_from_linear, nonfinite,
                         pays_off, rank_for_ratio, weighted_spectrum)
 from .families import family_of
 from .methods import Method, Weighting, get_method

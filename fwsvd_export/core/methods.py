@@ -1,5 +1,5 @@
 """The method registry: each method turns a layer's calibration statistics into the two side weights
-P (output side) and Q (input side) of the weighted factorization in ``factorize.py``.
+P (output side) and Q (input side) of the weighted factorization in ``lowrank.py``.
 
 | method  | minimises                         | statistics          | reference |
 |---------|-----------------------------------|---------------------|-----------|
@@ -17,13 +17,15 @@ eigenvalue-clipped square root is used instead and the layer's notes say so.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import FwsvdError
-from .factorize import Side
-from .statistics import LayerStats
+
+if TYPE_CHECKING:  # torch is imported where a method runs: CompressionSpec (and a recipe) reads only the names
+    import torch
+
+    from .lowrank import Side
+    from .statistics import LayerStats
 
 ASVD_ALPHA = 0.5
 
@@ -46,6 +48,8 @@ class Method:
 
 
 def _diagonal(values: torch.Tensor, damping: float, what: str) -> Weighting:
+    import torch
+
     values = values.double().clamp(min=0)
     mean = float(values.mean())
     if not torch.isfinite(values).all():  # compress_ refuses such statistics first; direct callers get told too
@@ -61,6 +65,8 @@ def _diagonal(values: torch.Tensor, damping: float, what: str) -> Weighting:
 
 
 def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    import torch
+
     gram = gram.double()
     gram = (gram + gram.T) / 2
     scale = float(gram.diagonal().mean())
@@ -71,6 +77,8 @@ def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
 
 def _clipped_eigh(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Eigen-decomposition with eigenvalues below damping x their mean raised to that floor."""
+    import torch
+
     values, vectors = torch.linalg.eigh(gram)
     floor = max(damping * float(values.clamp(min=0).mean()), 1e-12)
     return values.clamp(min=floor), vectors, bool((values < floor).any())
@@ -84,6 +92,8 @@ def _diagonal_root(diag: torch.Tensor, damping: float, side: str, notes: list[st
 
 def input_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
     """Q with Q Q^T = C (damped): the Cholesky factor, or an eigen fallback when C is not PD."""
+    import torch
+
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "input", notes)
     damped = _damped(gram, damping)

@@ -5,7 +5,7 @@ from collections import Counter
 
 from torch import nn
 
-from .factorize import LINEAR_TYPES, LowRankLinear
+from .lowrank import LINEAR_TYPES, LowRankLinear
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:

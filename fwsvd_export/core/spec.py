@@ -1,24 +1,138 @@
 """What to compress and how far: the one description of a compression plan, for Python and YAML alike.
 
 A spec checks itself when it is made, so ``CompressionSpec(damping=0)`` fails here, with the field
-named, and the recipe (its YAML face) needs no rules of its own.
+named, and the recipe (its YAML face) needs no rules of its own. ``check_fields`` holds each field to its
+annotation (the recipe's sections in config.py use it too), so a spec built in Python and one read from
+YAML obey the same rules.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from dataclasses import dataclass, field, fields
-from typing import Literal, Optional
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
 
-from ..errors import SpecError
+from ..errors import SpecError, short_repr
 from .methods import METHODS
 
+INT_RANGE = (-(2**63), 2**63 - 1)  # a spec's integer is a count, a size or a seed: anything larger is a typo
+SHAPE = re.compile(r"[1-9]\d*x[1-9]\d*")  # BATCHxSEQUENCE, both at least 1
 
-def _finite(spec: LayerOverride | CompressionSpec) -> None:
-    for f in fields(spec):
-        value = getattr(spec, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SpecError(f.name, f"must be a finite number, got {value}")
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    return next(a for a in typing.get_args(tp) if a is not type(None))
+
+
+def type_name(tp: Any) -> str:
+    """An annotation as the recipe's YAML writes it: 'int or null', "'cpu' | 'cuda'", 'list of str'."""
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a).lower() if isinstance(a, bool) else repr(a) for a in typing.get_args(tp))
+    if _is_optional(tp):
+        return f"{type_name(_strip_optional(tp))} or null"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({getattr(tp, '__name__', tp)})"
+    return str(getattr(tp, "__name__", tp))
+
+
+def _checked(value: Any, tp: Any, key: str) -> Any:
+    """`value` held to the annotation `tp` (an int where a float goes becomes that float; mapping keys
+    become text, as YAML's 1 and "1" name one key), else SpecError naming `key`."""
+
+    def fail() -> SpecError:
+        return SpecError(key, f"must be {'a finite number' if tp is float else type_name(tp)}, got {short_repr(value)}")
+
+    if _is_optional(tp):
+        return None if value is None else _checked(value, _strip_optional(tp), key)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):  # 1 is not true
+            raise fail()
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):  # type: ignore[arg-type]  # tp is a class here
+            raise fail()
+        return value  # it checked itself when it was made
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail()
+        (item,) = typing.get_args(tp)
+        return [_checked(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        _, item = typing.get_args(tp)
+        out: dict[str, Any] = {}
+        written: dict[str, Any] = {}
+        for k, v in value.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int, float)) or (
+                    isinstance(k, int) and not INT_RANGE[0] <= k <= INT_RANGE[1]):
+                raise SpecError(key, f"keys must be strings, got the key {short_repr(k)}")
+            text = str(k)
+            if text in out:  # 1 and "1" are one key once read as text: refuse rather than keep the last
+                raise SpecError(key, f"has the key '{text}' twice (written as {short_repr(written[text])} and as "
+                                     f"{short_repr(k)})")
+            written[text] = k
+            out[text] = _checked(v, item, f"{key}.{text}")
+        return out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise SpecError(key, f"is out of range (a 64-bit integer), got {short_repr(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            raise fail() from None
+        if not math.isfinite(number):
+            raise fail()
+        return number
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    raise TypeError(f"unsupported spec annotation {tp!r}")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}  # resolved annotations of each spec class
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def check_fields(spec: Any) -> None:
+    """Hold every field of the dataclass `spec` to its annotation, in place (see `_checked`)."""
+    hints = _hints(type(spec))
+    for f in dataclasses.fields(spec):
+        setattr(spec, f.name, _checked(getattr(spec, f.name), hints[f.name], f.name))
+
+
+def check_shape(shape: str, key: str) -> None:
+    """The one BATCHxSEQUENCE rule (a latency shape such as '1x128'), for the spec and the recipe alike."""
+    if not SHAPE.fullmatch(shape):
+        raise SpecError(key, f"must look like BATCHxSEQUENCE (e.g. '1x128'), got {short_repr(shape)}")
 
 
 def _regex(pattern: str, key: str) -> None:
@@ -26,6 +140,10 @@ def _regex(pattern: str, key: str) -> None:
         re.compile(pattern)
     except re.error as exc:
         raise SpecError(key, f"is not a valid regular expression: {exc}") from None
+    except (OverflowError, ValueError) as exc:  # a repeat count over re's limit
+        raise SpecError(key, f"is not a valid regular expression: {exc}") from None
+    except RecursionError:  # a few thousand nested groups
+        raise SpecError(key, "is not a valid regular expression: nested too deeply") from None
 
 
 def _cut(ratio: Optional[float], rank: Optional[int], key: str) -> None:
@@ -47,7 +165,7 @@ class LayerOverride:
     rank: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _finite(self)
+        check_fields(self)
         _cut(self.ratio, self.rank, "")
 
 
@@ -93,11 +211,9 @@ class CompressionSpec:
         return self.rank_multiple or 1
 
     def __post_init__(self) -> None:
-        _finite(self)
+        check_fields(self)
         if self.method not in METHODS:
             raise SpecError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.budget_scope not in ("targeted", "model"):
-            raise SpecError("budget_scope", f"must be 'targeted' or 'model', got {self.budget_scope!r}")
         if self.target_speedup is not None:
             if self.budget is not None or self.rank is not None or self.ratio is not None:
                 raise SpecError("target_speedup", "cannot be set together with ratio, rank or budget; keep one")
@@ -114,10 +230,7 @@ class CompressionSpec:
             _cut(self.ratio, self.rank, "")
         if self.rank_multiple is not None and self.rank_multiple < 1:
             raise SpecError("rank_multiple", f"must be at least 1, got {self.rank_multiple}")
-        if self.latency_provider not in ("cpu", "cuda"):
-            raise SpecError("latency_provider", f"must be 'cpu' or 'cuda', got {self.latency_provider!r}")
-        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", self.latency_shape):
-            raise SpecError("latency_shape", f"must look like BATCHxSEQUENCE (e.g. '1x128'), got {self.latency_shape!r}")
+        check_shape(self.latency_shape, "latency_shape")
         if not self.latency_precision:
             raise SpecError("latency_precision", "must name a precision (fp32, int8, ...)")
         if self.max_gram_size < 1:
@@ -132,7 +245,5 @@ class CompressionSpec:
             _regex(pattern, f"target[{i}]")
         for i, pattern in enumerate(self.exclude):
             _regex(pattern, f"exclude[{i}]")
-        for pattern, override in self.overrides.items():
+        for pattern in self.overrides:
             _regex(pattern, f"overrides.{pattern}")
-            if not isinstance(override, LayerOverride):
-                raise SpecError(f"overrides.{pattern}", f"must be a LayerOverride, got {override!r}")

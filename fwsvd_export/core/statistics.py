@@ -38,7 +38,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ..errors import FwsvdError
 from . import heap
 from .batch import Batch
-from .factorize import linear_weight
+from .lowrank import linear_weight
 
 @dataclass
 class LayerStats:

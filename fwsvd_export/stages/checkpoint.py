@@ -18,8 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
-from ..core.factorize import nonfinite
-from ..core.factorize import LINEAR_TYPES, LowRankLinear, linear_weight
+from ..core.lowrank import nonfinite
+from ..core.lowrank import LINEAR_TYPES, LowRankLinear, linear_weight
 from ..core.modules import set_module
 from ..errors import FwsvdError, short_message
 from .tasks import TASKS, get_task

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import FwsvdError
-from ..recipe import DataSource, Recipe
+from ..config import DataSource, Recipe
 
 
 class Record(dict[str, Any]):

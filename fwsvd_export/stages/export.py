@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from torch import nn
 
-from ..core.factorize import nonfinite
+from ..core.lowrank import nonfinite
 from ..core.modules import factorized_layers
 from ..errors import FwsvdError
 from .library_log import library_output_to_log

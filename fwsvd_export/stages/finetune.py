@@ -12,9 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.batch import Batch
-from ..core.factorize import LowRankLinear, balance_
+from ..core.lowrank import LowRankLinear, balance_
 from ..errors import FwsvdError
-from ..recipe import FinetuneSpec
+from ..config import FinetuneSpec
 from .tasks import Task, run_torch
 
 _NORMS = (nn.LayerNorm,)

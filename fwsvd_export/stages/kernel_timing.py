@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 from ..core.allocate import CostTable, TimeBudget
 from ..core.compress import plan_layers
 from ..core.spec import CompressionSpec
-from ..core.factorize import break_even_rank
-from ..errors import FwsvdError
-from .precision import PRECISIONS, make_variant
+from ..core.lowrank import break_even_rank
+from ..errors import FwsvdError, SpecError
+from .precision import check_runs_on, make_variant
 from .export import module_path, find_module
 from .latency import interleaved
 from .validate import PROVIDERS, open_session, session_options
@@ -141,11 +141,10 @@ def _check(provider: str, precision: str) -> None:
     """The provider and precision exist and suit each other."""
     if provider not in PROVIDERS:
         raise FwsvdError(f"compression.latency_provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
-    if precision not in PRECISIONS:
-        raise FwsvdError(f"compression.latency_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if provider not in PRECISIONS[precision].providers:
-        raise FwsvdError(f"compression.latency_precision {precision} is made for "
-                         f"{' and '.join(PRECISIONS[precision].providers)}, not compression.latency_provider {provider}")
+    try:
+        check_runs_on(precision, provider)
+    except SpecError as exc:
+        raise SpecError(f"compression.{exc.key}", exc.problem) from None
 
 
 def _probe(provider: str, threads: int) -> None:

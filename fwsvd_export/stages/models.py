@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import FwsvdError, short_message
-from ..recipe import ModelSpec, Recipe
+from ..config import ModelSpec, Recipe
 from .checkpoint import DTYPES
 from .tasks import Task, get_task
 

@@ -8,21 +8,24 @@ outputs keep their types).
 
 Each variant is a folder beside its source (``onnx/compressed`` -> ``onnx/compressed-int8``) with the
 same config and tokenizer files, so optimum's ``ORTModelFor*`` loads it like the fp32 one.
+
+The recipe checks its precision names against this registry, so the module is light to import: onnx, ONNX
+Runtime and the exporter are imported where a variant is made, and it imports nothing that reads a recipe
+(tests/test_layers.py holds it to that).
 """
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import numpy as np
-import onnx
-import onnxruntime as ort
+from ..errors import SpecError
 
-from ..core.batch import Batch
-from .library_log import library_output_to_log
-from .ort_io import feeds
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from ..core.batch import Batch
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,19 @@ PRECISIONS: dict[str, Precision] = {
         Precision("int4", ("cpu",), 0.5),
     )
 }
+
+
+def check_runs_on(precision: str, provider: str) -> None:
+    """The one rule of where a precision runs: `precision` is in the registry and made for `provider`. A
+    refusal names the field at fault as CompressionSpec calls it (the caller adds the section)."""
+    if precision not in PRECISIONS:
+        raise SpecError("latency_precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    made_for = PRECISIONS[precision].providers
+    if provider not in made_for:
+        raise SpecError("latency_provider", f"{provider!r} does not run {precision}, which is made for "
+                        f"{' and '.join(made_for)}")
+
+
 QUANTIZED = ("int8", "int4")  # made by a quantizer, which reads weights only as initializers
 INT4_BLOCK = 32  # weights per scale: ONNX Runtime's smallest common block, the most accurate
 # Ops kept in fp32 in the fp16 graph, beside the converter's own list: normalisations and softmax.
@@ -55,6 +71,8 @@ class _Batches:
     """ONNX Runtime's CalibrationDataReader protocol over the recipe's calibration batches."""
 
     def __init__(self, session: ort.InferenceSession, batches: list[Batch]) -> None:
+        from .ort_io import feeds
+
         self._feeds: Iterator[dict] = (feeds(session, b.inputs) for b in batches)
 
     def get_next(self) -> dict | None:
@@ -69,6 +87,7 @@ def _copy_side_files(source: Path, target: Path) -> None:
 
 
 def _int8(source: Path, target: Path, mode: str, calibration: list[Batch], external: bool) -> None:
+    import onnxruntime as ort
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if mode == "dynamic":
@@ -84,6 +103,7 @@ def _int8(source: Path, target: Path, mode: str, calibration: list[Batch], exter
 
 
 def _fp16(source: Path, target: Path, external: bool) -> None:
+    import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -98,6 +118,8 @@ def _int4(source: Path, target: Path, external: bool) -> None:
     MatMulNBits with symmetric 4-bit blocks; accuracy level 4 lets the CPU kernel compute in int8. Every
     Gather of a constant table (the token embedding, the largest matrix of a small decoder, kept in fp32
     otherwise) becomes a GatherBlockQuantized with 4-bit blocks along the hidden axis."""
+    import numpy as np
+    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4,
@@ -115,7 +137,8 @@ def make_variant(fp32_graph: Path, precision: str, int8_mode: str = "dynamic",
     the file name each tool writes: embedded, a graph over 2 GB could not be saved at all. The quantizers
     read an untied copy of a graph with a tied embedding (`untied_copy`), so its output projection is
     quantized like every other Linear; the copy is removed afterwards."""
-    from .export import untied_copy  # here: the recipe reads this module's registry and needs no exporter
+    from .export import untied_copy  # here, as the libraries: the recipe reads this module's registry
+    from .library_log import library_output_to_log
 
     folder = fp32_graph.parent.with_name(f"{fp32_graph.parent.name}-{precision}")
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,22 +2,35 @@
 tensor compared across runtimes, and the task metric.
 
 The three tasks share one shape so that every later stage (statistics, export, validation) is task-blind.
+
+The recipe checks its task names against this registry, so the module is light to import: torch and
+transformers are imported where a task runs, the model class is named and looked up on use, and it imports
+nothing that reads a recipe (tests/test_layers.py holds it to that).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
-import torch
-import torch.nn.functional as F
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase
-
-from ..core.batch import Batch
 from ..errors import FwsvdError
 
-if TYPE_CHECKING:  # the recipe's task names come from this registry, so this module must not import the recipe
-    from ..recipe import DataSource
-    from .data import Record
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from ..core.batch import Batch
+
+Record = Mapping[str, Any]  # a row of column -> value (stages.data's Record also knows its `where`)
+
+
+class Source(Protocol):
+    """What a task reads of a data source (config.DataSource has it)."""
+
+    text_column: str
+    text_pair_column: Optional[str]
+    label_column: Optional[str]
+    stride: Optional[int]
 
 # In-batch contrastive loss scale, as used to train sentence-embedding models (cosine * 20).
 CONTRASTIVE_SCALE = 20.0
@@ -30,12 +43,12 @@ def _whole(output: torch.Tensor, batch: Batch) -> torch.Tensor:
 @dataclass
 class Task:
     name: str
-    auto_class: type
+    model_class: str  # the transformers auto class, by name (looked up on use: `auto_class`)
     output_name: str  # the ONNX/PyTorch output compared across runtimes
     metric_name: str
     higher_is_better: bool
-    columns: Callable[[DataSource, bool], list[str]]  # required columns (source, is_calibration)
-    make_batches: Callable[[list[Record], DataSource, PreTrainedTokenizerBase, int, int, bool, object], list[Batch]]
+    columns: Callable[[Source, bool], list[str]]  # required columns (source, is_calibration)
+    make_batches: Callable[[list[Record], Source, PreTrainedTokenizerBase, int, int, bool, object], list[Batch]]
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over samples, so grads are per-sample sums
     # The task metric of a model, from each evaluation batch's `summary` (and the dense model's, when
     # `needs_reference`).
@@ -56,6 +69,11 @@ class Task:
     # MLM's pooler under mean pooling), with the report's note on them.
     unread: tuple[str, ...] = ()
 
+    @property
+    def auto_class(self) -> Any:
+        """The transformers auto class that loads a model for this task."""
+        return getattr(importlib.import_module("transformers"), self.model_class)
+
     def onnx_task(self, with_past: bool) -> str:
         """The exporter's task name for this task's graph."""
         return self.onnx_task_with_past if with_past and self.onnx_task_with_past else self.name
@@ -72,7 +90,7 @@ def _chunks(items: list, size: int) -> list[list]:
 
 # --- text classification -------------------------------------------------------------------------
 
-def _cls_columns(source: DataSource, calibration: bool) -> list[str]:
+def _cls_columns(source: Source, calibration: bool) -> list[str]:
     if source.label_column is None:
         raise FwsvdError("text-classification needs 'label_column' in data.calibration and data.evaluation")
     return [c for c in (source.text_column, source.text_pair_column, source.label_column) if c]
@@ -98,6 +116,10 @@ def _label_id(record: Record, column: str, config) -> int:
 
 
 def _cls_batches(records, source, tokenizer, max_length, batch_size, calibration, config) -> list[Batch]:
+    import torch
+
+    from ..core.batch import Batch
+
     batches = []
     for chunk in _chunks(records, batch_size):
         texts = [str(r[source.text_column]) for r in chunk]
@@ -109,6 +131,8 @@ def _cls_batches(records, source, tokenizer, max_length, batch_size, calibration
 
 
 def _cls_loss(model, batch: Batch) -> torch.Tensor:
+    import torch.nn.functional as F
+
     logits = model(**batch.inputs).logits
     return F.cross_entropy(logits.float(), batch.labels, reduction="sum")
 
@@ -116,6 +140,8 @@ def _cls_loss(model, batch: Batch) -> torch.Tensor:
 def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of temperature-softened distributions over the last axis, times T^2
     (so its gradients keep their scale across temperatures), per position."""
+    import torch.nn.functional as F
+
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
     s = F.log_softmax(student.float() / temperature, dim=-1)
     return (t.exp() * (t - s)).sum(-1) * temperature**2
@@ -132,7 +158,7 @@ def _accuracy(outputs, batches, reference=None) -> float:
 
 # --- feature extraction (sentence embeddings) ----------------------------------------------------
 
-def _emb_columns(source: DataSource, calibration: bool) -> list[str]:
+def _emb_columns(source: Source, calibration: bool) -> list[str]:
     if calibration and source.text_pair_column is None:
         raise FwsvdError("feature-extraction calibrates on text pairs: set 'data.calibration.text_pair_column'")
     return [c for c in (source.text_column, source.text_pair_column) if c]
@@ -141,6 +167,8 @@ def _emb_columns(source: DataSource, calibration: bool) -> list[str]:
 def _emb_batches(records, source, tokenizer, max_length, batch_size, calibration, config) -> list[Batch]:
     """Calibration batches must hold at least 2 pairs: with one, the in-batch contrastive loss has no
     negative, its gradient is exactly zero, and the Fisher weighting silently falls back to plain SVD."""
+    from ..core.batch import Batch
+
     chunks = _chunks(records, batch_size)
     if calibration:
         if len(records) < 2:
@@ -171,6 +199,9 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _emb_loss(model, batch: Batch) -> torch.Tensor:
     """In-batch contrastive loss: each text must pick its own pair among all pairs in the batch."""
+    import torch
+    import torch.nn.functional as F
+
     if batch.groups != 2:
         raise FwsvdError("feature-extraction calibration batches must hold text pairs")
     hidden = model(**batch.inputs).last_hidden_state
@@ -182,6 +213,8 @@ def _emb_loss(model, batch: Batch) -> torch.Tensor:
 
 def _emb_distill(student, teacher, batch: Batch, temperature: float) -> torch.Tensor:
     """1 - cosine of the mean-pooled embeddings, summed over texts."""
+    import torch.nn.functional as F
+
     mask = batch.inputs["attention_mask"]
     return (1 - F.cosine_similarity(mean_pool(student.float(), mask), mean_pool(teacher.float(), mask), dim=-1)).sum()
 
@@ -191,13 +224,15 @@ def _pooled(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def _cosine_to_reference(pooled, batches, reference) -> float:
+    import torch.nn.functional as F
+
     sims = [F.cosine_similarity(out, ref, dim=-1) for out, ref in zip(pooled, reference)]
     return float(sum(s.sum() for s in sims)) / sum(len(s) for s in sims)
 
 
 # --- causal language modelling -------------------------------------------------------------------
 
-def _lm_columns(source: DataSource, calibration: bool) -> list[str]:
+def _lm_columns(source: Source, calibration: bool) -> list[str]:
     return [source.text_column]
 
 
@@ -214,6 +249,10 @@ def _lm_batches(records, source, tokenizer, max_length, batch_size, calibration,
     Evaluation: a sliding window of `max_length` moved by `stride` (default: no overlap) over the same
     stream, each token scored once with the most context the window gives, as in the Hugging Face
     perplexity guide and lm-eval; earlier tokens of a window are context only (label -100)."""
+    import torch
+
+    from ..core.batch import Batch
+
     stream = _token_stream(records, source, tokenizer)
     if len(stream) < max_length:
         raise FwsvdError(f"the text holds {len(stream)} tokens, fewer than one block of data.max_length={max_length}")
@@ -247,6 +286,8 @@ def _lm_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy; labels of -100 are context, not scored. The labels move one to
     the left, not the logits: the logits without their last position would be a copy of tokens x
     vocabulary (a batch of Qwen2.5-0.5B's 2 x 128 tokens: 155 MB, and as much again for its gradient)."""
+    import torch.nn.functional as F
+
     following = F.pad(labels[:, 1:], (0, 1), value=-100)  # the last position has no next token
     return F.cross_entropy(logits.flatten(0, 1).float(), following.flatten(), reduction="sum", ignore_index=-100)
 
@@ -267,6 +308,8 @@ def _batch_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def _perplexity(nlls, batches, reference=None) -> float:
+    import torch
+
     nll = sum(float(n) for n in nlls)
     tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     return float(torch.exp(torch.tensor(nll / tokens)))
@@ -275,13 +318,13 @@ def _perplexity(nlls, batches, reference=None) -> float:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("text-classification", AutoModelForSequenceClassification, "logits", "accuracy", True,
+        Task("text-classification", "AutoModelForSequenceClassification", "logits", "accuracy", True,
              _cls_columns, _cls_batches, _cls_loss, _accuracy, _cls_distill,
              new_head="its predictions mean nothing until that head is fine-tuned"),
-        Task("feature-extraction", AutoModel, "last_hidden_state", "cosine_to_original", True,
+        Task("feature-extraction", "AutoModel", "last_hidden_state", "cosine_to_original", True,
              _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, _emb_distill, needs_reference=True,
              summary=_pooled, unread=("pooler",)),
-        Task("text-generation", AutoModelForCausalLM, "logits", "perplexity", False,
+        Task("text-generation", "AutoModelForCausalLM", "logits", "perplexity", False,
              _lm_columns, _lm_batches, _lm_loss, _perplexity, _lm_distill, skip_empty=True,
              onnx_task_with_past="text-generation-with-past", generates=True, summary=_batch_nll),
     )

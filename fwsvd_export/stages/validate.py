@@ -26,7 +26,7 @@ from .latency import in_turn, interleaved
 from .ort_io import feeds, has_past
 from .precision import PRECISIONS
 from ..core.batch import Batch
-from ..recipe import LatencySpec, ValidationSpec
+from ..config import LatencySpec, ValidationSpec
 from .tasks import Task, metric_loss, run_torch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
