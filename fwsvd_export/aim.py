@@ -51,6 +51,7 @@ def aimed(prepared: Prepared, recipe: Recipe, dense: Dense, latency: TimeBudget,
     are gathered once for all trials. Under torch.distributed the other ranks take part in one
     compression, so there is one trial."""
     spec, target = recipe.compression, recipe.compression.target_speedup
+    assert target is not None, "compress_stage aims only at a recipe's speed-up target"
     check_speedup_target(prepared.model, spec, latency)  # before the statistics pass
     trials = AIM_TRIALS if world()[1] == 1 else 1
     gathered = None
@@ -94,6 +95,7 @@ def _search(prepared: Prepared, recipe: Recipe, dense: Dense, compress_at: Calla
     them timed again in the same rounds ("measured_together"). Returns each trial's measurements, the last
     trial's model and result (and its number), and why the search stopped."""
     target = recipe.compression.target_speedup
+    assert target is not None
     aim, measured, graphs, held, stopped = target, [], {}, None, "trials spent"
     for trial in range(trials):
         held = None  # one trial model at a time

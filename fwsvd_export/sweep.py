@@ -180,9 +180,10 @@ def _refuse_repeats(folders: list[str], kind: str) -> None:
 def point_recipe(base: Recipe, method: str, kind: str, value: float) -> Recipe:
     """`base` with the point's method and cut: `kind` ("ratio" or "budget") set to `value`, every other
     cut (ratio, rank, budget, target_speedup) cleared, as a ``--set`` of it would; the spec checks it."""
-    cuts = {"ratio": None, "rank": None, "budget": None, "target_speedup": None, kind: value}
+    ratio, budget = (value, None) if kind == "ratio" else (None, value)
     try:
-        return replace(base, compression=replace(base.compression, method=method, **cuts))
+        return replace(base, compression=replace(base.compression, method=method, ratio=ratio, rank=None, budget=budget,
+                                                 target_speedup=None))
     except SpecError as exc:
         raise FwsvdError(f"{base.source}: the sweep's point {point_folder(method, kind, value)}: "
                          f"'compression.{exc.key}' {exc.problem}") from None

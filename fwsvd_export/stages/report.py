@@ -273,7 +273,9 @@ def draw_plots(report: RunReport, folder: Path) -> dict[str, str]:
 def write_report(report: RunReport, folder: Path) -> RunReport:
     """Draw the plots, then write report.json (`RunReport.to_dict()`, serialized once) and report.md into
     `folder`, each once. Returns the report as written, naming the plots drawn; `report` is left as it was."""
-    written = replace(report, artifacts=replace(report.artifacts, **draw_plots(report, folder)))
+    drawn = draw_plots(report, folder)
+    written = replace(report, artifacts=replace(report.artifacts, ranks_plot=drawn.get("ranks_plot"),
+                                                frontier_plot=drawn.get("frontier_plot")))
     (folder / "report.json").write_text(json.dumps(written.to_dict(), indent=2, default=str))
     (folder / "report.md").write_text(markdown(written))
     return written
