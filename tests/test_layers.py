@@ -1,4 +1,9 @@
-"""The package's layers point one way: core <- recipe and stages <- aim <- pipeline and sweep <- cli.
+"""The package's layers point one way: core <- the task and precision registries <- config <- loader, and
+config <- stages <- aim <- pipeline and sweep <- cli; and no module's imports lead back to it.
+
+The registries (stages/tasks.py, stages/precision.py) sit below config: config checks task and precision
+names against them, so they import nothing that reads a recipe (and load torch, transformers and ONNX
+Runtime only where a task runs or a variant is made).
 
 Read from the source (not from what an import happens to load), so a new import that breaks the
 layering fails here, naming the file and the module it reached for.
@@ -10,14 +15,18 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fwsvd_export"
 
-# What each layer may import from the package (besides itself and errors.py).
+# What each layer may import from the package (besides itself and errors.py); a module named here is held
+# to its own entry as well as to its folder's.
 ALLOWED = {
     "core": {"core"},
-    "stages": {"core", "stages", "recipe"},
-    "recipe": {"core", "stages.tasks", "stages.precision"},
-    "aim": {"core", "stages", "recipe"},
-    "pipeline": {"core", "stages", "recipe", "aim"},
-    "sweep": {"core", "stages", "recipe", "pipeline"},
+    "stages.tasks": {"core"},
+    "stages.precision": {"core", "stages.export", "stages.library_log", "stages.ort_io"},  # these read no recipe
+    "config": {"core", "stages.tasks", "stages.precision"},
+    "loader": {"core", "config"},
+    "stages": {"core", "stages", "config"},
+    "aim": {"core", "stages", "config"},
+    "pipeline": {"core", "stages", "config", "aim"},
+    "sweep": {"core", "stages", "config", "loader", "pipeline"},
 }
 
 
@@ -37,7 +46,8 @@ def package_imports(path: Path, source: str | None = None) -> set[str]:
 
 
 def layer_files(layer: str) -> list[Path]:
-    return sorted((PACKAGE / layer).glob("*.py")) if (PACKAGE / layer).is_dir() else [PACKAGE / f"{layer}.py"]
+    folder = PACKAGE / layer.replace(".", "/")
+    return sorted(folder.glob("*.py")) if folder.is_dir() else [folder.with_suffix(".py")]
 
 
 def violations(layer: str, files: list[Path], source: str | None = None) -> list[str]:
@@ -54,13 +64,118 @@ def test_a_layer_imports_only_what_is_below_it(layer):
 
 def test_the_checker_sees_a_violation():
     """The rule above can fail: a core module reaching for the recipe or a stage is caught."""
-    source = "from ..recipe import Recipe\nfrom fwsvd_export.stages.data import load_records\nfrom .spec import CompressionSpec\n"
+    source = "from ..config import Recipe\nfrom fwsvd_export.stages.data import load_records\nfrom .spec import CompressionSpec\n"
     assert violations("core", [PACKAGE / "core" / "probe.py"], source) == [
-        "fwsvd_export/core/probe.py imports fwsvd_export.recipe",
+        "fwsvd_export/core/probe.py imports fwsvd_export.config",
         "fwsvd_export/core/probe.py imports fwsvd_export.stages.data"]
+    registry = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..config import DataSource\n"
+    assert violations("stages.tasks", [PACKAGE / "stages" / "tasks.py"], registry) == [
+        "fwsvd_export/stages/tasks.py imports fwsvd_export.config"]  # a type-only import counts too
 
 
-BLOCKED = ["recipe", "stages", "aim", "pipeline", "sweep", "cli"]
+# --- import cycles -------------------------------------------------------------------------------------------
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _at_import(tree: ast.Module) -> list[ast.stmt]:
+    """The import statements that run when the module is imported: at the top level and inside if, try,
+    with and class bodies; not in functions, nor under ``if TYPE_CHECKING:`` (never run)."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.If):
+            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                todo += node.body
+            todo += node.orelse
+        elif isinstance(node, ast.Try):
+            todo += node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
+        elif isinstance(node, (ast.With, ast.ClassDef)):
+            todo += node.body
+    return found
+
+
+def edges(name: str, deferred: bool, source: str | None = None) -> set[str]:
+    """The package modules that importing `name` imports (with `deferred`: also those imported inside
+    functions and for type checking only). A submodule brings its packages' __init__ along."""
+    path = MODULES[name]
+    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    tree = ast.parse(source if source is not None else path.read_text())
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))] if deferred else _at_import(tree)
+    targets = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[: len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            module = ".".join(p for p in base if p)
+            targets.add(module)
+            targets |= {f"{module}.{a.name}".strip(".") for a in node.names if f"{module}.{a.name}".strip(".") in MODULES}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            targets |= {n.removeprefix("fwsvd_export").removeprefix(".") for n in names
+                        if n == "fwsvd_export" or n.startswith("fwsvd_export.")}
+    with_parents = set()
+    for target in targets:
+        parts = target.split(".")
+        with_parents |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} | {""}
+    return {t for t in with_parents if t in MODULES and t != name}
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` (module -> modules it imports), or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_no_import_circle_in_the_package():
+    """Importing any module of the package never comes back to a module still being imported."""
+    assert cycle({name: edges(name, deferred=False) for name in MODULES}) == []
+
+
+def test_config_and_loader_lie_on_no_import_circle_even_through_deferred_imports():
+    """What config imports (the registries) never leads back to config or the loader, not even through an
+    import inside a function or one for type checking only."""
+    graph = {name: edges(name, deferred=True) for name in MODULES}
+    for start in ("config", "loader"):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo += graph[node]
+        assert start not in seen, start
+
+
+def test_the_cycle_check_sees_a_circle():
+    graph = {name: edges(name, deferred=False) for name in MODULES}
+    graph["stages.tasks"] = edges("stages.tasks", False, "from ..config import DataSource\n")
+    assert cycle(graph) == ["config", "stages.tasks", "config"]
+
+
+BLOCKED = ["config", "loader", "stages", "aim", "pipeline", "sweep", "cli"]
 CORE_ALONE = f"""
 import sys
 blocked = {["fwsvd_export." + m for m in BLOCKED]!r}
@@ -119,6 +234,6 @@ def test_loading_a_checkpoint_loads_neither_the_recipe_nor_the_compression_stack
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = set(done.stdout.split())
-    assert "fwsvd_export.core.factorize" in loaded
-    assert not loaded & {"fwsvd_export.recipe", "fwsvd_export.core.compress", "fwsvd_export.core.statistics",
+    assert "fwsvd_export.core.lowrank" in loaded
+    assert not loaded & {"fwsvd_export.config", "fwsvd_export.loader", "fwsvd_export.core.compress", "fwsvd_export.core.statistics",
                          "fwsvd_export.core.allocate", "fwsvd_export.stages.data"}
