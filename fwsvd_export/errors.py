@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import reprlib
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class FwsvdError(Exception):
@@ -20,6 +22,17 @@ class SpecError(FwsvdError):
         """The same error, one level up: the spec sits at `place` of a larger one."""
         return SpecError(f"{place}.{self.key}" if self.key and not self.key.startswith("[") else place + self.key,
                          self.problem)
+
+
+@contextmanager
+def section(place: str) -> Iterator[None]:
+    """Name a spec's errors from where the spec sits: a SpecError raised in the block gets `place` before
+    its key (the core, which knows only its spec, says 'target'; a recipe's reader reads
+    'compression.target'). Usable as a decorator."""
+    try:
+        yield
+    except SpecError as exc:
+        raise exc.within(place) from None
 
 
 class _ShortRepr(reprlib.Repr):

@@ -21,7 +21,7 @@ from torch import nn
 from . import aim
 from .aim import AIM_TOLERANCE, AIM_TRIALS, next_aim  # noqa: F401 - the pipeline's names before aim.py
 from .core import Batch, CompressionResult, LayerStats, compress_, get_method
-from .errors import FwsvdError
+from .errors import FwsvdError, section
 from .config import DATA_ROLES, Recipe
 from .stages.checkpoint import library_versions, save_checkpoint
 from .stages.clock import Clock, release_freed_memory  # noqa: F401 - release_freed_memory: the pipeline's name before
@@ -136,6 +136,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
+@section("compression")  # the core names its spec's fields; the recipe's reader knows them as compression.*
 def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: bool,
                    statistics: Optional[dict[str, LayerStats]] = None, last: bool = False,
                    dense: Optional[Dense] = None, scratch: Optional[Path] = None
@@ -169,6 +170,7 @@ def compress_stage(prepared: Prepared, recipe: Recipe, clock: Clock, progress: b
     return compressed, result, finetune_loss
 
 
+@section("compression")
 def lend_compute(recipe: Recipe, progress: bool = False) -> None:
     """A torchrun rank other than 0: load the model and data, then, in step with rank 0, score this rank's
     shard of the calibration batches and factorize its share of the layers for rank 0; write nothing."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .core import gather_for, get_method
-from .errors import FwsvdError, SpecError
+from .errors import FwsvdError, SpecError, section
 from .pipeline import dense_stage, point_stage, prepare, read_paths
 from .config import Recipe
 from .loader import load_recipe
@@ -210,8 +210,9 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
         prepared = prepare(plan[0][2], clock, names)
         statistics, info = None, {}
         if any(get_method(m).needs for m in names):
-            statistics, info = gather_for(prepared.model, [r.compression for _, _, r in plan], prepared.calibration,
-                                          prepared.task.loss, progress, Path(base.base_dir or "."), prepared.runner)
+            with section("compression"):
+                statistics, info = gather_for(prepared.model, [r.compression for _, _, r in plan], prepared.calibration,
+                                              prepared.task.loss, progress, Path(base.base_dir or "."), prepared.runner)
             prepared.runner = None
             clock.lap("statistics (all points)")
         dense = dense_stage(prepared, staged.path / "dense", clock, progress)

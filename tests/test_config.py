@@ -141,3 +141,23 @@ def test_a_section_made_in_python_names_its_own_key():
                DataSpec(DataSource(path="a"), DataSource(path="b"), finetune=DataSource(path="c")))
     source = DataSource(max_samples=3)
     assert source.max_samples == 3  # a bare source (as tasks read columns from) needs no path
+
+
+def test_the_core_names_its_spec_fields_and_a_run_names_the_recipe_keys(bert_dir, tmp_path, classifier_recipe):
+    """The core knows only its spec ('target'); a recipe's run says where that spec sits ('compression.target')."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForSequenceClassification
+
+    from fwsvd_export.cli import main
+    from fwsvd_export.core import CompressionSpec, compress_
+
+    from conftest import write_recipe
+
+    model = AutoModelForSequenceClassification.from_pretrained(bert_dir)
+    with pytest.raises(SpecError, match=r"^'target' \['nowhere'\] \(exclude \[\]\) matches no Linear layer") as info:
+        compress_(model, CompressionSpec(method="svd", target=["nowhere"], ratio=0.5))
+    assert info.value.key == "target"
+    classifier_recipe["compression"]["target"] = ["nowhere"]
+    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, classifier_recipe)), "-o",
+                                       str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and "'compression.target' ['nowhere']" in result.output, result.output

@@ -152,7 +152,7 @@ def test_a_speedup_target_becomes_a_time_budget_for_the_allocated_layers():
     tables = {"a": CostTable((8, 16), (1.0, 2.0), 4.0), "b": CostTable((8, 16), (1.0, 2.0), 4.0),
               "pinned": CostTable((8, 16), (1.0, 2.0), 4.0)}
     # 20 ms model, 2x: save 10 ms. The pinned layer at rank 16 saves 2, so a and b (8 ms dense) may take 8 - 8 = 0 ...
-    with pytest.raises(FwsvdError, match=r"target_speedup 2 on cpu at 1x128 cannot be reached.*at most 1\.67x"):
+    with pytest.raises(FwsvdError, match=r"'target_speedup' 2 on cpu at 1x128 cannot be reached.*at most 1\.67x"):
         speedup_budget(tables, ["a", "b"], {"pinned": 16}, 20.0, 2.0, 8, "on cpu at 1x128")
     # ... and at 1.5x (save 6.67 ms) they may take 8 - 4.67 = 3.33 ms.
     assert speedup_budget(tables, ["a", "b"], {"pinned": 16}, 20.0, 1.5, 8, "on cpu at 1x128") == pytest.approx(8 - (20 / 3 - 2))
@@ -203,7 +203,7 @@ def test_a_model_timed_faster_than_its_layers_is_taken_to_take_their_time():
     assert budget.linear_ms == 8.0 and budget.total_ms == 8.0
     assert budget.budget(["a", "b"], {}, 2.0, 8) == pytest.approx(8 - 8 / 2)
     assert budget.predicted_speedup({"a": 8, "b": 8}) == pytest.approx(8 / 2)
-    with pytest.raises(FwsvdError, match="target_speedup 1000 on cpu at 1x128 cannot be reached"):
+    with pytest.raises(FwsvdError, match="'target_speedup' 1000 on cpu at 1x128 cannot be reached"):
         budget.budget(["a", "b"], {}, 1000.0, 8)
     slower = TimeBudget(tables, 10.0, "on cpu at 1x128")  # 2 ms outside the targeted layers
     assert slower.total_ms == 10.0 and slower.predicted_speedup({"a": 8, "b": 8}) == pytest.approx(10 / 4)

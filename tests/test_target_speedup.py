@@ -146,7 +146,7 @@ def test_a_second_run_reuses_the_kernel_timings(tmp_path, speedup_recipe):
 
 def test_a_target_out_of_reach_is_refused_before_the_statistics_pass(tmp_path, speedup_recipe):
     speedup_recipe["compression"]["target_speedup"] = 1000.0
-    with pytest.raises(FwsvdError, match=r"target_speedup 1000 on cpu at 1x64 \(fp32\) cannot be reached"):
+    with pytest.raises(FwsvdError, match=r"'compression.target_speedup' 1000 on cpu at 1x64 \(fp32\) cannot be reached"):
         run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..errors import FwsvdError
+from ..errors import SpecError
 from .lowrank import break_even_rank
 
 
@@ -138,7 +138,7 @@ def speedup_budget(tables: dict[str, CostTable], allocated: list[str], fixed: di
                    model_ms: float, target_speedup: float, multiple: int, where: str) -> float:
     """Milliseconds the `allocated` layers may take together for a model measured at `model_ms` to run
     `target_speedup` times faster: their dense time less the saving still needed once the `fixed` layers
-    (name: rank, None dense) have given theirs. Raises FwsvdError when even `multiple` ranks everywhere
+    (name: rank, None dense) have given theirs. Raises SpecError when even `multiple` ranks everywhere
     (or dense, where that is faster) would not reach the target; `where` names the provider and shape."""
     saving = model_ms * (1 - 1 / target_speedup)
     fixed_saving = sum(tables[n].dense - tables[n](r) for n, r in fixed.items())
@@ -148,8 +148,8 @@ def speedup_budget(tables: dict[str, CostTable], allocated: list[str], fixed: di
         linear = sum(t.dense for t in tables.values())
         best = model_ms - fixed_saving - sum(tables[n].dense for n in allocated) + floor
         reach = model_ms / best if best > 0 else math.inf
-        raise FwsvdError(
-            f"compression.target_speedup {target_speedup:g} {where} cannot be reached: the targeted Linear layers take "
+        raise SpecError(
+            "target_speedup", f"{target_speedup:g} {where} cannot be reached: the targeted Linear layers take "
             f"{linear:.3g} ms of the model's {model_ms:.3g} ms, and with rank {multiple} in every allocated layer "
             f"the model would run at most {reach:.2f}x faster; ask for less, or target more layers")
     return budget

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import FwsvdError
+from ..errors import FwsvdError, SpecError
 from . import distributed, heap, stats_cache
 from .allocate import Candidate, TimeBudget, allocate, allocate_ranks, table_costs
 from .allocation_check import Layer, candidates, choose, held_out
@@ -93,11 +93,11 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     }
     if not chosen:
         sample = ", ".join(list(layers)[:8]) + (" ..." if len(layers) > 8 else "")
-        raise FwsvdError(f"compression.target {target} (exclude {exclude}) matches no Linear layer; "
-                         f"the model's Linear layers are: {sample}")
+        raise SpecError("target", f"{target} (exclude {exclude}) matches no Linear layer; "
+                                  f"the model's Linear layers are: {sample}")
     for pattern in spec.overrides:
         if not any(re.search(pattern, name) for name in chosen):
-            raise FwsvdError(f"compression.overrides key '{pattern}' matches no targeted layer")
+            raise SpecError("overrides", f"key '{pattern}' matches no targeted layer")
     tied = tied_parameters(model)
     plans = []
     for name, module in chosen.items():
@@ -190,7 +190,7 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
     runner = model if runner is None else runner
     if ranks > 1 and len(calibration) < ranks:
         raise FwsvdError(f"{len(calibration)} calibration batches cannot be shared by {ranks} processes; "
-                         "use more calibration data, a smaller data.batch_size, or fewer processes")
+                         "use more calibration data, smaller batches, or fewer processes")
     shard = distributed.shard(calibration) if ranks > 1 else calibration
     for group in _passes(todo, needs, spec):
         group = {name: runner.get_submodule(name) for name in group}
@@ -280,8 +280,8 @@ def _check_budget(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpe
         return
     budget = _budget_params(model, plans, spec)
     if budget < sum(spec.multiple * (p.in_features + p.out_features) for p in allocated):
-        raise FwsvdError(f"compression.budget {spec.budget:g} of {spec.budget_scope} parameters leaves "
-                         f"{max(budget, 0)} for {len(allocated)} layers, too few for rank {spec.multiple} each")
+        raise SpecError("budget", f"{spec.budget:g} of {spec.budget_scope} parameters leaves {max(budget, 0)} for "
+                                  f"{len(allocated)} layers, too few for rank {spec.multiple} each")
 
 
 def _checked(model: nn.Module, allocated: list[LayerPlan], todo: dict[str, nn.Module], weightings: dict[str, Weighting],
@@ -375,7 +375,7 @@ def _plan(model: nn.Module, spec: CompressionSpec, calibration: Optional[list[Ba
         check_speedup_target(model, spec, latency, plans)
     check_finite_model(model)
     if spec.sequential and distributed.world()[1] > 1:
-        raise FwsvdError("compression.sequential runs in one process; launch it without torchrun")
+        raise SpecError("sequential", "runs in one process; launch it without torchrun")
     statistics_batches, check = _split(spec, calibration or [], loss_fn)
     return _Work(model, spec, method, plans, todo, statistics_batches, check, loss_fn, progress)
 
@@ -515,8 +515,8 @@ def check_speedup_target(model: nn.Module, spec: CompressionSpec, latency: Optio
     if spec.target_speedup is None:
         return
     if latency is None:
-        raise FwsvdError("compression.target_speedup needs the layers' measured latencies and the dense model's: "
-                         "run it through the pipeline (fwsvd-export run), not compress alone")
+        raise SpecError("target_speedup", "needs the layers' measured latencies and the dense model's: run it "
+                                          "through the pipeline (fwsvd-export run), not compress alone")
     plans = plans if plans is not None else plan_layers(model, spec)
     latency.budget([p.name for p in plans if p.allocate], {p.name: p.rank for p in plans if not p.allocate},
                    spec.target_speedup, latency.multiple)
@@ -591,8 +591,8 @@ def _factor(plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: Laye
         balance_(module)
     bad = next(filter(None, (nonfinite(p.detach()) for p in module.parameters())), "")
     if bad:
-        raise FwsvdError(f"the factors of layer '{plan.name}' hold {bad} although its weight and statistics are "
-                         f"finite; a larger compression.damping (now {spec.damping:g}) steadies the weighting")
+        raise SpecError("damping", f"{spec.damping:g} left the factors of layer '{plan.name}' with {bad} although its "
+                                   "weight and statistics are finite; a larger damping steadies the weighting")
     energy = factors.singular_values.square()
     return _Factored(plan.name, module, float((energy[plan.rank:].sum() / energy.sum().clamp(min=1e-300)).sqrt()),
                      weighting.notes + ([f"shares input statistics with {stats.shares_input_with}"]
