@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from ..errors import SpecError, short_repr
 from .methods import METHODS
@@ -49,68 +49,97 @@ def type_name(tp: Any) -> str:
 def _checked(value: Any, tp: Any, key: str) -> Any:
     """`value` held to the annotation `tp` (an int where a float goes becomes that float; mapping keys
     become text, as YAML's 1 and "1" name one key), else SpecError naming `key`."""
-
-    def fail() -> SpecError:
-        return SpecError(key, f"must be {'a finite number' if tp is float else type_name(tp)}, got {short_repr(value)}")
-
     if _is_optional(tp):
         return None if value is None else _checked(value, _strip_optional(tp), key)
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):  # 1 is not true
-            raise fail()
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, tp):  # type: ignore[arg-type]  # tp is a class here
-            raise fail()
-        return value  # it checked itself when it was made
-    if origin is list:
-        if not isinstance(value, list):
-            raise fail()
-        (item,) = typing.get_args(tp)
-        return [_checked(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise fail()
-        _, item = typing.get_args(tp)
-        out: dict[str, Any] = {}
-        written: dict[str, Any] = {}
-        for k, v in value.items():
-            if isinstance(k, bool) or not isinstance(k, (str, int, float)) or (
-                    isinstance(k, int) and not INT_RANGE[0] <= k <= INT_RANGE[1]):
-                raise SpecError(key, f"keys must be strings, got the key {short_repr(k)}")
-            text = str(k)
-            if text in out:  # 1 and "1" are one key once read as text: refuse rather than keep the last
-                raise SpecError(key, f"has the key '{text}' twice (written as {short_repr(written[text])} and as "
-                                     f"{short_repr(k)})")
-            written[text] = k
-            out[text] = _checked(v, item, f"{key}.{text}")
-        return out
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail()
-        if not INT_RANGE[0] <= value <= INT_RANGE[1]:
-            raise SpecError(key, f"is out of range (a 64-bit integer), got {short_repr(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail()
-        try:
-            number = float(value)
-        except OverflowError:  # an int beyond the float range
-            raise fail() from None
-        if not math.isfinite(number):
-            raise fail()
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise fail()
-        return value
-    raise TypeError(f"unsupported spec annotation {tp!r}")
+    kind = "literal" if origin is Literal else "spec" if dataclasses.is_dataclass(tp) else origin or tp
+    if kind not in _CHECKERS:
+        raise TypeError(f"unsupported spec annotation {tp!r}")
+    return _CHECKERS[kind](value, tp, key)
+
+
+def _wrong(value: Any, tp: Any, key: str) -> SpecError:
+    return SpecError(key, f"must be {'a finite number' if tp is float else type_name(tp)}, got {short_repr(value)}")
+
+
+def _literal(value: Any, tp: Any, key: str) -> Any:
+    if not any(type(value) is type(a) and value == a for a in typing.get_args(tp)):  # 1 is not true
+        raise _wrong(value, tp, key)
+    return value
+
+
+def _spec(value: Any, tp: Any, key: str) -> Any:
+    if not isinstance(value, tp):
+        raise _wrong(value, tp, key)
+    return value  # it checked itself when it was made
+
+
+def _list(value: Any, tp: Any, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _wrong(value, tp, key)
+    (item,) = typing.get_args(tp)
+    return [_checked(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _mapping(value: Any, tp: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _wrong(value, tp, key)
+    _, item = typing.get_args(tp)
+    out: dict[str, Any] = {}
+    written: dict[str, Any] = {}
+    for k, v in value.items():
+        text = _mapping_key(k, key)
+        if text in out:  # 1 and "1" are one key once read as text: refuse rather than keep the last
+            raise SpecError(key, f"has the key '{text}' twice (written as {short_repr(written[text])} and as "
+                                 f"{short_repr(k)})")
+        written[text] = k
+        out[text] = _checked(v, item, f"{key}.{text}")
+    return out
+
+
+def _mapping_key(k: Any, key: str) -> str:
+    if isinstance(k, bool) or not isinstance(k, (str, int, float)) or (
+            isinstance(k, int) and not INT_RANGE[0] <= k <= INT_RANGE[1]):
+        raise SpecError(key, f"keys must be strings, got the key {short_repr(k)}")
+    return str(k)
+
+
+def _bool(value: Any, tp: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _wrong(value, tp, key)
+    return value
+
+
+def _int(value: Any, tp: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong(value, tp, key)
+    if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        raise SpecError(key, f"is out of range (a 64-bit integer), got {short_repr(value)}")
+    return value
+
+
+def _float(value: Any, tp: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _wrong(value, tp, key)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise _wrong(value, tp, key) from None
+    if not math.isfinite(number):
+        raise _wrong(value, tp, key)
+    return number
+
+
+def _str(value: Any, tp: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise _wrong(value, tp, key)
+    return value
+
+
+# Each kind of annotation and its checker: (value, annotation, key) -> the value as the spec holds it.
+_CHECKERS: dict[Any, Callable[[Any, Any, str], Any]] = {
+    "literal": _literal, "spec": _spec, list: _list, dict: _mapping, bool: _bool, int: _int, float: _float, str: _str,
+}
 
 
 _HINTS: dict[type, dict[str, Any]] = {}  # resolved annotations of each spec class
