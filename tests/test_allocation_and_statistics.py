@@ -51,6 +51,7 @@ def test_allocation_rounds_to_multiples_and_can_restore_a_layer_to_dense():
     assert all(r % 8 == 0 for r in ranks.values())
 
 
+@pytest.mark.slow
 def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
     task = TASKS["text-classification"]
     uniform = copy.deepcopy(bert)
@@ -77,6 +78,7 @@ def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
     assert total["global"] < total["uniform"]
 
 
+@pytest.mark.slow
 def test_budget_with_rank_multiple_and_model_scope(bert, batches):
     task = TASKS["text-classification"]
     spec = CompressionSpec(method="fwsvd", target=TARGET, ratio=None, budget=0.99, budget_scope="model", rank_multiple=8)
@@ -93,6 +95,7 @@ def test_a_budget_too_small_for_one_rank_each_is_an_error(bert, batches):
         compress_(bert, spec, batches, TASKS["text-classification"].loss, progress=False)
 
 
+@pytest.mark.slow
 def test_layers_reading_one_input_share_one_input_gram(bert, batches):
     from fwsvd_export.core.compress import gather_statistics
     names = [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
@@ -107,6 +110,7 @@ def test_layers_reading_one_input_share_one_input_gram(bert, batches):
     assert not torch.equal(stats[names[0]].output_gram, stats[names[1]].output_gram)
 
 
+@pytest.mark.slow
 def test_wide_sides_fall_back_to_diagonal_and_the_report_says_so(bert, batches):
     spec = CompressionSpec(method="kfac", target=[r"intermediate\.dense"], ratio=0.5, max_gram_size=50)
     res = compress_(bert, spec, batches, TASKS["text-classification"].loss, progress=False)
@@ -116,6 +120,7 @@ def test_wide_sides_fall_back_to_diagonal_and_the_report_says_so(bert, batches):
     assert len(factorized_layers(bert)) == 2
 
 
+@pytest.mark.slow
 def test_a_memory_budget_splits_the_pass_without_changing_the_statistics(bert, batches):
     from fwsvd_export.core.compress import gather_statistics
     layers = {n: m for n, m in bert.named_modules() if n.endswith("intermediate.dense") or n.endswith("output.dense")}
@@ -129,6 +134,7 @@ def test_a_memory_budget_splits_the_pass_without_changing_the_statistics(bert, b
         torch.testing.assert_close(one[name].output_gram, many[name].output_gram)
 
 
+@pytest.mark.slow
 def test_statistics_cache_is_reused_across_ratios_and_methods_and_keyed_by_data(bert, batches, tmp_path):
     loss = TASKS["text-classification"].loss
     base = dict(target=TARGET, cache_dir=str(tmp_path / "cache"))
@@ -165,6 +171,7 @@ def test_layers_the_loss_never_reaches_stay_dense_with_a_reason(tokenizer):
     assert sum(p.rank is not None for p in res.layers) == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_an_unreadable_cache_file_is_a_miss_that_is_gathered_again_and_replaced(bert, batches, tmp_path, damage):
     loss = TASKS["text-classification"].loss

@@ -42,11 +42,13 @@ def test_data_file_without_the_named_column(tmp_path, classifier_recipe):
     fails(tmp_path, classifier_recipe, "no column 'category'", "labelled.jsonl", "data.calibration", "sentence")
 
 
+@pytest.mark.slow
 def test_regex_that_matches_no_layer(tmp_path, classifier_recipe):
     classifier_recipe["compression"]["target"] = [r"decoder\.block"]
     fails(tmp_path, classifier_recipe, "matches no Linear layer", "bert.encoder.layer.0")
 
 
+@pytest.mark.slow
 def test_rank_larger_than_the_layer(tmp_path, classifier_recipe):
     classifier_recipe["compression"].update(ratio=None, rank=500)
     fails(tmp_path, classifier_recipe, "rank 500", "larger than layer", "at most 48")
@@ -87,6 +89,7 @@ def test_a_folder_with_someone_elses_report_json_is_not_replaced(tmp_path, class
     assert (precious / "report.json").read_text() == '{"quarter": "Q3"}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value, fragment", [
     ("damping", 0.0, "compression.damping' must be > 0"),
     ("budget", 0.0001, "too few"),

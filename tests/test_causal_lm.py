@@ -16,6 +16,8 @@ from fwsvd_export.stages.ort_io import feeds
 
 from conftest import bert_config, quick_validation, write_recipe
 
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
+
 DECODER = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128)
 # family: (model class, config, factorized layers per block)

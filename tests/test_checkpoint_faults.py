@@ -78,6 +78,7 @@ def rename(old: str, new: str):
     return change
 
 
+@pytest.mark.slow
 def test_an_intact_checkpoint_loads(ckpt):
     model = load(ckpt)
     ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, fwsvd_export.LowRankLinear)}
@@ -273,6 +274,7 @@ def test_an_unknown_model_type_keeps_only_the_first_line(bert_dir, tmp_path):
     assert "no-such-architecture" in message and "\n" not in message and "pip install" not in message
 
 
+@pytest.mark.slow
 def test_a_hub_id_goes_to_transformers_unchanged(monkeypatch):
     seen = []
 

@@ -1,11 +1,15 @@
 """The command line: exit codes, messages, inspect, and the methods list."""
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from fwsvd_export.cli import main
 
 from conftest import write_recipe
+
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
 
 
 def test_run_passes_and_prints_the_checks(tmp_path, classifier_recipe):

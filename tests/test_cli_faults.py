@@ -118,6 +118,7 @@ def _long_run(tmp_path: Path, classifier_recipe: dict) -> list[str]:
     return ["run", str(write_recipe(tmp_path, classifier_recipe, "long.yaml")), "-o", str(tmp_path / "out"), "--quiet"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGHUP, 129), (signal.SIGQUIT, 131)])
 def test_a_terminal_signal_removes_the_staged_output(tmp_path, classifier_recipe, signum, code):
     process = subprocess.Popen(PYTHON_M + _long_run(tmp_path, classifier_recipe), stdout=subprocess.PIPE,
@@ -136,6 +137,7 @@ def test_a_terminal_signal_removes_the_staged_output(tmp_path, classifier_recipe
     assert not (tmp_path / "out").exists() and partials(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [PYTHON_M, [str(SCRIPT)]], ids=["python -m", "console script"])
 def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, classifier_recipe, command):
     if not SCRIPT.exists() and command[0] == str(SCRIPT):
@@ -169,6 +171,7 @@ def test_ctrl_c_while_the_command_module_loads_is_one_line(tmp_path):
 
 # --- a calibration set far beyond what the statistics need ---------------------------------------------------
 
+@pytest.mark.slow
 def test_a_huge_calibration_set_is_warned_about_before_the_statistics_pass(tmp_path, classifier_recipe):
     path = tmp_path / "big.jsonl"
     path.write_text("".join(json.dumps({"sentence": s, "label": ("red", "green", "blue")[i % 3]}) + "\n"
@@ -183,6 +186,7 @@ def test_a_huge_calibration_set_is_warned_about_before_the_statistics_pass(tmp_p
     assert "'data.calibration.max_samples'" in done.stderr
 
 
+@pytest.mark.slow
 def test_the_tiny_recipe_says_its_size_without_a_warning(tmp_path, classifier_recipe, caplog):
     with caplog.at_level(logging.INFO, logger="fwsvd_export"):
         result = cli("compress", str(write_recipe(tmp_path, classifier_recipe)), "-o", str(tmp_path / "ckpt"))

@@ -1,6 +1,8 @@
 """The embedded default: the shipped recipe on the real pretrained MiniLM-L6, every stage, offline."""
 from pathlib import Path
 
+import pytest
+
 import yaml
 
 from fwsvd_export.core import CompressionSpec
@@ -8,6 +10,8 @@ from fwsvd_export.pipeline import run
 from fwsvd_export.config import ValidationSpec
 from fwsvd_export.loader import load_recipe
 from fwsvd_export.stages.tasks import TASKS
+
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "minilm-demo.yaml"
 

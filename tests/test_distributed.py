@@ -24,6 +24,8 @@ from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences, write_recipe
 
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
+
 NEEDS = {"fisher", "input_gram", "output_gram"}
 
 

@@ -19,6 +19,8 @@ from fwsvd_export.stages.outputs import RUN_MARKER, STAGE_MARKER
 
 from conftest import write_recipe
 
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
+
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -42,6 +42,7 @@ def test_per_sample_fisher_matches_a_loop_over_single_samples(bert_dir, tokenize
         assert stats[name].samples == len(records)
 
 
+@pytest.mark.slow
 def test_per_sample_fisher_for_a_causal_lm(llama_dir, tokenizer, data_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     task = TASKS["text-generation"]
@@ -93,6 +94,7 @@ def _lm_batches(tokenizer):
     return task, task.make_batches([{"text": t} for t in sentences(12, 7)], DataSource(), tokenizer, 16, 4, True, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert-classifier", "llama", "gpt2"])
 def test_gradient_checkpointing_gives_the_same_statistics(family, bert_dir, llama_dir, tokenizer):
     """Blocks recompute their activations in the backward pass; forward hooks fire twice, statistics do not."""

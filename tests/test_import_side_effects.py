@@ -24,6 +24,7 @@ ort.InferenceSession(sys.argv[1], providers=["CUDAExecutionProvider", "CPUExecut
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs onnxruntime-gpu")
 def test_importing_the_package_leaves_onnx_runtime_logging_as_it_was(tmp_path):
     """On a machine without CUDA libraries, ONNX Runtime itself reports the failed provider on stderr;
@@ -87,6 +88,7 @@ logging.getLogger("fwsvd_export").warning("after the conversions")
 """
 
 
+@pytest.mark.slow
 def test_making_int8_and_int4_copies_prints_nothing_and_leaves_the_root_logger_as_it_was(tmp_path, bert_dir, tokenizer):
     """ONNX Runtime's quantizers log on the root logger (whose first use gives it a console handler) and one
     of them configures it on import; afterwards every record of the tool would be printed twice."""

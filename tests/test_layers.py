@@ -213,6 +213,7 @@ print(" ".join(loaded))
 """
 
 
+@pytest.mark.slow
 def test_the_core_imports_and_compresses_with_every_upper_layer_blocked():
     """The issue's own check: with the recipe, stages, pipeline, sweep and CLI unimportable, the core
     still imports and compresses a model."""
@@ -225,6 +226,7 @@ def test_the_core_imports_and_compresses_with_every_upper_layer_blocked():
     assert not [m for m in loaded if any(m.startswith(f"fwsvd_export.{b}") for b in BLOCKED)]
 
 
+@pytest.mark.slow
 def test_loading_a_checkpoint_loads_neither_the_recipe_nor_the_compression_stack():
     """`fwsvd_export.load` needs the low-rank module, not the statistics, allocation or recipe code."""
     import subprocess

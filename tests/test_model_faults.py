@@ -60,6 +60,7 @@ def model_copy(source: Path, folder: Path, **config) -> Path:
 
 # 3. A non-finite checkpoint is refused by `export` and by `load`.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tensor, value", [
     (f"{QUERY}.first.weight", float("nan")),  # a factor
     ("bert.pooler.dense.weight", float("inf")),  # a dense weight
@@ -189,6 +190,7 @@ def custom_folder(bert_dir, tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("answer", [None, b"y\n"], ids=["stdin-closed", "stdin-says-yes"])
 def test_a_folder_with_its_own_code_is_refused_without_running_it(custom_folder, answer):
     command = [sys.executable, "-m", "fwsvd_export", "inspect", str(custom_folder)]
@@ -205,6 +207,7 @@ def test_the_folders_code_runs_where_allowed(custom_folder):
     assert type(model).__name__ == "CustomModel" and (custom_folder / "RAN").exists()
 
 
+@pytest.mark.slow
 def test_a_recipe_that_allows_foreign_code_says_so_in_its_report(bert_dir, data_dir, tmp_path):
     recipe = classifier_recipe(bert_dir, data_dir)
     recipe["model"]["trust_remote_code"] = True

@@ -27,6 +27,7 @@ def poisoned(source, folder, name: str, value: float):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, name, value", [
     ("kfac", TARGET, float("nan")), ("fwsvd", TARGET, float("nan")), ("svd", TARGET, float("nan")),
     ("svd", TARGET, float("inf")), ("fwsvd", TARGET, float("-inf")),

@@ -19,6 +19,8 @@ from fwsvd_export.stages.outputs import RUN_MARKER, STAGE_MARKER, not_ours
 from conftest import write_recipe
 from test_faults import cli, leftovers, snapshot
 
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
+
 
 def ratio(folder: Path) -> float:
     """The compression ratio the checkpoint in `folder` was made with."""

@@ -15,6 +15,8 @@ from fwsvd_export.stages.validate import feeds
 
 from conftest import write_recipe
 
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
+
 
 def run_recipe(tmp_path, recipe):
     return run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", progress=False)

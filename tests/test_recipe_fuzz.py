@@ -178,6 +178,7 @@ def test_a_mutated_recipe_mapping_parses_or_is_refused_clearly(data):
     _parses_or_refuses_clearly(lambda: parse_recipe(data, ORIGIN), ORIGIN)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=mutated())
 def test_a_mutated_recipe_file_loads_or_is_refused_clearly(recipe_file, data):
@@ -203,6 +204,7 @@ SET_VALUES = st.one_of(VALUES.map(_flow), TEXT,
                                         "[" * 40, "0x" + "f" * 400, "9" * 400, "- a\n- b", "{<<: 1}", "'\\x00'"]))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(assignments=st.lists(st.tuples(SET_KEYS, SET_VALUES), min_size=1, max_size=3),
        base=st.one_of(st.just(VALID), mutated()))
@@ -240,6 +242,7 @@ TEXTS = st.one_of(st.text(max_size=200), st.lists(YAML_ALPHABET, max_size=40).ma
 VALID_TEXT = _dump(VALID)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(raw=st.one_of(TEXTS.map(lambda t: t.encode("utf-8", "surrogatepass")),  # lone surrogates: not UTF-8
                      st.binary(max_size=200),

@@ -106,6 +106,7 @@ def test_the_warning_observable_is_sharp(tmp_path):
     assert UNUSED_INITIALIZER_WARNING not in python(code.format("ort.set_default_logger_severity(4)"), tmp_path / "m.onnx").stderr
 
 
+@pytest.mark.slow
 def test_importing_the_package_leaves_onnx_runtimes_default_logger_as_it_was(probe):
     steps, _ = probe
     assert UNUSED_INITIALIZER_WARNING in steps["plain session after import"]

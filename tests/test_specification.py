@@ -36,6 +36,7 @@ def failing(checks: list[dict]) -> set[str]:
 
 # --- the metric gate ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_broken_factorization_fails_the_metric_gate_and_only_it(tmp_path, classifier_recipe):
     """Zeroed factors export and run faithfully (parity holds), but the classifier's decisions are gone."""
     classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}]
@@ -67,12 +68,13 @@ def test_a_dense_graph_that_does_not_open_fails_the_run_where_the_compressed_one
     compressed = export_onnx(model, prepared.tokenizer, tmp_path / "compressed", "text-classification")
     evidence = torch_results(prepared.task, recipe.validation, model, prepared.evaluation, progress=False)
     checked = validate(prepared.task, recipe.validation, dense, evidence, prepared.evaluation, compressed, progress=False)
-    time_artifacts(recipe.validation, dense, checked, compressed, {}, model.config.vocab_size)
+    time_artifacts(recipe.validation, dense, checked, compressed, {}, model.config)
     validation = checked.to_dict()
     assert failing(validation["checks"]) == {"cpu: dense graph opens"} and validation["passed"] is False
     assert validation["providers"]["cpu"]["latency_skipped"].startswith("dense graph: CPUExecutionProvider failed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("one_at_a_time", [False, True])
 def test_a_graph_that_stops_opening_before_its_timing_fails_the_run(tmp_path, classifier_recipe, one_at_a_time):
     """A compressed graph damaged after its validation (as a full disk or a second process leaves it) makes the
@@ -90,7 +92,7 @@ def test_a_graph_that_stops_opening_before_its_timing_fails_the_run(tmp_path, cl
                        progress=False)
     assert checked.passed
     compressed.write_bytes(compressed.read_bytes()[: compressed.stat().st_size // 2])
-    time_artifacts(recipe.validation, dense.reference, checked, compressed, {}, model.config.vocab_size)
+    time_artifacts(recipe.validation, dense.reference, checked, compressed, {}, model.config)
     validation = checked.to_dict()
     assert failing(validation["checks"]) == {"cpu: graphs open for timing"} and validation["passed"] is False
     skipped = validation["providers"]["cpu"]["latency_skipped"]
@@ -265,6 +267,7 @@ def test_inspect_graph_names_the_layers_whose_split_is_absent(tmp_path, bert_dir
 
 # --- a sweep with a failing point -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_sweep_with_a_failing_point_exits_1_and_keeps_every_point(tmp_path, classifier_recipe):
     """Ratio 0.1 leaves the classifier's layers rank 2 or 3, below their true rank 4: its metric gate fails."""
     classifier_recipe["validation"].update(providers=[{"name": "cpu", "required": True}],
@@ -286,6 +289,7 @@ def test_a_sweep_with_a_failing_point_exits_1_and_keeps_every_point(tmp_path, cl
 
 # --- half-precision checkpoints ---------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_a_half_precision_checkpoint_loads_in_its_dtype_and_computes_the_saved_model(tmp_path, classifier_recipe, tokenizer,
                                                                                     dtype):

@@ -13,6 +13,8 @@ from fwsvd_export.loader import load_recipe
 
 from conftest import write_recipe
 
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
+
 
 def test_recovery_finetuning_trains_the_factors_and_ships_the_trained_model(tmp_path, classifier_recipe):
     classifier_recipe["compression"]["ratio"] = 0.3

@@ -12,6 +12,8 @@ from fwsvd_export.sweep import _verdict, dense_int8_wins, sweep
 
 from conftest import write_recipe
 
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
+
 POINTS = ("fwsvd-ratio0.6", "fwsvd-ratio0.3")
 
 

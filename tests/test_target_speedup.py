@@ -18,6 +18,8 @@ from fwsvd_export.stages.kernel_timing import Timing, recommended_multiple
 
 from conftest import write_recipe
 
+pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
+
 
 @pytest.fixture(scope="module")
 def wide_classifier(tmp_path_factory, tokenizer, classifier_dir):
