@@ -119,7 +119,7 @@ def main() -> None:
                     shipped[f"kfac {allocation} {value} fp32"] = graphs["fp32"]
                     shipped[f"kfac {allocation} {value} int8"] = graphs[next(iter(DYNAMIC))]
         sessions = {k: open_session(p, "cpu", 2)[0] for k, p in shipped.items()}
-        timing = interleaved(sessions, LATENCY_SHAPES, model.config.vocab_size, warmup=2, runs=args.runs, rounds=args.rounds)
+        timing = interleaved(sessions, LATENCY_SHAPES, model.config, warmup=2, runs=args.runs, rounds=args.rounds)
     result = {**run_info(__file__), "test_rows": len(test), "rows": rows,
               "latency": {"threads": 2, "warmup": 2, "runs": args.runs, "interleaved_rounds": args.rounds, "artifacts": timing}}
     print(json.dumps(timing, indent=2))

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ARTIFACTS = ["dense", "compressed", "dense-int8", "compressed-int8"]
 TARGET = [r"encoder\.layer\.\d+\..*(query|key|value|dense)$"]
@@ -55,7 +56,7 @@ def child(folder: Path, arm: str, shapes: list[str], runs: int, rounds: int) -> 
 
     sessions = {name: default(folder / name / "model.onnx") if arm == "spinning" else
                 open_session(folder / name / "model.onnx", "cpu", 2)[0] for name in ARTIFACTS}
-    return interleaved(sessions, shapes, 30522, warmup=2, runs=runs, rounds=rounds)
+    return interleaved(sessions, shapes, SimpleNamespace(vocab_size=30522), warmup=2, runs=runs, rounds=rounds)
 
 
 def main() -> None:

@@ -129,7 +129,7 @@ def main() -> None:
                 allocation, cpu = report.compression.allocation, report.validation.providers["cpu"]
                 graph = folder / f"run-{shape}-{target}-{repeat}" / "onnx" / "dense" / "model.onnx"
                 aa = time_graphs({"a": graph, "b": graph}, "cpu", load_recipe(path).validation, [shape],
-                                 classifier.config.vocab_size)  # as the validation times its graphs
+                                 classifier.config)  # as the validation times its graphs
                 point = next(p for p in cpu["latency"] if p["shape"] == shape)
                 rows.append({"shape": shape, "target": target, "repeat": repeat, "predicted": allocation["predicted_speedup"],
                              "rank_multiple": allocation["rank_multiple"], "dense_ms_for_budget": allocation["dense_model_ms"],

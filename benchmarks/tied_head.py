@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -100,7 +101,7 @@ def measure(name: str, args) -> dict:
     sessions = {a: open_session(graphs[a], "cpu", args.threads)[0] for a in ARTIFACTS}
     ids = torch.randint(3, vocab, (1, 128), generator=torch.Generator().manual_seed(1))
     logits = {a: s.run(["logits"], feeds(s, {"input_ids": ids}))[0] for a, s in sessions.items()}
-    times = interleaved(sessions, args.shapes.split(","), vocab, warmup=1, runs=args.runs, rounds=args.rounds)
+    times = interleaved(sessions, args.shapes.split(","), SimpleNamespace(vocab_size=vocab), warmup=1, runs=args.runs, rounds=args.rounds)
     rows = {}
     for a in ARTIFACTS:
         folder = graphs[a].parent

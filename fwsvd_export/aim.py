@@ -142,7 +142,7 @@ def time_against_dense(prepared: Prepared, recipe: Recipe, dense: Dense, graphs:
     spec = recipe.compression
     paths = {"dense": budget_graph(dense, spec.latency_precision), **graphs}
     timed = time_graphs(paths, spec.latency_provider, recipe.validation, [spec.latency_shape],
-                        prepared.model.config.vocab_size, decode=False)
+                        prepared.model.config, decode=False)
     return {name: timed[name][spec.latency_shape]["median_ms"] for name in paths}
 
 
@@ -157,5 +157,5 @@ def layer_time_budget(prepared: Prepared, recipe: Recipe, dense: Dense, progress
     spec, lat = recipe.compression, recipe.validation.latency
     graph = budget_graph(dense, spec.latency_precision)
     cache = recipe.resolve(spec.cache_dir) if spec.cache_dir else Path.home() / ".cache" / "fwsvd-export"
-    return time_budget(prepared.model, spec, graph, prepared.model.config.vocab_size, threads(recipe.validation),
+    return time_budget(prepared.model, spec, graph, prepared.model.config, threads(recipe.validation),
                        lat.warmup, lat.runs, lat.rounds, cache, progress)

@@ -232,14 +232,14 @@ def point_stage(prepared: Prepared, dense: Dense, recipe: Recipe, folder: Path, 
     prompts = _prompts(recipe, prepared.tokenizer, prepared.evaluation)
     params_compressed = count_params(compressed)
     evidence = torch_results(task, recipe.validation, compressed, prepared.evaluation, prompts, progress)
-    vocab_size = prepared.model.config.vocab_size
+    config = prepared.model.config  # what the graphs' timing inputs are sized by
     if last:  # what follows needs the models' graphs and results only: the host holds the graphs alone
         del compressed
         prepared.release_models()
     validation = validate(task, recipe.validation, dense.reference, evidence, prepared.evaluation, small_onnx,
                           progress, prompts, variants)
     del evidence  # the timing needs the graphs alone
-    time_artifacts(recipe.validation, dense.reference, validation, small_onnx, variants, vocab_size)
+    time_artifacts(recipe.validation, dense.reference, validation, small_onnx, variants, config)
     clock.lap("validate")
     missing = graph["compressed"]["layers_missing_split"]
     if missing:

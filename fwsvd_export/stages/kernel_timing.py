@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import onnx
@@ -355,7 +355,7 @@ def recommended_multiple(timings: dict[tuple[int, int], Timing]) -> int:
     return chosen
 
 
-def time_budget(model, spec: CompressionSpec, dense_graph: Path, vocab_size: int, threads: int, warmup: int, runs: int,
+def time_budget(model, spec: CompressionSpec, dense_graph: Path, config: Any, threads: int, warmup: int, runs: int,
                 rounds: int, cache_dir: Path, progress: bool = True) -> TimeBudget:
     """What `spec.target_speedup` spends: the dense graph (in `spec.latency_precision`) profiled on
     `spec.latency_provider` at `spec.latency_shape`, and the factor-pair cost table of every targeted layer.
@@ -370,7 +370,7 @@ def time_budget(model, spec: CompressionSpec, dense_graph: Path, vocab_size: int
     session, reason = open_session(dense_graph, provider, threads)
     if session is None:
         raise FwsvdError(f"compression.target_speedup is measured {where}, which cannot run here: {reason}")
-    model_ms, nodes = profiled(session, dense_graph, provider, threads, shape, vocab_size, warmup, runs, rounds)
+    model_ms, nodes = profiled(session, dense_graph, provider, threads, shape, config, warmup, runs, rounds)
     del session
     layers = {p.name: (p.in_features, p.out_features) for p in plan_layers(model, spec)}
     timings = measure(sorted(set(layers.values())), provider, precision, shape, threads, cache_dir, progress=progress)
@@ -399,9 +399,10 @@ def in_graph(tables: dict[str, CostTable], nodes: dict[str, float]) -> tuple[dic
     return scaled, median
 
 
-def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads: int, shape: str, vocab_size: int,
+def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads: int, shape: str, config: Any,
              warmup: int, runs: int, rounds: int) -> tuple[float, dict[str, float]]:
-    """The median time (ms) of `session` (a plain one of `graph`) at BATCHxSEQUENCE, and per matrix-product
+    """The median time (ms) of `session` (a plain one of `graph`) at BATCHxSEQUENCE (its inputs made from the
+    graph's own and the model `config`: `ort_io.timing_inputs`), and per matrix-product
     node (by name) the median of its kernel time in a profiled session of `graph`, the two timed in
     interleaved rounds: profiling slows the work between kernels, not the kernels, so the model's time
     is taken without it and its nodes' times with it, from the same stretch of time. The profile is
@@ -411,7 +412,7 @@ def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         profiling = ort.InferenceSession(str(graph), options, providers=[PROVIDERS[provider]])
-        timed = interleaved({"plain": session, "profiled": profiling}, [shape], vocab_size, warmup, runs, rounds,
+        timed = interleaved({"plain": session, "profiled": profiling}, [shape], config, warmup, runs, rounds,
                             decode=False)  # a decoder's budget is its prompt pass: only those runs are profiled
         events = json.loads(Path(profiling.end_profiling()).read_text())
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-runs:]

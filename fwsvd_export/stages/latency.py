@@ -11,28 +11,23 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
-from .ort_io import feeds, has_past, next_past
+from .ort_io import feeds, has_past, next_past, timing_inputs
 
 
-def _passes(session: ort.InferenceSession, shape: str, vocab_size: int, decode: bool) -> dict[str, Callable[[], object]]:
-    """What one sample runs at BATCHxSEQUENCE: the whole pass, and with `decode` for a graph with a
-    key/value cache, one decode step after it too."""
-    batch, seq = (int(v) for v in shape.split("x"))
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, max(2, min(vocab_size, 1001)), (batch, seq), generator=generator)
-    if not has_past(session):
-        data = feeds(session, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-        return {"pass": lambda: session.run(None, data)}
-    prompt = feeds(session, {"input_ids": ids})
-    parts = {"pass": lambda: session.run(None, prompt)}
-    if decode:
-        step = feeds(session, {"input_ids": ids[:, -1:]}, next_past(session, session.run(None, prompt)))
+def _passes(session: ort.InferenceSession, shape: str, config: Any, decode: bool) -> dict[str, Callable[[], object]]:
+    """What one sample runs at BATCHxSEQUENCE (its inputs made from the graph's own and the model
+    `config`: `timing_inputs`): the whole pass, and with `decode` for a graph with a key/value cache,
+    one decode step after it too."""
+    inputs = timing_inputs(session, config, shape)
+    prompt = feeds(session, inputs)
+    parts: dict[str, Callable[[], object]] = {"pass": lambda: session.run(None, prompt)}
+    if decode and has_past(session):
+        step = feeds(session, {"input_ids": inputs["input_ids"][:, -1:]}, next_past(session, session.run(None, prompt)))
         parts["decode_per_token"] = lambda: session.run(None, step)
     return parts
 
@@ -76,15 +71,16 @@ def _results(times: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, d
     return result
 
 
-def interleaved(sessions: dict[str, ort.InferenceSession], shapes: list[str], vocab_size: int, warmup: int,
+def interleaved(sessions: dict[str, ort.InferenceSession], shapes: list[str], config: Any, warmup: int,
                 runs: int, rounds: int, decode: bool = True) -> dict[str, dict[str, dict]]:
     """name -> shape -> {median_ms, p90_ms, runs[, decode_per_token]}: `runs` timed runs per artifact and
-    shape, spread over `rounds` turns (the first artifact of a round rotates); `decode` False times a
+    shape, spread over `rounds` turns (the first artifact of a round rotates), on inputs made for each
+    graph from its own inputs and the model `config` (`ort_io.timing_inputs`); `decode` False times a
     cached decoder's prompt pass alone."""
     names = list(sessions)
     times: dict = {name: {shape: {} for shape in shapes} for name in names}
     for shape in shapes:
-        passes = {name: _passes(sessions[name], shape, vocab_size, decode) for name in names}
+        passes = {name: _passes(sessions[name], shape, config, decode) for name in names}
         for parts in passes.values():
             _warm(parts, warmup)
         for turn, share in enumerate(_shares(runs, rounds)):
@@ -93,7 +89,7 @@ def interleaved(sessions: dict[str, ort.InferenceSession], shapes: list[str], vo
     return _results(times)
 
 
-def in_turn(opens: dict[str, Callable[[], ort.InferenceSession]], shapes: list[str], vocab_size: int, warmup: int,
+def in_turn(opens: dict[str, Callable[[], ort.InferenceSession]], shapes: list[str], config: Any, warmup: int,
             runs: int, rounds: int, decode: bool = True) -> dict[str, dict[str, dict]]:
     """As `interleaved`, for graphs too big to be held side by side: one session at a time. Each turn
     opens its artifact's session (`opens[name]()`), warms every shape up again (a new session allocates
@@ -104,7 +100,7 @@ def in_turn(opens: dict[str, Callable[[], ort.InferenceSession]], shapes: list[s
         for name in _rotated(names, turn):
             session = opens[name]()
             for shape in shapes:
-                parts = _passes(session, shape, vocab_size, decode)
+                parts = _passes(session, shape, config, decode)
                 _warm(parts, warmup)
                 _time(parts, share, times[name][shape])
                 del parts

@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import onnxruntime as ort
 import torch
@@ -376,25 +376,26 @@ def one_at_a_time(lat: LatencySpec, graphs: dict[str, Path]) -> bool:
     return available is not None and sum(graph_bytes(g.parent) for g in graphs.values()) > SIDE_BY_SIDE_SHARE * available
 
 
-def time_graphs(graphs: dict[str, Path], provider: str, spec: ValidationSpec, shapes: list[str], vocab_size: int,
+def time_graphs(graphs: dict[str, Path], provider: str, spec: ValidationSpec, shapes: list[str], config: Any,
                 decode: bool = True) -> dict[str, dict[str, dict]]:
     """`graphs` timed against each other on `provider` as `spec.latency` asks: their sessions held side
     by side (`latency.interleaved`), or where `one_at_a_time` says so (asked, or "auto" and too big) one
     session at a time, reopened for each turn (`latency.in_turn`): the memory of the biggest graph
-    instead of all of them."""
+    instead of all of them. Each graph is fed inputs made from its own and the model `config`."""
     lat = spec.latency
     opens = {name: functools.partial(_reopen, graph, provider, threads(spec)) for name, graph in graphs.items()}
     if one_at_a_time(lat, graphs):
-        return in_turn(opens, shapes, vocab_size, lat.warmup, lat.runs, lat.rounds, decode)
-    return interleaved({name: o() for name, o in opens.items()}, shapes, vocab_size, lat.warmup, lat.runs,
+        return in_turn(opens, shapes, config, lat.warmup, lat.runs, lat.rounds, decode)
+    return interleaved({name: o() for name, o in opens.items()}, shapes, config, lat.warmup, lat.runs,
                        lat.rounds, decode)
 
 
 def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, compressed_onnx: Path,
-                   variants: dict[str, Path], vocab_size: int) -> None:
+                   variants: dict[str, Path], config: Any) -> None:
     """On each provider whose dense and compressed graphs both run: time dense fp32, the compressed graph and
-    every variant meant for the provider, interleaved (`latency.interleaved`), and record each one's
-    latency and speed-up against dense fp32 measured in the same rounds."""
+    every variant meant for the provider, interleaved (`latency.interleaved`) on inputs made from each
+    graph's own and the model `config`, and record each one's latency and speed-up against dense fp32
+    measured in the same rounds."""
     for provider, entry in result.providers.items():
         if entry.get("status") not in ("passed", "failed"):
             continue
@@ -405,7 +406,7 @@ def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, c
                  or result.variants.get(name, {}).get(provider, {}).get("status") == "measured"}
         lat = replace(spec.latency, one_at_a_time=one_at_a_time(spec.latency, timed))  # decided once, recorded below
         try:
-            timings = time_graphs(timed, provider, replace(spec, latency=lat), lat.shapes, vocab_size)
+            timings = time_graphs(timed, provider, replace(spec, latency=lat), lat.shapes, config)
         except _WontOpen as exc:
             if exc.graph == dense.graphs["dense"]:
                 # The provider runs the compressed graph, so the dense one (an artifact of the run, the baseline
