@@ -28,7 +28,7 @@ from .stages.clock import Clock, release_freed_memory  # noqa: F401 - release_fr
 from .stages.data import load_records
 from .stages.export import export_onnx, inspect_graph
 from .stages.finetune import finetune_
-from .stages.models import load_for_statistics, load_model, loading_notes
+from .stages.models import fit_batches, load_for_statistics, load_model, loading_notes
 from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
 from .stages.prepared import Dense, Prepared
@@ -62,13 +62,15 @@ def output_path(recipe: Recipe, output: Optional[str | Path]) -> Path:
     return resolve_output(output if output is not None else recipe.resolve(recipe.export.output))
 
 
-def _batches(recipe: Recipe, tokenizer, config, role: str) -> list[Batch]:
+def _batches(recipe: Recipe, preprocessor, model: nn.Module, role: str) -> list[Batch]:
+    """The `role` data's batches, made by the task with the model's preprocessor, holding only the inputs
+    the model's forward takes."""
     task = get_task(recipe.model.task)
     source = getattr(recipe.data, role)
     training = role != "evaluation"  # calibration and fine-tuning rows need what the task loss reads
     records = load_records(recipe, role, task.columns(source, training), skip_empty=task.skip_empty)
-    return task.make_batches(records, source, tokenizer, recipe.data.max_length, recipe.data.batch_size,
-                             training, config)
+    return fit_batches(task.make_batches(records, source, preprocessor, recipe.data.max_length, recipe.data.batch_size,
+                                         training, model.config), model)
 
 
 def _prompts(recipe: Recipe, tokenizer, evaluation: list[Batch]) -> list:
@@ -90,9 +92,9 @@ def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -
     task = get_task(recipe.model.task)
     model, tokenizer, location = load_model(recipe)
     clock.lap("load model")
-    calibration = _batches(recipe, tokenizer, model.config, "calibration")
-    evaluation = _batches(recipe, tokenizer, model.config, "evaluation")
-    finetune = _batches(recipe, tokenizer, model.config, "finetune") if recipe.data.finetune else None
+    calibration = _batches(recipe, tokenizer, model, "calibration")
+    evaluation = _batches(recipe, tokenizer, model, "evaluation")
+    finetune = _batches(recipe, tokenizer, model, "finetune") if recipe.data.finetune else None
     clock.lap("data")
     needs = any(get_method(m).needs for m in (methods or [recipe.compression.method]))
     if needs:

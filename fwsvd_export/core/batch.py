@@ -21,7 +21,7 @@ class Batch:
 
     @property
     def samples(self) -> int:
-        return self.inputs["input_ids"].shape[0] // self.groups
+        return next(iter(self.inputs.values())).shape[0] // self.groups  # input_ids, pixel_values, ...
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.token_mask.to(device),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from ..core.lowrank import nonfinite
 from ..core.lowrank import LINEAR_TYPES, LowRankLinear, linear_weight
@@ -50,11 +50,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer, folder: Path, task: str, compression: dict[str, Any],
+def save_checkpoint(model: PreTrainedModel, preprocessor, folder: Path, task: str, compression: dict[str, Any],
                     recipe: dict[str, Any] | None = None, source: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    preprocessor.save_pretrained(folder)  # a tokenizer, an image processor, ...
     save_model(model, str(folder / WEIGHTS))
     dtype = next(model.parameters()).dtype
     manifest = {
@@ -229,13 +229,20 @@ def _missing_tokenizer_files(folder: Path) -> list[str]:
     return [f for f in wanted if not (folder / f).is_file()]
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # an image processor's, a feature extractor's
+
+
 def _load_tokenizer(folder: Path, manifest: dict[str, Any], trust_remote_code: bool):
-    """The checkpoint's tokenizer, or an error naming the files it lacks (transformers fails on a folder
-    without them with a TypeError or AttributeError from deep inside)."""
+    """The checkpoint's preprocessor: its tokenizer, or an error naming the files it lacks (transformers
+    fails on a folder without them with a TypeError or AttributeError from deep inside); where the folder
+    holds a processor's files (PROCESSOR_FILES), what `AutoProcessor` makes of them."""
+    processor = any((folder / name).is_file() for name in PROCESSOR_FILES)
     try:
+        if processor:
+            return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        missing = _missing_tokenizer_files(folder)
+        missing = [] if processor else _missing_tokenizer_files(folder)
         source = manifest.get("source_model")
         what = f"it lacks {', '.join(missing)}" if missing else short_message(exc)
         raise FwsvdError(f"{folder}: the tokenizer cannot be loaded: {what}. `fwsvd-export compress` writes the "

@@ -22,8 +22,9 @@ ONNX_FILE = "model.onnx"
 T = TypeVar("T")
 
 
-def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Optional[int] = None) -> Path:
-    """Write ``folder/model.onnx`` (with config and tokenizer) for the in-memory `model`. What the exporter
+def export_onnx(model: nn.Module, preprocessor, folder: Path, task: str, opset: Optional[int] = None) -> Path:
+    """Write ``folder/model.onnx`` (with config and preprocessor: tokenizer, image processor, ...) for the
+    in-memory `model`. What the exporter
     prints, warns or logs goes to the 'fwsvd_export' log (see `library_output_to_log`), not to the console."""
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -34,7 +35,7 @@ def export_onnx(model: nn.Module, tokenizer, folder: Path, task: str, opset: Opt
         onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True,
                                do_constant_folding=False)
     _store_weights(folder / ONNX_FILE, model, inputs)
-    tokenizer.save_pretrained(folder)
+    preprocessor.save_pretrained(folder)
     return folder / ONNX_FILE
 
 

@@ -1,8 +1,10 @@
-"""Loading the model and tokenizer a recipe names: a local folder, a hub id, or a package that ships one."""
+"""Loading the model and preprocessor a recipe names (a local folder, a hub id, or a package that ships
+one), and fitting batches to what the model's forward takes."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -12,8 +14,9 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CONFIG_MAPPING, AutoConfig, AutoProcessor, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..core.batch import Batch
 from ..errors import FwsvdError, short_message
 from ..config import ModelSpec, Recipe
 from .checkpoint import DTYPES
@@ -204,8 +207,8 @@ def loading_notes(model: PreTrainedModel) -> list[str]:
 
 def load_pretrained(location: str, task_name: str, dtype: str = "float32", revision: str | None = None,
                     placement: Optional[dict[str, Any]] = None, trust_remote_code: bool = False
-                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model in eval mode and its tokenizer, from a local folder or a hub id; `placement` holds
+                    ) -> tuple[PreTrainedModel, Any]:
+    """The model in eval mode and its preprocessor (`load_preprocessor`), from a local folder or a hub id; `placement` holds
     accelerate's from_pretrained arguments (device_map, max_memory, offload_folder), if any. A local
     folder's config.json is checked against its weights before they are read, and every weight must be
     used; the folder's own Python runs only with `trust_remote_code`. `loading_notes(model)` says what
@@ -221,7 +224,7 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
         model, info = task.auto_class.from_pretrained(source, dtype=DTYPES[dtype], output_loading_info=True,
                                                       use_safetensors=True,  # pickled weights are never loaded
                                                       **checked, **kwargs, **(placement or {}))
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        preprocessor = load_preprocessor(source, kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         hint = ("; with this placement the model may fit on no device at all (raise model.max_memory)"
                 if placement else "")
@@ -234,25 +237,66 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
     for note in notes:
         log.warning(note)
     setattr(model, LOADING_NOTES, notes)
-    if tokenizer.pad_token is None:  # causal LMs often ship without one
+    tokenizer = text_tokenizer(preprocessor)
+    if tokenizer is not None and tokenizer.pad_token is None:  # causal LMs often ship without one
         if tokenizer.eos_token is None and tokenizer.unk_token is None:
             raise FwsvdError(f"the tokenizer of '{location}' has no pad, EOS or unknown token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if getattr(model.config, "pad_token_id", None) is None:
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers need it to find the last token
-    return model.eval(), tokenizer
+    return model.eval(), preprocessor
 
 
-def load_model(recipe: Recipe) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """The recipe's model and tokenizer, and where they were loaded from."""
+def load_preprocessor(source: str, kwargs: dict[str, Any]) -> Any:
+    """What turns raw inputs into the model's, as `AutoProcessor` resolves the folder's (or hub id's) files:
+    a tokenizer, an image processor or feature extractor, or a processor that holds several. `kwargs`:
+    trust_remote_code and revision, as the model was loaded with."""
+    return AutoProcessor.from_pretrained(source, **kwargs)
+
+
+def text_tokenizer(preprocessor: Any) -> PreTrainedTokenizerBase | None:
+    """The tokenizer in `preprocessor` (itself, or a processor's `tokenizer`), or None for one without text."""
+    if isinstance(preprocessor, PreTrainedTokenizerBase):
+        return preprocessor
+    inner = getattr(preprocessor, "tokenizer", None)
+    return inner if isinstance(inner, PreTrainedTokenizerBase) else None
+
+
+def forward_inputs(model: torch.nn.Module) -> frozenset[str] | None:
+    """The inputs `model.forward` names (input_ids, attention_mask, pixel_values, ...), from its signature;
+    None for a forward that names none (``forward(*args, **kwargs)``): then nothing can be told apart."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    named = frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return named or None
+
+
+def fit_batches(batches: list[Batch], model: torch.nn.Module) -> list[Batch]:
+    """`batches` holding only the inputs `model.forward` takes (`forward_inputs`): a preprocessor may return
+    more than its model reads (MiniLM's tokenizer returns token_type_ids, which DistilBERT's forward refuses).
+    What is dropped is logged once."""
+    accepted = forward_inputs(model)
+    if accepted is None:
+        return batches
+    dropped = sorted({k for b in batches for k in b.inputs if k not in accepted})
+    if not dropped:
+        return batches
+    log.info("the preprocessor's %s left out of the batches: %s.forward does not take %s", ", ".join(dropped),
+             type(model).__name__, "it" if len(dropped) == 1 else "them")
+    return [Batch({k: v for k, v in b.inputs.items() if k in accepted}, b.token_mask, b.labels, b.groups)
+            for b in batches]
+
+
+def load_model(recipe: Recipe) -> tuple[PreTrainedModel, Any, str]:
+    """The recipe's model and preprocessor (a tokenizer, an image processor, ...), and where they were
+    loaded from."""
     location = model_location(recipe)
-    model, tokenizer = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision,
-                                       trust_remote_code=recipe.model.trust_remote_code)
+    model, preprocessor = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision,
+                                          trust_remote_code=recipe.model.trust_remote_code)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit is not None and recipe.data.max_length > limit:
         raise FwsvdError(f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's "
                          f"{limit} positions")
-    return model, tokenizer, location
+    return model, preprocessor, location
 
 
 def placement(recipe: Recipe) -> Optional[dict[str, Any]]:

@@ -17,11 +17,10 @@ from ..errors import FwsvdError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
 
     from ..core.batch import Batch
 
-Record = Mapping[str, Any]  # a row of column -> value (stages.data's Record also knows its `where`)
+Record = Mapping[str, Any]  # a row of column -> value (stages.data's Record also knows its `where` and `folder`)
 
 
 class Source(Protocol):
@@ -48,7 +47,8 @@ class Task:
     metric_name: str
     higher_is_better: bool
     columns: Callable[[Source, bool], list[str]]  # required columns (source, is_calibration)
-    make_batches: Callable[[list[Record], Source, PreTrainedTokenizerBase, int, int, bool, object], list[Batch]]
+    # (records, source, preprocessor, max_length, batch_size, is_calibration, model config) -> batches
+    make_batches: Callable[[list[Record], Source, Any, int, int, bool, object], list[Batch]]
     loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over samples, so grads are per-sample sums
     # The task metric of a model, from each evaluation batch's `summary` (and the dense model's, when
     # `needs_reference`).
@@ -79,9 +79,11 @@ class Task:
         return self.onnx_task_with_past if with_past and self.onnx_task_with_past else self.name
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: Optional[list[str]], max_length: int) -> dict[str, torch.Tensor]:
+def _encode(tokenizer: Any, texts: list[str], pairs: Optional[list[str]], max_length: int) -> dict[str, torch.Tensor]:
+    """What the tokenizer returns (input_ids, attention_mask, and token_type_ids where it makes them: the
+    pipeline keeps what the model's forward takes)."""
     enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return dict(enc)
 
 
 def _chunks(items: list, size: int) -> list[list]:
