@@ -73,6 +73,7 @@ class DataSource:
     format: Literal["auto", "jsonl", "csv", "tsv", "text"] = "auto"
     text_column: str = "text"
     text_pair_column: Optional[str] = None
+    image_column: str = "image"  # image-classification: an image file (path relative to the data file) or hub image
     label_column: Optional[str] = None
     max_samples: Optional[int] = None
     stride: Optional[int] = None  # text-generation evaluation: sliding-window step (default: max_length)

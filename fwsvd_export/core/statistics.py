@@ -268,7 +268,8 @@ def input_device(model: nn.Module) -> torch.device:
     embeddings = model.get_input_embeddings()  # type: ignore[operator]  # transformers' method, not nn.Module's
     hook = getattr(embeddings, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
-    return torch.device(device) if device is not None else embeddings.weight.device
+    # a token embedding's weight, or a vision model's patch embedding's first parameter (a convolution)
+    return torch.device(device) if device is not None else next(embeddings.parameters()).device
 
 
 @contextmanager

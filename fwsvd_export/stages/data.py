@@ -20,11 +20,14 @@ from ..config import DataSource, Recipe
 
 class Record(dict[str, Any]):
     """A row of column -> value that remembers its origin (`file:line`, or a hub dataset row), so an
-    error about a value found later (e.g. an unknown label) can point the user at the line to fix."""
+    error about a value found later (e.g. an unknown label) can point the user at the line to fix; and
+    the `folder` of the file it was read from (None for a hub dataset), which paths it holds (an image
+    file's) are relative to."""
 
-    def __init__(self, values: dict[str, Any], where: str) -> None:
+    def __init__(self, values: dict[str, Any], where: str, folder: Path | None = None) -> None:
         super().__init__(values)
         self.where = where
+        self.folder = folder
 
 
 def _detect_format(path: Path, declared: str) -> str:
@@ -71,7 +74,7 @@ def _read_csv(path: Path, text: str, tabs: bool) -> list[Record]:
         if missing:
             raise FwsvdError(f"{where}: the row has {header - len(missing)} fields but the header has {header};"
                              f" no value for column {', '.join(repr(c) for c in missing)}")
-        records.append(Record(row, where))
+        records.append(Record(row, where, path.parent))
     return records
 
 
@@ -99,7 +102,7 @@ def _read_file(path: Path, fmt: str, text_column: str, origin: str) -> list[Reco
             continue
         where = f"{path}:{number}"
         if fmt == "text":
-            records.append(Record({text_column: line.rstrip("\n")}, where))
+            records.append(Record({text_column: line.rstrip("\n")}, where, path.parent))
             continue
         try:
             record = json.loads(line)
@@ -109,7 +112,7 @@ def _read_file(path: Path, fmt: str, text_column: str, origin: str) -> list[Reco
             raise FwsvdError(f"{where}: each line must be a JSON object")
         if "\\u" in line:  # only a \u escape can write a lone surrogate into text that decoded as UTF-8
             _refuse_lone_surrogates(record, where, origin)
-        records.append(Record(record, where))
+        records.append(Record(record, where, path.parent))
     return records
 
 

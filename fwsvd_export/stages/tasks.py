@@ -1,7 +1,10 @@
 """What differs between tasks: the model class, the batches, the loss the Fisher is taken of, the
 tensor compared across runtimes, and the task metric.
 
-The three tasks share one shape so that every later stage (statistics, export, validation) is task-blind.
+The tasks share one shape so that every later stage (statistics, export, validation) is task-blind: a
+task's batches hold what its model's preprocessor (a tokenizer, or for image-classification an image
+processor) returns, and the pipeline keeps of them what the model's forward takes
+(``models.fit_batches``).
 
 The recipe checks its task names against this registry, so the module is light to import: torch and
 transformers are imported where a task runs, the model class is named and looked up on use, and it imports
@@ -28,6 +31,7 @@ class Source(Protocol):
 
     text_column: str
     text_pair_column: Optional[str]
+    image_column: str
     label_column: Optional[str]
     stride: Optional[int]
 
@@ -156,6 +160,65 @@ def _cls_distill(student, teacher, batch: Batch, temperature: float) -> torch.Te
 def _accuracy(outputs, batches, reference=None) -> float:
     correct = sum(int((o.argmax(-1) == b.labels).sum()) for o, b in zip(outputs, batches))
     return correct / sum(len(b.labels) for b in batches)
+
+
+# --- image classification ------------------------------------------------------------------------
+
+def _img_columns(source: Source, calibration: bool) -> list[str]:
+    if source.label_column is None:
+        raise FwsvdError("image-classification needs 'label_column' in data.calibration and data.evaluation")
+    return [source.image_column, source.label_column]
+
+
+def _image(record: Record, column: str):
+    """The record's image, RGB: a PIL image as a hub dataset holds it, or a file path (relative to the
+    folder of the data file that names it)."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    value = record[column]
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    where = getattr(record, "where", "a record")
+    path = Path(str(value)).expanduser()
+    folder = getattr(record, "folder", None)
+    if not path.is_absolute() and folder is not None:
+        path = Path(folder) / path
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:  # missing, unreadable or not an image
+        reason = "no such file" if isinstance(exc, FileNotFoundError) else str(exc)
+        raise FwsvdError(f"{where}: cannot read image {path} (column '{column}'): {reason}") from None
+
+
+def _positions(config, pixels: torch.Tensor) -> int:
+    """The positions a ViT-style encoder runs per image (one per patch, and its [CLS]); 1 for a model
+    whose config has no patch_size. Only counted (images have no padding): the statistics read every
+    position."""
+    patch = getattr(config, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    if not isinstance(patch, int) or patch < 1:
+        return 1
+    return (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + 1
+
+
+def _img_batches(records, source, processor, max_length, batch_size, calibration, config) -> list[Batch]:
+    """Images read with PIL and made into the model's inputs (pixel_values) by its image processor;
+    `max_length` does not apply to images."""
+    import torch
+
+    from ..core.batch import Batch
+
+    batches = []
+    for chunk in _chunks(records, batch_size):
+        inputs = dict(processor(images=[_image(r, source.image_column) for r in chunk], return_tensors="pt"))
+        labels = torch.tensor([_label_id(r, source.label_column, config) for r in chunk])
+        pixels = inputs.get("pixel_values")
+        positions = _positions(config, pixels) if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 else 1
+        batches.append(Batch(inputs, torch.ones(len(chunk), positions, dtype=torch.bool), labels))
+    return batches
 
 
 # --- feature extraction (sentence embeddings) ----------------------------------------------------
@@ -326,6 +389,9 @@ TASKS: dict[str, Task] = {
         Task("feature-extraction", "AutoModel", "last_hidden_state", "cosine_to_original", True,
              _emb_columns, _emb_batches, _emb_loss, _cosine_to_reference, _emb_distill, needs_reference=True,
              summary=_pooled, unread=("pooler",)),
+        Task("image-classification", "AutoModelForImageClassification", "logits", "accuracy", True,
+             _img_columns, _img_batches, _cls_loss, _accuracy, _cls_distill,
+             new_head="its predictions mean nothing until that head is fine-tuned"),
         Task("text-generation", "AutoModelForCausalLM", "logits", "perplexity", False,
              _lm_columns, _lm_batches, _lm_loss, _perplexity, _lm_distill, skip_empty=True,
              onnx_task_with_past="text-generation-with-past", generates=True, summary=_batch_nll),
