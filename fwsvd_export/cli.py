@@ -324,5 +324,50 @@ def methods_command() -> None:
         click.echo(f"{m.name:<8} {m.summary} (statistics: {', '.join(sorted(m.needs)) or 'none'})")
 
 
+@main.command("check")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Output folder the run would use (default: export.output).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key, as for run.")
+@click.option("--json", "as_json", is_flag=True, help="The plan as JSON.")
+@guarded
+def check_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check RECIPE as `run` would, without running it: the recipe, the data files (read and tokenized), the
+    model's config against its weights' headers (no weight loaded) and the output folder; print the plan.
+    Writes nothing. Exit 0, or 2 with the error run would give."""
+    from .loader import load_recipe
+    from .plan import check_recipe, describe, plan_json
+
+    plan = check_recipe(load_recipe(recipe, overrides), output)
+    click.echo(plan_json(plan) if as_json else "\n".join(describe(plan)))
+
+
+@main.command("schema")
+@guarded
+def schema_command() -> None:
+    """Print the recipe's JSON Schema (draft 2020-12), for an editor: save it and start a recipe with
+    `# yaml-language-server: $schema=recipe.schema.json`."""
+    from .recipe_schema import recipe_schema
+
+    click.echo(json.dumps(recipe_schema(), indent=2))
+
+
+@main.command("init")
+@click.option("--model", "model", required=True, help="A local model folder or a hub id.")
+@click.option("--task", required=True, type=_TaskChoice())
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), help="A JSONL/CSV/TSV/text file; its columns are guessed.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("recipe.yaml"),
+              show_default=True, help="The recipe file to write (never overwritten).")
+@guarded
+def init_command(model: str, task: str, data: Path | None, output: Path) -> None:
+    """Write a commented starter recipe for MODEL and TASK that `fwsvd-export check` accepts."""
+    from .starter import write_starter
+
+    notes = write_starter(output, model, task, data)
+    click.echo(f"wrote {output}")
+    for note in notes:
+        click.echo(f"  note: {note}")
+    click.echo(f"next: fwsvd-export check {output}")
+
+
 if __name__ == "__main__":
     main()

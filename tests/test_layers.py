@@ -27,6 +27,9 @@ ALLOWED = {
     "aim": {"core", "stages", "config"},
     "pipeline": {"core", "stages", "config", "aim"},
     "sweep": {"core", "stages", "config", "loader", "pipeline"},
+    "plan": {"core", "stages", "config", "pipeline"},  # `check`: run's own checks and output rules, no compute
+    "recipe_schema": {"core", "config", "stages.tasks", "stages.precision"},  # the sections and the registries
+    "starter": {"core.methods", "config", "loader", "stages.models", "stages.tasks", "stages.precision"},
 }
 
 
