@@ -2,6 +2,13 @@
 
 Python API in one breath::
 
+    import fwsvd_export as fx
+    small = fx.compress("path/to/model", records, ratio=0.5)  # a model, folder or hub id; texts or records
+    graphs = fx.export(small, "onnx-out", precisions=("fp32", "int8"))
+    print(small, fx.validate(small, held_out_records, graphs).passed)
+
+and, a level down, on batches you make yourself::
+
     from fwsvd_export import CompressionSpec, compress_, load
     result = compress_(model, CompressionSpec(method="fwsvd", ratio=0.5), calibration_batches, task.loss)
 
@@ -18,6 +25,7 @@ from .errors import FwsvdError
 _HOMES = {
     **{name: ".core" for name in ("METHODS", "CompressionResult", "CompressionSpec", "LowRankLinear",
                                   "collect_statistics", "compress_", "factorize", "plan_layers")},
+    **{name: ".api" for name in ("Compressed", "compress", "export", "validate")},
     "run": ".pipeline", "Recipe": ".config", "load_recipe": ".loader",
     "load": ".stages.checkpoint", "save_checkpoint": ".stages.checkpoint",
 }

@@ -1,5 +1,5 @@
 """The package's layers point one way: core <- the task and precision registries <- config <- loader, and
-config <- stages <- aim <- pipeline and sweep <- cli; and no module's imports lead back to it.
+config <- stages <- aim <- pipeline and sweep <- cli, and stages <- api; and no module's imports lead back to it.
 
 The registries (stages/tasks.py, stages/precision.py) sit below config: config checks task and precision
 names against them, so they import nothing that reads a recipe (and load torch, transformers and ONNX
@@ -30,6 +30,7 @@ ALLOWED = {
     "plan": {"core", "stages", "config", "pipeline"},  # `check`: run's own checks and output rules, no compute
     "recipe_schema": {"core", "config", "stages.tasks", "stages.precision"},  # the sections and the registries
     "starter": {"core.methods", "config", "loader", "stages.models", "stages.tasks", "stages.precision"},
+    "api": {"core", "stages", "config"},
 }
 
 
