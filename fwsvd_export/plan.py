@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -34,8 +34,19 @@ from .core.statistics import statistic_bytes
 from .errors import FwsvdError, section, short_message
 from .pipeline import output_path, read_paths
 from .stages.data import load_records
-from .stages.models import (_stored_shapes, check_custom_code, check_loading, check_local_model, check_sizes,
-                            fit_batches, is_local_path, load_preprocessor, model_location, placement, text_tokenizer)
+from .stages.models import (
+    _stored_shapes,
+    check_custom_code,
+    check_loading,
+    check_local_model,
+    check_sizes,
+    fit_batches,
+    is_local_path,
+    load_preprocessor,
+    model_location,
+    placement,
+    text_tokenizer,
+)
 from .stages.outputs import RUN_MARKER, check_apart, check_replaceable
 from .stages.tasks import Task, get_task
 
@@ -53,19 +64,19 @@ class Lengths:
     min: int
     median: float
     max: int
-    truncated: Optional[int]
+    truncated: int | None
 
 
 @dataclass
 class DataCheck:
     role: str  # calibration, evaluation, finetune
     source: str  # the file, or the hub dataset
-    records: Optional[int] = None  # after max_samples; None: not read
-    batches: Optional[int] = None  # None: not tokenized
-    sequences: Optional[int] = None
-    tokens: Optional[int] = None  # real tokens (positions, for images) the batches hold
-    padded_tokens: Optional[int] = None  # what a pass computes on, padding included
-    lengths: Optional[Lengths] = None
+    records: int | None = None  # after max_samples; None: not read
+    batches: int | None = None  # None: not tokenized
+    sequences: int | None = None
+    tokens: int | None = None  # real tokens (positions, for images) the batches hold
+    padded_tokens: int | None = None  # what a pass computes on, padding included
+    lengths: Lengths | None = None
     labels: dict[str, int] = field(default_factory=dict)  # class -> rows (classification tasks)
     note: str = ""
 
@@ -88,10 +99,10 @@ class LayerRow:
     name: str
     in_features: int
     out_features: int
-    rank: Optional[int]  # None: dense, or allocated by the budget (`allocated`)
+    rank: int | None  # None: dense, or allocated by the budget (`allocated`)
     allocated: bool
     params_before: int
-    params_after: Optional[int]  # None: allocated by the budget
+    params_after: int | None  # None: allocated by the budget
     reason: str
 
 
@@ -102,26 +113,26 @@ class Plan:
     recipe: str
     output: str
     output_state: str
-    model: Optional[ModelFacts] = None  # None: a hub id whose config is not cached here
+    model: ModelFacts | None = None  # None: a hub id whose config is not cached here
     data: list[DataCheck] = field(default_factory=list)
     method: str = ""
     cut: str = ""  # 'ratio 0.5', 'rank 8', 'budget 0.7 of targeted', 'target_speedup 1.5x'
     layers: list[LayerRow] = field(default_factory=list)
-    targeted_params_before: Optional[int] = None
-    targeted_params_after: Optional[int] = None  # under a budget, what it allows; None: a speed-up target
-    params_before: Optional[int] = None
-    params_after: Optional[int] = None
-    bytes_before: Optional[int] = None  # fp32 bytes of every parameter
-    bytes_after: Optional[int] = None
+    targeted_params_before: int | None = None
+    targeted_params_after: int | None = None  # under a budget, what it allows; None: a speed-up target
+    params_before: int | None = None
+    params_after: int | None = None
+    bytes_before: int | None = None  # fp32 bytes of every parameter
+    bytes_after: int | None = None
     statistics_needs: list[str] = field(default_factory=list)
-    statistics_bytes: Optional[int] = None  # the accumulators' host memory, all passes together
-    statistics_passes: Optional[int] = None
-    seconds: Optional[float] = None  # the statistics pass, roughly
+    statistics_bytes: int | None = None  # the accumulators' host memory, all passes together
+    statistics_passes: int | None = None
+    seconds: float | None = None  # the statistics pass, roughly
     time_basis: str = ""  # how `seconds` was estimated
     not_checked: list[str] = field(default_factory=list)
 
 
-def check_recipe(recipe: Recipe, output: Optional[str | Path] = None) -> Plan:
+def check_recipe(recipe: Recipe, output: str | Path | None = None) -> Plan:
     """Every refusal of `run` that needs no weights and no compute, in run's order, then the plan. Writes
     nothing; raises FwsvdError as run would."""
     folder = output_path(recipe, output)
@@ -159,7 +170,7 @@ def check_output(folder: Path, inputs: list[Path]) -> str:
     return "new: run creates it"
 
 
-def _model(recipe: Recipe, task: Task, plan: Plan) -> Optional[tuple[nn.Module, Any]]:
+def _model(recipe: Recipe, task: Task, plan: Plan) -> tuple[nn.Module, Any] | None:
     """The recipe's model built on the meta device from its checked config, and its preprocessor; None
     for a hub id whose config transformers has not cached (nothing is fetched)."""
     location = model_location(recipe)
@@ -264,7 +275,7 @@ def _facts(location: str, how: str, model: nn.Module, notes: list[str]) -> Model
                       sum(m.weight.numel() for m in linears.values()), notes)
 
 
-def _data(recipe: Recipe, task: Task, role: str, preprocessor: Any, model: Optional[nn.Module],
+def _data(recipe: Recipe, task: Task, role: str, preprocessor: Any, model: nn.Module | None,
           plan: Plan) -> DataCheck:
     """The role's rows read and checked as a run reads them and, with the model's preprocessor, made into
     the run's batches (`pipeline._batches`: the same calls)."""
@@ -291,7 +302,7 @@ def _data(recipe: Recipe, task: Task, role: str, preprocessor: Any, model: Optio
     return check
 
 
-def _truncated(task: Task, records: list, source: Any, tokenizer: Any, max_length: int) -> Optional[int]:
+def _truncated(task: Task, records: list, source: Any, tokenizer: Any, max_length: int) -> int | None:
     """Rows longer than max_length before truncation (None where the task does not truncate rows)."""
     if tokenizer is None or task.name not in ("text-classification", "feature-extraction"):
         return None
@@ -340,7 +351,7 @@ def _compression(recipe: Recipe, model: nn.Module, plan: Plan) -> None:
         plan.not_checked.append("the speed-up target's reach (run times the layers' kernels first)")
 
 
-def _targeted_after(model: nn.Module, plans: list[LayerPlan], spec: Any) -> Optional[int]:
+def _targeted_after(model: nn.Module, plans: list[LayerPlan], spec: Any) -> int | None:
     """The targeted layers' parameters after: each rank's, or under a budget what it allows."""
     if spec.target_speedup is not None:
         return None
@@ -374,8 +385,9 @@ def _estimates(recipe: Recipe, model: nn.Module, plan: Plan) -> None:
     rate = matmul_rate()
     flops = 6 * plan.model.linear_parameters * calibration.padded_tokens * max(plan.statistics_passes, 1)
     plan.seconds = flops / rate
+    passes = f" x {plan.statistics_passes} passes" if plan.statistics_passes > 1 else ""
     plan.time_basis = (f"6 x {plan.model.linear_parameters:,} Linear parameters x {calibration.padded_tokens:,} "
-                       f"calibration tokens (padding included){' x %d passes' % plan.statistics_passes if plan.statistics_passes > 1 else ''}"
+                       f"calibration tokens (padding included){passes}"
                        f" at {rate / 1e9:.0f} GFLOP/s, a matrix multiply timed on this machine's CPU; attention, "
                        "the statistics' own products and a device_map's transfers come on top")
 
@@ -391,16 +403,18 @@ def matmul_rate(size: int = 384, repeats: int = 8) -> float:
     return 2 * size**3 / max(best, 1e-9)
 
 
-def _count(n: Optional[int]) -> str:
+def _count(n: int | None) -> str:
     return "?" if n is None else f"{n:,}"
 
 
-def _megabytes(n: Optional[int]) -> str:
-    return "?" if n is None else f"{n / 2**20:,.1f} MB"
+def _megabytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**30:,.2f} GB" if n >= 2**30 else f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.1f} kB"
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    return "under 0.1 s" if seconds < 0.1 else f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def describe(plan: Plan) -> list[str]:
@@ -419,7 +433,7 @@ def describe(plan: Plan) -> list[str]:
     return lines
 
 
-def _describe_model(model: Optional[ModelFacts]) -> list[str]:
+def _describe_model(model: ModelFacts | None) -> list[str]:
     if model is None:
         return []
     sizes = ", ".join(f"{k} {v}" for k, v in model.config.items())

@@ -10,7 +10,6 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -51,7 +50,7 @@ def data_columns(path: Path) -> tuple[str, list[str]]:
         raise FwsvdError(f"{path}: cannot read its columns: {exc}") from None
 
 
-def _pick(columns: list[str], names: tuple[str, ...], taken: tuple[str, ...] = ()) -> Optional[str]:
+def _pick(columns: list[str], names: tuple[str, ...], taken: tuple[str, ...] = ()) -> str | None:
     lowered = {c.lower(): c for c in columns if c not in taken}
     return next((lowered[n] for n in names if n in lowered), None)
 
@@ -110,7 +109,7 @@ def _model_lines(model: str, task: str, base: Path) -> tuple[str, int]:
             "or hub_id: ORG/NAME, or package: NAME\n"), length
 
 
-def starter_recipe(model: str, task: str, data: Optional[Path], output: Path) -> tuple[str, list[str]]:
+def starter_recipe(model: str, task: str, data: Path | None, output: Path) -> tuple[str, list[str]]:
     """The starter recipe's text for `output`, and notes on what it could not guess."""
     if task not in TASKS:
         raise FwsvdError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
@@ -139,7 +138,7 @@ def starter_recipe(model: str, task: str, data: Optional[Path], output: Path) ->
     return text, notes
 
 
-def write_starter(output: Path, model: str, task: str, data: Optional[Path]) -> list[str]:
+def write_starter(output: Path, model: str, task: str, data: Path | None) -> list[str]:
     """Write the starter recipe to `output`, never over an existing file; returns the notes."""
     if output.exists() or output.is_symlink():
         raise FwsvdError(f"{output} exists; init never overwrites a file: choose another with -o")
