@@ -25,9 +25,11 @@ from .errors import FwsvdError, section
 from .config import DATA_ROLES, Recipe
 from .stages.checkpoint import library_versions, save_checkpoint
 from .stages.clock import Clock, release_freed_memory  # noqa: F401 - release_freed_memory: the pipeline's name before
-from .stages.data import load_records
+from .stages.data import fingerprint, load_records
 from .stages.export import export_onnx, inspect_graph
 from .stages.finetune import finetune_
+from .stages.kernel_timing import machine
+from .stages.model_card import CARD_FILE, checkpoint_card
 from .stages.models import fit_batches, load_for_statistics, load_model, loading_notes
 from .stages.outputs import resolve_output, staged_output
 from .stages.precision import make_variant
@@ -194,7 +196,14 @@ def compress_only(recipe: Recipe, output: Optional[str | Path] = None, progress:
         compression = result.to_dict()
         save_checkpoint(compressed, prepared.tokenizer, staged.path, recipe.model.task, compression, recipe.to_dict(),
                         prepared.location)
+        checkpoint_card(prepared.location, recipe.model.task, recipe.to_dict(), result, data_fingerprints(recipe)).save(
+            staged.path / CARD_FILE)
     return folder, compression
+
+
+def data_fingerprints(recipe: Recipe) -> dict[str, str]:
+    """The SHA-256 of each data role the recipe reads (the model card names the calibration data by it)."""
+    return {role: fingerprint(recipe, role) for role in DATA_ROLES if getattr(recipe.data, role) is not None}
 
 
 def dense_stage(prepared: Prepared, folder: Path, clock: Clock, progress: bool) -> Dense:
@@ -263,7 +272,13 @@ def _run_report(prepared: Prepared, recipe: Recipe, result: CompressionResult, f
         finetune=FinetuneInfo(recipe.finetune.epochs, finetune_loss, "finetune" if prepared.finetune else "calibration",
                               len(prepared.finetune or prepared.calibration) if tuned else 0),
         sizes=sizes, graph=graph, validation=validation, seconds=dict(clock.seconds),
-        peak_rss_mb=dict(clock.peak_rss_mb), artifacts=artifacts, versions=library_versions())
+        peak_rss_mb=dict(clock.peak_rss_mb), artifacts=artifacts, versions=library_versions(),
+        data_sha256=data_fingerprints(recipe), machine=machine("cuda" if "cuda" in _timed(validation) else "cpu"))
+
+
+def _timed(validation: Validation) -> set[str]:
+    """The providers the run's latencies were measured on."""
+    return {name for name, entry in validation.providers.items() if entry.get("latency")}
 
 
 def run(recipe: Recipe, output: Optional[str | Path] = None, progress: bool = True) -> RunResult:

@@ -16,7 +16,7 @@ from conftest import write_recipe
 pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
 
 KEYS = ["tool", "versions", "recipe_file", "recipe", "model", "compression", "finetune", "sizes", "flop_ratio", "graph",
-        "validation", "seconds", "peak_rss_mb", "artifacts", "passed", "output_notes", "whole_run"]
+        "validation", "seconds", "peak_rss_mb", "artifacts", "passed", "output_notes", "whole_run", "data_sha256", "machine"]
 
 
 @pytest.fixture(scope="module")

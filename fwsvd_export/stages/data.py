@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import json
 import random
@@ -181,3 +182,20 @@ def load_records(recipe: Recipe, role: str, required: list[str], skip_empty: boo
     if source.max_samples is not None and len(records) > source.max_samples:
         records = random.Random(recipe.data.seed).sample(records, source.max_samples)
     return records
+
+
+def fingerprint(recipe: Recipe, role: str) -> str:
+    """What identifies `data.<role>`'s records: the SHA-256 of its file's bytes, or for a hub dataset of its id,
+    config and split (the rows are the hub's to change; a model card says which data made the model)."""
+    source: DataSource = getattr(recipe.data, role)
+    digest = hashlib.sha256()
+    if source.path is None:
+        digest.update(json.dumps([source.dataset, source.dataset_config, source.split]).encode())
+        return digest.hexdigest()
+    try:
+        with recipe.resolve(source.path).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise FwsvdError(f"{recipe.source}: cannot read 'data.{role}.path' ({exc.strerror or exc})") from None
+    return digest.hexdigest()

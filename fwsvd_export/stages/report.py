@@ -1,5 +1,5 @@
-"""The run's footprint: ``report.json`` for machines, ``report.md`` and the plots for people, each made
-once from one `RunReport` (``run_report.py``) by functions that change nothing they are given."""
+"""The run's footprint: ``report.json`` for machines, ``report.md``, the plots and the model card
+(``README.md``, model_card.py) for people, each made once from one `RunReport` (``run_report.py``) by functions that change nothing they are given."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from typing import Any
 
 from ..core import CompressionResult
 from .run_report import RunReport, artifact_rows, dense_int8_beats, first_measured, verdicts
+from .model_card import write_model_card
 from .tasks import get_task
 
 __all__ = ["FRONTIER_PLOT", "RANKS_PLOT", "RunReport", "artifact_rows", "dense_int8_beats", "first_measured",
@@ -271,11 +272,12 @@ def draw_plots(report: RunReport, folder: Path) -> dict[str, str]:
 
 
 def write_report(report: RunReport, folder: Path) -> RunReport:
-    """Draw the plots, then write report.json (`RunReport.to_dict()`, serialized once) and report.md into
-    `folder`, each once. Returns the report as written, naming the plots drawn; `report` is left as it was."""
+    """Draw the plots, then write report.json (`RunReport.to_dict()`, serialized once), report.md and the
+    model card (README.md) into `folder`, each once. Returns the report as written, naming the plots drawn; `report` is left as it was."""
     drawn = draw_plots(report, folder)
     written = replace(report, artifacts=replace(report.artifacts, ranks_plot=drawn.get("ranks_plot"),
                                                 frontier_plot=drawn.get("frontier_plot")))
     (folder / "report.json").write_text(json.dumps(written.to_dict(), indent=2, default=str))
     (folder / "report.md").write_text(markdown(written))
+    write_model_card(written, folder)
     return written

@@ -4,8 +4,11 @@ the validation's `Validation`; ``report.json`` is `RunReport.to_dict()`, seriali
 The JSON keeps the layout it had when the report was a dict (no ``report_version`` field: nothing was
 renamed, added or removed): tool, versions, recipe_file, recipe, model, compression, finetune, sizes,
 flop_ratio, graph, validation (with its derived ``verdicts``), seconds, peak_rss_mb, artifacts, passed,
-and, for a whole run only (not a sweep point), output_notes and whole_run. `RunReport.from_dict` reads
-such a JSON back, so ``from_dict(d).to_dict() == d``.
+and, for a whole run only (not a sweep point), output_notes and whole_run. Added since, each written
+only when known (so older reports still read back): data_sha256 (the SHA-256 of each data role's file
+bytes, or of a hub dataset's id, config and split) and machine (the CPU, its cores and vector extensions,
+and the GPU where CUDA was measured: what the latencies were timed on). `RunReport.from_dict` reads such a
+JSON back, so ``from_dict(d).to_dict() == d``.
 
 Also here, the reading every consumer of a report shares: the artifact rows (metric, file size and
 latency of every artifact), the dense-int8 comparison and the plain verdicts built on them.
@@ -106,6 +109,8 @@ class RunReport:
     output_notes: Optional[list[str]] = None  # a whole run's only (a sweep point has none)
     whole_run: Optional[WholeRun] = None  # a whole run's only
     tool: str = TOOL
+    data_sha256: Optional[dict[str, str]] = None  # data role -> fingerprint of what it read (stages.data.fingerprint)
+    machine: Optional[dict[str, Any]] = None  # what the latencies were timed on (kernel_timing.machine)
 
     @property
     def passed(self) -> bool:
@@ -134,6 +139,10 @@ class RunReport:
             data["output_notes"] = self.output_notes
         if self.whole_run is not None:
             data["whole_run"] = asdict(self.whole_run)
+        if self.data_sha256 is not None:
+            data["data_sha256"] = self.data_sha256
+        if self.machine is not None:
+            data["machine"] = self.machine
         return data
 
     @classmethod
@@ -150,7 +159,8 @@ class RunReport:
         return cls(data["recipe_file"], data["recipe"], ModelInfo(**data["model"]), compression,
                    FinetuneInfo(**data["finetune"]), Sizes(**data["sizes"]), data["graph"], validation,
                    data["seconds"], data["peak_rss_mb"], Artifacts.from_dict(data["artifacts"]), data["versions"],
-                   data.get("output_notes"), WholeRun(**whole) if whole is not None else None, data["tool"])
+                   data.get("output_notes"), WholeRun(**whole) if whole is not None else None, data["tool"],
+                   data.get("data_sha256"), data.get("machine"))
 
 
 # --- what every reader of a report derives from it ------------------------------------------------------
