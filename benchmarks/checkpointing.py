@@ -29,7 +29,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.core.statistics import collect_statistics
-from fwsvd_export.stages.tasks import TASKS, Batch
+from fwsvd_export.core.batch import Batch
+from fwsvd_export.stages.tasks import TASKS
 from measure import IdTokenizer, MEMORY_ENV, extra_peak, lm_blocks, plain_pass, rotated_timings, run_info, run_memory_worker
 
 TASK = TASKS["text-generation"]

@@ -46,7 +46,8 @@ from torch import nn
 from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.config import DataSource
-from fwsvd_export.stages.tasks import TASKS, Batch
+from fwsvd_export.core.batch import Batch
+from fwsvd_export.stages.tasks import TASKS
 from measure import extra_peak, plain_pass, rotated_clock_times, run_info, run_memory_worker, system_busy_s
 
 ROOT = Path(__file__).resolve().parents[1]

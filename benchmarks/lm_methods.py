@@ -53,7 +53,8 @@ from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.core.methods import METHODS
 from fwsvd_export.config import FinetuneSpec
 from fwsvd_export.core.spec import CompressionSpec
-from fwsvd_export.stages.tasks import TASKS, Batch
+from fwsvd_export.core.batch import Batch
+from fwsvd_export.stages.tasks import TASKS
 from measure import (MEMORY_ENV, WORDNET_DIR, IdTokenizer, extra_peak, first_rows, lm_blocks, plain_pass, read_wordnet,
                      rotated_timings, run_info, run_memory_worker)
 
@@ -110,14 +111,14 @@ def block_count(batches: list[Batch]) -> int:
 
 
 def perplexity(model: nn.Module, batches: list[Batch]) -> float:
-    """TASK.metric per batch (holding every logit at once would take GBs), combined exactly:
+    """TASK.score per batch (holding every logit at once would take GBs), combined exactly:
     exp(sum_b tokens_b * log ppl_b / sum_b tokens_b), which is the metric over all batches."""
     nll, tokens = 0.0, 0
     with torch.no_grad():
         for b in batches:
             logits = model(**b.inputs).logits
             n = int((b.labels[:, 1:] != -100).sum())
-            nll += math.log(TASK.metric([logits], [b], None)) * n
+            nll += math.log(TASK.score([logits], [b], None)["perplexity"]) * n
             tokens += n
     return math.exp(nll / tokens)
 

@@ -49,7 +49,7 @@ LATENCY_SHAPES = ["1x40", "8x40", "1x128", "8x128"]
 def ort_accuracy(path: Path, batches) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = [torch.from_numpy(session.run(["logits"], feeds(session, b.inputs))[0]) for b in batches]
-    return TASK.metric(outputs, batches, None)
+    return TASK.score(outputs, batches, None)["accuracy"]
 
 
 def variants(graph: Path, calibration) -> dict[str, Path]:

@@ -66,7 +66,7 @@ def read_verbs(path: Path) -> tuple[list[dict], list[str]]:
 def accuracy(model, batches) -> float:
     with torch.no_grad():
         outputs = [model(**b.inputs).logits for b in batches]
-    return TASK.metric(outputs, batches, None)
+    return TASK.score(outputs, batches, None)["accuracy"]
 
 
 FINETUNE = {"batch_size": 32, "learning_rate": 1e-4}  # fixed settings of the classifier's fine-tuning

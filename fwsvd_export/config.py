@@ -196,6 +196,7 @@ class ValidationSpec:
     latency: LatencySpec = field(default_factory=LatencySpec)
     prompts: list[str] = field(default_factory=list)  # greedy generation check (text-generation with past)
     generation_tokens: int = 16
+    metric: Optional[str] = None  # what the checks read; null: the task's first metric (the report shows them all)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -234,6 +235,10 @@ class Recipe:
                 check_runs_on(comp.latency_precision, comp.latency_provider)
             except SpecError as exc:
                 raise exc.within("compression") from None
+        try:
+            TASKS[self.model.task].headline(self.validation.metric)
+        except SpecError as exc:
+            raise exc.within("validation") from None
         if self.data.finetune is not None and not self.finetune.epochs:
             raise SpecError("data.finetune", "names rows to fine-tune on, but 'finetune.epochs' is 0 (off)")
 

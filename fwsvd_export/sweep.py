@@ -76,7 +76,7 @@ def _compressed(point: dict) -> list[dict]:
 
 def dense_int8_wins(points: list[dict], task: Task) -> dict[str, list[dict]]:
     """Per point, the compressed artifacts its dense int8 artifact beats (`report.dense_int8_beats`)."""
-    return {p["folder"]: beaten for p in points if (beaten := dense_int8_beats(p["artifacts"], task))}
+    return {p["folder"]: beaten for p in points if (beaten := dense_int8_beats(p["artifacts"], task, p["metric"]))}
 
 
 def _verdict(points: list[dict], wins: dict[str, list[dict]]) -> str:
@@ -122,7 +122,7 @@ def plot_artifacts(points: list[dict], task: Task, path: Path) -> bool:
     rows = first_measured(_baselines(points))
     rows += [{**r, "point": p["folder"], "series": f"{r['artifact']}, {p['method']}"}
              for p in points for r in first_measured(_compressed(p))]
-    return plot_frontier(rows, points[0]["metric"], task.higher_is_better, path, "every artifact of the sweep")
+    return plot_frontier(rows, points[0]["metric"], task.higher_is_better(points[0]["metric"]), path, "every artifact of the sweep")
 
 
 def plot(points: list[dict], folder: Path) -> list[Path]:

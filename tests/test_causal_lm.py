@@ -108,7 +108,7 @@ def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_di
     scored = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     assert scored == stream_length - 1
     with torch.no_grad():
-        ours = task.metric([task.summary(model(**b.inputs).logits, b) for b in batches], batches, None)
+        ours = task.score([task.summary(model(**b.inputs).logits, b) for b in batches], batches, None)["perplexity"]
         # The Hugging Face perplexity guide's way: the model's own mean loss times the scored tokens, per window.
         nll = sum(float(model(input_ids=row[None], labels=lab[None]).loss) * int((lab[1:] != -100).sum())
                   for b in batches for row, lab in zip(b.inputs["input_ids"], b.labels))
@@ -214,7 +214,7 @@ def test_validation_holds_a_decoders_whole_logits_for_the_parity_batches_only(ll
     nll = sum(F.cross_entropy(l[:, :-1].reshape(-1, l.shape[-1]), b.labels[:, 1:].reshape(-1), reduction="sum",
                               ignore_index=-100) for l, b in zip(logits, batches))
     tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
-    assert dense.metric == pytest.approx(float(torch.exp(nll / tokens)), rel=1e-5)
+    assert dense.scores["perplexity"] == pytest.approx(float(torch.exp(nll / tokens)), rel=1e-5)
 
 @pytest.mark.parametrize("external_data", [False, True])
 def test_a_tied_embedding_is_stored_once_in_the_graph(tmp_path, monkeypatch, tokenizer, external_data):

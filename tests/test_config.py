@@ -161,3 +161,16 @@ def test_the_core_names_its_spec_fields_and_a_run_names_the_recipe_keys(bert_dir
     result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, classifier_recipe)), "-o",
                                        str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 2 and "'compression.target' ['nowhere']" in result.output, result.output
+
+
+def test_validation_metric_names_one_of_the_tasks_metrics():
+    data = copy.deepcopy(MINIMAL)
+    data["validation"] = {"metric": "f1"}
+    with pytest.raises(FwsvdError, match=r"'validation.metric' must be one of text-classification's metrics: "
+                                         r"accuracy; got 'f1'"):
+        parse_recipe(data, "recipe.yaml")
+    with pytest.raises(SpecError) as info:
+        build(Recipe, data)
+    assert info.value.key == "validation.metric"
+    data["validation"] = {"metric": "accuracy"}
+    assert parse_recipe(data, "recipe.yaml").validation.metric == "accuracy"

@@ -15,7 +15,7 @@ from conftest import write_recipe
 
 pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
 
-KEYS = ["tool", "versions", "recipe_file", "recipe", "model", "compression", "finetune", "sizes", "flop_ratio", "graph",
+KEYS = ["report_version", "tool", "versions", "recipe_file", "recipe", "model", "compression", "finetune", "sizes", "flop_ratio", "graph",
         "validation", "seconds", "peak_rss_mb", "artifacts", "passed", "output_notes", "whole_run", "data_sha256", "machine"]
 
 
@@ -54,9 +54,10 @@ def test_report_json_is_the_report_serialized_once(counted_run):
     assert calls["to_dict"] == 1  # the one serialization (verdicts read the report, not its dict)
     assert text == json.dumps(result.report.to_dict(), indent=2, default=str)
     data = json.loads(text)
-    assert list(data) == KEYS and "report_version" not in data
-    assert list(data["validation"]) == ["metric", "original_torch", "compressed_torch", "providers", "variants",
-                                        "checks", "passed", "verdicts"]
+    assert list(data) == KEYS and data["report_version"] == 2
+    assert list(data["validation"]) == ["metric", "original_torch", "compressed_torch", "scores", "providers",
+                                        "variants", "checks", "passed", "verdicts"]
+    assert data["validation"]["scores"]["compressed_torch"] == {"accuracy": data["validation"]["compressed_torch"]}
     assert data["artifacts"]["ranks_plot"] == "ranks.png" and data["passed"] == result.passed
 
 

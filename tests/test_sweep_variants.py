@@ -122,12 +122,13 @@ def test_the_dense_int8_verdict_appears_exactly_when_the_numbers_say_so(variant_
     assert dense_int8_wins(worse, classification) == {}
     assert _verdict(worse, {}).startswith("Dense int8 beats no compressed artifact at any point")
     # perplexity is better when lower: a larger value never wins, a smaller one does where the bytes say so
-    assert dense_int8_wins(worse, get_task("text-generation"))  # -1 < every metric
-    for point in worse:
+    as_perplexity = [dict(p, metric="perplexity") for p in worse]
+    assert dense_int8_wins(as_perplexity, get_task("text-generation"))  # -1 < every metric
+    for point in as_perplexity:
         for row in point["artifacts"]:
             if row["artifact"] == "dense-int8":
                 row["metric"] = 1e9
-    assert dense_int8_wins(worse, get_task("text-generation")) == {}
+    assert dense_int8_wins(as_perplexity, get_task("text-generation")) == {}
     without = [dict(p, artifacts=[r for r in p["artifacts"] if r["artifact"] != "dense-int8"]) for p in points]
     assert dense_int8_wins(without, classification) == {} and _verdict(without, {}).startswith("No dense int8 artifact")
 

@@ -85,7 +85,7 @@ def recommended(report: RunReport) -> Pick:
     why = (f"the smallest compressed artifact that passed every check: {_describe(best, metric)}; the dense model "
            f"scores {report.validation.original_torch:.4g}")
     all_rows = artifact_rows(report)
-    for beaten in dense_int8_beats(all_rows, get_task(report.model.task)):
+    for beaten in dense_int8_beats(all_rows, get_task(report.model.task), report.metric):
         if (beaten["artifact"], beaten["provider"]) == (best["artifact"], best["provider"]) and len(beaten["on"]) == 2:
             dense = next(r for r in all_rows if r["artifact"] == "dense-int8" and r["provider"] == best["provider"])
             return Pick("dense-int8", dense["provider"], artifact_folder(report, "dense-int8"),

@@ -265,7 +265,7 @@ def draw_plots(report: RunReport, folder: Path) -> dict[str, str]:
     drawn = {}
     if plot_ranks(report.compression, folder / RANKS_PLOT):
         drawn["ranks_plot"] = RANKS_PLOT
-    if plot_frontier(first_measured(artifact_rows(report)), report.metric, get_task(report.model.task).higher_is_better,
+    if plot_frontier(first_measured(artifact_rows(report)), report.metric, get_task(report.model.task).higher_is_better(report.metric),
                      folder / FRONTIER_PLOT, f"every artifact of the run ({report.compression.method})"):
         drawn["frontier_plot"] = FRONTIER_PLOT
     return drawn

@@ -1,13 +1,14 @@
 """The run report as data: `RunReport` and its parts, built from the compression's `CompressionResult` and
 the validation's `Validation`; ``report.json`` is `RunReport.to_dict()`, serialized once.
 
-The JSON keeps the layout it had when the report was a dict (no ``report_version`` field: nothing was
-renamed, added or removed): tool, versions, recipe_file, recipe, model, compression, finetune, sizes,
+The JSON's layout: report_version, tool, versions, recipe_file, recipe, model, compression, finetune, sizes,
 flop_ratio, graph, validation (with its derived ``verdicts``), seconds, peak_rss_mb, artifacts, passed,
-and, for a whole run only (not a sweep point), output_notes and whole_run. Added since, each written
-only when known (so older reports still read back): data_sha256 (the SHA-256 of each data role's file
-bytes, or of a hub dataset's id, config and split) and machine (the CPU, its cores and vector extensions,
-and the GPU where CUDA was measured: what the latencies were timed on). `RunReport.from_dict` reads such a
+and, for a whole run only (not a sweep point), output_notes and whole_run. ``report_version`` 2 (a report
+without the field is version 1, the dict it was before) added: data_sha256 (the SHA-256 of each data
+role's file bytes, or of a hub dataset's id, config and split) and machine (the CPU, its cores and vector
+extensions, and the GPU where CUDA was measured: what the latencies were timed on), each written only when
+known; and ``scores``, every metric the task reports (``validation.metric`` is the one the checks read),
+in validation (original_torch, compressed_torch) and in each provider's and precision variant's entry. `RunReport.from_dict` reads such a
 JSON back, so ``from_dict(d).to_dict() == d``.
 
 Also here, the reading every consumer of a report shares: the artifact rows (metric, file size and
@@ -24,6 +25,7 @@ from .tasks import Task, get_task, metric_loss
 from .validate import Check, Validation
 
 TOOL = "fwsvd-export"
+REPORT_VERSION = 2  # what changed since 1: the module docstring
 _VARIANT_PREFIX = "onnx_compressed_"  # artifacts: one key per precision variant of the compressed graph
 
 
@@ -129,7 +131,7 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         """report.json's content: plain JSON types, the keys in the order the file shows them."""
         data: dict[str, Any] = {
-            "tool": self.tool, "versions": self.versions, "recipe_file": self.recipe_file, "recipe": self.recipe,
+            "report_version": REPORT_VERSION, "tool": self.tool, "versions": self.versions, "recipe_file": self.recipe_file, "recipe": self.recipe,
             "model": asdict(self.model), "compression": self.compression.to_dict(), "finetune": asdict(self.finetune),
             "sizes": asdict(self.sizes), "flop_ratio": self.flop_ratio, "graph": self.graph,
             "validation": {**self.validation.to_dict(), "verdicts": verdicts(self)},
@@ -154,7 +156,7 @@ class RunReport:
                                         statistics=comp["statistics"], allocation=comp["allocation"],
                                         factorization=comp["factorization"])
         validation = Validation(val["metric"], val["original_torch"], val["compressed_torch"], val["providers"],
-                                [Check(**c) for c in val["checks"]], val["variants"])
+                                [Check(**c) for c in val["checks"]], val["variants"], val.get("scores", {}))
         whole = data.get("whole_run")
         return cls(data["recipe_file"], data["recipe"], ModelInfo(**data["model"]), compression,
                    FinetuneInfo(**data["finetune"]), Sizes(**data["sizes"]), data["graph"], validation,
@@ -205,7 +207,7 @@ def first_measured(rows: list[dict]) -> list[dict]:
     return list(first.values())
 
 
-def dense_int8_beats(rows: list[dict], task: Task) -> list[dict]:
+def dense_int8_beats(rows: list[dict], task: Task, metric: str) -> list[dict]:
     """The compressed artifacts of one run that its dense int8 artifact beats on the same provider: a task
     metric at least as good together with a file no larger or a median latency no higher (`on` names
     which). Dense int8 is the artifact a user would ship instead of ours, so the report says so plainly."""
@@ -213,7 +215,7 @@ def dense_int8_beats(rows: list[dict], task: Task) -> list[dict]:
     for dense in (r for r in rows if r["artifact"] == "dense-int8" and r["metric"] is not None):
         for ours in rows:
             if (not ours["artifact"].startswith("compressed-") or ours["provider"] != dense["provider"]
-                    or ours["metric"] is None or metric_loss(task, ours["metric"], dense["metric"]) > 0):
+                    or ours["metric"] is None or metric_loss(task, metric, ours["metric"], dense["metric"]) > 0):
                 continue
             on = [name for name, key in (("size", "bytes"), ("latency", "median_ms"))
                   if dense[key] is not None and ours[key] is not None and dense[key] <= ours[key]]
@@ -227,7 +229,7 @@ def verdicts(report: RunReport) -> list[str]:
     rows = {(r["artifact"], r["provider"]): r for r in artifact_rows(report)}
     metric = report.validation.metric
     lines = []
-    for beaten in dense_int8_beats(list(rows.values()), get_task(report.model.task)):
+    for beaten in dense_int8_beats(list(rows.values()), get_task(report.model.task), report.metric):
         dense, ours = rows[("dense-int8", beaten["provider"])], rows[(beaten["artifact"], beaten["provider"])]
         on = beaten["on"]  # beaten on one axis only, ours may still win on the other
         unless = "" if len(on) == 2 else f" unless {'size' if on == ['latency'] else 'latency'} decides"

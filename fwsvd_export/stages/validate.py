@@ -47,12 +47,13 @@ class Check:
 
 @dataclass
 class Validation:
-    metric: str
+    metric: str  # the metric the checks read (the task's first, or validation.metric)
     original_torch: float
     compressed_torch: float
     providers: dict = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     variants: dict = field(default_factory=dict)  # "dense-int8", "compressed-int8", ...: per provider
+    scores: dict = field(default_factory=dict)  # every metric of the task: "original_torch", "compressed_torch"
 
     @property
     def passed(self) -> bool:
@@ -60,7 +61,7 @@ class Validation:
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "original_torch": self.original_torch, "compressed_torch": self.compressed_torch,
-                "providers": self.providers, "variants": self.variants,
+                "scores": self.scores, "providers": self.providers, "variants": self.variants,
                 "checks": [c.as_dict() for c in self.checks], "passed": self.passed}
 
 
@@ -180,8 +181,10 @@ def _outputs(run, task: Task, spec: ValidationSpec, batches: list[Batch], desc: 
     return result
 
 
-def _metric(task: Task, outputs: Outputs, batches: list[Batch], reference: Optional[list[torch.Tensor]]) -> float:
-    return task.metric(outputs.summaries, batches, reference)
+def _scores(task: Task, outputs: Outputs, batches: list[Batch], reference: Optional[list[torch.Tensor]]
+            ) -> dict[str, float]:
+    """Every metric the task reports for these outputs."""
+    return task.score(outputs.summaries, batches, reference)
 
 
 @dataclass
@@ -189,7 +192,7 @@ class Reference:
     """The dense model's results that every compressed model is compared with, measured once."""
 
     summaries: list[torch.Tensor]  # what the metric reads of the original model's output on each evaluation batch
-    metric: float
+    scores: dict[str, float]  # every metric of the task, the original model's
     graphs: dict[str, Path] = field(default_factory=dict)  # "dense", "dense-int8", ...: timed beside each compressed model
     variants: dict[str, dict] = field(default_factory=dict)  # "dense-int8" -> provider -> measurements
 
@@ -210,7 +213,8 @@ def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Pat
             continue
         out = _outputs(lambda b: run_ort(session, task, b), task, spec, batches,
                        f"{graph.parent.name} (onnx, {provider.name})", progress)
-        result[provider.name] = {"status": "measured", "metric": _metric(task, out, batches, reference_out),
+        scores = _scores(task, out, batches, reference_out)
+        result[provider.name] = {"status": "measured", "metric": scores[task.headline(spec.metric)], "scores": scores,
                                  "parity": relative_error(out.whole, source.whole, kind.rtol), "latency": []}
     return result
 
@@ -230,7 +234,7 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
     (BENCHMARKS.md, "Shape inference without the weights' values")."""
     outputs = _outputs(lambda b: run_torch(original, task, b), task, spec, batches, "original (torch)", progress)
     compared = outputs.summaries if task.needs_reference else None
-    ref = Reference(outputs.summaries, _metric(task, outputs, batches, compared),
+    ref = Reference(outputs.summaries, _scores(task, outputs, batches, compared),
                     {"dense": dense_onnx, **{f"dense-{p}": g for p, g in (variants or {}).items()}})
     for precision, graph in (variants or {}).items():
         ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, progress,
@@ -264,10 +268,13 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
     compressed_out, greedy = compressed.outputs, compressed.greedy
     reference = dense.summaries if task.needs_reference else None
     prompts = prompts or []
-    result = Validation(task.metric_name, dense.metric, _metric(task, compressed_out, batches, reference))
-    loss = metric_loss(task, result.original_torch, result.compressed_torch)
+    metric = task.headline(spec.metric)
+    scores = _scores(task, compressed_out, batches, reference)
+    result = Validation(metric, dense.scores[metric], scores[metric],
+                        scores={"original_torch": dense.scores, "compressed_torch": scores})
+    loss = metric_loss(task, metric, result.original_torch, result.compressed_torch)
     result.checks.append(Check("metric loss (compressed torch)", loss <= spec.max_metric_loss,
-                               f"{task.metric_name} {result.original_torch:.4f} -> {result.compressed_torch:.4f} "
+                               f"{metric} {result.original_torch:.4f} -> {result.compressed_torch:.4f} "
                                f"(loss {loss:.4f}, allowed {spec.max_metric_loss})"))
     for provider in spec.providers:
         entry: dict = {"provider": PROVIDERS[provider.name], "required": provider.required, "threads": threads(spec)}
@@ -281,8 +288,9 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
         ort_out = _outputs(lambda b: run_ort(session, task, b), task, spec, batches,
                            f"compressed (onnx, {provider.name})", progress)
         entry["parity"] = parity(ort_out.whole, compressed_out.whole, spec.atol, spec.rtol)
-        entry["metric"] = _metric(task, ort_out, batches, reference)
-        entry["metric_loss"] = metric_loss(task, result.original_torch, entry["metric"])
+        entry["scores"] = _scores(task, ort_out, batches, reference)
+        entry["metric"] = entry["scores"][metric]
+        entry["metric_loss"] = metric_loss(task, metric, result.original_torch, entry["metric"])
         entry["latency"] = []
         if has_past(session) and prompts:
             matches = [greedy_ort(session, ids, spec.generation_tokens) == expected for ids, expected in zip(prompts, greedy)]
@@ -294,7 +302,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
         result.checks.append(Check(f"{provider.name}: numeric parity", p["passed"],
                                    f"max abs error {p['max_abs_error']:.2e}, rel {p['max_rel_error']:.2e}"))
         result.checks.append(Check(f"{provider.name}: metric loss", entry["metric_loss"] <= spec.max_metric_loss,
-                                   f"{task.metric_name} {result.original_torch:.4f} -> {entry['metric']:.4f} "
+                                   f"{metric} {result.original_torch:.4f} -> {entry['metric']:.4f} "
                                    f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
         entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
         session = ort_out = None  # closed and let go: the timing opens its own sessions
@@ -319,13 +327,13 @@ def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, resul
             if not isinstance(entry, dict) or entry.get("status") != "measured":
                 continue
             fp32 = result.providers.get(provider, {}).get("metric", result.compressed_torch)
-            loss = metric_loss(task, fp32, entry["metric"])
+            loss = metric_loss(task, result.metric, fp32, entry["metric"])
             p = entry["parity"]
             result.checks.append(Check(f"{provider}: {name} parity", p["passed"],
                                        f"||{precision} - fp32|| / ||fp32|| = {p['relative_error']:.3f} "
                                        f"(allowed {p['rtol']:g})"))
             result.checks.append(Check(f"{provider}: {name} metric loss", loss <= spec.max_quantization_loss,
-                                       f"{task.metric_name} {fp32:.4f} (compressed fp32) -> {entry['metric']:.4f} "
+                                       f"{result.metric} {fp32:.4f} (compressed fp32) -> {entry['metric']:.4f} "
                                        f"(loss {loss:.4f}, allowed {spec.max_quantization_loss})"))
 
 

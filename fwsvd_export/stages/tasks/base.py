@@ -1,0 +1,86 @@
+"""The shape every task shares, so that every later stage (statistics, export, validation) is task-blind.
+
+A task's batches hold what its model's preprocessor (a tokenizer, or an image processor) returns, and the
+pipeline keeps of them what the model's forward takes (``models.fit_batches``). The recipe checks its task
+and metric names against the registry, so this module and every task module are light to import: torch and
+transformers are imported where a task runs, and the model class is named and looked up on use.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
+
+from ...errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ...core.batch import Batch
+
+Record = Mapping[str, Any]  # a row of column -> value (stages.data's Record also knows its `where` and `folder`)
+# (each evaluation batch's summary, the batches, the dense model's summaries when `needs_reference`) -> metrics
+Scorer = Callable[[list["torch.Tensor"], list["Batch"], Optional[list["torch.Tensor"]]], dict[str, float]]
+
+
+class Source(Protocol):
+    """What a task reads of a data source (config.DataSource has it)."""
+
+    text_column: str
+    text_pair_column: Optional[str]
+    image_column: str
+    label_column: Optional[str]
+    stride: Optional[int]
+
+
+def _whole(output: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return output
+
+
+@dataclass
+class Task:
+    name: str
+    model_class: str  # the transformers auto class, by name (looked up on use: `auto_class`)
+    output_name: str  # the ONNX/PyTorch output compared across runtimes
+    metrics: tuple[str, ...]  # what `score` reports; the first is what the checks read unless validation.metric says
+    columns: Callable[[Source, bool], list[str]]  # required columns (source, is_calibration)
+    # (records, source, preprocessor, max_length, batch_size, is_calibration, model config) -> batches
+    make_batches: Callable[[list[Record], Source, Any, int, int, bool, object], list[Batch]]
+    loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over samples, so grads are per-sample sums
+    score: Scorer  # every metric of `metrics`, from the evaluation batches' summaries
+    # Distillation: (student output, dense teacher output, batch, temperature) -> loss summed over samples.
+    distill: Callable[[torch.Tensor, torch.Tensor, Batch, float], torch.Tensor]
+    lower_is_better: frozenset[str] = frozenset()  # metrics where less is better (perplexity)
+    needs_reference: bool = False  # metric compares against the original model's outputs
+    skip_empty: bool = False  # empty texts are dropped (they add no tokens), not reported as bad records
+    onnx_task_with_past: Optional[str] = None  # exporter task with the key/value cache, if the task has one
+    generates: bool = False  # greedy generation is checked in ONNX Runtime against PyTorch
+    # What the metric reads of one batch's output: validation holds it for every evaluation batch and whole
+    # outputs for the parity batches only (a decoder's logits are tokens x vocabulary).
+    summary: Callable[[torch.Tensor, Batch], torch.Tensor] = _whole
+    # A folder that holds the bare model may be loaded for this task with its head newly initialised; what
+    # the report says of such a head (None: the head must be in the weights).
+    new_head: Optional[str] = None
+    # Base-model modules the task never reads (their weights may be missing from a plain checkpoint, e.g. an
+    # MLM's pooler under mean pooling), with the report's note on them.
+    unread: tuple[str, ...] = ()
+
+    @property
+    def auto_class(self) -> Any:
+        """The transformers auto class that loads a model for this task."""
+        return getattr(importlib.import_module("transformers"), self.model_class)
+
+    def onnx_task(self, with_past: bool) -> str:
+        """The exporter's task name for this task's graph."""
+        return self.onnx_task_with_past if with_past and self.onnx_task_with_past else self.name
+
+    def headline(self, chosen: Optional[str] = None) -> str:
+        """The metric the checks read: `chosen` (validation.metric), else the task's first."""
+        if chosen is None:
+            return self.metrics[0]
+        if chosen not in self.metrics:
+            raise SpecError("metric", f"must be one of {self.name}'s metrics: {', '.join(self.metrics)}; got {chosen!r}")
+        return chosen
+
+    def higher_is_better(self, metric: str) -> bool:
+        return metric not in self.lower_is_better
