@@ -39,12 +39,14 @@ from .stages.models import (
     check_custom_code,
     check_loading,
     check_local_model,
+    check_positions,
     check_sizes,
     fit_batches,
     is_local_path,
     load_preprocessor,
     model_location,
     placement,
+    set_pad_token,
     text_tokenizer,
 )
 from .stages.outputs import RUN_MARKER, check_apart, check_replaceable
@@ -216,8 +218,8 @@ def _built(location: str, source: str, task: Task, kwargs: dict[str, Any], recip
         how = "the hub config cached on this machine (the weights were not checked)"
         plan.not_checked.append(f"the weights of hub model '{location}' (fetched by run)")
     preprocessor = load_preprocessor(source, kwargs)
-    _pad_token(text_tokenizer(preprocessor), model, location)
-    _positions(recipe, model.config)
+    set_pad_token(text_tokenizer(preprocessor), model, location)
+    check_positions(recipe, model.config)
     plan.model = _facts(location, how, model, notes)
     return model, preprocessor
 
@@ -246,24 +248,6 @@ def _check_names(folder: Path, model: nn.Module, task: Task, location: str) -> l
         model, stored, list(renamed.values()), base_from_task, None)
     missing, unexpected = model._adjust_missing_and_unexpected_keys(missing, unexpected, task_from_base)
     return check_loading(model, {"missing_keys": missing, "unexpected_keys": unexpected}, task, location)
-
-
-def _pad_token(tokenizer: Any, model: nn.Module, location: str) -> None:
-    """As `load_pretrained` pads: with the pad token, else EOS, else the unknown token."""
-    if tokenizer is not None and tokenizer.pad_token is None:
-        if tokenizer.eos_token is None and tokenizer.unk_token is None:
-            raise FwsvdError(f"the tokenizer of '{location}' has no pad, EOS or unknown token to pad batches with")
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def _positions(recipe: Recipe, config: Any) -> None:
-    """As `load_model` refuses a data.max_length beyond the model's positions."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is not None and recipe.data.max_length > limit:
-        raise FwsvdError(f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's "
-                         f"{limit} positions")
 
 
 def _facts(location: str, how: str, model: nn.Module, notes: list[str]) -> ModelFacts:

@@ -237,14 +237,27 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
     for note in notes:
         log.warning(note)
     setattr(model, LOADING_NOTES, notes)
-    tokenizer = text_tokenizer(preprocessor)
-    if tokenizer is not None and tokenizer.pad_token is None:  # causal LMs often ship without one
+    set_pad_token(text_tokenizer(preprocessor), model, location)
+    return model.eval(), preprocessor
+
+
+def set_pad_token(tokenizer: Any, model: torch.nn.Module, location: str) -> None:
+    """Batches are padded with the pad token, else EOS (causal LMs often ship without one), else the unknown
+    token; the model's config learns it (sequence classifiers need it to find the last token)."""
+    if tokenizer is not None and tokenizer.pad_token is None:
         if tokenizer.eos_token is None and tokenizer.unk_token is None:
             raise FwsvdError(f"the tokenizer of '{location}' has no pad, EOS or unknown token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers need it to find the last token
-    return model.eval(), preprocessor
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def check_positions(recipe: Recipe, config: Any) -> None:
+    """Refuse a data.max_length beyond the model's positions."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and recipe.data.max_length > limit:
+        raise FwsvdError(f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's "
+                         f"{limit} positions")
 
 
 def load_preprocessor(source: str, kwargs: dict[str, Any]) -> Any:
@@ -282,8 +295,8 @@ def fit_batches(batches: list[Batch], model: torch.nn.Module) -> list[Batch]:
         return batches
     log.info("the preprocessor's %s left out of the batches: %s.forward does not take %s", ", ".join(dropped),
              type(model).__name__, "it" if len(dropped) == 1 else "them")
-    return [Batch({k: v for k, v in b.inputs.items() if k in accepted}, b.token_mask, b.labels, b.groups)
-            for b in batches]
+    return [Batch({k: v for k, v in b.inputs.items() if k in accepted}, b.token_mask, b.labels, b.groups,
+                  b.meta) for b in batches]
 
 
 def load_model(recipe: Recipe) -> tuple[PreTrainedModel, Any, str]:
@@ -292,10 +305,7 @@ def load_model(recipe: Recipe) -> tuple[PreTrainedModel, Any, str]:
     location = model_location(recipe)
     model, preprocessor = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision,
                                           trust_remote_code=recipe.model.trust_remote_code)
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and recipe.data.max_length > limit:
-        raise FwsvdError(f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's "
-                         f"{limit} positions")
+    check_positions(recipe, model.config)
     return model, preprocessor, location
 
 
