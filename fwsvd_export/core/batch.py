@@ -2,8 +2,8 @@
 Tasks build batches; the statistics pass and the loss only read them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ class Batch:
     token_mask: torch.Tensor  # (rows, seq) bool: real tokens, not padding
     labels: Optional[torch.Tensor] = None
     groups: int = 1
+    # What a task's metric reads beyond tensors (a QA feature's example, character offsets and gold answers):
+    # never fed to the model, never moved to a device.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -25,7 +28,7 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.token_mask.to(device),
-                     None if self.labels is None else self.labels.to(device), self.groups)
+                     None if self.labels is None else self.labels.to(device), self.groups, self.meta)
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # the task loss of a model on a batch

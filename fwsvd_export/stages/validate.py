@@ -138,7 +138,9 @@ def _spins(options: ort.SessionOptions) -> bool:
 
 
 def run_ort(session: ort.InferenceSession, task: Task, batch: Batch) -> torch.Tensor:
-    return torch.from_numpy(session.run([task.output_name], feeds(session, batch.inputs))[0])
+    """The compared output of an ONNX graph for one batch, taken as `run_torch` takes it (`Task.compared`)."""
+    values = session.run(list(task.output_names), feeds(session, batch.inputs))
+    return task.compared([torch.from_numpy(v) for v in values])
 
 
 def parity(outputs: list[torch.Tensor], reference: list[torch.Tensor], atol: float, rtol: float) -> dict:

@@ -45,8 +45,9 @@ def get_task(name: str) -> Task:
 
 
 def run_torch(model: torch.nn.Module, task: Task, batch: Batch) -> torch.Tensor:
-    """The compared output of a PyTorch model for one batch."""
-    return getattr(model(**batch.inputs), task.output_name)
+    """The compared output of a PyTorch model for one batch (`Task.compared` of its `output_names`)."""
+    outputs = model(**batch.inputs)
+    return task.compared([getattr(outputs, name) for name in task.output_names])
 
 
 def metric_loss(task: Task, metric: str, baseline: float, value: float) -> float:

@@ -31,6 +31,11 @@ class Source(Protocol):
     image_column: str
     label_column: Optional[str]
     stride: Optional[int]
+    question_column: str  # question-answering's columns, and its windows over a long context
+    context_column: str
+    answers_column: str
+    doc_stride: Optional[int]
+    max_answer_length: int
 
 
 def _whole(output: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -41,7 +46,9 @@ def _whole(output: torch.Tensor, batch: Batch) -> torch.Tensor:
 class Task:
     name: str
     model_class: str  # the transformers auto class, by name (looked up on use: `auto_class`)
-    output_name: str  # the ONNX/PyTorch output compared across runtimes
+    # The ONNX/PyTorch output compared across runtimes; several (a QA model's start and end logits) are stacked
+    # on a new last axis, taken alike in both runtimes (`compared`), so parity and the metric see them all.
+    output_name: str | tuple[str, ...]
     metrics: tuple[str, ...]  # what `score` reports; the first is what the checks read unless validation.metric says
     columns: Callable[[Source, bool], list[str]]  # required columns (source, is_calibration)
     # (records, source, preprocessor, max_length, batch_size, is_calibration, model config) -> batches
@@ -64,6 +71,20 @@ class Task:
     # Base-model modules the task never reads (their weights may be missing from a plain checkpoint, e.g. an
     # MLM's pooler under mean pooling), with the report's note on them.
     unread: tuple[str, ...] = ()
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The model outputs `compared` takes, in order."""
+        return (self.output_name,) if isinstance(self.output_name, str) else tuple(self.output_name)
+
+    def compared(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The tensor compared across runtimes from the values of `output_names`, in order: the one output
+        itself, or several stacked on a new last axis."""
+        if len(outputs) == 1:
+            return outputs[0]
+        import torch
+
+        return torch.stack(outputs, dim=-1)
 
     @property
     def auto_class(self) -> Any:
