@@ -552,7 +552,7 @@ def _weigh(method: Method, spec: CompressionSpec, stats: dict[str, LayerStats], 
     """The weighted spectra of the layers in `mine` (those the budget allocates that this rank owns), and
     with `keep` their weightings (the allocation check factorizes with them). Without `keep` each weighting
     is let go once its spectrum is taken and is built again when its layer is factorized: held for every
-    layer at once, kfac's float64 side weights outweigh the model (BENCHMARKS.md)."""
+    layer at once, kfac's float64 side weights outweigh the model (benchmarks/logs/scaling.md)."""
     weightings, spectra = {}, {}
     for p in tqdm(mine, desc="weighted spectra", unit="layer", disable=not progress):
         weighting = method.build(stats[p.name], spec.damping)

@@ -203,7 +203,7 @@ class CompressionSpec:
     """Which Linear layers to factorize, how to weight them, and how far to cut them. With none of
     ratio, rank, budget and target_speedup given, each layer keeps half its weights."""
 
-    method: str = "kfac"  # the strongest in BENCHMARKS.md; "fwsvd" is the paper's method
+    method: str = "kfac"  # the strongest in benchmarks/logs/methods.md; "fwsvd" is the paper's method
     target: Optional[list[str]] = None  # None: the model family's attention and MLP projections
     exclude: list[str] = field(default_factory=list)
     ratio: Optional[float] = None  # uniform: kept fraction of each layer's weights

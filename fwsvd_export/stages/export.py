@@ -45,7 +45,7 @@ def _graph_without_weights() -> Iterator[list[str]]:
     becomes a graph input named as in the model's state dict); yields the names of the model's own inputs,
     as optimum passes them. With its weights, torch's TorchScript exporter (the one optimum uses) holds a
     graph under 2 GB three times in memory beside the model (built, serialized, copied out: the largest part
-    of a 0.5B run's peak, BENCHMARKS.md), and optimum loads a graph over 2 GB whole to save it again.
+    of a 0.5B run's peak: benchmarks/logs/scaling.md), and optimum loads a graph over 2 GB whole to save it again.
 
     Scoped: ``torch.onnx.export`` is the function found there again on exit, the block raising or not, and
     `export_onnx` holds this around optimum's call alone. It is a module attribute, so another thread
@@ -68,8 +68,8 @@ def _graph_without_weights() -> Iterator[list[str]]:
 @contextmanager
 def _shape_inference_without_weight_values() -> Iterator[None]:
     """Run torch's graph-wide ONNX shape inference (twice per export) without the weights' values: given
-    them, the 0.5B decoder's dense export peaked at 4,987 MiB and took 46 s, without them at 2,579 MiB and
-    18 s (BENCHMARKS.md, "Shape inference without the weights' values"). A weight's shape is in its traced
+    them, the 0.5B decoder's dense export took about twice the memory and time (benchmarks/logs/scaling-memory.md,
+    "Shape inference without the weights' values"). A weight's shape is in its traced
     type, which is all the inference needs: the graph is byte for byte the same (tests/test_causal_lm.py).
     Scoped as `_graph_without_weights`: torch's pass is the one found there again on exit."""
     import torch

@@ -39,12 +39,12 @@ PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
         Precision("fp32", ("cpu", "cuda"), 0.0),  # validated by the recipe's own atol and rtol
-        # Measured on MiniLM-L6 (BENCHMARKS.md): well-behaved int8 hidden states differ by 0.2-0.4 of their
-        # norm (pooled embeddings keep cosine 0.99); a broken quantization gives about 1.
+        # Well-behaved int8 hidden states stay well under half their norm away; a broken quantization lands
+        # about a whole norm away, so half a norm tells them apart.
         Precision("int8", ("cpu",), 0.5),
         Precision("fp16", ("cuda",), 0.02),
-        # 4-bit weights in blocks of INT4_BLOCK along the input: about twice int8's error on the tiny test
-        # models (0.05-0.3 of the output norm); a layer quantized wrongly gives about 1.
+        # 4-bit weights in blocks of INT4_BLOCK along the input: more error than int8, still well under half
+        # the output norm; a layer quantized wrongly gives about a whole norm.
         Precision("int4", ("cpu",), 0.5),
     )
 }
@@ -92,7 +92,7 @@ def _int8(source: Path, target: Path, mode: str, calibration: list[Batch], exter
 
     if mode == "dynamic":
         # reduce_range (7-bit weights): without it, per-channel int8 MatMuls of the factorized graph saturate
-        # on x86 CPUs without VNNI and the model collapses (BENCHMARKS.md, "Precisions").
+        # on x86 CPUs without VNNI and the model collapses (benchmarks/logs/precisions.md).
         quantize_dynamic(source, target, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
                          use_external_data_format=external)
         return
