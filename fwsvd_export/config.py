@@ -77,11 +77,20 @@ class DataSource:
     label_column: Optional[str] = None
     max_samples: Optional[int] = None
     stride: Optional[int] = None  # text-generation evaluation: sliding-window step (default: max_length)
+    question_column: str = "question"  # question-answering (SQuAD format): the question
+    context_column: str = "context"  # question-answering: the passage the answer is cut from
+    answers_column: str = "answers"  # question-answering: {text: [...], answer_start: [...]} (characters into the context)
+    # question-answering: tokens that consecutive windows over a long context share (null: a third of
+    # data.max_length, as run_qa's 128 of 384)
+    doc_stride: Optional[int] = None
+    max_answer_length: int = 30  # question-answering: the longest answer span decoded, in tokens
 
     def __post_init__(self) -> None:
         check_fields(self)
         _at_least(self, "max_samples", 1)
         _at_least(self, "stride", 1, " (tokens)")
+        _at_least(self, "doc_stride", 0, " (tokens)")
+        _at_least(self, "max_answer_length", 1, " (tokens)")
 
     def check_source(self) -> None:
         """A recipe's data section reads from exactly one place (a bare DataSource, as tasks' tests build
@@ -114,6 +123,9 @@ class DataSpec:
             if source.stride is not None and source.stride > self.max_length:
                 raise SpecError(f"{role}.stride", f"must be between 1 and max_length ({self.max_length}), "
                                                   f"got {source.stride}")
+            if source.doc_stride is not None and source.doc_stride >= self.max_length:
+                raise SpecError(f"{role}.doc_stride", f"must be below max_length ({self.max_length}), "
+                                                      f"got {source.doc_stride}")
 
 
 @dataclass

@@ -28,13 +28,18 @@ LIBRARY = "onnx"  # what the card's artifacts are; optimum's ORTModelFor* classe
 ORT_CLASSES = {"text-classification": "ORTModelForSequenceClassification",
                "feature-extraction": "ORTModelForFeatureExtraction",
                "text-generation": "ORTModelForCausalLM",
-               "image-classification": "ORTModelForImageClassification"}
+               "image-classification": "ORTModelForImageClassification",
+               "question-answering": "ORTModelForQuestionAnswering",
+               "token-classification": "ORTModelForTokenClassification"}
 _RUN_LINES = {
     "text-classification": "print(model(**tokenizer([\"A sentence to classify.\"], return_tensors=\"pt\")).logits.argmax(-1))",
     "feature-extraction": "print(model(**tokenizer([\"A sentence to embed.\"], return_tensors=\"pt\")).last_hidden_state.mean(1))",
     "text-generation": "print(tokenizer.decode(model.generate(tokenizer(\"Once upon a time\", return_tensors=\"pt\").input_ids, "
                        "max_new_tokens=16)[0]))",
     "image-classification": "print(model(**tokenizer(Image.new(\"RGB\", (224, 224)), return_tensors=\"pt\")).logits.argmax(-1))",
+    "token-classification": "print(model(**tokenizer([\"Ada Lovelace lived in London.\"], return_tensors=\"pt\")).logits.argmax(-1))",
+    "question-answering": "out = model(**tokenizer(\"Who wrote it?\", \"It was written by Ada.\", return_tensors=\"pt\"))\n"
+                          "print(out.start_logits.argmax(-1), out.end_logits.argmax(-1))",
 }
 
 
