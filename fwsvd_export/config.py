@@ -64,13 +64,13 @@ class ModelSpec:
 
 @dataclass
 class DataSource:
-    """Records from a local JSONL/CSV/TSV/plain-text file, or from a `datasets` hub dataset."""
+    """Records from a local JSONL/CSV/TSV/plain-text/CoNLL file, or from a `datasets` hub dataset."""
 
     path: Optional[str] = None
     dataset: Optional[str] = None
     dataset_config: Optional[str] = None
     split: str = "train"
-    format: Literal["auto", "jsonl", "csv", "tsv", "text"] = "auto"
+    format: Literal["auto", "jsonl", "csv", "tsv", "text", "conll"] = "auto"
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     image_column: str = "image"  # image-classification: an image file (path relative to the data file) or hub image
@@ -84,6 +84,12 @@ class DataSource:
     # data.max_length, as run_qa's 128 of 384)
     doc_stride: Optional[int] = None
     max_answer_length: int = 30  # question-answering: the longest answer span decoded, in tokens
+    tokens_column: str = "tokens"  # token-classification: each record's words, a list (a CoNLL file's first column)
+    tags_column: str = "tags"  # token-classification: one tag per word, a name from the model's labels or its id
+    conll_tag_column: int = -1  # format conll: the whitespace-separated column holding the tag (-1: the last)
+    # token-classification: how the tags spell entity spans (none: plain classes such as part of speech, each
+    # tagged word a one-word span)
+    tag_scheme: Literal["IOB1", "IOB2", "BIOES", "none"] = "IOB2"
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -91,6 +97,8 @@ class DataSource:
         _at_least(self, "stride", 1, " (tokens)")
         _at_least(self, "doc_stride", 0, " (tokens)")
         _at_least(self, "max_answer_length", 1, " (tokens)")
+        if self.conll_tag_column == 0:
+            raise SpecError("conll_tag_column", "is 0, the word's own column; the tag is another (e.g. -1, the last)")
 
     def check_source(self) -> None:
         """A recipe's data section reads from exactly one place (a bare DataSource, as tasks' tests build

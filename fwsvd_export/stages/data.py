@@ -1,4 +1,4 @@
-"""Calibration and evaluation records: local JSONL/CSV/TSV/plain-text files, or a `datasets` hub dataset.
+"""Calibration and evaluation records: local JSONL/CSV/TSV/plain-text/CoNLL files, or a `datasets` hub dataset.
 
 A record is a dict of column -> value that also knows where it came from. Which columns must exist
 depends on the task; the check happens here, before any model work, so a typo in a column name fails in
@@ -29,6 +29,7 @@ class Record(dict[str, Any]):
         super().__init__(values)
         self.where = where
         self.folder = folder
+        self.token_wheres: list[str] | None = None  # a CoNLL sentence's: each word's own file:line
 
 
 def _detect_format(path: Path, declared: str) -> str:
@@ -43,7 +44,10 @@ def _detect_format(path: Path, declared: str) -> str:
         return "tsv"
     if suffix in (".txt", ".text", ".raw"):
         return "text"
-    raise FwsvdError(f"{path}: cannot tell the format from the extension '{suffix}'; set 'format' (jsonl, csv, tsv, text)")
+    if suffix == ".conll":
+        return "conll"
+    raise FwsvdError(f"{path}: cannot tell the format from the extension '{suffix}'; set 'format' "
+                     "(jsonl, csv, tsv, text, conll)")
 
 
 def _decode(path: Path, origin: str) -> str:
@@ -117,6 +121,38 @@ def _read_file(path: Path, fmt: str, text_column: str, origin: str) -> list[Reco
     return records
 
 
+def _read_conll(path: Path, text: str, source: DataSource) -> list[Record]:
+    """A CoNLL column file, the format CoNLL-2003 ships in: one word a line, the word in the first
+    whitespace-separated column and its tag in `conll_tag_column` (-1: the last); a blank line ends a
+    sentence; `-DOCSTART-` lines are skipped. Each sentence is a record of two lists, the words under
+    `tokens_column` and the tags under `tags_column`, found at its first word's line; each word's own
+    line is kept (`token_wheres`), so a bad tag is reported where it stands."""
+    records: list[Record] = []
+    words: list[str] = []
+    tags: list[str] = []
+    wheres: list[str] = []
+    for number, line in enumerate(io.StringIO(text + "\n\n", newline=None), 1):  # a blank line ends the last sentence
+        fields = line.split()
+        if fields and fields[0] == "-DOCSTART-":
+            continue
+        if not fields:
+            if words:
+                record = Record({source.tokens_column: words, source.tags_column: tags}, wheres[0], path.parent)
+                record.token_wheres = wheres
+                records.append(record)
+                words, tags, wheres = [], [], []
+            continue
+        where = f"{path}:{number}"
+        column = source.conll_tag_column if source.conll_tag_column >= 0 else len(fields) + source.conll_tag_column
+        if not 1 <= column < len(fields):
+            raise FwsvdError(f"{where}: the line has {len(fields)} column(s) ({' '.join(fields)!r}), so no tag in column "
+                             f"{source.conll_tag_column} (data.*.conll_tag_column; the word is column 0)")
+        words.append(fields[0])
+        tags.append(fields[column])
+        wheres.append(where)
+    return records
+
+
 def _refuse_lone_surrogates(record: dict, where: str, origin: str) -> None:
     """JSON may spell half of a UTF-16 surrogate pair (``"\\ud800"``); Python keeps it as a string no encoder
     accepts, and the tokenizer would fail on it later with a bare TypeError. Refused here like any other
@@ -160,7 +196,11 @@ def load_records(recipe: Recipe, role: str, required: list[str], skip_empty: boo
         path = recipe.resolve(source.path)
         if not path.is_file():
             raise FwsvdError(f"{recipe.source}: '{where}.path' points to a missing file: {path}")
-        records = _read_file(path, _detect_format(path, source.format), source.text_column, where)
+        fmt = _detect_format(path, source.format)
+        if fmt == "conll":
+            records = _read_conll(path, _decode(path, where), source)
+        else:
+            records = _read_file(path, fmt, source.text_column, where)
         label = str(path)
     else:
         records = _read_hub(source)
