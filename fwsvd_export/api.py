@@ -40,7 +40,8 @@ __all__ = ["Compressed", "compress", "export", "infer_task", "validate"]
 
 # A model class's name ends in its head: the task that head serves. A bare encoder ("BertModel") embeds.
 _HEADS = (("ForSequenceClassification", "text-classification"), ("ForCausalLM", "text-generation"),
-          ("ForImageClassification", "image-classification"))
+          ("ForImageClassification", "image-classification"),
+          ("ForTokenClassification", "token-classification"))
 # The record keys each column is looked for under, in order.
 _KEYS = {"text_column": ("text", "sentence", "sentence1", "content"), "text_pair_column": ("text_pair", "sentence2", "pair"),
          "label_column": ("label", "labels"), "image_column": ("image",)}
@@ -195,7 +196,7 @@ def compress(model_or_path: Any, data: Sequence[Any], *, task: Optional[str] = N
     as an instance is left as it was (a copy is factorized); a folder or hub id is loaded as a run loads it."""
     spec = CompressionSpec(method=method, ratio=ratio, budget=budget)
     model, preprocessor, task_name, source, dense = _load(model_or_path, task, tokenizer)
-    kind = get_task(task_name)
+    kind = get_task(task_name).for_model(model)  # its pooling, its head
     calibration = batches(data, kind, preprocessor, model, max_length, batch_size, True)
     params = sum(p.numel() for p in model.parameters())
     result = compress_(model, spec, calibration, kind.loss, progress)
@@ -242,6 +243,7 @@ def validate(compressed_or_folder: Any, data: Sequence[Any], exported: Optional[
         if not small.source:
             raise FwsvdError("the dense model to compare with is unknown: compress a folder or hub id, or a model instance")
         dense = load_pretrained(small.source, task.name)[0]
+    task = task.for_model(dense)
     spec = ValidationSpec(providers=[ProviderSpec(p, required=i == 0) for i, p in enumerate(providers)],
                           max_metric_loss=max_metric_loss, max_quantization_loss=max_quantization_loss)
     evaluation = batches(data, task, small.tokenizer, dense, max_length or small.max_length,
