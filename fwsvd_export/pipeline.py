@@ -91,8 +91,8 @@ def count_params(model: nn.Module) -> int:
 
 def prepare(recipe: Recipe, clock: Clock, methods: Optional[list[str]] = None) -> Prepared:
     """Load the model and read the data (and, when any of `methods` needs statistics, the runner)."""
-    task = get_task(recipe.model.task)
     model, tokenizer, location = load_model(recipe)
+    task = get_task(recipe.model.task).for_model(model)  # its pooling, its head: as the model says
     clock.lap("load model")
     calibration = _batches(recipe, tokenizer, model, "calibration")
     evaluation = _batches(recipe, tokenizer, model, "evaluation")
@@ -267,7 +267,8 @@ def _run_report(prepared: Prepared, recipe: Recipe, result: CompressionResult, f
     tuned = bool(recipe.finetune.epochs)
     return RunReport(
         recipe_file=recipe.source, recipe=recipe.to_dict(),
-        model=ModelInfo(prepared.location, prepared.task.name, recipe.model.dtype, prepared.loading_notes),
+        model=ModelInfo(prepared.location, prepared.task.name, recipe.model.dtype, prepared.loading_notes,
+                        prepared.task.settings.get("head"), prepared.task.settings.get("pooling")),
         compression=result,
         finetune=FinetuneInfo(recipe.finetune.epochs, finetune_loss, "finetune" if prepared.finetune else "calibration",
                               len(prepared.finetune or prepared.calibration) if tuned else 0),

@@ -37,6 +37,12 @@ class ModelInfo:
     task: str
     dtype: Optional[str]
     notes: list[str] = field(default_factory=list)  # a head newly initialised or left unused
+    head: Optional[str] = None  # a classifier's: single_label_classification, regression, multi_label_classification
+    pooling: Optional[dict[str, Any]] = None  # an embedding model's: mode, normalize, and the file that said so
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model entry: head and pooling only where the task has them."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("head", "pooling")}
 
 
 @dataclass
@@ -132,7 +138,7 @@ class RunReport:
         """report.json's content: plain JSON types, the keys in the order the file shows them."""
         data: dict[str, Any] = {
             "report_version": REPORT_VERSION, "tool": self.tool, "versions": self.versions, "recipe_file": self.recipe_file, "recipe": self.recipe,
-            "model": asdict(self.model), "compression": self.compression.to_dict(), "finetune": asdict(self.finetune),
+            "model": self.model.to_dict(), "compression": self.compression.to_dict(), "finetune": asdict(self.finetune),
             "sizes": asdict(self.sizes), "flop_ratio": self.flop_ratio, "graph": self.graph,
             "validation": {**self.validation.to_dict(), "verdicts": verdicts(self)},
             "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb, "artifacts": self.artifacts.to_dict(),

@@ -216,7 +216,7 @@ def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Pat
         out = _outputs(lambda b: run_ort(session, task, b), task, spec, batches,
                        f"{graph.parent.name} (onnx, {provider.name})", progress)
         scores = _scores(task, out, batches, reference_out)
-        result[provider.name] = {"status": "measured", "metric": scores[task.headline(spec.metric)], "scores": scores,
+        result[provider.name] = {"status": "measured", "metric": scores[task.headline(spec.metric, scores)], "scores": scores,
                                  "parity": relative_error(out.whole, source.whole, kind.rtol), "latency": []}
     return result
 
@@ -238,6 +238,7 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
     compared = outputs.summaries if task.needs_reference else None
     ref = Reference(outputs.summaries, _scores(task, outputs, batches, compared),
                     {"dense": dense_onnx, **{f"dense-{p}": g for p, g in (variants or {}).items()}})
+    task.headline(spec.metric, ref.scores)  # a chosen metric this model or data has not: refused before compressing
     for precision, graph in (variants or {}).items():
         ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, progress,
                                                              compared)
@@ -270,7 +271,7 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
     compressed_out, greedy = compressed.outputs, compressed.greedy
     reference = dense.summaries if task.needs_reference else None
     prompts = prompts or []
-    metric = task.headline(spec.metric)
+    metric = task.headline(spec.metric, dense.scores)  # the first present, or validation.metric
     scores = _scores(task, compressed_out, batches, reference)
     result = Validation(metric, dense.scores[metric], scores[metric],
                         scores={"original_torch": dense.scores, "compressed_torch": scores})

@@ -8,10 +8,10 @@ transformers are imported where a task runs, and the model class is named and lo
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
-from ...errors import SpecError
+from ...errors import FwsvdError, SpecError
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +36,10 @@ class Source(Protocol):
     answers_column: str
     doc_stride: Optional[int]
     max_answer_length: int
+
+
+def _described(settings: Mapping[str, Any]) -> str:
+    return f" ({', '.join(f'{k}: {v}' for k, v in settings.items())})" if settings else ""
 
 
 def _whole(output: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -71,6 +75,15 @@ class Task:
     # Base-model modules the task never reads (their weights may be missing from a plain checkpoint, e.g. an
     # MLM's pooler under mean pooling), with the report's note on them.
     unread: tuple[str, ...] = ()
+    # The task as it applies to one loaded model (`for_model`): a copy whose functions read what the model
+    # says of itself (an embedding model's pooling) and whose `settings` name it for the report; None: the
+    # same for every model.
+    bind: Optional[Callable[["Task", Any], "Task"]] = None
+    settings: Mapping[str, Any] = field(default_factory=dict)  # what `bind` read of the model (report.json's model)
+
+    def for_model(self, model: Any) -> "Task":
+        """This task as it applies to `model` (its pooling, its head): see `bind`."""
+        return self.bind(self, model) if self.bind is not None else self
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -95,12 +108,24 @@ class Task:
         """The exporter's task name for this task's graph."""
         return self.onnx_task_with_past if with_past and self.onnx_task_with_past else self.name
 
-    def headline(self, chosen: Optional[str] = None) -> str:
-        """The metric the checks read: `chosen` (validation.metric), else the task's first."""
-        if chosen is None:
-            return self.metrics[0]
-        if chosen not in self.metrics:
+    def headline(self, chosen: Optional[str] = None, scores: Optional[Mapping[str, float]] = None) -> str:
+        """The metric the checks read: `chosen` (validation.metric), else the task's first.
+
+        A task's `metrics` name all it may report; `score` returns those that apply to the model and data
+        (a regression head has no accuracy, an embedding model's retrieval needs text pairs). Given the
+        `scores` measured, the default is the first of `metrics` among them, and a `chosen` metric that is
+        not among them is refused (FwsvdError) naming those that are. Without `scores` (a recipe, before
+        any model is loaded) any of `metrics` may be chosen (SpecError otherwise)."""
+        if chosen is not None and chosen not in self.metrics:
             raise SpecError("metric", f"must be one of {self.name}'s metrics: {', '.join(self.metrics)}; got {chosen!r}")
+        present = self.metrics if scores is None else tuple(m for m in self.metrics if m in scores)
+        if chosen is None:
+            if not present:
+                raise FwsvdError(f"{self.name} measured none of its metrics ({', '.join(self.metrics)})")
+            return present[0]
+        if chosen not in present:
+            raise FwsvdError(f"validation.metric {chosen!r} does not apply to this model and data: {self.name} "
+                             f"measured {', '.join(present) or 'nothing'} for it{_described(self.settings)}")
         return chosen
 
     def higher_is_better(self, metric: str) -> bool:
