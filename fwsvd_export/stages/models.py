@@ -21,6 +21,7 @@ from ..errors import FwsvdError, short_message
 from ..config import ModelSpec, Recipe
 from .checkpoint import DTYPES
 from .tasks import Task, get_task
+from .tasks.embeddings import POOLING
 
 log = logging.getLogger("fwsvd_export")
 
@@ -196,6 +197,39 @@ def check_loading(model: PreTrainedModel, info: dict[str, list], task: Task, loc
     return notes
 
 
+# sentence-transformers' Pooling config flags, by the pooling they ask for
+_POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                  "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
+                  "pooling_mode_lasttoken": "lasttoken"}
+
+
+def read_pooling(folder: Path) -> Optional[dict[str, Any]]:
+    """How a sentence-transformers folder pools its token states: {"mode", "normalize", "source"} from its
+    modules.json (a Normalize module) and its Pooling module's config.json (mean, cls, max, or what else it
+    asks for, which the feature-extraction task refuses; several modes at once are "mode1+mode2"); a
+    modules.json without a Pooling module pools by the mean, as sentence-transformers does. None for a
+    folder without modules.json."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text())
+        kinds = [(str(m.get("type", "")), str(m.get("path", ""))) for m in modules]
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise FwsvdError(f"{modules_file} is not a sentence-transformers module list: {short_message(exc)}") from None
+    normalize = any(kind.endswith(".Normalize") for kind, _ in kinds)
+    pooling = next((path for kind, path in kinds if kind.endswith(".Pooling")), None)
+    if pooling is None:
+        return {"mode": "mean", "normalize": normalize, "source": "modules.json (no Pooling module: mean)"}
+    config_file = folder / pooling / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise FwsvdError(f"{config_file}: the Pooling config modules.json names cannot be read: {short_message(exc)}") from None
+    modes = [mode for flag, mode in _POOLING_FLAGS.items() if config.get(flag)] or [str(config.get("pooling_mode"))]
+    return {"mode": "+".join(modes), "normalize": normalize, "source": f"{Path(pooling) / 'config.json'}"}
+
+
 LOADING_NOTES = "fwsvd_loading_notes"  # the model attribute load_pretrained leaves its notes in
 
 
@@ -237,6 +271,8 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
     for note in notes:
         log.warning(note)
     setattr(model, LOADING_NOTES, notes)
+    if local:  # a hub id's modules.json is not read: mean pooling
+        setattr(model, POOLING, read_pooling(Path(source)))
     set_pad_token(text_tokenizer(preprocessor), model, location)
     return model.eval(), preprocessor
 
