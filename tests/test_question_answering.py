@@ -267,3 +267,14 @@ def test_question_answering_with_allocation_recovery_and_int8(tmp_path, qa_dir, 
     int8 = validation["variants"]["compressed-int8"]["cpu"]
     assert int8["status"] == "measured" and set(int8["scores"]) == {"exact_match", "f1"}
     assert 0.0 <= validation["compressed_torch"] <= 1.0
+
+
+@pytest.mark.slow
+def test_question_answering_sweep(tmp_path, qa_dir, qa_data):
+    path = write_recipe(tmp_path, qa_recipe(qa_dir, qa_data, max_metric_loss=1.0))
+    result = CliRunner().invoke(main, ["sweep", str(path), "--ratios", "0.8,0.4", "--methods", "kfac",
+                                       "-o", str(tmp_path / "sweep"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    points = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"]
+    assert [p["ratio"] for p in points] == [0.8, 0.4]
+    assert "exact_match (cpu)" in (tmp_path / "sweep" / "sweep.md").read_text()
