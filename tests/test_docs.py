@@ -18,6 +18,7 @@ classifier of conftest.py), ``data/train.jsonl`` and ``data/dev.jsonl`` (``{"tex
 labels itself: train 32 of them, dev all 48, so one changed prediction costs 2%, within the default
 ``max_metric_loss``), and a copy of ``recipes/``. Everything is offline.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = sorted((ROOT / "docs").glob("*.md"))
-FENCE = re.compile(r"(?:^<!-- docs-test: (?P<marker>[^>]*?) -->\n)?^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```",
-                   re.M | re.S)
+FENCE = re.compile(
+    r"(?:^<!-- docs-test: (?P<marker>[^>]*?) -->\n)?^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```", re.M | re.S
+)
 RUN_LANGS = {"python", "bash", "shell", "sh"}
 
 
@@ -51,8 +53,11 @@ def commands(body: str) -> list[str]:
         if not line.rstrip().endswith("\\"):
             lines.append(current.strip())
             current = ""
-    return [c for c in lines if c.startswith("fwsvd-export") or "| fwsvd-export" in c or
-            re.match(r"python (recipes|examples)/", c)]
+    return [
+        c
+        for c in lines
+        if c.startswith("fwsvd-export") or "| fwsvd-export" in c or re.match(r"python (recipes|examples)/", c)
+    ]
 
 
 # --------------------------------------------------------------------------------------------- structure
@@ -104,8 +109,13 @@ def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install mkdocs-material 'mkdocstrings[python]')")
     pytest.importorskip("mkdocstrings", reason="mkdocstrings is not installed")
     pytest.importorskip("material", reason="mkdocs-material is not installed")
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "site" / "api" / "index.html").read_text().count("fwsvd_export.api.compress") > 0
     assert "AutoModelForCausalLM" in (tmp_path / "site" / "tasks" / "index.html").read_text()
@@ -119,8 +129,9 @@ def sandbox_template(tmp_path_factory, classifier_dir, data_dir) -> Path:
     rows = [json.loads(line) for line in (data_dir / "labelled.jsonl").read_text().splitlines()]
     (folder / "data").mkdir()
     for name, part in (("train.jsonl", rows[:32]), ("dev.jsonl", rows)):  # 48 held-out rows: 1 miss is 2%
-        (folder / "data" / name).write_text("".join(json.dumps({"text": r["sentence"], "label": r["label"]}) + "\n"
-                                                    for r in part))
+        (folder / "data" / name).write_text(
+            "".join(json.dumps({"text": r["sentence"], "label": r["label"]}) + "\n" for r in part)
+        )
     shutil.copytree(ROOT / "recipes", folder / "recipes", ignore=shutil.ignore_patterns("tiny-llama", "__pycache__"))
     return folder
 
@@ -139,14 +150,21 @@ def run_page(page: Path, sandbox: Path) -> dict[str, int]:
             continue
         if lang == "python":
             done = subprocess.run([sys.executable, "-c", body], cwd=sandbox, env=env, capture_output=True, text=True)
-            assert done.returncode == 0, f"{page.name}: python block failed:\n{body}\n{done.stdout}{done.stderr[-3000:]}"
+            assert done.returncode == 0, (
+                f"{page.name}: python block failed:\n{body}\n{done.stdout}{done.stderr[-3000:]}"
+            )
             counts["python"] += 1
         elif lang in RUN_LANGS:
             for command in commands(body):
                 done = subprocess.run(["bash", "-c", command], cwd=sandbox, env=env, capture_output=True, text=True)
-                verdict = re.match(r"fwsvd-export (run|sweep) ", command) and done.returncode == 1 and \
-                    re.search(r"FAILED|validation failed", done.stdout + done.stderr)
-                assert done.returncode == 0 or verdict, f"{page.name}: `{command}` exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+                verdict = (
+                    re.match(r"fwsvd-export (run|sweep) ", command)
+                    and done.returncode == 1
+                    and re.search(r"FAILED|validation failed", done.stdout + done.stderr)
+                )
+                assert done.returncode == 0 or verdict, (
+                    f"{page.name}: `{command}` exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+                )
                 counts["commands"] += 1
     return counts
 

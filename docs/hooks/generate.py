@@ -10,6 +10,7 @@ A page's Markdown may hold these markers, each replaced before the page is rende
 - ``<!-- generated: benchmarks -->``: BENCHMARKS.md itself, its headings one level down.
 - ``<!-- include: FILE.md -->``: a file of the repository's root (SECURITY.md), its headings one level down.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -60,7 +61,9 @@ def _section_table(schema: dict[str, Any]) -> list[str]:
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     for key, prop in schema["properties"].items():
         section = "$ref" in prop or any("$ref" in s for s in prop.get("anyOf", ()))
-        default = "required" if key in required else "its section's" if section and prop.get("default") else _default(prop)
+        default = (
+            "required" if key in required else "its section's" if section and prop.get("default") else _default(prop)
+        )
         lines.append(f"| `{key}` | {type_text(prop)} | {_cell(default)} | {_cell(prop.get('description', ''))} |")
     return lines
 
@@ -94,19 +97,23 @@ def tasks_table() -> str:
         module = importlib.import_module(f"{registry.__name__}.{info.name}")
         for task in getattr(module, "TASKS", ()):
             home[task.name] = info.name
-    lines = ["| task | model class | metrics (the first is what the checks read) | better | exported as | defined in |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | model class | metrics (the first is what the checks read) | better | exported as | defined in |",
+        "|---|---|---|---|---|---|",
+    ]
     for task in registry.TASKS.values():
         where = f"`stages/tasks/{home[task.name]}.py`"
         better = ", ".join(f"{m}: {'lower' if m in task.lower_is_better else 'higher'}" for m in task.metrics)
         exported = f"`{task.onnx_task(False)}`" + (f", `{task.onnx_task(True)}`" if task.onnx_task_with_past else "")
-        lines.append(f"| `{task.name}` | `{task.model_class}` | {', '.join(f'`{m}`' for m in task.metrics)} | "
-                     f"{better} | {exported} | {where} |")
+        lines.append(
+            f"| `{task.name}` | `{task.model_class}` | {', '.join(f'`{m}`' for m in task.metrics)} | "
+            f"{better} | {exported} | {where} |"
+        )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- benchmarks
-LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")  # the text may wrap onto the next line
 
 
 def _unlinked(match: re.Match[str]) -> str:
@@ -123,17 +130,14 @@ def benchmarks() -> str:
 
 
 def included(name: str) -> str:
+    """A root file as part of a page: headings one level down, links into the repository (no pages of the
+    site) as names in code. Fenced blocks are kept as they are."""
     text = (ROOT / name).read_text(encoding="utf-8")
-    out, fenced = [], False
-    for line in text.splitlines():
-        if line.startswith("```"):
-            fenced = not fenced
-        if not fenced and line.startswith("#"):
-            line = "#" + line
-        if not fenced:
-            line = LINK.sub(_unlinked, line)
-        out.append(line)
-    return "\n".join(out)
+    parts = re.split(r"(^```.*?^```[^\n]*$)", text, flags=re.M | re.S)
+    for i in range(0, len(parts), 2):  # the even parts are outside fences
+        demoted = re.sub(r"^#", "##", parts[i], flags=re.M)
+        parts[i] = LINK.sub(_unlinked, demoted)
+    return "".join(parts)
 
 
 GENERATORS = {"recipe-reference": recipe_reference, "tasks-table": tasks_table, "benchmarks": benchmarks}
