@@ -165,12 +165,14 @@ def test_the_core_names_its_spec_fields_and_a_run_names_the_recipe_keys(bert_dir
 
 def test_validation_metric_names_one_of_the_tasks_metrics():
     data = copy.deepcopy(MINIMAL)
-    data["validation"] = {"metric": "f1"}
+    data["validation"] = {"metric": "bleu"}
     with pytest.raises(FwsvdError, match=r"'validation.metric' must be one of text-classification's metrics: "
-                                         r"accuracy; got 'f1'"):
+                                         r"accuracy, f1, micro_f1, macro_f1, mcc, pearson, spearman; got 'bleu'"):
         parse_recipe(data, "recipe.yaml")
     with pytest.raises(SpecError) as info:
         build(Recipe, data)
     assert info.value.key == "validation.metric"
     data["validation"] = {"metric": "accuracy"}
     assert parse_recipe(data, "recipe.yaml").validation.metric == "accuracy"
+    data["validation"] = {"metric": "pearson"}  # any head's metric: the head is the model's, checked at validation
+    assert parse_recipe(data, "recipe.yaml").validation.metric == "pearson"
