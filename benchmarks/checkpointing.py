@@ -15,38 +15,64 @@ glibc's mmap threshold pinned (measure.MEMORY_ENV) so that heap fragmentation do
 
     python benchmarks/checkpointing.py --json benchmarks/results/checkpointing.json
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fwsvd_export.core.batch import Batch
 from fwsvd_export.core.compress import linear_layers
 from fwsvd_export.core.statistics import collect_statistics
-from fwsvd_export.core.batch import Batch
 from fwsvd_export.stages.tasks import TASKS
-from measure import IdTokenizer, MEMORY_ENV, extra_peak, lm_blocks, plain_pass, rotated_timings, run_info, run_memory_worker
+
+from measure import (
+    MEMORY_ENV,
+    IdTokenizer,
+    extra_peak,
+    lm_blocks,
+    plain_pass,
+    rotated_timings,
+    run_info,
+    run_memory_worker,
+)
 
 TASK = TASKS["text-generation"]
-MODES = {"plain": (None, False), "fisher": ({"fisher"}, False), "fisher+ckpt": ({"fisher"}, True),
-         "kfac": ({"input_gram", "output_gram"}, False), "kfac+ckpt": ({"input_gram", "output_gram"}, True)}
+MODES = {
+    "plain": (None, False),
+    "fisher": ({"fisher"}, False),
+    "fisher+ckpt": ({"fisher"}, True),
+    "kfac": ({"input_gram", "output_gram"}, False),
+    "kfac+ckpt": ({"input_gram", "output_gram"}, True),
+}
 
 
 def build(args) -> tuple[nn.Module, list[Batch]]:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
-                         max_position_embeddings=args.tokens, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 2,
+        max_position_embeddings=args.tokens,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     # One text per block: its random ids, written out; no EOS, so every block is exactly one text's ids.
-    texts = [" ".join(map(str, row.tolist())) for _ in range(args.batches)
-             for row in torch.randint(0, args.vocab, (args.batch, args.tokens))]
+    texts = [
+        " ".join(map(str, row.tolist()))
+        for _ in range(args.batches)
+        for row in torch.randint(0, args.vocab, (args.batch, args.tokens))
+    ]
     tokenizer = IdTokenizer(lambda text: [int(i) for i in text.split()], None)
     return model, lm_blocks(texts, tokenizer, args.tokens, args.batch)
 
@@ -56,7 +82,9 @@ def pass_fn(mode: str, model: nn.Module, batches: list[Batch]) -> Callable[[], N
     if needs is None:
         return plain_pass(model, TASK.loss, batches)
     layers = {k: v for k, v in linear_layers(model).items() if ".layers." in k}
-    return lambda: collect_statistics(model, layers, batches, TASK.loss, needs, progress=False, checkpointing=checkpointing)
+    return lambda: collect_statistics(
+        model, layers, batches, TASK.loss, needs, progress=False, checkpointing=checkpointing
+    )
 
 
 def memory_worker(args) -> None:
@@ -90,17 +118,31 @@ def main(argv: list[str] | None = None) -> int:
     shape = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "memory_worker", "repeats")]
     memory = {mode: run_memory_worker([__file__, "--_memory-worker", mode, *shape])["extra_peak_mib"] for mode in MODES}
     plain = statistics.median(times["plain"])
-    rows = {m: {"median_s": statistics.median(t), "times_s": t, "vs_plain": statistics.median(t) / plain,
-                "extra_peak_mib": memory[m], "extra_peak_vs_weights": memory[m] / weights_mib} for m, t in times.items()}
-    result = {**run_info(__file__, argv),
-              "config": {k: v for k, v in vars(args).items() if k not in ("json", "memory_worker")},
-              "weights_mib": weights_mib, "memory_env": MEMORY_ENV, "modes": rows}
+    rows = {
+        m: {
+            "median_s": statistics.median(t),
+            "times_s": t,
+            "vs_plain": statistics.median(t) / plain,
+            "extra_peak_mib": memory[m],
+            "extra_peak_vs_weights": memory[m] / weights_mib,
+        }
+        for m, t in times.items()
+    }
+    result = {
+        **run_info(__file__, argv),
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "memory_worker")},
+        "weights_mib": weights_mib,
+        "memory_env": MEMORY_ENV,
+        "modes": rows,
+    }
     print(f"weights {weights_mib:.1f} MiB; {args.batches} batches of {args.batch}x{args.tokens} tokens")
     print("| pass | median s | / plain | extra peak RSS MiB | extra peak / weights |")
     print("|---|---:|---:|---:|---:|")
     for m, row in rows.items():
-        print(f"| {m} | {row['median_s']:.2f} | {row['vs_plain']:.2f} | {row['extra_peak_mib']:.0f} | "
-              f"{row['extra_peak_vs_weights']:.2f} |")
+        print(
+            f"| {m} | {row['median_s']:.2f} | {row['vs_plain']:.2f} | {row['extra_peak_mib']:.0f} | "
+            f"{row['extra_peak_vs_weights']:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

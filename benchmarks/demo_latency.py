@@ -17,6 +17,7 @@ LayerNorm and GELU are not reduced at all).
 
     python benchmarks/demo_latency.py --json benchmarks/results/demo_latency.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,10 @@ from pathlib import Path
 from torch import nn
 
 from fwsvd_export.core.compress import linear_layers
-from fwsvd_export.pipeline import run
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import run
 from fwsvd_export.stages.run_report import RunReport
+
 from measure import run_info, system_busy_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,18 +51,30 @@ def encoder_linear_params() -> int:
     return sum(m.weight.numel() for n, m in linear_layers(model).items() if re.search(r"encoder\.", n))
 
 
-def run_config(method: str, ratio: float, shapes: list[str], runs: int, warmup: int, extra: list[str],
-               workdir: Path) -> dict:
-    overrides = [f"compression.method={method}", f"compression.ratio={ratio}",
-                 f"validation.latency.runs={runs}", f"validation.latency.warmup={warmup}",
-                 "validation.latency.shapes=" + json.dumps(shapes), *extra]
+def run_config(
+    method: str, ratio: float, shapes: list[str], runs: int, warmup: int, extra: list[str], workdir: Path
+) -> dict:
+    overrides = [
+        f"compression.method={method}",
+        f"compression.ratio={ratio}",
+        f"validation.latency.runs={runs}",
+        f"validation.latency.warmup={warmup}",
+        "validation.latency.shapes=" + json.dumps(shapes),
+        *extra,
+    ]
     output = workdir / f"{method}-{ratio}"
     start, busy, own = time.perf_counter(), system_busy_s(), time.process_time()
     result = run(load_recipe(RECIPE, overrides), output, progress=False)
     wall = time.perf_counter() - start
     others = max(0.0, system_busy_s() - busy - (time.process_time() - own))
-    return {"method": method, "ratio": ratio, "overrides": overrides, "wall_s": wall,
-            "others_cores": others / wall, "report": result.report}
+    return {
+        "method": method,
+        "ratio": ratio,
+        "overrides": overrides,
+        "wall_s": wall,
+        "others_cores": others / wall,
+        "report": result.report,
+    }
 
 
 def summarize(entry: dict, linear_before: int) -> dict:
@@ -69,7 +83,10 @@ def summarize(entry: dict, linear_before: int) -> dict:
     targeted_before, targeted_after = summary["targeted_params_before"], summary["targeted_params_after"]
     cpu = report.validation.providers["cpu"]
     return {
-        "method": entry["method"], "ratio": entry["ratio"], "passed": report.passed, "wall_s": entry["wall_s"],
+        "method": entry["method"],
+        "ratio": entry["ratio"],
+        "passed": report.passed,
+        "wall_s": entry["wall_s"],
         "others_cores": entry["others_cores"],
         "flop_ratio_targeted": report.flop_ratio,
         "flop_ratio_all_linear": (linear_before - targeted_before + targeted_after) / linear_before,
@@ -84,34 +101,49 @@ def summarize(entry: dict, linear_before: int) -> dict:
 
 
 def print_tables(rows: list[dict]) -> None:
-    print("| method | ratio | targeted Linear FLOP ratio | all encoder Linear FLOP ratio | whole-model param ratio "
-          "| cosine to original (ORT CPU) | checks passed | run s | other processes' load, cores |")
+    print(
+        "| method | ratio | targeted Linear FLOP ratio | all encoder Linear FLOP ratio | whole-model param ratio "
+        "| cosine to original (ORT CPU) | checks passed | run s | other processes' load, cores |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|---:|---|")
     for r in rows:
         cos = "-" if r["cosine_onnx_cpu"] is None else f"{r['cosine_onnx_cpu']:.4f}"
-        print(f"| {r['method']} | {r['ratio']:g} | {r['flop_ratio_targeted']:.3f} | {r['flop_ratio_all_linear']:.3f} "
-              f"| {r['param_ratio']:.3f} | {cos} | {r['passed']} | {r['wall_s']:.0f} "
-              f"| {r['others_cores']:.2f} |")
+        print(
+            f"| {r['method']} | {r['ratio']:g} | {r['flop_ratio_targeted']:.3f} | {r['flop_ratio_all_linear']:.3f} "
+            f"| {r['param_ratio']:.3f} | {cos} | {r['passed']} | {r['wall_s']:.0f} "
+            f"| {r['others_cores']:.2f} |"
+        )
     print()
-    print("| method | ratio | shape | dense median ms | dense p90 ms | compressed median ms | compressed p90 ms "
-          "| speedup (median) |")
+    print(
+        "| method | ratio | shape | dense median ms | dense p90 ms | compressed median ms | compressed p90 ms "
+        "| speedup (median) |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         for lat in r["latency"]:
             d, c = lat["dense"], lat["compressed"]
-            print(f"| {r['method']} | {r['ratio']:g} | {lat['shape']} | {d['median_ms']:.2f} | {d['p90_ms']:.2f} "
-                  f"| {c['median_ms']:.2f} | {c['p90_ms']:.2f} | {lat['speedup']:.2f} |")
+            print(
+                f"| {r['method']} | {r['ratio']:g} | {lat['shape']} | {d['median_ms']:.2f} | {d['p90_ms']:.2f} "
+                f"| {c['median_ms']:.2f} | {c['p90_ms']:.2f} | {lat['speedup']:.2f} |"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="kfac:0.6,fwsvd:0.6,kfac:0.4",
-                        help="comma-separated METHOD:RATIO runs of the demo recipe")
+    parser.add_argument(
+        "--configs", default="kfac:0.6,fwsvd:0.6,kfac:0.4", help="comma-separated METHOD:RATIO runs of the demo recipe"
+    )
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BATCHxSEQUENCE latency shapes")
     parser.add_argument("--runs", type=int, default=30, help="timed ORT runs per shape and model")
     parser.add_argument("--warmup", type=int, default=5, help="untimed ORT runs before them")
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="further recipe overrides, as fwsvd-export run --set")
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further recipe overrides, as fwsvd-export run --set",
+    )
     parser.add_argument("--keep", type=Path, help="write the runs' outputs here instead of a temporary folder")
     parser.add_argument("--json", type=Path, help="also write the summaries (and full reports) here")
     args = parser.parse_args(argv)
@@ -128,13 +160,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {method} ratio {ratio:g} in {entries[-1]['wall_s']:.0f} s", file=sys.stderr)
     rows = [summarize(e, linear_before) for e in entries]
     versions = entries[0]["report"].versions if entries else {}
-    print(f"{args.runs} runs after {args.warmup} warm-up per shape and model; CPUExecutionProvider; "
-          f"versions {json.dumps(versions)}\n")
+    print(
+        f"{args.runs} runs after {args.warmup} warm-up per shape and model; CPUExecutionProvider; "
+        f"versions {json.dumps(versions)}\n"
+    )
     print_tables(rows)
     if args.json:
-        args.json.write_text(json.dumps({**info, "runs": args.runs, "warmup": args.warmup, "shapes": shapes,
-                                         "versions": versions, "results": rows,
-                                         "reports": [e["report"].to_dict() for e in entries]}, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    **info,
+                    "runs": args.runs,
+                    "warmup": args.warmup,
+                    "shapes": shapes,
+                    "versions": versions,
+                    "results": rows,
+                    "reports": [e["report"].to_dict() for e in entries],
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -27,6 +27,7 @@ samples, to keep the run to a few minutes on 2 cores.
     python benchmarks/fisher_cost.py --settings short --json benchmarks/results/fisher_cost_short.json
     python benchmarks/fisher_cost.py --settings long --json benchmarks/results/fisher_cost_long.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,17 +38,18 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from fwsvd_export.core.compress import linear_layers
-from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.config import DataSource
 from fwsvd_export.core.batch import Batch
+from fwsvd_export.core.compress import linear_layers
+from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.stages.tasks import TASKS
+
 from measure import extra_peak, plain_pass, rotated_clock_times, run_info, run_memory_worker, system_busy_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +74,9 @@ def load_records(join: int) -> list[dict]:
     if join <= 1:
         return records
     n = len(records)
-    return [{c: " ".join(records[(i + k) % n][c] for k in range(join)) for c in ("text", "text_pair")}
-            for i in range(n)]
+    return [
+        {c: " ".join(records[(i + k) % n][c] for k in range(join)) for c in ("text", "text_pair")} for i in range(n)
+    ]
 
 
 def make_batches(model: nn.Module, tokenizer, setting: str, join: int, pairs: int) -> list[Batch]:
@@ -113,10 +116,16 @@ def pass_fn(mode: str, model: nn.Module, batches: list[Batch]) -> Callable[[], N
     def stats(needs: set[str]) -> Callable[[], None]:
         def run() -> None:
             collect_statistics(model, layers, batches, TASK.loss, needs, progress=False)
+
         return run
 
-    return {"forward": forward, "act-grad": act_grad, "plain": plain_pass(model, TASK.loss, batches),
-            "fisher": stats({"fisher"}), "kfac": stats({"input_gram", "output_gram"})}[mode]
+    return {
+        "forward": forward,
+        "act-grad": act_grad,
+        "plain": plain_pass(model, TASK.loss, batches),
+        "fisher": stats({"fisher"}),
+        "kfac": stats({"input_gram", "output_gram"}),
+    }[mode]
 
 
 def memory_worker(mode: str, setting: str, join: int, pairs: int) -> None:
@@ -127,8 +136,19 @@ def memory_worker(mode: str, setting: str, join: int, pairs: int) -> None:
 
 
 def measure_memory(mode: str, setting: str, join: int, pairs: int) -> float | None:
-    done = run_memory_worker([__file__, "--_memory-worker", mode, "--settings", setting, "--join", str(join),
-                              f"--{setting}-pairs", str(pairs)])
+    done = run_memory_worker(
+        [
+            __file__,
+            "--_memory-worker",
+            mode,
+            "--settings",
+            setting,
+            "--join",
+            str(join),
+            f"--{setting}-pairs",
+            str(pairs),
+        ]
+    )
     return None if done is None else done["extra_peak_mib"]
 
 
@@ -140,9 +160,12 @@ def time_setting(model: nn.Module, batches: list[Batch], repeats: int) -> dict[s
 
 
 def describe(batches: list[Batch]) -> dict:
-    return {"batches": len(batches), "pairs": sum(b.samples for b in batches),
-            "padded_seq_len": [int(b.inputs["input_ids"].shape[1]) for b in batches],
-            "real_tokens": int(sum(b.token_mask.sum() for b in batches))}
+    return {
+        "batches": len(batches),
+        "pairs": sum(b.samples for b in batches),
+        "padded_seq_len": [int(b.inputs["input_ids"].shape[1]) for b in batches],
+        "real_tokens": int(sum(b.token_mask.sum() for b in batches)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,11 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     model, tokenizer = load_model()
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "onnxruntime": onnxruntime.__version__, "torch_threads": torch.get_num_threads(),
-           "cpus": os.cpu_count(), "layers": len(encoder_linears(model)), "loadavg_start": os.getloadavg()}
-    print(f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpus']} CPUs; {env['layers']} encoder Linear "
-          f"layers; {args.repeats} repeats, median; load average at start {env['loadavg_start'][0]:.2f}\n")
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "layers": len(encoder_linears(model)),
+        "loadavg_start": os.getloadavg(),
+    }
+    print(
+        f"torch {env['torch']}, {env['torch_threads']} threads, {env['cpus']} CPUs; {env['layers']} encoder Linear "
+        f"layers; {args.repeats} repeats, median; load average at start {env['loadavg_start'][0]:.2f}\n"
+    )
     results = {**run_info(__file__, argv), "env": env, "repeats": args.repeats, "settings": {}}
     for setting in settings:
         join = args.join if setting == "long" else 1
@@ -184,31 +216,49 @@ def main(argv: list[str] | None = None) -> int:
         memory = {m: (None if args.no_memory else measure_memory(m, setting, join, pairs[setting])) for m in MODES}
         wall = {m: statistics.median(t["wall"]) for m, t in times.items()}
         cpu = {m: statistics.median(t["cpu"]) for m, t in times.items()}
-        entry = {"max_length": SETTINGS[setting][0], "batch_size": SETTINGS[setting][1], "join": join, **shape,
-                 "seconds": times, "median_wall_s": wall, "median_cpu_s": cpu, "extra_peak_mib": memory,
-                 "loadavg_after_timing": load_after, "timing_wall_s": span, "others_cpu_s": others,
-                 "ratio_fisher_to_plain": wall["fisher"] / wall["plain"],
-                 "ratio_kfac_to_plain": wall["kfac"] / wall["plain"],
-                 "ratio_fisher_to_plain_cpu": cpu["fisher"] / cpu["plain"],
-                 "ratio_kfac_to_plain_cpu": cpu["kfac"] / cpu["plain"]}
+        entry = {
+            "max_length": SETTINGS[setting][0],
+            "batch_size": SETTINGS[setting][1],
+            "join": join,
+            **shape,
+            "seconds": times,
+            "median_wall_s": wall,
+            "median_cpu_s": cpu,
+            "extra_peak_mib": memory,
+            "loadavg_after_timing": load_after,
+            "timing_wall_s": span,
+            "others_cpu_s": others,
+            "ratio_fisher_to_plain": wall["fisher"] / wall["plain"],
+            "ratio_kfac_to_plain": wall["kfac"] / wall["plain"],
+            "ratio_fisher_to_plain_cpu": cpu["fisher"] / cpu["plain"],
+            "ratio_kfac_to_plain_cpu": cpu["kfac"] / cpu["plain"],
+        }
         results["settings"][setting] = entry
         lens = shape["padded_seq_len"]
-        print(f"### {setting}: max_length {entry['max_length']}, batch {entry['batch_size']} pairs, "
-              f"{join} record(s) per sample; {shape['batches']} batches, {shape['pairs']} pairs, "
-              f"padded length {min(lens)}-{max(lens)}, {shape['real_tokens']} real tokens. "
-              f"Other processes used {others:.0f} CPU s during the {span:.0f} s of timing "
-              f"({others / span:.2f} cores on average)\n")
-        print("| pass | median wall s | min wall s | max wall s | wall / plain | median CPU s | CPU / plain "
-              "| extra peak RSS MiB |")
+        print(
+            f"### {setting}: max_length {entry['max_length']}, batch {entry['batch_size']} pairs, "
+            f"{join} record(s) per sample; {shape['batches']} batches, {shape['pairs']} pairs, "
+            f"padded length {min(lens)}-{max(lens)}, {shape['real_tokens']} real tokens. "
+            f"Other processes used {others:.0f} CPU s during the {span:.0f} s of timing "
+            f"({others / span:.2f} cores on average)\n"
+        )
+        print(
+            "| pass | median wall s | min wall s | max wall s | wall / plain | median CPU s | CPU / plain "
+            "| extra peak RSS MiB |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for m in MODES:
             mem = "-" if memory[m] is None else f"{memory[m]:.1f}"
             w = times[m]["wall"]
-            print(f"| {m} | {wall[m]:.3f} | {min(w):.3f} | {max(w):.3f} | {wall[m] / wall['plain']:.2f} "
-                  f"| {cpu[m]:.3f} | {cpu[m] / cpu['plain']:.2f} | {mem} |")
-        print(f"\n(b)/(a) fisher / plain = {entry['ratio_fisher_to_plain']:.2f} wall, "
-              f"{entry['ratio_fisher_to_plain_cpu']:.2f} CPU; (c)/(a) kfac / plain = "
-              f"{entry['ratio_kfac_to_plain']:.2f} wall, {entry['ratio_kfac_to_plain_cpu']:.2f} CPU\n")
+            print(
+                f"| {m} | {wall[m]:.3f} | {min(w):.3f} | {max(w):.3f} | {wall[m] / wall['plain']:.2f} "
+                f"| {cpu[m]:.3f} | {cpu[m] / cpu['plain']:.2f} | {mem} |"
+            )
+        print(
+            f"\n(b)/(a) fisher / plain = {entry['ratio_fisher_to_plain']:.2f} wall, "
+            f"{entry['ratio_fisher_to_plain_cpu']:.2f} CPU; (c)/(a) kfac / plain = "
+            f"{entry['ratio_kfac_to_plain']:.2f} wall, {entry['ratio_kfac_to_plain_cpu']:.2f} CPU\n"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

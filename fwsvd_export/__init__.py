@@ -15,19 +15,34 @@ and, a level down, on batches you make yourself::
 Names resolve on first use, so ``import fwsvd_export.core`` loads the core alone, without the recipe,
 the stages or the pipeline.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from .errors import FwsvdError
+from .errors import FwsvdError as FwsvdError  # re-exported: the one exception users catch
 
 _HOMES = {
-    **{name: ".core" for name in ("METHODS", "CompressionResult", "CompressionSpec", "LowRankLinear",
-                                  "collect_statistics", "compress_", "factorize", "plan_layers")},
+    **{
+        name: ".core"
+        for name in (
+            "METHODS",
+            "CompressionResult",
+            "CompressionSpec",
+            "LowRankLinear",
+            "collect_statistics",
+            "compress_",
+            "factorize",
+            "plan_layers",
+        )
+    },
     **{name: ".api" for name in ("Compressed", "compress", "export", "validate")},
-    "run": ".pipeline", "Recipe": ".config", "load_recipe": ".loader",
-    "load": ".stages.checkpoint", "save_checkpoint": ".stages.checkpoint",
+    "run": ".pipeline",
+    "Recipe": ".config",
+    "load_recipe": ".loader",
+    "load": ".stages.checkpoint",
+    "save_checkpoint": ".stages.checkpoint",
 }
 __all__ = sorted([*_HOMES, "FwsvdError"])
 __version__ = "0.1.0"

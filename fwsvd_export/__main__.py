@@ -1,4 +1,5 @@
 """`python -m fwsvd_export ...` is the `fwsvd-export` command."""
+
 import sys
 
 try:  # the first Python the command runs; the libraries load later, inside a command's own handler

@@ -3,23 +3,24 @@ trial's graph against the dense one, and aim again where the miss says, up to AI
 
 The kernel timings predict; the trial's own graph, timed beside the dense one on the target's provider,
 shape and precision, decides."""
+
 from __future__ import annotations
 
 import copy
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
 
 from torch import nn
 
+from .config import Recipe
 from .core import CompressionResult, LayerStats, check_speedup_target, compress_, gather_for, get_method
 from .core.allocate import TimeBudget
 from .core.distributed import world
 from .errors import FwsvdError
-from .config import Recipe
 from .stages.export import export_onnx
 from .stages.kernel_timing import time_budget
 from .stages.precision import make_variant
@@ -39,8 +40,15 @@ def next_aim(aimed: float, target: float, measured: float) -> float:
     return max(1.0 + AIM_TOLERANCE, aimed * target / measured)
 
 
-def aimed(prepared: Prepared, recipe: Recipe, dense: Dense, latency: TimeBudget,
-          statistics: Optional[dict[str, LayerStats]], scratch: Path, progress: bool) -> Trial:
+def aimed(
+    prepared: Prepared,
+    recipe: Recipe,
+    dense: Dense,
+    latency: TimeBudget,
+    statistics: dict[str, LayerStats] | None,
+    scratch: Path,
+    progress: bool,
+) -> Trial:
     """Compressions of copies of the dense model for `compression.target_speedup`, each measured: exported
     into `scratch`, timed against the dense graph (interleaved, on the target's provider, shape and
     precision) and, when off by more than AIM_TOLERANCE, followed by one aimed at `next_aim`, up to
@@ -57,8 +65,15 @@ def aimed(prepared: Prepared, recipe: Recipe, dense: Dense, latency: TimeBudget,
     gathered = None
     if trials > 1 and statistics is None and get_method(spec.method).needs:
         start = time.perf_counter()
-        statistics, info = gather_for(prepared.model, [spec], prepared.calibration, prepared.task.loss, progress,
-                                      Path(recipe.base_dir or "."), prepared.runner)
+        statistics, info = gather_for(
+            prepared.model,
+            [spec],
+            prepared.calibration,
+            prepared.task.loss,
+            progress,
+            Path(recipe.base_dir or "."),
+            prepared.runner,
+        )
         gathered = (info, time.perf_counter() - start)
     compress_at = partial(_compress_at, prepared, recipe, latency, statistics, progress)
     folder = scratch / ".aim"
@@ -73,24 +88,48 @@ def aimed(prepared: Prepared, recipe: Recipe, dense: Dense, latency: TimeBudget,
     del held
     if gathered is not None:
         result.statistics, result.seconds["statistics"] = gathered
-    result.allocation.update(target_speedup=target, aimed_at=measured[kept]["aimed_at"],
-                             aim={"tolerance": AIM_TOLERANCE, "max_trials": trials, "trials": measured, "kept": kept,
-                                  "kept_by": key, "stopped": stopped})
+    result.allocation.update(
+        target_speedup=target,
+        aimed_at=measured[kept]["aimed_at"],
+        aim={
+            "tolerance": AIM_TOLERANCE,
+            "max_trials": trials,
+            "trials": measured,
+            "kept": kept,
+            "kept_by": key,
+            "stopped": stopped,
+        },
+    )
     return model, result
 
 
-def _compress_at(prepared: Prepared, recipe: Recipe, latency: TimeBudget, statistics: Optional[dict[str, LayerStats]],
-                 progress: bool, aim: float) -> Trial:
+def _compress_at(
+    prepared: Prepared,
+    recipe: Recipe,
+    latency: TimeBudget,
+    statistics: dict[str, LayerStats] | None,
+    progress: bool,
+    aim: float,
+) -> Trial:
     """A copy of the dense model compressed for a speed-up of `aim`."""
     model = copy.deepcopy(prepared.model)
     spec = replace(recipe.compression, target_speedup=aim)
-    return model, compress_(model, spec, prepared.calibration, prepared.task.loss, progress,
-                            Path(recipe.base_dir or "."), statistics_model=prepared.runner, statistics=statistics,
-                            latency=latency)
+    return model, compress_(
+        model,
+        spec,
+        prepared.calibration,
+        prepared.task.loss,
+        progress,
+        Path(recipe.base_dir or "."),
+        statistics_model=prepared.runner,
+        statistics=statistics,
+        latency=latency,
+    )
 
 
-def _search(prepared: Prepared, recipe: Recipe, dense: Dense, compress_at: Callable[[float], Trial], trials: int,
-            folder: Path) -> tuple[list[dict], Optional[tuple[nn.Module, CompressionResult, int]], str]:
+def _search(
+    prepared: Prepared, recipe: Recipe, dense: Dense, compress_at: Callable[[float], Trial], trials: int, folder: Path
+) -> tuple[list[dict], tuple[nn.Module, CompressionResult, int] | None, str]:
     """The trials, each exported into `folder` and timed against the dense graph; after several, all of
     them timed again in the same rounds ("measured_together"). Returns each trial's measurements, the last
     trial's model and result (and its number), and why the search stopped."""
@@ -110,9 +149,16 @@ def _search(prepared: Prepared, recipe: Recipe, dense: Dense, compress_at: Calla
         graphs[name] = trial_graph(prepared, recipe, model, folder / f"trial-{trial + 1}")
         timed = time_against_dense(prepared, recipe, dense, {name: graphs[name]})
         speedup = timed["dense"] / timed[name]
-        measured.append({"aimed_at": aim, "predicted": result.allocation["predicted_speedup"], "measured": speedup,
-                         "dense_ms": timed["dense"], "compressed_ms": timed[name],
-                         "kept_ratio": result.summary()["targeted_kept_ratio"]})
+        measured.append(
+            {
+                "aimed_at": aim,
+                "predicted": result.allocation["predicted_speedup"],
+                "measured": speedup,
+                "dense_ms": timed["dense"],
+                "compressed_ms": timed[name],
+                "kept_ratio": result.summary()["targeted_kept_ratio"],
+            }
+        )
         held = (model, result, trial)
         del model
         if abs(speedup / target - 1) <= AIM_TOLERANCE:
@@ -129,8 +175,9 @@ def _search(prepared: Prepared, recipe: Recipe, dense: Dense, compress_at: Calla
 def trial_graph(prepared: Prepared, recipe: Recipe, model: nn.Module, folder: Path) -> Path:
     """`model`'s graph in `folder`, in the precision the speed-up target is measured in."""
     spec = recipe.compression
-    graph = export_onnx(model, prepared.tokenizer, folder, prepared.task.onnx_task(recipe.export.with_past),
-                        recipe.export.opset)
+    graph = export_onnx(
+        model, prepared.tokenizer, folder, prepared.task.onnx_task(recipe.export.with_past), recipe.export.opset
+    )
     if spec.latency_precision != "fp32":
         graph = make_variant(graph, spec.latency_precision, recipe.export.int8_mode, prepared.calibration)
     return graph
@@ -141,8 +188,9 @@ def time_against_dense(prepared: Prepared, recipe: Recipe, dense: Dense, graphs:
     where the speed-up target is measured."""
     spec = recipe.compression
     paths = {"dense": budget_graph(dense, spec.latency_precision), **graphs}
-    timed = time_graphs(paths, spec.latency_provider, recipe.validation, [spec.latency_shape],
-                        prepared.model.config, decode=False)
+    timed = time_graphs(
+        paths, spec.latency_provider, recipe.validation, [spec.latency_shape], prepared.model.config, decode=False
+    )
     return {name: timed[name][spec.latency_shape]["median_ms"] for name in paths}
 
 
@@ -157,5 +205,15 @@ def layer_time_budget(prepared: Prepared, recipe: Recipe, dense: Dense, progress
     spec, lat = recipe.compression, recipe.validation.latency
     graph = budget_graph(dense, spec.latency_precision)
     cache = recipe.resolve(spec.cache_dir) if spec.cache_dir else Path.home() / ".cache" / "fwsvd-export"
-    return time_budget(prepared.model, spec, graph, prepared.model.config, threads(recipe.validation),
-                       lat.warmup, lat.runs, lat.rounds, cache, progress)
+    return time_budget(
+        prepared.model,
+        spec,
+        graph,
+        prepared.model.config,
+        threads(recipe.validation),
+        lat.warmup,
+        lat.runs,
+        lat.rounds,
+        cache,
+        progress,
+    )

@@ -12,14 +12,16 @@ registry makes the batches and the loss, core.compress_ factorizes, stages.expor
 stages.validate do the rest): the same checks and the same numbers, without a recipe file. What they cannot
 tell (the task of a model without a known head, the columns of a record) is a FwsvdError naming what to pass.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -29,8 +31,14 @@ from .errors import FwsvdError
 from .stages.checkpoint import MANIFEST, load, save_checkpoint
 from .stages.data import Record
 from .stages.export import export_onnx
-from .stages.models import (check_local_model, fit_batches, is_local_path, load_preprocessor, load_pretrained,
-                            text_tokenizer)
+from .stages.models import (
+    check_local_model,
+    fit_batches,
+    is_local_path,
+    load_preprocessor,
+    load_pretrained,
+    text_tokenizer,
+)
 from .stages.precision import make_variant
 from .stages.tasks import TASKS, Task, get_task
 from .stages.validate import Validation, reference, torch_results
@@ -39,12 +47,19 @@ from .stages.validate import validate as validate_stage
 __all__ = ["Compressed", "compress", "export", "infer_task", "validate"]
 
 # A model class's name ends in its head: the task that head serves. A bare encoder ("BertModel") embeds.
-_HEADS = (("ForSequenceClassification", "text-classification"), ("ForCausalLM", "text-generation"),
-          ("ForImageClassification", "image-classification"),
-          ("ForTokenClassification", "token-classification"))
+_HEADS = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForCausalLM", "text-generation"),
+    ("ForImageClassification", "image-classification"),
+    ("ForTokenClassification", "token-classification"),
+)
 # The record keys each column is looked for under, in order.
-_KEYS = {"text_column": ("text", "sentence", "sentence1", "content"), "text_pair_column": ("text_pair", "sentence2", "pair"),
-         "label_column": ("label", "labels"), "image_column": ("image",)}
+_KEYS = {
+    "text_column": ("text", "sentence", "sentence1", "content"),
+    "text_pair_column": ("text_pair", "sentence2", "pair"),
+    "label_column": ("label", "labels"),
+    "image_column": ("image",),
+}
 
 
 @dataclass
@@ -58,26 +73,35 @@ class Compressed:
     task: str
     result: CompressionResult
     params_dense: int
-    source: Optional[str] = None
-    dense: Optional[nn.Module] = field(default=None, repr=False)
+    source: str | None = None
+    dense: nn.Module | None = field(default=None, repr=False)
     max_length: int = 128
     batch_size: int = 16
 
     @property
     def summary(self) -> dict[str, Any]:
         params = sum(p.numel() for p in self.model.parameters())
-        return {"task": self.task, **self.result.summary(), "params_dense": self.params_dense,
-                "params_compressed": params, "model_kept_ratio": params / self.params_dense}
+        return {
+            "task": self.task,
+            **self.result.summary(),
+            "params_dense": self.params_dense,
+            "params_compressed": params,
+            "model_kept_ratio": params / self.params_dense,
+        }
 
     def save(self, folder: str | Path) -> Path:
         """Write the checkpoint folder (``fwsvd_export.load`` reads it back)."""
-        return save_checkpoint(self.model, self.tokenizer, Path(folder), self.task, self.result.to_dict(), None, self.source)
+        return save_checkpoint(
+            self.model, self.tokenizer, Path(folder), self.task, self.result.to_dict(), None, self.source
+        )
 
     def __str__(self) -> str:
         s = self.summary
-        return (f"{s['task']}: {s['method']} factorized {s['compressed_layers']} of {s['targeted_layers']} targeted "
-                f"Linear layers (they keep {s['targeted_kept_ratio']:.1%} of their weights); the model keeps "
-                f"{s['params_compressed']:,} of {s['params_dense']:,} parameters ({s['model_kept_ratio']:.1%})")
+        return (
+            f"{s['task']}: {s['method']} factorized {s['compressed_layers']} of {s['targeted_layers']} targeted "
+            f"Linear layers (they keep {s['targeted_kept_ratio']:.1%} of their weights); the model keeps "
+            f"{s['params_compressed']:,} of {s['params_dense']:,} parameters ({s['model_kept_ratio']:.1%})"
+        )
 
 
 def infer_task(architectures: Sequence[str], what: str) -> str:
@@ -112,7 +136,9 @@ def _padded(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _load(model_or_path: Any, task: Optional[str], tokenizer: Any) -> tuple[nn.Module, Any, str, Optional[str], Optional[nn.Module]]:
+def _load(
+    model_or_path: Any, task: str | None, tokenizer: Any
+) -> tuple[nn.Module, Any, str, str | None, nn.Module | None]:
     """(model to factorize, preprocessor, task, source location, the dense model passed in)."""
     if isinstance(model_or_path, nn.Module):
         task = task or infer_task([type(model_or_path).__name__], f"a {type(model_or_path).__name__}")
@@ -132,7 +158,7 @@ def _load(model_or_path: Any, task: Optional[str], tokenizer: Any) -> tuple[nn.M
     return model, _padded(tokenizer) if tokenizer is not None else preprocessor, task, location, None
 
 
-def _column(keys: Mapping[str, Any], column: str) -> Optional[str]:
+def _column(keys: Mapping[str, Any], column: str) -> str | None:
     return next((k for k in _KEYS[column] if k in keys), None)
 
 
@@ -143,14 +169,18 @@ def _source(data: Sequence[Any], task: Task) -> tuple[list[Record], DataSource]:
     if all(isinstance(d, str) for d in data):
         return [Record({"text": t}, f"data[{i}]") for i, t in enumerate(data)], DataSource()
     if all(isinstance(d, (tuple, list)) and len(d) == 2 for d in data):
-        return ([Record({"text": a, "text_pair": b}, f"data[{i}]") for i, (a, b) in enumerate(data)],
-                DataSource(text_pair_column="text_pair"))
+        return (
+            [Record({"text": a, "text_pair": b}, f"data[{i}]") for i, (a, b) in enumerate(data)],
+            DataSource(text_pair_column="text_pair"),
+        )
     if not all(isinstance(d, Mapping) for d in data):
         raise FwsvdError("data mixes kinds: give all texts, all (text, pair) tuples, or all records (dicts)")
     columns = {c: _column(data[0], c) for c in _KEYS}
     if task.name != "image-classification" and columns["text_column"] is None:
-        raise FwsvdError(f"data[0] has no text under any of {', '.join(_KEYS['text_column'])} (its keys: "
-                         f"{', '.join(map(str, data[0]))})")
+        raise FwsvdError(
+            f"data[0] has no text under any of {', '.join(_KEYS['text_column'])} (its keys: "
+            f"{', '.join(map(str, data[0]))})"
+        )
     fields = {c: k for c, k in columns.items() if k is not None}
     return [Record(dict(d), f"data[{i}]") for i, d in enumerate(data)], DataSource(**fields)
 
@@ -158,15 +188,26 @@ def _source(data: Sequence[Any], task: Task) -> tuple[list[Record], DataSource]:
 def _check_columns(task: Task, source: DataSource, training: bool) -> list[str]:
     """The columns the task reads, in the API's words where data lacks what a recipe would name."""
     if task.name in ("text-classification", "image-classification") and source.label_column is None:
-        raise FwsvdError(f"{task.name} needs labelled records: pass dicts such as "
-                         "{'text': ..., 'label': ...} (a label is a class index or a name from the model's labels)")
+        raise FwsvdError(
+            f"{task.name} needs labelled records: pass dicts such as "
+            "{'text': ..., 'label': ...} (a label is a class index or a name from the model's labels)"
+        )
     if task.name == "feature-extraction" and training and source.text_pair_column is None:
-        raise FwsvdError("feature-extraction calibrates on text pairs (in-batch contrastive loss): pass (text, pair) tuples")
+        raise FwsvdError(
+            "feature-extraction calibrates on text pairs (in-batch contrastive loss): pass (text, pair) tuples"
+        )
     return task.columns(source, training)
 
 
-def batches(data: Sequence[Any], task: Task, preprocessor: Any, model: nn.Module, max_length: int, batch_size: int,
-            training: bool) -> list[Batch]:
+def batches(
+    data: Sequence[Any],
+    task: Task,
+    preprocessor: Any,
+    model: nn.Module,
+    max_length: int,
+    batch_size: int,
+    training: bool,
+) -> list[Batch]:
     """`data`'s batches as the task makes them, holding what the model's forward takes: training batches
     carry what the task's loss reads (labels, pairs), evaluation ones what its metric reads."""
     records, source = _source(data, task)
@@ -182,13 +223,24 @@ def batches(data: Sequence[Any], task: Task, preprocessor: Any, model: nn.Module
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit is not None and max_length > limit:
         raise FwsvdError(f"max_length {max_length} exceeds the model's {limit} positions")
-    return fit_batches(task.make_batches(records, source, preprocessor, max_length, batch_size, training, model.config),
-                       model)
+    return fit_batches(
+        task.make_batches(records, source, preprocessor, max_length, batch_size, training, model.config), model
+    )
 
 
-def compress(model_or_path: Any, data: Sequence[Any], *, task: Optional[str] = None, method: str = "kfac",
-             ratio: Optional[float] = None, budget: Optional[float] = None, tokenizer: Any = None,
-             max_length: int = 128, batch_size: int = 16, progress: bool = False) -> Compressed:
+def compress(
+    model_or_path: Any,
+    data: Sequence[Any],
+    *,
+    task: str | None = None,
+    method: str = "kfac",
+    ratio: float | None = None,
+    budget: float | None = None,
+    tokenizer: Any = None,
+    max_length: int = 128,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Compressed:
     """Factorize the model's Linear layers with `method`, each keeping `ratio` of its weights, or, with
     `budget`, ranks allocated globally to keep that fraction of the targeted parameters (neither: ratio 0.5).
     `data` calibrates: texts (decoders), (text, pair) tuples (embedding models), or records with the task's
@@ -203,16 +255,23 @@ def compress(model_or_path: Any, data: Sequence[Any], *, task: Optional[str] = N
     return Compressed(model, preprocessor, task_name, result, params, source, dense, max_length, batch_size)
 
 
-def export(compressed: Compressed, folder: str | Path, precisions: Sequence[str] = ("fp32",), *,
-           opset: Optional[int] = None, with_past: bool = True) -> dict[str, Path]:
+def export(
+    compressed: Compressed,
+    folder: str | Path,
+    precisions: Sequence[str] = ("fp32",),
+    *,
+    opset: int | None = None,
+    with_past: bool = True,
+) -> dict[str, Path]:
     """Write the compressed model's ONNX graph into ``folder/compressed/`` (with its config and tokenizer, so
     optimum's ORTModelFor* loads the folder) and each other precision (int8, int4: CPU; fp16: CUDA) into
     ``folder/compressed-PRECISION/``; returns each precision's graph file. A decoder is exported with its
     key/value cache unless `with_past` is False."""
     ExportSpec(precisions=list(precisions))  # the names, and fp32 among them, checked as a recipe's are
     task = get_task(compressed.task)
-    graph = export_onnx(compressed.model, compressed.tokenizer, Path(folder) / "compressed", task.onnx_task(with_past),
-                        opset)
+    graph = export_onnx(
+        compressed.model, compressed.tokenizer, Path(folder) / "compressed", task.onnx_task(with_past), opset
+    )
     return {"fp32": graph, **{p: make_variant(graph, p) for p in precisions if p != "fp32"}}
 
 
@@ -227,9 +286,18 @@ def _compressed(given: Any) -> Compressed:
     return Compressed(model, _padded(tokenizer), manifest["task"], result, 0, manifest.get("source_model"))
 
 
-def validate(compressed_or_folder: Any, data: Sequence[Any], exported: Optional[Mapping[str, str | Path]] = None, *,
-             providers: Sequence[str] = ("cpu",), max_metric_loss: float = 0.05, max_quantization_loss: float = 0.005,
-             max_length: Optional[int] = None, batch_size: Optional[int] = None, progress: bool = False) -> Validation:
+def validate(
+    compressed_or_folder: Any,
+    data: Sequence[Any],
+    exported: Mapping[str, str | Path] | None = None,
+    *,
+    providers: Sequence[str] = ("cpu",),
+    max_metric_loss: float = 0.05,
+    max_quantization_loss: float = 0.005,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Validation:
     """The compressed model's task metric on `data` against the dense model's, in PyTorch and in ONNX Runtime
     on each of `providers` (the first is required), with numeric parity and, for a decoder, greedy generation:
     the checks a run makes (`.passed`, `.checks`, `.metric`, `.original_torch`, `.compressed_torch`,
@@ -241,18 +309,36 @@ def validate(compressed_or_folder: Any, data: Sequence[Any], exported: Optional[
     dense = small.dense
     if dense is None:
         if not small.source:
-            raise FwsvdError("the dense model to compare with is unknown: compress a folder or hub id, or a model instance")
+            raise FwsvdError(
+                "the dense model to compare with is unknown: compress a folder or hub id, or a model instance"
+            )
         dense = load_pretrained(small.source, task.name)[0]
     task = task.for_model(dense)
-    spec = ValidationSpec(providers=[ProviderSpec(p, required=i == 0) for i, p in enumerate(providers)],
-                          max_metric_loss=max_metric_loss, max_quantization_loss=max_quantization_loss)
-    evaluation = batches(data, task, small.tokenizer, dense, max_length or small.max_length,
-                         batch_size or small.batch_size, False)
+    spec = ValidationSpec(
+        providers=[ProviderSpec(p, required=i == 0) for i, p in enumerate(providers)],
+        max_metric_loss=max_metric_loss,
+        max_quantization_loss=max_quantization_loss,
+    )
+    evaluation = batches(
+        data, task, small.tokenizer, dense, max_length or small.max_length, batch_size or small.batch_size, False
+    )
     with tempfile.TemporaryDirectory(prefix="fwsvd-validate-") as scratch:
         graphs = {p: Path(g) for p, g in (exported or export(small, scratch)).items()}
-        prompts = [row[: min(8, len(row))].unsqueeze(0) for b in evaluation for row in b.inputs["input_ids"]][:2] \
-            if task.generates else []
+        prompts = (
+            [row[: min(8, len(row))].unsqueeze(0) for b in evaluation for row in b.inputs["input_ids"]][:2]
+            if task.generates
+            else []
+        )
         ref = reference(task, spec, dense, evaluation, graphs["fp32"], progress)  # the dense graph: never timed here
         evidence = torch_results(task, spec, small.model, evaluation, prompts, progress)
-        return validate_stage(task, spec, ref, evidence, evaluation, graphs["fp32"], progress, prompts,
-                              {p: g for p, g in graphs.items() if p != "fp32"})
+        return validate_stage(
+            task,
+            spec,
+            ref,
+            evidence,
+            evaluation,
+            graphs["fp32"],
+            progress,
+            prompts,
+            {p: g for p, g in graphs.items() if p != "fp32"},
+        )

@@ -6,6 +6,7 @@ for Ctrl-C, 143 for SIGTERM). SIGTERM, SIGHUP (the terminal closed) and SIGQUIT 
 output is removed on the way out. Nothing heavy is imported at module level, so that a Ctrl-C while the
 libraries load reaches a command's handler (one line, exit 130), not Python's traceback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,8 @@ import re
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import click
 
@@ -113,17 +114,26 @@ def guarded(command: Callable) -> Callable:
             raise
         except KeyboardInterrupt as exc:
             signum, done = getattr(exc, "signum", signal.SIGINT), getattr(exc, "output_in_place", None)
-            click.echo(f"interrupted ({signal.Signals(signum).name}): " + (
-                f"just after the results were moved into place: {done} is complete" if done else
-                "no output was written, earlier outputs are untouched"), err=True)
+            click.echo(
+                f"interrupted ({signal.Signals(signum).name}): "
+                + (
+                    f"just after the results were moved into place: {done} is complete"
+                    if done
+                    else "no output was written, earlier outputs are untouched"
+                ),
+                err=True,
+            )
             sys.exit(EXIT_SIGNAL + signum)
         except Exception as exc:
             if _out_of_room(exc):
                 click.echo(f"error: the machine ran out of room: {exc}; no output was written", err=True)
                 sys.exit(EXIT_CRASH)
             traceback.print_exc()
-            click.echo("error: fwsvd-export crashed (a bug, not your input); no output was written. Please report "
-                       "it with the traceback above.", err=True)
+            click.echo(
+                "error: fwsvd-export crashed (a bug, not your input); no output was written. Please report "
+                "it with the traceback above.",
+                err=True,
+            )
             sys.exit(EXIT_CRASH)
         finally:
             _forget_native_interrupt()
@@ -144,22 +154,32 @@ def main() -> None:
 
 @main.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: export.output).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key, e.g. compression.ratio=0.4.")
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: export.output)."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one recipe key, e.g. compression.ratio=0.4.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @guarded
 def run_command(recipe: Path, output: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Run every stage of RECIPE: compress, checkpoint, export, validate, report."""
-    from .pipeline import run
     from .loader import load_recipe
+    from .pipeline import run
 
     loaded = load_recipe(recipe, overrides)
     if _lent(loaded):
         return
     result = run(loaded, output, progress=not quiet)
     summary = result.report.compression.summary()
-    click.echo(f"{'PASSED' if result.passed else 'FAILED'}: {summary['compressed_layers']} layers factorized with "
-               f"{summary['method']}, {summary['targeted_kept_ratio']:.1%} of targeted parameters kept")
+    click.echo(
+        f"{'PASSED' if result.passed else 'FAILED'}: {summary['compressed_layers']} layers factorized with "
+        f"{summary['method']}, {summary['targeted_kept_ratio']:.1%} of targeted parameters kept"
+    )
     for check in result.report.validation.checks:
         click.echo(f"  [{'ok' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
     for note in result.report.output_notes or []:
@@ -183,22 +203,26 @@ def _lent(recipe) -> bool:
 
 @main.command("compress")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint folder.")
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Checkpoint folder."
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @guarded
 def compress_command(recipe: Path, output: Path, overrides: tuple[str, ...], quiet: bool) -> None:
     """Only the compress stage of RECIPE: write a checkpoint that `fwsvd_export.load` rebuilds."""
-    from .pipeline import compress_only
     from .loader import load_recipe
+    from .pipeline import compress_only
 
     loaded = load_recipe(recipe, overrides)
     if _lent(loaded):
         return
     folder, compression = compress_only(loaded, output, progress=not quiet)
     summary = compression["summary"]
-    click.echo(f"{summary['compressed_layers']} layers factorized with {summary['method']}, "
-               f"{summary['targeted_kept_ratio']:.1%} of targeted parameters kept: {folder}")
+    click.echo(
+        f"{summary['compressed_layers']} layers factorized with {summary['method']}, "
+        f"{summary['targeted_kept_ratio']:.1%} of targeted parameters kept: {folder}"
+    )
 
 
 @main.command("export")
@@ -219,8 +243,10 @@ def export_command(checkpoint: Path, output: Path, opset: int | None, no_past: b
         model, tokenizer = load(checkpoint, with_tokenizer=True)
         path = export_onnx(model, tokenizer, staged.path, get_task(task).onnx_task(not no_past), opset)
         graph = inspect_graph(path, model)
-    click.echo(f"{output / path.name}: {graph['split_matmul_pairs_found']} of {graph['factorized_layers']} factorized "
-               f"layers are two matrix multiplies ({graph['matmul_nodes']} MatMul, {graph['gemm_nodes']} Gemm nodes)")
+    click.echo(
+        f"{output / path.name}: {graph['split_matmul_pairs_found']} of {graph['factorized_layers']} factorized "
+        f"layers are two matrix multiplies ({graph['matmul_nodes']} MatMul, {graph['gemm_nodes']} Gemm nodes)"
+    )
     if graph["layers_missing_split"]:
         sys.exit(EXIT_FAILED)
 
@@ -257,20 +283,31 @@ def _once(items: list[str], name: str) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @guarded
-def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str | None, output: Path | None,
-                  overrides: tuple[str, ...], quiet: bool) -> None:
+def sweep_command(
+    recipe: Path,
+    ratios: str,
+    budgets: str | None,
+    methods: str | None,
+    output: Path | None,
+    overrides: tuple[str, ...],
+    quiet: bool,
+) -> None:
     """Run RECIPE at several ratios (or budgets) and methods; write a table and plots of the frontier."""
     from .loader import load_recipe
     from .sweep import sweep
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FwsvdError("sweep runs in one process (it already gathers the statistics once for every point); "
-                         "launch it without torchrun")
+        raise FwsvdError(
+            "sweep runs in one process (it already gathers the statistics once for every point); "
+            "launch it without torchrun"
+        )
 
     values = _floats(budgets, "--budgets") if budgets is not None else _floats(ratios, "--ratios")
     names = [m.strip() for m in methods.split(",")] if methods else [load_recipe(recipe, overrides).compression.method]
     _once(names, "--methods")
-    folder, points, plots = sweep(recipe, values, names, output, overrides, budget=budgets is not None, progress=not quiet)
+    folder, points, plots = sweep(
+        recipe, values, names, output, overrides, budget=budgets is not None, progress=not quiet
+    )
     click.echo((folder / "sweep.md").read_text())
     for path in plots:
         click.echo(f"plot: {path}")
@@ -284,8 +321,7 @@ def sweep_command(recipe: Path, ratios: str, budgets: str | None, methods: str |
 
 @main.command("inspect")
 @click.argument("model")
-@click.option("--task", default="feature-extraction", show_default=True,
-              type=_TaskChoice())
+@click.option("--task", default="feature-extraction", show_default=True, type=_TaskChoice())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @guarded
 def inspect_command(model: str, task: str, as_json: bool) -> None:
@@ -299,19 +335,30 @@ def inspect_command(model: str, task: str, as_json: bool) -> None:
     rows = []
     for name, m in loaded.named_modules():
         if isinstance(m, LowRankLinear):
-            rows.append({"name": name, "in": m.in_features, "out": m.out_features, "rank": m.rank,
-                         "break_even_rank": break_even_rank(m.in_features, m.out_features)})
+            rows.append(
+                {
+                    "name": name,
+                    "in": m.in_features,
+                    "out": m.out_features,
+                    "rank": m.rank,
+                    "break_even_rank": break_even_rank(m.in_features, m.out_features),
+                }
+            )
     for name, m in linear_layers(loaded).items():
         if not any(name.startswith(r["name"] + ".") for r in rows):
             out_f, in_f = linear_weight(m).shape
-            rows.append({"name": name, "in": in_f, "out": out_f, "rank": None, "break_even_rank": break_even_rank(in_f, out_f)})
+            rows.append(
+                {"name": name, "in": in_f, "out": out_f, "rank": None, "break_even_rank": break_even_rank(in_f, out_f)}
+            )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     width = max(len(r["name"]) for r in rows)
     click.echo(f"{'layer':<{width}}  {'in':>6} {'out':>6} {'rank':>6} {'break-even':>10}")
     for r in rows:
-        click.echo(f"{r['name']:<{width}}  {r['in']:>6} {r['out']:>6} {r['rank'] or 'dense':>6} {r['break_even_rank']:>10.1f}")
+        click.echo(
+            f"{r['name']:<{width}}  {r['in']:>6} {r['out']:>6} {r['rank'] or 'dense':>6} {r['break_even_rank']:>10.1f}"
+        )
 
 
 @main.command("methods")
@@ -326,7 +373,12 @@ def methods_command() -> None:
 
 @main.command("check")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Output folder the run would use (default: export.output).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder the run would use (default: export.output).",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe key, as for run.")
 @click.option("--json", "as_json", is_flag=True, help="The plan as JSON.")
 @guarded
@@ -354,9 +406,19 @@ def schema_command() -> None:
 @main.command("init")
 @click.option("--model", "model", required=True, help="A local model folder or a hub id.")
 @click.option("--task", required=True, type=_TaskChoice())
-@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), help="A JSONL/CSV/TSV/text file; its columns are guessed.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("recipe.yaml"),
-              show_default=True, help="The recipe file to write (never overwritten).")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A JSONL/CSV/TSV/text file; its columns are guessed.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("recipe.yaml"),
+    show_default=True,
+    help="The recipe file to write (never overwritten).",
+)
 @guarded
 def init_command(model: str, task: str, data: Path | None, output: Path) -> None:
     """Write a commented starter recipe for MODEL and TASK that `fwsvd-export check` accepts."""

@@ -1,9 +1,10 @@
 """The one exception type users see: a clear message naming what was wrong and where."""
+
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class FwsvdError(Exception):
@@ -20,8 +21,9 @@ class SpecError(FwsvdError):
 
     def within(self, place: str) -> SpecError:
         """The same error, one level up: the spec sits at `place` of a larger one."""
-        return SpecError(f"{place}.{self.key}" if self.key and not self.key.startswith("[") else place + self.key,
-                         self.problem)
+        return SpecError(
+            f"{place}.{self.key}" if self.key and not self.key.startswith("[") else place + self.key, self.problem
+        )
 
 
 @contextmanager
@@ -67,4 +69,4 @@ def short_message(exc: BaseException) -> str:
     """The first line of an error from a library, at most MESSAGE_LIMIT characters, for one-line reports."""
     lines = str(exc).strip().splitlines()
     text = lines[0].strip() if lines else type(exc).__name__
-    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 4].rstrip() + " ..."
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 4].rstrip() + " ..."

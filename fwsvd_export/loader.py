@@ -6,14 +6,16 @@ silently fall back to a default and compress the wrong thing. The YAML is read s
 numbers as YAML 1.2 reads them); the mapping becomes sections, which check themselves (config.py,
 core/spec.py); every error names the file or the ``--set`` that wrote the value, and its full dotted key.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import yaml
 
@@ -48,7 +50,7 @@ def _origin(place: str, origin: str, sets: Mapping[str, str]) -> str:
     return sets[max(owners, key=len)] if owners else origin
 
 
-def _section(tp: Any) -> Optional[type]:
+def _section(tp: Any) -> type | None:
     """The section class a field holds (directly or as null), or None."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
@@ -77,7 +79,9 @@ def _build(cls: type, mapping: dict[Any, Any], where: str, origin: str, sets: Ma
     for key in mapping:
         if key not in names:
             place = f"{where}.{_text(key)}" if where else _text(key)
-            raise FwsvdError(f"{_origin(place, origin, sets)}: unknown key '{place}' (allowed here: {', '.join(names)})")
+            raise FwsvdError(
+                f"{_origin(place, origin, sets)}: unknown key '{place}' (allowed here: {', '.join(names)})"
+            )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in _INTERNAL:
@@ -98,8 +102,9 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping that gives one key twice (plain PyYAML silently keeps the last)."""
 
     def __init__(self, path: str, line: int, first_line: int, mark: Any) -> None:
-        super().__init__(None, None, f"key '{path}' appears twice in one mapping (line {line}; first on line "
-                         f"{first_line})", mark)
+        super().__init__(
+            None, None, f"key '{path}' appears twice in one mapping (line {line}; first on line {first_line})", mark
+        )
         self.path, self.line, self.first_line = path, line, first_line
 
 
@@ -156,8 +161,12 @@ class RecipeLoader(yaml.SafeLoader):
         line = mark.line + 1
         if key in seen:
             parts = [*self._path, key_node.value]
-            raise DuplicateKeyError("".join(p if p.startswith("[") or i == 0 else f".{p}" for i, p in enumerate(parts)),
-                                    line, seen[key], mark)
+            raise DuplicateKeyError(
+                "".join(p if p.startswith("[") or i == 0 else f".{p}" for i, p in enumerate(parts)),
+                line,
+                seen[key],
+                mark,
+            )
         seen[key] = line
 
     def construct_object(self, node: Any, deep: bool = False) -> Any:
@@ -168,15 +177,18 @@ class RecipeLoader(yaml.SafeLoader):
         except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
             value = f" {short_repr(node.value)}" if isinstance(node, yaml.ScalarNode) else ""
             raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read{value} as {node.tag}: {exc}", node.start_mark) from None
+                None, None, f"cannot read{value} as {node.tag}: {exc}", node.start_mark
+            ) from None
 
 
 # YAML 1.2 (core schema) reads a float written with an exponent and no dot or no exponent sign (1e-5, 1.0e5,
 # .5E3) as a number, PyYAML's YAML 1.1 as text; the recipe reads numbers as 1.2 does. Tried after PyYAML's own
 # resolvers, which read every other number (integers stay integers).
-RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                   re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-                                   list("-+.0123456789"))
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
 
 
 def _yaml(text: str) -> Any:
@@ -200,16 +212,19 @@ def apply_override(data: dict[str, Any], assignment: str, origin: str = "--set")
     try:
         node[parts[-1]] = _yaml(raw)
     except DuplicateKeyError as exc:
-        raise FwsvdError(f"{origin}: in the value of '{key}', key '{key.strip()}.{exc.path}' appears twice in one "
-                         f"mapping (line {exc.line} of the value; first on line {exc.first_line})") from None
+        raise FwsvdError(
+            f"{origin}: in the value of '{key}', key '{key.strip()}.{exc.path}' appears twice in one "
+            f"mapping (line {exc.line} of the value; first on line {exc.first_line})"
+        ) from None
     except yaml.YAMLError as exc:
         raise FwsvdError(f"{origin}: the value of '{key}' is not valid YAML: {exc}") from None
     except RecursionError:
         raise FwsvdError(f"{origin}: the value of '{key}' is not valid YAML: nested too deeply") from None
 
 
-def parse_recipe(data: dict[str, Any], origin: str = "<recipe>", base_dir: str | Path = ".",
-                 sets: Optional[Mapping[str, str]] = None) -> Recipe:
+def parse_recipe(
+    data: dict[str, Any], origin: str = "<recipe>", base_dir: str | Path = ".", sets: Mapping[str, str] | None = None
+) -> Recipe:
     """Build a checked Recipe from an already-loaded mapping; a wrong value that a ``--set`` wrote is named by
     that --set (`sets`: dotted key -> the --set as the user typed it), the others by `origin`."""
     if not isinstance(data, dict):
@@ -218,8 +233,10 @@ def parse_recipe(data: dict[str, Any], origin: str = "<recipe>", base_dir: str |
     # YAML alone can say so (in Python an absent cut and a null one look alike): a recipe that clears every
     # cut is refused rather than given the default ratio.
     if isinstance(comp, dict) and any(k in comp for k in _CUTS) and all(comp.get(k) is None for k in _CUTS):
-        raise FwsvdError(f"{origin}: 'compression' sets ratio, rank, budget and target_speedup all to null; it needs "
-                         "a ratio or a rank (or a budget, or a target_speedup)")
+        raise FwsvdError(
+            f"{origin}: 'compression' sets ratio, rank, budget and target_speedup all to null; it needs "
+            "a ratio or a rank (or a budget, or a target_speedup)"
+        )
     recipe: Recipe = _build(Recipe, data, "", origin, sets or {})
     recipe.source = origin
     recipe.base_dir = str(base_dir)
@@ -234,8 +251,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         data = _yaml(path.read_text(encoding="utf-8"))
     except DuplicateKeyError as exc:
-        raise FwsvdError(f"{path}: key '{exc.path}' appears twice in one mapping (line {exc.line}; first on line "
-                         f"{exc.first_line}); give each key once") from None
+        raise FwsvdError(
+            f"{path}: key '{exc.path}' appears twice in one mapping (line {exc.line}; first on line "
+            f"{exc.first_line}); give each key once"
+        ) from None
     except yaml.YAMLError as exc:
         raise FwsvdError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:

@@ -9,6 +9,7 @@ compression plan (targets, overrides, ranks, the budget). The model is built on 
 config: no weight is read. A hub id is planned from transformers' local cache only, never fetched; what
 could not be checked is listed in ``Plan.not_checked``.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,19 @@ from .stages.tasks import Task, get_task
 
 log = logging.getLogger("fwsvd_export")
 FP32 = 4  # bytes a parameter takes in the fp32 files (checkpoint and graph) the plan's sizes count
-CONFIG_FACTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                "vocab_size", "max_position_embeddings", "n_positions", "image_size", "patch_size", "num_labels")
+CONFIG_FACTS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "n_positions",
+    "image_size",
+    "patch_size",
+    "num_labels",
+)
 
 
 @dataclass
@@ -160,8 +172,11 @@ def check_output(folder: Path, inputs: list[Path]) -> str:
     check_apart(folder, inputs)
     check_replaceable(folder)
     if folder.is_dir():
-        return ("an earlier fwsvd-export output: run replaces it" if (folder / RUN_MARKER).is_file()
-                else "an empty folder: run writes into it")
+        return (
+            "an earlier fwsvd-export output: run replaces it"
+            if (folder / RUN_MARKER).is_file()
+            else "an empty folder: run writes into it"
+        )
     parent = folder.parent
     while not parent.exists():
         parent = parent.parent
@@ -177,8 +192,10 @@ def _model(recipe: Recipe, task: Task, plan: Plan) -> tuple[nn.Module, Any] | No
     for a hub id whose config transformers has not cached (nothing is fetched)."""
     location = model_location(recipe)
     spec = recipe.model
-    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code,
-                              **({"revision": spec.revision} if spec.revision else {})}
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": spec.trust_remote_code,
+        **({"revision": spec.revision} if spec.revision else {}),
+    }
     local = is_local_path(location)
     source = check_local_model(location) if local else location
     if local:
@@ -190,16 +207,19 @@ def _model(recipe: Recipe, task: Task, plan: Plan) -> tuple[nn.Module, Any] | No
     except (OSError, SafetensorError) as exc:
         if local:
             raise FwsvdError(f"could not load model '{location}' for {task.name}: {short_message(exc)}") from None
-        plan.not_checked.append(f"model '{location}' is a hub id whose config and tokenizer are not in this machine's "
-                                "cache (check fetches nothing): the model's config, its weights, the data's "
-                                f"tokenization and labels were not checked ({short_message(exc)})")
+        plan.not_checked.append(
+            f"model '{location}' is a hub id whose config and tokenizer are not in this machine's "
+            "cache (check fetches nothing): the model's config, its weights, the data's "
+            f"tokenization and labels were not checked ({short_message(exc)})"
+        )
         return None
     except ValueError as exc:
         raise FwsvdError(f"could not load model '{location}' for {task.name}: {short_message(exc)}") from None
 
 
-def _built(location: str, source: str, task: Task, kwargs: dict[str, Any], recipe: Recipe,
-           plan: Plan) -> tuple[nn.Module, Any]:
+def _built(
+    location: str, source: str, task: Task, kwargs: dict[str, Any], recipe: Recipe, plan: Plan
+) -> tuple[nn.Module, Any]:
     """`_model`'s work once the folder is checked: `source` is the folder (or hub id) read, `location` the
     model as the recipe names it (as a run's messages name it)."""
     from transformers import AutoConfig
@@ -237,15 +257,18 @@ def _check_names(folder: Path, model: nn.Module, task: Task, location: str) -> l
 
     stored = list(_stored_shapes(folder))
     if not stored:
-        raise FwsvdError(f"could not load model '{location}' for {task.name}: {folder} holds no safetensors weights "
-                         "(model.safetensors or model.safetensors.index.json); pickled weights are never loaded")
+        raise FwsvdError(
+            f"could not load model '{location}' for {task.name}: {folder} holds no safetensors weights "
+            "(model.safetensors or model.safetensors.index.json); pickled weights are never loaded"
+        )
     prefix = model.base_model_prefix
     has = bool(prefix) and any(k.startswith(prefix) for k in stored)
     expects = bool(prefix) and hasattr(model, prefix)
     task_from_base, base_from_task = expects and not has, has and not expects
     renamed = model._get_key_renaming_mapping(stored, None, base_from_task, task_from_base)
     missing, unexpected = modeling_utils._find_missing_and_unexpected_keys(
-        model, stored, list(renamed.values()), base_from_task, None)
+        model, stored, list(renamed.values()), base_from_task, None
+    )
     missing, unexpected = model._adjust_missing_and_unexpected_keys(missing, unexpected, task_from_base)
     return check_loading(model, {"missing_keys": missing, "unexpected_keys": unexpected}, task, location)
 
@@ -254,13 +277,20 @@ def _facts(location: str, how: str, model: nn.Module, notes: list[str]) -> Model
     config = model.config
     sizes = {k: v for k, v in config.to_dict().items() if k in CONFIG_FACTS and v is not None}
     linears = linear_layers(model)
-    return ModelFacts(location, how, str(config.model_type), type(model).__name__, sizes,
-                      sum(p.numel() for p in model.parameters()), len(linears),
-                      sum(m.weight.numel() for m in linears.values()), notes)
+    return ModelFacts(
+        location,
+        how,
+        str(config.model_type),
+        type(model).__name__,
+        sizes,
+        sum(p.numel() for p in model.parameters()),
+        len(linears),
+        sum(m.weight.numel() for m in linears.values()),
+        notes,
+    )
 
 
-def _data(recipe: Recipe, task: Task, role: str, preprocessor: Any, model: nn.Module | None,
-          plan: Plan) -> DataCheck:
+def _data(recipe: Recipe, task: Task, role: str, preprocessor: Any, model: nn.Module | None, plan: Plan) -> DataCheck:
     """The role's rows read and checked as a run reads them and, with the model's preprocessor, made into
     the run's batches (`pipeline._batches`: the same calls)."""
     source = getattr(recipe.data, role)
@@ -274,14 +304,22 @@ def _data(recipe: Recipe, task: Task, role: str, preprocessor: Any, model: nn.Mo
     if preprocessor is None or model is None:
         check.note = "not tokenized: the model's preprocessor is not available here"
         return check
-    batches = fit_batches(task.make_batches(records, source, preprocessor, recipe.data.max_length,
-                                            recipe.data.batch_size, training, model.config), model)
+    batches = fit_batches(
+        task.make_batches(
+            records, source, preprocessor, recipe.data.max_length, recipe.data.batch_size, training, model.config
+        ),
+        model,
+    )
     check.batches, check.sequences = len(batches), sum(b.samples for b in batches)
     check.tokens = int(sum(int(b.token_mask.sum()) for b in batches))
     check.padded_tokens = int(sum(b.token_mask.numel() for b in batches))
     rows = [int(n) for b in batches for n in b.token_mask.reshape(b.token_mask.shape[0], -1).sum(-1)]
-    check.lengths = Lengths(min(rows), statistics.median(rows), max(rows),
-                            _truncated(task, records, source, text_tokenizer(preprocessor), recipe.data.max_length))
+    check.lengths = Lengths(
+        min(rows),
+        statistics.median(rows),
+        max(rows),
+        _truncated(task, records, source, text_tokenizer(preprocessor), recipe.data.max_length),
+    )
     check.labels = _labels(batches, model.config)
     return check
 
@@ -316,13 +354,30 @@ def _compression(recipe: Recipe, model: nn.Module, plan: Plan) -> None:
     plans = plan_layers(model, spec)
     _check_budget(model, plans, spec)
     plan.method = spec.method
-    plan.cut = (f"budget {spec.budget:g} of {spec.budget_scope} parameters" if spec.budget is not None else
-                f"target_speedup {spec.target_speedup:g}x on {spec.latency_provider}" if spec.target_speedup else
-                f"rank {spec.rank}" if spec.rank is not None else f"ratio {spec.ratio:g}")
+    plan.cut = (
+        f"budget {spec.budget:g} of {spec.budget_scope} parameters"
+        if spec.budget is not None
+        else f"target_speedup {spec.target_speedup:g}x on {spec.latency_provider}"
+        if spec.target_speedup
+        else f"rank {spec.rank}"
+        if spec.rank is not None
+        else f"ratio {spec.ratio:g}"
+    )
     if spec.rank_multiple:
         plan.cut += f", ranks in multiples of {spec.rank_multiple}"
-    plan.layers = [LayerRow(p.name, p.in_features, p.out_features, p.rank, p.allocate, p.params_before,
-                            None if p.allocate else p.params_after, p.reason) for p in plans]
+    plan.layers = [
+        LayerRow(
+            p.name,
+            p.in_features,
+            p.out_features,
+            p.rank,
+            p.allocate,
+            p.params_before,
+            None if p.allocate else p.params_after,
+            p.reason,
+        )
+        for p in plans
+    ]
     total = sum(p.numel() for p in model.parameters())
     before = sum(p.params_before for p in plans)
     after = _targeted_after(model, plans, spec)
@@ -359,8 +414,9 @@ def _estimates(recipe: Recipe, model: nn.Module, plan: Plan) -> None:
         plan.time_basis = f"method {spec.method} needs no statistics pass"
         return
     todo = {r.name: model.get_submodule(r.name) for r in plan.layers if r.rank is not None or r.allocated}
-    plan.statistics_bytes = sum(statistic_bytes(r.in_features, r.out_features, needs, spec.max_gram_size)
-                                for r in plan.layers if r.name in todo)
+    plan.statistics_bytes = sum(
+        statistic_bytes(r.in_features, r.out_features, needs, spec.max_gram_size) for r in plan.layers if r.name in todo
+    )
     plan.statistics_passes = len(_passes(todo, needs, spec)) if todo else 0
     calibration = next((d for d in plan.data if d.role == "calibration"), None)
     if calibration is None or calibration.padded_tokens is None or plan.model is None:
@@ -370,10 +426,12 @@ def _estimates(recipe: Recipe, model: nn.Module, plan: Plan) -> None:
     flops = 6 * plan.model.linear_parameters * calibration.padded_tokens * max(plan.statistics_passes, 1)
     plan.seconds = flops / rate
     passes = f" x {plan.statistics_passes} passes" if plan.statistics_passes > 1 else ""
-    plan.time_basis = (f"6 x {plan.model.linear_parameters:,} Linear parameters x {calibration.padded_tokens:,} "
-                       f"calibration tokens (padding included){passes}"
-                       f" at {rate / 1e9:.0f} GFLOP/s, a matrix multiply timed on this machine's CPU; attention, "
-                       "the statistics' own products and a device_map's transfers come on top")
+    plan.time_basis = (
+        f"6 x {plan.model.linear_parameters:,} Linear parameters x {calibration.padded_tokens:,} "
+        f"calibration tokens (padding included){passes}"
+        f" at {rate / 1e9:.0f} GFLOP/s, a matrix multiply timed on this machine's CPU; attention, "
+        "the statistics' own products and a device_map's transfers come on top"
+    )
 
 
 def matmul_rate(size: int = 384, repeats: int = 8) -> float:
@@ -410,8 +468,10 @@ def describe(plan: Plan) -> list[str]:
         lines += _describe_layers(plan)
     if plan.statistics_bytes is not None:
         needs = ", ".join(plan.statistics_needs) or "none"
-        lines.append(f"statistics pass: {_megabytes(plan.statistics_bytes)} of accumulators ({needs}) in "
-                     f"{plan.statistics_passes} pass(es)" + (f"; roughly {_duration(plan.seconds)}" if plan.seconds else ""))
+        lines.append(
+            f"statistics pass: {_megabytes(plan.statistics_bytes)} of accumulators ({needs}) in "
+            f"{plan.statistics_passes} pass(es)" + (f"; roughly {_duration(plan.seconds)}" if plan.seconds else "")
+        )
         lines.append(f"  time estimate: {plan.time_basis}")
     lines += [f"not checked: {item}" for item in plan.not_checked]
     return lines
@@ -421,9 +481,12 @@ def _describe_model(model: ModelFacts | None) -> list[str]:
     if model is None:
         return []
     sizes = ", ".join(f"{k} {v}" for k, v in model.config.items())
-    lines = [f"model: {model.location}", f"  read: {model.how}",
-             f"  {model.model_type} as {model.model_class}: {sizes}",
-             f"  {model.parameters:,} parameters; {model.linear_layers} Linear layers hold {model.linear_parameters:,}"]
+    lines = [
+        f"model: {model.location}",
+        f"  read: {model.how}",
+        f"  {model.model_type} as {model.model_class}: {sizes}",
+        f"  {model.parameters:,} parameters; {model.linear_layers} Linear layers hold {model.linear_parameters:,}",
+    ]
     return lines + [f"  note: {note}" for note in model.notes]
 
 
@@ -446,21 +509,31 @@ def _describe_data(data: DataCheck) -> str:
 def _describe_layers(plan: Plan) -> list[str]:
     width = max(len(r.name) for r in plan.layers)
     dense = sum(r.rank is None and not r.allocated for r in plan.layers)
-    lines = [f"compression: {plan.method}, {plan.cut}: {len(plan.layers)} layers targeted"
-             + (f" ({dense} stay dense)" if dense else ""),
-             f"  {'layer':<{width}}  {'in':>6} {'out':>6} {'rank':>8}  {'params before':>13} {'after':>10}"]
+    lines = [
+        f"compression: {plan.method}, {plan.cut}: {len(plan.layers)} layers targeted"
+        + (f" ({dense} stay dense)" if dense else ""),
+        f"  {'layer':<{width}}  {'in':>6} {'out':>6} {'rank':>8}  {'params before':>13} {'after':>10}",
+    ]
     for r in plan.layers:
         rank = "budget" if r.allocated else str(r.rank) if r.rank is not None else "dense"
-        lines.append(f"  {r.name:<{width}}  {r.in_features:>6} {r.out_features:>6} {rank:>8}  "
-                     f"{r.params_before:>13,} {_count(r.params_after):>10}")
+        lines.append(
+            f"  {r.name:<{width}}  {r.in_features:>6} {r.out_features:>6} {rank:>8}  "
+            f"{r.params_before:>13,} {_count(r.params_after):>10}"
+        )
     if any(r.allocated for r in plan.layers):
         lines.append("  budget: ranks are allocated by the budget from the statistics; 'after' is what it allows")
-    kept = (f" ({plan.targeted_params_after / plan.targeted_params_before:.1%} kept)"
-            if plan.targeted_params_after is not None and plan.targeted_params_before else "")
-    lines.append(f"  targeted parameters: {_count(plan.targeted_params_before)} -> "
-                 f"{_count(plan.targeted_params_after)}{kept}")
-    lines.append(f"  model parameters: {_count(plan.params_before)} -> {_count(plan.params_after)}; fp32 size "
-                 f"{_megabytes(plan.bytes_before)} -> {_megabytes(plan.bytes_after)}")
+    kept = (
+        f" ({plan.targeted_params_after / plan.targeted_params_before:.1%} kept)"
+        if plan.targeted_params_after is not None and plan.targeted_params_before
+        else ""
+    )
+    lines.append(
+        f"  targeted parameters: {_count(plan.targeted_params_before)} -> {_count(plan.targeted_params_after)}{kept}"
+    )
+    lines.append(
+        f"  model parameters: {_count(plan.params_before)} -> {_count(plan.params_after)}; fp32 size "
+        f"{_megabytes(plan.bytes_before)} -> {_megabytes(plan.bytes_after)}"
+    )
     return lines
 
 

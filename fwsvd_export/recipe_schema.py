@@ -7,6 +7,7 @@ precision and method names come from their registries.
 It covers keys, types and choices; the rules between keys (one of path, hub_id, package; one of ratio, rank,
 budget, target_speedup; ranges) are the sections' own, which `fwsvd-export check` applies.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,8 +33,12 @@ _SIMPLE = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 def _registries() -> dict[tuple[str, str], list[str]]:
     """String fields whose values are a registry's names: (section class, field) -> the names."""
-    return {("ModelSpec", "task"): list(TASKS), ("ExportSpec", "precisions"): list(PRECISIONS),
-            ("CompressionSpec", "method"): list(METHODS), ("CompressionSpec", "latency_precision"): list(PRECISIONS)}
+    return {
+        ("ModelSpec", "task"): list(TASKS),
+        ("ExportSpec", "precisions"): list(PRECISIONS),
+        ("CompressionSpec", "method"): list(METHODS),
+        ("CompressionSpec", "latency_precision"): list(PRECISIONS),
+    }
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -43,8 +48,11 @@ def field_comments(cls: type) -> dict[str, str]:
         text = textwrap.dedent("".join(inspect.getsourcelines(cls)[0]))
     except (OSError, TypeError):  # no source (a frozen install): no descriptions
         return {}
-    comments = {t.start[0]: t.string.lstrip("#").strip()
-                for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT}
+    comments = {
+        t.start[0]: t.string.lstrip("#").strip()
+        for t in tokenize.generate_tokens(io.StringIO(text).readline)
+        if t.type == tokenize.COMMENT
+    }
     lines = text.splitlines()
     found = {}
     body = ast.parse(text).body[0]
@@ -130,8 +138,12 @@ def recipe_schema() -> dict[str, Any]:
     top = dict(_section(Recipe, defs))
     del defs["Recipe"]
     _section(CompressionSpec, defs)
-    return {"$schema": DRAFT, "$id": "https://github.com/fwsvd-export/recipe.schema.json",
-            "title": "fwsvd-export recipe",
-            "description": "A recipe for `fwsvd-export run`: the model, the data and the compression plan. "
-                           "Check one with `fwsvd-export check RECIPE`.",
-            **{k: v for k, v in top.items() if k != "description"}, "$defs": defs}
+    return {
+        "$schema": DRAFT,
+        "$id": "https://github.com/fwsvd-export/recipe.schema.json",
+        "title": "fwsvd-export recipe",
+        "description": "A recipe for `fwsvd-export run`: the model, the data and the compression plan. "
+        "Check one with `fwsvd-export check RECIPE`.",
+        **{k: v for k, v in top.items() if k != "description"},
+        "$defs": defs,
+    }

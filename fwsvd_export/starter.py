@@ -3,6 +3,7 @@ data file's header, written where no file is (never over one). What it writes is
 own loader before it is written, so `fwsvd-export check` sees a valid recipe; what it could not guess is
 marked TODO and said.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,7 +37,8 @@ def data_columns(path: Path) -> tuple[str, list[str]]:
     """The data file's format and its columns, from its first row or header."""
     suffix = path.suffix.lower()
     fmt = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}.get(
-        suffix, "text")
+        suffix, "text"
+    )
     if fmt == "text":
         return fmt, ["text"]
     try:
@@ -65,28 +67,48 @@ def _source_keys(task: str, fmt: str, columns: list[str], notes: list[str]) -> l
         keys.append(("image_column", _q(image), "an image file's path, relative to the data file"))
     else:
         text = _pick(columns, TEXT) or next(iter(columns), "text")
-        keys.append(("text_column", _q(text), "guessed from the file's columns: " + ", ".join(columns)
-                     if columns else "the column holding the text"))
+        keys.append(
+            (
+                "text_column",
+                _q(text),
+                "guessed from the file's columns: " + ", ".join(columns) if columns else "the column holding the text",
+            )
+        )
         pair = _pick(columns, PAIR, (text,))
         if task == "feature-extraction":
             if pair is None:
                 notes.append("feature-extraction calibrates on text pairs: set data.*.text_pair_column")
-            keys.append(("text_pair_column", _q(pair or "text_pair"), "the text each row's text should embed close to"
-                         + ("" if pair else " (TODO: no such column was found)")))
+            keys.append(
+                (
+                    "text_pair_column",
+                    _q(pair or "text_pair"),
+                    "the text each row's text should embed close to"
+                    + ("" if pair else " (TODO: no such column was found)"),
+                )
+            )
         elif task == "text-classification" and pair:
             keys.append(("text_pair_column", _q(pair), "the second text of a pair (null for single texts)"))
     if task in ("text-classification", "image-classification"):
         label = _pick(columns, LABEL)
         if label is None:
             notes.append("no label column was found: set data.*.label_column")
-        keys.append(("label_column", _q(label or "label"), "a class index, or a name from the model's label2id"
-                     + ("" if label else " (TODO: no such column was found)")))
+        keys.append(
+            (
+                "label_column",
+                _q(label or "label"),
+                "a class index, or a name from the model's label2id"
+                + ("" if label else " (TODO: no such column was found)"),
+            )
+        )
     return keys
 
 
 def _source(role: str, path: str, keys: list[tuple[str, str, str]], comment: str, extra: str = "") -> str:
-    lines = [f"  {role}:  # {comment}", f"    path: {_q(path)}  # JSONL, CSV, TSV or plain text; or dataset: NAME (a "
-             "hub dataset, pip install datasets)"]
+    lines = [
+        f"  {role}:  # {comment}",
+        f"    path: {_q(path)}  # JSONL, CSV, TSV or plain text; or dataset: NAME (a "
+        "hub dataset, pip install datasets)",
+    ]
     lines += [f"    {key}: {value}  # {note}" for key, value, note in keys]
     return "\n".join(lines + ([extra] if extra else [])) + "\n"
 
@@ -105,8 +127,10 @@ def _model_lines(model: str, task: str, base: Path) -> tuple[str, int]:
     positions = config.get("max_position_embeddings") or config.get("n_positions") if isinstance(config, dict) else None
     length = min(MAX_LENGTH, positions) if isinstance(positions, int) and positions > 1 else MAX_LENGTH
     relative = os.path.relpath(folder.resolve(), base.resolve())
-    return (f"  path: {_q(relative)}  # a model folder (config.json and safetensors weights), relative to this file; "
-            "or hub_id: ORG/NAME, or package: NAME\n"), length
+    return (
+        f"  path: {_q(relative)}  # a model folder (config.json and safetensors weights), relative to this file; "
+        "or hub_id: ORG/NAME, or package: NAME\n"
+    ), length
 
 
 def starter_recipe(model: str, task: str, data: Path | None, output: Path) -> tuple[str, list[str]]:
@@ -127,14 +151,25 @@ def starter_recipe(model: str, task: str, data: Path | None, output: Path) -> tu
     keys = _source_keys(task, fmt, columns, notes)
     name = Path(model.rstrip("/")).name or "model"
     text = _TEMPLATE.format(
-        schema_note=f"fwsvd-export schema > {base / 'recipe.schema.json'}", file=output.name, model=model_lines,
-        task=task, tasks=" | ".join(TASKS),
-        calibration=_source("calibration", data_path, keys, "the rows the Fisher statistics are gathered on",
-                            "    max_samples: 1000  # at most this many rows, drawn at random (a few hundred to a few "
-                            "thousand suffice)"),
+        schema_note=f"fwsvd-export schema > {base / 'recipe.schema.json'}",
+        file=output.name,
+        model=model_lines,
+        task=task,
+        tasks=" | ".join(TASKS),
+        calibration=_source(
+            "calibration",
+            data_path,
+            keys,
+            "the rows the Fisher statistics are gathered on",
+            "    max_samples: 1000  # at most this many rows, drawn at random (a few hundred to a few "
+            "thousand suffice)",
+        ),
         evaluation=_source("evaluation", data_path, keys, "the rows the metric is measured on: better a held-out file"),
-        max_length=max_length, methods=" | ".join(METHODS), precisions=", ".join(p for p in PRECISIONS if p != "fp32"),
-        output=_q(f"outputs/{name}"))
+        max_length=max_length,
+        methods=" | ".join(METHODS),
+        precisions=", ".join(p for p in PRECISIONS if p != "fp32"),
+        output=_q(f"outputs/{name}"),
+    )
     return text, notes
 
 

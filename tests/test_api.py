@@ -1,5 +1,6 @@
 """The one-call Python API (fwsvd_export.compress / export / validate) on the tiny models, and the three
 example scripts in examples/, each run as a user would run it."""
+
 import json
 import subprocess
 import sys
@@ -73,7 +74,10 @@ def test_compress_export_and_validate_a_classifier(classifier_dir, labelled, tmp
     assert small.summary["compressed_layers"] == 12 and small.summary["params_compressed"] < small.params_dense
     assert "factorized 12 of 12" in str(small)
     graphs = fx.export(small, tmp_path / "onnx", precisions=("fp32", "int8"))
-    assert graphs == {"fp32": tmp_path / "onnx/compressed/model.onnx", "int8": tmp_path / "onnx/compressed-int8/model.onnx"}
+    assert graphs == {
+        "fp32": tmp_path / "onnx/compressed/model.onnx",
+        "int8": tmp_path / "onnx/compressed-int8/model.onnx",
+    }
     result = fx.validate(small, labelled, graphs, max_metric_loss=CLASSIFIER_MAX_LOSS, max_quantization_loss=0.05)
     assert result.passed, [c for c in result.checks if not c.passed]
     assert result.metric == "accuracy" and result.original_torch == 1.0  # data_dir labels with the model's predictions
@@ -83,8 +87,12 @@ def test_compress_export_and_validate_a_classifier(classifier_dir, labelled, tmp
     again = fx.validate(tmp_path / "checkpoint", labelled, max_length=32)
     assert again.compressed_torch == result.compressed_torch and again.passed
     # the card's snippet for this task runs on the folder export wrote
-    ran = subprocess.run([sys.executable, "-c", snippet("text-classification", "compressed")], cwd=tmp_path / "onnx",
-                         capture_output=True, text=True)
+    ran = subprocess.run(
+        [sys.executable, "-c", snippet("text-classification", "compressed")],
+        cwd=tmp_path / "onnx",
+        capture_output=True,
+        text=True,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
 
 
@@ -102,11 +110,14 @@ def test_a_decoder_on_plain_texts(llama_dir, data_dir, tmp_path):
     small = fx.compress(llama_dir, texts, ratio=0.5, max_length=32, batch_size=4)
     assert small.task == "text-generation" and factorized(small.model) == 14
     graphs = fx.export(small, tmp_path)
-    result = fx.validate(small, (data_dir / "heldout.txt").read_text().splitlines(), graphs, max_metric_loss=LM_MAX_LOSS)
+    result = fx.validate(
+        small, (data_dir / "heldout.txt").read_text().splitlines(), graphs, max_metric_loss=LM_MAX_LOSS
+    )
     assert result.passed and result.metric == "perplexity"
     assert result.providers["cpu"]["generation"]["matching_prompts"] == 2  # exported with its cache: generate() runs
-    ran = subprocess.run([sys.executable, "-c", snippet("text-generation", "compressed")], cwd=tmp_path,
-                         capture_output=True, text=True)
+    ran = subprocess.run(
+        [sys.executable, "-c", snippet("text-generation", "compressed")], cwd=tmp_path, capture_output=True, text=True
+    )
     assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-3000:]
 
 
@@ -118,8 +129,12 @@ def test_an_embedding_model_on_pairs(encoder_dir, tmp_path):
     graphs = fx.export(small, tmp_path)
     result = fx.validate(small, sentences(16, 7), graphs, max_metric_loss=0.05)
     assert result.passed and result.metric == "cosine_to_original" and result.compressed_torch > 0.95
-    ran = subprocess.run([sys.executable, "-c", snippet("feature-extraction", "compressed")], cwd=tmp_path,
-                         capture_output=True, text=True)
+    ran = subprocess.run(
+        [sys.executable, "-c", snippet("feature-extraction", "compressed")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert ran.returncode == 0, ran.stderr[-3000:]
 
 

@@ -1,11 +1,12 @@
 """Bad input gets a clear error naming what was wrong and where, and leaves no output behind."""
+
 import json
 
 import pytest
 
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.pipeline import run
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import run
 
 from conftest import write_recipe
 
@@ -90,10 +91,13 @@ def test_a_folder_with_someone_elses_report_json_is_not_replaced(tmp_path, class
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key, value, fragment", [
-    ("damping", 0.0, "compression.damping' must be > 0"),
-    ("budget", 0.0001, "too few"),
-])
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("damping", 0.0, "compression.damping' must be > 0"),
+        ("budget", 0.0001, "too few"),
+    ],
+)
 def test_bad_compression_values(tmp_path, classifier_recipe, key, value, fragment):
     classifier_recipe["compression"][key] = value
     if key == "budget":

@@ -1,19 +1,22 @@
 """Models too big for one device: the calibration pass runs on a copy that accelerate spreads over
 devices (here: host memory capped so that decoder layers go to disk), optionally with gradient
 checkpointing, and the result equals a plain in-memory run."""
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from fwsvd_export.errors import FwsvdError
-from fwsvd_export.stages.models import load_for_statistics, model_location
-from fwsvd_export.pipeline import compress_only
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import compress_only
+from fwsvd_export.stages.models import load_for_statistics, model_location
 
 from conftest import write_recipe
 
 pytest.importorskip("accelerate")
-CAP = "700KB"  # the recipe's tiny decoder has 1 MB of weights: the embeddings fit, decoder layers and LM head go to disk
+CAP = (
+    "700KB"  # the recipe's tiny decoder has 1 MB of weights: the embeddings fit, decoder layers and LM head go to disk
+)
 
 
 @pytest.fixture
@@ -23,8 +26,12 @@ def plain(lm_recipe, tiny_llama_dir) -> dict:
 
 def _capped(plain: dict, tmp_path) -> dict:
     """The embeddings fit in the capped host memory, the decoder layers do not."""
-    recipe = {**plain, "model": dict(plain["model"], device_map="auto", max_memory={"cpu": CAP},
-                                     offload_folder=str(tmp_path / "offload"))}
+    recipe = {
+        **plain,
+        "model": dict(
+            plain["model"], device_map="auto", max_memory={"cpu": CAP}, offload_folder=str(tmp_path / "offload")
+        ),
+    }
     recipe["compression"] = dict(plain["compression"], gradient_checkpointing=True)
     return recipe
 

@@ -1,16 +1,29 @@
 """Causal LM families on tiny configs: default targets, compression, export and ORT parity."""
+
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from fwsvd_export.core.compress import plan_layers
 from fwsvd_export.core.lowrank import linear_weight
-from fwsvd_export.pipeline import run
 from fwsvd_export.core.spec import CompressionSpec
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import run
 from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.ort_io import feeds
 
@@ -18,16 +31,33 @@ from conftest import bert_config, quick_validation, write_recipe
 
 pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
 
-DECODER = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=128)
+DECODER = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 # family: (model class, config, factorized layers per block)
 FAMILIES = {
     "gpt2": (GPT2LMHeadModel, lambda v: GPT2Config(vocab_size=v, n_embd=48, n_layer=2, n_head=4, n_positions=128), 4),
     "llama": (LlamaForCausalLM, lambda v: LlamaConfig(vocab_size=v, **DECODER), 7),
     "qwen2": (Qwen2ForCausalLM, lambda v: Qwen2Config(vocab_size=v, **DECODER), 7),
     "mistral": (MistralForCausalLM, lambda v: MistralConfig(vocab_size=v, sliding_window=None, **DECODER), 7),
-    "opt": (OPTForCausalLM, lambda v: OPTConfig(vocab_size=v, hidden_size=48, ffn_dim=96, num_hidden_layers=2,
-                                                  num_attention_heads=4, word_embed_proj_dim=48, max_position_embeddings=128), 6),
+    "opt": (
+        OPTForCausalLM,
+        lambda v: OPTConfig(
+            vocab_size=v,
+            hidden_size=48,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=48,
+            max_position_embeddings=128,
+        ),
+        6,
+    ),
     "phi3": (Phi3ForCausalLM, lambda v: Phi3Config(vocab_size=v, pad_token_id=0, **DECODER), 4),
 }
 
@@ -46,8 +76,12 @@ def test_family_compresses_exports_and_matches_in_onnx_runtime(tmp_path, family_
     family, folder, per_block = family_dir
     recipe = {
         "model": {"path": str(folder), "task": "text-generation"},
-        "data": {"calibration": {"path": str(data_dir / "corpus.txt")}, "evaluation": {"path": str(data_dir / "heldout.txt")},
-                 "max_length": 32, "batch_size": 4},
+        "data": {
+            "calibration": {"path": str(data_dir / "corpus.txt")},
+            "evaluation": {"path": str(data_dir / "heldout.txt")},
+            "max_length": 32,
+            "batch_size": 4,
+        },
         "compression": {"method": "kfac", "ratio": 0.5},  # no target: the family's default projections
         "validation": quick_validation(),
     }
@@ -78,6 +112,7 @@ def test_tied_lm_head_is_never_a_default_target_and_stays_dense_when_asked(token
 
 def test_kv_cache_export_generates_in_onnx_runtime_like_pytorch(tmp_path, lm_recipe, tokenizer):
     from optimum.onnxruntime import ORTModelForCausalLM
+
     import fwsvd_export
 
     lm_recipe["validation"]["generation_tokens"] = 6
@@ -96,8 +131,10 @@ def test_kv_cache_export_generates_in_onnx_runtime_like_pytorch(tmp_path, lm_rec
 
 def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_dir, tokenizer):
     from transformers import AutoModelForCausalLM
+
     from fwsvd_export.config import DataSource
     from fwsvd_export.stages.tasks import TASKS
+
     from conftest import sentences
 
     task = TASKS["text-generation"]
@@ -110,8 +147,11 @@ def test_strided_perplexity_scores_each_token_once_as_transformers_does(llama_di
     with torch.no_grad():
         ours = task.score([task.summary(model(**b.inputs).logits, b) for b in batches], batches, None)["perplexity"]
         # The Hugging Face perplexity guide's way: the model's own mean loss times the scored tokens, per window.
-        nll = sum(float(model(input_ids=row[None], labels=lab[None]).loss) * int((lab[1:] != -100).sum())
-                  for b in batches for row, lab in zip(b.inputs["input_ids"], b.labels))
+        nll = sum(
+            float(model(input_ids=row[None], labels=lab[None]).loss) * int((lab[1:] != -100).sum())
+            for b in batches
+            for row, lab in zip(b.inputs["input_ids"], b.labels)
+        )
     assert ours == pytest.approx(float(torch.exp(torch.tensor(nll / scored))), rel=1e-4)
 
 
@@ -120,12 +160,21 @@ def test_a_decoders_loss_makes_no_copy_of_its_logits():
     loss and its backward make nothing of that size beyond the logits, their log-softmax and a gradient of
     each (shifting the logits by a position, not the labels, would copy them and scatter their gradient)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
     from fwsvd_export.core.batch import Batch
     from fwsvd_export.stages.tasks import TASKS
 
     vocab, batch, tokens = 500, 2, 24
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :3] = -100
@@ -142,23 +191,36 @@ def test_a_decoders_loss_makes_no_copy_of_its_logits():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in [] if func.is_view else out if isinstance(out, (tuple, list)) else [out]:
-                if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab
-                        and t.numel() >= batch * (tokens - 1) * vocab):
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.dim() >= 2
+                    and t.shape[-1] == vocab
+                    and t.numel() >= batch * (tokens - 1) * vocab
+                ):
                     where = t.untyped_storage().data_ptr()
                     if where not in weights:
                         self.made.setdefault(where, (str(func), t))
             return out
 
     with VocabularySized() as seen:
-        TASKS["text-generation"].loss(model, Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                                                   torch.ones_like(ids).bool(), labels)).backward()
-    assert sorted(op for op, _ in seen.made.values()) == sorted([
-        "aten.mm.default", "aten._log_softmax.default",  # the logits and their log-softmax
-        "aten.nll_loss_backward.default", "aten._log_softmax_backward_data.default"])  # and a gradient of each
+        TASKS["text-generation"].loss(
+            model,
+            Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.ones_like(ids).bool(), labels),
+        ).backward()
+    assert sorted(op for op, _ in seen.made.values()) == sorted(
+        [
+            "aten.mm.default",
+            "aten._log_softmax.default",  # the logits and their log-softmax
+            "aten.nll_loss_backward.default",
+            "aten._log_softmax_backward_data.default",
+        ]
+    )  # and a gradient of each
 
 
 def _big_initializers(graph, vocab_size: int) -> list[tuple]:
-    return [tuple(i.dims) for i in onnx.load(str(graph), load_external_data=False).graph.initializer if vocab_size in i.dims]
+    return [
+        tuple(i.dims) for i in onnx.load(str(graph), load_external_data=False).graph.initializer if vocab_size in i.dims
+    ]
 
 
 def _ort_logits(graph, ids: torch.Tensor) -> torch.Tensor:
@@ -185,7 +247,6 @@ def _weights_are_the_models(graph, model) -> int:
     return len(proto.graph.initializer)
 
 
-
 def test_validation_holds_a_decoders_whole_logits_for_the_parity_batches_only(llama_dir, tokenizer, tmp_path):
     """A decoder's logits are tokens x vocabulary (hundreds of GB on WikiText-2's test split for a 150k
     vocabulary): of every evaluation batch the validation keeps the summed loss the perplexity reads, and whole
@@ -193,15 +254,18 @@ def test_validation_holds_a_decoders_whole_logits_for_the_parity_batches_only(ll
     whole logits give."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
+
     from fwsvd_export.config import DataSource, ValidationSpec
     from fwsvd_export.stages.tasks import TASKS
     from fwsvd_export.stages.validate import reference, torch_results
+
     from conftest import sentences
 
     task = TASKS["text-generation"]
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    batches = task.make_batches([{"text": t} for t in sentences(12, 9)], DataSource(stride=8), tokenizer, 24, 2,
-                                False, None)
+    batches = task.make_batches(
+        [{"text": t} for t in sentences(12, 9)], DataSource(stride=8), tokenizer, 24, 2, False, None
+    )
     assert len(batches) >= 3
     spec = ValidationSpec(parity_batches=1)
     held = torch_results(task, spec, model, batches, progress=False).outputs
@@ -211,10 +275,15 @@ def test_validation_holds_a_decoders_whole_logits_for_the_parity_batches_only(ll
     with torch.no_grad():
         logits = [model(**b.inputs).logits for b in batches]
     assert torch.equal(held.whole[0], logits[0])
-    nll = sum(F.cross_entropy(l[:, :-1].reshape(-1, l.shape[-1]), b.labels[:, 1:].reshape(-1), reduction="sum",
-                              ignore_index=-100) for l, b in zip(logits, batches))
+    nll = sum(
+        F.cross_entropy(
+            out[:, :-1].reshape(-1, out.shape[-1]), b.labels[:, 1:].reshape(-1), reduction="sum", ignore_index=-100
+        )
+        for out, b in zip(logits, batches)
+    )
     tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     assert dense.scores["perplexity"] == pytest.approx(float(torch.exp(nll / tokens)), rel=1e-5)
+
 
 @pytest.mark.parametrize("external_data", [False, True])
 def test_a_tied_embedding_is_stored_once_in_the_graph(tmp_path, monkeypatch, tokenizer, external_data):
@@ -250,7 +319,10 @@ def test_an_exported_graph_stores_every_untied_weight_as_its_matmul_reads_it(tmp
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **DECODER)).eval()
     graph = export_onnx(model, tokenizer, tmp_path / "onnx", "text-generation-with-past")
     assert _transposed_initializers(graph) == []
-    assert sorted(_big_initializers(graph, vocab)) == [(48, vocab), (vocab, 48)]  # lm_head as MatMul reads it, embedding
+    assert sorted(_big_initializers(graph, vocab)) == [
+        (48, vocab),
+        (vocab, 48),
+    ]  # lm_head as MatMul reads it, embedding
     assert _weights_are_the_models(graph, model) == 2 * 7 + 2 + 1  # projections, embedding and head, norms
     ids = torch.randint(1, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -260,13 +332,16 @@ def test_an_exported_graph_stores_every_untied_weight_as_its_matmul_reads_it(tmp
 
 @pytest.mark.parametrize("model_kind", ["bert encoder", "llama tied, factorized", "qwen2 with past"])
 def test_shape_inference_sees_no_weight_values_and_the_graph_is_byte_for_byte_the_same(
-        tmp_path, monkeypatch, tokenizer, model_kind):
+    tmp_path, monkeypatch, tokenizer, model_kind
+):
     """torch's graph-wide ONNX shape inference, given the weights' values, set the 0.5B decoder's export peak
     (4,987 MiB against 2,579 without, BENCHMARKS.md); the tool gives it none, which must change no byte of the
     graph: an encoder, a tied decoder with factorized layers, a decoder with biases and its cache."""
     import contextlib
+
     import torch._C
     from transformers import BertModel
+
     from fwsvd_export.core.lowrank import low_rank_from_linear
     from fwsvd_export.core.modules import set_module
     from fwsvd_export.stages import export

@@ -1,5 +1,6 @@
 """`fwsvd-export check` finds what `run` refuses without running it (no weight loaded, nothing written) and
 prints the plan; `schema` prints the recipe's JSON Schema; `init` writes a starter recipe that check accepts."""
+
 import json
 import shutil
 import struct
@@ -49,6 +50,7 @@ def poison_weights(folder: Path) -> None:
 
 # --- check on a good recipe ---------------------------------------------------------------------------------
 
+
 def test_check_prints_the_plan_and_writes_nothing(tmp_path, classifier_recipe):
     path = write_recipe(tmp_path, classifier_recipe)
     before = listing(tmp_path)
@@ -90,8 +92,17 @@ def test_check_reads_no_weight_and_run_refuses_them(tmp_path, classifier_dir, cl
 
 def test_check_json_and_a_budget(tmp_path, classifier_recipe):
     path = write_recipe(tmp_path, classifier_recipe)
-    result = invoke("check", path, "-o", tmp_path / "out", "--json", "--set", "compression.budget=0.5",
-                    "--set", "compression.method=kfac")
+    result = invoke(
+        "check",
+        path,
+        "-o",
+        tmp_path / "out",
+        "--json",
+        "--set",
+        "compression.budget=0.5",
+        "--set",
+        "compression.method=kfac",
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["method"] == "kfac" and plan["cut"] == "budget 0.5 of targeted parameters"
@@ -104,8 +115,15 @@ def test_check_json_and_a_budget(tmp_path, classifier_recipe):
 
 
 def test_check_counts_rows_cut_at_max_length(tmp_path, classifier_recipe):
-    result = invoke("check", write_recipe(tmp_path, classifier_recipe), "-o", tmp_path / "out", "--json",
-                    "--set", "data.max_length=8")
+    result = invoke(
+        "check",
+        write_recipe(tmp_path, classifier_recipe),
+        "-o",
+        tmp_path / "out",
+        "--json",
+        "--set",
+        "data.max_length=8",
+    )
     assert result.exit_code == 0, result.output
     calibration = json.loads(result.output)["data"][0]
     assert calibration["lengths"]["max"] == 8 and calibration["lengths"]["truncated"] > 0
@@ -134,6 +152,7 @@ def test_a_hub_recipe_says_what_it_could_not_check(tmp_path, monkeypatch):
 
 
 # --- every bad input run refuses, found by check ------------------------------------------------------------
+
 
 def _bad_key(tmp, recipe):
     recipe["compression"]["ratoi"] = 0.3
@@ -164,12 +183,17 @@ def _model_with(**config):
     def change(tmp, recipe):
         recipe["model"]["path"] = str(model_copy(Path(recipe["model"]["path"]), tmp / "model", **config))
         return []
+
     return change
 
 
 def _custom_code(tmp, recipe):
-    folder = model_copy(Path(recipe["model"]["path"]), tmp / "custom", model_type="fwsvd-test-custom",
-                        auto_map={"AutoConfig": "custom.CustomConfig", "AutoModel": "custom.CustomModel"})
+    folder = model_copy(
+        Path(recipe["model"]["path"]),
+        tmp / "custom",
+        model_type="fwsvd-test-custom",
+        auto_map={"AutoConfig": "custom.CustomConfig", "AutoModel": "custom.CustomModel"},
+    )
     (folder / "custom.py").write_text(f"open({str(folder / 'RAN')!r}, 'w').write('ran')\n")
     recipe["model"]["path"] = str(folder)
     return []
@@ -200,6 +224,7 @@ def _set(key, value):
         if name in ("rank", "budget"):
             recipe[section]["ratio"] = None
         return []
+
     return change
 
 
@@ -215,18 +240,36 @@ BAD = [
     ("missing data file", _missing_data_file, "'data.calibration.path' points to a missing file", True),
     ("unknown label", _unknown_label, "label 'purple' in column 'label' is not one of the model's labels", True),
     ("missing column", _missing_column, "no column 'category' (from 'data.calibration')", True),
-    ("config sizes", _model_with(intermediate_size=64), "config.json's intermediate_size 64 disagrees with the weights",
-     True),
-    ("config vocabulary", _model_with(vocab_size=1000), "config.json's vocab_size 1000 disagrees with the weights", True),
-    ("more layers than the weights", _model_with(num_hidden_layers=3),
-     "config.json's num_hidden_layers 3 disagrees with the weights", True),
+    (
+        "config sizes",
+        _model_with(intermediate_size=64),
+        "config.json's intermediate_size 64 disagrees with the weights",
+        True,
+    ),
+    (
+        "config vocabulary",
+        _model_with(vocab_size=1000),
+        "config.json's vocab_size 1000 disagrees with the weights",
+        True,
+    ),
+    (
+        "more layers than the weights",
+        _model_with(num_hidden_layers=3),
+        "config.json's num_hidden_layers 3 disagrees with the weights",
+        True,
+    ),
     ("fewer layers than the weights", _model_with(num_hidden_layers=1), "are not used by the model", True),
     ("auto_map folder", _custom_code, "has an auto_map to the folder's own Python (custom.py)", True),
     ("pickled weights", _pickled_weights, "could not load model", False),
     ("missing model folder", _missing_model, "'model.path' folder", True),
     ("foreign output folder", _foreign_output, "is not an earlier fwsvd-export output", True),
     ("output is a file", _output_is_a_file, "exists and is not a folder", True),
-    ("max_length beyond positions", _set("data.max_length", 4096), "'data.max_length' 4096 exceeds the model's 128", True),
+    (
+        "max_length beyond positions",
+        _set("data.max_length", 4096),
+        "'data.max_length' 4096 exceeds the model's 128",
+        True,
+    ),
     ("target matching nothing", _set("compression.target", ["decoder\\.block"]), "matches no Linear layer", True),
     ("rank beyond the layer", _set("compression.rank", 500), "is larger than layer", True),
     ("budget too small", _set("compression.budget", 0.0001), "too few for rank 1 each", True),
@@ -261,6 +304,7 @@ def test_a_bad_recipe_file(tmp_path):
 
 # --- schema -------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def schema() -> dict:
     result = invoke("schema")
@@ -284,8 +328,12 @@ def test_the_schema_refuses_an_unknown_key_and_a_bad_choice(schema):
     recipe["compression"]["ratoi"] = 0.3
     assert any("'ratoi' was unexpected" in e for e in errors(schema, recipe))
     del recipe["compression"]["ratoi"]
-    for section, key, value in (("model", "task", "translation"), ("model", "dtype", "float8"),
-                                ("compression", "method", "magic"), ("export", "precisions", ["fp32", "int3"])):
+    for section, key, value in (
+        ("model", "task", "translation"),
+        ("model", "dtype", "float8"),
+        ("compression", "method", "magic"),
+        ("export", "precisions", ["fp32", "int3"]),
+    ):
         bad = json.loads(json.dumps(recipe))
         bad[section][key] = value
         assert errors(schema, bad), (section, key, value)
@@ -307,11 +355,21 @@ def test_the_schema_describes_the_keys(schema):
 
 # --- init ---------------------------------------------------------------------------------------------------
 
+
 def test_init_writes_a_starter_that_check_accepts(tmp_path, classifier_dir, data_dir, schema):
     target = tmp_path / "recipes" / "starter.yaml"
     target.parent.mkdir()
-    result = invoke("init", "--model", classifier_dir, "--task", "text-classification",
-                    "--data", data_dir / "labelled.jsonl", "-o", target)
+    result = invoke(
+        "init",
+        "--model",
+        classifier_dir,
+        "--task",
+        "text-classification",
+        "--data",
+        data_dir / "labelled.jsonl",
+        "-o",
+        target,
+    )
     assert result.exit_code == 0, result.output
     text = target.read_text()
     assert text.startswith("# yaml-language-server: $schema=")
@@ -330,8 +388,17 @@ def test_init_writes_a_starter_that_check_accepts(tmp_path, classifier_dir, data
 
 def test_init_guesses_csv_columns_and_says_what_it_could_not(tmp_path, classifier_dir, data_dir):
     target = tmp_path / "pairs.yaml"
-    result = invoke("init", "--model", classifier_dir, "--task", "feature-extraction",
-                    "--data", data_dir / "labelled.csv", "-o", target)
+    result = invoke(
+        "init",
+        "--model",
+        classifier_dir,
+        "--task",
+        "feature-extraction",
+        "--data",
+        data_dir / "labelled.csv",
+        "-o",
+        target,
+    )
     assert result.exit_code == 0, result.output
     assert "text_pair_column" in result.output  # the note: no pair column in sentence,label
     recipe = yaml.safe_load(target.read_text())
@@ -348,15 +415,20 @@ def test_init_without_data_and_with_a_hub_id(tmp_path):
     assert result.exit_code == 0, result.output
     assert "placeholders" in result.output
     recipe = yaml.safe_load(target.read_text())
-    assert recipe["model"] == {"hub_id": "org/some-model", "task": "text-generation", "dtype": "float32",
-                               "trust_remote_code": False}
+    assert recipe["model"] == {
+        "hub_id": "org/some-model",
+        "task": "text-generation",
+        "dtype": "float32",
+        "trust_remote_code": False,
+    }
     checked = invoke("check", target, "-o", tmp_path / "out")
     assert checked.exit_code == 2 and "'data.calibration.path' points to a missing file" in checked.output
 
 
 def test_init_refuses_a_missing_model_folder_and_an_unknown_task(tmp_path):
-    result = invoke("init", "--model", tmp_path / "no" / "model", "--task", "text-classification", "-o",
-                    tmp_path / "r.yaml")
+    result = invoke(
+        "init", "--model", tmp_path / "no" / "model", "--task", "text-classification", "-o", tmp_path / "r.yaml"
+    )
     assert result.exit_code == 2 and "no such model folder" in error_line(result.output)
     assert invoke("init", "--model", "x/y", "--task", "translation").exit_code == 2  # click's usage error
     assert not (tmp_path / "r.yaml").exists()

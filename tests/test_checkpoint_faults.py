@@ -1,5 +1,6 @@
 """Bad input where a checkpoint or a model is read: a tampered manifest or weights file, a path that is no
 checkpoint, a model location that is no model. Each must end in an FwsvdError that names what and where."""
+
 import json
 import shutil
 from pathlib import Path
@@ -11,13 +12,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 import fwsvd_export
-from fwsvd_export.stages.checkpoint import MANIFEST, WEIGHTS, load, read_manifest
 from fwsvd_export.cli import main
-from fwsvd_export.errors import FwsvdError
-from fwsvd_export.errors import MESSAGE_LIMIT
-from fwsvd_export.stages.models import is_local_path, load_pretrained
-from fwsvd_export.pipeline import compress_only
+from fwsvd_export.errors import MESSAGE_LIMIT, FwsvdError
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import compress_only
+from fwsvd_export.stages.checkpoint import MANIFEST, WEIGHTS, load, read_manifest
+from fwsvd_export.stages.models import is_local_path, load_pretrained
 
 from conftest import quick_validation, write_recipe
 
@@ -31,7 +31,12 @@ def made(tmp_path_factory, bert_dir, data_dir) -> Path:
     source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
     recipe = {
         "model": {"path": str(bert_dir), "task": "text-classification"},
-        "data": {"calibration": dict(source, max_samples=32), "evaluation": dict(source), "max_length": 32, "batch_size": 8},
+        "data": {
+            "calibration": dict(source, max_samples=32),
+            "evaluation": dict(source),
+            "max_length": 32,
+            "batch_size": 8,
+        },
         "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
         "validation": quick_validation(),
     }
@@ -62,6 +67,7 @@ def error_of(call, *args) -> str:
 
 def layer(name: str, **changes):
     """A change to one layer's entry of 'factorized'; a value of ... removes the key."""
+
     def change(manifest):
         entry = manifest["factorized"][name]
         for key, value in changes.items():
@@ -69,12 +75,14 @@ def layer(name: str, **changes):
                 del entry[key]
             else:
                 entry[key] = value
+
     return change
 
 
 def rename(old: str, new: str):
     def change(manifest):
         manifest["factorized"][new] = manifest["factorized"].pop(old)
+
     return change
 
 
@@ -93,17 +101,29 @@ MANIFEST_FAULTS = {
     "bias-missing": (layer(QUERY, bias=...), [QUERY, "has no 'bias'"]),
     "bias-not-a-bool": (layer(QUERY, bias="yes"), [QUERY, "'bias' must be true or false", 'got "yes"']),
     "layer-not-a-mapping": (lambda m: m["factorized"].update({QUERY: 12}), [QUERY, "must map in_features, rank"]),
-    "factorized-not-a-mapping": (lambda m: m.update(factorized=list(m["factorized"])), ["'factorized' must map", "list"]),
-    "dtype-int8": (lambda m: m.update(dtype="int8"), ["'dtype' must be one of float32, float16, bfloat16", 'got "int8"']),
+    "factorized-not-a-mapping": (
+        lambda m: m.update(factorized=list(m["factorized"])),
+        ["'factorized' must map", "list"],
+    ),
+    "dtype-int8": (
+        lambda m: m.update(dtype="int8"),
+        ["'dtype' must be one of float32, float16, bfloat16", 'got "int8"'],
+    ),
     "unknown-task": (lambda m: m.update(task="translation"), ["'task' must be one of", 'got "translation"']),
     "dtype-missing": (lambda m: {k: v for k, v in m.items() if k != "dtype"}, ["incomplete manifest, missing dtype"]),
     "not-an-object": (lambda m: [m], ["expected a JSON object, found list"]),
-    "module-does-not-exist": (rename(QUERY, "bert.encoder.layer.7.attention.self.query"),
-                              ["'bert.encoder.layer.7.attention.self.query' does not exist in the bert model"]),
-    "module-is-not-linear": (rename(QUERY, "bert.encoder.layer.0.output.LayerNorm"),
-                             ["'bert.encoder.layer.0.output.LayerNorm' is a LayerNorm", "not a Linear layer"]),
-    "features-swapped": (layer(INTERMEDIATE, in_features=96, out_features=48),
-                         [INTERMEDIATE, "'in_features' 96 and 'out_features' 48", "(48 in, 96 out)"]),
+    "module-does-not-exist": (
+        rename(QUERY, "bert.encoder.layer.7.attention.self.query"),
+        ["'bert.encoder.layer.7.attention.self.query' does not exist in the bert model"],
+    ),
+    "module-is-not-linear": (
+        rename(QUERY, "bert.encoder.layer.0.output.LayerNorm"),
+        ["'bert.encoder.layer.0.output.LayerNorm' is a LayerNorm", "not a Linear layer"],
+    ),
+    "features-swapped": (
+        layer(INTERMEDIATE, in_features=96, out_features=48),
+        [INTERMEDIATE, "'in_features' 96 and 'out_features' 48", "(48 in, 96 out)"],
+    ),
 }
 
 
@@ -117,8 +137,10 @@ def test_a_tampered_manifest_names_the_field_and_layer(ckpt, change, fragments):
 
 
 WEIGHTS_FAULTS = {
-    "rank-differs-from-the-factors": (layer(QUERY, rank=8),
-                                      [f"'{QUERY}.first.weight' has shape [12, 48]", "(rank 8, in_features 48", "needs [8, 48]"]),
+    "rank-differs-from-the-factors": (
+        layer(QUERY, rank=8),
+        [f"'{QUERY}.first.weight' has shape [12, 48]", "(rank 8, in_features 48", "needs [8, 48]"],
+    ),
     "bias-false-but-stored": (layer(QUERY, bias=False), [f"holds '{QUERY}.second.bias'", "'bias' false"]),
 }
 
@@ -178,6 +200,7 @@ def test_a_manifest_that_is_not_json(ckpt):
 
 # read_manifest: what the path was instead of a checkpoint.
 
+
 def test_read_manifest_of_a_missing_path(tmp_path):
     message = error_of(read_manifest, tmp_path / "nowhere")
     assert f"{tmp_path / 'nowhere'} does not exist" in message and "written by `fwsvd-export compress`" in message
@@ -192,7 +215,9 @@ def test_read_manifest_of_an_onnx_file(tmp_path):
 
 def test_read_manifest_of_another_file(tmp_path):
     (tmp_path / "recipe.yaml").write_text("model: {}\n")
-    assert f"{tmp_path / 'recipe.yaml'} is a file, not a checkpoint" in error_of(read_manifest, tmp_path / "recipe.yaml")
+    assert f"{tmp_path / 'recipe.yaml'} is a file, not a checkpoint" in error_of(
+        read_manifest, tmp_path / "recipe.yaml"
+    )
 
 
 def test_read_manifest_of_a_plain_model_folder(bert_dir):
@@ -204,7 +229,10 @@ def test_read_manifest_of_a_plain_model_folder(bert_dir):
 def test_read_manifest_of_a_run_output(made, tmp_path):
     shutil.copytree(made, tmp_path / "out" / "compressed")
     message = error_of(read_manifest, tmp_path / "out")
-    assert "`fwsvd-export run` output folder" in message and f"its checkpoint is {tmp_path / 'out' / 'compressed'}" in message
+    assert (
+        "`fwsvd-export run` output folder" in message
+        and f"its checkpoint is {tmp_path / 'out' / 'compressed'}" in message
+    )
 
 
 def test_read_manifest_of_an_onnx_export_folder(bert_dir, tmp_path):
@@ -225,10 +253,19 @@ def test_cli_export_of_a_plain_model_folder_exits_2(bert_dir, tmp_path):
 
 # load_pretrained (`fwsvd-export inspect MODEL`): local paths checked before transformers sees them.
 
-@pytest.mark.parametrize("location, local", [
-    ("org/name", False), ("bert-base-uncased", False), ("./org/name", True), ("~/models/x", True),
-    ("/no/such/model", True), ("models/org/name", True), ("tests", True),
-])
+
+@pytest.mark.parametrize(
+    "location, local",
+    [
+        ("org/name", False),
+        ("bert-base-uncased", False),
+        ("./org/name", True),
+        ("~/models/x", True),
+        ("/no/such/model", True),
+        ("models/org/name", True),
+        ("tests", True),
+    ],
+)
 def test_which_locations_are_local_paths(location, local):
     assert is_local_path(location) is local
 
@@ -246,7 +283,9 @@ def test_load_pretrained_of_a_missing_absolute_path(tmp_path):
 def test_load_pretrained_of_a_file(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
     message = error_of(load_pretrained, str(tmp_path / "model.onnx"), "text-classification")
-    assert message == f"{tmp_path / 'model.onnx'} is a file; expected a model folder (config.json and weights) or a hub id"
+    assert (
+        message == f"{tmp_path / 'model.onnx'} is a file; expected a model folder (config.json and weights) or a hub id"
+    )
 
 
 def test_load_pretrained_of_a_folder_without_config(tmp_path):
@@ -285,8 +324,10 @@ def test_a_hub_id_goes_to_transformers_unchanged(monkeypatch):
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", refuse)
     message = error_of(load_pretrained, "some-org/some-model", "text-classification")
     assert seen == ["some-org/some-model"]
-    assert message == ("could not load model 'some-org/some-model' for text-classification: "
-                       "some-org/some-model is not a valid model identifier")
+    assert message == (
+        "could not load model 'some-org/some-model' for text-classification: "
+        "some-org/some-model is not a valid model identifier"
+    )
 
 
 def test_cli_inspect_of_a_missing_folder_exits_2(tmp_path):

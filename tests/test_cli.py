@@ -1,8 +1,8 @@
 """The command line: exit codes, messages, inspect, and the methods list."""
+
 import json
 
 import pytest
-
 from click.testing import CliRunner
 
 from fwsvd_export.cli import main
@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') lea
 
 def test_run_passes_and_prints_the_checks(tmp_path, classifier_recipe):
     path = write_recipe(tmp_path, classifier_recipe)
-    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet",
-                                       "--set", "compression.ratio=0.6"])
+    result = CliRunner().invoke(
+        main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet", "--set", "compression.ratio=0.6"]
+    )
     assert result.exit_code == 0, result.output
     assert "PASSED" in result.output and "[ok] cpu: numeric parity" in result.output
     assert "[ok] cpu: metric loss: accuracy 1.0000 -> " in result.output and "allowed 0.1)" in result.output
@@ -27,8 +28,9 @@ def test_run_exits_1_when_validation_fails(tmp_path, classifier_recipe):
     """Ratio 0.1 cuts the classifier's layers below their rank: the export is faithful, the accuracy is not."""
     classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}]
     path = write_recipe(tmp_path, classifier_recipe)
-    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet",
-                                       "--set", "compression.ratio=0.1"])
+    result = CliRunner().invoke(
+        main, ["run", str(path), "-o", str(tmp_path / "out"), "--quiet", "--set", "compression.ratio=0.1"]
+    )
     assert result.exit_code == 1, result.output
     assert result.output.startswith("FAILED: 12 layers factorized with fwsvd")
     assert "[FAIL] cpu: metric loss" in result.output and "[FAIL] metric loss (compressed torch)" in result.output
@@ -58,7 +60,7 @@ def test_inspect_shows_ranks_of_a_compressed_checkpoint(tmp_path, classifier_rec
     assert run.exit_code == 0, run.output
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out" / "compressed")])
     assert result.exit_code == 0, result.output
-    line = next(l for l in result.output.splitlines() if l.startswith("bert.encoder.layer.0.intermediate.dense "))
+    line = next(r for r in result.output.splitlines() if r.startswith("bert.encoder.layer.0.intermediate.dense "))
     assert line.split()[3] == "16"  # rank at ratio 0.5 of a 96x48 layer
     assert "first" not in result.output
 

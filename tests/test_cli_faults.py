@@ -1,6 +1,7 @@
 """Command-line faults: a JSONL escape no encoder accepts, sweep lists that repeat a point or are empty, numbers
 written with an exponent, terminal signals (SIGHUP, SIGQUIT) and Ctrl-C while the libraries load, and a
 calibration set far larger than the statistics need. Each case runs the real command on the tiny models."""
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ def _interruptible() -> None:
 
 # --- data ------------------------------------------------------------------------------------------------
 
+
 def test_a_lone_surrogate_escape_in_jsonl_names_the_file_and_line(tmp_path, classifier_recipe):
     path = tmp_path / "calibration.jsonl"
     lines = [json.dumps({"sentence": s, "label": "red"}) for s in sentences(6, 5)]
@@ -58,10 +60,13 @@ def test_a_lone_surrogate_escape_in_jsonl_names_the_file_and_line(tmp_path, clas
 
 # --- sweep lists -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("option, value, repeated", [("--ratios", "0.5,0.3,0.5", "0.5"),
-                                                     ("--methods", "kfac,svd,kfac", "kfac")])
-def test_a_sweep_option_that_repeats_a_value_is_refused_before_any_work(tmp_path, classifier_recipe, option, value,
-                                                                       repeated):
+
+@pytest.mark.parametrize(
+    "option, value, repeated", [("--ratios", "0.5,0.3,0.5", "0.5"), ("--methods", "kfac,svd,kfac", "kfac")]
+)
+def test_a_sweep_option_that_repeats_a_value_is_refused_before_any_work(
+    tmp_path, classifier_recipe, option, value, repeated
+):
     recipe = write_recipe(tmp_path, classifier_recipe)
     result = cli("sweep", str(recipe), option, value, "-o", str(tmp_path / "sweep"))
     assert result.exit_code == 2, result.output
@@ -87,6 +92,7 @@ def test_an_empty_sweep_list_is_refused_naming_the_option(tmp_path, classifier_r
 
 # --- numbers with an exponent, and whose error a --set is --------------------------------------------------
 
+
 def test_exponent_floats_are_numbers_in_the_file_and_in_set(tmp_path, classifier_recipe):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(classifier_recipe, sort_keys=False) + "finetune:\n  learning_rate: 3e-5\n")
@@ -107,11 +113,14 @@ def test_a_wrong_set_value_is_named_by_its_set_not_by_the_file(tmp_path, classif
     with pytest.raises(FwsvdError, match=r"^--set 'compression.rattio=0.4': unknown key 'compression.rattio'"):
         load_recipe(path, ["compression.rattio=0.4"])
     classifier_recipe["data"]["seed"] = "zero"
-    with pytest.raises(FwsvdError, match=rf"^{re.escape(str(path))}: 'data.seed' must be int"):  # the file's own mistake
+    with pytest.raises(
+        FwsvdError, match=rf"^{re.escape(str(path))}: 'data.seed' must be int"
+    ):  # the file's own mistake
         load_recipe(write_recipe(tmp_path, classifier_recipe), ["compression.ratio=0.4"])
 
 
 # --- signals -----------------------------------------------------------------------------------------------
+
 
 def _long_run(tmp_path: Path, classifier_recipe: dict) -> list[str]:
     classifier_recipe["validation"]["latency"] = {"shapes": ["8x32"], "warmup": 1, "runs": 100000}
@@ -121,8 +130,9 @@ def _long_run(tmp_path: Path, classifier_recipe: dict) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGHUP, 129), (signal.SIGQUIT, 131)])
 def test_a_terminal_signal_removes_the_staged_output(tmp_path, classifier_recipe, signum, code):
-    process = subprocess.Popen(PYTHON_M + _long_run(tmp_path, classifier_recipe), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        PYTHON_M + _long_run(tmp_path, classifier_recipe), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not partials(tmp_path):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -142,8 +152,13 @@ def test_a_terminal_signal_removes_the_staged_output(tmp_path, classifier_recipe
 def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, classifier_recipe, command):
     if not SCRIPT.exists() and command[0] == str(SCRIPT):
         pytest.skip("the console script is not installed")
-    process = subprocess.Popen(command + _long_run(tmp_path, classifier_recipe), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
+    process = subprocess.Popen(
+        command + _long_run(tmp_path, classifier_recipe),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_interruptible,
+    )
     time.sleep(1)  # torch and transformers take seconds to import
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
@@ -155,32 +170,49 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, classifier_recipe
 def test_ctrl_c_while_the_command_module_loads_is_one_line(tmp_path):
     """A real SIGINT, sent by the process to itself while `python -m fwsvd_export` imports click: the
     earliest moment it can run code of its own."""
-    starting = ("import os, runpy, signal, sys\n"
-                "class SendSigint:\n"
-                "    def find_spec(self, name, path=None, target=None):\n"
-                "        if name == 'click':\n"
-                "            os.kill(os.getpid(), signal.SIGINT)\n"
-                "sys.meta_path.insert(0, SendSigint())\n"
-                "sys.argv = ['fwsvd-export', 'methods']\n"
-                "runpy.run_module('fwsvd_export', run_name='__main__', alter_sys=True)\n")
-    done = subprocess.run([sys.executable, "-c", starting], capture_output=True, text=True, timeout=120,
-                          preexec_fn=_interruptible, cwd=tmp_path)
+    starting = (
+        "import os, runpy, signal, sys\n"
+        "class SendSigint:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'click':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, SendSigint())\n"
+        "sys.argv = ['fwsvd-export', 'methods']\n"
+        "runpy.run_module('fwsvd_export', run_name='__main__', alter_sys=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", starting],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_interruptible,
+        cwd=tmp_path,
+    )
     assert done.returncode == 130, done.stderr
     assert done.stderr == "interrupted (SIGINT) while starting: nothing was written\n"
 
 
 # --- a calibration set far beyond what the statistics need ---------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_huge_calibration_set_is_warned_about_before_the_statistics_pass(tmp_path, classifier_recipe):
     path = tmp_path / "big.jsonl"
-    path.write_text("".join(json.dumps({"sentence": s, "label": ("red", "green", "blue")[i % 3]}) + "\n"
-                            for i, s in enumerate(sentences(8300, 7))))
+    path.write_text(
+        "".join(
+            json.dumps({"sentence": s, "label": ("red", "green", "blue")[i % 3]}) + "\n"
+            for i, s in enumerate(sentences(8300, 7))
+        )
+    )
     classifier_recipe["data"]["calibration"] = {"path": str(path), "text_column": "sentence", "label_column": "label"}
     classifier_recipe["data"].update(batch_size=512, max_length=16)
     recipe = write_recipe(tmp_path, classifier_recipe)
-    done = subprocess.run(PYTHON_M + ["compress", str(recipe), "-o", str(tmp_path / "ckpt"), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        PYTHON_M + ["compress", str(recipe), "-o", str(tmp_path / "ckpt"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert "WARNING: the statistics pass will read 17 batches, 8300 sequences," in done.stderr, done.stderr
     assert "'data.calibration.max_samples'" in done.stderr

@@ -7,6 +7,7 @@ folder that a successful command was asked to write.
 Seeded (``derandomize=True``) and bounded (a few minutes on 2 cores); the explicit ``@example``s are faults that
 probing found.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,13 @@ from conftest import quick_validation
 
 pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
 
-FUZZ = settings(derandomize=True, deadline=None, max_examples=60, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @dataclass(frozen=True)
@@ -64,31 +70,84 @@ def world(tmp_path_factory, classifier_dir, data_dir) -> World:
 def _recipe(root: Path) -> dict:
     """The tiny classifier's recipe, relative paths as users write them."""
     source = {"path": "labelled.jsonl", "text_column": "sentence", "label_column": "label"}
-    return {"model": {"path": "model", "task": "text-classification"},
-            "data": {"calibration": dict(source, max_samples=16), "evaluation": dict(source, max_samples=16),
-                     "max_length": 32, "batch_size": 8},
-            "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
-            "validation": quick_validation()}
+    return {
+        "model": {"path": "model", "task": "text-classification"},
+        "data": {
+            "calibration": dict(source, max_samples=16),
+            "evaluation": dict(source, max_samples=16),
+            "max_length": 32,
+            "batch_size": 8,
+        },
+        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
+        "validation": quick_validation(),
+    }
 
 
 # --- what a user may type ------------------------------------------------------------------------------------
-OUTPUTS = st.sampled_from(["new", "new/nested/deeper", "exp[1]", "e*p?", "ünï cødé", "earlier", "mine", "plain.txt",
-                           "model", ".", "checkpoint", "-o"])
-SETS = st.sampled_from([
-    "compression.ratio=0.3", "compression.ratio=1e-5", "compression.ratio=0", "compression.ratio=1.5",
-    "compression.ratio=.nan", "compression.ratio=abc", "compression.method=kfac", "compression.method=svd",
-    "compression.method=nope", "compression.budget=0.5", "compression.rank=2", "compression.target=[]",
-    "compression.target=['nothing matches']", "data.batch_size=0", "data.batch_size=3", "data.max_length=2",
-    "data.max_length=100000", "data.calibration.max_samples=1", "data.calibration.path=missing.jsonl",
-    "data.calibration.label_column=nope", "model.path=mine", "model.path=plain.txt", "model.task=feature-extraction",
-    "validation.max_metric_loss=-1", "validation.providers=[]", "validation.latency.shapes=['0x1']",
-    "export.precisions=[int8]", "export.output=elsewhere", "nonsense", "=", "compression..ratio=1",
-])
-RECIPE_EDITS = st.sampled_from([
-    ("compression", "ratio", 0.3), ("compression", "ratio", -1), ("compression", "method", "kfac"),
-    ("data", "batch_size", "eight"), ("data", "max_length", 8), ("model", "path", "nowhere"),
-    ("model", "task", "text-generation"), ("validation", "atol", float("inf")), ("data", "unknown_key", 1),
-])
+OUTPUTS = st.sampled_from(
+    [
+        "new",
+        "new/nested/deeper",
+        "exp[1]",
+        "e*p?",
+        "ünï cødé",
+        "earlier",
+        "mine",
+        "plain.txt",
+        "model",
+        ".",
+        "checkpoint",
+        "-o",
+    ]
+)
+SETS = st.sampled_from(
+    [
+        "compression.ratio=0.3",
+        "compression.ratio=1e-5",
+        "compression.ratio=0",
+        "compression.ratio=1.5",
+        "compression.ratio=.nan",
+        "compression.ratio=abc",
+        "compression.method=kfac",
+        "compression.method=svd",
+        "compression.method=nope",
+        "compression.budget=0.5",
+        "compression.rank=2",
+        "compression.target=[]",
+        "compression.target=['nothing matches']",
+        "data.batch_size=0",
+        "data.batch_size=3",
+        "data.max_length=2",
+        "data.max_length=100000",
+        "data.calibration.max_samples=1",
+        "data.calibration.path=missing.jsonl",
+        "data.calibration.label_column=nope",
+        "model.path=mine",
+        "model.path=plain.txt",
+        "model.task=feature-extraction",
+        "validation.max_metric_loss=-1",
+        "validation.providers=[]",
+        "validation.latency.shapes=['0x1']",
+        "export.precisions=[int8]",
+        "export.output=elsewhere",
+        "nonsense",
+        "=",
+        "compression..ratio=1",
+    ]
+)
+RECIPE_EDITS = st.sampled_from(
+    [
+        ("compression", "ratio", 0.3),
+        ("compression", "ratio", -1),
+        ("compression", "method", "kfac"),
+        ("data", "batch_size", "eight"),
+        ("data", "max_length", 8),
+        ("model", "path", "nowhere"),
+        ("model", "task", "text-generation"),
+        ("validation", "atol", float("inf")),
+        ("data", "unknown_key", 1),
+    ]
+)
 RATIOS = st.sampled_from(["0.5", "0.5,0.3", "0.5,0.5", "", "1e-9", "2", "abc", "0.4,,0.6", "-0.5", "nan"])
 METHODS = st.sampled_from([None, "fwsvd", "svd,kfac", "kfac,kfac", "nope", ""])
 CHECKPOINTS = st.sampled_from(["checkpoint", "model", "earlier", "earlier/compressed", "missing", "plain.txt"])
@@ -148,12 +207,17 @@ def _check_outcome(world: World, before: dict[str, bytes], result, output: Path 
     if result.exit_code == 2:
         assert "Traceback" not in text and text.strip(), text[-3000:]
         assert len(text) < 5000, f"an unbounded message: {text[:500]} ..."
-    left = sorted(p.relative_to(world.root).as_posix() for p in world.root.rglob("*")
-                  if ".partial-" in p.name or ".replaced-" in p.name)
+    left = sorted(
+        p.relative_to(world.root).as_posix()
+        for p in world.root.rglob("*")
+        if ".partial-" in p.name or ".replaced-" in p.name
+    )
     assert left == [], f"left behind: {left}"
     after = _snapshot(world.root)
-    inside = (lambda name: output is not None and result.exit_code in (0, 1)
-              and (world.root / name).is_relative_to(output))
+
+    def inside(name: str) -> bool:
+        return output is not None and result.exit_code in (0, 1) and (world.root / name).is_relative_to(output)
+
     changed = sorted(n for n in before if not inside(n) and after.get(n) != before[n])
     added = sorted(n for n in after if n not in before and not inside(n))
     assert changed == [] and added == [], f"touched what was there: changed {changed}, added {added}\n{text[-2000:]}"

@@ -1,5 +1,6 @@
 """The recipe's sections check themselves (config.py): a Recipe built in Python obeys exactly the rules a
 YAML recipe does, and reading a recipe loads none of the heavy libraries."""
+
 from __future__ import annotations
 
 import copy
@@ -37,13 +38,18 @@ def test_loading_a_recipe_imports_neither_torch_nor_onnx_runtime():
 
 # --- the same rules built both ways --------------------------------------------------------------------------
 
+
 def build(cls: type, mapping: dict) -> typing.Any:
     """`cls` made from a plain mapping by its constructors alone: no loader, no checks of its own."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in mapping.items():
         tp = hints[key]
-        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if typing.get_origin(tp) is typing.Union else tp
+        tp = (
+            next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+            if typing.get_origin(tp) is typing.Union
+            else tp
+        )
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             value = build(tp, value)
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
@@ -99,16 +105,26 @@ CASES = [
     ("compression", {"overrides": {"query": {"rank": 0}}}, "rank", "must be at least 1"),
     # rules that span sections: the Recipe names them
     ("", {"data": {**MINIMAL["data"], "finetune": {"path": "ft.jsonl"}}}, "data.finetune", "'finetune.epochs' is 0"),
-    ("", {"compression": {**SPEEDUP, "latency_precision": "int8"}}, "compression.latency_precision",
-     "must be one of 'export.precisions'"),
-    ("", {"compression": {**SPEEDUP, "latency_precision": "fp16"}, "export": {"precisions": ["fp32", "fp16"]}},
-     "compression.latency_provider", "'cpu' does not run fp16, which is made for cuda"),
+    (
+        "",
+        {"compression": {**SPEEDUP, "latency_precision": "int8"}},
+        "compression.latency_precision",
+        "must be one of 'export.precisions'",
+    ),
+    (
+        "",
+        {"compression": {**SPEEDUP, "latency_precision": "fp16"}, "export": {"precisions": ["fp32", "fp16"]}},
+        "compression.latency_provider",
+        "'cpu' does not run fp16, which is made for cuda",
+    ),
 ]
 # Where the YAML names a key deeper than the section that refused it (a list item, a nested section).
-FULL_KEY = {("validation", "name"): "validation.providers[0].name",
-            ("compression", "rank"): "compression.overrides.query.rank",
-            ("data.evaluation", "evaluation"): "data.evaluation",
-            ("data.evaluation", "evaluation.stride"): "data.evaluation.stride"}
+FULL_KEY = {
+    ("validation", "name"): "validation.providers[0].name",
+    ("compression", "rank"): "compression.overrides.query.rank",
+    ("data.evaluation", "evaluation"): "data.evaluation",
+    ("data.evaluation", "evaluation.stride"): "data.evaluation.stride",
+}
 
 
 def full_key(section: str, key: str) -> str:
@@ -137,8 +153,10 @@ def test_a_section_made_in_python_names_its_own_key():
     with pytest.raises(SpecError, match=r"^'evaluation' needs exactly one of path, dataset$"):
         DataSpec(DataSource(path="a.jsonl"), DataSource())
     with pytest.raises(SpecError, match=r"^'data.finetune' names rows to fine-tune on"):
-        Recipe(ModelSpec(task="feature-extraction", hub_id="org/m"),
-               DataSpec(DataSource(path="a"), DataSource(path="b"), finetune=DataSource(path="c")))
+        Recipe(
+            ModelSpec(task="feature-extraction", hub_id="org/m"),
+            DataSpec(DataSource(path="a"), DataSource(path="b"), finetune=DataSource(path="c")),
+        )
     source = DataSource(max_samples=3)
     assert source.max_samples == 3  # a bare source (as tasks read columns from) needs no path
 
@@ -158,16 +176,20 @@ def test_the_core_names_its_spec_fields_and_a_run_names_the_recipe_keys(bert_dir
         compress_(model, CompressionSpec(method="svd", target=["nowhere"], ratio=0.5))
     assert info.value.key == "target"
     classifier_recipe["compression"]["target"] = ["nowhere"]
-    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, classifier_recipe)), "-o",
-                                       str(tmp_path / "out"), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["run", str(write_recipe(tmp_path, classifier_recipe)), "-o", str(tmp_path / "out"), "--quiet"]
+    )
     assert result.exit_code == 2 and "'compression.target' ['nowhere']" in result.output, result.output
 
 
 def test_validation_metric_names_one_of_the_tasks_metrics():
     data = copy.deepcopy(MINIMAL)
     data["validation"] = {"metric": "bleu"}
-    with pytest.raises(FwsvdError, match=r"'validation.metric' must be one of text-classification's metrics: "
-                                         r"accuracy, f1, micro_f1, macro_f1, mcc, pearson, spearman; got 'bleu'"):
+    with pytest.raises(
+        FwsvdError,
+        match=r"'validation.metric' must be one of text-classification's metrics: "
+        r"accuracy, f1, micro_f1, macro_f1, mcc, pearson, spearman; got 'bleu'",
+    ):
         parse_recipe(data, "recipe.yaml")
     with pytest.raises(SpecError) as info:
         build(Recipe, data)

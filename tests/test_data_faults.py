@@ -1,15 +1,16 @@
 """Data files as users write them: CSV/TSV quirks, byte-order marks, short or long rows, unknown labels and
 too few text pairs each get an error naming the file and line, before any compute."""
+
 import codecs
 import json
 
 import pytest
 
-from fwsvd_export.stages.data import load_records
-from fwsvd_export.errors import FwsvdError
-from fwsvd_export.pipeline import run
 from fwsvd_export.config import DataSource
+from fwsvd_export.errors import FwsvdError
 from fwsvd_export.loader import load_recipe, parse_recipe
+from fwsvd_export.pipeline import run
+from fwsvd_export.stages.data import load_records
 from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences, write_recipe
@@ -43,6 +44,7 @@ def run_error(tmp_path, recipe: dict, *fragments) -> str:
 
 # --- CSV and TSV -----------------------------------------------------------------------------------
 
+
 def test_csv_columns_values_and_a_quoted_comma(tmp_path, classifier_recipe):
     path = tmp_path / "data.csv"
     path.write_text('sentence,label\n"hello, world",red\nplain words,2\n')
@@ -60,15 +62,18 @@ def test_tsv_splits_on_tabs_only(tmp_path, classifier_recipe):
 
 def test_a_bom_before_the_csv_header_is_not_part_of_the_first_column(tmp_path, classifier_recipe):
     path = tmp_path / "excel.csv"
-    path.write_bytes(codecs.BOM_UTF8 + "sentence,label\nhello there,red\n".encode())
+    path.write_bytes(codecs.BOM_UTF8 + b"sentence,label\nhello there,red\n")
     records = records_of(tmp_path, classifier_recipe, path)
     assert records == [{"sentence": "hello there", "label": "red"}]
 
 
-@pytest.mark.parametrize("name, content", [
-    ("data.jsonl", json.dumps({"sentence": "hello there", "label": "red"}) + "\n"),
-    ("data.txt", "hello there\n"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("data.jsonl", json.dumps({"sentence": "hello there", "label": "red"}) + "\n"),
+        ("data.txt", "hello there\n"),
+    ],
+)
 def test_a_bom_in_jsonl_and_text_files_is_dropped(tmp_path, classifier_recipe, name, content):
     path = tmp_path / name
     path.write_bytes(codecs.BOM_UTF8 + content.encode())
@@ -106,6 +111,7 @@ def test_csv_lines_count_the_lines_of_a_quoted_multi_line_value(tmp_path, classi
 
 # --- where each record came from ---------------------------------------------------------------------
 
+
 def test_records_keep_their_line_through_max_samples(tmp_path, classifier_recipe):
     path = tmp_path / "data.jsonl"
     texts = sentences(12, 5)
@@ -129,7 +135,9 @@ def test_text_lines_are_numbered_as_in_an_editor(tmp_path, classifier_recipe):
 
 def test_a_missing_value_names_the_file_and_line(tmp_path, classifier_recipe):
     path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps({"sentence": "fine", "label": "red"}) + "\n\n" + json.dumps({"sentence": "no label"}) + "\n")
+    path.write_text(
+        json.dumps({"sentence": "fine", "label": "red"}) + "\n\n" + json.dumps({"sentence": "no label"}) + "\n"
+    )
     message = load_error(tmp_path, classifier_recipe, path)
     assert f"{path}:3: no value in column 'label' (from 'data.calibration')" in message, message
 
@@ -142,8 +150,11 @@ def test_bytes_that_are_not_utf8_name_their_line(tmp_path, classifier_recipe):
 
 def test_an_unknown_label_names_the_file_and_line(tmp_path, classifier_recipe):
     path = tmp_path / "labels.jsonl"
-    rows = [{"sentence": "hello there", "label": "red"}, {"sentence": "good morning", "label": "green"},
-            {"sentence": "odd one", "label": "purple"}]
+    rows = [
+        {"sentence": "hello there", "label": "red"},
+        {"sentence": "good morning", "label": "green"},
+        {"sentence": "odd one", "label": "purple"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n")
     classifier_recipe["data"]["calibration"]["path"] = str(path)
     run_error(tmp_path, classifier_recipe, f"{path}:4: label 'purple' in column 'label'", "red, green, blue")
@@ -157,6 +168,7 @@ def test_a_label_index_out_of_range_names_the_file_and_line(tmp_path, classifier
 
 
 # --- feature-extraction calibration needs in-batch negatives ------------------------------------------
+
 
 def pairs(n: int) -> list[dict]:
     return [{"text": a, "text_pair": b} for a, b in zip(sentences(n, 8), sentences(n, 9))]
@@ -174,10 +186,14 @@ def test_feature_extraction_refuses_a_single_calibration_pair(tmp_path, classifi
 def emb_batch_sizes(tokenizer, n: int, batch_size: int, calibration: bool) -> list[int]:
     """Pairs per batch, after checking that every pair is in exactly one batch, in order."""
     records = pairs(n)
-    batches = TASKS["feature-extraction"].make_batches(records, DataSource(text_pair_column="text_pair"), tokenizer,
-                                                      32, batch_size, calibration, None)
-    anchors = [text for b in batches for text in tokenizer.batch_decode(b.inputs["input_ids"][:b.samples],
-                                                                          skip_special_tokens=True)]
+    batches = TASKS["feature-extraction"].make_batches(
+        records, DataSource(text_pair_column="text_pair"), tokenizer, 32, batch_size, calibration, None
+    )
+    anchors = [
+        text
+        for b in batches
+        for text in tokenizer.batch_decode(b.inputs["input_ids"][: b.samples], skip_special_tokens=True)
+    ]
     assert anchors == [r["text"] for r in records]
     return [b.samples for b in batches]
 

@@ -1,14 +1,14 @@
 """The embedded default: the shipped recipe on the real pretrained MiniLM-L6, every stage, offline."""
+
 from pathlib import Path
 
 import pytest
-
 import yaml
 
-from fwsvd_export.core import CompressionSpec
-from fwsvd_export.pipeline import run
 from fwsvd_export.config import ValidationSpec
+from fwsvd_export.core import CompressionSpec
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import run
 from fwsvd_export.stages.tasks import TASKS
 
 pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
@@ -30,8 +30,9 @@ def test_minilm_demo_recipe_passes(tmp_path):
 
 
 def test_offline_causal_lm_recipe_passes(tmp_path, tiny_llama_dir):
-    recipe = load_recipe(DEMO.with_name("tiny-llama-offline.yaml"),
-                         ["validation.latency.runs=3", f"model.path={tiny_llama_dir}"])
+    recipe = load_recipe(
+        DEMO.with_name("tiny-llama-offline.yaml"), ["validation.latency.runs=3", f"model.path={tiny_llama_dir}"]
+    )
     result = run(recipe, tmp_path / "lm", progress=False)
     report = result.report.to_dict()
     assert result.passed, [c for c in report["validation"]["checks"] if not c["passed"]]

@@ -2,6 +2,7 @@
 calibration batches, end with the single-process statistics; each factorizes part of the layers and
 rank 0 ends with the single-process model; a fault in one process's shard stops both with its error;
 under torchrun only rank 0 writes."""
+
 import json
 import os
 import socket
@@ -18,8 +19,8 @@ import torch.multiprocessing as mp
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from fwsvd_export.cli import guarded
-from fwsvd_export.core import CompressionSpec, compress_, distributed, gather_statistics, plan_layers
 from fwsvd_export.config import DataSource
+from fwsvd_export.core import CompressionSpec, compress_, distributed, gather_statistics, plan_layers
 from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences, write_recipe
@@ -47,17 +48,20 @@ def _setup(kind: str, folder: str):
 
 
 def _join(rank: int, rendezvous: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2,
-                            timeout=distributed.collective_timeout())
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2, timeout=distributed.collective_timeout()
+    )
 
 
 def _specs(cache: str) -> dict[str, CompressionSpec]:
     """Uniform ranks; a global budget with its allocation check; uniform again from a cache that the
     first of two runs stores and the second hits (rank 0 reads it and sends it on)."""
-    return {"uniform": CompressionSpec(method="kfac", ratio=0.5),
-            "budget": CompressionSpec(method="kfac", budget=0.5, rank_multiple=4),
-            "store": CompressionSpec(method="kfac", ratio=0.5, cache_dir=cache),
-            "hit": CompressionSpec(method="kfac", ratio=0.5, cache_dir=cache)}
+    return {
+        "uniform": CompressionSpec(method="kfac", ratio=0.5),
+        "budget": CompressionSpec(method="kfac", budget=0.5, rank_multiple=4),
+        "store": CompressionSpec(method="kfac", ratio=0.5, cache_dir=cache),
+        "hit": CompressionSpec(method="kfac", ratio=0.5, cache_dir=cache),
+    }
 
 
 def _compress(spec: CompressionSpec, folder: str) -> tuple[dict, dict]:
@@ -72,8 +76,9 @@ def _fault_in_shard_1(folder: str) -> None:
     model = AutoModel.from_pretrained(folder).eval()
     task = TASKS["feature-extraction"]
     records = [{"text": a, "pair": b} for a, b in zip(sentences(16, 7), sentences(16, 8))]
-    batches = task.make_batches(records, DataSource(text_pair_column="pair"), AutoTokenizer.from_pretrained(folder),
-                                24, 4, True, model.config)
+    batches = task.make_batches(
+        records, DataSource(text_pair_column="pair"), AutoTokenizer.from_pretrained(folder), 24, 4, True, model.config
+    )
     batches[1] = replace(batches[1], groups=1)
     guarded(compress_)(model, CompressionSpec(method="fwsvd"), batches, task.loss, progress=False)
 
@@ -157,8 +162,10 @@ def test_a_fault_in_one_process_shard_stops_both_with_its_error(two_processes):
     errors = [(out / f"stderr.{r}").read_text() for r in (0, 1)]
     assert exits == [2, 2], errors  # bad input, on both
     assert "error: feature-extraction calibration batches must hold text pairs" in errors[1]
-    assert ("error: process 1 of 2, calibration statistics of its shard: feature-extraction calibration batches "
-            "must hold text pairs") in errors[0]
+    assert (
+        "error: process 1 of 2, calibration statistics of its shard: feature-extraction calibration batches "
+        "must hold text pairs"
+    ) in errors[0]
 
 
 def _free_port() -> int:
@@ -171,13 +178,33 @@ def test_torchrun_run_writes_only_from_rank_0_and_matches_one_process(tmp_path, 
     classifier_recipe["compression"]["method"] = "kfac"
     recipe = write_recipe(tmp_path, classifier_recipe)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "-m", "fwsvd_export", "run", str(recipe), "-o", str(tmp_path / "two"),
-               "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "fwsvd_export",
+        "run",
+        str(recipe),
+        "-o",
+        str(tmp_path / "two"),
+        "--quiet",
+    ]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "fwsvd_export", "run", str(recipe), "-o", str(tmp_path / "one"), "--quiet"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "fwsvd_export", "run", str(recipe), "-o", str(tmp_path / "one"), "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "recipe.yaml", "two"]  # rank 1 wrote nothing
     factorization = json.loads((tmp_path / "two" / "report.json").read_text())["compression"]["factorization"]

@@ -1,11 +1,12 @@
 """The math: weighted factorization, its special cases, and its optimality."""
+
 import pytest
 import torch
 from torch import nn
 
 from fwsvd_export.core.lowrank import break_even_rank, factorize, low_rank_from_linear, pays_off, rank_for_ratio
-from fwsvd_export.core.statistics import LayerStats
 from fwsvd_export.core.methods import METHODS, input_root
+from fwsvd_export.core.statistics import LayerStats
 
 
 def weighted_error(w, approx, left=None, right=None):
@@ -84,8 +85,12 @@ def test_zero_importance_features_give_finite_factors(weight):
 
 def _grams(n_in=40, n_out=24, tokens=200, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, n_in, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, n_in, dtype=torch.float64)
-    g = torch.randn(tokens, n_out, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 2, n_out, dtype=torch.float64)
+    x = torch.randn(tokens, n_in, generator=gen, dtype=torch.float64) * torch.linspace(
+        0.1, 3, n_in, dtype=torch.float64
+    )
+    g = torch.randn(tokens, n_out, generator=gen, dtype=torch.float64) * torch.linspace(
+        0.2, 2, n_out, dtype=torch.float64
+    )
     return x.T @ x / tokens, g.T @ g / tokens
 
 
@@ -93,16 +98,20 @@ def test_kfac_with_identity_output_gram_is_whitening(weight):
     c, _ = _grams()
     kfac = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": torch.eye(24, dtype=torch.float64)}), 1e-8)
     llm = METHODS["svd-llm"].build(LayerStats({"input_gram": c}), 1e-8)
-    torch.testing.assert_close(product(factorize(weight, 7, kfac.left, kfac.right)),
-                               product(factorize(weight, 7, llm.left, llm.right)))
+    torch.testing.assert_close(
+        product(factorize(weight, 7, kfac.left, kfac.right)), product(factorize(weight, 7, llm.left, llm.right))
+    )
 
 
 def test_kfac_with_diagonal_input_and_identity_output_is_fwsvd(weight):
     importance = torch.rand(40, dtype=torch.float64) + 0.05
-    kfac = METHODS["kfac"].build(LayerStats({"input_gram": torch.diag(importance), "output_gram": torch.eye(24, dtype=torch.float64)}), 0.0)
+    kfac = METHODS["kfac"].build(
+        LayerStats({"input_gram": torch.diag(importance), "output_gram": torch.eye(24, dtype=torch.float64)}), 0.0
+    )
     fw = METHODS["fwsvd"].build(LayerStats({"fisher": importance}), 0.0)
-    torch.testing.assert_close(product(factorize(weight, 5, kfac.left, kfac.right)),
-                               product(factorize(weight, 5, fw.left, fw.right)))
+    torch.testing.assert_close(
+        product(factorize(weight, 5, kfac.left, kfac.right)), product(factorize(weight, 5, fw.left, fw.right))
+    )
 
 
 def test_kfac_full_rank_reproduces_the_weight(weight):

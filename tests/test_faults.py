@@ -1,6 +1,7 @@
 """The fault matrix: what the tool does when things go wrong. Each case checks the exit code, that the
 message names the problem, that nothing partial is left, and that what was there before is intact,
 byte for byte."""
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ def earlier_run(tmp_path, classifier_recipe) -> Path:
 
 
 # --- output handling: never delete what the tool did not write -------------------------------------
+
 
 def test_output_dot_is_refused_and_the_current_folder_is_untouched(tmp_path, classifier_recipe, monkeypatch):
     recipe = write_recipe(tmp_path, classifier_recipe)
@@ -156,17 +158,22 @@ def test_a_stale_partial_folder_of_a_killed_run_is_removed_and_reported(tmp_path
     dead.wait()
     stale = tmp_path / ".out.partial-stale"
     stale.mkdir()
-    (stale / STAGE_MARKER).write_text(json.dumps({"tool": "fwsvd-export", "pid": dead.pid, "host": os.uname().nodename}))
+    (stale / STAGE_MARKER).write_text(
+        json.dumps({"tool": "fwsvd-export", "pid": dead.pid, "host": os.uname().nodename})
+    )
     (stale / "model.safetensors").write_bytes(b"half")
     running = tmp_path / ".out.partial-running"  # a run that is still going (this very process)
     running.mkdir()
-    (running / STAGE_MARKER).write_text(json.dumps({"tool": "fwsvd-export", "pid": os.getpid(), "host": os.uname().nodename}))
+    (running / STAGE_MARKER).write_text(
+        json.dumps({"tool": "fwsvd-export", "pid": os.getpid(), "host": os.uname().nodename})
+    )
     foreign = tmp_path / ".out.partial-mine"  # not ours: no marker
     foreign.mkdir()
     finished = tmp_path / ".out.partial-finished"  # complete, killed before it was moved into place
     finished.mkdir()
-    (finished / RUN_MARKER).write_text(json.dumps({"tool": "fwsvd-export", "pid": dead.pid, "host": os.uname().nodename,
-                                                   "files": {}}))
+    (finished / RUN_MARKER).write_text(
+        json.dumps({"tool": "fwsvd-export", "pid": dead.pid, "host": os.uname().nodename, "files": {}})
+    )
     result = cli("run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run))
     assert result.exit_code == 0, result.output
     assert "note: removed .out.partial-stale, left by an interrupted run" in result.output
@@ -215,6 +222,7 @@ def test_a_crash_exits_3_with_its_traceback_and_leaves_nothing(tmp_path, earlier
 
 # --- whole processes: full disk and signals -----------------------------------------------------------
 
+
 def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fwsvd_export", *args]
 
@@ -222,11 +230,17 @@ def _command(*args: str) -> list[str]:
 def test_a_full_disk_exits_3_and_keeps_the_earlier_run(tmp_path, earlier_run):
     """RLIMIT_FSIZE makes every write past 200 kB fail, as a full disk would (EFBIG instead of ENOSPC)."""
     before = snapshot(earlier_run)
-    limit = ("import resource, signal, runpy, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-             "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); sys.argv = ['fwsvd-export'] + sys.argv[1:]; "
-             "runpy.run_module('fwsvd_export', run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", limit, "run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run),
-                           "--quiet"], capture_output=True, text=True, timeout=300)
+    limit = (
+        "import resource, signal, runpy, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); sys.argv = ['fwsvd-export'] + sys.argv[1:]; "
+        "runpy.run_module('fwsvd_export', run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", limit, "run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 3, done.stderr
     assert "ran out of room" in done.stderr and "File too large" in done.stderr, done.stderr
     assert snapshot(earlier_run) == before and leftovers(tmp_path) == []
@@ -248,14 +262,19 @@ def wait_until_exported(process: subprocess.Popen, folder: Path, limit: float = 
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_mid_run_leaves_the_earlier_run_intact_and_nothing_partial(tmp_path, classifier_recipe, earlier_run,
-                                                                            signum, code):
+def test_a_signal_mid_run_leaves_the_earlier_run_intact_and_nothing_partial(
+    tmp_path, classifier_recipe, earlier_run, signum, code
+):
     classifier_recipe["validation"]["latency"] = {"shapes": ["8x32"], "warmup": 1, "runs": 100000}  # a long run
     recipe = write_recipe(tmp_path, classifier_recipe, "long.yaml")
     before = snapshot(earlier_run)
-    process = subprocess.Popen(_command("run", str(recipe), "-o", str(earlier_run), "--quiet"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=_interruptible)
+    process = subprocess.Popen(
+        _command("run", str(recipe), "-o", str(earlier_run), "--quiet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_interruptible,
+    )
     wait_until_exported(process, tmp_path)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
@@ -267,8 +286,11 @@ def test_a_signal_mid_run_leaves_the_earlier_run_intact_and_nothing_partial(tmp_
 def test_after_sigkill_the_next_run_cleans_up(tmp_path, classifier_recipe, earlier_run):
     classifier_recipe["validation"]["latency"] = {"shapes": ["8x32"], "warmup": 1, "runs": 100000}
     long = write_recipe(tmp_path, classifier_recipe, "long.yaml")
-    process = subprocess.Popen(_command("run", str(long), "-o", str(earlier_run), "--quiet"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _command("run", str(long), "-o", str(earlier_run), "--quiet"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_until_exported(process, tmp_path)
     process.kill()
     process.wait()
@@ -281,8 +303,10 @@ def test_after_sigkill_the_next_run_cleans_up(tmp_path, classifier_recipe, earli
 def test_a_run_that_validated_on_no_provider_does_not_pass(tmp_path, classifier_recipe):
     """Only an optional provider that cannot start here (CUDA on this CPU machine): nothing was checked."""
     import onnxruntime as ort
+
     if "CUDAExecutionProvider" in ort.get_available_providers():
         import torch
+
         if torch.cuda.is_available():
             pytest.skip("CUDA runs here")
     classifier_recipe["validation"]["providers"] = [{"name": "cuda"}]
@@ -332,17 +356,21 @@ def test_ctrl_c_that_passed_through_code_run_for_a_native_caller_still_exits_130
         "def command():\n"
         "    ctypes.pythonapi.PyRun_SimpleString(b'raise KeyboardInterrupt')\n"
         "    raise KeyboardInterrupt\n"
-        "command()\n")
-    done = subprocess.run([sys.executable, "-m", "interrupted_command"], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+        "command()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupted_command"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert done.returncode == 130, done.stderr
     assert "interrupted (SIGINT): no output was written" in done.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT])
-def test_a_signal_during_the_swap_arrives_after_it_and_says_the_output_is_complete(tmp_path, earlier_run, monkeypatch,
-                                                                                     signum):
+def test_a_signal_during_the_swap_arrives_after_it_and_says_the_output_is_complete(
+    tmp_path, earlier_run, monkeypatch, signum
+):
     from fwsvd_export.stages import outputs
+
     real = outputs._swap
 
     def swap_under_signal(stage, folder):
@@ -350,8 +378,10 @@ def test_a_signal_during_the_swap_arrives_after_it_and_says_the_output_is_comple
         real(stage, folder)
 
     monkeypatch.setattr(outputs, "_swap", swap_under_signal)
-    result = CliRunner().invoke(main, ["run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run),
-                                       "--set", "compression.ratio=0.3", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        ["run", str(tmp_path / "recipe.yaml"), "-o", str(earlier_run), "--set", "compression.ratio=0.3", "--quiet"],
+    )
     assert result.exit_code == 128 + signum, result.output
     assert f"just after the results were moved into place: {earlier_run.resolve()} is complete" in result.output
     assert json.loads((earlier_run / "report.json").read_text())["recipe"]["compression"]["ratio"] == 0.3

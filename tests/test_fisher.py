@@ -1,13 +1,14 @@
 """The calibration pass: per-sample Fisher and the Grams match brute force over single samples."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from fwsvd_export.core.compress import linear_layers
-from fwsvd_export.errors import FwsvdError
-from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.config import DataSource
 from fwsvd_export.core.batch import Batch
+from fwsvd_export.core.compress import linear_layers
+from fwsvd_export.core.statistics import collect_statistics
+from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.tasks import TASKS
 
 from conftest import sentences
@@ -16,7 +17,11 @@ from conftest import sentences
 def classifier_batches(tokenizer, config, n=6, batch_size=3):
     records = [{"text": t, "label": i % 3} for i, t in enumerate(sentences(n, 5))]
     task = TASKS["text-classification"]
-    return records, task, task.make_batches(records, DataSource(label_column="label"), tokenizer, 32, batch_size, True, config)
+    return (
+        records,
+        task,
+        task.make_batches(records, DataSource(label_column="label"), tokenizer, 32, batch_size, True, config),
+    )
 
 
 def brute_force(model, task, single_batches, layers):
@@ -50,8 +55,11 @@ def test_per_sample_fisher_for_a_causal_lm(llama_dir, tokenizer, data_dir):
     batches = task.make_batches(records, DataSource(), tokenizer, 16, 4, True, None)
     layers = {k: v for k, v in linear_layers(model).items() if "layers.0" in k}
     stats = collect_statistics(model, layers, batches, task.loss, {"fisher"}, progress=False)
-    singles = [type(b)({k: v[i:i + 1] for k, v in b.inputs.items()}, b.token_mask[i:i + 1], b.labels[i:i + 1])
-               for b in batches for i in range(len(b.token_mask))]
+    singles = [
+        type(b)({k: v[i : i + 1] for k, v in b.inputs.items()}, b.token_mask[i : i + 1], b.labels[i : i + 1])
+        for b in batches
+        for i in range(len(b.token_mask))
+    ]
     expected = brute_force(model, task, singles, layers)
     for name in layers:
         torch.testing.assert_close(stats[name].fisher.double(), expected[name], rtol=2e-3, atol=1e-9)
@@ -62,7 +70,9 @@ def test_grams_use_real_tokens_only_and_leave_weights_without_gradients(bert_dir
     records, task, batches = classifier_batches(tokenizer, model.config)
     name = "bert.encoder.layer.0.intermediate.dense"
     layer = model.get_submodule(name)
-    stats = collect_statistics(model, {name: layer}, batches, task.loss, {"input_gram", "output_gram", "input_abs"}, progress=False)
+    stats = collect_statistics(
+        model, {name: layer}, batches, task.loss, {"input_gram", "output_gram", "input_abs"}, progress=False
+    )
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
     inputs, grads = [], []
@@ -104,7 +114,9 @@ def test_gradient_checkpointing_gives_the_same_statistics(family, bert_dir, llam
     else:
         if family == "gpt2":
             torch.manual_seed(0)
-            model = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+            model = GPT2LMHeadModel(
+                GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(llama_dir)
         model.eval()
@@ -115,7 +127,9 @@ def test_gradient_checkpointing_gives_the_same_statistics(family, bert_dir, llam
     recomputed = collect_statistics(model, layers, batches, task.loss, needs, progress=False, checkpointing=True)
     for name in layers:
         for stat in needs:
-            torch.testing.assert_close(getattr(recomputed[name], stat), getattr(plain[name], stat), rtol=1e-4, atol=1e-10)
+            torch.testing.assert_close(
+                getattr(recomputed[name], stat), getattr(plain[name], stat), rtol=1e-4, atol=1e-10
+            )
         assert (recomputed[name].samples, recomputed[name].tokens) == (plain[name].samples, plain[name].tokens)
     assert all("forward" not in m.__dict__ for m in model.modules()), "blocks keep their own forward afterwards"
 
@@ -125,8 +139,15 @@ def test_gradient_checkpointing_needs_checkpointable_blocks(tokenizer):
     model.get_input_embeddings = lambda: model[0]
     batch = Batch({"input": torch.tensor([[1, 2]])}, torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(FwsvdError, match="gradient checkpointing: Sequential has no transformer blocks"):
-        collect_statistics(model, {"1": model[1]}, [batch], lambda m, b: m(b.inputs["input"]).sum(), {"fisher"},
-                           progress=False, checkpointing=True)
+        collect_statistics(
+            model,
+            {"1": model[1]},
+            [batch],
+            lambda m, b: m(b.inputs["input"]).sum(),
+            {"fisher"},
+            progress=False,
+            checkpointing=True,
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -136,7 +157,9 @@ def test_half_precision_models_accumulate_in_float32(dtype, llama_dir, tokenizer
     full = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     half = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=dtype).eval()
     name = "model.layers.1.mlp.down_proj"
-    reference = collect_statistics(full, {name: full.get_submodule(name)}, batches, task.loss, needs, progress=False)[name]
+    reference = collect_statistics(full, {name: full.get_submodule(name)}, batches, task.loss, needs, progress=False)[
+        name
+    ]
     got = collect_statistics(half, {name: half.get_submodule(name)}, batches, task.loss, needs, progress=False)[name]
     for stat in needs:
         value, expected = getattr(got, stat), getattr(reference, stat)

@@ -1,5 +1,6 @@
 """Freed heap memory goes back to the system between batches and layers (`core.heap.trim`): glibc keeps
 the free blocks that lie between live ones counted in the process's memory until asked to let them go."""
+
 import os
 
 import pytest

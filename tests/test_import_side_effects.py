@@ -1,6 +1,7 @@
 """Using the package changes no global setting of the libraries around it, and importing it changes nothing
 at all: every process-wide change the tool makes is made inside a context manager, where the command line
 or a stage asks for it (tests/test_side_effects.py checks that each one restores what it found)."""
+
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ def test_importing_the_package_leaves_onnx_runtime_logging_as_it_was(tmp_path):
     """On a machine without CUDA libraries, ONNX Runtime itself reports the failed provider on stderr;
     it still does after the package is imported (the tool silences only its own sessions)."""
     from fwsvd_export.stages.validate import open_session
+
     done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "m.onnx")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     session, reason = open_session(tmp_path / "m.onnx", "cuda")
@@ -41,9 +43,19 @@ def test_importing_the_package_leaves_onnx_runtime_logging_as_it_was(tmp_path):
 def test_the_sweep_plots_without_touching_matplotlibs_backend(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     from fwsvd_export.sweep import plot
+
     matplotlib.use("svg")
-    points = [{"method": "kfac", "model_kept_ratio": r, "compressed_torch": 0.9 - r / 10, "original": 0.95, "metric": "accuracy",
-               "providers": {"cpu": {"compressed_ms": 10 * r, "metric": 0.9, "dense_ms": 12.0}}} for r in (0.3, 0.6)]
+    points = [
+        {
+            "method": "kfac",
+            "model_kept_ratio": r,
+            "compressed_torch": 0.9 - r / 10,
+            "original": 0.95,
+            "metric": "accuracy",
+            "providers": {"cpu": {"compressed_ms": 10 * r, "metric": 0.9, "dense_ms": 12.0}},
+        }
+        for r in (0.3, 0.6)
+    ]
     written = plot(points, tmp_path)
     assert [p.name for p in written] == ["metric_vs_params.png", "metric_vs_latency_cpu.png"]
     assert matplotlib.get_backend() == "svg"
@@ -51,8 +63,11 @@ def test_the_sweep_plots_without_touching_matplotlibs_backend(tmp_path):
 
 def test_exporter_warnings_reach_the_log_not_the_console(tmp_path, bert_dir, tokenizer, caplog, capsys):
     import logging
+
     from transformers import AutoModelForSequenceClassification
+
     from fwsvd_export.stages.export import export_onnx
+
     model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
     with caplog.at_level(logging.DEBUG, logger="fwsvd_export"):
         export_onnx(model, tokenizer, tmp_path / "onnx", "text-classification")
@@ -63,14 +78,20 @@ def test_exporter_warnings_reach_the_log_not_the_console(tmp_path, bert_dir, tok
 def test_a_graph_input_the_tool_cannot_feed_is_a_user_error_naming_it(tmp_path):
     import onnx
     from onnx import TensorProto, helper
+
     from fwsvd_export.errors import FwsvdError
     from fwsvd_export.stages.ort_io import feeds
-    graph = helper.make_graph([helper.make_node("Add", ["input_ids", "pixel_values"], ["y"])], "g",
-                              [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 2]) for n in ("input_ids", "pixel_values")],
-                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 2])])
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input_ids", "pixel_values"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 2]) for n in ("input_ids", "pixel_values")],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 2])],
+    )
     onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     import torch
+
     with pytest.raises(FwsvdError, match="'pixel_values'"):
         feeds(session, {"input_ids": torch.ones(1, 2, dtype=torch.long)})
 
@@ -93,7 +114,9 @@ def test_making_int8_and_int4_copies_prints_nothing_and_leaves_the_root_logger_a
     """ONNX Runtime's quantizers log on the root logger (whose first use gives it a console handler) and one
     of them configures it on import; afterwards every record of the tool would be printed twice."""
     from transformers import AutoModel
+
     from fwsvd_export.stages.export import export_onnx
+
     graph = export_onnx(AutoModel.from_pretrained(bert_dir).eval(), tokenizer, tmp_path / "dense", "feature-extraction")
     done = subprocess.run([sys.executable, "-c", CONVERT, str(graph)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -156,8 +179,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fwsvd_export"
 
 
 def _child(code: str, *args: str, env: dict | None = None) -> dict:
-    done = subprocess.run([sys.executable, "-c", SNAPSHOT + code, str(PACKAGE), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SNAPSHOT + code, str(PACKAGE), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -166,7 +194,9 @@ def _changes(before: dict, after: dict) -> dict:
     changed = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     if "environment" in changed:
         was, now = changed["environment"]
-        changed["environment"] = {k: (was.get(k), now.get(k)) for k in was.keys() | now.keys() if was.get(k) != now.get(k)}
+        changed["environment"] = {
+            k: (was.get(k), now.get(k)) for k in was.keys() | now.keys() if was.get(k) != now.get(k)
+        }
     return changed
 
 
@@ -194,7 +224,8 @@ for name in package_modules():
 print(json.dumps([m for m in list(sys.modules) if m.split(".")[0] not in ("fwsvd_export", "__main__")]))
 """)
     env = dict(os.environ, FWSVD_COLLECTIVE_TIMEOUT_S="not a number", FWSVD_START_TIMEOUT_S="not a number")
-    found = _child("""
+    found = _child(
+        """
 for name in json.loads(sys.argv[2]):
     try:
         importlib.import_module(name)
@@ -206,6 +237,9 @@ modules = package_modules()
 for name in modules:
     importlib.import_module(name)
 print(json.dumps({"before": before, "after": snapshot(), "imported": len(modules)}))
-""", json.dumps(libraries), env=env)
+""",
+        json.dumps(libraries),
+        env=env,
+    )
     assert found["imported"] >= 30 and "torch" in found["before"]
     assert _changes(found["before"], found["after"]) == {}

@@ -3,6 +3,7 @@ the graph's own input names and dtypes, and the preprocessor is what `AutoProces
 folder (a tokenizer, or an image processor). A tiny DistilBERT classifier (whose forward takes no
 token_type_ids, which MiniLM's tokenizer returns) and a tiny ViT image classifier go from statistics to a
 validated ONNX artifact through `fwsvd-export run`."""
+
 import json
 import random
 from types import SimpleNamespace
@@ -33,13 +34,16 @@ def run_cli(tmp_path, recipe):
 
 # --- the graph's own inputs --------------------------------------------------------------------------------
 
+
 def _session(inputs: list[tuple[str, int, list]]) -> ort.InferenceSession:
     """A graph whose output sums each input (cast to float): only the inputs it declares, as declared."""
     values = [helper.make_tensor_value_info(name, dtype, shape) for name, dtype, shape in inputs]
     nodes, sums = [], []
     for name, _, _ in inputs:
-        nodes += [helper.make_node("Cast", [name], [f"{name}_f"], to=TensorProto.FLOAT),
-                  helper.make_node("ReduceSum", [f"{name}_f"], [f"{name}_s"], keepdims=0)]
+        nodes += [
+            helper.make_node("Cast", [name], [f"{name}_f"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", [f"{name}_f"], [f"{name}_s"], keepdims=0),
+        ]
         sums.append(f"{name}_s")
     nodes.append(helper.make_node("Sum", sums, ["out"]))
     graph = helper.make_graph(nodes, "g", values, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [])])
@@ -51,12 +55,16 @@ def test_feeds_follow_the_graphs_input_names_and_dtypes():
     ids = torch.tensor([[101, 7, 102]])
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     # a DistilBERT-like graph: no token_type_ids, so it gets none
-    session = _session([("input_ids", TensorProto.INT64, ["b", "s"]), ("attention_mask", TensorProto.INT64, ["b", "s"])])
+    session = _session(
+        [("input_ids", TensorProto.INT64, ["b", "s"]), ("attention_mask", TensorProto.INT64, ["b", "s"])]
+    )
     fed = feeds(session, enc)
     assert set(fed) == {"input_ids", "attention_mask"} and fed["input_ids"].dtype == np.int64
     session.run(None, fed)
     # a graph that takes int32 ids and wants token_type_ids the inputs lack: cast, and made as zeros
-    session = _session([("input_ids", TensorProto.INT32, ["b", "s"]), ("token_type_ids", TensorProto.INT64, ["b", "s"])])
+    session = _session(
+        [("input_ids", TensorProto.INT32, ["b", "s"]), ("token_type_ids", TensorProto.INT64, ["b", "s"])]
+    )
     fed = feeds(session, {"input_ids": ids})
     assert fed["input_ids"].dtype == np.int32 and fed["token_type_ids"].tolist() == [[0, 0, 0]]
     # an image graph: pixel_values as float, nothing textual added
@@ -83,8 +91,9 @@ def test_timing_inputs_are_made_from_the_graph_and_the_model_config():
 def test_batches_hold_only_what_the_forward_takes():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=30, dim=16, n_layers=1, n_heads=2,
-                                                                 hidden_dim=32, max_position_embeddings=16))
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=30, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=16)
+    )
     assert {"input_ids", "attention_mask"} <= forward_inputs(model) and "token_type_ids" not in forward_inputs(model)
     ids = torch.ones(2, 3, dtype=torch.long)
     batch = Batch({"input_ids": ids, "attention_mask": ids, "token_type_ids": 0 * ids}, ids.bool(), torch.zeros(2))
@@ -95,6 +104,7 @@ def test_batches_hold_only_what_the_forward_takes():
 
 # --- a classifier whose forward takes no token_type_ids ----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def distilbert_dir(tmp_path_factory, tokenizer):
     """A tiny random DistilBERT classifier with MiniLM's tokenizer, which returns token_type_ids."""
@@ -102,9 +112,17 @@ def distilbert_dir(tmp_path_factory, tokenizer):
 
     assert "token_type_ids" in tokenizer("a b")
     torch.manual_seed(0)
-    model = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=tokenizer.vocab_size, dim=48, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=128,
-        num_labels=2)).eval()
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=tokenizer.vocab_size,
+            dim=48,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=96,
+            max_position_embeddings=128,
+            num_labels=2,
+        )
+    ).eval()
     folder = tmp_path_factory.mktemp("tiny-distilbert")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -120,10 +138,12 @@ def distilbert_dir(tmp_path_factory, tokenizer):
 @pytest.mark.slow
 def test_a_distilbert_classifier_runs_end_to_end(tmp_path, distilbert_dir):
     source = {"path": str(distilbert_dir.parent / f"{distilbert_dir.name}.jsonl"), "label_column": "label"}
-    recipe = {"model": {"path": str(distilbert_dir), "task": "text-classification"},
-              "data": {"calibration": source, "evaluation": source, "max_length": 32, "batch_size": 8},
-              "compression": {"method": "fwsvd", "target": [r"transformer\.layer\.\d+\."], "ratio": 0.5},
-              "validation": quick_validation()}
+    recipe = {
+        "model": {"path": str(distilbert_dir), "task": "text-classification"},
+        "data": {"calibration": source, "evaluation": source, "max_length": 32, "batch_size": 8},
+        "compression": {"method": "fwsvd", "target": [r"transformer\.layer\.\d+\."], "ratio": 0.5},
+        "validation": quick_validation(),
+    }
     result, report = run_cli(tmp_path, recipe)
     assert result.exit_code == 0, result.output
     graph = onnx.load(str(tmp_path / "out" / "onnx" / "compressed" / "model.onnx"), load_external_data=False).graph
@@ -168,9 +188,17 @@ def vit_dir(tmp_path_factory):
     data = tmp_path_factory.mktemp("images")
     rows = _images(data)
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=96, num_labels=3, id2label=dict(enumerate(COLORS)),
-                       label2id={c: i for i, c in enumerate(COLORS)})
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        num_labels=3,
+        id2label=dict(enumerate(COLORS)),
+        label2id={c: i for i, c in enumerate(COLORS)},
+    )
     model = ViTForImageClassification(config).eval()
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     with torch.no_grad():
@@ -178,9 +206,10 @@ def vit_dir(tmp_path_factory):
             if isinstance(module, torch.nn.Linear):
                 out_f, in_f = module.weight.shape
                 low = torch.randn(out_f, 4) @ torch.randn(4, in_f) / (4 * in_f) ** 0.5
-                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f ** 0.5)
-        pixels = processor(images=[Image.open(data / r["image"]).convert("RGB") for r in rows],
-                           return_tensors="pt")["pixel_values"]
+                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f**0.5)
+        pixels = processor(images=[Image.open(data / r["image"]).convert("RGB") for r in rows], return_tensors="pt")[
+            "pixel_values"
+        ]
         features = model.vit(pixel_values=pixels).last_hidden_state[:, 0]
         centred = features - features.mean(0)
         labels = torch.tensor([config.label2id[r["label"]] for r in rows])
@@ -197,10 +226,12 @@ def vit_dir(tmp_path_factory):
 
 def vit_recipe(vit_dir) -> dict:
     source = {"path": str(vit_dir.parent / "images.jsonl"), "label_column": "label"}
-    return {"model": {"path": str(vit_dir), "task": "image-classification"},
-            "data": {"calibration": dict(source, max_samples=24), "evaluation": source, "batch_size": 8},
-            "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
-            "validation": quick_validation()}
+    return {
+        "model": {"path": str(vit_dir), "task": "image-classification"},
+        "data": {"calibration": dict(source, max_samples=24), "evaluation": source, "batch_size": 8},
+        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
+        "validation": quick_validation(),
+    }
 
 
 @pytest.mark.slow
@@ -220,7 +251,9 @@ def test_a_vit_image_classifier_goes_from_statistics_to_a_validated_onnx_artifac
     assert validation["original_torch"] == 1.0 and cpu["metric_loss"] <= CLASSIFIER_MAX_LOSS
     assert cpu["latency"] and cpu["latency"][0]["compressed"]["median_ms"] > 0  # timed on pixel_values
     graph = tmp_path / "out" / "onnx" / "compressed"
-    assert {i.name for i in onnx.load(str(graph / "model.onnx"), load_external_data=False).graph.input} == {"pixel_values"}
+    assert {i.name for i in onnx.load(str(graph / "model.onnx"), load_external_data=False).graph.input} == {
+        "pixel_values"
+    }
     # the folder is what optimum and transformers load: the graph, config.json and the image processor
     processor = AutoImageProcessor.from_pretrained(graph)
     inputs = processor(images=[Image.open(vit_dir.parent / "images" / "1.png").convert("RGB")], return_tensors="pt")
@@ -232,8 +265,10 @@ def test_an_image_the_data_names_but_that_is_missing_is_bad_input(tmp_path, vit_
     rows = [{"image": "nowhere.png", "label": "red"}] * 2
     (tmp_path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = vit_recipe(vit_dir)
-    recipe["data"]["calibration"] = recipe["data"]["evaluation"] = {"path": str(tmp_path / "images.jsonl"),
-                                                                    "label_column": "label"}
+    recipe["data"]["calibration"] = recipe["data"]["evaluation"] = {
+        "path": str(tmp_path / "images.jsonl"),
+        "label_column": "label",
+    }
     result, _ = run_cli(tmp_path, recipe)
     assert result.exit_code == 2, result.output
     assert f"{tmp_path / 'images.jsonl'}:1: cannot read image {tmp_path / 'nowhere.png'}" in result.output

@@ -1,6 +1,7 @@
 """Ranks chosen by measured latency: factor pairs timed in ONNX Runtime and cached per machine, the
 recommended rank multiple, and global allocation spending a budget in time instead of parameters.
 Timings come from real ONNX Runtime sessions on tiny shapes; no assertion is about how fast anything runs."""
+
 import json
 import math
 import re
@@ -9,8 +10,15 @@ import pytest
 import torch
 
 from fwsvd_export.core import CompressionSpec
-from fwsvd_export.core.allocate import (Candidate, CostTable, TimeBudget, allocate, allocate_ranks, speedup_budget,
-                                      table_costs)
+from fwsvd_export.core.allocate import (
+    Candidate,
+    CostTable,
+    TimeBudget,
+    allocate,
+    allocate_ranks,
+    speedup_budget,
+    table_costs,
+)
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.kernel_timing import Timing, cost_tables, in_graph, measure, rank_grid, recommended_multiple
 
@@ -23,7 +31,9 @@ def test_the_timing_table_has_every_shape_its_grid_and_positive_times(tmp_path):
     assert sorted(timings) == sorted(SHAPES)
     for (in_f, out_f), t in timings.items():
         assert (t.in_features, t.out_features) == (in_f, out_f)
-        assert t.ranks == rank_grid(in_f, out_f) == [4, 8, 12, 16, 20, 24, 28, 31]  # up to the break-even rank 32, exclusive
+        assert (
+            t.ranks == rank_grid(in_f, out_f) == [4, 8, 12, 16, 20, 24, 28, 31]
+        )  # up to the break-even rank 32, exclusive
         assert len(t.factored_ms) == len(t.ranks) and all(ms > 0 for ms in t.factored_ms)
         assert t.dense_ms > 0 and t.empty_ms > 0 and t.noise_ms >= 0
         table = t.cost_table(8)
@@ -67,10 +77,15 @@ def test_int8_timings_are_their_own_table(tmp_path):
     assert json.loads(cache.read_text())["key"]["precision"] == "int8"
 
 
-@pytest.mark.parametrize("provider, precision, problem", [
-    ("tpu", "fp32", "latency_provider must be one of"), ("cpu", "int9", "'compression.latency_precision' must be one of"),
-    ("cuda", "int8", "'compression.latency_provider' 'cuda' does not run int8, which is made for cpu"),
-    ("cpu", "fp16", "'compression.latency_provider' 'cpu' does not run fp16, which is made for cuda")])
+@pytest.mark.parametrize(
+    "provider, precision, problem",
+    [
+        ("tpu", "fp32", "latency_provider must be one of"),
+        ("cpu", "int9", "'compression.latency_precision' must be one of"),
+        ("cuda", "int8", "'compression.latency_provider' 'cuda' does not run int8, which is made for cpu"),
+        ("cpu", "fp16", "'compression.latency_provider' 'cpu' does not run fp16, which is made for cuda"),
+    ],
+)
 def test_a_provider_or_precision_that_cannot_be_timed_is_named(tmp_path, provider, precision, problem):
     with pytest.raises(FwsvdError, match=re.escape(problem)):
         measure(SHAPES, provider, precision, "1x8", 1, tmp_path, **QUICK)
@@ -98,8 +113,14 @@ def test_the_recommended_multiple_is_the_step_of_the_measured_time():
 def test_cost_tables_drop_the_empty_run_keep_the_multiple_and_never_decrease():
     t = Timing(64, 64, [8, 16, 24, 31], [0.3, 0.25, 0.5, 0.6], 0.9, 0.1)
     table = cost_tables({(64, 64): t}, {"a": (64, 64), "b": (64, 64)}, 8)["b"]
-    assert table.ranks == (8, 16, 24) and table.costs == pytest.approx((0.175, 0.175, 0.4)) and table.dense == pytest.approx(0.8)
-    assert table(20) == table(24) and table(None) == table.dense and table(48) == pytest.approx(0.8)  # above the grid: in proportion
+    assert (
+        table.ranks == (8, 16, 24)
+        and table.costs == pytest.approx((0.175, 0.175, 0.4))
+        and table.dense == pytest.approx(0.8)
+    )
+    assert (
+        table(20) == table(24) and table(None) == table.dense and table(48) == pytest.approx(0.8)
+    )  # above the grid: in proportion
     assert CostTable((), (), 1.0)(8) == math.inf
     with pytest.raises(ValueError):
         CostTable((8, 16), (0.2, 0.1), 1.0)
@@ -110,8 +131,10 @@ def flat(name, size=64):
 
 
 def test_a_time_budget_takes_free_rank_steps_first_and_spends_the_rest_by_gain():
-    tables = {"stairs": CostTable((8, 16, 24, 32), (1.0, 1.0, 2.0, 2.0), 3.0),  # 16 costs what 8 does
-              "linear": CostTable((8, 16, 24, 32), (1.0, 2.0, 3.0, 4.0), 5.0)}
+    tables = {
+        "stairs": CostTable((8, 16, 24, 32), (1.0, 1.0, 2.0, 2.0), 3.0),  # 16 costs what 8 does
+        "linear": CostTable((8, 16, 24, 32), (1.0, 2.0, 3.0, 4.0), 5.0),
+    }
     layers = [flat("stairs"), Candidate("linear", 64, 64, 2 * torch.ones(64))]  # linear's ranks remove 4x the error
     cost = table_costs(tables)
     assert allocate(layers, 2.0, 8, cost) == {"stairs": 16, "linear": 8}  # rank 8 everywhere costs 2.0: one free step
@@ -123,7 +146,10 @@ def test_a_time_budget_takes_free_rank_steps_first_and_spends_the_rest_by_gain()
 
 
 def test_a_layer_whose_factors_run_no_faster_than_dense_stays_dense():
-    tables = {"slow": CostTable((8, 16, 24), (2.0, 2.5, 3.0), 2.0), "fast": CostTable((8, 16, 24), (0.5, 1.0, 1.5), 3.0)}
+    tables = {
+        "slow": CostTable((8, 16, 24), (2.0, 2.5, 3.0), 2.0),
+        "fast": CostTable((8, 16, 24), (0.5, 1.0, 1.5), 3.0),
+    }
     layers = [flat("slow"), flat("fast")]
     assert allocate(layers, 10.0, 8, table_costs(tables)) == {"slow": None, "fast": None}  # 10 ms affords all dense
     assert allocate(layers, 3.2, 8, table_costs(tables)) == {"slow": None, "fast": 16}
@@ -132,15 +158,20 @@ def test_a_layer_whose_factors_run_no_faster_than_dense_stays_dense():
 def random_candidates(seed):
     g = torch.Generator().manual_seed(seed)
     shapes = [(48, 48), (48, 96), (96, 48), (8, 3), (64, 16), (2, 1)]
-    return [Candidate(f"l{i}", a, b, torch.rand(min(a, b), generator=g).pow(3 + i).sort(descending=True).values)
-            for i, (a, b) in enumerate(shapes)]
+    return [
+        Candidate(f"l{i}", a, b, torch.rand(min(a, b), generator=g).pow(3 + i).sort(descending=True).values)
+        for i, (a, b) in enumerate(shapes)
+    ]
 
 
-@pytest.mark.parametrize("fraction, multiple, expected", [
-    (0.2, 1, {"l0": 10, "l1": 5, "l2": 4, "l3": 1, "l4": 3, "l5": None}),
-    (0.4, 8, {"l0": 16, "l1": 8, "l2": 8, "l3": None, "l4": None, "l5": None}),
-    (0.7, 4, {"l0": None, "l1": 20, "l2": 20, "l3": None, "l4": 8, "l5": None}),
-])
+@pytest.mark.parametrize(
+    "fraction, multiple, expected",
+    [
+        (0.2, 1, {"l0": 10, "l1": 5, "l2": 4, "l3": 1, "l4": 3, "l5": None}),
+        (0.4, 8, {"l0": 16, "l1": 8, "l2": 8, "l3": None, "l4": None, "l5": None}),
+        (0.7, 4, {"l0": None, "l1": 20, "l2": 20, "l3": None, "l4": 8, "l5": None}),
+    ],
+)
 def test_the_parameter_budget_allocates_as_before(fraction, multiple, expected):
     """Ranks the parameter-only greedy gave before it learned other costs (recorded from that version)."""
     candidates = random_candidates(7)
@@ -149,13 +180,18 @@ def test_the_parameter_budget_allocates_as_before(fraction, multiple, expected):
 
 
 def test_a_speedup_target_becomes_a_time_budget_for_the_allocated_layers():
-    tables = {"a": CostTable((8, 16), (1.0, 2.0), 4.0), "b": CostTable((8, 16), (1.0, 2.0), 4.0),
-              "pinned": CostTable((8, 16), (1.0, 2.0), 4.0)}
+    tables = {
+        "a": CostTable((8, 16), (1.0, 2.0), 4.0),
+        "b": CostTable((8, 16), (1.0, 2.0), 4.0),
+        "pinned": CostTable((8, 16), (1.0, 2.0), 4.0),
+    }
     # 20 ms model, 2x: save 10 ms. The pinned layer at rank 16 saves 2, so a and b (8 ms dense) may take 8 - 8 = 0 ...
     with pytest.raises(FwsvdError, match=r"'target_speedup' 2 on cpu at 1x128 cannot be reached.*at most 1\.67x"):
         speedup_budget(tables, ["a", "b"], {"pinned": 16}, 20.0, 2.0, 8, "on cpu at 1x128")
     # ... and at 1.5x (save 6.67 ms) they may take 8 - 4.67 = 3.33 ms.
-    assert speedup_budget(tables, ["a", "b"], {"pinned": 16}, 20.0, 1.5, 8, "on cpu at 1x128") == pytest.approx(8 - (20 / 3 - 2))
+    assert speedup_budget(tables, ["a", "b"], {"pinned": 16}, 20.0, 1.5, 8, "on cpu at 1x128") == pytest.approx(
+        8 - (20 / 3 - 2)
+    )
     assert speedup_budget(tables, ["a", "b"], {"pinned": None}, 20.0, 1.25, 8, "") == pytest.approx(4.0)
 
 
@@ -165,14 +201,22 @@ def test_a_speedup_target_is_a_cut_of_its_own():
     assert not CompressionSpec().allocates and CompressionSpec(budget=0.5).allocates
 
 
-@pytest.mark.parametrize("fields, key", [
-    ({"target_speedup": 1.0}, "target_speedup"), ({"target_speedup": 0.5}, "target_speedup"),
-    ({"target_speedup": float("nan")}, "target_speedup"), ({"target_speedup": float("inf")}, "target_speedup"),
-    ({"target_speedup": 2.0, "ratio": 0.5}, "target_speedup"), ({"target_speedup": 2.0, "rank": 8}, "target_speedup"),
-    ({"target_speedup": 2.0, "budget": 0.5}, "target_speedup"), ({"latency_provider": "tpu"}, "latency_provider"),
-    ({"latency_shape": "128"}, "latency_shape"), ({"latency_shape": "0x128"}, "latency_shape"),
-    ({"latency_precision": ""}, "latency_precision"),
-])
+@pytest.mark.parametrize(
+    "fields, key",
+    [
+        ({"target_speedup": 1.0}, "target_speedup"),
+        ({"target_speedup": 0.5}, "target_speedup"),
+        ({"target_speedup": float("nan")}, "target_speedup"),
+        ({"target_speedup": float("inf")}, "target_speedup"),
+        ({"target_speedup": 2.0, "ratio": 0.5}, "target_speedup"),
+        ({"target_speedup": 2.0, "rank": 8}, "target_speedup"),
+        ({"target_speedup": 2.0, "budget": 0.5}, "target_speedup"),
+        ({"latency_provider": "tpu"}, "latency_provider"),
+        ({"latency_shape": "128"}, "latency_shape"),
+        ({"latency_shape": "0x128"}, "latency_shape"),
+        ({"latency_precision": ""}, "latency_precision"),
+    ],
+)
 def test_the_spec_rejects_bad_latency_settings(fields, key):
     with pytest.raises(FwsvdError, match=re.escape(f"'{key}'")):
         CompressionSpec(**fields)
@@ -184,8 +228,12 @@ def test_tables_are_scaled_to_each_layers_time_inside_the_model():
     does not name (a fusion renamed it) takes the median ratio of the others."""
     alone = CostTable((8, 16), (1.0, 2.0), 4.0)
     tables = {name: alone for name in ("model.enc.0.q", "model.enc.0.k", "model.enc.1.q", "model.enc.1.k")}
-    nodes = {"/enc.0/q/MatMul": 2.0, "/enc.0/k/MatMul": 4.0, "/enc.1/q/MatMul": 1.0,
-             "/enc.0/MatMul": 9.0}  # the last: attention scores, no layer's
+    nodes = {
+        "/enc.0/q/MatMul": 2.0,
+        "/enc.0/k/MatMul": 4.0,
+        "/enc.1/q/MatMul": 1.0,
+        "/enc.0/MatMul": 9.0,
+    }  # the last: attention scores, no layer's
     scaled, ratio = in_graph(tables, nodes)
     assert ratio == pytest.approx(1.0 / 2)
     assert scaled["model.enc.0.q"] == CostTable((8, 16), (0.5, 1.0), 2.0)

@@ -8,6 +8,7 @@ Runtime only where a task runs or a variant is made).
 Read from the source (not from what an import happens to load), so a new import that breaks the
 layering fails here, naming the file and the module it reached for.
 """
+
 import ast
 from pathlib import Path
 
@@ -55,10 +56,13 @@ def layer_files(layer: str) -> list[Path]:
 
 
 def violations(layer: str, files: list[Path], source: str | None = None) -> list[str]:
-    return [f"{path.relative_to(PACKAGE.parent)} imports fwsvd_export.{target}"
-            for path in files for target in sorted(package_imports(path, source))
-            if target not in ("", "errors")
-            and not any(target == allowed or target.startswith(allowed + ".") for allowed in ALLOWED[layer])]
+    return [
+        f"{path.relative_to(PACKAGE.parent)} imports fwsvd_export.{target}"
+        for path in files
+        for target in sorted(package_imports(path, source))
+        if target not in ("", "errors")
+        and not any(target == allowed or target.startswith(allowed + ".") for allowed in ALLOWED[layer])
+    ]
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
@@ -71,13 +75,16 @@ def test_the_checker_sees_a_violation():
     source = "from ..config import Recipe\nfrom fwsvd_export.stages.data import load_records\nfrom .spec import CompressionSpec\n"
     assert violations("core", [PACKAGE / "core" / "probe.py"], source) == [
         "fwsvd_export/core/probe.py imports fwsvd_export.config",
-        "fwsvd_export/core/probe.py imports fwsvd_export.stages.data"]
+        "fwsvd_export/core/probe.py imports fwsvd_export.stages.data",
+    ]
     registry = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..config import DataSource\n"
     assert violations("stages.tasks", [PACKAGE / "stages" / "tasks.py"], registry) == [
-        "fwsvd_export/stages/tasks.py imports fwsvd_export.config"]  # a type-only import counts too
+        "fwsvd_export/stages/tasks.py imports fwsvd_export.config"
+    ]  # a type-only import counts too
 
 
 # --- import cycles -------------------------------------------------------------------------------------------
+
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE).with_suffix("").parts
@@ -119,11 +126,16 @@ def edges(name: str, deferred: bool, source: str | None = None) -> set[str]:
             base = here[: len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
             module = ".".join(p for p in base if p)
             targets.add(module)
-            targets |= {f"{module}.{a.name}".strip(".") for a in node.names if f"{module}.{a.name}".strip(".") in MODULES}
+            targets |= {
+                f"{module}.{a.name}".strip(".") for a in node.names if f"{module}.{a.name}".strip(".") in MODULES
+            }
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            targets |= {n.removeprefix("fwsvd_export").removeprefix(".") for n in names
-                        if n == "fwsvd_export" or n.startswith("fwsvd_export.")}
+            targets |= {
+                n.removeprefix("fwsvd_export").removeprefix(".")
+                for n in names
+                if n == "fwsvd_export" or n.startswith("fwsvd_export.")
+            }
     with_parents = set()
     for target in targets:
         parts = target.split(".")
@@ -141,7 +153,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str]:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         state[node] = 2
@@ -223,6 +235,7 @@ def test_the_core_imports_and_compresses_with_every_upper_layer_blocked():
     still imports and compresses a model."""
     import subprocess
     import sys
+
     done = subprocess.run([sys.executable, "-c", CORE_ALONE], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = done.stdout.split()
@@ -235,11 +248,20 @@ def test_loading_a_checkpoint_loads_neither_the_recipe_nor_the_compression_stack
     """`fwsvd_export.load` needs the low-rank module, not the statistics, allocation or recipe code."""
     import subprocess
     import sys
-    script = ("import sys\nfrom fwsvd_export import load\n"
-              "print(' '.join(m for m in sys.modules if m.startswith('fwsvd_export')))")
+
+    script = (
+        "import sys\nfrom fwsvd_export import load\n"
+        "print(' '.join(m for m in sys.modules if m.startswith('fwsvd_export')))"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = set(done.stdout.split())
     assert "fwsvd_export.core.lowrank" in loaded
-    assert not loaded & {"fwsvd_export.config", "fwsvd_export.loader", "fwsvd_export.core.compress", "fwsvd_export.core.statistics",
-                         "fwsvd_export.core.allocate", "fwsvd_export.stages.data"}
+    assert not loaded & {
+        "fwsvd_export.config",
+        "fwsvd_export.loader",
+        "fwsvd_export.core.compress",
+        "fwsvd_export.core.statistics",
+        "fwsvd_export.core.allocate",
+        "fwsvd_export.stages.data",
+    }

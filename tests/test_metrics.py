@@ -1,6 +1,7 @@
 """Text classification's metrics against hand-worked examples, the head read from the config, the
 headline rule (the first metric the model has, a chosen one refused where it does not apply), and tiny
 regression and multi-label BERTs through `fwsvd-export run`."""
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,9 @@ def test_score_reports_the_metrics_of_the_head_the_labels_show():
 def test_the_head_and_its_labels_follow_the_config():
     single = BertConfig(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
     regression = BertConfig(num_labels=1)
-    multi = BertConfig(num_labels=3, label2id=single.label2id, id2label=single.id2label,
-                       problem_type="multi_label_classification")
+    multi = BertConfig(
+        num_labels=3, label2id=single.label2id, id2label=single.id2label, problem_type="multi_label_classification"
+    )
     assert (head(single), head(regression), head(multi)) == (SINGLE, REGRESSION, MULTI)
     assert labels([{"y": "b"}, {"y": 2}], "y", single).tolist() == [1, 2]
     assert labels([{"y": "0.25"}, {"y": 4}], "y", regression).tolist() == [0.25, 4.0]
@@ -103,10 +105,21 @@ def test_the_head_and_its_labels_follow_the_config():
 
 def test_losses_match_the_heads():
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=32, num_labels=1)).eval()
-    batch = Batch({"input_ids": torch.randint(0, 50, (4, 5))}, torch.ones(4, 5, dtype=torch.bool),
-                  torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=1,
+        )
+    ).eval()
+    batch = Batch(
+        {"input_ids": torch.randint(0, 50, (4, 5))},
+        torch.ones(4, 5, dtype=torch.bool),
+        torch.tensor([0.0, 1.0, 2.0, 3.0]),
+    )
     with torch.no_grad():
         out = model(**batch.inputs).logits.squeeze(-1)
         loss = TASK.loss(model, batch)
@@ -132,19 +145,28 @@ def test_each_heads_default_is_its_first_metric(kind):
 
 # --- end to end: tiny regression and multi-label BERTs, labelled with their own outputs ----------------
 
+
 def _tiny(tokenizer, folder, **config) -> BertForSequenceClassification:
     """A tiny BERT whose encoder weights are rank 4 plus noise (as conftest's classifier), so that its
     outputs hang on the factorized layers and a 0.5-ratio factorization keeps them close."""
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=2,
-                                                     num_attention_heads=4, intermediate_size=96,
-                                                     max_position_embeddings=128, **config)).eval()
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=128,
+            **config,
+        )
+    ).eval()
     with torch.no_grad():
         for module in model.bert.encoder.modules():
             if isinstance(module, torch.nn.Linear):
                 out_f, in_f = module.weight.shape
                 low = torch.randn(out_f, 4) @ torch.randn(4, in_f) / (4 * in_f) ** 0.5
-                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f ** 0.5)
+                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f**0.5)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
@@ -154,10 +176,12 @@ def _run(tmp_path, model_dir, rows, **validation) -> dict:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = {"path": str(data), "text_column": "sentence", "label_column": "label"}
-    recipe = {"model": {"path": str(model_dir), "task": "text-classification"},
-              "data": {"calibration": source, "evaluation": source, "max_length": 32, "batch_size": 8},
-              "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
-              "validation": quick_validation(**validation)}
+    recipe = {
+        "model": {"path": str(model_dir), "task": "text-classification"},
+        "data": {"calibration": source, "evaluation": source, "max_length": 32, "batch_size": 8},
+        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
+        "validation": quick_validation(**validation),
+    }
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, recipe)), "--output", str(out), "--quiet"])
     code = result.exit_code
@@ -180,8 +204,13 @@ def test_a_regression_head_runs_end_to_end_with_pearson_and_spearman(tmp_path, t
     model = _tiny(tokenizer, tmp_path / "model", num_labels=1)
     texts = sentences(40, 5)
     scores = _outputs(model, tokenizer, texts)[:, 0].tolist()  # the labels: its own outputs, so both are 1 dense
-    report = _run(tmp_path, tmp_path / "model", [{"sentence": t, "label": s} for t, s in zip(texts, scores)],
-                  max_metric_loss=0.2, metric="spearman")
+    report = _run(
+        tmp_path,
+        tmp_path / "model",
+        [{"sentence": t, "label": s} for t, s in zip(texts, scores)],
+        max_metric_loss=0.2,
+        metric="spearman",
+    )
     val = report["validation"]
     assert report["model"]["head"] == "regression" and val["metric"] == "spearman"
     assert val["scores"]["original_torch"] == pytest.approx({"pearson": 1.0, "spearman": 1.0})
@@ -192,8 +221,14 @@ def test_a_regression_head_runs_end_to_end_with_pearson_and_spearman(tmp_path, t
 @pytest.mark.slow
 def test_a_multi_label_head_runs_end_to_end_with_micro_and_macro_f1(tmp_path, tokenizer):
     names = {0: "news", 1: "sport", 2: "music"}
-    model = _tiny(tokenizer, tmp_path / "model", num_labels=3, problem_type="multi_label_classification",
-                  id2label=names, label2id={v: k for k, v in names.items()})
+    model = _tiny(
+        tokenizer,
+        tmp_path / "model",
+        num_labels=3,
+        problem_type="multi_label_classification",
+        id2label=names,
+        label2id={v: k for k, v in names.items()},
+    )
     texts = sentences(40, 6)
     logits = _outputs(model, tokenizer, texts)
     on = logits > logits.median(0).values  # about half of each label on: a meaningful F1

@@ -1,5 +1,6 @@
 """The model card: README.md in every run output (and the `compress` checkpoint folder), in the Hugging Face
 format that huggingface_hub.ModelCard.load reads, made from the RunReport alone; its snippet runs."""
+
 import copy
 import hashlib
 import json
@@ -27,12 +28,18 @@ def card_run(tmp_path_factory, classifier_dir, data_dir):
 
     folder = tmp_path_factory.mktemp("card")
     source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
-    recipe = {"model": {"path": str(classifier_dir), "task": "text-classification"},
-              "data": {"calibration": dict(source, max_samples=32), "evaluation": dict(source), "max_length": 32,
-                       "batch_size": 8},
-              "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
-              "export": {"precisions": ["fp32", "int8"]},
-              "validation": quick_validation(max_quantization_loss=0.05)}
+    recipe = {
+        "model": {"path": str(classifier_dir), "task": "text-classification"},
+        "data": {
+            "calibration": dict(source, max_samples=32),
+            "evaluation": dict(source),
+            "max_length": 32,
+            "batch_size": 8,
+        },
+        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
+        "export": {"precisions": ["fp32", "int8"]},
+        "validation": quick_validation(max_quantization_loss=0.05),
+    }
     return run(load_recipe(write_recipe(folder, recipe)), folder / "out", progress=False)
 
 
@@ -64,8 +71,13 @@ def test_the_card_loads_with_huggingface_hub_and_holds_the_reports_metrics(card_
         result = results[f"accuracy ({artifact}, cpu)"]
         assert result.metric_type == "accuracy" and result.task_type == "text-classification"
         assert result.metric_value == metric_of(report, artifact, "cpu")
-    assert results[f"accuracy ({pick.artifact}, {pick.provider})"].metric_value == metric_of(report, pick.artifact, pick.provider)
-    assert f"**{pick.artifact}** in `{pick.folder}`" in card.text and (card_run.output / pick.folder / "model.onnx").is_file()
+    assert results[f"accuracy ({pick.artifact}, {pick.provider})"].metric_value == metric_of(
+        report, pick.artifact, pick.provider
+    )
+    assert (
+        f"**{pick.artifact}** in `{pick.folder}`" in card.text
+        and (card_run.output / pick.folder / "model.onnx").is_file()
+    )
 
 
 def test_the_card_is_made_from_the_report_alone(card_run):
@@ -128,7 +140,9 @@ def test_a_decoders_card_runs_generate(tmp_path, lm_recipe):
 def test_the_compress_checkpoint_folder_has_a_card_and_its_snippet_runs(tmp_path, classifier_recipe, data_dir):
     folder, _ = compress_only(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "ckpt", progress=False)
     card = ModelCard.load(folder / "README.md")
-    assert card.data.pipeline_tag == "text-classification" and card.data.base_model == classifier_recipe["model"]["path"]
+    assert (
+        card.data.pipeline_tag == "text-classification" and card.data.base_model == classifier_recipe["model"]["path"]
+    )
     digest = hashlib.sha256((data_dir / "labelled.jsonl").read_bytes()).hexdigest()
     assert f"SHA-256 `{digest}`" in card.text
     code = code_block(card.text)

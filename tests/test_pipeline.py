@@ -1,4 +1,5 @@
 """End to end on tiny real models: recipe -> compressed checkpoint -> ONNX with split MatMuls -> ORT."""
+
 import gc
 import json
 import weakref
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 import fwsvd_export
-from fwsvd_export.pipeline import Clock, dense_stage, point_stage, prepare, run
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import Clock, dense_stage, point_stage, prepare, run
 from fwsvd_export.stages.validate import feeds
 
 from conftest import write_recipe
@@ -24,9 +25,18 @@ def run_recipe(tmp_path, recipe):
 
 def assert_artifacts(result, n_factorized):
     out = result.output
-    for rel in ("report.json", "report.md", "ranks.png", "compressed/config.json", "compressed/model.safetensors",
-                "compressed/fwsvd_manifest.json", "compressed/tokenizer.json", "onnx/dense/model.onnx",
-                "onnx/compressed/model.onnx", "onnx/compressed/config.json"):
+    for rel in (
+        "report.json",
+        "report.md",
+        "ranks.png",
+        "compressed/config.json",
+        "compressed/model.safetensors",
+        "compressed/fwsvd_manifest.json",
+        "compressed/tokenizer.json",
+        "onnx/dense/model.onnx",
+        "onnx/compressed/model.onnx",
+        "onnx/compressed/config.json",
+    ):
         assert (out / rel).is_file(), rel
     graph = result.report.to_dict()["graph"]
     assert graph["compressed"]["split_matmul_pairs_found"] == n_factorized
@@ -45,7 +55,9 @@ def test_classifier_end_to_end(tmp_path, classifier_recipe):
     assert cpu["status"] == "passed" and cpu["parity"]["max_abs_error"] < 1e-4
     assert cpu["metric"] == pytest.approx(result.report.to_dict()["validation"]["compressed_torch"])
     assert result.report.to_dict()["validation"]["providers"]["cuda"]["status"] in ("passed", "unavailable")
-    assert {"load model", "data", "compress", "checkpoint", "export", "validate"} <= set(result.report.to_dict()["seconds"])
+    assert {"load model", "data", "compress", "checkpoint", "export", "validate"} <= set(
+        result.report.to_dict()["seconds"]
+    )
     assert result.passed
 
 
@@ -53,12 +65,17 @@ def test_checkpoint_reloads_and_reproduces_the_compressed_model(tmp_path, classi
     result = run_recipe(tmp_path, classifier_recipe)
     model = fwsvd_export.load(result.output / "compressed")
     manifest = json.loads((result.output / "compressed" / "fwsvd_manifest.json").read_text())
-    assert manifest["compression"]["summary"]["method"] == "fwsvd" and manifest["recipe"]["model"]["task"] == "text-classification"
+    assert (
+        manifest["compression"]["summary"]["method"] == "fwsvd"
+        and manifest["recipe"]["model"]["task"] == "text-classification"
+    )
     assert "torch" in manifest["versions"]
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, fwsvd_export.LowRankLinear)}
     assert ranks == {name: v["rank"] for name, v in manifest["factorized"].items()}
     enc = tokenizer(["a quiet river at morning", "yellow engine"], padding=True, return_tensors="pt")
-    session = ort.InferenceSession(str(result.output / "onnx/compressed/model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(result.output / "onnx/compressed/model.onnx"), providers=["CPUExecutionProvider"]
+    )
     onnx_logits = session.run(["logits"], feeds(session, dict(enc)))[0]
     with torch.no_grad():
         torch_logits = model(**enc).logits.numpy()
@@ -109,7 +126,9 @@ def test_layers_that_would_not_shrink_stay_dense_and_say_so(tmp_path, classifier
     assert layers["bert.encoder.layer.0.intermediate.dense"]["rank"] == 8
     classifier_recipe["compression"].update(rank=30, overrides={})
     result = run_recipe(tmp_path, classifier_recipe)
-    query = {p["name"]: p for p in result.report.to_dict()["compression"]["layers"]}["bert.encoder.layer.0.attention.self.query"]
+    query = {p["name"]: p for p in result.report.to_dict()["compression"]["layers"]}[
+        "bert.encoder.layer.0.attention.self.query"
+    ]
     assert query["rank"] is None and "would not save parameters" in query["reason"]
     assert "dense" in (result.output / "report.md").read_text()
 
@@ -125,7 +144,10 @@ def test_a_failed_threshold_keeps_the_report_and_fails_the_run(tmp_path, classif
 
 
 def test_a_required_provider_that_cannot_run_fails_the_run(tmp_path, classifier_recipe):
-    classifier_recipe["validation"]["providers"] = [{"name": "cpu", "required": True}, {"name": "cuda", "required": True}]
+    classifier_recipe["validation"]["providers"] = [
+        {"name": "cpu", "required": True},
+        {"name": "cuda", "required": True},
+    ]
     result = run_recipe(tmp_path, classifier_recipe)
     cuda = result.report.to_dict()["validation"]["providers"]["cuda"]
     if torch.cuda.is_available() and cuda["status"] != "unavailable":
@@ -146,8 +168,9 @@ def test_a_run_reports_peak_host_memory_per_stage(tmp_path, classifier_recipe):
     assert "peak host memory (MB)" in report_md and f"| whole run | {whole['seconds']:.4g} |" in report_md
 
 
-def test_the_last_point_drops_the_torch_model_before_onnx_runtime_validates_it(tmp_path, classifier_recipe,
-                                                                                monkeypatch):
+def test_the_last_point_drops_the_torch_model_before_onnx_runtime_validates_it(
+    tmp_path, classifier_recipe, monkeypatch
+):
     """Validation gets the compressed model's PyTorch results first; then the model, factorized in place of
     the dense one, is released, so the host holds the weights in the ORT sessions alone."""
     recipe = load_recipe(write_recipe(tmp_path, classifier_recipe))

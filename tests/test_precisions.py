@@ -1,5 +1,6 @@
 """Precision variants: int8 (CPU) and fp16 (CUDA) copies of the dense and the compressed graph, made by
 ONNX Runtime's own tools, loadable by optimum, and validated against their fp32 source."""
+
 import json
 import weakref
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-from fwsvd_export.pipeline import run
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import run
 from fwsvd_export.stages import export
 from fwsvd_export.stages.export import export_onnx
 from fwsvd_export.stages.latency import in_turn
@@ -29,20 +30,34 @@ def precision_run(tmp_path_factory, bert_dir, data_dir):
     source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
     recipe = {
         "model": {"path": str(bert_dir), "task": "text-classification"},
-        "data": {"calibration": dict(source, max_samples=32), "evaluation": dict(source), "max_length": 32, "batch_size": 8},
+        "data": {
+            "calibration": dict(source, max_samples=32),
+            "evaluation": dict(source),
+            "max_length": 32,
+            "batch_size": 8,
+        },
         "compression": {"method": "kfac", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
         "export": {"precisions": ["fp32", "int8", "fp16"]},
-        "validation": {"providers": [{"name": "cpu", "required": True}, {"name": "cuda"}], "max_metric_loss": 0.2,
-                       "max_quantization_loss": 0.1,
-                       "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 3, "one_at_a_time": True}},
+        "validation": {
+            "providers": [{"name": "cpu", "required": True}, {"name": "cuda"}],
+            "max_metric_loss": 0.2,
+            "max_quantization_loss": 0.1,
+            "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 3, "one_at_a_time": True},
+        },
     }
     return run(load_recipe(write_recipe(folder, recipe)), folder / "out", progress=False)
 
 
 def test_every_artifact_gets_its_int8_and_fp16_folder_beside_the_fp32_one(precision_run):
     onnx_dir = precision_run.output / "onnx"
-    assert sorted(p.name for p in onnx_dir.iterdir()) == ["compressed", "compressed-fp16", "compressed-int8",
-                                                          "dense", "dense-fp16", "dense-int8"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [
+        "compressed",
+        "compressed-fp16",
+        "compressed-int8",
+        "dense",
+        "dense-fp16",
+        "dense-int8",
+    ]
     for name in ("dense", "compressed"):
         fp32 = onnx.load(str(onnx_dir / name / "model.onnx"))
         int8 = onnx.load(str(onnx_dir / f"{name}-int8" / "model.onnx"))
@@ -52,7 +67,9 @@ def test_every_artifact_gets_its_int8_and_fp16_folder_beside_the_fp32_one(precis
         assert [i.type for i in fp16.graph.input] == [i.type for i in fp32.graph.input]  # io types kept
         for graph in (int8, fp16):
             onnx.checker.check_model(graph)  # valid ONNX (nodes in order), not only loadable by ONNX Runtime
-        assert (onnx_dir / f"{name}-int8" / "model.onnx").stat().st_size < 0.6 * (onnx_dir / name / "model.onnx").stat().st_size
+        assert (onnx_dir / f"{name}-int8" / "model.onnx").stat().st_size < 0.6 * (
+            onnx_dir / name / "model.onnx"
+        ).stat().st_size
         assert (onnx_dir / f"{name}-int8" / "config.json").is_file()
 
 
@@ -63,9 +80,12 @@ def test_the_int8_graph_loads_in_optimum_and_agrees_with_its_fp32_source(precisi
     folder = precision_run.output / "onnx" / "compressed-int8"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     inputs = tokenizer(["the red fox runs over the hill", "a quiet blue lake"], padding=True, return_tensors="pt")
-    quantized = ORTModelForSequenceClassification.from_pretrained(folder, provider="CPUExecutionProvider")(**inputs).logits
-    session = ort.InferenceSession(str(precision_run.output / "onnx" / "compressed" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    quantized = ORTModelForSequenceClassification.from_pretrained(folder, provider="CPUExecutionProvider")(
+        **inputs
+    ).logits
+    session = ort.InferenceSession(
+        str(precision_run.output / "onnx" / "compressed" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     fp32 = session.run(["logits"], feeds(session, dict(inputs)))[0]
     error = np.linalg.norm(quantized.detach().numpy() - fp32) / np.linalg.norm(fp32)
     assert 0 < error < 0.5  # quantized (not a copy), and close
@@ -115,6 +135,7 @@ def test_graphs_too_big_to_sit_side_by_side_are_timed_one_session_at_a_time(prec
             alive.append(weakref.ref(session))
             opened.append(name)
             return session
+
         return open_one
 
     config = AutoConfig.from_pretrained(onnx_dir / "dense")  # what the timing inputs are sized by
@@ -126,16 +147,20 @@ def test_graphs_too_big_to_sit_side_by_side_are_timed_one_session_at_a_time(prec
             assert timings[name][shape]["p90_ms"] >= timings[name][shape]["median_ms"] > 0
 
 
-def test_graphs_are_timed_one_at_a_time_by_default_only_when_side_by_side_they_would_crowd_the_memory(precision_run,
-                                                                                                   monkeypatch):
+def test_graphs_are_timed_one_at_a_time_by_default_only_when_side_by_side_they_would_crowd_the_memory(
+    precision_run, monkeypatch
+):
     from fwsvd_export.config import LatencySpec
     from fwsvd_export.stages import validate
 
     onnx_dir = precision_run.output / "onnx"
     graphs = {name: onnx_dir / name / "model.onnx" for name in ("dense", "compressed", "dense-int8", "compressed-int8")}
     assert not validate.one_at_a_time(LatencySpec(), graphs)  # "auto": a few MB fit beside each other
-    monkeypatch.setattr(validate, "SIDE_BY_SIDE_SHARE", sum(validate.graph_bytes(g.parent) for g in graphs.values())
-                        / validate._available_bytes() / 2)  # as if the host had room for half of them
+    monkeypatch.setattr(
+        validate,
+        "SIDE_BY_SIDE_SHARE",
+        sum(validate.graph_bytes(g.parent) for g in graphs.values()) / validate._available_bytes() / 2,
+    )  # as if the host had room for half of them
     assert validate.one_at_a_time(LatencySpec(), graphs)
     assert not validate.one_at_a_time(LatencySpec(one_at_a_time=False), graphs)  # the recipe's word stands
     assert validate.one_at_a_time(LatencySpec(one_at_a_time=True), {"dense": graphs["dense"]})
@@ -154,23 +179,33 @@ def test_a_containers_memory_limit_bounds_the_memory_counted_available(tmp_path)
 
 def test_the_report_says_when_dense_int8_beats_a_compressed_artifact_on_size_or_latency(precision_run):
     import copy
+
     from fwsvd_export.stages.report import verdicts
 
     report = copy.deepcopy(precision_run.report)
     val = report.validation
     dense, ours = val.variants["dense-int8"], val.variants["compressed-int8"]
     dense["cpu"]["metric"] = ours["cpu"]["metric"]  # as accurate
-    dense["bytes"], dense["cpu"]["latency"][0]["median_ms"] = ours["bytes"] + 1, 0.5 * ours["cpu"]["latency"][0]["median_ms"]
+    dense["bytes"], dense["cpu"]["latency"][0]["median_ms"] = (
+        ours["bytes"] + 1,
+        0.5 * ours["cpu"]["latency"][0]["median_ms"],
+    )
     said = verdicts(report)
-    assert any(v.startswith("dense-int8 beats compressed-int8 on cpu (latency)") and "unless size decides" in v for v in said)
+    assert any(
+        v.startswith("dense-int8 beats compressed-int8 on cpu (latency)") and "unless size decides" in v for v in said
+    )
     dense["cpu"]["latency"][0]["median_ms"] = 2 * ours["cpu"]["latency"][0]["median_ms"]  # slower and larger: no win
     assert not any("beats compressed-int8" in v for v in verdicts(report))
     dense["bytes"] = ours["bytes"] - 1  # smaller, as accurate: a win on size
-    assert any(v.startswith("dense-int8 beats compressed-int8 on cpu (size)") and "unless latency decides" in v
-               for v in verdicts(report))
+    assert any(
+        v.startswith("dense-int8 beats compressed-int8 on cpu (size)") and "unless latency decides" in v
+        for v in verdicts(report)
+    )
     dense["cpu"]["latency"][0]["median_ms"] = 0.5 * ours["cpu"]["latency"][0]["median_ms"]  # smaller and faster
-    assert any(v.startswith("dense-int8 beats compressed-int8 on cpu (size and latency)") and v.endswith("ship dense-int8")
-               for v in verdicts(report))
+    assert any(
+        v.startswith("dense-int8 beats compressed-int8 on cpu (size and latency)") and v.endswith("ship dense-int8")
+        for v in verdicts(report)
+    )
     dense["cpu"]["metric"] = ours["cpu"]["metric"] - 0.01  # less accurate: never a win
     assert not any("beats compressed-int8" in v for v in verdicts(report))
 
@@ -186,6 +221,7 @@ def test_static_int8_is_calibrated_qdq(tmp_path, classifier_recipe):
 
 def test_fp32_must_stay_among_the_precisions(tmp_path, classifier_recipe):
     from fwsvd_export.errors import FwsvdError
+
     classifier_recipe["export"] = {"precisions": ["int8"]}
     with pytest.raises(FwsvdError, match="'export.precisions' must include fp32"):
         load_recipe(write_recipe(tmp_path, classifier_recipe))
@@ -221,14 +257,23 @@ def _logits(graph, ids) -> np.ndarray:
     return session.run(["logits"], feeds(session, {"input_ids": ids}))[0]
 
 
-def test_a_graph_with_its_weights_beside_it_gets_variants_with_their_weights_beside_them(tmp_path, monkeypatch,
-                                                                                          tokenizer):
+def test_a_graph_with_its_weights_beside_it_gets_variants_with_their_weights_beside_them(
+    tmp_path, monkeypatch, tokenizer
+):
     """A large model's graph keeps its weights in a data file (the export's way from 1 GiB of weights,
     forced here on a tiny decoder); its int8, int4 and fp16 copies do too, where embedding them could not be
     saved past 2 GB, and the CPU ones run and agree with the fp32 graph."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     monkeypatch.setattr(export, "EXTERNAL_BYTES", 0)
     fp32 = export_onnx(model, tokenizer, tmp_path / "compressed", "text-generation-with-past")
     assert fp32.with_name("model.onnx_data").exists()
@@ -253,9 +298,17 @@ def test_a_tied_output_projection_is_quantized_like_every_other_linear(tmp_path,
     copy of the graph: the output projection, the largest matrix of a small decoder, is int8 (or 4-bit)
     too; in int4 the embedding table is 4-bit as well. The fp32 graph is left as it was and the copy is gone."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         tie_word_embeddings=True)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     fp32 = export_onnx(model, tokenizer, tmp_path / "dense", "text-generation-with-past")
     before = fp32.read_bytes()
     ids = torch.arange(1, 10)[None] % tokenizer.vocab_size

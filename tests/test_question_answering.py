@@ -1,5 +1,6 @@
 """Extractive question answering (SQuAD format): SQuAD's metric, span decoding, windows over a long context,
 bad answers named with their line, and a tiny BertForQuestionAnswering end to end."""
+
 import json
 import random
 
@@ -27,14 +28,18 @@ def qa_config(tokenizer):
 
 # SQuAD's normalisation, exact match and F1, worked by hand
 
-@pytest.mark.parametrize("text, normalized", [
-    ("The Eiffel Tower!", "eiffel tower"),
-    ("  an   Apple, a pear and THE plum. ", "apple pear and plum"),
-    ("Another theory", "another theory"),  # an article inside a word stays
-    ("U.S.A.", "usa"),  # punctuation goes, leaving the letters joined
-    ("rock-and-roll's", "rockandrolls"),
-    ("A", ""),
-])
+
+@pytest.mark.parametrize(
+    "text, normalized",
+    [
+        ("The Eiffel Tower!", "eiffel tower"),
+        ("  an   Apple, a pear and THE plum. ", "apple pear and plum"),
+        ("Another theory", "another theory"),  # an article inside a word stays
+        ("U.S.A.", "usa"),  # punctuation goes, leaving the letters joined
+        ("rock-and-roll's", "rockandrolls"),
+        ("A", ""),
+    ],
+)
 def test_squad_normalisation(text, normalized):
     assert normalize_answer(text) == normalized
 
@@ -61,14 +66,15 @@ def test_f1_over_normalised_tokens():
 
 # Decoding the best valid span
 
+
 def _spans_batch():
     """Two features of six tokens: [CLS], a question token, three context tokens, [SEP]."""
     context = "red big dog"
     offsets = torch.tensor([[[-1, -1], [-1, -1], [0, 3], [4, 7], [8, 11], [-1, -1]]] * 2)
     # feature 0: the best pair (start 4, end 2: 18) ends before it starts; the best valid one is (4, 4): 11
     # feature 1: (2, 4) scores 13, but is 3 tokens long; at most 2, the best is (3, 4): 8
-    start = torch.tensor([[10., 9, 1, 0, 9, 10], [10., 9, 6, 1, 0, 10]])
-    end = torch.tensor([[10., 9, 9, 0, 2, 10], [10., 9, 0, 1, 7, 10]])
+    start = torch.tensor([[10.0, 9, 1, 0, 9, 10], [10.0, 9, 6, 1, 0, 10]])
+    end = torch.tensor([[10.0, 9, 9, 0, 2, 10], [10.0, 9, 0, 1, 7, 10]])
     from fwsvd_export.core.batch import Batch
 
     meta = {"example": [0, 1], "offsets": offsets, "examples": {0: (context, ["dog"]), 1: (context, ["big dog"])}}
@@ -91,12 +97,18 @@ def test_best_span_is_within_the_context_ends_after_it_starts_and_is_at_most_max
 
 # Windows over a long context
 
+
 def test_a_long_context_is_cut_into_overlapping_windows_and_the_answer_is_found_in_the_second(tokenizer):
-    context = ("The old harbour town sits between two rivers and a range of low green hills. " * 2
-               + "Its lighthouse was built by Margaret Ellison in the spring of 1862.")
+    context = (
+        "The old harbour town sits between two rivers and a range of low green hills. " * 2
+        + "Its lighthouse was built by Margaret Ellison in the spring of 1862."
+    )
     answer = "Margaret Ellison"
-    record = {"question": "Who built the lighthouse?", "context": context,
-              "answers": {"text": [answer], "answer_start": [context.index(answer)]}}
+    record = {
+        "question": "Who built the lighthouse?",
+        "context": context,
+        "answers": {"text": [answer], "answer_start": [context.index(answer)]},
+    }
     (batch,) = TASK.make_batches([record], DataSource(doc_stride=8), tokenizer, 32, 8, False, None)
     rows = batch.inputs["input_ids"].shape[0]
     assert rows >= 2 and batch.meta["example"] == [0] * rows
@@ -109,7 +121,7 @@ def test_a_long_context_is_cut_into_overlapping_windows_and_the_answer_is_found_
     found = [k for k, (s, e) in enumerate(labels) if s > 0]
     assert found and found[0] == 1
     s, e = labels[1]
-    assert tokenizer.decode(batch.inputs["input_ids"][1, s:e + 1]) == answer.lower()
+    assert tokenizer.decode(batch.inputs["input_ids"][1, s : e + 1]) == answer.lower()
     # logits that point there decode to the answer, with the context's own casing
     logits = torch.zeros(rows, batch.inputs["input_ids"].shape[1], 2)
     logits[1, s, 0] = logits[1, e, 1] = 5.0
@@ -122,11 +134,16 @@ def test_loss_and_distillation_read_both_logits(tokenizer):
     torch.manual_seed(0)
     model = BertForQuestionAnswering(qa_config(tokenizer)).eval()
     context = "Completed in 1889, the tower was designed by Gustave Eiffel's company."
-    records = [{"question": "Who designed it?", "context": context,
-                "answers": {"text": ["Gustave Eiffel"], "answer_start": [context.index("Gustave Eiffel")]}}]
+    records = [
+        {
+            "question": "Who designed it?",
+            "context": context,
+            "answers": {"text": ["Gustave Eiffel"], "answer_start": [context.index("Gustave Eiffel")]},
+        }
+    ]
     (batch,) = TASK.make_batches(records, DataSource(), tokenizer, 64, 4, True, model.config)
     start, end = batch.labels[0].tolist()
-    assert tokenizer.decode(batch.inputs["input_ids"][0, start:end + 1]) == "gustave eiffel"
+    assert tokenizer.decode(batch.inputs["input_ids"][0, start : end + 1]) == "gustave eiffel"
     with torch.no_grad():
         output = run_torch(model, TASK, batch)
         reference = model(**batch.inputs, start_positions=batch.labels[:, 0], end_positions=batch.labels[:, 1])
@@ -138,6 +155,7 @@ def test_loss_and_distillation_read_both_logits(tokenizer):
 
 # A tiny model, its data and its recipe
 
+
 def _passage(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
 
@@ -148,8 +166,13 @@ def _records(n: int, seed: int) -> list[dict]:
     for _ in range(n):
         context = _passage(rng, rng.randint(20, 60))
         first = context.split()[0]
-        records.append({"question": "Which " + " ".join(rng.choice(WORDS) for _ in range(3)) + "?", "context": context,
-                        "answers": {"text": [first], "answer_start": [0]}})
+        records.append(
+            {
+                "question": "Which " + " ".join(rng.choice(WORDS) for _ in range(3)) + "?",
+                "context": context,
+                "answers": {"text": [first], "answer_start": [0]},
+            }
+        )
     return records
 
 
@@ -191,10 +214,12 @@ def qa_data(tmp_path_factory, qa_dir, tokenizer):
 
 def qa_recipe(qa_dir, data, **validation) -> dict:
     source = {"path": str(data), "doc_stride": 16}
-    return {"model": {"path": str(qa_dir), "task": "question-answering"},
-            "data": {"calibration": source, "evaluation": dict(source, max_answer_length=30), **QA_DATA},
-            "compression": {"method": "kfac", "damping": 0.1, "ratio": 0.8},
-            "validation": quick_validation(**validation)}
+    return {
+        "model": {"path": str(qa_dir), "task": "question-answering"},
+        "data": {"calibration": source, "evaluation": dict(source, max_answer_length=30), **QA_DATA},
+        "compression": {"method": "kfac", "damping": 0.1, "ratio": 0.8},
+        "validation": quick_validation(**validation),
+    }
 
 
 def test_an_answer_start_that_misses_its_text_is_exit_2_naming_file_and_line(tmp_path, qa_dir):
@@ -214,8 +239,9 @@ def test_answers_that_are_not_squad_format_are_named(tmp_path, qa_dir):
     records[1]["answers"] = ["a list"]
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, qa_recipe(qa_dir, data))),
-                                       "-o", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["run", str(write_recipe(tmp_path, qa_recipe(qa_dir, data))), "-o", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and f"{data}:2: column 'answers' must hold" in result.output, result.output
 
 
@@ -253,10 +279,13 @@ def test_question_answering_end_to_end(tmp_path, qa_dir, qa_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compression, finetune", [
-    ({"method": "fwsvd", "budget": 0.6}, {"epochs": 1, "objective": "distill"}),
-    ({"method": "svd", "ratio": 0.7}, {"epochs": 1, "objective": "task", "learning_rate": 1e-4}),
-])
+@pytest.mark.parametrize(
+    "compression, finetune",
+    [
+        ({"method": "fwsvd", "budget": 0.6}, {"epochs": 1, "objective": "distill"}),
+        ({"method": "svd", "ratio": 0.7}, {"epochs": 1, "objective": "task", "learning_rate": 1e-4}),
+    ],
+)
 def test_question_answering_with_allocation_recovery_and_int8(tmp_path, qa_dir, qa_data, compression, finetune):
     recipe = qa_recipe(qa_dir, qa_data, max_metric_loss=1.0, max_quantization_loss=1.0)
     recipe.update(compression=compression, finetune=finetune, export={"precisions": ["fp32", "int8"]})
@@ -272,8 +301,9 @@ def test_question_answering_with_allocation_recovery_and_int8(tmp_path, qa_dir, 
 @pytest.mark.slow
 def test_question_answering_sweep(tmp_path, qa_dir, qa_data):
     path = write_recipe(tmp_path, qa_recipe(qa_dir, qa_data, max_metric_loss=1.0))
-    result = CliRunner().invoke(main, ["sweep", str(path), "--ratios", "0.8,0.4", "--methods", "kfac",
-                                       "-o", str(tmp_path / "sweep"), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["sweep", str(path), "--ratios", "0.8,0.4", "--methods", "kfac", "-o", str(tmp_path / "sweep"), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     points = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"]
     assert [p["ratio"] for p in points] == [0.8, 0.4]

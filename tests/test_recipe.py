@@ -1,4 +1,5 @@
 """Recipe parsing: defaults, relative paths, overrides from the command line."""
+
 import pytest
 
 from fwsvd_export.errors import FwsvdError
@@ -6,9 +7,13 @@ from fwsvd_export.loader import load_recipe
 
 from conftest import write_recipe
 
-MINIMAL = {"model": {"path": "model", "task": "text-classification"},
-           "data": {"calibration": {"path": "train.jsonl", "label_column": "label"},
-                    "evaluation": {"path": "test.csv", "label_column": "label"}}}
+MINIMAL = {
+    "model": {"path": "model", "task": "text-classification"},
+    "data": {
+        "calibration": {"path": "train.jsonl", "label_column": "label"},
+        "evaluation": {"path": "test.csv", "label_column": "label"},
+    },
+}
 
 
 def test_minimal_recipe_gets_sensible_defaults(tmp_path):
@@ -39,13 +44,16 @@ def test_a_rank_override_replaces_the_ratio(tmp_path):
     assert recipe.compression.rank == 16 and recipe.compression.ratio is None
 
 
-@pytest.mark.parametrize("assignment, fragment", [
-    ("compression.ratio=1.5", "compression.ratio' must be in (0, 1]"),
-    ("compression.bogus=1", "unknown key 'compression.bogus'"),
-    ("validation.latency.shapes=[big]", "BATCHxSEQUENCE"),
-    ("model.hub_id=org/name", "exactly one of path, hub_id, package"),
-    ("noequals", "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "assignment, fragment",
+    [
+        ("compression.ratio=1.5", "compression.ratio' must be in (0, 1]"),
+        ("compression.bogus=1", "unknown key 'compression.bogus'"),
+        ("validation.latency.shapes=[big]", "BATCHxSEQUENCE"),
+        ("model.hub_id=org/name", "exactly one of path, hub_id, package"),
+        ("noequals", "expected KEY=VALUE"),
+    ],
+)
 def test_bad_overrides_are_named(tmp_path, assignment, fragment):
     with pytest.raises(FwsvdError) as info:
         load_recipe(write_recipe(tmp_path, MINIMAL), [assignment])
@@ -63,7 +71,9 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
 
 def test_a_budget_replaces_the_uniform_ratio(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, MINIMAL), ["compression.budget=0.4", "compression.rank_multiple=8"])
-    assert recipe.compression.budget == 0.4 and recipe.compression.ratio is None and recipe.compression.rank_multiple == 8
+    assert (
+        recipe.compression.budget == 0.4 and recipe.compression.ratio is None and recipe.compression.rank_multiple == 8
+    )
     both = dict(MINIMAL, compression={"ratio": 0.5, "budget": 0.4})
     with pytest.raises(FwsvdError, match="budget' cannot be set together with ratio or rank"):
         load_recipe(write_recipe(tmp_path, both))
@@ -74,15 +84,21 @@ def test_clearing_the_cut_on_the_command_line_is_an_error_not_a_silent_default(t
         load_recipe(write_recipe(tmp_path, MINIMAL), ["compression.rank=null"])
 
 
-@pytest.mark.parametrize("assignment, fragment", [
-    ("data.evaluation.stride=0", "'data.evaluation.stride' must be >= 1 (tokens), got 0"),
-    ("data.evaluation.stride=999", "'data.evaluation.stride' must be between 1 and max_length (128), got 999"),
-    ("validation.latency.runs=0", "must be >= 1"),
-    ("compression.target=[unclosed", "not valid YAML"),
-    ("validation.prompts=['']", "empty prompt"),
-    ("validation.latency.one_at_a_time=1", "'validation.latency.one_at_a_time' must be false | true | 'auto', got 1"),
-    ("validation.latency.one_at_a_time=always", "must be false | true | 'auto', got 'always'"),
-])
+@pytest.mark.parametrize(
+    "assignment, fragment",
+    [
+        ("data.evaluation.stride=0", "'data.evaluation.stride' must be >= 1 (tokens), got 0"),
+        ("data.evaluation.stride=999", "'data.evaluation.stride' must be between 1 and max_length (128), got 999"),
+        ("validation.latency.runs=0", "must be >= 1"),
+        ("compression.target=[unclosed", "not valid YAML"),
+        ("validation.prompts=['']", "empty prompt"),
+        (
+            "validation.latency.one_at_a_time=1",
+            "'validation.latency.one_at_a_time' must be false | true | 'auto', got 1",
+        ),
+        ("validation.latency.one_at_a_time=always", "must be false | true | 'auto', got 'always'"),
+    ],
+)
 def test_more_bad_values_are_named(tmp_path, assignment, fragment):
     with pytest.raises(FwsvdError) as info:
         load_recipe(write_recipe(tmp_path, MINIMAL), [assignment])

@@ -4,6 +4,7 @@ never another exception (which the CLI would report as a crash).
 
 Seeded (``derandomize=True``), so a run is repeatable; the explicit ``@example``s are the bugs fuzzing found.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,8 @@ import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fwsvd_export.errors import FwsvdError
 from fwsvd_export.config import Recipe
+from fwsvd_export.errors import FwsvdError
 from fwsvd_export.loader import apply_override, load_recipe, parse_recipe
 
 from test_recipe import MINIMAL
@@ -29,12 +30,23 @@ VALID = copy.deepcopy(MINIMAL)
 VALID["data"].update(max_length=32, batch_size=8, seed=1)
 VALID["data"]["evaluation"].update(max_samples=10, stride=16)
 VALID["model"].update(dtype="float32", device_map="auto", max_memory={"0": "20GiB", "cpu": "60GiB"})
-VALID["compression"] = {"method": "kfac", "target": [r"encoder\.layer\.\d+\."], "exclude": ["pooler"], "ratio": 0.5,
-                        "rank_multiple": 8, "overrides": {"attention": {"rank": 4}}, "damping": 0.01}
+VALID["compression"] = {
+    "method": "kfac",
+    "target": [r"encoder\.layer\.\d+\."],
+    "exclude": ["pooler"],
+    "ratio": 0.5,
+    "rank_multiple": 8,
+    "overrides": {"attention": {"rank": 4}},
+    "damping": 0.01,
+}
 VALID["finetune"] = {"epochs": 1, "learning_rate": 1e-4}
 VALID["export"] = {"opset": 17, "with_past": True, "output": "out"}
-VALID["validation"] = {"providers": [{"name": "cpu", "required": True}, {"name": "cuda"}], "atol": 1e-3,
-                       "latency": {"shapes": ["1x16", "4x32"], "warmup": 1, "runs": 3}, "prompts": ["Hello"]}
+VALID["validation"] = {
+    "providers": [{"name": "cpu", "required": True}, {"name": "cuda"}],
+    "atol": 1e-3,
+    "latency": {"shapes": ["1x16", "4x32"], "warmup": 1, "runs": 3},
+    "prompts": ["Hello"],
+}
 
 FUZZ = settings(derandomize=True, deadline=None, max_examples=250, database=None)
 
@@ -47,7 +59,11 @@ def _schema_paths(cls: type, prefix: tuple = ()) -> typing.Iterator[tuple]:
             continue
         yield prefix + (f.name,)
         tp = hints[f.name]
-        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if typing.get_origin(tp) is typing.Union else tp
+        tp = (
+            next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+            if typing.get_origin(tp) is typing.Union
+            else tp
+        )
         if dataclasses.is_dataclass(tp):
             yield from _schema_paths(tp, prefix + (f.name,))
 
@@ -78,22 +94,68 @@ def _parent(data, path: tuple):
 
 # --- values: everything YAML can hold, with the awkward corners on purpose ----------------------------------
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-AWKWARD_STRINGS = st.sampled_from(["", " ", "(", ")", "[", "*", "a{99999999999}", "((a)", "\\", "[z-a]", "x**",
-                                   "1x0", "0x1", "1x16", "fp16", "kfac", "fwsvd", "cuda", "cpu", "auto", "-1", ".nan",
-                                   "null", "~", "yes", "é", "名前", "\u200b", "text-classification", "distill"])
+AWKWARD_STRINGS = st.sampled_from(
+    [
+        "",
+        " ",
+        "(",
+        ")",
+        "[",
+        "*",
+        "a{99999999999}",
+        "((a)",
+        "\\",
+        "[z-a]",
+        "x**",
+        "1x0",
+        "0x1",
+        "1x16",
+        "fp16",
+        "kfac",
+        "fwsvd",
+        "cuda",
+        "cpu",
+        "auto",
+        "-1",
+        ".nan",
+        "null",
+        "~",
+        "yes",
+        "é",
+        "名前",
+        "\u200b",
+        "text-classification",
+        "distill",
+    ]
+)
 SMALL_INTS = st.integers(-5, 40)
-INTS = st.one_of(SMALL_INTS, st.integers(-2**70, 2**70), st.sampled_from([2**63 - 1, 2**63, -2**63, -2**63 - 1, 10**30]))
-FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                   st.sampled_from([0.0, -0.0, 0.5, 1.0, 1.5, 1e-300, 5e-324, 1e308, float("nan"), float("inf"),
-                                    -float("inf")]))
+INTS = st.one_of(
+    SMALL_INTS, st.integers(-(2**70), 2**70), st.sampled_from([2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 10**30])
+)
+FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 0.5, 1.0, 1.5, 1e-300, 5e-324, 1e308, float("nan"), float("inf"), -float("inf")]),
+)
 SCALARS = st.one_of(st.none(), st.booleans(), INTS, FLOATS, TEXT, AWKWARD_STRINGS)
-KEYS = st.one_of(TEXT, AWKWARD_STRINGS, st.sampled_from(["path", "task", "ratio", "rank", "name", "0"]),
-                 SMALL_INTS, st.none(), st.booleans(), st.sampled_from([0.5, 1.0]))
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(KEYS, inner, max_size=3)), max_leaves=8)
+KEYS = st.one_of(
+    TEXT,
+    AWKWARD_STRINGS,
+    st.sampled_from(["path", "task", "ratio", "rank", "name", "0"]),
+    SMALL_INTS,
+    st.none(),
+    st.booleans(),
+    st.sampled_from([0.5, 1.0]),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(KEYS, inner, max_size=3)),
+    max_leaves=8,
+)
 # Only in Python mappings (parse_recipe): what YAML's extra tags give, and ints too long for str().
-PY_VALUES = st.one_of(VALUES, st.sampled_from([2**20000, -2**20000, datetime.date(2024, 2, 29), b"\x00\xff", {1, 2},
-                                               (1, 2), float("nan")]))
+PY_VALUES = st.one_of(
+    VALUES,
+    st.sampled_from([2**20000, -(2**20000), datetime.date(2024, 2, 29), b"\x00\xff", {1, 2}, (1, 2), float("nan")]),
+)
 
 
 @st.composite
@@ -167,7 +229,7 @@ def test_the_starting_recipe_is_valid(recipe_file):
 @FUZZ
 @given(data=mutated(PY_VALUES))
 @example(data={**VALID, "finetune": {"learning_rate": 10**400}})  # was OverflowError: int too large for float
-@example(data={**VALID, "compression": {"rank": -2**20000}})  # was ValueError: int too long for str() in spec.py
+@example(data={**VALID, "compression": {"rank": -(2**20000)}})  # was ValueError: int too long for str() in spec.py
 @example(data={**VALID, 2**20000: 1})  # was ValueError: the unknown key could not be printed
 @example(data={**VALID, "compression": {"target": ["a{99999999999}"]}})  # was OverflowError from re, in spec.py
 @example(data={**VALID, "compression": {"exclude": ["(" * 3000 + ")" * 3000]}})  # was RecursionError from re
@@ -188,26 +250,56 @@ def test_a_mutated_recipe_file_loads_or_is_refused_clearly(recipe_file, data):
 
 # --- --set -------------------------------------------------------------------------------------------------
 DOTTED = [".".join(p) for p in SCHEMA_PATHS]
-SET_KEYS = st.one_of(st.sampled_from(DOTTED), st.sampled_from(DOTTED).map(lambda k: k + ".sub"),
-                     st.sampled_from(["", ".", "a..b", " compression.ratio ", "model.path.x", "=", "compression.="]),
-                     TEXT)
+SET_KEYS = st.one_of(
+    st.sampled_from(DOTTED),
+    st.sampled_from(DOTTED).map(lambda k: k + ".sub"),
+    st.sampled_from(["", ".", "a..b", " compression.ratio ", "model.path.x", "=", "compression.="]),
+    TEXT,
+)
 
 
 def _flow(value) -> str:
     """A value as a one-line YAML flow, the way one types it after ``--set key=``."""
-    return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).strip().removesuffix("...").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
 
 
-SET_VALUES = st.one_of(VALUES.map(_flow), TEXT,
-                       st.sampled_from(["", "[unclosed", "{a: 1, a: 2}", "!!int abc", "!!bool maybe", "2021-13-45",
-                                        "!!timestamp x", "!!python/object/apply:os.system [echo]", "&a [*a]", "*nope",
-                                        "[" * 40, "0x" + "f" * 400, "9" * 400, "- a\n- b", "{<<: 1}", "'\\x00'"]))
+SET_VALUES = st.one_of(
+    VALUES.map(_flow),
+    TEXT,
+    st.sampled_from(
+        [
+            "",
+            "[unclosed",
+            "{a: 1, a: 2}",
+            "!!int abc",
+            "!!bool maybe",
+            "2021-13-45",
+            "!!timestamp x",
+            "!!python/object/apply:os.system [echo]",
+            "&a [*a]",
+            "*nope",
+            "[" * 40,
+            "0x" + "f" * 400,
+            "9" * 400,
+            "- a\n- b",
+            "{<<: 1}",
+            "'\\x00'",
+        ]
+    ),
+)
 
 
 @pytest.mark.slow
 @FUZZ
-@given(assignments=st.lists(st.tuples(SET_KEYS, SET_VALUES), min_size=1, max_size=3),
-       base=st.one_of(st.just(VALID), mutated()))
+@given(
+    assignments=st.lists(st.tuples(SET_KEYS, SET_VALUES), min_size=1, max_size=3),
+    base=st.one_of(st.just(VALID), mutated()),
+)
 @example(assignments=[("compression.ratio", "!!int abc")], base=VALID)  # was ValueError from PyYAML
 @example(assignments=[("compression.ratio", "!!bool maybe")], base=VALID)  # was KeyError from PyYAML
 @example(assignments=[("data.seed", "2021-13-45")], base=VALID)  # was ValueError: month must be in 1..12
@@ -230,26 +322,64 @@ def test_apply_override_then_parse_refuses_clearly(assignment, data):
     def build():
         apply_override(data, assignment, origin="--set")
         return parse_recipe(data, ORIGIN)
+
     _parses_or_refuses_clearly(build, ORIGIN, "--set")
 
 
 # --- raw text and bytes ------------------------------------------------------------------------------------
-YAML_ALPHABET = st.sampled_from(list("{}[]:,-?&*!|>'\"#%@`\\ \n\t.=<~") + ["model", "data", "path", "task", "  ", "\n  ",
-                                "- ", ": ", "!!int ", "!!float ", "!!bool ", "!!timestamp ", "!!binary ", "!!set ",
-                                "!!omap ", "!!python/name:os.system ", "<<: ", "&a ", "*a ", "0x", "1e999", ".nan",
-                                "2021-02-30", "---\n", "...\n", "%YAML 1.1\n", "\ufeff", "\x85", "\x00", "\x1b"])
+YAML_ALPHABET = st.sampled_from(
+    list("{}[]:,-?&*!|>'\"#%@`\\ \n\t.=<~")
+    + [
+        "model",
+        "data",
+        "path",
+        "task",
+        "  ",
+        "\n  ",
+        "- ",
+        ": ",
+        "!!int ",
+        "!!float ",
+        "!!bool ",
+        "!!timestamp ",
+        "!!binary ",
+        "!!set ",
+        "!!omap ",
+        "!!python/name:os.system ",
+        "<<: ",
+        "&a ",
+        "*a ",
+        "0x",
+        "1e999",
+        ".nan",
+        "2021-02-30",
+        "---\n",
+        "...\n",
+        "%YAML 1.1\n",
+        "\ufeff",
+        "\x85",
+        "\x00",
+        "\x1b",
+    ]
+)
 TEXTS = st.one_of(st.text(max_size=200), st.lists(YAML_ALPHABET, max_size=40).map("".join))
 VALID_TEXT = _dump(VALID)
 
 
 @pytest.mark.slow
 @FUZZ
-@given(raw=st.one_of(TEXTS.map(lambda t: t.encode("utf-8", "surrogatepass")),  # lone surrogates: not UTF-8
-                     st.binary(max_size=200),
-                     st.tuples(st.integers(0, len(VALID_TEXT)), TEXTS).map(
-                         lambda cut: (VALID_TEXT[:cut[0]] + cut[1]).encode("utf-8", "surrogatepass")),
-                     st.tuples(st.integers(0, len(VALID_TEXT)), st.binary(max_size=20)).map(
-                         lambda cut: VALID_TEXT.encode()[:cut[0]] + cut[1] + VALID_TEXT.encode()[cut[0]:])))
+@given(
+    raw=st.one_of(
+        TEXTS.map(lambda t: t.encode("utf-8", "surrogatepass")),  # lone surrogates: not UTF-8
+        st.binary(max_size=200),
+        st.tuples(st.integers(0, len(VALID_TEXT)), TEXTS).map(
+            lambda cut: (VALID_TEXT[: cut[0]] + cut[1]).encode("utf-8", "surrogatepass")
+        ),
+        st.tuples(st.integers(0, len(VALID_TEXT)), st.binary(max_size=20)).map(
+            lambda cut: VALID_TEXT.encode()[: cut[0]] + cut[1] + VALID_TEXT.encode()[cut[0] :]
+        ),
+    )
+)
 @example(raw=b"model: !!int abc\n")
 @example(raw=b"model: !!bool maybe\n")
 @example(raw=b"model: 2021-13-45\n")
@@ -263,7 +393,9 @@ VALID_TEXT = _dump(VALID)
 @example(raw=b"0\n")
 @example(raw=b"\xff\xfe\x00")
 @example(raw=b"model: !!python/object/apply:os.system [echo hi]\n")
-@example(raw=b"a: &a [*a, *a]\nb: &b [*a, *a, *a, *a]\nc: &c [*b, *b, *b, *b]\nd: &d [*c, *c, *c, *c]\nmodel: {task: *d}\n")
+@example(
+    raw=b"a: &a [*a, *a]\nb: &b [*a, *a, *a, *a]\nc: &c [*b, *b, *b, *b]\nd: &d [*c, *c, *c, *c]\nmodel: {task: *d}\n"
+)
 def test_any_file_content_loads_or_is_refused_clearly(recipe_file, raw):
     recipe_file.write_bytes(raw)
     _parses_or_refuses_clearly(lambda: load_recipe(recipe_file), str(recipe_file))
@@ -272,7 +404,9 @@ def test_any_file_content_loads_or_is_refused_clearly(recipe_file, raw):
 def test_an_alias_bomb_gives_a_short_message(recipe_file):
     """Billion-laughs aliases are shared, not copied, by the loader; the error message that shows the value
     must stay short too (a plain repr() would expand 10**9 leaves)."""
-    levels = ["&l0 [x, x, x, x, x, x, x, x, x, x]"] + [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)
+    ]
     recipe_file.write_text(f"model: {{path: m, task: [{', '.join(levels)}]}}\n")
     with pytest.raises(FwsvdError, match="'model.task' must be") as info:
         load_recipe(recipe_file)

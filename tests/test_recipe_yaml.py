@@ -1,5 +1,6 @@
 """How recipe YAML is read: a key given twice is an error (plain PyYAML keeps the last one silently), at any
 depth, in the file and in a --set value, named with its dotted path and line; loading stays safe."""
+
 import textwrap
 
 import pytest
@@ -79,9 +80,10 @@ def test_a_duplicate_written_with_an_alias_is_found_at_the_alias(tmp_path):
 
 
 def test_a_merge_may_still_be_overridden(tmp_path):
-    text = BASE.replace("  evaluation:\n    path: test.csv\n    label_column: label\n",
-                        "  evaluation:\n    <<: *cal\n    path: test.csv\n").replace("  calibration:\n",
-                                                                                    "  calibration: &cal\n")
+    text = BASE.replace(
+        "  evaluation:\n    path: test.csv\n    label_column: label\n",
+        "  evaluation:\n    <<: *cal\n    path: test.csv\n",
+    ).replace("  calibration:\n", "  calibration: &cal\n")
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     recipe = load_recipe(path)
@@ -116,17 +118,20 @@ def test_the_loader_alone_raises_a_yaml_error_with_a_mark():
     assert yaml.load("a: {b: 1, c: [1, {b: 2}]}", Loader=RecipeLoader) == {"a": {"b": 1, "c": [1, {"b": 2}]}}
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("model: !!python/object/apply:os.system [echo pwned]\n", "could not determine a constructor"),
-    ("model: !!python/name:os.system\n", "could not determine a constructor"),
-    ("model: !!int abc\n", "cannot read 'abc' as tag:yaml.org,2002:int"),
-    ("model: !!bool maybe\n", "cannot read 'maybe' as tag:yaml.org,2002:bool"),
-    ("model: !!int\n", "cannot read"),
-    ("model: 2021-13-45\n", "month must be in 1..12"),
-    ("model: !!timestamp x\n", "cannot read 'x' as tag:yaml.org,2002:timestamp"),
-    ("model: 1" + "0" * 5000 + "\n", "cannot read"),
-    ("[" * 800, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("model: !!python/object/apply:os.system [echo pwned]\n", "could not determine a constructor"),
+        ("model: !!python/name:os.system\n", "could not determine a constructor"),
+        ("model: !!int abc\n", "cannot read 'abc' as tag:yaml.org,2002:int"),
+        ("model: !!bool maybe\n", "cannot read 'maybe' as tag:yaml.org,2002:bool"),
+        ("model: !!int\n", "cannot read"),
+        ("model: 2021-13-45\n", "month must be in 1..12"),
+        ("model: !!timestamp x\n", "cannot read 'x' as tag:yaml.org,2002:timestamp"),
+        ("model: 1" + "0" * 5000 + "\n", "cannot read"),
+        ("[" * 800, "nested too deeply"),
+    ],
+)
 def test_yaml_that_cannot_be_read_is_named_not_a_crash(tmp_path, text, fragment):
     message = refused(tmp_path, text)
     assert "not valid YAML" in message and fragment in message and str(tmp_path / "recipe.yaml") in message
@@ -141,13 +146,16 @@ def test_set_values_that_cannot_be_read_are_named(tmp_path):
             load_recipe(path, [f"data.seed={value}"])
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("", "missing required key 'model'"),
-    ("# only a comment\n", "missing required key 'model'"),
-    ("- model\n- data\n", "must be a YAML mapping"),
-    ("0\n", "must be a YAML mapping"),
-    ("''\n", "must be a YAML mapping"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "missing required key 'model'"),
+        ("# only a comment\n", "missing required key 'model'"),
+        ("- model\n- data\n", "must be a YAML mapping"),
+        ("0\n", "must be a YAML mapping"),
+        ("''\n", "must be a YAML mapping"),
+    ],
+)
 def test_empty_and_non_mapping_files(tmp_path, text, fragment):
     assert fragment in refused(tmp_path, text)
 

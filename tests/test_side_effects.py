@@ -3,6 +3,7 @@ libraries around it (ONNX Runtime's logger, matplotlib's backend); what the expo
 'fwsvd_export' log rather than the console or nowhere; the split-MatMul check passes a layer only when both
 of its matrix multiplies take a constant weight of the factor's shape; user errors are FwsvdError and bugs
 keep their own exception. Everything runs on real tiny models, real ONNX graphs and real ONNX Runtime."""
+
 from __future__ import annotations
 
 import csv
@@ -36,16 +37,23 @@ UNUSED_INITIALIZER_WARNING = "Removing initializer 'unused'"
 def unused_initializer_model(path) -> None:
     """A valid graph with an initializer no node uses: every ONNX Runtime session made from it logs a
     warning at its start, through the default logger's severity unless the session sets its own."""
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-                              initializer=[helper.make_tensor("unused", TensorProto.FLOAT, [1], [1.0])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[helper.make_tensor("unused", TensorProto.FLOAT, [1], [1.0])],
+    )
     onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
 def python(code: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "MPLBACKEND"})
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "MPLBACKEND"},
+    )
     assert done.returncode == 0, done.stderr
     return done
 
@@ -103,7 +111,10 @@ def test_the_warning_observable_is_sharp(tmp_path):
     unused_initializer_model(tmp_path / "m.onnx")
     code = "import sys, onnxruntime as ort\n{}\nort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])"
     assert UNUSED_INITIALIZER_WARNING in python(code.format(""), tmp_path / "m.onnx").stderr
-    assert UNUSED_INITIALIZER_WARNING not in python(code.format("ort.set_default_logger_severity(4)"), tmp_path / "m.onnx").stderr
+    assert (
+        UNUSED_INITIALIZER_WARNING
+        not in python(code.format("ort.set_default_logger_severity(4)"), tmp_path / "m.onnx").stderr
+    )
 
 
 @pytest.mark.slow
@@ -126,8 +137,11 @@ def test_importing_and_plotting_leave_matplotlibs_backend_alone(probe):
 
 # --- a real compressed tiny BERT, exported once ---------------------------------------------------------
 
-SPLIT = ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.intermediate.dense",
-         "bert.encoder.layer.1.output.dense")
+SPLIT = (
+    "bert.encoder.layer.0.attention.self.query",
+    "bert.encoder.layer.0.intermediate.dense",
+    "bert.encoder.layer.1.output.dense",
+)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +185,7 @@ def test_a_second_matmul_whose_weight_is_a_graph_input_is_missing_the_split(expo
         weight = second_matmul_weight(graph, SPLIT[1])
         graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
         graph.initializer.remove(weight)
+
     graph = inspect_graph(edited(exported, tmp_path, weight_to_graph_input), compressed)
     assert graph["layers_missing_split"] == [SPLIT[1]]
     assert graph["split_matmul_pairs_found"] == 2
@@ -180,6 +195,7 @@ def test_an_initializer_also_listed_as_graph_input_is_overridable_so_not_a_weigh
     def also_an_input(graph):
         weight = second_matmul_weight(graph, SPLIT[0])
         graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
+
     assert inspect_graph(edited(exported, tmp_path, also_an_input), compressed)["layers_missing_split"] == [SPLIT[0]]
 
 
@@ -188,22 +204,26 @@ def test_a_weight_of_the_wrong_shape_is_missing_the_split(exported, compressed, 
         weight = second_matmul_weight(graph, SPLIT[2])
         values = numpy_helper.to_array(weight)
         weight.CopyFrom(numpy_helper.from_array(values[:4], weight.name))  # (rank 4, out): not the factor's
+
     assert inspect_graph(edited(exported, tmp_path, wrong_shape), compressed)["layers_missing_split"] == [SPLIT[2]]
 
 
 def test_a_transposed_initializer_is_still_a_weight(exported, compressed, tmp_path):
     """Exporters may store a Linear's (out, in) weight and transpose it in the graph: that is a constant."""
+
     def transposed(graph):
         weight = second_matmul_weight(graph, SPLIT[2])
         stored = numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), weight.name + ".stored")
         graph.initializer.remove(weight)
         graph.initializer.append(stored)
         graph.node.insert(0, helper.make_node("Transpose", [stored.name], [weight.name], perm=[1, 0]))
+
     graph = inspect_graph(edited(exported, tmp_path, transposed), compressed)
     assert graph["layers_missing_split"] == [] and graph["split_matmul_pairs_found"] == 3
 
 
 # --- the exporter's output goes to the log ---------------------------------------------------------------
+
 
 class Spy(logging.Handler):
     def __init__(self) -> None:
@@ -214,8 +234,9 @@ class Spy(logging.Handler):
         self.records.append(record)
 
 
-def test_exporter_warnings_and_logs_reach_the_fwsvd_export_log_not_the_console(compressed, tokenizer, tmp_path,
-                                                                              caplog, capfd):
+def test_exporter_warnings_and_logs_reach_the_fwsvd_export_log_not_the_console(
+    compressed, tokenizer, tmp_path, caplog, capfd
+):
     """Opset 17 is below optimum's recommended 18 for BERT, so optimum logs a warning; the legacy exporter
     raises TracerWarnings. Both are on the 'fwsvd_export' log; neither is on the console, and optimum's
     own handlers get nothing meanwhile, yet are back in place afterwards."""
@@ -249,13 +270,16 @@ def test_an_exporter_failure_keeps_its_exception(compressed, tokenizer, tmp_path
 
 # --- ort_io: what the tool cannot feed is a user error -----------------------------------------------------
 
+
 def test_a_graph_input_the_tool_cannot_provide_is_a_fwsvd_error_naming_it_and_the_file(exported, tmp_path):
     """A real export whose weight was turned into a graph input: ONNX Runtime wants a value for it."""
+
     def weight_to_graph_input(graph):
         weight = second_matmul_weight(graph, SPLIT[1])
         graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
         graph.initializer.remove(weight)
         weight_to_graph_input.name = weight.name
+
     path = edited(exported, tmp_path, weight_to_graph_input)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with pytest.raises(FwsvdError) as info:
@@ -267,8 +291,9 @@ def test_an_empty_cache_of_unknown_heads_is_a_fwsvd_error_naming_the_input_and_t
     cache = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", "heads", "past", 8])
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
     out = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["batch", "heads", "past", 8])
-    graph = helper.make_graph([helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])], "g",
-                              [ids, cache], [out])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])], "g", [ids, cache], [out]
+    )
     path = tmp_path / "cache.onnx"
     onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -279,10 +304,13 @@ def test_an_empty_cache_of_unknown_heads_is_a_fwsvd_error_naming_the_input_and_t
 
 # --- data.py: known problems are user errors, bugs keep their exception --------------------------------------
 
+
 def records(tmp_path, path, **source):
     source = {"path": str(path), "text_column": "sentence", "label_column": "label", **source}
-    recipe = {"model": {"path": str(tmp_path), "task": "text-classification"},
-              "data": {"calibration": source, "evaluation": source}}
+    recipe = {
+        "model": {"path": str(tmp_path), "task": "text-classification"},
+        "data": {"calibration": source, "evaluation": source},
+    }
     return data.load_records(parse_recipe(recipe, "recipe.yaml", tmp_path), "calibration", ["sentence", "label"])
 
 
@@ -294,6 +322,7 @@ def test_a_bug_in_a_data_helper_propagates_as_itself(tmp_path, monkeypatch, help
 
     def broken(*args, **kwargs):
         raise bug
+
     monkeypatch.setattr(data, helper_name, broken)
     with pytest.raises(type(bug)) as info:
         records(tmp_path, path)
@@ -321,6 +350,7 @@ def test_an_unreadable_file_is_a_user_error_naming_it(tmp_path):
 
 # --- every process-wide change is scoped: each context manager restores what it found, raising or not ------
 
+
 class Boom(Exception):
     pass
 
@@ -333,14 +363,21 @@ def test_library_output_to_log_restores_the_loggers_warnings_and_streams_it_foun
     """A library that, meanwhile, configures the root logger and its own, changes the warnings filters and
     prints, then fails: its exception propagates and every one of those settings is as it was."""
     from fwsvd_export.stages.library_log import library_output_to_log
+
     lib, root = logging.getLogger("fwsvd-test-library"), logging.getLogger()
     kept_handler, kept_filter = logging.NullHandler(), logging.Filter("x")
     lib.addHandler(kept_handler)
     lib.addFilter(kept_filter)
     lib.setLevel(logging.INFO)
     try:
-        before = (logger_settings(lib), logger_settings(root), warnings.filters[:], warnings.showwarning,
-                  sys.stdout, sys.stderr)
+        before = (
+            logger_settings(lib),
+            logger_settings(root),
+            warnings.filters[:],
+            warnings.showwarning,
+            sys.stdout,
+            sys.stderr,
+        )
         with pytest.raises(Boom):
             with library_output_to_log("test library", ("fwsvd-test-library",)):
                 assert lib.handlers != [kept_handler] and not lib.propagate  # diverted meanwhile
@@ -353,8 +390,14 @@ def test_library_output_to_log_restores_the_loggers_warnings_and_streams_it_foun
                 warnings.simplefilter("error")
                 print("printed by the library")
                 raise Boom()
-        assert (logger_settings(lib), logger_settings(root), warnings.filters[:], warnings.showwarning,
-                sys.stdout, sys.stderr) == before
+        assert (
+            logger_settings(lib),
+            logger_settings(root),
+            warnings.filters[:],
+            warnings.showwarning,
+            sys.stdout,
+            sys.stderr,
+        ) == before
     finally:
         lib.removeHandler(kept_handler)
         lib.removeFilter(kept_filter)
@@ -366,6 +409,7 @@ def test_the_console_log_is_the_commands_alone(configured):
     """`log_to_console` gives the 'fwsvd_export' log a stderr handler for the block unless the program using
     the package gave it one; on exit, raising or not, its handlers are those it had."""
     from fwsvd_export.stages.library_log import log_to_console
+
     tool = logging.getLogger("fwsvd_export")
     own = logging.NullHandler()
     if configured:
@@ -390,6 +434,7 @@ def _fd_identity(fd: int) -> tuple:
 
 def test_native_stderr_goes_to_the_log_and_fd_2_comes_back_even_when_the_block_raises(caplog):
     from fwsvd_export.stages.validate import _stderr_to_log
+
     fd2, open_fds = _fd_identity(2), sorted(os.listdir("/proc/self/fd"))
     with caplog.at_level(logging.DEBUG, logger="fwsvd_export"):
         with pytest.raises(Boom), _stderr_to_log():
@@ -403,7 +448,9 @@ def test_native_stderr_goes_to_the_log_and_fd_2_comes_back_even_when_the_block_r
 
 def test_the_exporters_patches_of_torch_are_undone_even_when_the_export_raises():
     import torch.onnx
+
     from fwsvd_export.stages.export import _graph_without_weights, _shape_inference_without_weight_values
+
     export = torch.onnx.export
     infer = getattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", None)
     with pytest.raises(Boom), _graph_without_weights(), _shape_inference_without_weight_values():
@@ -419,7 +466,9 @@ def test_a_command_holds_its_signal_handlers_and_console_log_for_itself(fails):
     command runs (here one added for the test); afterwards the process has the handlers it had."""
     import click
     from click.testing import CliRunner
+
     from fwsvd_export.cli import _TERMINATING, _raise_interrupted, main
+
     tool = logging.getLogger("fwsvd_export")
     seen = []
 
@@ -462,15 +511,31 @@ print("left the group")
 def test_a_process_group_the_tool_joins_is_left_when_the_block_ends_even_raising(tmp_path):
     """Two processes described as torchrun describes them join, meet, fail, and are out of the group."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "CUDA_VISIBLE_DEVICES")}
-    runs = [subprocess.Popen([sys.executable, "-c", JOIN, str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="",
-                                                 FWSVD_COLLECTIVE_TIMEOUT_S="60", FWSVD_START_TIMEOUT_S="60"))
-            for rank in (0, 1)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", JOIN, str(rank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(
+                base,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                CUDA_VISIBLE_DEVICES="",
+                FWSVD_COLLECTIVE_TIMEOUT_S="60",
+                FWSVD_START_TIMEOUT_S="60",
+            ),
+        )
+        for rank in (0, 1)
+    ]
     for run in runs:
         out, err = run.communicate(timeout=180)
         assert run.returncode == 0 and out == "left the group\n", err[-2000:]
@@ -478,7 +543,9 @@ def test_a_process_group_the_tool_joins_is_left_when_the_block_ends_even_raising
 
 def test_a_process_group_found_initialised_is_used_and_left_alone(tmp_path):
     import torch.distributed as dist
+
     from fwsvd_export.core import distributed
+
     with distributed.joined() as joined:  # not under torchrun: nothing to join, nothing changed
         assert not joined and not dist.is_initialized()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)

@@ -1,4 +1,5 @@
 """Recovery fine-tuning as a recipe stage, and the sweep that draws the accuracy/size/latency frontier."""
+
 import json
 
 import pytest
@@ -8,8 +9,8 @@ from click.testing import CliRunner
 
 import fwsvd_export
 from fwsvd_export.cli import main
-from fwsvd_export.pipeline import run
 from fwsvd_export.loader import load_recipe
+from fwsvd_export.pipeline import run
 
 from conftest import write_recipe
 
@@ -23,7 +24,10 @@ def test_recovery_finetuning_trains_the_factors_and_ships_the_trained_model(tmp_
     losses = result.report.to_dict()["finetune"]["epoch_loss"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert "finetune" in result.report.to_dict()["seconds"]
-    assert result.report.to_dict()["finetune"]["data"] == "calibration" and result.report.to_dict()["finetune"]["batches"] == 4  # 32 rows
+    assert (
+        result.report.to_dict()["finetune"]["data"] == "calibration"
+        and result.report.to_dict()["finetune"]["batches"] == 4
+    )  # 32 rows
     cpu = result.report.to_dict()["validation"]["providers"]["cpu"]
     assert cpu["parity"]["passed"]  # the exported graph is the fine-tuned model
     reloaded = fwsvd_export.load(result.output / "compressed")
@@ -36,15 +40,21 @@ def test_recovery_trains_on_data_finetune_when_the_recipe_names_it(tmp_path, cla
     classifier_recipe["data"]["finetune"] = dict(classifier_recipe["data"]["evaluation"], max_samples=40)
     classifier_recipe["finetune"] = {"epochs": 1, "learning_rate": 1e-3}
     result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
-    assert result.report.to_dict()["finetune"]["data"] == "finetune" and result.report.to_dict()["finetune"]["batches"] == 5  # 40 rows of 8
+    assert (
+        result.report.to_dict()["finetune"]["data"] == "finetune"
+        and result.report.to_dict()["finetune"]["batches"] == 5
+    )  # 40 rows of 8
     assert result.report.to_dict()["validation"]["providers"]["cpu"]["parity"]["passed"]
 
 
-@pytest.mark.parametrize("change, problem", [
-    ({"finetune": None}, "'data.finetune' names rows to fine-tune on, but 'finetune.epochs' is 0"),
-    ({"path": None}, "'data.finetune' needs exactly one of path, dataset"),
-    ({"max_samples": 0}, "'data.finetune.max_samples' must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"finetune": None}, "'data.finetune' names rows to fine-tune on, but 'finetune.epochs' is 0"),
+        ({"path": None}, "'data.finetune' needs exactly one of path, dataset"),
+        ({"max_samples": 0}, "'data.finetune.max_samples' must be at least 1"),
+    ],
+)
 def test_bad_finetune_data_is_refused_before_anything_runs(tmp_path, classifier_recipe, change, problem):
     classifier_recipe["data"]["finetune"] = dict(classifier_recipe["data"]["evaluation"])
     classifier_recipe["finetune"] = {"epochs": 1}
@@ -60,8 +70,10 @@ def test_bad_finetune_data_is_refused_before_anything_runs(tmp_path, classifier_
 def test_sweep_writes_a_table_points_and_plots(tmp_path, classifier_recipe):
     classifier_recipe["validation"]["latency"]["runs"] = 2
     path = write_recipe(tmp_path, classifier_recipe)
-    result = CliRunner().invoke(main, ["sweep", str(path), "--ratios", "0.6,0.3", "--methods", "svd,kfac",
-                                       "-o", str(tmp_path / "sweep"), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        ["sweep", str(path), "--ratios", "0.6,0.3", "--methods", "svd,kfac", "-o", str(tmp_path / "sweep"), "--quiet"],
+    )
     assert result.exit_code == 0, result.output
     folder = tmp_path / "sweep"
     points = json.loads((folder / "sweep.json").read_text())["points"]
@@ -75,29 +87,42 @@ def test_sweep_writes_a_table_points_and_plots(tmp_path, classifier_recipe):
     summary = json.loads((folder / "sweep.json").read_text())
     shared = summary["shared"]
     assert shared["statistics"]["passes"] == 1  # one pass for svd and kfac at both ratios
-    point_peaks = [max(json.loads((folder / p["folder"] / "report.json").read_text())["peak_rss_mb"].values())
-                   for p in points]
-    assert summary["whole_run"]["peak_rss_mb"] == max([*shared["peak_rss_mb"].values(), *point_peaks])  # the sweep's own
+    point_peaks = [
+        max(json.loads((folder / p["folder"] / "report.json").read_text())["peak_rss_mb"].values()) for p in points
+    ]
+    assert summary["whole_run"]["peak_rss_mb"] == max(
+        [*shared["peak_rss_mb"].values(), *point_peaks]
+    )  # the sweep's own
     assert f"peak host memory {summary['whole_run']['peak_rss_mb']:.0f} MB" in table
     assert (folder / "dense" / "model.onnx").is_file() and not list(folder.glob("*/onnx/dense"))
     report = json.loads((folder / "kfac-ratio0.3" / "report.json").read_text())
     assert report["compression"]["statistics"]["shared"] and report["compression"]["statistics"]["passes"] == 0
-    assert (folder / "kfac-ratio0.3" / report["artifacts"]["onnx_dense"]).resolve() == (folder / "dense" / "model.onnx").resolve()
+    assert (folder / "kfac-ratio0.3" / report["artifacts"]["onnx_dense"]).resolve() == (
+        folder / "dense" / "model.onnx"
+    ).resolve()
     assert not any("dense" in stage for stage in report["seconds"])  # a point pays only for its compressed model
 
-    alone = run(load_recipe(path, ["compression.method=kfac", "compression.ratio=0.3"]), tmp_path / "alone", progress=False)
-    ours, theirs = (safetensors.torch.load_file(f / "compressed" / "model.safetensors")
-                    for f in (folder / "kfac-ratio0.3", alone.output))
+    alone = run(
+        load_recipe(path, ["compression.method=kfac", "compression.ratio=0.3"]), tmp_path / "alone", progress=False
+    )
+    ours, theirs = (
+        safetensors.torch.load_file(f / "compressed" / "model.safetensors")
+        for f in (folder / "kfac-ratio0.3", alone.output)
+    )
     assert ours.keys() == theirs.keys()
     for key in ours:  # a sweep point is the run it stands for
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
-    assert points[3]["compressed_torch"] == pytest.approx(alone.report.to_dict()["validation"]["compressed_torch"], abs=1e-6)
+    assert points[3]["compressed_torch"] == pytest.approx(
+        alone.report.to_dict()["validation"]["compressed_torch"], abs=1e-6
+    )
 
 
 def test_sweep_over_budgets(tmp_path, classifier_recipe):
     classifier_recipe["validation"]["latency"]["runs"] = 1
     path = write_recipe(tmp_path, classifier_recipe)
-    result = CliRunner().invoke(main, ["sweep", str(path), "--budgets", "0.5", "-o", str(tmp_path / "sweep"), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["sweep", str(path), "--budgets", "0.5", "-o", str(tmp_path / "sweep"), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     point = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"][0]
     assert point["method"] == "fwsvd" and point["budget"] == 0.5 and point["targeted_kept_ratio"] <= 0.5
@@ -106,13 +131,16 @@ def test_sweep_over_budgets(tmp_path, classifier_recipe):
 @pytest.mark.parametrize("recipe_name", ["classifier_recipe", "lm_recipe"])
 def test_distillation_trains_only_the_factors_toward_the_dense_model_and_ships_them(tmp_path, request, recipe_name):
     from fwsvd_export.core import LowRankLinear
+
     recipe = request.getfixturevalue(recipe_name)
     recipe["compression"]["ratio"] = 0.3
     recipe["finetune"] = {"epochs": 3, "learning_rate": 1e-3, "objective": "distill", "temperature": 0.5}
     result = run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", progress=False)
     losses = result.report.to_dict()["finetune"]["epoch_loss"]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0]  # the distillation loss falls
-    assert result.report.to_dict()["validation"]["providers"]["cpu"]["parity"]["passed"]  # the export is the trained model
+    assert result.report.to_dict()["validation"]["providers"]["cpu"]["parity"][
+        "passed"
+    ]  # the export is the trained model
     trained = fwsvd_export.load(result.output / "compressed")
     original = type(trained).from_pretrained(recipe["model"]["path"])
     factorized = {n for n, m in trained.named_modules() if isinstance(m, LowRankLinear)}

@@ -1,6 +1,7 @@
 """The sweep over precision variants: every point's compressed fp32 and int8 artifacts beside the dense
 fp32 and int8 baselines, in one table and one two-panel plot, and the plain verdict of where dense int8
 is the better pick, each number checked against the point's own report.json."""
+
 import copy
 import json
 import struct
@@ -23,11 +24,18 @@ def variant_sweep(tmp_path_factory, classifier_dir, data_dir):
     source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
     recipe = {
         "model": {"path": str(classifier_dir), "task": "text-classification"},
-        "data": {"calibration": dict(source, max_samples=32), "evaluation": dict(source), "max_length": 32, "batch_size": 8},
+        "data": {
+            "calibration": dict(source, max_samples=32),
+            "evaluation": dict(source),
+            "max_length": 32,
+            "batch_size": 8,
+        },
         "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
         "export": {"precisions": ["fp32", "int8"]},
-        "validation": {"providers": [{"name": "cpu", "required": True}, {"name": "cuda"}],
-                       "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 2}},
+        "validation": {
+            "providers": [{"name": "cpu", "required": True}, {"name": "cuda"}],
+            "latency": {"shapes": ["1x16"], "warmup": 1, "runs": 2},
+        },
     }
     out, points, plots = sweep(write_recipe(folder, recipe), [0.6, 0.3], ["fwsvd"], folder / "sweep", progress=False)
     reports = {p["folder"]: json.loads((out / p["folder"] / "report.json").read_text()) for p in points}
@@ -42,14 +50,28 @@ def expected_rows(report: dict) -> dict[tuple[str, str], tuple]:
         if entry["status"] == "unavailable":
             continue
         lat = entry["latency"][0]
-        rows["dense-fp32", provider] = (val["original_torch"], sizes["onnx_dense_bytes"], lat["dense"]["median_ms"], 1.0)
-        rows["compressed-fp32", provider] = (entry["metric"], sizes["onnx_compressed_bytes"],
-                                             lat["compressed"]["median_ms"], lat["speedup"])
+        rows["dense-fp32", provider] = (
+            val["original_torch"],
+            sizes["onnx_dense_bytes"],
+            lat["dense"]["median_ms"],
+            1.0,
+        )
+        rows["compressed-fp32", provider] = (
+            entry["metric"],
+            sizes["onnx_compressed_bytes"],
+            lat["compressed"]["median_ms"],
+            lat["speedup"],
+        )
     for artifact, measured in val["variants"].items():
         for provider, entry in measured.items():
             if isinstance(entry, dict) and entry["status"] == "measured":
                 lat = entry["latency"][0]
-                rows[artifact, provider] = (entry["metric"], measured["bytes"], lat["median_ms"], lat["speedup_vs_dense_fp32"])
+                rows[artifact, provider] = (
+                    entry["metric"],
+                    measured["bytes"],
+                    lat["median_ms"],
+                    lat["speedup_vs_dense_fp32"],
+                )
     return rows
 
 
@@ -106,7 +128,7 @@ def test_the_dense_int8_verdict_appears_exactly_when_the_numbers_say_so(variant_
         assert verdict.startswith("**Dense int8 beats the compressed artifact**")
         for name in POINTS:
             assert (f"{name}: " in verdict) == (name in wins)
-        for name, found in wins.items():
+        for found in wins.values():
             for w in found:
                 assert f"{w['artifact']} on {w['provider']} ({' and '.join(w['on'])})" in verdict
     else:

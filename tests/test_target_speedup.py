@@ -1,20 +1,20 @@
 """compression.target_speedup: global allocation spends a budget in measured time, not in parameters. The
 layers' factor-pair timings are measured once per machine (cached) and the dense graph timed on the same
 provider; a target out of reach is refused before the statistics pass."""
+
 import copy
 import json
 
 import pytest
-
-import fwsvd_export.aim
 from transformers import BertConfig, BertForSequenceClassification
 
-from fwsvd_export.errors import FwsvdError
+import fwsvd_export.aim
 from fwsvd_export.aim import AIM_TOLERANCE, AIM_TRIALS, next_aim
-from fwsvd_export.pipeline import compress_only, run
+from fwsvd_export.errors import FwsvdError
 from fwsvd_export.loader import load_recipe
-from fwsvd_export.stages.report import markdown
+from fwsvd_export.pipeline import compress_only, run
 from fwsvd_export.stages.kernel_timing import Timing, recommended_multiple
+from fwsvd_export.stages.report import markdown
 
 from conftest import write_recipe
 
@@ -26,9 +26,16 @@ def wide_classifier(tmp_path_factory, tokenizer, classifier_dir):
     """Wide enough (256 x 1024 Linears) that a factor pair can beat its dense MatMul on a CPU; the labels
     of the tiny classifier, so it reads the same data."""
     labels = BertConfig.from_pretrained(classifier_dir).id2label
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128, id2label=labels,
-                        label2id={v: k for k, v in labels.items()})
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
     folder = tmp_path_factory.mktemp("wide-classifier")
     BertForSequenceClassification(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -39,9 +46,14 @@ def wide_classifier(tmp_path_factory, tokenizer, classifier_dir):
 def speedup_recipe(classifier_recipe, wide_classifier, tmp_path):
     classifier_recipe["model"]["path"] = str(wide_classifier)
     classifier_recipe["data"]["max_length"] = 64
-    classifier_recipe["compression"] = {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": None,
-                                        "target_speedup": 1.1, "latency_shape": "1x64",
-                                        "cache_dir": str(tmp_path / "cache")}
+    classifier_recipe["compression"] = {
+        "method": "fwsvd",
+        "target": [r"encoder\.layer\.\d+\."],
+        "ratio": None,
+        "target_speedup": 1.1,
+        "latency_shape": "1x64",
+        "cache_dir": str(tmp_path / "cache"),
+    }
     classifier_recipe["validation"]["latency"] = {"shapes": ["1x64"], "warmup": 1, "runs": 5}
     classifier_recipe["validation"]["max_metric_loss"] = 1.0  # a random model: this test is about the allocation
     return classifier_recipe
@@ -71,8 +83,9 @@ def test_a_speedup_target_allocates_ranks_within_the_measured_time_budget(tmp_pa
 
 
 @pytest.mark.parametrize("tolerance", [AIM_TOLERANCE, 0.0])  # 0: no trial is close enough, every one is made
-def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(tmp_path, speedup_recipe, monkeypatch,
-                                                                                 tolerance):
+def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
+    tmp_path, speedup_recipe, monkeypatch, tolerance
+):
     """The tables predict; the trial's own graph, timed beside the dense one, decides. A trial that misses
     the target by more than the tolerance is followed by one aimed where the miss says; after several
     trials, their graphs are timed again in the same rounds and the one closest to the target there is
@@ -90,12 +103,17 @@ def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
     assert aim["tolerance"] == tolerance and trials[0]["aimed_at"] == target
     assert 1 <= len(trials) <= AIM_TRIALS
     if len(trials) < AIM_TRIALS:  # the search stops early at a trial close enough, or an aim the tables cannot reach
-        assert aim["stopped"] == "within tolerance" and miss(trials[-1]) <= tolerance \
+        assert (
+            aim["stopped"] == "within tolerance"
+            and miss(trials[-1]) <= tolerance
             or aim["stopped"].startswith("next aim out of reach")
+        )
     assert all(t["measured"] == pytest.approx(t["dense_ms"] / t["compressed_ms"]) for t in trials)
     for before, after in zip(trials, trials[1:]):
         assert miss(before) > aim["tolerance"]
-        assert after["aimed_at"] == pytest.approx(max(1.0 + tolerance, before["aimed_at"] * target / before["measured"]))
+        assert after["aimed_at"] == pytest.approx(
+            max(1.0 + tolerance, before["aimed_at"] * target / before["measured"])
+        )
     kept = trials[aim["kept"]]
     by = "measured_together" if len(trials) > 1 else "measured"
     assert aim["kept_by"] == by and all(("measured_together" in t) == (len(trials) > 1) for t in trials)
@@ -107,7 +125,9 @@ def test_a_speedup_target_is_aimed_by_timing_each_trial_against_the_dense_graph(
     # than the tolerance across the budget and the trials (the machine changed speed under the run).
     text = (result.output / "report.md").read_text()
     columns = 9 if len(trials) > 1 else 8
-    rows = [line for line in text.splitlines() if line.count("|") == columns + 1 and line.split("|")[1].strip().isdigit()]
+    rows = [
+        line for line in text.splitlines() if line.count("|") == columns + 1 and line.split("|")[1].strip().isdigit()
+    ]
     assert "| trial | aimed at | predicted | measured | dense ms | trial ms |" in text
     assert ("| measured together |" in text) == (len(trials) > 1)
     assert len(rows) == len(trials) and [r.rstrip(" |").endswith("yes") for r in rows].count(True) == 1
@@ -148,7 +168,9 @@ def test_a_second_run_reuses_the_kernel_timings(tmp_path, speedup_recipe):
 
 def test_a_target_out_of_reach_is_refused_before_the_statistics_pass(tmp_path, speedup_recipe):
     speedup_recipe["compression"]["target_speedup"] = 1000.0
-    with pytest.raises(FwsvdError, match=r"'compression.target_speedup' 1000 on cpu at 1x64 \(fp32\) cannot be reached"):
+    with pytest.raises(
+        FwsvdError, match=r"'compression.target_speedup' 1000 on cpu at 1x64 \(fp32\) cannot be reached"
+    ):
         run(load_recipe(write_recipe(tmp_path, speedup_recipe)), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

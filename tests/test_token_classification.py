@@ -1,6 +1,7 @@
 """token-classification (NER, chunking, POS): the strict entity metrics against hand-worked cases, JSONL and
 CoNLL reading, bad data named with its file and line, and recipes run end to end on a tiny BERT tagger whose
 data is labelled with its own predictions (entity F1 1.0 dense, so the metric measures the factorization)."""
+
 import json
 
 import numpy as np
@@ -26,6 +27,7 @@ TASK = TASKS["token-classification"]
 
 # --- the metric, worked by hand ----------------------------------------------------------------------
 
+
 def test_a_partly_overlapping_span_is_a_miss_for_both_sides():
     gold = [["B-PER", "I-PER", "O", "B-LOC", "O", "B-ORG"]]  # PER[0..1], LOC[3], ORG[5]: 3 spans
     predicted = [["B-PER", "O", "O", "B-LOC", "O", "O"]]  # PER[0] (overlaps PER[0..1], wrong bounds), LOC[3]: 2
@@ -36,7 +38,8 @@ def test_a_partly_overlapping_span_is_a_miss_for_both_sides():
 def test_a_wrong_type_is_a_miss_and_strict_iob2_needs_the_b_tag():
     # Same bounds, other type: no match. Gold 2 spans, predicted 2, matched 1 (PER[0..1]): P = R = F1 = 1/2.
     assert entity_scores([["B-PER", "I-PER", "B-LOC"]], [["B-PER", "I-PER", "B-ORG"]]) == pytest.approx(
-        {"precision": 0.5, "recall": 0.5, "f1": 0.5})
+        {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    )
     # Strict IOB2 starts a span only at B-: "I-PER I-PER" spells none (a lenient reading, conlleval's or seqeval's
     # default mode, would count PER[0..1] and score 1.0). Predicted 0 spans: precision 0/0 -> 0, recall 0/1 = 0.
     assert entity_scores([["B-PER", "I-PER"]], [["I-PER", "I-PER"]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
@@ -65,7 +68,8 @@ def test_plain_class_tags_count_each_tagged_word():
     # Scheme none (part of speech): each word not O is a one-word span. Gold NN[0], VB[1]; predicted NN[0],
     # NN[1]: matched NN[0], P = R = F1 = 1/2.
     assert entity_scores([["NN", "VB", "O"]], [["NN", "NN", "O"]], "none") == pytest.approx(
-        {"precision": 0.5, "recall": 0.5, "f1": 0.5})
+        {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    )
 
 
 def test_token_accuracy_reads_only_labelled_positions():
@@ -104,8 +108,10 @@ BRUSSELS NNP B-NP B-LOC"""  # no blank line at the end: the last sentence still 
 
 
 def records(tmp_path, source: dict, role="calibration"):
-    recipe = {"model": {"path": "unused", "task": "token-classification"},
-              "data": {"calibration": source, "evaluation": source}}
+    recipe = {
+        "model": {"path": "unused", "task": "token-classification"},
+        "data": {"calibration": source, "evaluation": source},
+    }
     s = parse_recipe(recipe, "recipe.yaml", tmp_path).data.calibration
     return load_records(parse_recipe(recipe, "recipe.yaml", tmp_path), role, [s.tokens_column, s.tags_column])
 
@@ -114,7 +120,11 @@ def test_conll_sentences_skip_docstart_and_read_the_chosen_column(tmp_path):
     path = tmp_path / "eng.conll"
     path.write_text(CONLL)
     found = records(tmp_path, {"path": str(path)})  # .conll: the format is told by the extension
-    assert [r["tokens"] for r in found] == [["EU", "rejects", "German", "call", "."], ["Peter", "Blackburn"], ["BRUSSELS"]]
+    assert [r["tokens"] for r in found] == [
+        ["EU", "rejects", "German", "call", "."],
+        ["Peter", "Blackburn"],
+        ["BRUSSELS"],
+    ]
     assert [r["tags"] for r in found] == [["B-ORG", "O", "B-MISC", "O", "O"], ["B-PER", "I-PER"], ["B-LOC"]]
     assert [r.where for r in found] == [f"{path}:3", f"{path}:10", f"{path}:14"]
     assert found[1].token_wheres == [f"{path}:10", f"{path}:11"]
@@ -142,9 +152,14 @@ def test_jsonl_columns_are_configurable_and_tags_land_on_first_sub_tokens(tmp_pa
     source = {"path": str(path), "tokens_column": "words", "tags_column": "ner"}
     found = records(tmp_path, source)
     config = bert_config(tokenizer)
-    config.num_labels, config.id2label, config.label2id = len(TAGS), dict(enumerate(TAGS)), {t: i for i, t in enumerate(TAGS)}
-    (batch,) = TASK.make_batches(found, DataSource(**{k: v for k, v in source.items() if k != "path"}), tokenizer,
-                                 32, 8, False, config)
+    config.num_labels, config.id2label, config.label2id = (
+        len(TAGS),
+        dict(enumerate(TAGS)),
+        {t: i for i, t in enumerate(TAGS)},
+    )
+    (batch,) = TASK.make_batches(
+        found, DataSource(**{k: v for k, v in source.items() if k != "path"}), tokenizer, 32, 8, False, config
+    )
     pieces = tokenizer(rows[0]["words"], is_split_into_words=True)
     expected = []
     for position, word in enumerate(pieces.word_ids()):
@@ -160,6 +175,7 @@ def test_jsonl_columns_are_configurable_and_tags_land_on_first_sub_tokens(tmp_pa
 
 
 # --- the tiny tagger and recipes ---------------------------------------------------------------------
+
 
 def tagged(model, tokenizer, words: list[list[str]]) -> list[list[str]]:
     """The model's tag for each word (its first sub-token's prediction)."""
@@ -183,7 +199,11 @@ def tagger(tmp_path_factory, tokenizer):
     labelled with its own predictions: 48 sentences, calibration as CoNLL, evaluation as JSONL."""
     torch.manual_seed(0)
     config = bert_config(tokenizer)
-    config.num_labels, config.id2label, config.label2id = len(TAGS), dict(enumerate(TAGS)), {t: i for i, t in enumerate(TAGS)}
+    config.num_labels, config.id2label, config.label2id = (
+        len(TAGS),
+        dict(enumerate(TAGS)),
+        {t: i for i, t in enumerate(TAGS)},
+    )
     model = BertForTokenClassification(config).eval()
     words = [s.split() for s in sentences(48, 1)]
     with torch.no_grad():
@@ -191,7 +211,7 @@ def tagger(tmp_path_factory, tokenizer):
             if isinstance(module, torch.nn.Linear):
                 out_f, in_f = module.weight.shape
                 low = torch.randn(out_f, 4) @ torch.randn(4, in_f) / (4 * in_f) ** 0.5
-                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f ** 0.5)
+                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f**0.5)
         enc = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
         states = model.bert(**enc).last_hidden_state[enc["attention_mask"].bool()]
         _, spread, directions = torch.linalg.svd(states - states.mean(0), full_matrices=False)
@@ -203,9 +223,12 @@ def tagger(tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(folder / "model")
     tags = tagged(model, tokenizer, words)
     (folder / "calibration.conll").write_text(
-        "-DOCSTART- O\n\n" + "\n\n".join("\n".join(f"{w} {t}" for w, t in zip(ws, ts)) for ws, ts in zip(words[:32], tags)))
-    (folder / "evaluation.jsonl").write_text("".join(json.dumps({"tokens": ws, "tags": ts}) + "\n"
-                                                     for ws, ts in zip(words, tags)))
+        "-DOCSTART- O\n\n"
+        + "\n\n".join("\n".join(f"{w} {t}" for w, t in zip(ws, ts)) for ws, ts in zip(words[:32], tags))
+    )
+    (folder / "evaluation.jsonl").write_text(
+        "".join(json.dumps({"tokens": ws, "tags": ts}) + "\n" for ws, ts in zip(words, tags))
+    )
     return folder
 
 
@@ -216,8 +239,12 @@ TAGGER_MAX_LOSS = 0.1
 def ner_recipe(folder, **validation) -> dict:
     return {
         "model": {"path": str(folder / "model"), "task": "token-classification"},
-        "data": {"calibration": {"path": str(folder / "calibration.conll")},
-                 "evaluation": {"path": str(folder / "evaluation.jsonl")}, "max_length": 32, "batch_size": 8},
+        "data": {
+            "calibration": {"path": str(folder / "calibration.conll")},
+            "evaluation": {"path": str(folder / "evaluation.jsonl")},
+            "max_length": 32,
+            "batch_size": 8,
+        },
         "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
         "validation": quick_validation(**validation),
     }
@@ -237,8 +264,12 @@ def test_bad_data_exits_2_naming_the_file_and_line(tmp_path, tagger, fault):
         expected = f"{path}:6: tag 'B-CITY' of word 3 ('big') is not one of the model's labels"
     else:
         path = tmp_path / "bad.jsonl"
-        path.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["O", "O"]}) + "\n"
-                        + json.dumps({"tokens": ["Ada", "Lovelace"], "tags": ["B-PER"]}) + "\n")
+        path.write_text(
+            json.dumps({"tokens": ["a", "b"], "tags": ["O", "O"]})
+            + "\n"
+            + json.dumps({"tokens": ["Ada", "Lovelace"], "tags": ["B-PER"]})
+            + "\n"
+        )
         recipe["data"]["evaluation"]["path"] = str(path)
         expected = f"{path}:2: 2 words in 'tokens' but 1 tags in 'tags'"
     result = invoke("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--quiet")
@@ -264,7 +295,9 @@ def test_run_end_to_end_on_the_tiny_tagger(tmp_path, tagger, tokenizer):
     from optimum.onnxruntime import ORTModelForTokenClassification
 
     out = tmp_path / "out"
-    result = invoke("run", write_recipe(tmp_path, ner_recipe(tagger, max_metric_loss=TAGGER_MAX_LOSS)), "-o", out, "--quiet")
+    result = invoke(
+        "run", write_recipe(tmp_path, ner_recipe(tagger, max_metric_loss=TAGGER_MAX_LOSS)), "-o", out, "--quiet"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     validation = report["validation"]
@@ -294,8 +327,10 @@ def test_sweep_compress_and_export_on_the_tagger(tmp_path, tagger):
     assert "f1 (cpu)" in (tmp_path / "sweep" / "sweep.md").read_text()
     result = invoke("compress", path, "-o", tmp_path / "ckpt", "--quiet")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "ckpt" / "fwsvd_manifest.json").read_text())["recipe"]["model"]["task"] == \
-        "token-classification"
+    assert (
+        json.loads((tmp_path / "ckpt" / "fwsvd_manifest.json").read_text())["recipe"]["model"]["task"]
+        == "token-classification"
+    )
     result = invoke("export", tmp_path / "ckpt", "-o", tmp_path / "onnx")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "onnx" / "model.onnx").is_file()

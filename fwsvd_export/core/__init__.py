@@ -7,6 +7,7 @@ that), so it can be used on any ``nn.Module`` with any batches and loss::
     from fwsvd_export.core import CompressionSpec, compress_
     result = compress_(model, CompressionSpec(method="kfac", ratio=0.4), batches, loss_fn)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,9 +19,18 @@ from typing import Any
 _HOMES = {
     **dict.fromkeys(["Batch"], ".batch"),
     **dict.fromkeys(["LowRankLinear", "factorize"], ".lowrank"),
-    **dict.fromkeys(["CompressionResult", "LayerPlan", "check_speedup_target", "compress_", "gather_for",
-                     "gather_statistics", "plan_layers"],
-                    ".compress"),
+    **dict.fromkeys(
+        [
+            "CompressionResult",
+            "LayerPlan",
+            "check_speedup_target",
+            "compress_",
+            "gather_for",
+            "gather_statistics",
+            "plan_layers",
+        ],
+        ".compress",
+    ),
     **dict.fromkeys(["FAMILIES", "Family"], ".families"),
     **dict.fromkeys(["METHODS", "Method", "get_method"], ".methods"),
     **dict.fromkeys(["factorized_layers", "linear_layers"], ".modules"),

@@ -11,13 +11,14 @@ measured time from a per-layer table of (rank, milliseconds) (a budget of latenc
 target). Kernels step with the rank, so a time table can make several ranks cost the same: such steps
 are free and taken first.
 """
+
 from __future__ import annotations
 
 import bisect
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -33,10 +34,10 @@ class Candidate:
     spectrum: torch.Tensor  # weighted singular values, descending
 
 
-Cost = Callable[[Candidate, Optional[int]], float]  # a layer's price at a rank (None: dense); additive over layers
+Cost = Callable[[Candidate, int | None], float]  # a layer's price at a rank (None: dense); additive over layers
 
 
-def parameters(c: Candidate, rank: Optional[int]) -> int:
+def parameters(c: Candidate, rank: int | None) -> int:
     """The weights a layer keeps: in*out dense, rank*(in+out) as two factors."""
     return c.in_features * c.out_features if rank is None else rank * (c.in_features + c.out_features)
 
@@ -55,10 +56,12 @@ class CostTable:
     def __post_init__(self) -> None:
         if len(self.ranks) != len(self.costs):
             raise ValueError("a cost table needs one cost per rank")
-        if any(b <= a for a, b in zip(self.ranks, self.ranks[1:])) or any(b < a for a, b in zip(self.costs, self.costs[1:])):
+        if any(b <= a for a, b in zip(self.ranks, self.ranks[1:])) or any(
+            b < a for a, b in zip(self.costs, self.costs[1:])
+        ):
             raise ValueError("a cost table's ranks must ascend and its costs must not decrease")
 
-    def __call__(self, rank: Optional[int]) -> float:
+    def __call__(self, rank: int | None) -> float:
         if rank is None:
             return self.dense
         if not self.ranks:  # no rank saves parameters in this layer
@@ -89,8 +92,9 @@ def allocate_ranks(candidates: list[Candidate], budget_params: int, multiple: in
     return allocate(candidates, budget_params, multiple, parameters)
 
 
-def allocate(candidates: list[Candidate], budget: float, multiple: int = 1, cost: Cost = parameters
-             ) -> dict[str, int | None]:
+def allocate(
+    candidates: list[Candidate], budget: float, multiple: int = 1, cost: Cost = parameters
+) -> dict[str, int | None]:
     """Rank per layer (None: keep dense) with `cost` summed over the layers at most `budget`."""
     multiple = max(1, multiple)
     energy = {c.name: c.spectrum.double().square() for c in candidates}
@@ -102,7 +106,7 @@ def allocate(candidates: list[Candidate], budget: float, multiple: int = 1, cost
     heap: list[tuple[float, str]] = []
     by_name = {c.name: c for c in candidates}
 
-    def step(c: Candidate) -> tuple[Optional[int], float]:
+    def step(c: Candidate) -> tuple[int | None, float]:
         """The layer's next rank (None: dense) and what it adds to the cost."""
         r = ranks[c.name]
         nxt = r + multiple if r + multiple <= caps[c.name] else None
@@ -134,8 +138,15 @@ def allocate(candidates: list[Candidate], budget: float, multiple: int = 1, cost
     return {name: (None if name in dense else r) for name, r in ranks.items()}
 
 
-def speedup_budget(tables: dict[str, CostTable], allocated: list[str], fixed: dict[str, Optional[int]],
-                   model_ms: float, target_speedup: float, multiple: int, where: str) -> float:
+def speedup_budget(
+    tables: dict[str, CostTable],
+    allocated: list[str],
+    fixed: dict[str, int | None],
+    model_ms: float,
+    target_speedup: float,
+    multiple: int,
+    where: str,
+) -> float:
     """Milliseconds the `allocated` layers may take together for a model measured at `model_ms` to run
     `target_speedup` times faster: their dense time less the saving still needed once the `fixed` layers
     (name: rank, None dense) have given theirs. Raises SpecError when even `multiple` ranks everywhere
@@ -149,9 +160,11 @@ def speedup_budget(tables: dict[str, CostTable], allocated: list[str], fixed: di
         best = model_ms - fixed_saving - sum(tables[n].dense for n in allocated) + floor
         reach = model_ms / best if best > 0 else math.inf
         raise SpecError(
-            "target_speedup", f"{target_speedup:g} {where} cannot be reached: the targeted Linear layers take "
+            "target_speedup",
+            f"{target_speedup:g} {where} cannot be reached: the targeted Linear layers take "
             f"{linear:.3g} ms of the model's {model_ms:.3g} ms, and with rank {multiple} in every allocated layer "
-            f"the model would run at most {reach:.2f}x faster; ask for less, or target more layers")
+            f"the model would run at most {reach:.2f}x faster; ask for less, or target more layers",
+        )
     return budget
 
 
@@ -181,12 +194,19 @@ class TimeBudget:
         """The model's time the budget is taken from: as measured, but at least `linear_ms`."""
         return max(self.model_ms, self.linear_ms)
 
-    def budget(self, allocated: list[str], fixed: dict[str, Optional[int]], target_speedup: float, multiple: int) -> float:
+    def budget(self, allocated: list[str], fixed: dict[str, int | None], target_speedup: float, multiple: int) -> float:
         """`speedup_budget` for these tables; raises when the target is out of reach."""
-        return speedup_budget(self.tables, allocated, {n: r for n, r in fixed.items() if n in self.tables},
-                              self.total_ms, target_speedup, multiple, self.where)
+        return speedup_budget(
+            self.tables,
+            allocated,
+            {n: r for n, r in fixed.items() if n in self.tables},
+            self.total_ms,
+            target_speedup,
+            multiple,
+            self.where,
+        )
 
-    def predicted_speedup(self, ranks: dict[str, Optional[int]]) -> float:
+    def predicted_speedup(self, ranks: dict[str, int | None]) -> float:
         """The model's speed-up if its targeted layers take their tables' time at `ranks` and the rest stays."""
         saved = sum(self.tables[n].dense - self.tables[n](r) for n, r in ranks.items() if n in self.tables)
         return self.total_ms / max(self.total_ms - saved, 1e-9)

@@ -4,10 +4,11 @@ can prefer an allocation that is worse than uniform ranks. Before committing, ca
 global one, and blends between them) are applied to the model and scored by the real task loss on
 calibration batches the statistics never saw; the lowest loss wins, and the result says by how much.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ def held_out(calibration: list[Batch], fraction: float) -> tuple[list[Batch], li
     return calibration[:-k], calibration[-k:]
 
 
-def _snap(rank: Optional[float], layer: Layer, multiple: int) -> Optional[int]:
+def _snap(rank: float | None, layer: Layer, multiple: int) -> int | None:
     if rank is None:
         return None
     rank = int(rank) // multiple * multiple if multiple > 1 else int(rank)
@@ -48,32 +49,46 @@ def _snap(rank: Optional[float], layer: Layer, multiple: int) -> Optional[int]:
     return rank if pays_off(layer.in_features, layer.out_features, rank) else None
 
 
-def candidates(layers: list[Layer], global_ranks: dict[str, Optional[int]], budget: int,
-               multiple: int) -> dict[str, dict[str, Optional[int]]]:
+def candidates(
+    layers: list[Layer], global_ranks: dict[str, int | None], budget: int, multiple: int
+) -> dict[str, dict[str, int | None]]:
     """Uniform ranks spending the same parameter budget, the global ranks, and blends of the two."""
-    dense = sum(l.in_features * l.out_features for l in layers)
+    dense = sum(layer.in_features * layer.out_features for layer in layers)
     ratio = min(1.0, budget / dense)
-    uniform = {l.name: _snap(rank_for_ratio(l.in_features, l.out_features, ratio), l, multiple) for l in layers}
-    full = {l.name: min(l.in_features, l.out_features) for l in layers}
+    uniform = {
+        layer.name: _snap(rank_for_ratio(layer.in_features, layer.out_features, ratio), layer, multiple)
+        for layer in layers
+    }
+    full = {layer.name: min(layer.in_features, layer.out_features) for layer in layers}
     found = {"uniform": uniform, "global": dict(global_ranks)}
     for alpha in BLENDS:
         found[f"blend {alpha:g}"] = {
-            l.name: _snap(alpha * (global_ranks[l.name] or full[l.name]) + (1 - alpha) * (uniform[l.name] or full[l.name]),
-                          l, multiple)
-            for l in layers}
+            layer.name: _snap(
+                alpha * (global_ranks[layer.name] or full[layer.name])
+                + (1 - alpha) * (uniform[layer.name] or full[layer.name]),
+                layer,
+                multiple,
+            )
+            for layer in layers
+        }
     return found
 
 
-def _params(layers: list[Layer], ranks: dict[str, Optional[int]]) -> int:
-    return sum(l.in_features * l.out_features if (rank := ranks[l.name]) is None
-               else rank * (l.in_features + l.out_features) for l in layers)
+def _params(layers: list[Layer], ranks: dict[str, int | None]) -> int:
+    return sum(
+        layer.in_features * layer.out_features
+        if (rank := ranks[layer.name]) is None
+        else rank * (layer.in_features + layer.out_features)
+        for layer in layers
+    )
 
 
 def _module(layer: Layer, factors: Factors, rank: int) -> LowRankLinear:
     weight = linear_weight(layer.module)
     bias = getattr(layer.module, "bias", None)
-    module = LowRankLinear(layer.in_features, rank, layer.out_features, bias=bias is not None,
-                           dtype=weight.dtype, device=weight.device)
+    module = LowRankLinear(
+        layer.in_features, rank, layer.out_features, bias=bias is not None, dtype=weight.dtype, device=weight.device
+    )
     with torch.no_grad():
         module.first.weight.copy_(factors.first[:rank])
         module.second.weight.copy_(factors.second[:, :rank])
@@ -82,28 +97,37 @@ def _module(layer: Layer, factors: Factors, rank: int) -> LowRankLinear:
     return module
 
 
-def choose(model: nn.Module, layers: list[Layer], options: dict[str, dict[str, Optional[int]]], budget: int,
-           check: list[Batch], loss_fn: Callable[[nn.Module, Batch], torch.Tensor]
-           ) -> tuple[str, dict[str, dict[str, float]]]:
+def choose(
+    model: nn.Module,
+    layers: list[Layer],
+    options: dict[str, dict[str, int | None]],
+    budget: int,
+    check: list[Batch],
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+) -> tuple[str, dict[str, dict[str, float]]]:
     """Apply each candidate within `budget` in turn, score it by the summed task loss on `check`, put the
     dense layers back, and return the winner's name and every candidate's loss and size."""
     options = {k: v for k, v in options.items() if k in ("uniform", "global") or _params(layers, v) <= budget}
-    top = {l.name: max([r[l.name] or 0 for r in options.values()]) for l in layers}
-    factors = {l.name: factorize(linear_weight(l.module), top[l.name], l.left, l.right) for l in layers if top[l.name]}
+    top = {layer.name: max([r[layer.name] or 0 for r in options.values()]) for layer in layers}
+    factors = {
+        layer.name: factorize(linear_weight(layer.module), top[layer.name], layer.left, layer.right)
+        for layer in layers
+        if top[layer.name]
+    }
     scores: dict[str, dict[str, float]] = {}
     was_training = model.training
     model.eval()
     try:
         for name, ranks in options.items():
-            for l in layers:
-                rank = ranks[l.name]
+            for layer in layers:
+                rank = ranks[layer.name]
                 if rank is not None:
-                    set_module(model, l.name, _module(l, factors[l.name], rank))
+                    set_module(model, layer.name, _module(layer, factors[layer.name], rank))
             with torch.no_grad():
                 loss = sum(float(loss_fn(model, b)) for b in check)
             scores[name] = {"loss": loss, "params": _params(layers, ranks)}
-            for l in layers:
-                set_module(model, l.name, l.module)
+            for layer in layers:
+                set_module(model, layer.name, layer.module)
     finally:
         model.train(was_training)
     finite = {k: v for k, v in scores.items() if v["loss"] == v["loss"]}

@@ -2,13 +2,15 @@
 layers a plan targets, gathers the statistics its method needs, and replaces each layer in place by
 its two-factor LowRankLinear. Layers whose rank would not save parameters stay dense, with a reason.
 """
+
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,9 +21,18 @@ from . import distributed, heap, stats_cache
 from .allocate import Candidate, TimeBudget, allocate, allocate_ranks, table_costs
 from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch, LossFn
-from .lowrank import (LowRankLinear, balance_, break_even_rank, linear_weight, low_rank_from_linear, nonfinite,
-                        pays_off, rank_for_ratio, weighted_spectrum)
 from .families import family_of
+from .lowrank import (
+    LowRankLinear,
+    balance_,
+    break_even_rank,
+    linear_weight,
+    low_rank_from_linear,
+    nonfinite,
+    pays_off,
+    rank_for_ratio,
+    weighted_spectrum,
+)
 from .methods import Method, Weighting, get_method
 from .modules import linear_layers, set_module, tied_parameters
 from .spec import CompressionSpec
@@ -33,11 +44,11 @@ class LayerPlan:
     name: str
     in_features: int
     out_features: int
-    rank: Optional[int]  # None: stays dense
+    rank: int | None  # None: stays dense
     reason: str = ""  # why it stays dense, or which rule chose the rank
     params_before: int = 0
     params_after: int = 0
-    weighted_error: Optional[float] = None  # relative tail energy of the weighted spectrum
+    weighted_error: float | None = None  # relative tail energy of the weighted spectrum
     notes: list[str] = field(default_factory=list)
     allocate: bool = False  # rank chosen by the global budget allocation
 
@@ -69,11 +80,16 @@ class CompressionResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "statistics": self.statistics, "allocation": self.allocation,
-                "factorization": self.factorization, "layers": [asdict(p) for p in self.layers]}
+        return {
+            "summary": self.summary(),
+            "statistics": self.statistics,
+            "allocation": self.allocation,
+            "factorization": self.factorization,
+            "layers": [asdict(p) for p in self.layers],
+        }
 
 
-def _uniform_rank(in_f: int, out_f: int, ratio: Optional[float], rank: Optional[int], multiple: int) -> int:
+def _uniform_rank(in_f: int, out_f: int, ratio: float | None, rank: int | None, multiple: int) -> int:
     if rank is None:
         assert ratio is not None, "a uniform cut has a ratio or a rank (CompressionSpec and LayerOverride check)"
         rank = rank_for_ratio(in_f, out_f, ratio)
@@ -88,13 +104,15 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
     target, exclude = (spec.target, []) if spec.target is not None else (list(family.targets), list(family.exclude))
     exclude = exclude + spec.exclude
     chosen = {
-        name: m for name, m in layers.items()
+        name: m
+        for name, m in layers.items()
         if any(re.search(p, name) for p in target) and not any(re.search(p, name) for p in exclude)
     }
     if not chosen:
         sample = ", ".join(list(layers)[:8]) + (" ..." if len(layers) > 8 else "")
-        raise SpecError("target", f"{target} (exclude {exclude}) matches no Linear layer; "
-                                  f"the model's Linear layers are: {sample}")
+        raise SpecError(
+            "target", f"{target} (exclude {exclude}) matches no Linear layer; the model's Linear layers are: {sample}"
+        )
     for pattern in spec.overrides:
         if not any(re.search(pattern, name) for name in chosen):
             raise SpecError("overrides", f"key '{pattern}' matches no targeted layer")
@@ -114,12 +132,19 @@ def plan_layers(model: nn.Module, spec: CompressionSpec) -> list[LayerPlan]:
             plan.reason = "weight is tied to another module; kept dense"
             continue
         if rank is not None and rank > min(in_f, out_f):
-            raise FwsvdError(f"rank {rank} ({rule}) is larger than layer '{name}' allows: "
-                             f"its weight is {out_f}x{in_f}, so its rank is at most {min(in_f, out_f)}")
+            raise FwsvdError(
+                f"rank {rank} ({rule}) is larger than layer '{name}' allows: "
+                f"its weight is {out_f}x{in_f}, so its rank is at most {min(in_f, out_f)}"
+            )
         if rank is None and ratio is None:  # budget mode, no override
-            plan.allocate, plan.reason = True, (
-                f"global allocation, budget {spec.budget:g} of {spec.budget_scope}" if spec.budget is not None else
-                f"global allocation of time, {spec.target_speedup:g}x faster on {spec.latency_provider} at {spec.latency_shape}")
+            plan.allocate, plan.reason = (
+                True,
+                (
+                    f"global allocation, budget {spec.budget:g} of {spec.budget_scope}"
+                    if spec.budget is not None
+                    else f"global allocation of time, {spec.target_speedup:g}x faster on {spec.latency_provider} at {spec.latency_shape}"
+                ),
+            )
             continue
         if ratio is not None and ratio >= 1:
             plan.reason = "ratio 1 keeps the layer dense"
@@ -152,10 +177,17 @@ def _passes(todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec) 
     return groups
 
 
-def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[str], spec: CompressionSpec,
-                      calibration: list[Batch], loss_fn: Optional[LossFn], progress: bool,
-                      cache_base: Optional[Path] = None, runner: Optional[nn.Module] = None
-                      ) -> tuple[dict[str, LayerStats], dict[str, Any]]:
+def gather_statistics(
+    model: nn.Module,
+    todo: dict[str, nn.Module],
+    needs: set[str],
+    spec: CompressionSpec,
+    calibration: list[Batch],
+    loss_fn: LossFn | None,
+    progress: bool,
+    cache_base: Path | None = None,
+    runner: nn.Module | None = None,
+) -> tuple[dict[str, LayerStats], dict[str, Any]]:
     """Statistics for `todo` from the cache when it has them, else from one pass per memory group,
     run on `runner` (a copy of `model` with the same weights, placed elsewhere) when given. Under
     torch.distributed each rank scores its shard and the sums are all-reduced; the cache is rank 0's,
@@ -168,7 +200,7 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
         raise FwsvdError(f"the statistics {sorted(needs)} need a task loss")
     rank, ranks = distributed.world()
     folder = None
-    cached: Optional[dict[str, LayerStats]] = None  # rank 0's cache hit
+    cached: dict[str, LayerStats] | None = None  # rank 0's cache hit
     if spec.cache_dir is not None and rank == 0:
         folder = Path(spec.cache_dir) if cache_base is None else cache_base / spec.cache_dir
         key = stats_cache.cache_key(model, todo, calibration, loss_fn, spec.max_gram_size)
@@ -178,8 +210,13 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
             cached, info["cache_unreadable"] = None, f"{exc}; gathered again and replaced"
         found = _first_nonfinite(cached, needs) if cached is not None else None
         if found:  # bit rot, or a file written by hand
-            cached, info["cache_unreadable"] = None, (f"{folder / key}.safetensors holds non-finite values in "
-                                                      f"{found[0]}.{found[1]}; gathered again and replaced")
+            cached, info["cache_unreadable"] = (
+                None,
+                (
+                    f"{folder / key}.safetensors holds non-finite values in "
+                    f"{found[0]}.{found[1]}; gathered again and replaced"
+                ),
+            )
         if cached is not None:
             info["cache"] = f"hit {folder / key}.safetensors"
     if ranks > 1 and distributed.broadcast_flag(cached is not None):  # rank 0's hit is a hit for all
@@ -189,15 +226,27 @@ def gather_statistics(model: nn.Module, todo: dict[str, nn.Module], needs: set[s
     stats: dict[str, LayerStats] = {}
     runner = model if runner is None else runner
     if ranks > 1 and len(calibration) < ranks:
-        raise FwsvdError(f"{len(calibration)} calibration batches cannot be shared by {ranks} processes; "
-                         "use more calibration data, smaller batches, or fewer processes")
+        raise FwsvdError(
+            f"{len(calibration)} calibration batches cannot be shared by {ranks} processes; "
+            "use more calibration data, smaller batches, or fewer processes"
+        )
     shard = distributed.shard(calibration) if ranks > 1 else calibration
     for group in _passes(todo, needs, spec):
         group = {name: runner.get_submodule(name) for name in group}
         part = distributed.together(
-            lambda: collect_statistics(runner, group, shard, loss_fn, needs, progress and rank == 0, spec.max_gram_size,
-                                       spec.gradient_checkpointing),
-            "calibration statistics of its shard")
+            partial(
+                collect_statistics,
+                runner,
+                group,
+                shard,
+                loss_fn,
+                needs,
+                progress and rank == 0,
+                spec.max_gram_size,
+                spec.gradient_checkpointing,
+            ),
+            "calibration statistics of its shard",
+        )
         stats.update(distributed.all_reduce_statistics(part) if ranks > 1 else part)
         info["passes"] += 1
     if ranks > 1:
@@ -213,10 +262,12 @@ def check_finite_model(model: nn.Module) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         bad = nonfinite(tensor.detach())
         if bad:
-            raise FwsvdError(f"the model's '{name}' holds {bad}; fwsvd-export compresses only models with finite weights")
+            raise FwsvdError(
+                f"the model's '{name}' holds {bad}; fwsvd-export compresses only models with finite weights"
+            )
 
 
-def _first_nonfinite(stats: dict[str, LayerStats], needs: set[str]) -> Optional[tuple[str, str, str]]:
+def _first_nonfinite(stats: dict[str, LayerStats], needs: set[str]) -> tuple[str, str, str] | None:
     """(layer, statistic, what is wrong) for the first non-finite statistic, None when all are finite."""
     for layer, s in stats.items():
         for name in sorted(needs):
@@ -234,19 +285,27 @@ def check_finite_statistics(stats: dict[str, LayerStats], needs: set[str]) -> No
         raise FwsvdError(
             f"calibration statistic '{name}' of layer '{layer}' holds {bad}: the task loss or its gradient "
             "overflowed (a float16 model whose backward pass overflows: load it as float32 with "
-            "model.dtype; or calibration data the model cannot score)")
+            "model.dtype; or calibration data the model cannot score)"
+        )
 
 
-def gather_for(model: nn.Module, specs: list[CompressionSpec], calibration: list[Batch], loss_fn: LossFn,
-               progress: bool = True, cache_base: Optional[Path] = None, runner: Optional[nn.Module] = None
-               ) -> tuple[dict[str, LayerStats], dict[str, Any]]:
+def gather_for(
+    model: nn.Module,
+    specs: list[CompressionSpec],
+    calibration: list[Batch],
+    loss_fn: LossFn,
+    progress: bool = True,
+    cache_base: Path | None = None,
+    runner: nn.Module | None = None,
+) -> tuple[dict[str, LayerStats], dict[str, Any]]:
     """One statistics pass for several specs that differ in method and cut: the union of the layers
     they target and of the statistics their methods need. Pass settings (memory, Gram size, cache)
     come from the first spec."""
     layers: dict[str, nn.Module] = {}
     for spec in specs:
-        layers.update({p.name: model.get_submodule(p.name) for p in plan_layers(model, spec)
-                       if p.rank is not None or p.allocate})
+        layers.update(
+            {p.name: model.get_submodule(p.name) for p in plan_layers(model, spec) if p.rank is not None or p.allocate}
+        )
     needs = set().union(*(get_method(spec.method).needs for spec in specs))
     calibration = _split(specs[0], calibration, loss_fn)[0]  # the points' allocation checks hold out the same slice
     check_finite_model(model)
@@ -255,8 +314,7 @@ def gather_for(model: nn.Module, specs: list[CompressionSpec], calibration: list
     return stats, info
 
 
-def _split(spec: CompressionSpec, calibration: list[Batch], loss_fn: Optional[LossFn]
-           ) -> tuple[list[Batch], list[Batch]]:
+def _split(spec: CompressionSpec, calibration: list[Batch], loss_fn: LossFn | None) -> tuple[list[Batch], list[Batch]]:
     """(statistics batches, allocation-check batches): only a budget with a task loss is checked."""
     if spec.budget is None or loss_fn is None:
         return calibration, []
@@ -269,7 +327,11 @@ def _budget_params(model: nn.Module, plans: list[LayerPlan], spec: CompressionSp
     fixed = sum(p.params_after for p in plans if not p.allocate)
     if spec.budget_scope == "model":
         targeted = sum(p.params_before for p in plans)
-        return int(spec.budget * sum(q.numel() for q in model.parameters())) - (sum(q.numel() for q in model.parameters()) - targeted) - fixed
+        return (
+            int(spec.budget * sum(q.numel() for q in model.parameters()))
+            - (sum(q.numel() for q in model.parameters()) - targeted)
+            - fixed
+        )
     return int(spec.budget * sum(p.params_before for p in plans)) - fixed
 
 
@@ -280,20 +342,37 @@ def _check_budget(model: nn.Module, plans: list[LayerPlan], spec: CompressionSpe
         return
     budget = _budget_params(model, plans, spec)
     if budget < sum(spec.multiple * (p.in_features + p.out_features) for p in allocated):
-        raise SpecError("budget", f"{spec.budget:g} of {spec.budget_scope} parameters leaves {max(budget, 0)} for "
-                                  f"{len(allocated)} layers, too few for rank {spec.multiple} each")
+        raise SpecError(
+            "budget",
+            f"{spec.budget:g} of {spec.budget_scope} parameters leaves {max(budget, 0)} for "
+            f"{len(allocated)} layers, too few for rank {spec.multiple} each",
+        )
 
 
-def _checked(model: nn.Module, allocated: list[LayerPlan], todo: dict[str, nn.Module], weightings: dict[str, Weighting],
-             ranks: dict[str, Optional[int]], budget: int, spec: CompressionSpec, check: list[Batch], loss_fn: LossFn,
-             result: CompressionResult, reused: bool) -> dict[str, Optional[int]]:
+def _checked(
+    model: nn.Module,
+    allocated: list[LayerPlan],
+    todo: dict[str, nn.Module],
+    weightings: dict[str, Weighting],
+    ranks: dict[str, int | None],
+    budget: int,
+    spec: CompressionSpec,
+    check: list[Batch],
+    loss_fn: LossFn,
+    result: CompressionResult,
+    reused: bool,
+) -> dict[str, int | None]:
     """The allocation that wins the check on held-out calibration batches; recorded in `result`."""
-    layers = [Layer(p.name, p.in_features, p.out_features, todo[p.name], weightings[p.name].left,
-                    weightings[p.name].right) for p in allocated]
+    layers = [
+        Layer(p.name, p.in_features, p.out_features, todo[p.name], weightings[p.name].left, weightings[p.name].right)
+        for p in allocated
+    ]
     options = candidates(layers, ranks, budget, spec.multiple)
     winner, scores = choose(model, layers, options, budget, check, loss_fn)
     result.allocation = {
-        "winner": winner, "candidates": scores, "check_batches": len(check),
+        "winner": winner,
+        "candidates": scores,
+        "check_batches": len(check),
         "held_out": not reused,  # with one calibration batch the check reuses it
         "global_minus_winner_loss": scores["global"]["loss"] - scores[winner]["loss"],
     }
@@ -305,13 +384,13 @@ def _checked(model: nn.Module, allocated: list[LayerPlan], todo: dict[str, nn.Mo
 def compress_(
     model: nn.Module,
     spec: CompressionSpec,
-    calibration: Optional[list[Batch]] = None,
-    loss_fn: Optional[LossFn] = None,
+    calibration: list[Batch] | None = None,
+    loss_fn: LossFn | None = None,
     progress: bool = True,
-    cache_base: Optional[Path] = None,
-    statistics_model: Optional[nn.Module] = None,
-    statistics: Optional[dict[str, LayerStats]] = None,
-    latency: Optional[TimeBudget] = None,
+    cache_base: Path | None = None,
+    statistics_model: nn.Module | None = None,
+    statistics: dict[str, LayerStats] | None = None,
+    latency: TimeBudget | None = None,
 ) -> CompressionResult:
     """Factorize the layers `spec` targets, in place, with `spec.method`; returns the per-layer plan.
     `statistics_model`, a copy with the same weights (e.g. spread over accelerators with a device_map),
@@ -351,7 +430,7 @@ class _Work:
     todo: dict[str, nn.Module]
     calibration: list[Batch]  # the statistics batches
     check: list[Batch]  # the allocation check's held-out batches (empty: no check)
-    loss_fn: Optional[LossFn]
+    loss_fn: LossFn | None
     progress: bool
     stats: dict[str, LayerStats] = field(default_factory=dict)
     owners: dict[str, int] = field(default_factory=dict)  # layer -> the process that factorizes it
@@ -362,8 +441,14 @@ class _Work:
         return [p for p in self.plans if p.allocate]
 
 
-def _plan(model: nn.Module, spec: CompressionSpec, calibration: Optional[list[Batch]], loss_fn: Optional[LossFn],
-          latency: Optional[TimeBudget], progress: bool) -> _Work:
+def _plan(
+    model: nn.Module,
+    spec: CompressionSpec,
+    calibration: list[Batch] | None,
+    loss_fn: LossFn | None,
+    latency: TimeBudget | None,
+    progress: bool,
+) -> _Work:
     """The layers' plan, with every refusal that does not need the statistics made before the long compute."""
     method = get_method(spec.method)
     plans = plan_layers(model, spec)
@@ -380,14 +465,16 @@ def _plan(model: nn.Module, spec: CompressionSpec, calibration: Optional[list[Ba
     return _Work(model, spec, method, plans, todo, statistics_batches, check, loss_fn, progress)
 
 
-def _gather(work: _Work, cache_base: Optional[Path], runner: Optional[nn.Module],
-            shared: Optional[dict[str, LayerStats]]) -> dict[str, Any]:
+def _gather(
+    work: _Work, cache_base: Path | None, runner: nn.Module | None, shared: dict[str, LayerStats] | None
+) -> dict[str, Any]:
     """Fill `work.stats` from one calibration pass (or the cache, or a sweep's `shared` statistics); returns
     how they were had."""
     needs = set(work.method.needs)
     if shared is None:
-        work.stats, info = gather_statistics(work.model, work.todo, needs, work.spec, work.calibration, work.loss_fn,
-                                             work.progress, cache_base, runner)
+        work.stats, info = gather_statistics(
+            work.model, work.todo, needs, work.spec, work.calibration, work.loss_fn, work.progress, cache_base, runner
+        )
     else:
         work.stats = {name: shared.get(name, LayerStats()) for name in work.todo}
         info = {"passes": 0, "cache": None, "shared": True}
@@ -412,12 +499,14 @@ def _weigh_mine(work: _Work) -> dict[str, torch.Tensor]:
     mine = [p for p in work.allocated if work.owners[p.name] == process]
     work.weightings, spectra = distributed.together(
         lambda: _weigh(work.method, work.spec, work.stats, work.todo, mine, bool(work.check), work.progress),
-        "building the layers' weights")
+        "building the layers' weights",
+    )
     return spectra
 
 
-def _allocate(work: _Work, spectra: dict[str, torch.Tensor], latency: Optional[TimeBudget],
-              result: CompressionResult) -> None:
+def _allocate(
+    work: _Work, spectra: dict[str, torch.Tensor], latency: TimeBudget | None, result: CompressionResult
+) -> None:
     """Rank 0 gathers every allocated layer's spectrum, chooses the ranks (a parameter budget, checked on
     held-out batches, or a time budget) and every process learns them."""
     allocated, spec = work.allocated, work.spec
@@ -429,7 +518,7 @@ def _allocate(work: _Work, spectra: dict[str, torch.Tensor], latency: Optional[T
         spectra.update(theirs)
         work.weightings.update(weights)
 
-    def allocate_here() -> dict[str, Optional[int]]:
+    def allocate_here() -> dict[str, int | None]:
         layers = [Candidate(p.name, p.in_features, p.out_features, spectra[p.name]) for p in allocated]
         if spec.target_speedup is not None:
             assert latency is not None, "check_speedup_target refused a speed-up target without latencies"
@@ -437,8 +526,19 @@ def _allocate(work: _Work, spectra: dict[str, torch.Tensor], latency: Optional[T
         found = allocate_ranks(layers, budget, spec.multiple)
         if work.check:
             assert work.loss_fn is not None, "_split holds out check batches only with a task loss"
-            found = _checked(work.model, allocated, work.todo, work.weightings, found, budget, spec, work.check,
-                             work.loss_fn, result, reused=work.check[0] is work.calibration[0])
+            found = _checked(
+                work.model,
+                allocated,
+                work.todo,
+                work.weightings,
+                found,
+                budget,
+                spec,
+                work.check,
+                work.loss_fn,
+                result,
+                reused=work.check[0] is work.calibration[0],
+            )
         return found
 
     ranks = distributed.from_first(allocate_here, "allocating ranks")
@@ -457,12 +557,16 @@ def _factorize(work: _Work, result: CompressionResult) -> None:
     sequential = work.spec.sequential and bool(work.method.needs)
     blocks = [[p for p in b if p.rank is not None] for b in _blocks(work.plans)] if sequential else [chosen]
     by_name = {p.name: p for p in chosen}
-    with tqdm(total=len(chosen), desc="factorizing" + (" (sequential)" if sequential else ""), unit="layer",
-              disable=not work.progress) as bar:
+    with tqdm(
+        total=len(chosen),
+        desc="factorizing" + (" (sequential)" if sequential else ""),
+        unit="layer",
+        disable=not work.progress,
+    ) as bar:
         for i, block in enumerate(blocks):
             if i and block:  # earlier blocks are factorized now: their errors reach this block's statistics
                 _recalibrate(work, block, result)
-            done = distributed.together(lambda: _factor_mine(work, block, bar), "factorizing its layers")
+            done = distributed.together(partial(_factor_mine, work, block, bar), "factorizing its layers")
             for layer in done if distributed.world()[0] else ():
                 layer.module.cpu()  # sent from the host: unpickled on rank 0, a GPU tensor would land on this rank's GPU
             for layer in distributed.to_first(done):  # rank 0 installs every rank's layers
@@ -470,22 +574,32 @@ def _factorize(work: _Work, result: CompressionResult) -> None:
                 if work.owners[layer.name]:
                     bar.update(1)
     processes = distributed.world()[1]
-    result.factorization = {"processes": processes, "layers_per_process": [
-        sum(work.owners[p.name] == r for p in chosen) for r in range(processes)]}
+    result.factorization = {
+        "processes": processes,
+        "layers_per_process": [sum(work.owners[p.name] == r for p in chosen) for r in range(processes)],
+    }
 
 
 def _recalibrate(work: _Work, block: list[LayerPlan], result: CompressionResult) -> None:
     """Sequential calibration: `block`'s statistics again, through the model as factorized so far."""
     clock = time.perf_counter()
     needs = set(work.method.needs)
-    fresh, _ = gather_statistics(work.model, {p.name: work.todo[p.name] for p in block}, needs,
-                                 replace(work.spec, cache_dir=None), work.calibration, work.loss_fn, False)
+    fresh, _ = gather_statistics(
+        work.model,
+        {p.name: work.todo[p.name] for p in block},
+        needs,
+        replace(work.spec, cache_dir=None),
+        work.calibration,
+        work.loss_fn,
+        False,
+    )
     check_finite_statistics(fresh, needs)
     work.stats.update(fresh)
     for p in block:  # built again from the fresh statistics when the layer is factorized
         work.weightings.pop(p.name, None)
-    result.seconds["sequential statistics"] = (result.seconds.get("sequential statistics", 0.0)
-                                               + time.perf_counter() - clock)
+    result.seconds["sequential statistics"] = (
+        result.seconds.get("sequential statistics", 0.0) + time.perf_counter() - clock
+    )
 
 
 def _factor_mine(work: _Work, block: list[LayerPlan], bar: tqdm[Any]) -> list[_Factored]:
@@ -508,35 +622,52 @@ def _factor_mine(work: _Work, block: list[LayerPlan], bar: tqdm[Any]) -> list[_F
     return done
 
 
-def check_speedup_target(model: nn.Module, spec: CompressionSpec, latency: Optional[TimeBudget],
-                         plans: Optional[list[LayerPlan]] = None) -> None:
+def check_speedup_target(
+    model: nn.Module, spec: CompressionSpec, latency: TimeBudget | None, plans: list[LayerPlan] | None = None
+) -> None:
     """Raise when `spec.target_speedup` has no measured budget or cannot be reached within it (no-op without
     a target): what `compress_` checks before its statistics pass, for callers that gather them first."""
     if spec.target_speedup is None:
         return
     if latency is None:
-        raise SpecError("target_speedup", "needs the layers' measured latencies and the dense model's: run it "
-                                          "through the pipeline (fwsvd-export run), not compress alone")
+        raise SpecError(
+            "target_speedup",
+            "needs the layers' measured latencies and the dense model's: run it "
+            "through the pipeline (fwsvd-export run), not compress alone",
+        )
     plans = plans if plans is not None else plan_layers(model, spec)
-    latency.budget([p.name for p in plans if p.allocate], {p.name: p.rank for p in plans if not p.allocate},
-                   spec.target_speedup, latency.multiple)
+    latency.budget(
+        [p.name for p in plans if p.allocate],
+        {p.name: p.rank for p in plans if not p.allocate},
+        spec.target_speedup,
+        latency.multiple,
+    )
 
 
-def _timed_allocation(layers: list[Candidate], plans: list[LayerPlan], spec: CompressionSpec, latency: TimeBudget,
-                      result: CompressionResult) -> dict[str, Optional[int]]:
+def _timed_allocation(
+    layers: list[Candidate],
+    plans: list[LayerPlan],
+    spec: CompressionSpec,
+    latency: TimeBudget,
+    result: CompressionResult,
+) -> dict[str, int | None]:
     """Ranks that spend the time budget of `spec.target_speedup`; the predicted speed-up is recorded."""
     assert spec.target_speedup is not None, "called for a speed-up target only"
     allocated = [c.name for c in layers]
     fixed = {p.name: p.rank for p in plans if not p.allocate}
     budget = latency.budget(allocated, fixed, spec.target_speedup, latency.multiple)
     ranks = allocate(layers, budget, latency.multiple, table_costs(latency.tables))
-    result.allocation = {"target_speedup": spec.target_speedup, "measured_on": latency.where,
-                         "rank_multiple": latency.multiple,
-                         "rank_multiple_from": "recipe" if spec.rank_multiple else "kernel timings",
-                         "dense_model_ms": latency.model_ms, "targeted_layers_dense_ms": latency.linear_ms,
-                         "in_graph_ratio": latency.in_graph_ratio,
-                         "budget_ms": budget,
-                         "predicted_speedup": latency.predicted_speedup({**fixed, **ranks})}
+    result.allocation = {
+        "target_speedup": spec.target_speedup,
+        "measured_on": latency.where,
+        "rank_multiple": latency.multiple,
+        "rank_multiple_from": "recipe" if spec.rank_multiple else "kernel timings",
+        "dense_model_ms": latency.model_ms,
+        "targeted_layers_dense_ms": latency.linear_ms,
+        "in_graph_ratio": latency.in_graph_ratio,
+        "budget_ms": budget,
+        "predicted_speedup": latency.predicted_speedup({**fixed, **ranks}),
+    }
     return ranks
 
 
@@ -546,9 +677,15 @@ def _cost(module: nn.Module) -> float:
     return float(in_f * out_f * min(in_f, out_f) + in_f**3 + out_f**3)
 
 
-def _weigh(method: Method, spec: CompressionSpec, stats: dict[str, LayerStats], todo: dict[str, nn.Module],
-           mine: list[LayerPlan], keep: bool, progress: bool
-           ) -> tuple[dict[str, Weighting], dict[str, torch.Tensor]]:
+def _weigh(
+    method: Method,
+    spec: CompressionSpec,
+    stats: dict[str, LayerStats],
+    todo: dict[str, nn.Module],
+    mine: list[LayerPlan],
+    keep: bool,
+    progress: bool,
+) -> tuple[dict[str, Weighting], dict[str, torch.Tensor]]:
     """The weighted spectra of the layers in `mine` (those the budget allocates that this rank owns), and
     with `keep` their weightings (the allocation check factorizes with them). Without `keep` each weighting
     is let go once its spectrum is taken and is built again when its layer is factorized: held for every
@@ -556,8 +693,9 @@ def _weigh(method: Method, spec: CompressionSpec, stats: dict[str, LayerStats], 
     weightings, spectra = {}, {}
     for p in tqdm(mine, desc="weighted spectra", unit="layer", disable=not progress):
         weighting = method.build(stats[p.name], spec.damping)
-        spectra[p.name] = (weighted_spectrum(linear_weight(todo[p.name]), weighting.left, weighting.right)
-                           * method.spectrum_scale(p.in_features, p.out_features))
+        spectra[p.name] = weighted_spectrum(
+            linear_weight(todo[p.name]), weighting.left, weighting.right
+        ) * method.spectrum_scale(p.in_features, p.out_features)
         if keep:
             weightings[p.name] = weighting
     return weightings, spectra
@@ -582,8 +720,9 @@ class _Factored:
     notes: list[str]
 
 
-def _factor(plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: LayerStats,
-            spec: CompressionSpec) -> _Factored:
+def _factor(
+    plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: LayerStats, spec: CompressionSpec
+) -> _Factored:
     """One layer's factorization at `plan.rank`, balanced and checked finite, with its report row's notes."""
     assert plan.rank is not None, "only layers given a rank are factorized"
     module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right)
@@ -591,12 +730,19 @@ def _factor(plan: LayerPlan, dense: nn.Module, weighting: Weighting, stats: Laye
         balance_(module)
     bad = next(filter(None, (nonfinite(p.detach()) for p in module.parameters())), "")
     if bad:
-        raise SpecError("damping", f"{spec.damping:g} left the factors of layer '{plan.name}' with {bad} although its "
-                                   "weight and statistics are finite; a larger damping steadies the weighting")
+        raise SpecError(
+            "damping",
+            f"{spec.damping:g} left the factors of layer '{plan.name}' with {bad} although its "
+            "weight and statistics are finite; a larger damping steadies the weighting",
+        )
     energy = factors.singular_values.square()
-    return _Factored(plan.name, module, float((energy[plan.rank:].sum() / energy.sum().clamp(min=1e-300)).sqrt()),
-                     weighting.notes + ([f"shares input statistics with {stats.shares_input_with}"]
-                                        if stats.shares_input_with else []))
+    return _Factored(
+        plan.name,
+        module,
+        float((energy[plan.rank :].sum() / energy.sum().clamp(min=1e-300)).sqrt()),
+        weighting.notes
+        + ([f"shares input statistics with {stats.shares_input_with}"] if stats.shares_input_with else []),
+    )
 
 
 def _install(model: nn.Module, plan: LayerPlan, layer: _Factored, dense: nn.Module) -> None:

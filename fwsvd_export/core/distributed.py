@@ -12,12 +12,14 @@ errors, so when one rank's part raises, all raise its error (a FwsvdError stays 
 every collective has the process group's timeout (``FWSVD_COLLECTIVE_TIMEOUT_S``, default 600 s) for
 a rank that dies or stops answering outside those steps.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,7 +29,7 @@ from .batch import Batch
 from .statistics import STATISTICS, LayerStats, link_shared_inputs
 
 # The group `joined` made for `start_together`, None outside that block (and where the caller made the group).
-_start_group: Optional[dist.ProcessGroup] = None
+_start_group: dist.ProcessGroup | None = None
 
 T = TypeVar("T")
 
@@ -135,8 +137,12 @@ def broadcast_statistics(stats: dict[str, LayerStats], names: list[str]) -> dict
     for name in sorted(names):
         s = stats[name] if rank == 0 else None
         if s is not None and s.shares_input_with is not None:
-            s = LayerStats({k: v for k, v in s.values.items() if STATISTICS[k].reads != "input"},
-                           s.samples, s.tokens, s.shares_input_with)
+            s = LayerStats(
+                {k: v for k, v in s.values.items() if STATISTICS[k].reads != "input"},
+                s.samples,
+                s.tokens,
+                s.shares_input_with,
+            )
         box = [s]
         dist.broadcast_object_list(box, 0)
         assert box[0] is not None, "rank 0 sends every named layer's statistics"
@@ -170,7 +176,7 @@ def _failure(exc: Exception) -> tuple[bool, str]:
     return False, f"{type(exc).__name__}: {exc}"
 
 
-def _raise(failures: list[Optional[tuple[bool, str]]], what: str) -> None:
+def _raise(failures: list[tuple[bool, str] | None], what: str) -> None:
     for rank, failure in enumerate(failures):
         if failure is not None:
             bad_input, message = failure
@@ -184,7 +190,7 @@ def together(work: Callable[[], T], what: str) -> T:
     size = world()[1]
     if size == 1:
         return work()
-    failures: list[Optional[tuple[bool, str]]] = [None] * size
+    failures: list[tuple[bool, str] | None] = [None] * size
     try:
         value = work()
     except Exception as exc:
@@ -208,7 +214,7 @@ def from_first(work: Callable[[], T], what: str) -> T:
         dist.broadcast_object_list([(_failure(exc), None)], 0)
         raise
     dist.broadcast_object_list(box, 0)
-    failure: Optional[tuple[bool, str]]
+    failure: tuple[bool, str] | None
     value: T
     failure, value = box[0]
     _raise([failure] + [None] * (size - 1), what)
@@ -227,6 +233,6 @@ def to_first(items: list[T]) -> Iterator[T]:
     count = torch.tensor([len(items)], device=_device())
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     for k in range(int(count.item())):
-        received: Optional[list[Optional[T]]] = [None] * size if rank == 0 else None
+        received: list[T | None] | None = [None] * size if rank == 0 else None
         dist.gather_object(items[k] if rank and k < len(items) else None, received, dst=0)
         yield from (item for item in received or [] if item is not None)

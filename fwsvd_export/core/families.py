@@ -3,6 +3,7 @@
 
 Adding a family is one entry in ``FAMILIES``. A family not listed gets every Linear but the task heads.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ class Family:
 
 
 _DECODER = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-_ENCODER = r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)$"
+_ENCODER = (
+    r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)$"
+)
 HEADS = r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler)(\.|$)"
 ANY_FAMILY = Family((r".*",), (HEADS,))
 

@@ -12,15 +12,16 @@ changes no allocator parameter (``mallopt``'s thresholds, the arenas), so alloca
 before, with the pages faulted in again when used. Loading libc through ctypes opens the library the
 process already has mapped. Importing this module calls nothing.
 """
+
 from __future__ import annotations
 
 import ctypes
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 @functools.cache
-def _malloc_trim() -> Optional[Callable[[int], int]]:
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc

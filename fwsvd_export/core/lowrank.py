@@ -12,10 +12,10 @@ In the paper's notation (W_paper = W^T, x as a row vector) the first factor is A
 second is B = V_r^T, with Q = I = diag(sqrt(Fisher importance per input feature)) and P = identity.
 All decompositions run in float64; the factors are cast back to the layer's dtype.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -25,14 +25,21 @@ from transformers.pytorch_utils import Conv1D
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 # A side weight: None (identity), a vector (diagonal matrix) or a square matrix.
-Side = Optional[torch.Tensor]
+Side = torch.Tensor | None
 
 
 class LowRankLinear(nn.Module):
     """A Linear replaced by two thinner ones; exports to ONNX as two MatMuls (plus the bias Add)."""
 
-    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        rank: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.rank, self.out_features = in_features, rank, out_features
         self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
@@ -143,13 +150,16 @@ def factorize(weight: torch.Tensor, rank: int, left: Side = None, right: Side = 
     return Factors(first=first.to(weight.dtype), second=second.to(weight.dtype), singular_values=s)
 
 
-def low_rank_from_linear(linear: nn.Module, rank: int, left: Side = None, right: Side = None) -> tuple[LowRankLinear, Factors]:
+def low_rank_from_linear(
+    linear: nn.Module, rank: int, left: Side = None, right: Side = None
+) -> tuple[LowRankLinear, Factors]:
     """Build the two-factor replacement of a Linear or Conv1D; the bias moves to the second factor unchanged."""
     weight = linear_weight(linear)
     factors = factorize(weight, rank, left, right)
     bias = getattr(linear, "bias", None)
-    module = LowRankLinear(weight.shape[1], rank, weight.shape[0], bias=bias is not None,
-                           dtype=weight.dtype, device=weight.device)
+    module = LowRankLinear(
+        weight.shape[1], rank, weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device
+    )
     with torch.no_grad():
         module.first.weight.copy_(factors.first)
         module.second.weight.copy_(factors.second)

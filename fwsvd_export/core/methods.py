@@ -14,10 +14,12 @@ Every weight is damped by `damping` times its mean diagonal, so zero-importance 
 singular Grams never produce inf or NaN; when a Gram still is not positive definite, an
 eigenvalue-clipped square root is used instead and the layer's notes say so.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ..errors import FwsvdError
 
@@ -163,8 +165,13 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("svd", frozenset(), _svd, "plain truncated SVD"),
         # The row importance sums the Fisher over outputs; its mean over outputs estimates the loss.
-        Method("fwsvd", frozenset({"fisher"}), _fwsvd, "the paper's row-wise Fisher weighting",
-               lambda d_in, d_out: d_out ** -0.5),
+        Method(
+            "fwsvd",
+            frozenset({"fisher"}),
+            _fwsvd,
+            "the paper's row-wise Fisher weighting",
+            lambda d_in, d_out: d_out**-0.5,
+        ),
         Method("asvd", frozenset({"input_abs"}), _asvd, "activation-magnitude input scaling"),
         Method("svd-llm", frozenset({"input_gram"}), _svd_llm, "input whitening with the Cholesky factor of X^T X"),
         Method("kfac", frozenset({"input_gram", "output_gram"}), _kfac, "two-sided Kronecker-factored Fisher"),

@@ -1,4 +1,5 @@
 """Module surgery: finding the Linear layers of a model and swapping one for its factorized form."""
+
 from __future__ import annotations
 
 from collections import Counter

@@ -5,6 +5,7 @@ named, and the recipe (its YAML face) needs no rules of its own. ``check_fields`
 annotation (the recipe's sections in config.py use it too), so a spec built in Python and one read from
 YAML obey the same rules.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,9 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from ..errors import SpecError, short_repr
 from .methods import METHODS
@@ -90,16 +92,20 @@ def _mapping(value: Any, tp: Any, key: str) -> dict[str, Any]:
     for k, v in value.items():
         text = _mapping_key(k, key)
         if text in out:  # 1 and "1" are one key once read as text: refuse rather than keep the last
-            raise SpecError(key, f"has the key '{text}' twice (written as {short_repr(written[text])} and as "
-                                 f"{short_repr(k)})")
+            raise SpecError(
+                key, f"has the key '{text}' twice (written as {short_repr(written[text])} and as {short_repr(k)})"
+            )
         written[text] = k
         out[text] = _checked(v, item, f"{key}.{text}")
     return out
 
 
 def _mapping_key(k: Any, key: str) -> str:
-    if isinstance(k, bool) or not isinstance(k, (str, int, float)) or (
-            isinstance(k, int) and not INT_RANGE[0] <= k <= INT_RANGE[1]):
+    if (
+        isinstance(k, bool)
+        or not isinstance(k, (str, int, float))
+        or (isinstance(k, int) and not INT_RANGE[0] <= k <= INT_RANGE[1])
+    ):
         raise SpecError(key, f"keys must be strings, got the key {short_repr(k)}")
     return str(k)
 
@@ -138,7 +144,14 @@ def _str(value: Any, tp: Any, key: str) -> str:
 
 # Each kind of annotation and its checker: (value, annotation, key) -> the value as the spec holds it.
 _CHECKERS: dict[Any, Callable[[Any, Any, str], Any]] = {
-    "literal": _literal, "spec": _spec, list: _list, dict: _mapping, bool: _bool, int: _int, float: _float, str: _str,
+    "literal": _literal,
+    "spec": _spec,
+    list: _list,
+    dict: _mapping,
+    bool: _bool,
+    int: _int,
+    float: _float,
+    str: _str,
 }
 
 
@@ -175,7 +188,7 @@ def _regex(pattern: str, key: str) -> None:
         raise SpecError(key, "is not a valid regular expression: nested too deeply") from None
 
 
-def _cut(ratio: Optional[float], rank: Optional[int], key: str) -> None:
+def _cut(ratio: float | None, rank: int | None, key: str) -> None:
     """A uniform cut: exactly one of a kept ratio in (0, 1] and a rank >= 1."""
     prefix = f"{key}." if key else ""
     if ratio is not None and rank is not None:
@@ -190,8 +203,8 @@ def _cut(ratio: Optional[float], rank: Optional[int], key: str) -> None:
 
 @dataclass
 class LayerOverride:
-    ratio: Optional[float] = None
-    rank: Optional[int] = None
+    ratio: float | None = None
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -204,27 +217,27 @@ class CompressionSpec:
     ratio, rank, budget and target_speedup given, each layer keeps half its weights."""
 
     method: str = "kfac"  # the strongest in benchmarks/logs/methods.md; "fwsvd" is the paper's method
-    target: Optional[list[str]] = None  # None: the model family's attention and MLP projections
+    target: list[str] | None = None  # None: the model family's attention and MLP projections
     exclude: list[str] = field(default_factory=list)
-    ratio: Optional[float] = None  # uniform: kept fraction of each layer's weights
-    rank: Optional[int] = None  # uniform: one fixed rank
-    budget: Optional[float] = None  # global allocation: kept fraction of the budget_scope's parameters
+    ratio: float | None = None  # uniform: kept fraction of each layer's weights
+    rank: int | None = None  # uniform: one fixed rank
+    budget: float | None = None  # global allocation: kept fraction of the budget_scope's parameters
     budget_scope: Literal["targeted", "model"] = "targeted"
     # Round ranks down to a multiple of this (8, 16, 32 suit fast GEMMs). None: 1, except that a
     # target_speedup run takes the step its kernel timings show (the stage measures them anyway).
-    rank_multiple: Optional[int] = None
+    rank_multiple: int | None = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     damping: float = 1e-2
     max_gram_size: int = 8192  # a Gram side larger than this is gathered as its diagonal only
-    memory_budget_gb: Optional[float] = None  # statistics memory; over it, layers are gathered in several passes
+    memory_budget_gb: float | None = None  # statistics memory; over it, layers are gathered in several passes
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory, more time
-    cache_dir: Optional[str] = None  # reuse calibration statistics across runs (safetensors files)
+    cache_dir: str | None = None  # reuse calibration statistics across runs (safetensors files)
     balance_factors: bool = True  # equal norms per rank component in both factors: they then quantize alike
     sequential: bool = False  # block by block, each block's statistics taken through the already-factorized ones
     allocation_check: float = 0.2  # budget: calibration held out to pick global, uniform or a blend (0: trust global)
     # Global allocation of a latency budget: the model should run this many times faster, as measured on
     # latency_provider at latency_shape (BATCHxSEQUENCE) in latency_precision, from timed factor pairs.
-    target_speedup: Optional[float] = None
+    target_speedup: float | None = None
     latency_provider: Literal["cpu", "cuda"] = "cpu"
     latency_shape: str = "1x128"
     latency_precision: str = "fp32"  # a precision of export.precisions meant for latency_provider
@@ -247,7 +260,9 @@ class CompressionSpec:
             if self.budget is not None or self.rank is not None or self.ratio is not None:
                 raise SpecError("target_speedup", "cannot be set together with ratio, rank or budget; keep one")
             if not self.target_speedup > 1:
-                raise SpecError("target_speedup", f"must be > 1 (times faster than the dense model), got {self.target_speedup}")
+                raise SpecError(
+                    "target_speedup", f"must be > 1 (times faster than the dense model), got {self.target_speedup}"
+                )
         elif self.budget is not None:
             if self.rank is not None or self.ratio is not None:
                 raise SpecError("budget", "cannot be set together with ratio or rank; keep one")

@@ -23,11 +23,13 @@ its layer input (from the recomputation) and its output gradient in whichever or
 For text pairs, a sample is the pair, and its "per-sample gradient" is the contribution of the
 pair's own activations to the gradient of the in-batch contrastive loss.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -40,6 +42,7 @@ from . import heap
 from .batch import Batch
 from .lowrank import linear_weight
 
+
 @dataclass
 class LayerStats:
     """One layer's statistics (means), by name; ``stats.fisher`` reads one, None when not gathered."""
@@ -47,9 +50,9 @@ class LayerStats:
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0
     tokens: int = 0
-    shares_input_with: Optional[str] = None  # another layer whose input (and input statistics) this one reads
+    shares_input_with: str | None = None  # another layer whose input (and input statistics) this one reads
 
-    def __getattr__(self, name: str) -> Optional[torch.Tensor]:
+    def __getattr__(self, name: str) -> torch.Tensor | None:
         if name in STATISTICS:
             values: dict[str, torch.Tensor] = self.__dict__.get("values", {})
             return values.get(name)
@@ -90,7 +93,9 @@ def _fisher_rows(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if tokens * (d_in + d_out) <= d_in * d_out:
         gram = g @ g.transpose(1, 2)  # (n, T, T)
         return ((gram @ x) * x).sum((0, 1))
-    return (g.transpose(1, 2) @ x).square().sum((0, 1))  # (n, out, in) materialised: cheaper once T (in + out) > in x out
+    return (
+        (g.transpose(1, 2) @ x).square().sum((0, 1))
+    )  # (n, out, in) materialised: cheaper once T (in + out) > in x out
 
 
 def _gram(flat: torch.Tensor, full: bool) -> torch.Tensor:
@@ -141,8 +146,8 @@ class _LayerCollector:
         self.on_input, self.on_output, self.on_both = by_reads("input"), by_reads("output"), by_reads("both")
         out_features, in_features = linear_weight(module).shape
         self.full_in, self.full_out = in_features <= max_gram_size, out_features <= max_gram_size
-        self._x: Optional[torch.Tensor] = None
-        self._g: Optional[torch.Tensor] = None
+        self._x: torch.Tensor | None = None
+        self._g: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self._forward)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
@@ -297,8 +302,10 @@ def _checkpointed_blocks(model: nn.Module, enabled: bool) -> Iterator[frozenset[
         return
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not blocks:
-        raise FwsvdError(f"gradient checkpointing: {type(model).__name__} has no transformer blocks that "
-                         "transformers marks as checkpointable")
+        raise FwsvdError(
+            f"gradient checkpointing: {type(model).__name__} has no transformer blocks that "
+            "transformers marks as checkpointable"
+        )
     patched = []
     for block in blocks:
         own = block.__dict__.get("forward")  # accelerate installs its hooks as an instance attribute

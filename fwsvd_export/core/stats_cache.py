@@ -6,13 +6,13 @@ and the cache format. Any change to one of these gives a new key. Files are safe
 layer and statistic, counts in metadata. A file that cannot be read back (truncated, corrupted, another
 format) is a miss: the statistics are gathered again and the file replaced, and the run's notes say so.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,16 +25,19 @@ from .statistics import STATISTICS, LayerStats, link_shared_inputs
 CACHE_FORMAT = 2  # bump when what a file holds, or how it is keyed, changes
 
 
-def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+def _digest_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(str((t.dtype, tuple(t.shape))).encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def cache_key(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], loss_fn: LossFn,
-              max_gram_size: int) -> str:
+def cache_key(
+    model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], loss_fn: LossFn, max_gram_size: int
+) -> str:
     h = hashlib.sha256()
-    h.update(f"{CACHE_FORMAT}|{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}|{max_gram_size}".encode())
+    h.update(
+        f"{CACHE_FORMAT}|{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', repr(loss_fn))}|{max_gram_size}".encode()
+    )
     h.update("|".join(sorted(layers)).encode())
     for name, tensor in sorted(model.state_dict().items()):  # heads and norms shape the gradients too
         h.update(name.encode())
@@ -52,7 +55,7 @@ class Unreadable(Exception):
     """A cache file that exists but cannot be used; the message says why."""
 
 
-def load_cached(folder: Path, key: str, layers: list[str], needs: set[str]) -> Optional[dict[str, LayerStats]]:
+def load_cached(folder: Path, key: str, layers: list[str], needs: set[str]) -> dict[str, LayerStats] | None:
     """The cached statistics for `key` if they cover every layer and every needed statistic; None when
     there is no file or it lacks some; raises Unreadable for a file that cannot be read back."""
     path = folder / f"{key}.safetensors"

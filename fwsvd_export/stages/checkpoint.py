@@ -5,6 +5,7 @@ Layout: ``config.json`` and tokenizer files (as transformers writes them), ``mod
 ``<layer>.second.weight``, ``<layer>.second.bias``) and ``fwsvd_manifest.json`` (method, per-layer
 ranks, parameter counts, the recipe and library versions).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedModel
 
-from ..core.lowrank import nonfinite
-from ..core.lowrank import LINEAR_TYPES, LowRankLinear, linear_weight
+from ..core.lowrank import LINEAR_TYPES, LowRankLinear, linear_weight, nonfinite
 from ..core.modules import set_module
 from ..errors import FwsvdError, short_message
 from .tasks import TASKS, get_task
@@ -27,22 +27,42 @@ from .tasks import TASKS, get_task
 MANIFEST = "fwsvd_manifest.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
-CHECKPOINT_HINT = ("a checkpoint is a folder written by `fwsvd-export compress` (or the compressed/ folder of a "
-                   "`fwsvd-export run` output)")
+CHECKPOINT_HINT = (
+    "a checkpoint is a folder written by `fwsvd-export compress` (or the compressed/ folder of a "
+    "`fwsvd-export run` output)"
+)
 LAYER_FIELDS = ("in_features", "rank", "out_features", "bias")
 
 # The dtype names recipes and manifests use.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # safetensors' dtype codes for the tensors a model state holds.
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 Header = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, safetensors dtype code)
 
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in ("fwsvd-export", "torch", "transformers", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime", "safetensors"):
+    for package in (
+        "fwsvd-export",
+        "torch",
+        "transformers",
+        "optimum-onnx",
+        "onnx",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "safetensors",
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -50,8 +70,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_checkpoint(model: PreTrainedModel, preprocessor, folder: Path, task: str, compression: dict[str, Any],
-                    recipe: dict[str, Any] | None = None, source: str | None = None) -> Path:
+def save_checkpoint(
+    model: PreTrainedModel,
+    preprocessor,
+    folder: Path,
+    task: str,
+    compression: dict[str, Any],
+    recipe: dict[str, Any] | None = None,
+    source: str | None = None,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     preprocessor.save_pretrained(folder)  # a tokenizer, an image processor, ...
@@ -62,9 +89,16 @@ def save_checkpoint(model: PreTrainedModel, preprocessor, folder: Path, task: st
         "task": task,
         "dtype": next(k for k, v in DTYPES.items() if v == dtype),
         "source_model": source,
-        "factorized": {name: {"in_features": m.in_features, "rank": m.rank, "out_features": m.out_features,
-                              "bias": m.second.bias is not None}
-                       for name, m in model.named_modules() if isinstance(m, LowRankLinear)},
+        "factorized": {
+            name: {
+                "in_features": m.in_features,
+                "rank": m.rank,
+                "out_features": m.out_features,
+                "bias": m.second.bias is not None,
+            }
+            for name, m in model.named_modules()
+            if isinstance(m, LowRankLinear)
+        },
         "compression": compression,
         "recipe": recipe,
         "versions": library_versions(),
@@ -85,8 +119,10 @@ def _not_a_checkpoint(folder: Path) -> str:
     if any(folder.glob("*.onnx")):
         return f"{folder} holds an ONNX export, not a checkpoint: {CHECKPOINT_HINT}"
     if (folder / "config.json").is_file():
-        return (f"{folder} is a plain Hugging Face model folder (config.json but no {MANIFEST}), so it is not "
-                "compressed yet: run `fwsvd-export compress` first")
+        return (
+            f"{folder} is a plain Hugging Face model folder (config.json but no {MANIFEST}), so it is not "
+            "compressed yet: run `fwsvd-export compress` first"
+        )
     return f"{folder} is not an fwsvd-export checkpoint: {MANIFEST} is missing and so is config.json; {CHECKPOINT_HINT}"
 
 
@@ -102,8 +138,9 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     if missing:
         raise FwsvdError(f"{path}: incomplete manifest, missing {', '.join(missing)}")
     if manifest["format"] != FORMAT_VERSION:
-        raise FwsvdError(f"{path}: checkpoint format {json.dumps(manifest['format'])} is not supported "
-                         f"(expected {FORMAT_VERSION})")
+        raise FwsvdError(
+            f"{path}: checkpoint format {json.dumps(manifest['format'])} is not supported (expected {FORMAT_VERSION})"
+        )
     if not isinstance(manifest["task"], str) or manifest["task"] not in TASKS:
         raise FwsvdError(f"{path}: 'task' must be one of {', '.join(TASKS)}, got {json.dumps(manifest['task'])}")
     if not isinstance(manifest["dtype"], str) or manifest["dtype"] not in DTYPES:
@@ -144,8 +181,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 def _read_header(weights: Path) -> Header:
     """Shape and safetensors dtype code of every tensor in the weights file, without loading any."""
     if not weights.is_file():
-        raise FwsvdError(f"{weights} is missing: the checkpoint is incomplete (its weights were not written or were "
-                         "removed)")
+        raise FwsvdError(
+            f"{weights} is missing: the checkpoint is incomplete (its weights were not written or were removed)"
+        )
     try:
         with safe_open(str(weights), framework="pt") as f:
             return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
@@ -160,14 +198,17 @@ def _check_layers(model: PreTrainedModel, factorized: dict[str, dict[str, Any]],
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise FwsvdError(f"{where} does not exist in the {model.config.model_type} model that config.json "
-                             "builds") from None
+            raise FwsvdError(
+                f"{where} does not exist in the {model.config.model_type} model that config.json builds"
+            ) from None
         if not isinstance(module, LINEAR_TYPES):
             raise FwsvdError(f"{where} is a {type(module).__name__} in the model, not a Linear layer")
         out_features, in_features = linear_weight(module).shape
         if (shape["in_features"], shape["out_features"]) != (in_features, out_features):
-            raise FwsvdError(f"{where}: 'in_features' {shape['in_features']} and 'out_features' {shape['out_features']} "
-                             f"do not match the model's layer ({in_features} in, {out_features} out)")
+            raise FwsvdError(
+                f"{where}: 'in_features' {shape['in_features']} and 'out_features' {shape['out_features']} "
+                f"do not match the model's layer ({in_features} in, {out_features} out)"
+            )
 
 
 def _check_factors(tensors: Header, factorized: dict[str, dict[str, Any]], path: Path, weights: Path) -> None:
@@ -179,29 +220,39 @@ def _check_factors(tensors: Header, factorized: dict[str, dict[str, Any]], path:
         if shape["bias"]:
             expected[f"{name}.second.bias"] = (out_features,)
         elif f"{name}.second.bias" in tensors:
-            raise FwsvdError(f"{weights} does not match {path}: it holds '{name}.second.bias' but the manifest says "
-                             f"'bias' false for layer '{name}'")
+            raise FwsvdError(
+                f"{weights} does not match {path}: it holds '{name}.second.bias' but the manifest says "
+                f"'bias' false for layer '{name}'"
+            )
         for tensor, wanted in expected.items():
             if tensor not in tensors:
-                raise FwsvdError(f"{weights} does not match {path}: layer '{name}' needs tensor '{tensor}', which "
-                                 "the file lacks")
+                raise FwsvdError(
+                    f"{weights} does not match {path}: layer '{name}' needs tensor '{tensor}', which the file lacks"
+                )
             if tensors[tensor][0] != wanted:
-                raise FwsvdError(f"{weights} does not match {path}: '{tensor}' has shape {list(tensors[tensor][0])}, but "
-                                 f"layer '{name}' (rank {rank}, in_features {in_features}, out_features {out_features}) "
-                                 f"needs {list(wanted)}")
+                raise FwsvdError(
+                    f"{weights} does not match {path}: '{tensor}' has shape {list(tensors[tensor][0])}, but "
+                    f"layer '{name}' (rank {rank}, in_features {in_features}, out_features {out_features}) "
+                    f"needs {list(wanted)}"
+                )
 
 
 def _check_dtypes(model: PreTrainedModel, tensors: Header, dtype: str, path: Path, weights: Path) -> None:
     """Each stored tensor must have the dtype the rebuilt model holds it in: loading casts silently, so a manifest
     whose dtype was edited would otherwise rebuild a different model from the same weights."""
     state = model.state_dict()
-    wrong = [(name, code) for name, (_, code) in tensors.items()
-             if name in state and SAFETENSORS_DTYPES.get(code) != state[name].dtype]
+    wrong = [
+        (name, code)
+        for name, (_, code) in tensors.items()
+        if name in state and SAFETENSORS_DTYPES.get(code) != state[name].dtype
+    ]
     if wrong:
         name, code = wrong[0]
         found = str(SAFETENSORS_DTYPES.get(code, code)).removeprefix("torch.")
-        raise FwsvdError(f"{weights} does not match {path}: 'dtype' is '{dtype}' but {len(wrong)} of {len(tensors)} "
-                         f"tensors are stored otherwise, e.g. '{name}' as {found}")
+        raise FwsvdError(
+            f"{weights} does not match {path}: 'dtype' is '{dtype}' but {len(wrong)} of {len(tensors)} "
+            f"tensors are stored otherwise, e.g. '{name}' as {found}"
+        )
 
 
 def _check_finite(model: PreTrainedModel, weights: Path) -> None:
@@ -210,8 +261,10 @@ def _check_finite(model: PreTrainedModel, weights: Path) -> None:
     for name, tensor in model.state_dict().items():
         bad = nonfinite(tensor)
         if bad:
-            raise FwsvdError(f"{weights}: '{name}' holds {bad}; a checkpoint must hold finite weights "
-                             "(fwsvd_export.load(..., check_finite=False) loads it anyway, to inspect it)")
+            raise FwsvdError(
+                f"{weights}: '{name}' holds {bad}; a checkpoint must hold finite weights "
+                "(fwsvd_export.load(..., check_finite=False) loads it anyway, to inspect it)"
+            )
 
 
 def _missing_tokenizer_files(folder: Path) -> list[str]:
@@ -245,9 +298,10 @@ def _load_tokenizer(folder: Path, manifest: dict[str, Any], trust_remote_code: b
         missing = [] if processor else _missing_tokenizer_files(folder)
         source = manifest.get("source_model")
         what = f"it lacks {', '.join(missing)}" if missing else short_message(exc)
-        raise FwsvdError(f"{folder}: the tokenizer cannot be loaded: {what}. `fwsvd-export compress` writes the "
-                         "tokenizer files beside config.json; copy them from the source model"
-                         + (f" ({source})" if source else "")) from None
+        raise FwsvdError(
+            f"{folder}: the tokenizer cannot be loaded: {what}. `fwsvd-export compress` writes the "
+            "tokenizer files beside config.json; copy them from the source model" + (f" ({source})" if source else "")
+        ) from None
 
 
 def load(folder: str | Path, with_tokenizer: bool = False, check_finite: bool = True, trust_remote_code: bool = False):
@@ -272,8 +326,11 @@ def load(folder: str | Path, with_tokenizer: bool = False, check_finite: bool = 
     _check_layers(model, factorized, path)
     _check_factors(tensors, factorized, path, weights)
     for name, shape in factorized.items():
-        set_module(model, name, LowRankLinear(shape["in_features"], shape["rank"], shape["out_features"],
-                                              bias=shape["bias"], dtype=dtype))
+        set_module(
+            model,
+            name,
+            LowRankLinear(shape["in_features"], shape["rank"], shape["out_features"], bias=shape["bias"], dtype=dtype),
+        )
     _check_dtypes(model, tensors, manifest["dtype"], path, weights)
     try:
         load_model(model, str(weights), strict=True)

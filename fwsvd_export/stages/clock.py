@@ -1,5 +1,6 @@
 """Wall time and host memory of a run's stages: the stage clock and the memory helpers that the pipeline,
 the sweep and the benchmarks share (one reading of /proc/self/status, one way to reset its peak)."""
+
 from __future__ import annotations
 
 import gc
@@ -34,6 +35,7 @@ def peak_rss_mb(reset: bool) -> float:
         return peak
     except (OSError, StopIteration, ValueError):
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -64,4 +66,7 @@ class Clock:
     def whole(self) -> dict[str, float]:
         """Seconds since the clock started and the largest stage peak: the run's own peak, which tools
         reading the process's high-water mark at exit (`/usr/bin/time`) cannot see after the resets."""
-        return {"seconds": time.perf_counter() - self._start, "peak_rss_mb": max(self.peak_rss_mb.values(), default=0.0)}
+        return {
+            "seconds": time.perf_counter() - self._start,
+            "peak_rss_mb": max(self.peak_rss_mb.values(), default=0.0),
+        }

@@ -4,6 +4,7 @@ A record is a dict of column -> value that also knows where it came from. Which 
 depends on the task; the check happens here, before any model work, so a typo in a column name fails in
 seconds with the file named.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -12,11 +13,12 @@ import hashlib
 import io
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ..errors import FwsvdError
 from ..config import DataSource, Recipe
+from ..errors import FwsvdError
 
 
 class Record(dict[str, Any]):
@@ -46,8 +48,9 @@ def _detect_format(path: Path, declared: str) -> str:
         return "text"
     if suffix == ".conll":
         return "conll"
-    raise FwsvdError(f"{path}: cannot tell the format from the extension '{suffix}'; set 'format' "
-                     "(jsonl, csv, tsv, text, conll)")
+    raise FwsvdError(
+        f"{path}: cannot tell the format from the extension '{suffix}'; set 'format' (jsonl, csv, tsv, text, conll)"
+    )
 
 
 def _decode(path: Path, origin: str) -> str:
@@ -73,12 +76,16 @@ def _read_csv(path: Path, text: str, tabs: bool) -> list[Record]:
         where = f"{path}:{reader.line_num}"
         header = len(reader.fieldnames)
         if None in row:
-            raise FwsvdError(f"{where}: the row has {header + len(row[None])} fields, more than the header's {header}"
-                             " (an unquoted delimiter inside a value?)")
+            raise FwsvdError(
+                f"{where}: the row has {header + len(row[None])} fields, more than the header's {header}"
+                " (an unquoted delimiter inside a value?)"
+            )
         missing = [column for column, value in row.items() if value is None]
         if missing:
-            raise FwsvdError(f"{where}: the row has {header - len(missing)} fields but the header has {header};"
-                             f" no value for column {', '.join(repr(c) for c in missing)}")
+            raise FwsvdError(
+                f"{where}: the row has {header - len(missing)} fields but the header has {header};"
+                f" no value for column {', '.join(repr(c) for c in missing)}"
+            )
         records.append(Record(row, where, path.parent))
     return records
 
@@ -145,8 +152,10 @@ def _read_conll(path: Path, text: str, source: DataSource) -> list[Record]:
         where = f"{path}:{number}"
         column = source.conll_tag_column if source.conll_tag_column >= 0 else len(fields) + source.conll_tag_column
         if not 1 <= column < len(fields):
-            raise FwsvdError(f"{where}: the line has {len(fields)} column(s) ({' '.join(fields)!r}), so no tag in column "
-                             f"{source.conll_tag_column} (data.*.conll_tag_column; the word is column 0)")
+            raise FwsvdError(
+                f"{where}: the line has {len(fields)} column(s) ({' '.join(fields)!r}), so no tag in column "
+                f"{source.conll_tag_column} (data.*.conll_tag_column; the word is column 0)"
+            )
         words.append(fields[0])
         tags.append(fields[column])
         wheres.append(where)
@@ -161,9 +170,11 @@ def _refuse_lone_surrogates(record: dict, where: str, origin: str) -> None:
         try:
             json.dumps([column, value], ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
-            escape = exc.object[exc.start:exc.end].encode("unicode_escape").decode("ascii")
-            raise FwsvdError(f"{where}: not UTF-8 text (the escape '{escape}' in column {ascii(column)} is half of "
-                             f"a surrogate pair, with no other half); from '{origin}'") from None
+            escape = exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+            raise FwsvdError(
+                f"{where}: not UTF-8 text (the escape '{escape}' in column {ascii(column)} is half of "
+                f"a surrogate pair, with no other half); from '{origin}'"
+            ) from None
 
 
 def _hub_errors(datasets) -> tuple[type[BaseException], ...]:

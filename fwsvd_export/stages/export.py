@@ -1,13 +1,15 @@
 """ONNX export through optimum's exporter, so the folder loads with ``optimum.onnxruntime``'s
 ``ORTModelFor*`` classes, plus a check that each factorized Linear really became two MatMuls."""
+
 from __future__ import annotations
 
 import os
 import shutil
 from collections import Counter
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Collection, Iterator, Optional, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -22,7 +24,7 @@ ONNX_FILE = "model.onnx"
 T = TypeVar("T")
 
 
-def export_onnx(model: nn.Module, preprocessor, folder: Path, task: str, opset: Optional[int] = None) -> Path:
+def export_onnx(model: nn.Module, preprocessor, folder: Path, task: str, opset: int | None = None) -> Path:
     """Write ``folder/model.onnx`` (with config and preprocessor: tokenizer, image processor, ...) for the
     in-memory `model`. What the exporter
     prints, warns or logs goes to the 'fwsvd_export' log (see `library_output_to_log`), not to the console."""
@@ -30,10 +32,20 @@ def export_onnx(model: nn.Module, preprocessor, folder: Path, task: str, opset: 
 
     folder.mkdir(parents=True, exist_ok=True)
     # no_post_process: optimum's own post-processing holds the whole graph in memory 3 times
-    with library_output_to_log("exporter", EXPORTER_LOGGERS), _graph_without_weights() as inputs, \
-            _shape_inference_without_weight_values():
-        onnx_export_from_model(model, output=folder, task=task, opset=opset, do_validation=False, no_post_process=True,
-                               do_constant_folding=False)
+    with (
+        library_output_to_log("exporter", EXPORTER_LOGGERS),
+        _graph_without_weights() as inputs,
+        _shape_inference_without_weight_values(),
+    ):
+        onnx_export_from_model(
+            model,
+            output=folder,
+            task=task,
+            opset=opset,
+            do_validation=False,
+            no_post_process=True,
+            do_constant_folding=False,
+        )
     _store_weights(folder / ONNX_FILE, model, inputs)
     preprocessor.save_pretrained(folder)
     return folder / ONNX_FILE
@@ -105,11 +117,15 @@ def _store_weights(path: Path, model: nn.Module, inputs: Collection[str]) -> Non
         tensor = state.get(value.name)
         if tensor is None or value.shape is None or tuple(value.shape) != tuple(tensor.shape):
             found = "no such tensor" if tensor is None else f"a tensor of shape {tuple(tensor.shape)}"
-            raise RuntimeError(f"{path}: the exporter left graph input {value.name!r} (shape {value.shape}) that is "
-                               f"not a model input, and the model's state dict has {found}")
+            raise RuntimeError(
+                f"{path}: the exporter left graph input {value.name!r} (shape {value.shape}) that is "
+                f"not a model input, and the model's state dict has {found}"
+            )
         bad = nonfinite(tensor.detach())
         if bad:  # the graph would compute NaN or inf wherever the tensor reaches
-            raise FwsvdError(f"the model's '{value.name}' holds {bad}: an ONNX graph is written with finite weights only")
+            raise FwsvdError(
+                f"the model's '{value.name}' holds {bad}: an ONNX graph is written with finite weights only"
+            )
         graph.inputs.remove(value)
         value.const_value = TorchTensor(tensor.detach(), name=value.name)
         graph.register_initializer(value)
@@ -146,8 +162,15 @@ def _fold_transposes(model, shared: bool) -> dict[str, int]:
     counts = {"folded": 0, "kept": 0}
     for node in list(graph):
         weight = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
-        if weight is None or not weight.is_initializer() or weight.is_graph_input() or weight.const_value is None \
-                or weight.shape is None or len(weight.shape) != 2 or node.outputs[0].is_graph_output():
+        if (
+            weight is None
+            or not weight.is_initializer()
+            or weight.is_graph_input()
+            or weight.const_value is None
+            or weight.shape is None
+            or len(weight.shape) != 2
+            or node.outputs[0].is_graph_output()
+        ):
             continue
         alone = len(weight.uses()) == 1
         if not alone and not shared:
@@ -157,9 +180,14 @@ def _fold_transposes(model, shared: bool) -> dict[str, int]:
         shape = ir.Shape(list(tensor.shape)[::-1])
         folded = graph.initializers.get(name)  # one copy however many Transposes read the weight
         if folded is None:
-            folded = ir.Value(name=name, shape=shape, type=ir.TensorType(tensor.dtype),
-                              const_value=ir.LazyTensor(lambda t=tensor: ir.tensor(np.ascontiguousarray(t.numpy().T)),
-                                                        tensor.dtype, shape, name=name))
+            folded = ir.Value(
+                name=name,
+                shape=shape,
+                type=ir.TensorType(tensor.dtype),
+                const_value=ir.LazyTensor(
+                    lambda t=tensor: ir.tensor(np.ascontiguousarray(t.numpy().T)), tensor.dtype, shape, name=name
+                ),
+            )
             graph.register_initializer(folded)
         node.outputs[0].replace_all_uses_with(folded)
         graph.remove(node, safe=True)
@@ -220,7 +248,7 @@ def module_path(node_name: str) -> str:
     return ".".join(node_name.strip("/").split("/")[:-1])
 
 
-def find_module(paths: dict[str, T], module: str) -> Optional[T]:
+def find_module(paths: dict[str, T], module: str) -> T | None:
     """What `paths` (module path -> value, from node names) holds for `module`; the exporter may drop
     leading scopes (e.g. 'model.'), so match on a suffix."""
     if module in paths:
@@ -228,7 +256,7 @@ def find_module(paths: dict[str, T], module: str) -> Optional[T]:
     return next((node for path, node in paths.items() if path and module.endswith("." + path)), None)
 
 
-def _weight_shape(name: str, shapes: dict[str, tuple], producers: dict[str, onnx.NodeProto]) -> Optional[tuple]:
+def _weight_shape(name: str, shapes: dict[str, tuple], producers: dict[str, onnx.NodeProto]) -> tuple | None:
     """The shape of the constant `name`: an initializer, a Constant node's tensor, or either of those through
     Transpose (a reversed shape), Identity or Cast nodes; None for anything computed from the graph's inputs."""
     if name in shapes:
@@ -248,8 +276,13 @@ def _weight_shape(name: str, shapes: dict[str, tuple], producers: dict[str, onnx
     return tuple(shape[i] for i in perm)
 
 
-def _is_factor(node: Optional[onnx.NodeProto], in_features: int, out_features: int, shapes: dict[str, tuple],
-               producers: dict[str, onnx.NodeProto]) -> bool:
+def _is_factor(
+    node: onnx.NodeProto | None,
+    in_features: int,
+    out_features: int,
+    shapes: dict[str, tuple],
+    producers: dict[str, onnx.NodeProto],
+) -> bool:
     """Whether `node` multiplies by a constant (in_features x out_features) matrix: its B input is an
     initializer (or a Constant, or one of those transposed) of that shape as the node uses it. A MatMul or
     Gemm whose weight comes from a graph input or from computed values is not a factor."""
@@ -271,8 +304,9 @@ def inspect_graph(path: Path, model: nn.Module) -> dict:
     products = {module_path(n.name): n for n in graph.node if n.op_type in ("MatMul", "Gemm")}
     layers = {}
     for name, module in factorized_layers(model).items():
-        layers[name] = (_is_factor(find_module(products, f"{name}.first"), module.in_features, module.rank, shapes, producers)
-                        and _is_factor(find_module(products, f"{name}.second"), module.rank, module.out_features, shapes, producers))
+        layers[name] = _is_factor(
+            find_module(products, f"{name}.first"), module.in_features, module.rank, shapes, producers
+        ) and _is_factor(find_module(products, f"{name}.second"), module.rank, module.out_features, shapes, producers)
     ops = Counter(n.op_type for n in graph.node)
     return {
         "matmul_nodes": ops.get("MatMul", 0),

@@ -2,19 +2,19 @@
 so the factors adapt to each other before export. The objective is the task loss, or distillation
 from the dense model (no labels needed, so it works on any calibration text). By default only the
 factors train; frozen weights get no gradients and no optimizer state."""
+
 from __future__ import annotations
 
 import random
-from typing import Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import FinetuneSpec
 from ..core.batch import Batch
 from ..core.lowrank import LowRankLinear, balance_
 from ..errors import FwsvdError
-from ..config import FinetuneSpec
 from .tasks import Task, run_torch
 
 _NORMS = (nn.LayerNorm,)
@@ -24,8 +24,9 @@ def trainable(model: nn.Module, what: str) -> list[nn.Parameter]:
     """The parameters `what` (factors | factors+norms | all) names; every other one is frozen."""
     chosen: list[nn.Parameter] = []
     for module in model.modules():
-        if isinstance(module, LowRankLinear) or (what == "factors+norms" and (
-                isinstance(module, _NORMS) or type(module).__name__.endswith("RMSNorm"))):
+        if isinstance(module, LowRankLinear) or (
+            what == "factors+norms" and (isinstance(module, _NORMS) or type(module).__name__.endswith("RMSNorm"))
+        ):
             chosen += list(module.parameters(recurse=isinstance(module, LowRankLinear)))
     if what == "all":
         chosen = list(model.parameters())
@@ -35,8 +36,15 @@ def trainable(model: nn.Module, what: str) -> list[nn.Parameter]:
     return chosen
 
 
-def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: FinetuneSpec, seed: int = 0,
-              progress: bool = True, teacher: Optional[nn.Module] = None) -> list[float]:
+def finetune_(
+    model: nn.Module,
+    task: Task,
+    batches: list[Batch],
+    spec: FinetuneSpec,
+    seed: int = 0,
+    progress: bool = True,
+    teacher: nn.Module | None = None,
+) -> list[float]:
     """Train `model` in place; returns the mean per-sample loss of each epoch. Factor pairs are
     balanced first (same product, comparable scales), so the optimizer treats both factors alike.
     With ``objective: distill``, `teacher` (the dense model) gives the targets."""
@@ -57,15 +65,19 @@ def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: Finetune
     history = []
     model.train(spec.objective == "task")  # distillation matches the teacher's deterministic outputs: no dropout
     try:
-        with tqdm(total=steps, desc=f"recovery fine-tuning ({spec.objective})", unit="step", disable=not progress) as bar:
+        with tqdm(
+            total=steps, desc=f"recovery fine-tuning ({spec.objective})", unit="step", disable=not progress
+        ) as bar:
             for _ in range(spec.epochs):
                 total, samples = 0.0, 0
                 for batch in order.sample(batches, len(batches)):
                     batch = batch.to(device)
                     loss = objective_loss(model, task, batch, spec, teacher)
                     if not bool(torch.isfinite(loss)):
-                        raise FwsvdError(f"recovery fine-tuning diverged: the loss became {loss.item()} in epoch "
-                                         f"{len(history) + 1}; lower finetune.learning_rate (now {spec.learning_rate:g})")
+                        raise FwsvdError(
+                            f"recovery fine-tuning diverged: the loss became {loss.item()} in epoch "
+                            f"{len(history) + 1}; lower finetune.learning_rate (now {spec.learning_rate:g})"
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     (loss / batch.samples).backward()
                     optimizer.step()
@@ -74,10 +86,14 @@ def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: Finetune
                     samples += batch.samples
                     bar.update(1)
                 history.append(total / max(samples, 1))
-        diverged = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        diverged = [
+            n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())
+        ]
         if diverged:
-            raise FwsvdError(f"recovery fine-tuning left non-finite weights in '{diverged[0]}' ({len(diverged)} tensors); "
-                             f"lower finetune.learning_rate (now {spec.learning_rate:g})")
+            raise FwsvdError(
+                f"recovery fine-tuning left non-finite weights in '{diverged[0]}' ({len(diverged)} tensors); "
+                f"lower finetune.learning_rate (now {spec.learning_rate:g})"
+            )
     finally:
         optimizer.zero_grad(set_to_none=True)
         for p, flag in flags.items():
@@ -86,8 +102,9 @@ def finetune_(model: nn.Module, task: Task, batches: list[Batch], spec: Finetune
     return history
 
 
-def objective_loss(model: nn.Module, task: Task, batch: Batch, spec: FinetuneSpec,
-                   teacher: Optional[nn.Module]) -> torch.Tensor:
+def objective_loss(
+    model: nn.Module, task: Task, batch: Batch, spec: FinetuneSpec, teacher: nn.Module | None
+) -> torch.Tensor:
     """The fine-tuning loss of one batch, summed over its samples."""
     if spec.objective == "task":
         return task.loss(model, batch)

@@ -1,5 +1,6 @@
 """Decoder checks that need the key/value cache: greedy generation parity between PyTorch and an ONNX
 graph exported with past."""
+
 from __future__ import annotations
 
 import onnxruntime as ort
@@ -15,7 +16,7 @@ def greedy_torch(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> list[
         for _ in range(steps):
             nxt = model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, nxt], dim=1)
-    return tokens[0, ids.shape[1]:].tolist()
+    return tokens[0, ids.shape[1] :].tolist()
 
 
 def greedy_ort(session: ort.InferenceSession, ids: torch.Tensor, steps: int) -> list[int]:

@@ -17,6 +17,7 @@ rank for the global allocation (``cost_tables``: the empty graph's time taken of
 multiple left out, then made non-decreasing by isotonic regression). A time budget (``time_budget``)
 scales each layer's table to the layer's time inside the profiled dense model (``in_graph``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,12 +41,12 @@ from tqdm.auto import tqdm
 
 from ..core.allocate import CostTable, TimeBudget
 from ..core.compress import plan_layers
-from ..core.spec import CompressionSpec
 from ..core.lowrank import break_even_rank
+from ..core.spec import CompressionSpec
 from ..errors import FwsvdError, SpecError
-from .precision import check_runs_on, make_variant
-from .export import module_path, find_module
+from .export import find_module, module_path
 from .latency import interleaved
+from .precision import check_runs_on, make_variant
 from .validate import PROVIDERS, open_session, session_options
 
 TIMING_FORMAT = 1  # bump when what a cache file holds, or how it is measured, changes
@@ -55,8 +56,16 @@ MAX_POINTS = 48  # ranks timed per shape at most; wide layers get a coarser grid
 MAX_MULTIPLE = 64  # the largest rank multiple recommended_multiple considers
 FLAT = 1 / 3  # a multiple is recommended when rounding ranks up to it costs at most this share of the trend
 GROUP_BYTES = 256 * 2**20  # weights (fp32) of the graphs held open at once
-PRODUCTS = ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-            "QLinearMatMul", "MatMulNBits")  # the operators a Linear's product runs as, fused or quantized
+PRODUCTS = (
+    "MatMul",
+    "Gemm",
+    "FusedMatMul",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "MatMulNBits",
+)  # the operators a Linear's product runs as, fused or quantized
 
 
 @dataclass
@@ -82,8 +91,11 @@ class Timing:
         some run slower than the multiple above them (a kernel's slow path for a ragged tile)."""
         every = list(zip(self.ranks, self.work()))
         points = [(r, w) for r, w in every if r % multiple == 0] or every
-        return CostTable(tuple(r for r, _ in points), tuple(_isotonic([w for _, w in points])),
-                         max(0.0, self.dense_ms - self.empty_ms))
+        return CostTable(
+            tuple(r for r, _ in points),
+            tuple(_isotonic([w for _, w in points])),
+            max(0.0, self.dense_ms - self.empty_ms),
+        )
 
 
 def _isotonic(values: list[float]) -> list[float]:
@@ -122,8 +134,12 @@ def machine(provider: str) -> dict:
                 break
     except OSError:
         pass
-    found = {"machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count() or 1,
-             "vector": sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))}
+    found = {
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count() or 1,
+        "vector": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+    }
     if provider == "cuda":
         import torch
 
@@ -132,9 +148,19 @@ def machine(provider: str) -> dict:
 
 
 def _key(provider: str, precision: str, threads: int, tokens: int, rounds: int, repeats: int) -> dict:
-    return {"format": TIMING_FORMAT, "machine": machine(provider), "onnxruntime": ort.__version__, "provider": provider,
-            "precision": precision, "threads": threads, "tokens": tokens, "resolution": RESOLUTION, "max_points": MAX_POINTS,
-            "rounds": rounds, "repeats": repeats}
+    return {
+        "format": TIMING_FORMAT,
+        "machine": machine(provider),
+        "onnxruntime": ort.__version__,
+        "provider": provider,
+        "precision": precision,
+        "threads": threads,
+        "tokens": tokens,
+        "resolution": RESOLUTION,
+        "max_points": MAX_POINTS,
+        "rounds": rounds,
+        "repeats": repeats,
+    }
 
 
 def _check(provider: str, precision: str) -> None:
@@ -172,7 +198,7 @@ def _quantized(graph: Path, precision: str) -> Path:
         root.removeFilter(quiet)
 
 
-def _graph(path: Path, tokens: int, in_features: int, out_features: int, rank: Optional[int], seed: int) -> Path:
+def _graph(path: Path, tokens: int, in_features: int, out_features: int, rank: int | None, seed: int) -> Path:
     """x @ A @ B (rank r), x @ W (rank None) or, with out_features 0, the empty graph y = x; fp32."""
     rng = np.random.default_rng(seed)
 
@@ -188,9 +214,13 @@ def _graph(path: Path, tokens: int, in_features: int, out_features: int, rank: O
     else:
         nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("MatMul", ["h", "B"], ["y"])]
         weights, width = [weight("A", in_features, rank), weight("B", rank, out_features)], out_features
-    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, in_features])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, width])],
-                              initializer=weights)
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, width])],
+        initializer=weights,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     path.mkdir(parents=True)
     onnx.save(model, str(path / "model.onnx"))
@@ -206,8 +236,9 @@ class _Runner:
         device = "cuda" if provider == "cuda" else "cpu"
         self.binding = self.session.io_binding()
         self.binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
-        self.binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_shape_and_type([x.shape[0], width], np.float32,
-                                                                                          device, 0))
+        self.binding.bind_ortvalue_output(
+            "y", ort.OrtValue.ortvalue_from_shape_and_type([x.shape[0], width], np.float32, device, 0)
+        )
 
     def __call__(self, repeats: int) -> float:
         """Milliseconds per run, over `repeats` runs."""
@@ -231,14 +262,24 @@ def _groups(in_features: int, out_features: int) -> list[list[int]]:
     return groups
 
 
-def _measure_shape(in_features: int, out_features: int, provider: str, precision: str, threads: int, tokens: int,
-                   rounds: int, repeats: int, bar: tqdm) -> Timing:
+def _measure_shape(
+    in_features: int,
+    out_features: int,
+    provider: str,
+    precision: str,
+    threads: int,
+    tokens: int,
+    rounds: int,
+    repeats: int,
+    bar: tqdm,
+) -> Timing:
     ranks = rank_grid(in_features, out_features)
     x = np.random.default_rng(0).standard_normal((tokens, in_features)).astype(np.float32)
     groups = _groups(in_features, out_features)
     times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="fwsvd-kernel-timing-") as tmp:
-        def runner(name: str, rank: Optional[int], width: int) -> _Runner:
+
+        def runner(name: str, rank: int | None, width: int) -> _Runner:
             graph = _graph(Path(tmp) / name, tokens, in_features, width, rank, seed=len(times))
             if precision != "fp32" and width:
                 graph = _quantized(graph, precision)
@@ -252,14 +293,15 @@ def _measure_shape(in_features: int, out_features: int, provider: str, precision
             for name in names:  # warm-up: first runs allocate and pack weights
                 runners[name](repeats)
             for i in range(rounds):
-                for name in names[i % len(names):] + names[:i % len(names)]:
+                for name in names[i % len(names) :] + names[: i % len(names)]:
                     times[name].append(runners[name](repeats))
                 bar.update(1)
             del runners
     medians = {name: statistics.median(t) for name, t in times.items()}
     noise = statistics.median(statistics.median(abs(v - medians[name]) for v in t) for name, t in times.items())
-    return Timing(in_features, out_features, ranks, [medians[f"r{r}"] for r in ranks], medians["dense"], medians["empty"],
-                  noise)
+    return Timing(
+        in_features, out_features, ranks, [medians[f"r{r}"] for r in ranks], medians["dense"], medians["empty"], noise
+    )
 
 
 def _read(path: Path, key: dict) -> dict[str, dict]:
@@ -272,15 +314,28 @@ def _read(path: Path, key: dict) -> dict[str, dict]:
         for name, entry in shapes.items():
             timing = Timing(**entry)
             shape = (timing.in_features, timing.out_features)
-            if f"{shape[0]}x{shape[1]}" == name and timing.ranks == rank_grid(*shape) and len(timing.factored_ms) == len(timing.ranks):
+            if (
+                f"{shape[0]}x{shape[1]}" == name
+                and timing.ranks == rank_grid(*shape)
+                and len(timing.factored_ms) == len(timing.ranks)
+            ):
                 found[name] = entry
         return found
     except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return {}
 
 
-def measure(shapes: list[tuple[int, int]], provider: str, precision: str, shape: str, threads: int, cache_dir: Path,
-            rounds: int = 9, repeats: int = 5, progress: bool = True) -> dict[tuple[int, int], Timing]:
+def measure(
+    shapes: list[tuple[int, int]],
+    provider: str,
+    precision: str,
+    shape: str,
+    threads: int,
+    cache_dir: Path,
+    rounds: int = 9,
+    repeats: int = 5,
+    progress: bool = True,
+) -> dict[tuple[int, int], Timing]:
     """The timing of each (in, out) layer shape on `provider` in `precision`, for the tokens of `shape`
     (BATCHxSEQUENCE), from `cache_dir` where measured before on this machine, else measured and stored."""
     _check(provider, precision)
@@ -293,10 +348,16 @@ def measure(shapes: list[tuple[int, int]], provider: str, precision: str, shape:
     missing = [s for s in wanted if f"{s[0]}x{s[1]}" not in cached]
     if missing:
         _probe(provider, threads)
-        with tqdm(total=rounds * sum(len(_groups(*s)) for s in missing), unit="round", disable=not progress,
-                  desc=f"timing factor pairs ({provider}, {precision}, {shape})") as bar:
+        with tqdm(
+            total=rounds * sum(len(_groups(*s)) for s in missing),
+            unit="round",
+            disable=not progress,
+            desc=f"timing factor pairs ({provider}, {precision}, {shape})",
+        ) as bar:
             for in_f, out_f in missing:
-                timing = _measure_shape(in_f, out_f, provider, precision, threads, batch * sequence, rounds, repeats, bar)
+                timing = _measure_shape(
+                    in_f, out_f, provider, precision, threads, batch * sequence, rounds, repeats, bar
+                )
                 cached[f"{in_f}x{out_f}"] = asdict(timing)
         partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -308,8 +369,9 @@ def measure(shapes: list[tuple[int, int]], provider: str, precision: str, shape:
     return {s: Timing(**cached[f"{s[0]}x{s[1]}"]) for s in wanted}
 
 
-def cost_tables(timings: dict[tuple[int, int], Timing], layers: dict[str, tuple[int, int]],
-                multiple: int = 1) -> dict[str, CostTable]:
+def cost_tables(
+    timings: dict[tuple[int, int], Timing], layers: dict[str, tuple[int, int]], multiple: int = 1
+) -> dict[str, CostTable]:
     """Per layer name, the cost table of its (in, out) shape at ranks that are multiples of `multiple`:
     what core.allocate spends a time budget with."""
     tables = {s: t.cost_table(multiple) for s, t in timings.items()}
@@ -347,16 +409,29 @@ def recommended_multiple(timings: dict[tuple[int, int], Timing]) -> int:
             slope = _trend(list(regular.items()), timing.noise_ms)
             if slope <= 0 or base % step:
                 continue  # no trend, or the grid cannot show a step of 2 * base
-            ratios += [(regular[r + base] - t) / (slope * base) for r, t in regular.items()
-                       if r % (2 * base) == base and r + base in regular]
+            ratios += [
+                (regular[r + base] - t) / (slope * base)
+                for r, t in regular.items()
+                if r % (2 * base) == base and r + base in regular
+            ]
         if len(ratios) < 3 or statistics.median(ratios) > FLAT:
             break
         chosen = base = 2 * base
     return chosen
 
 
-def time_budget(model, spec: CompressionSpec, dense_graph: Path, config: Any, threads: int, warmup: int, runs: int,
-                rounds: int, cache_dir: Path, progress: bool = True) -> TimeBudget:
+def time_budget(
+    model,
+    spec: CompressionSpec,
+    dense_graph: Path,
+    config: Any,
+    threads: int,
+    warmup: int,
+    runs: int,
+    rounds: int,
+    cache_dir: Path,
+    progress: bool = True,
+) -> TimeBudget:
     """What `spec.target_speedup` spends: the dense graph (in `spec.latency_precision`) profiled on
     `spec.latency_provider` at `spec.latency_shape`, and the factor-pair cost table of every targeted layer.
 
@@ -399,8 +474,17 @@ def in_graph(tables: dict[str, CostTable], nodes: dict[str, float]) -> tuple[dic
     return scaled, median
 
 
-def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads: int, shape: str, config: Any,
-             warmup: int, runs: int, rounds: int) -> tuple[float, dict[str, float]]:
+def profiled(
+    session: ort.InferenceSession,
+    graph: Path,
+    provider: str,
+    threads: int,
+    shape: str,
+    config: Any,
+    warmup: int,
+    runs: int,
+    rounds: int,
+) -> tuple[float, dict[str, float]]:
     """The median time (ms) of `session` (a plain one of `graph`) at BATCHxSEQUENCE (its inputs made from the
     graph's own and the model `config`: `ort_io.timing_inputs`), and per matrix-product
     node (by name) the median of its kernel time in a profiled session of `graph`, the two timed in
@@ -412,14 +496,19 @@ def profiled(session: ort.InferenceSession, graph: Path, provider: str, threads:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         profiling = ort.InferenceSession(str(graph), options, providers=[PROVIDERS[provider]])
-        timed = interleaved({"plain": session, "profiled": profiling}, [shape], config, warmup, runs, rounds,
-                            decode=False)  # a decoder's budget is its prompt pass: only those runs are profiled
+        timed = interleaved(
+            {"plain": session, "profiled": profiling}, [shape], config, warmup, runs, rounds, decode=False
+        )  # a decoder's budget is its prompt pass: only those runs are profiled
         events = json.loads(Path(profiling.end_profiling()).read_text())
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-runs:]
     start = model_runs[0]["ts"]  # the warm-up runs come first
     nodes: dict[str, list[float]] = {}
     for e in events:
-        if e.get("cat") == "Node" and e["ts"] >= start and e["name"].endswith("_kernel_time") \
-                and e.get("args", {}).get("op_name") in PRODUCTS:
-            nodes.setdefault(e["name"][:-len("_kernel_time")], []).append(e["dur"] / 1000)
+        if (
+            e.get("cat") == "Node"
+            and e["ts"] >= start
+            and e["name"].endswith("_kernel_time")
+            and e.get("args", {}).get("op_name") in PRODUCTS
+        ):
+            nodes.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] / 1000)
     return timed["plain"][shape]["median_ms"], {name: statistics.median(times) for name, times in nodes.items()}

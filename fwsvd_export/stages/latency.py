@@ -7,11 +7,13 @@ held side by side take their turns one session at a time (`in_turn`), each turn 
 A graph exported with its key/value cache is timed as a decoder runs: the prompt pass (prefill) at the
 shape, and one decode step with that prompt cached.
 """
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -43,7 +45,7 @@ def _shares(runs: int, rounds: int) -> list[int]:
 
 
 def _rotated(names: list[str], turn: int) -> list[str]:
-    return names[turn % len(names):] + names[:turn % len(names)]
+    return names[turn % len(names) :] + names[: turn % len(names)]
 
 
 def _warm(parts: dict[str, Callable[[], object]], warmup: int) -> None:
@@ -71,8 +73,15 @@ def _results(times: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, d
     return result
 
 
-def interleaved(sessions: dict[str, ort.InferenceSession], shapes: list[str], config: Any, warmup: int,
-                runs: int, rounds: int, decode: bool = True) -> dict[str, dict[str, dict]]:
+def interleaved(
+    sessions: dict[str, ort.InferenceSession],
+    shapes: list[str],
+    config: Any,
+    warmup: int,
+    runs: int,
+    rounds: int,
+    decode: bool = True,
+) -> dict[str, dict[str, dict]]:
     """name -> shape -> {median_ms, p90_ms, runs[, decode_per_token]}: `runs` timed runs per artifact and
     shape, spread over `rounds` turns (the first artifact of a round rotates), on inputs made for each
     graph from its own inputs and the model `config` (`ort_io.timing_inputs`); `decode` False times a
@@ -89,8 +98,15 @@ def interleaved(sessions: dict[str, ort.InferenceSession], shapes: list[str], co
     return _results(times)
 
 
-def in_turn(opens: dict[str, Callable[[], ort.InferenceSession]], shapes: list[str], config: Any, warmup: int,
-            runs: int, rounds: int, decode: bool = True) -> dict[str, dict[str, dict]]:
+def in_turn(
+    opens: dict[str, Callable[[], ort.InferenceSession]],
+    shapes: list[str],
+    config: Any,
+    warmup: int,
+    runs: int,
+    rounds: int,
+    decode: bool = True,
+) -> dict[str, dict[str, dict]]:
     """As `interleaved`, for graphs too big to be held side by side: one session at a time. Each turn
     opens its artifact's session (`opens[name]()`), warms every shape up again (a new session allocates
     and packs on its first runs), times its share, and lets the session go before the next turn."""

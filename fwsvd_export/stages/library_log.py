@@ -3,14 +3,15 @@ optimum's exporter and ONNX Runtime's quantizers speak through console handlers 
 warnings, bare prints and the root logger, whose first use (a library's ``logging.warning(...)``)
 installs a console handler on it for the rest of the process: every record of every logger, the
 tool's own included, would then be printed a second time."""
+
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 LOG = logging.getLogger("fwsvd_export")
 
@@ -24,8 +25,11 @@ class _Forward(logging.Handler):
         self.speaker = speaker
 
     def emit(self, record: logging.LogRecord) -> None:
-        level = record.levelno if record.levelno >= logging.ERROR else (
-            logging.INFO if record.levelno >= logging.WARNING else logging.DEBUG)
+        level = (
+            record.levelno
+            if record.levelno >= logging.ERROR
+            else (logging.INFO if record.levelno >= logging.WARNING else logging.DEBUG)
+        )
         LOG.log(level, "%s (%s): %s", self.speaker, record.name, record.getMessage())
 
 
@@ -111,9 +115,20 @@ def library_output_to_log(speaker: str, loggers: tuple[str, ...]) -> Iterator[No
         failed = False
     finally:
         for warning in caught:
-            LOG.info("%s warning: %s: %s (%s:%s)", speaker, warning.category.__name__, warning.message,
-                     Path(warning.filename).name, warning.lineno)
+            LOG.info(
+                "%s warning: %s: %s (%s:%s)",
+                speaker,
+                warning.category.__name__,
+                warning.message,
+                Path(warning.filename).name,
+                warning.lineno,
+            )
         for stream, buffer in (("stdout", printed_out), ("stderr", printed_err)):
             if buffer.getvalue().strip():
-                LOG.log(logging.WARNING if failed else logging.DEBUG, "%s %s: %s", speaker, stream,
-                        buffer.getvalue().strip())
+                LOG.log(
+                    logging.WARNING if failed else logging.DEBUG,
+                    "%s %s: %s",
+                    speaker,
+                    stream,
+                    buffer.getvalue().strip(),
+                )

@@ -1,5 +1,6 @@
 """Loading the model and preprocessor a recipe names (a local folder, a hub id, or a package that ships
 one), and fitting batches to what the model's forward takes."""
+
 from __future__ import annotations
 
 import importlib
@@ -10,20 +11,28 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import CONFIG_MAPPING, AutoConfig, AutoProcessor, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from ..config import ModelSpec, Recipe
 from ..core.batch import Batch
 from ..errors import FwsvdError, short_message
-from ..config import ModelSpec, Recipe
 from .checkpoint import DTYPES
 from .tasks import Task, get_task
 from .tasks.embeddings import POOLING
 
 log = logging.getLogger("fwsvd_export")
+
 
 def is_local_path(location: str) -> bool:
     """Whether `location` means a path on disk rather than a hub id. Hub ids are `name` or `org/name`: one
@@ -31,8 +40,12 @@ def is_local_path(location: str) -> bool:
     starts with '.' or '~', or is absolute, or holds two or more path separators; a bare `org/name` that
     does not exist here is a hub id."""
     separators = location.count("/") + (location.count(os.sep) if os.sep != "/" else 0)
-    return (os.path.exists(os.path.expanduser(location)) or location.startswith((".", "~"))
-            or Path(location).is_absolute() or separators >= 2)
+    return (
+        os.path.exists(os.path.expanduser(location))
+        or location.startswith((".", "~"))
+        or Path(location).is_absolute()
+        or separators >= 2
+    )
 
 
 def check_local_model(location: str) -> str:
@@ -46,10 +59,14 @@ def check_local_model(location: str) -> str:
     if not path.is_dir():
         raise FwsvdError(f"{location} is a file; expected a model folder (config.json and weights) or a hub id")
     if (path / MANIFEST).is_file():  # transformers would load it with random dense layers
-        raise FwsvdError(f"{location} is a compressed fwsvd-export checkpoint, not a dense model: load it with "
-                         "fwsvd_export.load (or `fwsvd-export inspect`), or compress its source model instead")
+        raise FwsvdError(
+            f"{location} is a compressed fwsvd-export checkpoint, not a dense model: load it with "
+            "fwsvd_export.load (or `fwsvd-export inspect`), or compress its source model instead"
+        )
     if not (path / "config.json").is_file():
-        raise FwsvdError(f"{location} has no config.json; expected a model folder (config.json and weights) or a hub id")
+        raise FwsvdError(
+            f"{location} has no config.json; expected a model folder (config.json and weights) or a hub id"
+        )
     return str(path)
 
 
@@ -60,7 +77,9 @@ def model_location(recipe: Recipe) -> str:
         try:
             module = importlib.import_module(spec.package)
         except ImportError:
-            raise FwsvdError(f"{recipe.source}: 'model.package' names '{spec.package}', which is not installed") from None
+            raise FwsvdError(
+                f"{recipe.source}: 'model.package' names '{spec.package}', which is not installed"
+            ) from None
         if not hasattr(module, "get_model_path"):
             raise FwsvdError(f"{recipe.source}: package '{spec.package}' has no get_model_path() to find its model")
         return str(module.get_model_path())
@@ -86,12 +105,20 @@ def check_custom_code(folder: Path, allowed: bool) -> None:
     auto_map = config.get("auto_map") if isinstance(config, dict) else None
     if not auto_map or allowed or config.get("model_type") in CONFIG_MAPPING:
         return
-    code = sorted({str(ref).split("--")[-1].split(".")[0] + ".py" for refs in auto_map.values()
-                   for ref in (refs if isinstance(refs, list) else [refs]) if ref})
-    raise FwsvdError(f"{path} has an auto_map to the folder's own Python ({', '.join(code)}) for model type "
-                     f"{json.dumps(config.get('model_type'))}, which transformers does not know: loading it would run "
-                     "that code, and fwsvd-export runs no model's code unless told to (trust_remote_code). If you "
-                     "trust the folder, set model.trust_remote_code: true in the recipe")
+    code = sorted(
+        {
+            str(ref).split("--")[-1].split(".")[0] + ".py"
+            for refs in auto_map.values()
+            for ref in (refs if isinstance(refs, list) else [refs])
+            if ref
+        }
+    )
+    raise FwsvdError(
+        f"{path} has an auto_map to the folder's own Python ({', '.join(code)}) for model type "
+        f"{json.dumps(config.get('model_type'))}, which transformers does not know: loading it would run "
+        "that code, and fwsvd-export runs no model's code unless told to (trust_remote_code). If you "
+        "trust the folder, set model.trust_remote_code: true in the recipe"
+    )
 
 
 def _stored_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -138,8 +165,10 @@ def check_sizes(folder: Path, task: Task, config: PretrainedConfig, trust_remote
     keys = _config_keys(config, differs) if differs is not None else []
     what = f"{folder / 'config.json'}'s {' or '.join(keys)} {differs}" if keys else str(folder / "config.json")
     more = f" ({len(wrong) - 1} more tensors disagree too)" if len(wrong) > 1 else ""
-    raise FwsvdError(f"{what} disagrees with the weights: {name} is {list(found)} in {file}, where the config "
-                     f"makes it {list(built)}{more}")
+    raise FwsvdError(
+        f"{what} disagrees with the weights: {name} is {list(found)} in {file}, where the config "
+        f"makes it {list(built)}{more}"
+    )
 
 
 def _checked_config(folder: Path, task: Task, kwargs: dict[str, Any]) -> PretrainedConfig:
@@ -174,36 +203,51 @@ def check_loading(model: PreTrainedModel, info: dict[str, list], task: Task, loc
     (Task.unread) and a checkpoint's unused head; returns the notes that say so, for the run's report."""
     config_layers = getattr(model.config, "num_hidden_layers", None)
     notes = []
-    for kind, problem, fate in (("missing_keys", "are not in the weights", "randomly initialised"),
-                                ("unexpected_keys", "are not used by the model", "dropped")):
+    for kind, problem, fate in (
+        ("missing_keys", "are not in the weights", "randomly initialised"),
+        ("unexpected_keys", "are not used by the model", "dropped"),
+    ):
         keys = sorted(info.get(kind, []))
         unread = [k for k in keys if kind == "missing_keys" and _unread(model, k, task)]
         head = [k for k in keys if _is_head(model, k) and (kind == "unexpected_keys" or task.new_head)]
         rest = [k for k in keys if k not in head and k not in unread]
         if rest:
             layered = config_layers is not None and all(re.search(r"\.\d+\.", k) for k in rest)
-            what = (f"config.json's num_hidden_layers {config_layers} disagrees with the weights of '{location}'"
-                    if layered else f"the weights of '{location}' do not fit the model its config.json builds")
+            what = (
+                f"config.json's num_hidden_layers {config_layers} disagrees with the weights of '{location}'"
+                if layered
+                else f"the weights of '{location}' do not fit the model its config.json builds"
+            )
             raise FwsvdError(f"{what}: {len(rest)} tensors {problem} (they would be {fate}): {_listing(rest)}")
         if unread:
-            notes.append(f"{_listing(unread)} (not in the weights of '{location}') were newly initialised; "
-                         f"{task.name} never reads them")
+            notes.append(
+                f"{_listing(unread)} (not in the weights of '{location}') were newly initialised; "
+                f"{task.name} never reads them"
+            )
         if head and kind == "missing_keys":
-            notes.append(f"the {task.name} head ({_listing(head)}) is not in the weights of '{location}': it was "
-                         f"newly initialised, so {task.new_head}")
+            notes.append(
+                f"the {task.name} head ({_listing(head)}) is not in the weights of '{location}': it was "
+                f"newly initialised, so {task.new_head}"
+            )
         elif head:
-            notes.append(f"the task head in the weights of '{location}' ({_listing(head)}) is not used by "
-                         f"{task.name}: dropped")
+            notes.append(
+                f"the task head in the weights of '{location}' ({_listing(head)}) is not used by {task.name}: dropped"
+            )
     return notes
 
 
 # sentence-transformers' Pooling config flags, by the pooling they ask for
-_POOLING_FLAGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                  "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
-                  "pooling_mode_lasttoken": "lasttoken"}
+_POOLING_FLAGS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 
 
-def read_pooling(folder: Path) -> Optional[dict[str, Any]]:
+def read_pooling(folder: Path) -> dict[str, Any] | None:
     """How a sentence-transformers folder pools its token states: {"mode", "normalize", "source"} from its
     modules.json (a Normalize module) and its Pooling module's config.json (mean, cls, max, or what else it
     asks for, which the feature-extraction task refuses; several modes at once are "mode1+mode2"); a
@@ -225,7 +269,9 @@ def read_pooling(folder: Path) -> Optional[dict[str, Any]]:
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        raise FwsvdError(f"{config_file}: the Pooling config modules.json names cannot be read: {short_message(exc)}") from None
+        raise FwsvdError(
+            f"{config_file}: the Pooling config modules.json names cannot be read: {short_message(exc)}"
+        ) from None
     modes = [mode for flag, mode in _POOLING_FLAGS.items() if config.get(flag)] or [str(config.get("pooling_mode"))]
     return {"mode": "+".join(modes), "normalize": normalize, "source": f"{Path(pooling) / 'config.json'}"}
 
@@ -239,9 +285,14 @@ def loading_notes(model: PreTrainedModel) -> list[str]:
     return list(getattr(model, LOADING_NOTES, []))
 
 
-def load_pretrained(location: str, task_name: str, dtype: str = "float32", revision: str | None = None,
-                    placement: Optional[dict[str, Any]] = None, trust_remote_code: bool = False
-                    ) -> tuple[PreTrainedModel, Any]:
+def load_pretrained(
+    location: str,
+    task_name: str,
+    dtype: str = "float32",
+    revision: str | None = None,
+    placement: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, Any]:
     """The model in eval mode and its preprocessor (`load_preprocessor`), from a local folder or a hub id; `placement` holds
     accelerate's from_pretrained arguments (device_map, max_memory, offload_folder), if any. A local
     folder's config.json is checked against its weights before they are read, and every weight must be
@@ -255,18 +306,27 @@ def load_pretrained(location: str, task_name: str, dtype: str = "float32", revis
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **({"revision": revision} if revision else {})}
     try:
         checked = {"config": _checked_config(Path(source), task, kwargs)} if local else {}
-        model, info = task.auto_class.from_pretrained(source, dtype=DTYPES[dtype], output_loading_info=True,
-                                                      use_safetensors=True,  # pickled weights are never loaded
-                                                      **checked, **kwargs, **(placement or {}))
+        model, info = task.auto_class.from_pretrained(
+            source,
+            dtype=DTYPES[dtype],
+            output_loading_info=True,
+            use_safetensors=True,  # pickled weights are never loaded
+            **checked,
+            **kwargs,
+            **(placement or {}),
+        )
         preprocessor = load_preprocessor(source, kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
-        hint = ("; with this placement the model may fit on no device at all (raise model.max_memory)"
-                if placement else "")
+        hint = (
+            "; with this placement the model may fit on no device at all (raise model.max_memory)" if placement else ""
+        )
         raise FwsvdError(f"could not load model '{location}' for {task.name}: {short_message(exc)}{hint}") from None
     except RuntimeError as exc:  # weights in a format whose shapes check_sizes cannot read first
         if "size mismatch" not in str(exc):
             raise
-        raise FwsvdError(f"config.json of '{location}' disagrees with its weights: {' '.join(str(exc).split())}") from None
+        raise FwsvdError(
+            f"config.json of '{location}' disagrees with its weights: {' '.join(str(exc).split())}"
+        ) from None
     notes = check_loading(model, info, task, location)
     for note in notes:
         log.warning(note)
@@ -292,8 +352,9 @@ def check_positions(recipe: Recipe, config: Any) -> None:
     """Refuse a data.max_length beyond the model's positions."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and recipe.data.max_length > limit:
-        raise FwsvdError(f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's "
-                         f"{limit} positions")
+        raise FwsvdError(
+            f"{recipe.source}: 'data.max_length' {recipe.data.max_length} exceeds the model's {limit} positions"
+        )
 
 
 def load_preprocessor(source: str, kwargs: dict[str, Any]) -> Any:
@@ -329,23 +390,34 @@ def fit_batches(batches: list[Batch], model: torch.nn.Module) -> list[Batch]:
     dropped = sorted({k for b in batches for k in b.inputs if k not in accepted})
     if not dropped:
         return batches
-    log.info("the preprocessor's %s left out of the batches: %s.forward does not take %s", ", ".join(dropped),
-             type(model).__name__, "it" if len(dropped) == 1 else "them")
-    return [Batch({k: v for k, v in b.inputs.items() if k in accepted}, b.token_mask, b.labels, b.groups,
-                  b.meta) for b in batches]
+    log.info(
+        "the preprocessor's %s left out of the batches: %s.forward does not take %s",
+        ", ".join(dropped),
+        type(model).__name__,
+        "it" if len(dropped) == 1 else "them",
+    )
+    return [
+        Batch({k: v for k, v in b.inputs.items() if k in accepted}, b.token_mask, b.labels, b.groups, b.meta)
+        for b in batches
+    ]
 
 
 def load_model(recipe: Recipe) -> tuple[PreTrainedModel, Any, str]:
     """The recipe's model and preprocessor (a tokenizer, an image processor, ...), and where they were
     loaded from."""
     location = model_location(recipe)
-    model, preprocessor = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision,
-                                          trust_remote_code=recipe.model.trust_remote_code)
+    model, preprocessor = load_pretrained(
+        location,
+        recipe.model.task,
+        recipe.model.dtype,
+        recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
     check_positions(recipe, model.config)
     return model, preprocessor, location
 
 
-def placement(recipe: Recipe) -> Optional[dict[str, Any]]:
+def placement(recipe: Recipe) -> dict[str, Any] | None:
     """accelerate's from_pretrained arguments for the recipe's device_map, or None to load on the host."""
     spec = recipe.model
     if spec.device_map is None:
@@ -360,7 +432,7 @@ def placement(recipe: Recipe) -> Optional[dict[str, Any]]:
     return kwargs
 
 
-def load_for_statistics(recipe: Recipe, location: str) -> Optional[PreTrainedModel]:
+def load_for_statistics(recipe: Recipe, location: str) -> PreTrainedModel | None:
     """A second copy of the model spread over devices by accelerate, for the calibration pass
     (activations and gradients of a big model need accelerator memory); None without a device_map, or
     when the map puts everything in host memory anyway. Factorization, export and validation keep
@@ -368,7 +440,8 @@ def load_for_statistics(recipe: Recipe, location: str) -> Optional[PreTrainedMod
     kwargs = placement(recipe)
     if kwargs is None:
         return None
-    model = load_pretrained(location, recipe.model.task, recipe.model.dtype, recipe.model.revision, kwargs,
-                            recipe.model.trust_remote_code)[0]
+    model = load_pretrained(
+        location, recipe.model.task, recipe.model.dtype, recipe.model.revision, kwargs, recipe.model.trust_remote_code
+    )[0]
     devices = set(getattr(model, "hf_device_map", {"": "cpu"}).values())
     return None if devices <= {"cpu", torch.device("cpu")} else model

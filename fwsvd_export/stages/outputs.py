@@ -17,6 +17,7 @@ it, and at the end the earlier run's files (those its marker lists) are moved as
 ``.NAME.replaced-XXXX`` inside it, marker first, the new files are moved in, marker last, and the earlier
 ones deleted. A failure, or the next run after a SIGKILL, puts the earlier run back.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,9 @@ import socket
 import stat
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 from ..errors import FwsvdError
 
@@ -49,12 +50,14 @@ def resolve_output(path: str | Path) -> Path:
         raise FwsvdError(f"output folder '{path}' is the filesystem root; name a folder for the results")
     cwd = Path.cwd().resolve()
     if cwd == folder or folder in cwd.parents:
-        raise FwsvdError(f"output folder '{path}' is the current folder or one above it; name a new folder "
-                         "for the results (e.g. -o results)")
+        raise FwsvdError(
+            f"output folder '{path}' is the current folder or one above it; name a new folder "
+            "for the results (e.g. -o results)"
+        )
     return folder
 
 
-def _files(folder: Path, skip: Iterable[str] = ()) -> Optional[dict[str, list[int]]]:
+def _files(folder: Path, skip: Iterable[str] = ()) -> dict[str, list[int]] | None:
     """Every regular file below `folder` with its size and modification time (ns), or None when a link or
     special file is there: an edit that keeps a file's size still changes its time. `skip`: folders at the
     top to leave out (the staging folders of an output written in place)."""
@@ -73,7 +76,7 @@ def _files(folder: Path, skip: Iterable[str] = ()) -> Optional[dict[str, list[in
     return found
 
 
-def _listed(folder: Path) -> Optional[dict]:
+def _listed(folder: Path) -> dict | None:
     """The files that the run marker in `folder` lists, or None when there is no marker of this tool."""
     try:
         marker = json.loads((folder / RUN_MARKER).read_text())
@@ -83,7 +86,7 @@ def _listed(folder: Path) -> Optional[dict]:
     return listed if isinstance(listed, dict) else None
 
 
-def not_ours(folder: Path, skip: Iterable[str] = ()) -> Optional[str]:
+def not_ours(folder: Path, skip: Iterable[str] = ()) -> str | None:
     """Why `folder` is not provably an earlier output of this tool, or None when it is one; `skip` as for
     `_files`."""
     listed = _listed(folder)
@@ -96,9 +99,15 @@ def not_ours(folder: Path, skip: Iterable[str] = ()) -> Optional[str]:
     extra = sorted(set(present) - set(listed))
     missing = sorted(set(listed) - set(present))
     changed = sorted(f for f in set(present) & set(listed) if present[f] != listed[f])
-    problems = [f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                for what, names in (("files the tool did not write", extra), ("files missing", missing),
-                                    ("files changed since", changed)) if names]
+    problems = [
+        f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        for what, names in (
+            ("files the tool did not write", extra),
+            ("files missing", missing),
+            ("files changed since", changed),
+        )
+        if names
+    ]
     return "; ".join(problems) or None
 
 
@@ -114,7 +123,7 @@ def _staging(where: Path, name: str, kind: str) -> list[Path]:
         names = os.listdir(where)
     except OSError:
         return []
-    return [where / n for n in sorted(names) if n.startswith(prefix) and _SUFFIX.fullmatch(n[len(prefix):])]
+    return [where / n for n in sorted(names) if n.startswith(prefix) and _SUFFIX.fullmatch(n[len(prefix) :])]
 
 
 def _staging_names(folder: Path) -> set[str]:
@@ -133,8 +142,10 @@ def check_replaceable(folder: Path, inside: bool = False) -> None:
     if folder.is_dir() and any(p.name not in skip for p in folder.iterdir()):
         reason = not_ours(folder, skip)
         if reason:
-            raise FwsvdError(f"output folder {folder} is not an earlier fwsvd-export output ({reason}); nothing was "
-                             "changed: choose another folder with -o, or move it away")
+            raise FwsvdError(
+                f"output folder {folder} is not an earlier fwsvd-export output ({reason}); nothing was "
+                "changed: choose another folder with -o, or move it away"
+            )
 
 
 def _mount_points() -> set[str]:
@@ -314,8 +325,9 @@ def _discard(aside: Path) -> None:
     try:
         shutil.rmtree(aside)
     except OSError as exc:
-        log.warning("the new output is in place, but the earlier one, moved to %s, could not be fully deleted: %s",
-                    aside, exc)
+        log.warning(
+            "the new output is in place, but the earlier one, moved to %s, could not be fully deleted: %s", aside, exc
+        )
 
 
 _umask_lock = threading.Lock()
@@ -367,8 +379,9 @@ def check_apart(folder: Path, inputs: Iterable[Path]) -> None:
     for item in inputs:
         source = Path(os.path.abspath(Path(item).expanduser())).resolve()
         if source == folder or folder in source.parents:
-            raise FwsvdError(f"output folder {folder} holds {item}, which this command reads; write the results to "
-                             "another folder")
+            raise FwsvdError(
+                f"output folder {folder} holds {item}, which this command reads; write the results to another folder"
+            )
 
 
 def _open_stage(folder: Path, inside: bool) -> tuple[Path, list[Path], list[str]]:
@@ -386,8 +399,9 @@ def _open_stage(folder: Path, inside: bool) -> tuple[Path, list[Path], list[str]
         stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder if inside else folder.parent))
     except OSError as exc:
         _remove_empty(created)
-        raise FwsvdError(f"cannot {'write into' if inside else 'create'} the output folder {folder}: "
-                         f"{exc.strerror or exc}") from None
+        raise FwsvdError(
+            f"cannot {'write into' if inside else 'create'} the output folder {folder}: {exc.strerror or exc}"
+        ) from None
     return stage, created, notes
 
 

@@ -13,12 +13,14 @@ The recipe checks its precision names against this registry, so the module is li
 Runtime and the exporter are imported where a variant is made, and it imports nothing that reads a recipe
 (tests/test_layers.py holds it to that).
 """
+
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import SpecError
 
@@ -57,8 +59,9 @@ def check_runs_on(precision: str, provider: str) -> None:
         raise SpecError("latency_precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     made_for = PRECISIONS[precision].providers
     if provider not in made_for:
-        raise SpecError("latency_provider", f"{provider!r} does not run {precision}, which is made for "
-                        f"{' and '.join(made_for)}")
+        raise SpecError(
+            "latency_provider", f"{provider!r} does not run {precision}, which is made for {' and '.join(made_for)}"
+        )
 
 
 QUANTIZED = ("int8", "int4")  # made by a quantizer, which reads weights only as initializers
@@ -93,13 +96,27 @@ def _int8(source: Path, target: Path, mode: str, calibration: list[Batch], exter
     if mode == "dynamic":
         # reduce_range (7-bit weights): without it, per-channel int8 MatMuls of the factorized graph saturate
         # on x86 CPUs without VNNI and the model collapses (benchmarks/logs/precisions.md).
-        quantize_dynamic(source, target, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                         use_external_data_format=external)
+        quantize_dynamic(
+            source,
+            target,
+            per_channel=True,
+            reduce_range=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=external,
+        )
         return
     session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    quantize_static(source, target, _Batches(session, calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    use_external_data_format=external)
+    quantize_static(
+        source,
+        target,
+        _Batches(session, calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=external,
+    )
 
 
 def _fp16(source: Path, target: Path, external: bool) -> None:
@@ -107,8 +124,9 @@ def _fp16(source: Path, target: Path, external: bool) -> None:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True,
-                                     op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP)
+    model = convert_float_to_float16(
+        onnx.load(str(source)), keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP
+    )
     OnnxModel(model).topological_sort()  # the converter appends the input Casts last: a graph ONNX rejects
     onnx.save(model, str(target), save_as_external_data=external, location=target.name + "_data")
 
@@ -122,16 +140,18 @@ def _int4(source: Path, target: Path, external: bool) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4,
-                                          op_types_to_quantize=("MatMul", "Gather"))
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul", "Gather")
+    )
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
     with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block (a padding row): 0/0, stored as 0
         quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
 
 
-def make_variant(fp32_graph: Path, precision: str, int8_mode: str = "dynamic",
-                 calibration: list[Batch] | None = None) -> Path:
+def make_variant(
+    fp32_graph: Path, precision: str, int8_mode: str = "dynamic", calibration: list[Batch] | None = None
+) -> Path:
     """Write `precision`'s copy of `fp32_graph` (``.../NAME/model.onnx``) to ``.../NAME-PRECISION/``. A
     source whose weights sit beside it (a large model's) gives a copy whose weights sit beside it too, in
     the file name each tool writes: embedded, a graph over 2 GB could not be saved at all. The quantizers

@@ -1,16 +1,16 @@
 """What every compression of one model shares (`Prepared`: the model, its data, loaded once per run or
 once per sweep) and the dense model's measured graph (`Dense`), which each compressed point is compared
 with. Plain holders: the pipeline fills them, the speed-up aim (``aim.py``) and the points read them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from torch import nn
 
-from ..core import Batch
 from ..config import Recipe
+from ..core import Batch
 from .clock import release_freed_memory
 from .tasks import Task
 from .validate import Reference
@@ -27,9 +27,9 @@ class Prepared:
     location: str
     calibration: list[Batch]
     evaluation: list[Batch]
-    runner: Optional[nn.Module]  # a copy placed with the recipe's device_map for the statistics pass
+    runner: nn.Module | None  # a copy placed with the recipe's device_map for the statistics pass
     dense_params: int = 0
-    finetune: Optional[list[Batch]] = None  # data.finetune's batches, when the recipe names them
+    finetune: list[Batch] | None = None  # data.finetune's batches, when the recipe names them
     loading_notes: list[str] = field(default_factory=list)  # what loading let pass (a new or unused head)
 
     def release_models(self) -> None:

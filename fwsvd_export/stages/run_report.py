@@ -14,10 +14,11 @@ JSON back, so ``from_dict(d).to_dict() == d``.
 Also here, the reading every consumer of a report shares: the artifact rows (metric, file size and
 latency of every artifact), the dense-int8 comparison and the plain verdicts built on them.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ..core import CompressionResult
 from ..core.compress import LayerPlan
@@ -35,10 +36,10 @@ class ModelInfo:
 
     source: str
     task: str
-    dtype: Optional[str]
+    dtype: str | None
     notes: list[str] = field(default_factory=list)  # a head newly initialised or left unused
-    head: Optional[str] = None  # a classifier's: single_label_classification, regression, multi_label_classification
-    pooling: Optional[dict[str, Any]] = None  # an embedding model's: mode, normalize, and the file that said so
+    head: str | None = None  # a classifier's: single_label_classification, regression, multi_label_classification
+    pooling: dict[str, Any] | None = None  # an embedding model's: mode, normalize, and the file that said so
 
     def to_dict(self) -> dict[str, Any]:
         """The model entry: head and pooling only where the task has them."""
@@ -75,20 +76,30 @@ class Artifacts:
     onnx_dense: str
     onnx_compressed: str
     variants: dict[str, str] = field(default_factory=dict)  # precision -> the compressed graph in it
-    ranks_plot: Optional[str] = None  # set once the plot is drawn
-    frontier_plot: Optional[str] = None
+    ranks_plot: str | None = None  # set once the plot is drawn
+    frontier_plot: str | None = None
 
     def to_dict(self) -> dict[str, str]:
-        found = {"checkpoint": self.checkpoint, "onnx_dense": self.onnx_dense, "onnx_compressed": self.onnx_compressed,
-                 **{_VARIANT_PREFIX + p: path for p, path in self.variants.items()}}
+        found = {
+            "checkpoint": self.checkpoint,
+            "onnx_dense": self.onnx_dense,
+            "onnx_compressed": self.onnx_compressed,
+            **{_VARIANT_PREFIX + p: path for p, path in self.variants.items()},
+        }
         plots = {"ranks_plot": self.ranks_plot, "frontier_plot": self.frontier_plot}
         return {**found, **{k: v for k, v in plots.items() if v is not None}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, str]) -> "Artifacts":
+    def from_dict(cls, data: dict[str, str]) -> Artifacts:
         variants = {k.removeprefix(_VARIANT_PREFIX): v for k, v in data.items() if k.startswith(_VARIANT_PREFIX)}
-        return cls(data["checkpoint"], data["onnx_dense"], data["onnx_compressed"], variants,
-                   data.get("ranks_plot"), data.get("frontier_plot"))
+        return cls(
+            data["checkpoint"],
+            data["onnx_dense"],
+            data["onnx_compressed"],
+            variants,
+            data.get("ranks_plot"),
+            data.get("frontier_plot"),
+        )
 
 
 @dataclass
@@ -102,7 +113,7 @@ class RunReport:
     """Everything one compressed model's run measured. `compression` and `validation` are the stages' own
     results; their inner entries (allocation, providers, variants) keep the stages' dict shapes."""
 
-    recipe_file: Optional[str]
+    recipe_file: str | None
     recipe: dict[str, Any]  # Recipe.to_dict(): the recipe as run, overrides applied
     model: ModelInfo
     compression: CompressionResult
@@ -114,11 +125,11 @@ class RunReport:
     peak_rss_mb: dict[str, float]  # per stage: the host memory high-water mark while it ran
     artifacts: Artifacts
     versions: dict[str, str] = field(default_factory=dict)
-    output_notes: Optional[list[str]] = None  # a whole run's only (a sweep point has none)
-    whole_run: Optional[WholeRun] = None  # a whole run's only
+    output_notes: list[str] | None = None  # a whole run's only (a sweep point has none)
+    whole_run: WholeRun | None = None  # a whole run's only
     tool: str = TOOL
-    data_sha256: Optional[dict[str, str]] = None  # data role -> fingerprint of what it read (stages.data.fingerprint)
-    machine: Optional[dict[str, Any]] = None  # what the latencies were timed on (kernel_timing.machine)
+    data_sha256: dict[str, str] | None = None  # data role -> fingerprint of what it read (stages.data.fingerprint)
+    machine: dict[str, Any] | None = None  # what the latencies were timed on (kernel_timing.machine)
 
     @property
     def passed(self) -> bool:
@@ -137,12 +148,23 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         """report.json's content: plain JSON types, the keys in the order the file shows them."""
         data: dict[str, Any] = {
-            "report_version": REPORT_VERSION, "tool": self.tool, "versions": self.versions, "recipe_file": self.recipe_file, "recipe": self.recipe,
-            "model": self.model.to_dict(), "compression": self.compression.to_dict(), "finetune": asdict(self.finetune),
-            "sizes": asdict(self.sizes), "flop_ratio": self.flop_ratio, "graph": self.graph,
+            "report_version": REPORT_VERSION,
+            "tool": self.tool,
+            "versions": self.versions,
+            "recipe_file": self.recipe_file,
+            "recipe": self.recipe,
+            "model": self.model.to_dict(),
+            "compression": self.compression.to_dict(),
+            "finetune": asdict(self.finetune),
+            "sizes": asdict(self.sizes),
+            "flop_ratio": self.flop_ratio,
+            "graph": self.graph,
             "validation": {**self.validation.to_dict(), "verdicts": verdicts(self)},
-            "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb, "artifacts": self.artifacts.to_dict(),
-            "passed": self.passed}
+            "seconds": self.seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            "artifacts": self.artifacts.to_dict(),
+            "passed": self.passed,
+        }
         if self.output_notes is not None:
             data["output_notes"] = self.output_notes
         if self.whole_run is not None:
@@ -154,29 +176,69 @@ class RunReport:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunReport":
+    def from_dict(cls, data: dict[str, Any]) -> RunReport:
         """A report read back from its JSON (the derived entries, summary, flop_ratio, passed and verdicts,
         are computed again; the compression's stage seconds live in `seconds`)."""
         comp, val = data["compression"], data["validation"]
-        compression = CompressionResult(comp["summary"]["method"], [LayerPlan(**p) for p in comp["layers"]],
-                                        statistics=comp["statistics"], allocation=comp["allocation"],
-                                        factorization=comp["factorization"])
-        validation = Validation(val["metric"], val["original_torch"], val["compressed_torch"], val["providers"],
-                                [Check(**c) for c in val["checks"]], val["variants"], val.get("scores", {}))
+        compression = CompressionResult(
+            comp["summary"]["method"],
+            [LayerPlan(**p) for p in comp["layers"]],
+            statistics=comp["statistics"],
+            allocation=comp["allocation"],
+            factorization=comp["factorization"],
+        )
+        validation = Validation(
+            val["metric"],
+            val["original_torch"],
+            val["compressed_torch"],
+            val["providers"],
+            [Check(**c) for c in val["checks"]],
+            val["variants"],
+            val.get("scores", {}),
+        )
         whole = data.get("whole_run")
-        return cls(data["recipe_file"], data["recipe"], ModelInfo(**data["model"]), compression,
-                   FinetuneInfo(**data["finetune"]), Sizes(**data["sizes"]), data["graph"], validation,
-                   data["seconds"], data["peak_rss_mb"], Artifacts.from_dict(data["artifacts"]), data["versions"],
-                   data.get("output_notes"), WholeRun(**whole) if whole is not None else None, data["tool"],
-                   data.get("data_sha256"), data.get("machine"))
+        return cls(
+            data["recipe_file"],
+            data["recipe"],
+            ModelInfo(**data["model"]),
+            compression,
+            FinetuneInfo(**data["finetune"]),
+            Sizes(**data["sizes"]),
+            data["graph"],
+            validation,
+            data["seconds"],
+            data["peak_rss_mb"],
+            Artifacts.from_dict(data["artifacts"]),
+            data["versions"],
+            data.get("output_notes"),
+            WholeRun(**whole) if whole is not None else None,
+            data["tool"],
+            data.get("data_sha256"),
+            data.get("machine"),
+        )
 
 
 # --- what every reader of a report derives from it ------------------------------------------------------
 
-def _row(artifact: str, provider: str, metric: Optional[float], size: int, latency: Optional[dict],
-         ms: Optional[float], speedup: Optional[float]) -> dict:
-    return {"artifact": artifact, "provider": provider, "metric": metric, "bytes": size,
-            "shape": latency["shape"] if latency else None, "median_ms": ms, "speedup": speedup}
+
+def _row(
+    artifact: str,
+    provider: str,
+    metric: float | None,
+    size: int,
+    latency: dict | None,
+    ms: float | None,
+    speedup: float | None,
+) -> dict:
+    return {
+        "artifact": artifact,
+        "provider": provider,
+        "metric": metric,
+        "bytes": size,
+        "shape": latency["shape"] if latency else None,
+        "median_ms": ms,
+        "speedup": speedup,
+    }
 
 
 def artifact_rows(report: RunReport) -> list[dict]:
@@ -190,17 +252,44 @@ def artifact_rows(report: RunReport) -> list[dict]:
         if entry["status"] == "unavailable":
             continue
         first = entry["latency"][0] if entry["latency"] else None
-        rows.append(_row("dense-fp32", name, val.original_torch, sizes.onnx_dense_bytes, first,
-                         first["dense"]["median_ms"] if first else None, 1.0 if first else None))
-        rows.append(_row("compressed-fp32", name, entry["metric"], sizes.onnx_compressed_bytes, first,
-                         first["compressed"]["median_ms"] if first else None, first["speedup"] if first else None))
+        rows.append(
+            _row(
+                "dense-fp32",
+                name,
+                val.original_torch,
+                sizes.onnx_dense_bytes,
+                first,
+                first["dense"]["median_ms"] if first else None,
+                1.0 if first else None,
+            )
+        )
+        rows.append(
+            _row(
+                "compressed-fp32",
+                name,
+                entry["metric"],
+                sizes.onnx_compressed_bytes,
+                first,
+                first["compressed"]["median_ms"] if first else None,
+                first["speedup"] if first else None,
+            )
+        )
     for variant, measured in val.variants.items():
         for name, entry in measured.items():
             if not isinstance(entry, dict):
                 continue
             first = entry["latency"][0] if entry.get("latency") else None
-            rows.append(_row(variant, name, entry.get("metric"), measured["bytes"], first,
-                             first["median_ms"] if first else None, first["speedup_vs_dense_fp32"] if first else None))
+            rows.append(
+                _row(
+                    variant,
+                    name,
+                    entry.get("metric"),
+                    measured["bytes"],
+                    first,
+                    first["median_ms"] if first else None,
+                    first["speedup_vs_dense_fp32"] if first else None,
+                )
+            )
     return rows
 
 
@@ -220,11 +309,18 @@ def dense_int8_beats(rows: list[dict], task: Task, metric: str) -> list[dict]:
     beaten = []
     for dense in (r for r in rows if r["artifact"] == "dense-int8" and r["metric"] is not None):
         for ours in rows:
-            if (not ours["artifact"].startswith("compressed-") or ours["provider"] != dense["provider"]
-                    or ours["metric"] is None or metric_loss(task, metric, ours["metric"], dense["metric"]) > 0):
+            if (
+                not ours["artifact"].startswith("compressed-")
+                or ours["provider"] != dense["provider"]
+                or ours["metric"] is None
+                or metric_loss(task, metric, ours["metric"], dense["metric"]) > 0
+            ):
                 continue
-            on = [name for name, key in (("size", "bytes"), ("latency", "median_ms"))
-                  if dense[key] is not None and ours[key] is not None and dense[key] <= ours[key]]
+            on = [
+                name
+                for name, key in (("size", "bytes"), ("latency", "median_ms"))
+                if dense[key] is not None and ours[key] is not None and dense[key] <= ours[key]
+            ]
             if on:
                 beaten.append({"artifact": ours["artifact"], "provider": ours["provider"], "on": on})
     return beaten
@@ -239,9 +335,15 @@ def verdicts(report: RunReport) -> list[str]:
         dense, ours = rows[("dense-int8", beaten["provider"])], rows[(beaten["artifact"], beaten["provider"])]
         on = beaten["on"]  # beaten on one axis only, ours may still win on the other
         unless = "" if len(on) == 2 else f" unless {'size' if on == ['latency'] else 'latency'} decides"
-        lines.append(f"dense-int8 beats {beaten['artifact']} on {beaten['provider']} ({' and '.join(on)}): "
-                     f"{metric} {dense['metric']:.4f} vs {ours['metric']:.4f}, {dense['bytes'] / 1e6:.1f} MB vs "
-                     f"{ours['bytes'] / 1e6:.1f} MB" + (f", {dense['median_ms']:.2f} ms vs {ours['median_ms']:.2f} ms"
-                                                      if dense["median_ms"] and ours["median_ms"] else "")
-                     + f"; ship dense-int8{unless}")
+        lines.append(
+            f"dense-int8 beats {beaten['artifact']} on {beaten['provider']} ({' and '.join(on)}): "
+            f"{metric} {dense['metric']:.4f} vs {ours['metric']:.4f}, {dense['bytes'] / 1e6:.1f} MB vs "
+            f"{ours['bytes'] / 1e6:.1f} MB"
+            + (
+                f", {dense['median_ms']:.2f} ms vs {ours['median_ms']:.2f} ms"
+                if dense["median_ms"] and ours["median_ms"]
+                else ""
+            )
+            + f"; ship dense-int8{unless}"
+        )
     return lines

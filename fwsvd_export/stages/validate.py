@@ -4,6 +4,7 @@ ONNX Runtime silently falls back to the CPU when a provider cannot start (missin
 one), so a provider counts as used only when the session reports it first in ``get_providers()``;
 otherwise it is reported as unavailable with the reason, never as passed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,21 +13,23 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
+from ..config import LatencySpec, ValidationSpec
+from ..core.batch import Batch
 from .generation import greedy_ort, greedy_torch
 from .latency import in_turn, interleaved
 from .ort_io import feeds, has_past
 from .precision import PRECISIONS
-from ..core.batch import Batch
-from ..config import LatencySpec, ValidationSpec
 from .tasks import Task, metric_loss, run_torch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -60,9 +63,16 @@ class Validation:
         return all(c.passed for c in self.checks)
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "original_torch": self.original_torch, "compressed_torch": self.compressed_torch,
-                "scores": self.scores, "providers": self.providers, "variants": self.variants,
-                "checks": [c.as_dict() for c in self.checks], "passed": self.passed}
+        return {
+            "metric": self.metric,
+            "original_torch": self.original_torch,
+            "compressed_torch": self.compressed_torch,
+            "scores": self.scores,
+            "providers": self.providers,
+            "variants": self.variants,
+            "checks": [c.as_dict() for c in self.checks],
+            "passed": self.passed,
+        }
 
 
 @contextmanager
@@ -112,7 +122,7 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-def open_session(path: Path, provider: str, intra_op_threads: int = 0) -> tuple[Optional[ort.InferenceSession], str]:
+def open_session(path: Path, provider: str, intra_op_threads: int = 0) -> tuple[ort.InferenceSession | None, str]:
     """A session that really runs on `provider` (short name), or None and the reason it does not.
     `intra_op_threads` 0 leaves ONNX Runtime's default."""
     name = PROVIDERS[provider]
@@ -148,8 +158,13 @@ def parity(outputs: list[torch.Tensor], reference: list[torch.Tensor], atol: flo
     abs_err = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outputs, reference))
     scale = max(float(r.float().abs().max()) for r in reference)
     rel_err = abs_err / scale if scale else abs_err
-    return {"max_abs_error": abs_err, "max_rel_error": rel_err, "atol": atol, "rtol": rtol,
-            "passed": abs_err <= atol + rtol * scale}
+    return {
+        "max_abs_error": abs_err,
+        "max_rel_error": rel_err,
+        "atol": atol,
+        "rtol": rtol,
+        "passed": abs_err <= atol + rtol * scale,
+    }
 
 
 def relative_error(outputs: list[torch.Tensor], source: list[torch.Tensor], rtol: float) -> dict:
@@ -157,7 +172,7 @@ def relative_error(outputs: list[torch.Tensor], source: list[torch.Tensor], rtol
     max-error parity overstates on outputs with a few outlier features."""
     diff = sum(float((o.float() - s.float()).square().sum()) for o, s in zip(outputs, source))
     norm = sum(float(s.float().square().sum()) for s in source)
-    error = (diff / norm) ** 0.5 if norm else diff ** 0.5
+    error = (diff / norm) ** 0.5 if norm else diff**0.5
     return {"relative_error": error, "rtol": rtol, "passed": error <= rtol}
 
 
@@ -183,8 +198,9 @@ def _outputs(run, task: Task, spec: ValidationSpec, batches: list[Batch], desc: 
     return result
 
 
-def _scores(task: Task, outputs: Outputs, batches: list[Batch], reference: Optional[list[torch.Tensor]]
-            ) -> dict[str, float]:
+def _scores(
+    task: Task, outputs: Outputs, batches: list[Batch], reference: list[torch.Tensor] | None
+) -> dict[str, float]:
     """Every metric the task reports for these outputs."""
     return task.score(outputs.summaries, batches, reference)
 
@@ -195,12 +211,22 @@ class Reference:
 
     summaries: list[torch.Tensor]  # what the metric reads of the original model's output on each evaluation batch
     scores: dict[str, float]  # every metric of the task, the original model's
-    graphs: dict[str, Path] = field(default_factory=dict)  # "dense", "dense-int8", ...: timed beside each compressed model
+    graphs: dict[str, Path] = field(
+        default_factory=dict
+    )  # "dense", "dense-int8", ...: timed beside each compressed model
     variants: dict[str, dict] = field(default_factory=dict)  # "dense-int8" -> provider -> measurements
 
 
-def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Path, source: Outputs,
-                    batches: list[Batch], progress: bool, reference_out: Optional[list[torch.Tensor]]) -> dict:
+def measure_variant(
+    task: Task,
+    spec: ValidationSpec,
+    precision: str,
+    graph: Path,
+    source: Outputs,
+    batches: list[Batch],
+    progress: bool,
+    reference_out: list[torch.Tensor] | None,
+) -> dict:
     """A precision variant on each provider it is meant for: task metric and parity against `source` (the
     outputs of the fp32 model it was made from) within the precision's tolerance. Its latency is measured
     later, interleaved with the other artifacts (`time_artifacts`)."""
@@ -213,11 +239,22 @@ def measure_variant(task: Task, spec: ValidationSpec, precision: str, graph: Pat
         if session is None:
             result[provider.name] = {"status": "unavailable", "reason": reason}
             continue
-        out = _outputs(lambda b: run_ort(session, task, b), task, spec, batches,
-                       f"{graph.parent.name} (onnx, {provider.name})", progress)
+        out = _outputs(
+            partial(run_ort, session, task),
+            task,
+            spec,
+            batches,
+            f"{graph.parent.name} (onnx, {provider.name})",
+            progress,
+        )
         scores = _scores(task, out, batches, reference_out)
-        result[provider.name] = {"status": "measured", "metric": scores[task.headline(spec.metric, scores)], "scores": scores,
-                                 "parity": relative_error(out.whole, source.whole, kind.rtol), "latency": []}
+        result[provider.name] = {
+            "status": "measured",
+            "metric": scores[task.headline(spec.metric, scores)],
+            "scores": scores,
+            "parity": relative_error(out.whole, source.whole, kind.rtol),
+            "latency": [],
+        }
     return result
 
 
@@ -226,8 +263,15 @@ def graph_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("model.onnx*"))
 
 
-def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batches: list[Batch], dense_onnx: Path,
-              progress: bool = True, variants: Optional[dict[str, Path]] = None) -> Reference:
+def reference(
+    task: Task,
+    spec: ValidationSpec,
+    original: torch.nn.Module,
+    batches: list[Batch],
+    dense_onnx: Path,
+    progress: bool = True,
+    variants: dict[str, Path] | None = None,
+) -> Reference:
     """Evaluate the original model in PyTorch and measure its precision `variants` (precision -> graph), the
     baselines a user could ship instead. Of its outputs only the metric's summaries are kept: compressed
     models are checked for parity against their own PyTorch outputs, and these are held through compression.
@@ -236,12 +280,16 @@ def reference(task: Task, spec: ValidationSpec, original: torch.nn.Module, batch
     (BENCHMARKS.md, "Shape inference without the weights' values")."""
     outputs = _outputs(lambda b: run_torch(original, task, b), task, spec, batches, "original (torch)", progress)
     compared = outputs.summaries if task.needs_reference else None
-    ref = Reference(outputs.summaries, _scores(task, outputs, batches, compared),
-                    {"dense": dense_onnx, **{f"dense-{p}": g for p, g in (variants or {}).items()}})
+    ref = Reference(
+        outputs.summaries,
+        _scores(task, outputs, batches, compared),
+        {"dense": dense_onnx, **{f"dense-{p}": g for p, g in (variants or {}).items()}},
+    )
     task.headline(spec.metric, ref.scores)  # a chosen metric this model or data has not: refused before compressing
     for precision, graph in (variants or {}).items():
-        ref.variants[f"dense-{precision}"] = measure_variant(task, spec, precision, graph, outputs, batches, progress,
-                                                             compared)
+        ref.variants[f"dense-{precision}"] = measure_variant(
+            task, spec, precision, graph, outputs, batches, progress, compared
+        )
     return ref
 
 
@@ -255,16 +303,30 @@ class TorchResults:
     greedy: list[list[int]]  # the greedy continuation of each prompt
 
 
-def torch_results(task: Task, spec: ValidationSpec, compressed: torch.nn.Module, batches: list[Batch],
-                  prompts: Optional[list[torch.Tensor]] = None, progress: bool = True) -> TorchResults:
+def torch_results(
+    task: Task,
+    spec: ValidationSpec,
+    compressed: torch.nn.Module,
+    batches: list[Batch],
+    prompts: list[torch.Tensor] | None = None,
+    progress: bool = True,
+) -> TorchResults:
     """`compressed`'s outputs on `batches`, and for `prompts` (token ids, one row each) its greedy tokens."""
     outputs = _outputs(lambda b: run_torch(compressed, task, b), task, spec, batches, "compressed (torch)", progress)
     return TorchResults(outputs, [greedy_torch(compressed, ids, spec.generation_tokens) for ids in prompts or []])
 
 
-def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: TorchResults,
-             batches: list[Batch], compressed_onnx: Path, progress: bool = True,
-             prompts: Optional[list[torch.Tensor]] = None, variants: Optional[dict[str, Path]] = None) -> Validation:
+def validate(
+    task: Task,
+    spec: ValidationSpec,
+    dense: Reference,
+    compressed: TorchResults,
+    batches: list[Batch],
+    compressed_onnx: Path,
+    progress: bool = True,
+    prompts: list[torch.Tensor] | None = None,
+    variants: dict[str, Path] | None = None,
+) -> Validation:
     """All checks of a compressed model (its PyTorch results and its graph) against the dense `reference`;
     `prompts`, those `torch_results` continued, drive the greedy-generation check of decoders. The artifacts
     are timed afterwards (`time_artifacts`), once the caller has let go of the outputs it no longer needs."""
@@ -273,12 +335,21 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
     prompts = prompts or []
     metric = task.headline(spec.metric, dense.scores)  # the first present, or validation.metric
     scores = _scores(task, compressed_out, batches, reference)
-    result = Validation(metric, dense.scores[metric], scores[metric],
-                        scores={"original_torch": dense.scores, "compressed_torch": scores})
+    result = Validation(
+        metric,
+        dense.scores[metric],
+        scores[metric],
+        scores={"original_torch": dense.scores, "compressed_torch": scores},
+    )
     loss = metric_loss(task, metric, result.original_torch, result.compressed_torch)
-    result.checks.append(Check("metric loss (compressed torch)", loss <= spec.max_metric_loss,
-                               f"{metric} {result.original_torch:.4f} -> {result.compressed_torch:.4f} "
-                               f"(loss {loss:.4f}, allowed {spec.max_metric_loss})"))
+    result.checks.append(
+        Check(
+            "metric loss (compressed torch)",
+            loss <= spec.max_metric_loss,
+            f"{metric} {result.original_torch:.4f} -> {result.compressed_torch:.4f} "
+            f"(loss {loss:.4f}, allowed {spec.max_metric_loss})",
+        )
+    )
     for provider in spec.providers:
         entry: dict = {"provider": PROVIDERS[provider.name], "required": provider.required, "threads": threads(spec)}
         result.providers[provider.name] = entry
@@ -288,37 +359,74 @@ def validate(task: Task, spec: ValidationSpec, dense: Reference, compressed: Tor
             if provider.required:
                 result.checks.append(Check(f"{provider.name}: provider available", False, reason))
             continue
-        ort_out = _outputs(lambda b: run_ort(session, task, b), task, spec, batches,
-                           f"compressed (onnx, {provider.name})", progress)
+        ort_out = _outputs(
+            partial(run_ort, session, task), task, spec, batches, f"compressed (onnx, {provider.name})", progress
+        )
         entry["parity"] = parity(ort_out.whole, compressed_out.whole, spec.atol, spec.rtol)
         entry["scores"] = _scores(task, ort_out, batches, reference)
         entry["metric"] = entry["scores"][metric]
         entry["metric_loss"] = metric_loss(task, metric, result.original_torch, entry["metric"])
         entry["latency"] = []
         if has_past(session) and prompts:
-            matches = [greedy_ort(session, ids, spec.generation_tokens) == expected for ids, expected in zip(prompts, greedy)]
-            entry["generation"] = {"prompts": len(prompts), "tokens": spec.generation_tokens, "matching_prompts": sum(matches)}
-            result.checks.append(Check(f"{provider.name}: greedy generation", all(matches),
-                                       f"{sum(matches)} of {len(prompts)} prompts give the same "
-                                       f"{spec.generation_tokens} tokens as PyTorch"))
+            matches = [
+                greedy_ort(session, ids, spec.generation_tokens) == expected for ids, expected in zip(prompts, greedy)
+            ]
+            entry["generation"] = {
+                "prompts": len(prompts),
+                "tokens": spec.generation_tokens,
+                "matching_prompts": sum(matches),
+            }
+            result.checks.append(
+                Check(
+                    f"{provider.name}: greedy generation",
+                    all(matches),
+                    f"{sum(matches)} of {len(prompts)} prompts give the same "
+                    f"{spec.generation_tokens} tokens as PyTorch",
+                )
+            )
         p = entry["parity"]
-        result.checks.append(Check(f"{provider.name}: numeric parity", p["passed"],
-                                   f"max abs error {p['max_abs_error']:.2e}, rel {p['max_rel_error']:.2e}"))
-        result.checks.append(Check(f"{provider.name}: metric loss", entry["metric_loss"] <= spec.max_metric_loss,
-                                   f"{metric} {result.original_torch:.4f} -> {entry['metric']:.4f} "
-                                   f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})"))
-        entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
+        result.checks.append(
+            Check(
+                f"{provider.name}: numeric parity",
+                p["passed"],
+                f"max abs error {p['max_abs_error']:.2e}, rel {p['max_rel_error']:.2e}",
+            )
+        )
+        result.checks.append(
+            Check(
+                f"{provider.name}: metric loss",
+                entry["metric_loss"] <= spec.max_metric_loss,
+                f"{metric} {result.original_torch:.4f} -> {entry['metric']:.4f} "
+                f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})",
+            )
+        )
+        entry["status"] = (
+            "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
+        )
         session = ort_out = None  # closed and let go: the timing opens its own sessions
     _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {})
     if all(e["status"] == "unavailable" for e in result.providers.values()):
-        result.checks.append(Check("onnx runtime: validated", False, "no execution provider ran the compressed graph, "
-                                   "so nothing was checked in ONNX Runtime"))
+        result.checks.append(
+            Check(
+                "onnx runtime: validated",
+                False,
+                "no execution provider ran the compressed graph, so nothing was checked in ONNX Runtime",
+            )
+        )
     return result
 
 
-def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, result: Validation,
-                       compressed_out: Outputs, batches: list[Batch], progress: bool,
-                       reference_out: Optional[list[torch.Tensor]], variants: dict[str, Path]) -> None:
+def _validate_variants(
+    task: Task,
+    spec: ValidationSpec,
+    dense: Reference,
+    result: Validation,
+    compressed_out: Outputs,
+    batches: list[Batch],
+    progress: bool,
+    reference_out: list[torch.Tensor] | None,
+    variants: dict[str, Path],
+) -> None:
     """Measure the compressed model's precision variants and check each against the compressed fp32 model
     (parity within the precision's tolerance, metric within max_quantization_loss)."""
     result.variants.update(copy.deepcopy(dense.variants))  # this point's latencies are added to the copies
@@ -332,12 +440,21 @@ def _validate_variants(task: Task, spec: ValidationSpec, dense: Reference, resul
             fp32 = result.providers.get(provider, {}).get("metric", result.compressed_torch)
             loss = metric_loss(task, result.metric, fp32, entry["metric"])
             p = entry["parity"]
-            result.checks.append(Check(f"{provider}: {name} parity", p["passed"],
-                                       f"||{precision} - fp32|| / ||fp32|| = {p['relative_error']:.3f} "
-                                       f"(allowed {p['rtol']:g})"))
-            result.checks.append(Check(f"{provider}: {name} metric loss", loss <= spec.max_quantization_loss,
-                                       f"{result.metric} {fp32:.4f} (compressed fp32) -> {entry['metric']:.4f} "
-                                       f"(loss {loss:.4f}, allowed {spec.max_quantization_loss})"))
+            result.checks.append(
+                Check(
+                    f"{provider}: {name} parity",
+                    p["passed"],
+                    f"||{precision} - fp32|| / ||fp32|| = {p['relative_error']:.3f} (allowed {p['rtol']:g})",
+                )
+            )
+            result.checks.append(
+                Check(
+                    f"{provider}: {name} metric loss",
+                    loss <= spec.max_quantization_loss,
+                    f"{result.metric} {fp32:.4f} (compressed fp32) -> {entry['metric']:.4f} "
+                    f"(loss {loss:.4f}, allowed {spec.max_quantization_loss})",
+                )
+            )
 
 
 class _WontOpen(Exception):
@@ -358,7 +475,7 @@ def _reopen(graph: Path, provider: str, intra_op_threads: int) -> ort.InferenceS
 SIDE_BY_SIDE_SHARE = 0.5  # `one_at_a_time: auto` holds graphs side by side while their bytes fit this share
 
 
-def _available_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+def _available_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The memory this process can still take: Linux's MemAvailable, or less under a cgroup v2 limit (a
     container's, which /proc/meminfo does not show); None where neither can be read."""
     found = []
@@ -384,11 +501,14 @@ def one_at_a_time(lat: LatencySpec, graphs: dict[str, Path]) -> bool:
     if lat.one_at_a_time != "auto":
         return lat.one_at_a_time
     available = _available_bytes()
-    return available is not None and sum(graph_bytes(g.parent) for g in graphs.values()) > SIDE_BY_SIDE_SHARE * available
+    return (
+        available is not None and sum(graph_bytes(g.parent) for g in graphs.values()) > SIDE_BY_SIDE_SHARE * available
+    )
 
 
-def time_graphs(graphs: dict[str, Path], provider: str, spec: ValidationSpec, shapes: list[str], config: Any,
-                decode: bool = True) -> dict[str, dict[str, dict]]:
+def time_graphs(
+    graphs: dict[str, Path], provider: str, spec: ValidationSpec, shapes: list[str], config: Any, decode: bool = True
+) -> dict[str, dict[str, dict]]:
     """`graphs` timed against each other on `provider` as `spec.latency` asks: their sessions held side
     by side (`latency.interleaved`), or where `one_at_a_time` says so (asked, or "auto" and too big) one
     session at a time, reopened for each turn (`latency.in_turn`): the memory of the biggest graph
@@ -397,12 +517,19 @@ def time_graphs(graphs: dict[str, Path], provider: str, spec: ValidationSpec, sh
     opens = {name: functools.partial(_reopen, graph, provider, threads(spec)) for name, graph in graphs.items()}
     if one_at_a_time(lat, graphs):
         return in_turn(opens, shapes, config, lat.warmup, lat.runs, lat.rounds, decode)
-    return interleaved({name: o() for name, o in opens.items()}, shapes, config, lat.warmup, lat.runs,
-                       lat.rounds, decode)
+    return interleaved(
+        {name: o() for name, o in opens.items()}, shapes, config, lat.warmup, lat.runs, lat.rounds, decode
+    )
 
 
-def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, compressed_onnx: Path,
-                   variants: dict[str, Path], config: Any) -> None:
+def time_artifacts(
+    spec: ValidationSpec,
+    dense: Reference,
+    result: Validation,
+    compressed_onnx: Path,
+    variants: dict[str, Path],
+    config: Any,
+) -> None:
     """On each provider whose dense and compressed graphs both run: time dense fp32, the compressed graph and
     every variant meant for the provider, interleaved (`latency.interleaved`) on inputs made from each
     graph's own and the model `config`, and record each one's latency and speed-up against dense fp32
@@ -413,8 +540,12 @@ def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, c
         graphs = {"dense": dense.graphs["dense"], "compressed": compressed_onnx}
         graphs.update({n: g for n, g in dense.graphs.items() if n != "dense"})
         graphs.update({f"compressed-{p}": g for p, g in variants.items()})
-        timed = {name: graph for name, graph in graphs.items() if name in ("dense", "compressed")
-                 or result.variants.get(name, {}).get(provider, {}).get("status") == "measured"}
+        timed = {
+            name: graph
+            for name, graph in graphs.items()
+            if name in ("dense", "compressed")
+            or result.variants.get(name, {}).get(provider, {}).get("status") == "measured"
+        }
         lat = replace(spec.latency, one_at_a_time=one_at_a_time(spec.latency, timed))  # decided once, recorded below
         try:
             timings = time_graphs(timed, provider, replace(spec, latency=lat), lat.shapes, config)
@@ -428,23 +559,39 @@ def time_artifacts(spec: ValidationSpec, dense: Reference, result: Validation, c
                 entry.update(status="failed", latency_skipped=str(exc))
                 result.checks.append(Check(f"{provider}: graphs open for timing", False, str(exc)))
             continue
-        entry["latency_method"] = {"interleaved_rounds": min(lat.rounds, lat.runs), "runs": lat.runs,
-                                   "warmup": lat.warmup, "threads": threads(spec), "artifacts": list(timed),
-                                   "one_at_a_time": lat.one_at_a_time, "one_at_a_time_asked": spec.latency.one_at_a_time,
-                                   "spinning_after_run": _spins(session_options())}
+        entry["latency_method"] = {
+            "interleaved_rounds": min(lat.rounds, lat.runs),
+            "runs": lat.runs,
+            "warmup": lat.warmup,
+            "threads": threads(spec),
+            "artifacts": list(timed),
+            "one_at_a_time": lat.one_at_a_time,
+            "one_at_a_time_asked": spec.latency.one_at_a_time,
+            "spinning_after_run": _spins(session_options()),
+        }
         for shape, base in timings["dense"].items():
             small = timings["compressed"][shape]
-            point = {"shape": shape, "dense": base, "compressed": small, "speedup": base["median_ms"] / small["median_ms"]}
+            point = {
+                "shape": shape,
+                "dense": base,
+                "compressed": small,
+                "speedup": base["median_ms"] / small["median_ms"],
+            }
             if "decode_per_token" in small:
                 point["decode_speedup"] = base["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
             entry["latency"].append(point)
             for name in timed:
                 if name not in ("dense", "compressed"):
                     own = timings[name][shape]
-                    timing = {"shape": shape, "median_ms": own["median_ms"], "p90_ms": own["p90_ms"],
-                              "speedup_vs_dense_fp32": base["median_ms"] / own["median_ms"]}
+                    timing = {
+                        "shape": shape,
+                        "median_ms": own["median_ms"],
+                        "p90_ms": own["p90_ms"],
+                        "speedup_vs_dense_fp32": base["median_ms"] / own["median_ms"],
+                    }
                     if "decode_per_token" in own:  # a decoder with its cache: one decode step too
                         timing["decode_per_token"] = own["decode_per_token"]
-                        timing["decode_speedup_vs_dense_fp32"] = (base["decode_per_token"]["median_ms"]
-                                                                  / own["decode_per_token"]["median_ms"])
+                        timing["decode_speedup_vs_dense_fp32"] = (
+                            base["decode_per_token"]["median_ms"] / own["decode_per_token"]["median_ms"]
+                        )
                     result.variants[name][provider]["latency"].append(timing)

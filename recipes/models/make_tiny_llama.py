@@ -6,6 +6,7 @@ attention, two decoder layers and a short next-token training run on the same te
 CPU). The folder is built, not tracked: run `python recipes/models/make_tiny_llama.py` once before
 `fwsvd-export run recipes/tiny-llama-offline.yaml`; the tests build their own copy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,16 +40,25 @@ def build(out: Path = OUT) -> Path:
     torch.manual_seed(0)
     corpus = texts()
     tokenizer = build_tokenizer(corpus)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     stream = [t for text in corpus for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
-    blocks = torch.tensor([stream[i:i + 32] for i in range(0, len(stream) - 32, 32)])
+    blocks = torch.tensor([stream[i : i + 32] for i in range(0, len(stream) - 32, 32)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(60):
+    for _ in range(60):
         batch = blocks[torch.randint(len(blocks), (16,))]
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad()

@@ -5,6 +5,7 @@ The registry is this package: each module beside this one (but `base` and `commo
 tuple `TASKS`, found here by listing the package, so adding a task touches one file. The modules are light
 to import (see `base`): the recipe checks its task and metric names against them.
 """
+
 from __future__ import annotations
 
 import importlib

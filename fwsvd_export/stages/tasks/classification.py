@@ -22,6 +22,7 @@ GLUE's defaults: accuracy for most tasks (SST-2, MNLI, QNLI, RTE, WNLI), F1 and 
 reported as 0 (no correlation), as MCC is for a constant prediction. The metrics are scikit-learn's and
 SciPy's, as Hugging Face `evaluate`'s GLUE metric computes them.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -37,8 +38,11 @@ if TYPE_CHECKING:
     from ...core.batch import Batch
 
 SINGLE, REGRESSION, MULTI = "single_label_classification", "regression", "multi_label_classification"
-METRICS = {SINGLE: ("accuracy", "f1", "macro_f1", "mcc"), REGRESSION: ("pearson", "spearman"),
-           MULTI: ("micro_f1", "macro_f1")}
+METRICS = {
+    SINGLE: ("accuracy", "f1", "macro_f1", "mcc"),
+    REGRESSION: ("pearson", "spearman"),
+    MULTI: ("micro_f1", "macro_f1"),
+}
 # Every head's metrics, ordered so that the first of them a head's scores hold (`Task.headline`) is its first.
 ALL_METRICS = ("accuracy", "f1", "micro_f1", "macro_f1", "mcc", "pearson", "spearman")
 
@@ -65,8 +69,10 @@ def _number(record, column: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         where = getattr(record, "where", "a record")
-        raise FwsvdError(f"{where}: label {value!r} in column '{column}' is not a number (the model's head is a"
-                         " regression: num_labels 1)") from None
+        raise FwsvdError(
+            f"{where}: label {value!r} in column '{column}' is not a number (the model's head is a"
+            " regression: num_labels 1)"
+        ) from None
 
 
 def _label_set(record, column: str, config) -> list[float]:
@@ -181,8 +187,10 @@ def multi_label_scores(predicted, gold) -> dict[str, float]:
     """micro_f1 (over every sample's every label) and macro_f1 (the mean of each label's F1) of 0/1 rows."""
     from sklearn.metrics import f1_score
 
-    return {"micro_f1": float(f1_score(gold, predicted, average="micro", zero_division=0)),
-            "macro_f1": float(f1_score(gold, predicted, average="macro", zero_division=0))}
+    return {
+        "micro_f1": float(f1_score(gold, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(gold, predicted, average="macro", zero_division=0)),
+    }
 
 
 def score(outputs, batches, reference=None) -> dict[str, float]:
@@ -210,7 +218,17 @@ def _bind(task: Task, model) -> Task:
 
 
 TASKS = (
-    Task("text-classification", "AutoModelForSequenceClassification", "logits",
-         ALL_METRICS, _columns, _batches,
-         loss, score, distill, new_head="its predictions mean nothing until that head is fine-tuned", bind=_bind),
+    Task(
+        "text-classification",
+        "AutoModelForSequenceClassification",
+        "logits",
+        ALL_METRICS,
+        _columns,
+        _batches,
+        loss,
+        score,
+        distill,
+        new_head="its predictions mean nothing until that head is fine-tuned",
+        bind=_bind,
+    ),
 )

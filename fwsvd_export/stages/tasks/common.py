@@ -1,7 +1,8 @@
 """Pieces several tasks share: encoding text, cutting batches, reading labels, softened KL."""
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from ...errors import FwsvdError
 from .base import Record
@@ -10,7 +11,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def encode(tokenizer: Any, texts: list[str], pairs: Optional[list[str]], max_length: int) -> dict[str, torch.Tensor]:
+def encode(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> dict[str, torch.Tensor]:
     """What the tokenizer returns (input_ids, attention_mask, and token_type_ids where it makes them: the
     pipeline keeps what the model's forward takes)."""
     enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -18,7 +19,7 @@ def encode(tokenizer: Any, texts: list[str], pairs: Optional[list[str]], max_len
 
 
 def chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def label_id(record: Record, column: str, config) -> int:
@@ -30,13 +31,17 @@ def label_id(record: Record, column: str, config) -> int:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < config.num_labels:
-            raise FwsvdError(f"{where}: label {value} in column '{column}' is outside the model's {config.num_labels} classes"
-                             f" (0..{config.num_labels - 1})")
+            raise FwsvdError(
+                f"{where}: label {value} in column '{column}' is outside the model's {config.num_labels} classes"
+                f" (0..{config.num_labels - 1})"
+            )
         return value
     label2id = {str(k): v for k, v in (config.label2id or {}).items()}
     if str(value) not in label2id:
-        raise FwsvdError(f"{where}: label {value!r} in column '{column}' is not one of the model's labels:"
-                         f" {', '.join(sorted(label2id, key=label2id.get))}")
+        raise FwsvdError(
+            f"{where}: label {value!r} in column '{column}' is not one of the model's labels:"
+            f" {', '.join(sorted(label2id, key=label2id.get))}"
+        )
     return int(label2id[str(value)])
 
 
@@ -48,4 +53,3 @@ def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torc
     t = F.log_softmax(teacher.float() / temperature, dim=-1)
     s = F.log_softmax(student.float() / temperature, dim=-1)
     return (t.exp() * (t - s)).sum(-1) * temperature**2
-

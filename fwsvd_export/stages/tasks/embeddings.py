@@ -14,6 +14,7 @@ pair ranks ahead of it (ties count against the model, so embeddings collapsed to
 1). With the gold pair's rank r (1-based): recall@k = [r <= k], MRR@10 = 1/r if r <= 10, nDCG@10 =
 1/log2(r + 1) if r <= 10 (one relevant document: its ideal DCG is 1); each averaged over the queries.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,11 +53,14 @@ def _batches(records, source, tokenizer, max_length, batch_size, calibration, co
     groups_of = chunks(records, batch_size)
     if calibration:
         if len(records) < 2:
-            raise FwsvdError("feature-extraction calibration needs at least 2 text pairs (in-batch negatives);"
-                             f" got {len(records)} from data.calibration")
+            raise FwsvdError(
+                "feature-extraction calibration needs at least 2 text pairs (in-batch negatives);"
+                f" got {len(records)} from data.calibration"
+            )
         if batch_size < 2:
-            raise FwsvdError("feature-extraction calibration needs data.batch_size >= 2 (in-batch negatives);"
-                             f" it is {batch_size}")
+            raise FwsvdError(
+                f"feature-extraction calibration needs data.batch_size >= 2 (in-batch negatives); it is {batch_size}"
+            )
         if len(groups_of[-1]) == 1:  # a lone last pair would add nothing: let the previous batch take it
             groups_of[-2:] = [groups_of[-2] + groups_of[-1]]
     batches = []
@@ -128,8 +132,9 @@ def gold_ranks(queries: torch.Tensor, documents: torch.Tensor, gold: Sequence[in
     return ahead + 1
 
 
-def retrieval_scores(queries: torch.Tensor, pairs: torch.Tensor, keys: Sequence[Hashable] | None = None
-                     ) -> dict[str, float]:
+def retrieval_scores(
+    queries: torch.Tensor, pairs: torch.Tensor, keys: Sequence[Hashable] | None = None
+) -> dict[str, float]:
     """recall@1, recall@10, mrr@10 and ndcg@10 of query i retrieving pair i among all `pairs` (row i of
     each). Pairs with the same key (their tokens) are one document (its first embedding): see the module."""
     import torch
@@ -140,9 +145,12 @@ def retrieval_scores(queries: torch.Tensor, pairs: torch.Tensor, keys: Sequence[
     kept = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())  # each key's first row, in order
     ranks = gold_ranks(queries, pairs[kept], gold).double()
     top = ranks <= 10
-    return {"recall@1": float((ranks <= 1).double().mean()), "recall@10": float(top.double().mean()),
-            "mrr@10": float(torch.where(top, 1 / ranks, 0.0).mean()),
-            "ndcg@10": float(torch.where(top, 1 / torch.log2(ranks + 1), 0.0).mean())}
+    return {
+        "recall@1": float((ranks <= 1).double().mean()),
+        "recall@10": float(top.double().mean()),
+        "mrr@10": float(torch.where(top, 1 / ranks, 0.0).mean()),
+        "ndcg@10": float(torch.where(top, 1 / torch.log2(ranks + 1), 0.0).mean()),
+    }
 
 
 def _tokens(batch: Batch) -> list[tuple[int, ...]]:
@@ -160,7 +168,7 @@ def _score(pooled, batches, reference) -> dict[str, float]:
     scores = {"cosine_to_original": float(sum(s.sum() for s in sims)) / sum(len(s) for s in sims)}
     if batches and all(b.groups == 2 for b in batches):
         halves = [p.chunk(2) for p in pooled]
-        keys = [key for b in batches for key in _tokens(b)[b.samples:]]
+        keys = [key for b in batches for key in _tokens(b)[b.samples :]]
         scores.update(retrieval_scores(torch.cat([q for q, _ in halves]), torch.cat([d for _, d in halves]), keys))
     return scores
 
@@ -171,13 +179,32 @@ def _bind(task: Task, model: Any) -> Task:
     pooling = dict(getattr(model, POOLING, None) or DEFAULT_POOLING)
     mode = pooling["mode"]
     if mode not in POOLING_MODES:
-        raise FwsvdError(f"{pooling['source']} asks for {mode} pooling; feature-extraction pools by "
-                         f"{', '.join(POOLING_MODES)}")
-    return replace(task, loss=functools.partial(_loss, mode=mode), distill=functools.partial(_distill, mode=mode),
-                   summary=functools.partial(_pooled, mode=mode), settings={"pooling": pooling})
+        raise FwsvdError(
+            f"{pooling['source']} asks for {mode} pooling; feature-extraction pools by {', '.join(POOLING_MODES)}"
+        )
+    return replace(
+        task,
+        loss=functools.partial(_loss, mode=mode),
+        distill=functools.partial(_distill, mode=mode),
+        summary=functools.partial(_pooled, mode=mode),
+        settings={"pooling": pooling},
+    )
 
 
 TASKS = (
-    Task("feature-extraction", "AutoModel", "last_hidden_state", METRICS, _columns, _batches, _loss,
-         _score, _distill, needs_reference=True, summary=_pooled, unread=("pooler",), bind=_bind),
+    Task(
+        "feature-extraction",
+        "AutoModel",
+        "last_hidden_state",
+        METRICS,
+        _columns,
+        _batches,
+        _loss,
+        _score,
+        _distill,
+        needs_reference=True,
+        summary=_pooled,
+        unread=("pooler",),
+        bind=_bind,
+    ),
 )

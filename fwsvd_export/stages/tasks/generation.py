@@ -1,4 +1,5 @@
 """Causal language modelling: next-token cross-entropy for the Fisher, perplexity over a sliding window."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -38,7 +39,7 @@ def _batches(records, source, tokenizer, max_length, batch_size, calibration, co
     if len(stream) < max_length:
         raise FwsvdError(f"the text holds {len(stream)} tokens, fewer than one block of data.max_length={max_length}")
     if calibration:
-        windows = [(stream[i:i + max_length], 0) for i in range(0, len(stream) - max_length + 1, max_length)]
+        windows = [(stream[i : i + max_length], 0) for i in range(0, len(stream) - max_length + 1, max_length)]
     else:
         stride = source.stride or max_length
         windows, scored_to = [], 0
@@ -97,7 +98,20 @@ def _score(nlls, batches, reference=None) -> dict[str, float]:
 
 
 TASKS = (
-    Task("text-generation", "AutoModelForCausalLM", "logits", ("perplexity",), _columns, _batches, _loss, _score,
-         _distill, lower_is_better=frozenset({"perplexity"}), skip_empty=True,
-         onnx_task_with_past="text-generation-with-past", generates=True, summary=_batch_nll),
+    Task(
+        "text-generation",
+        "AutoModelForCausalLM",
+        "logits",
+        ("perplexity",),
+        _columns,
+        _batches,
+        _loss,
+        _score,
+        _distill,
+        lower_is_better=frozenset({"perplexity"}),
+        skip_empty=True,
+        onnx_task_with_past="text-generation-with-past",
+        generates=True,
+        summary=_batch_nll,
+    ),
 )

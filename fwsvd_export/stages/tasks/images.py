@@ -1,5 +1,6 @@
 """Image classification: the seam for inputs beyond text (images read with PIL, made into pixel_values by
 the model's image processor); the classifier's loss, distillation and accuracy are text classification's."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -73,6 +74,16 @@ def _batches(records, source, processor, max_length, batch_size, calibration, co
 
 
 TASKS = (
-    Task("image-classification", "AutoModelForImageClassification", "logits", ("accuracy",), _columns, _batches, loss,
-         accuracy, distill, new_head="its predictions mean nothing until that head is fine-tuned"),
+    Task(
+        "image-classification",
+        "AutoModelForImageClassification",
+        "logits",
+        ("accuracy",),
+        _columns,
+        _batches,
+        loss,
+        accuracy,
+        distill,
+        new_head="its predictions mean nothing until that head is fine-tuned",
+    ),
 )

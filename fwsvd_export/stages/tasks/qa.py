@@ -11,6 +11,7 @@ context and gold answers. The answer predicted for an example is the best span o
 logit; within the context, end >= start, at most ``max_answer_length`` tokens), cut from the context's
 characters; it is scored against every gold answer, the best one counting.
 """
+
 from __future__ import annotations
 
 import collections
@@ -68,11 +69,14 @@ def f1_score(prediction: str, golds: list[str]) -> float:
 def squad_scores(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
     """Mean exact match and F1 over examples, as fractions (0..1, like the other tasks' metrics)."""
     n = len(predictions)
-    return {"exact_match": sum(exact_match(p, g) for p, g in zip(predictions, golds)) / n,
-            "f1": sum(f1_score(p, g) for p, g in zip(predictions, golds)) / n}
+    return {
+        "exact_match": sum(exact_match(p, g) for p, g in zip(predictions, golds)) / n,
+        "f1": sum(f1_score(p, g) for p, g in zip(predictions, golds)) / n,
+    }
 
 
 # Records and features
+
 
 def _columns(source: Source, calibration: bool) -> list[str]:
     return [source.question_column, source.context_column, source.answers_column]
@@ -88,23 +92,33 @@ def gold_answers(record: Record, source: Source) -> list[tuple[str, int]]:
             answers = json.loads(answers)
         except json.JSONDecodeError:
             answers = None
-    if (not isinstance(answers, dict) or not isinstance(answers.get("text"), list)
-            or not isinstance(answers.get("answer_start"), list)):
-        raise FwsvdError(f"{where}: column '{column}' must hold {{\"text\": [...], \"answer_start\": [...]}} "
-                         f"(SQuAD format); got {str(answers)[:80]!r}")
+    if (
+        not isinstance(answers, dict)
+        or not isinstance(answers.get("text"), list)
+        or not isinstance(answers.get("answer_start"), list)
+    ):
+        raise FwsvdError(
+            f'{where}: column \'{column}\' must hold {{"text": [...], "answer_start": [...]}} '
+            f"(SQuAD format); got {str(answers)[:80]!r}"
+        )
     texts, starts = answers["text"], answers["answer_start"]
     if len(texts) != len(starts):
-        raise FwsvdError(f"{where}: column '{column}' has {len(texts)} answer texts but {len(starts)} answer_start values")
+        raise FwsvdError(
+            f"{where}: column '{column}' has {len(texts)} answer texts but {len(starts)} answer_start values"
+        )
     found = []
     for i, (text, start) in enumerate(zip(texts, starts)):
         if not isinstance(text, str) or not text or isinstance(start, bool) or not isinstance(start, int):
-            raise FwsvdError(f"{where}: answer {i} in column '{column}' must be a non-empty text and an integer "
-                             f"answer_start; got {text!r} at {start!r}")
-        if context[start:start + len(text)] != text:
-            there = context[max(start, 0):max(start, 0) + len(text)] if 0 <= start < len(context) else ""
-            raise FwsvdError(f"{where}: answer_start {start} of answer {i} ({text!r}) does not point at its text: "
-                             + (f"the context there reads {there!r}" if there else
-                                f"the context has {len(context)} characters"))
+            raise FwsvdError(
+                f"{where}: answer {i} in column '{column}' must be a non-empty text and an integer "
+                f"answer_start; got {text!r} at {start!r}"
+            )
+        if context[start : start + len(text)] != text:
+            there = context[max(start, 0) : max(start, 0) + len(text)] if 0 <= start < len(context) else ""
+            raise FwsvdError(
+                f"{where}: answer_start {start} of answer {i} ({text!r}) does not point at its text: "
+                + (f"the context there reads {there!r}" if there else f"the context has {len(context)} characters")
+            )
         found.append((text, start))
     return found
 
@@ -117,15 +131,22 @@ def _features(tokenizer: Any, record: Record, source: Source, max_length: int) -
     asked = len(tokenizer(question, add_special_tokens=False)["input_ids"])
     room = max_length - asked - tokenizer.num_special_tokens_to_add(pair=True)
     if room <= stride:
-        raise FwsvdError(f"{where}: the question takes {asked} of data.max_length={max_length} tokens, leaving {room} "
-                         f"for the context, which is not more than the doc_stride of {stride}; shorten the question "
-                         "or raise data.max_length")
+        raise FwsvdError(
+            f"{where}: the question takes {asked} of data.max_length={max_length} tokens, leaving {room} "
+            f"for the context, which is not more than the doc_stride of {stride}; shorten the question "
+            "or raise data.max_length"
+        )
     right = tokenizer.padding_side == "right"
     try:
-        return tokenizer(question if right else str(record[source.context_column]),
-                         str(record[source.context_column]) if right else question,
-                         truncation="only_second" if right else "only_first", max_length=max_length, stride=stride,
-                         return_overflowing_tokens=True, return_offsets_mapping=True)
+        return tokenizer(
+            question if right else str(record[source.context_column]),
+            str(record[source.context_column]) if right else question,
+            truncation="only_second" if right else "only_first",
+            max_length=max_length,
+            stride=stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
     except NotImplementedError:  # a slow (Python) tokenizer has no offsets
         raise FwsvdError("question-answering needs a fast tokenizer (offsets map tokens back to the context)") from None
 
@@ -150,7 +171,12 @@ def _batches(records, source, tokenizer, max_length, batch_size, calibration, co
                 text, first = golds[0]
                 inside = [i for i, (a, b) in enumerate(offsets) if a >= 0 and a < first + len(text) and b > first]
                 covered = [i for i, (a, b) in enumerate(offsets) if a >= 0]
-                if inside and covered and offsets[covered[0]][0] <= first and offsets[covered[-1]][1] >= first + len(text):
+                if (
+                    inside
+                    and covered
+                    and offsets[covered[0]][0] <= first
+                    and offsets[covered[-1]][1] >= first + len(text)
+                ):
                     start, end = inside[0], inside[-1]
             inputs = {key: enc[key][k] for key in enc if key not in ("offset_mapping", "overflow_to_sample_mapping")}
             features.append((inputs, offsets, index, start, end))
@@ -165,28 +191,37 @@ def _batches(records, source, tokenizer, max_length, batch_size, calibration, co
         width = max(len(f[1]) for f in chunk)
         shift = [0 if right else width - len(f[1]) for f in chunk]  # left padding moves each token right
 
-        inputs = {key: torch.tensor([padded(f[0][key], pad if key == "input_ids" else 0, width) for f in chunk])
-                  for key in chunk[0][0]}
+        inputs = {
+            key: torch.tensor([padded(f[0][key], pad if key == "input_ids" else 0, width) for f in chunk])
+            for key in chunk[0][0]
+        }
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.tensor([padded([1] * len(f[1]), 0, width) for f in chunk])
         offsets = torch.tensor([padded(f[1], [-1, -1], width) for f in chunk])
         labels = torch.tensor([[f[3] + s, f[4] + s] for f, s in zip(chunk, shift)])
         ids = [f[2] for f in chunk]
-        meta = {"example": ids, "offsets": offsets, "examples": {i: examples[i] for i in ids},
-                "max_answer_length": source.max_answer_length}
+        meta = {
+            "example": ids,
+            "offsets": offsets,
+            "examples": {i: examples[i] for i in ids},
+            "max_answer_length": source.max_answer_length,
+        }
         batches.append(Batch(inputs, inputs["attention_mask"].bool(), labels, meta=meta))
     return batches
 
 
 # Loss, distillation, decoding
 
+
 def _loss(model, batch: Batch) -> torch.Tensor:
     """Mean of the start and end cross-entropies (as the model's own loss), summed over features."""
     import torch.nn.functional as F
 
     out = model(**batch.inputs)
-    return (F.cross_entropy(out.start_logits.float(), batch.labels[:, 0], reduction="sum")
-            + F.cross_entropy(out.end_logits.float(), batch.labels[:, 1], reduction="sum")) / 2
+    return (
+        F.cross_entropy(out.start_logits.float(), batch.labels[:, 0], reduction="sum")
+        + F.cross_entropy(out.end_logits.float(), batch.labels[:, 1], reduction="sum")
+    ) / 2
 
 
 def _distill(student, teacher, batch: Batch, temperature: float) -> torch.Tensor:
@@ -230,7 +265,7 @@ def predictions(spans: list[torch.Tensor], batches: list[Batch]) -> dict[int, st
             text = ""
             if score != float("-inf"):
                 offsets = batch.meta["offsets"][row]
-                text = context[int(offsets[int(start), 0]):int(offsets[int(end), 1])]
+                text = context[int(offsets[int(start), 0]) : int(offsets[int(end), 1])]
             if example not in best or score > best[example][0]:
                 best[example] = (score, text)
     return {example: text for example, (_, text) in best.items()}
@@ -244,7 +279,17 @@ def _score(spans, batches, reference=None) -> dict[str, float]:
 
 
 TASKS = (
-    Task("question-answering", "AutoModelForQuestionAnswering", ("start_logits", "end_logits"), ("exact_match", "f1"),
-         _columns, _batches, _loss, _score, _distill, summary=_summary,
-         new_head="its answers mean nothing until that head is fine-tuned"),
+    Task(
+        "question-answering",
+        "AutoModelForQuestionAnswering",
+        ("start_logits", "end_logits"),
+        ("exact_match", "f1"),
+        _columns,
+        _batches,
+        _loss,
+        _score,
+        _distill,
+        summary=_summary,
+        new_head="its answers mean nothing until that head is fine-tuned",
+    ),
 )

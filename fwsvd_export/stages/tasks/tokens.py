@@ -4,6 +4,7 @@ and the special tokens are -100, left out of the loss and the metric. The metric
 entity-level precision, recall and F1 over the spans the tags spell (`data.evaluation.tag_scheme`: IOB1, IOB2
 or BIOES; a span counts only with its exact bounds and type), and the accuracy of the words' tags.
 """
+
 from __future__ import annotations
 
 from numbers import Integral
@@ -40,9 +41,11 @@ def check_scheme(names: list[str], scheme: str) -> None:
     for name in names if prefixes else []:
         prefix, dash, kind = name.partition("-")
         if name != "O" and not (dash and kind and prefix in prefixes):
-            raise FwsvdError(f"the model's label {name!r} is not a {scheme} tag (O, or {'/'.join(prefixes)}-TYPE); set "
-                             "data.evaluation.tag_scheme (IOB1, IOB2, BIOES; none for tags that are not spans, such "
-                             "as part of speech)")
+            raise FwsvdError(
+                f"the model's label {name!r} is not a {scheme} tag (O, or {'/'.join(prefixes)}-TYPE); set "
+                "data.evaluation.tag_scheme (IOB1, IOB2, BIOES; none for tags that are not spans, such "
+                "as part of speech)"
+            )
 
 
 def _tag_id(tag: Any, word: Any, number: int, where: str, names: list[str], label2id: dict[str, int]) -> int:
@@ -51,8 +54,10 @@ def _tag_id(tag: Any, word: Any, number: int, where: str, names: list[str], labe
             return int(tag)
     elif str(tag) in label2id:
         return label2id[str(tag)]
-    raise FwsvdError(f"{where}: tag {tag!r} of word {number} ({word!r}) is not one of the model's labels: "
-                     f"{', '.join(names)} (or their ids 0..{len(names) - 1})")
+    raise FwsvdError(
+        f"{where}: tag {tag!r} of word {number} ({word!r}) is not one of the model's labels: "
+        f"{', '.join(names)} (or their ids 0..{len(names) - 1})"
+    )
 
 
 def tag_ids(record: Record, source, names: list[str], label2id: dict[str, int]) -> list[int]:
@@ -66,8 +71,10 @@ def tag_ids(record: Record, source, names: list[str], label2id: dict[str, int]) 
     if not words:
         raise FwsvdError(f"{where}: no words in '{source.tokens_column}'")
     if len(words) != len(tags):
-        raise FwsvdError(f"{where}: {len(words)} words in '{source.tokens_column}' but {len(tags)} tags in "
-                         f"'{source.tags_column}'; each word needs one tag")
+        raise FwsvdError(
+            f"{where}: {len(words)} words in '{source.tokens_column}' but {len(tags)} tags in "
+            f"'{source.tags_column}'; each word needs one tag"
+        )
     bad = next((w for w in words if not isinstance(w, str)), None)
     if bad is not None:
         raise FwsvdError(f"{where}: the words in '{source.tokens_column}' must be strings; got {bad!r}")
@@ -92,8 +99,10 @@ def _batches(records, source, tokenizer, max_length, batch_size, calibration, co
     from ...core.batch import Batch
 
     if not getattr(tokenizer, "is_fast", False):
-        raise FwsvdError("token-classification needs a fast tokenizer (tokenizer.json): its word_ids() place each "
-                         "word's tag on the word's first sub-token")
+        raise FwsvdError(
+            "token-classification needs a fast tokenizer (tokenizer.json): its word_ids() place each "
+            "word's tag on the word's first sub-token"
+        )
     names = tag_names(config)
     if not calibration:
         check_scheme(names, source.tag_scheme)
@@ -102,8 +111,14 @@ def _batches(records, source, tokenizer, max_length, batch_size, calibration, co
     batches = []
     for chunk in chunks(records, batch_size):
         ids = [tag_ids(r, source, names, label2id) for r in chunk]
-        enc = tokenizer([list(r[source.tokens_column]) for r in chunk], is_split_into_words=True, padding=True,
-                        truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            [list(r[source.tokens_column]) for r in chunk],
+            is_split_into_words=True,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         length = enc["input_ids"].shape[1]
         labels = torch.tensor([word_labels(enc, row, row_ids, length) for row, row_ids in enumerate(ids)])
         batches.append(Batch(dict(enc), enc["attention_mask"].bool(), labels, meta=dict(meta)))
@@ -148,8 +163,10 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]], scheme: str
     predicted = [_as_spans(s, scheme) for s in predicted]
     with warnings.catch_warnings():  # an empty denominator is 0, as seqeval's warning says
         warnings.simplefilter("ignore")
-        return {name: float(fn(gold, predicted, mode="strict", scheme=kind, zero_division=0))
-                for name, fn in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score))}
+        return {
+            name: float(fn(gold, predicted, mode="strict", scheme=kind, zero_division=0))
+            for name, fn in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score))
+        }
 
 
 def token_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -169,8 +186,9 @@ def word_tags(predicted: torch.Tensor, batch: Batch) -> tuple[list[list[str]], l
     return gold, guessed
 
 
-def _score(predictions: list[torch.Tensor], batches: list[Batch],
-           reference: list[torch.Tensor] | None = None) -> dict[str, float]:
+def _score(
+    predictions: list[torch.Tensor], batches: list[Batch], reference: list[torch.Tensor] | None = None
+) -> dict[str, float]:
     gold: list[list[str]] = []
     guessed: list[list[str]] = []
     for predicted, batch in zip(predictions, batches):
@@ -183,7 +201,17 @@ def _score(predictions: list[torch.Tensor], batches: list[Batch],
 
 
 TASKS = (
-    Task("token-classification", "AutoModelForTokenClassification", "logits", ("f1", "precision", "recall", "accuracy"),
-         _columns, _batches, _loss, _score, _distill, summary=_predicted,
-         new_head="its predictions mean nothing until that head is fine-tuned"),
+    Task(
+        "token-classification",
+        "AutoModelForTokenClassification",
+        "logits",
+        ("f1", "precision", "recall", "accuracy"),
+        _columns,
+        _batches,
+        _loss,
+        _score,
+        _distill,
+        summary=_predicted,
+        new_head="its predictions mean nothing until that head is fine-tuned",
+    ),
 )
