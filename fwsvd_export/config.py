@@ -80,6 +80,7 @@ class DataSource:
     question_column: str = "question"  # question-answering (SQuAD format): the question
     context_column: str = "context"  # question-answering: the passage the answer is cut from
     answers_column: str = "answers"  # question-answering: {text: [...], answer_start: [...]} (characters into the context)
+    choices_column: str = "choices"  # multiple-choice: each record's choices, a list of strings (context_column, label_column)
     # question-answering: tokens that consecutive windows over a long context share (null: a third of
     # data.max_length, as run_qa's 128 of 384)
     doc_stride: Optional[int] = None

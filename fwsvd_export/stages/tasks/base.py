@@ -34,6 +34,7 @@ class Source(Protocol):
     question_column: str  # question-answering's columns, and its windows over a long context
     context_column: str
     answers_column: str
+    choices_column: str  # multiple-choice: each record's choices
     doc_stride: Optional[int]
     max_answer_length: int
 
@@ -65,6 +66,9 @@ class Task:
     needs_reference: bool = False  # metric compares against the original model's outputs
     skip_empty: bool = False  # empty texts are dropped (they add no tokens), not reported as bad records
     onnx_task_with_past: Optional[str] = None  # exporter task with the key/value cache, if the task has one
+    # The exporter's task without the cache, where it is not this task's name (multiple-choice scores a
+    # causal LM's graph: optimum's text-generation)
+    onnx_task_plain: Optional[str] = None
     generates: bool = False  # greedy generation is checked in ONNX Runtime against PyTorch
     # What the metric reads of one batch's output: validation holds it for every evaluation batch and whole
     # outputs for the parity batches only (a decoder's logits are tokens x vocabulary).
@@ -106,7 +110,9 @@ class Task:
 
     def onnx_task(self, with_past: bool) -> str:
         """The exporter's task name for this task's graph."""
-        return self.onnx_task_with_past if with_past and self.onnx_task_with_past else self.name
+        if with_past and self.onnx_task_with_past:
+            return self.onnx_task_with_past
+        return self.onnx_task_plain or self.name
 
     def headline(self, chosen: Optional[str] = None, scores: Optional[Mapping[str, float]] = None) -> str:
         """The metric the checks read: `chosen` (validation.metric), else the task's first.
