@@ -6,13 +6,14 @@ adds the rules that span sections. A refusal is a SpecError whose key is dotted 
 that refused (the loader adds the file and the full key). Task and precision names are checked against
 their registries, which are light to import: nothing here loads torch, transformers or ONNX Runtime.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from .core.spec import CompressionSpec, check_fields, check_shape
 from .errors import SpecError, short_repr
@@ -40,14 +41,14 @@ class ModelSpec:
     that ships one (the package must expose ``get_model_path()``)."""
 
     task: str  # a name in stages/tasks.py's TASKS
-    path: Optional[str] = None
-    hub_id: Optional[str] = None
-    package: Optional[str] = None
-    revision: Optional[str] = None
+    path: str | None = None
+    hub_id: str | None = None
+    package: str | None = None
+    revision: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device_map: Optional[str] = None  # accelerate placement for the statistics pass: "auto", "cuda", "sequential", ...
+    device_map: str | None = None  # accelerate placement for the statistics pass: "auto", "cuda", "sequential", ...
     max_memory: dict[str, str] = field(default_factory=dict)  # per device, e.g. {"0": "20GiB", "cpu": "60GiB"}
-    offload_folder: Optional[str] = None  # where device_map may put weights that fit on no device ("disk")
+    offload_folder: str | None = None  # where device_map may put weights that fit on no device ("disk")
     trust_remote_code: bool = False  # run the model folder's own Python (config.json's auto_map); named in the report
 
     def __post_init__(self) -> None:
@@ -66,24 +67,28 @@ class ModelSpec:
 class DataSource:
     """Records from a local JSONL/CSV/TSV/plain-text/CoNLL file, or from a `datasets` hub dataset."""
 
-    path: Optional[str] = None
-    dataset: Optional[str] = None
-    dataset_config: Optional[str] = None
+    path: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
     split: str = "train"
     format: Literal["auto", "jsonl", "csv", "tsv", "text", "conll"] = "auto"
     text_column: str = "text"
-    text_pair_column: Optional[str] = None
+    text_pair_column: str | None = None
     image_column: str = "image"  # image-classification: an image file (path relative to the data file) or hub image
-    label_column: Optional[str] = None
-    max_samples: Optional[int] = None
-    stride: Optional[int] = None  # text-generation evaluation: sliding-window step (default: max_length)
+    label_column: str | None = None
+    max_samples: int | None = None
+    stride: int | None = None  # text-generation evaluation: sliding-window step (default: max_length)
     question_column: str = "question"  # question-answering (SQuAD format): the question
     context_column: str = "context"  # question-answering: the passage the answer is cut from
-    answers_column: str = "answers"  # question-answering: {text: [...], answer_start: [...]} (characters into the context)
-    choices_column: str = "choices"  # multiple-choice: each record's choices, a list of strings (context_column, label_column)
+    answers_column: str = (
+        "answers"  # question-answering: {text: [...], answer_start: [...]} (characters into the context)
+    )
+    choices_column: str = (
+        "choices"  # multiple-choice: each record's choices, a list of strings (context_column, label_column)
+    )
     # question-answering: tokens that consecutive windows over a long context share (null: a third of
     # data.max_length, as run_qa's 128 of 384)
-    doc_stride: Optional[int] = None
+    doc_stride: int | None = None
     max_answer_length: int = 30  # question-answering: the longest answer span decoded, in tokens
     tokens_column: str = "tokens"  # token-classification: each record's words, a list (a CoNLL file's first column)
     tags_column: str = "tags"  # token-classification: one tag per word, a name from the model's labels or its id
@@ -112,7 +117,7 @@ class DataSource:
 class DataSpec:
     calibration: DataSource
     evaluation: DataSource
-    finetune: Optional[DataSource] = None  # rows recovery fine-tuning trains on (default: the calibration rows)
+    finetune: DataSource | None = None  # rows recovery fine-tuning trains on (default: the calibration rows)
     max_length: int = 128
     batch_size: int = 16
     seed: int = 0
@@ -122,7 +127,7 @@ class DataSpec:
         _at_least(self, "batch_size", 1)
         _at_least(self, "max_length", 2)
         for role in DATA_ROLES:
-            source: Optional[DataSource] = getattr(self, role)
+            source: DataSource | None = getattr(self, role)
             if source is None:
                 continue
             try:
@@ -130,11 +135,13 @@ class DataSpec:
             except SpecError as exc:
                 raise exc.within(role) from None
             if source.stride is not None and source.stride > self.max_length:
-                raise SpecError(f"{role}.stride", f"must be between 1 and max_length ({self.max_length}), "
-                                                  f"got {source.stride}")
+                raise SpecError(
+                    f"{role}.stride", f"must be between 1 and max_length ({self.max_length}), got {source.stride}"
+                )
             if source.doc_stride is not None and source.doc_stride >= self.max_length:
-                raise SpecError(f"{role}.doc_stride", f"must be below max_length ({self.max_length}), "
-                                                      f"got {source.doc_stride}")
+                raise SpecError(
+                    f"{role}.doc_stride", f"must be below max_length ({self.max_length}), got {source.doc_stride}"
+                )
 
 
 @dataclass
@@ -159,7 +166,7 @@ class FinetuneSpec:
 
 @dataclass
 class ExportSpec:
-    opset: Optional[int] = None
+    opset: int | None = None
     with_past: bool = True  # text-generation: export the key/value cache, so generate() runs in ONNX Runtime
     # names in stages/precision.py's PRECISIONS: int8, int4 (CPU), fp16 (CUDA) are extra folders
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
@@ -189,7 +196,7 @@ class LatencySpec:
     warmup: int = 5
     runs: int = 30  # per artifact and shape, spread over the rounds
     rounds: int = 5  # the artifacts take turns this many times, so machine noise hits all alike
-    threads: Optional[int] = None  # ONNX Runtime intra-op threads for every timed session (null: every core)
+    threads: int | None = None  # ONNX Runtime intra-op threads for every timed session (null: every core)
     # true: hold one session at a time, reopened each turn; auto: when the graphs side by side would take more
     # than half the memory available (graphs too big to sit side by side)
     one_at_a_time: Literal[False, True, "auto"] = "auto"
@@ -213,11 +220,13 @@ class ValidationSpec:
     rtol: float = 1e-2
     parity_batches: int = 2
     max_metric_loss: float = 0.05
-    max_quantization_loss: float = 0.005  # int8/fp16 compressed against fp32 compressed (absolute; relative for perplexity)
+    max_quantization_loss: float = (
+        0.005  # int8/fp16 compressed against fp32 compressed (absolute; relative for perplexity)
+    )
     latency: LatencySpec = field(default_factory=LatencySpec)
     prompts: list[str] = field(default_factory=list)  # greedy generation check (text-generation with past)
     generation_tokens: int = 16
-    metric: Optional[str] = None  # what the checks read; null: the task's first metric (the report shows them all)
+    metric: str | None = None  # what the checks read; null: the task's first metric (the report shows them all)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -240,8 +249,8 @@ class Recipe:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
-    source: Optional[str] = None  # the file it was read from; not a recipe key
-    base_dir: Optional[str] = None  # folder that relative paths resolve against; not a recipe key
+    source: str | None = None  # the file it was read from; not a recipe key
+    base_dir: str | None = None  # folder that relative paths resolve against; not a recipe key
 
     def __post_init__(self) -> None:
         """The rules that span sections (each section checked its own when it was made)."""
@@ -249,9 +258,11 @@ class Recipe:
         comp = self.compression
         if comp.target_speedup is not None:
             if comp.latency_precision not in self.export.precisions:
-                raise SpecError("compression.latency_precision",
-                                f"{comp.latency_precision!r} must be one of 'export.precisions' {self.export.precisions}: "
-                                "the speed-up is measured on that graph")
+                raise SpecError(
+                    "compression.latency_precision",
+                    f"{comp.latency_precision!r} must be one of 'export.precisions' {self.export.precisions}: "
+                    "the speed-up is measured on that graph",
+                )
             try:
                 check_runs_on(comp.latency_precision, comp.latency_provider)
             except SpecError as exc:

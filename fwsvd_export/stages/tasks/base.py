@@ -5,11 +5,13 @@ pipeline keeps of them what the model's forward takes (``models.fit_batches``). 
 and metric names against the registry, so this module and every task module are light to import: torch and
 transformers are imported where a task runs, and the model class is named and looked up on use.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...errors import FwsvdError, SpecError
 
@@ -20,22 +22,22 @@ if TYPE_CHECKING:
 
 Record = Mapping[str, Any]  # a row of column -> value (stages.data's Record also knows its `where` and `folder`)
 # (each evaluation batch's summary, the batches, the dense model's summaries when `needs_reference`) -> metrics
-Scorer = Callable[[list["torch.Tensor"], list["Batch"], Optional[list["torch.Tensor"]]], dict[str, float]]
+Scorer = Callable[[list["torch.Tensor"], list["Batch"], list["torch.Tensor"] | None], dict[str, float]]
 
 
 class Source(Protocol):
     """What a task reads of a data source (config.DataSource has it)."""
 
     text_column: str
-    text_pair_column: Optional[str]
+    text_pair_column: str | None
     image_column: str
-    label_column: Optional[str]
-    stride: Optional[int]
+    label_column: str | None
+    stride: int | None
     question_column: str  # question-answering's columns, and its windows over a long context
     context_column: str
     answers_column: str
     choices_column: str  # multiple-choice: each record's choices
-    doc_stride: Optional[int]
+    doc_stride: int | None
     max_answer_length: int
 
 
@@ -65,27 +67,27 @@ class Task:
     lower_is_better: frozenset[str] = frozenset()  # metrics where less is better (perplexity)
     needs_reference: bool = False  # metric compares against the original model's outputs
     skip_empty: bool = False  # empty texts are dropped (they add no tokens), not reported as bad records
-    onnx_task_with_past: Optional[str] = None  # exporter task with the key/value cache, if the task has one
+    onnx_task_with_past: str | None = None  # exporter task with the key/value cache, if the task has one
     # The exporter's task without the cache, where it is not this task's name (multiple-choice scores a
     # causal LM's graph: optimum's text-generation)
-    onnx_task_plain: Optional[str] = None
+    onnx_task_plain: str | None = None
     generates: bool = False  # greedy generation is checked in ONNX Runtime against PyTorch
     # What the metric reads of one batch's output: validation holds it for every evaluation batch and whole
     # outputs for the parity batches only (a decoder's logits are tokens x vocabulary).
     summary: Callable[[torch.Tensor, Batch], torch.Tensor] = _whole
     # A folder that holds the bare model may be loaded for this task with its head newly initialised; what
     # the report says of such a head (None: the head must be in the weights).
-    new_head: Optional[str] = None
+    new_head: str | None = None
     # Base-model modules the task never reads (their weights may be missing from a plain checkpoint, e.g. an
     # MLM's pooler under mean pooling), with the report's note on them.
     unread: tuple[str, ...] = ()
     # The task as it applies to one loaded model (`for_model`): a copy whose functions read what the model
     # says of itself (an embedding model's pooling) and whose `settings` name it for the report; None: the
     # same for every model.
-    bind: Optional[Callable[["Task", Any], "Task"]] = None
+    bind: Callable[[Task, Any], Task] | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)  # what `bind` read of the model (report.json's model)
 
-    def for_model(self, model: Any) -> "Task":
+    def for_model(self, model: Any) -> Task:
         """This task as it applies to `model` (its pooling, its head): see `bind`."""
         return self.bind(self, model) if self.bind is not None else self
 
@@ -114,7 +116,7 @@ class Task:
             return self.onnx_task_with_past
         return self.onnx_task_plain or self.name
 
-    def headline(self, chosen: Optional[str] = None, scores: Optional[Mapping[str, float]] = None) -> str:
+    def headline(self, chosen: str | None = None, scores: Mapping[str, float] | None = None) -> str:
         """The metric the checks read: `chosen` (validation.metric), else the task's first.
 
         A task's `metrics` name all it may report; `score` returns those that apply to the model and data
@@ -123,15 +125,19 @@ class Task:
         not among them is refused (FwsvdError) naming those that are. Without `scores` (a recipe, before
         any model is loaded) any of `metrics` may be chosen (SpecError otherwise)."""
         if chosen is not None and chosen not in self.metrics:
-            raise SpecError("metric", f"must be one of {self.name}'s metrics: {', '.join(self.metrics)}; got {chosen!r}")
+            raise SpecError(
+                "metric", f"must be one of {self.name}'s metrics: {', '.join(self.metrics)}; got {chosen!r}"
+            )
         present = self.metrics if scores is None else tuple(m for m in self.metrics if m in scores)
         if chosen is None:
             if not present:
                 raise FwsvdError(f"{self.name} measured none of its metrics ({', '.join(self.metrics)})")
             return present[0]
         if chosen not in present:
-            raise FwsvdError(f"validation.metric {chosen!r} does not apply to this model and data: {self.name} "
-                             f"measured {', '.join(present) or 'nothing'} for it{_described(self.settings)}")
+            raise FwsvdError(
+                f"validation.metric {chosen!r} does not apply to this model and data: {self.name} "
+                f"measured {', '.join(present) or 'nothing'} for it{_described(self.settings)}"
+            )
         return chosen
 
     def higher_is_better(self, metric: str) -> bool:
