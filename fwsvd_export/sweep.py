@@ -16,12 +16,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import Recipe
-from .core import gather_for, get_method
+from .core import LayerStats, gather_for, get_method
 from .errors import FwsvdError, SpecError, section
 from .loader import load_recipe
 from .pipeline import dense_stage, point_stage, prepare, read_paths
 from .stages.clock import Clock
 from .stages.outputs import resolve_output, staged_output
+from .stages.prepared import Dense, Prepared
 from .stages.report import FRONTIER_PLOT, plot_frontier, write_report
 from .stages.run_report import RunReport, artifact_rows, dense_int8_beats, first_measured
 from .stages.tasks import Task
@@ -269,20 +270,7 @@ def sweep(
         ]  # every point's recipe is checked before any compute
         clock = Clock()
         prepared = prepare(plan[0][2], clock, names)
-        statistics, info = None, {}
-        if any(get_method(m).needs for m in names):
-            with section("compression"):
-                statistics, info = gather_for(
-                    prepared.model,
-                    [r.compression for _, _, r in plan],
-                    prepared.calibration,
-                    prepared.task.loss,
-                    progress,
-                    Path(base.base_dir or "."),
-                    prepared.runner,
-                )
-            prepared.runner = None
-            clock.lap("statistics (all points)")
+        statistics, info = _shared_statistics(prepared, plan, names, Path(base.base_dir or "."), clock, progress)
         dense = dense_stage(prepared, staged.path / "dense", clock, progress)
         shared = {
             "seconds": clock.seconds,
@@ -290,36 +278,95 @@ def sweep(
             "statistics": info,
             "dense_onnx": "dense/model.onnx",
         }
-        points: list[dict] = []
-        peaks = [clock.whole()["peak_rss_mb"]]
-        for i, (method, value, recipe) in enumerate(plan):
-            name = point_folder(method, kind, value)
-            (staged.path / name).mkdir()
-            report = point_stage(
-                prepared, dense, recipe, staged.path / name, Clock(), progress, statistics, last=i == len(plan) - 1
-            )
-            report = write_report(report, staged.path / name)
-            points.append(_point(method, kind, value, name, report))
-            peaks.append(max(report.peak_rss_mb.values(), default=0.0))
-            wins = dense_int8_wins(points, prepared.task)
-            whole = {**clock.whole(), "peak_rss_mb": max(peaks)}  # each point's clock resets the high-water mark
-            (staged.path / SWEEP_FILE).write_text(
-                json.dumps(
-                    {"kind": kind, "shared": shared, "points": points, "dense_int8_beats": wins, "whole_run": whole},
-                    indent=2,
-                )
-            )
-        try:
-            plots = [folder / p.name for p in plot(points, staged.path)]
-        except ImportError:
-            plots = []
-        drawn = plot_artifacts(points, prepared.task, staged.path / FRONTIER_PLOT)
-        plots += [folder / FRONTIER_PLOT] if drawn else []
-        (staged.path / "sweep.md").write_text(
-            _markdown(points, kind)
-            + "\n"
-            + _artifact_table(points, _verdict(points, wins), drawn)
-            + f"\nWhole sweep: {whole['seconds']:.1f} s, peak host memory "
-            f"{whole['peak_rss_mb']:.0f} MB.\n"
-        )
+        points, wins, whole = _run_points(prepared, dense, plan, kind, staged.path, clock, shared, statistics, progress)
+        plots = _summarize(points, prepared.task, kind, wins, whole, folder, staged.path)
     return folder, points, plots
+
+
+def _shared_statistics(
+    prepared: Prepared,
+    plan: list[tuple[str, float, Recipe]],
+    names: list[str],
+    cache_base: Path,
+    clock: Clock,
+    progress: bool,
+) -> tuple[dict[str, LayerStats] | None, dict]:
+    """One statistics pass for what every point's method asks for (none when no method needs any); the
+    runner that made it is let go after."""
+    if not any(get_method(m).needs for m in names):
+        return None, {}
+    with section("compression"):
+        statistics, info = gather_for(
+            prepared.model,
+            [r.compression for _, _, r in plan],
+            prepared.calibration,
+            prepared.task.loss,
+            progress,
+            cache_base,
+            prepared.runner,
+        )
+    prepared.runner = None
+    clock.lap("statistics (all points)")
+    return statistics, info
+
+
+def _run_points(
+    prepared: Prepared,
+    dense: Dense,
+    plan: list[tuple[str, float, Recipe]],
+    kind: str,
+    path: Path,
+    clock: Clock,
+    shared: dict,
+    statistics: dict[str, LayerStats] | None,
+    progress: bool,
+) -> tuple[list[dict], dict[str, list[dict]], dict]:
+    """Each point in its folder under `path`, sweep.json written again after each; returns the points, where
+    dense int8 beats them and the whole sweep's time and peak memory."""
+    points: list[dict] = []
+    peaks = [clock.whole()["peak_rss_mb"]]
+    for i, (method, value, recipe) in enumerate(plan):
+        name = point_folder(method, kind, value)
+        (path / name).mkdir()
+        report = point_stage(
+            prepared, dense, recipe, path / name, Clock(), progress, statistics, last=i == len(plan) - 1
+        )
+        report = write_report(report, path / name)
+        points.append(_point(method, kind, value, name, report))
+        peaks.append(max(report.peak_rss_mb.values(), default=0.0))
+        wins = dense_int8_wins(points, prepared.task)
+        whole = {**clock.whole(), "peak_rss_mb": max(peaks)}  # each point's clock resets the high-water mark
+        (path / SWEEP_FILE).write_text(
+            json.dumps(
+                {"kind": kind, "shared": shared, "points": points, "dense_int8_beats": wins, "whole_run": whole},
+                indent=2,
+            )
+        )
+    return points, wins, whole
+
+
+def _summarize(
+    points: list[dict],
+    task: Task,
+    kind: str,
+    wins: dict[str, list[dict]],
+    whole: dict,
+    folder: Path,
+    path: Path,
+) -> list[Path]:
+    """The plots (those matplotlib could draw) and sweep.md, written under `path`; returns the plots as they
+    will be in `folder`."""
+    try:
+        plots = [folder / p.name for p in plot(points, path)]
+    except ImportError:
+        plots = []
+    drawn = plot_artifacts(points, task, path / FRONTIER_PLOT)
+    plots += [folder / FRONTIER_PLOT] if drawn else []
+    (path / "sweep.md").write_text(
+        _markdown(points, kind)
+        + "\n"
+        + _artifact_table(points, _verdict(points, wins), drawn)
+        + f"\nWhole sweep: {whole['seconds']:.1f} s, peak host memory "
+        f"{whole['peak_rss_mb']:.0f} MB.\n"
+    )
+    return plots

@@ -199,38 +199,62 @@ def gather_statistics(
     if loss_fn is None:
         raise FwsvdError(f"the statistics {sorted(needs)} need a task loss")
     rank, ranks = distributed.world()
-    folder = None
-    cached: dict[str, LayerStats] | None = None  # rank 0's cache hit
+    folder, key, cached = None, "", None  # rank 0's cache folder, key and hit
     if spec.cache_dir is not None and rank == 0:
         folder = Path(spec.cache_dir) if cache_base is None else cache_base / spec.cache_dir
         key = stats_cache.cache_key(model, todo, calibration, loss_fn, spec.max_gram_size)
-        try:
-            cached = stats_cache.load_cached(folder, key, list(todo), needs)
-        except stats_cache.Unreadable as exc:
-            cached, info["cache_unreadable"] = None, f"{exc}; gathered again and replaced"
-        found = _first_nonfinite(cached, needs) if cached is not None else None
-        if found:  # bit rot, or a file written by hand
-            cached, info["cache_unreadable"] = (
-                None,
-                (
-                    f"{folder / key}.safetensors holds non-finite values in "
-                    f"{found[0]}.{found[1]}; gathered again and replaced"
-                ),
-            )
-        if cached is not None:
-            info["cache"] = f"hit {folder / key}.safetensors"
+        cached = _load_cache(folder, key, todo, needs, info)
     if ranks > 1 and distributed.broadcast_flag(cached is not None):  # rank 0's hit is a hit for all
         return distributed.broadcast_statistics(cached or {}, list(todo)), info
     if cached is not None:
         return cached, info
-    stats: dict[str, LayerStats] = {}
-    runner = model if runner is None else runner
+    stats = _collect(model if runner is None else runner, todo, needs, spec, calibration, loss_fn, progress, info)
+    if folder is not None:
+        check_finite_statistics(stats, needs)  # never cache what the run will refuse
+        info["cache"] = f"stored {stats_cache.save_cached(folder, key, stats)}"
+    return stats, info
+
+
+def _load_cache(
+    folder: Path, key: str, todo: dict[str, nn.Module], needs: set[str], info: dict[str, Any]
+) -> dict[str, LayerStats] | None:
+    """The cached statistics, or None on a miss. A file that cannot be read back or holds non-finite values
+    (bit rot, or a file written by hand) is a miss too, noted in `info`: gathered again and replaced."""
+    try:
+        cached = stats_cache.load_cached(folder, key, list(todo), needs)
+    except stats_cache.Unreadable as exc:
+        cached, info["cache_unreadable"] = None, f"{exc}; gathered again and replaced"
+    found = _first_nonfinite(cached, needs) if cached is not None else None
+    if found:
+        cached, info["cache_unreadable"] = (
+            None,
+            f"{folder / key}.safetensors holds non-finite values in {found[0]}.{found[1]}; gathered again and replaced",
+        )
+    if cached is not None:
+        info["cache"] = f"hit {folder / key}.safetensors"
+    return cached
+
+
+def _collect(
+    runner: nn.Module,
+    todo: dict[str, nn.Module],
+    needs: set[str],
+    spec: CompressionSpec,
+    calibration: list[Batch],
+    loss_fn: LossFn,
+    progress: bool,
+    info: dict[str, Any],
+) -> dict[str, LayerStats]:
+    """The statistics from one calibration pass per memory group, run on `runner`; under torch.distributed
+    each rank scores its shard of `calibration` and the sums are all-reduced. Counts the passes in `info`."""
+    rank, ranks = distributed.world()
     if ranks > 1 and len(calibration) < ranks:
         raise FwsvdError(
             f"{len(calibration)} calibration batches cannot be shared by {ranks} processes; "
             "use more calibration data, smaller batches, or fewer processes"
         )
     shard = distributed.shard(calibration) if ranks > 1 else calibration
+    stats: dict[str, LayerStats] = {}
     for group in _passes(todo, needs, spec):
         group = {name: runner.get_submodule(name) for name in group}
         part = distributed.together(
@@ -251,10 +275,7 @@ def gather_statistics(
         info["passes"] += 1
     if ranks > 1:
         info["ranks"] = ranks
-    if folder is not None:
-        check_finite_statistics(stats, needs)  # never cache what the run will refuse
-        info["cache"] = f"stored {stats_cache.save_cached(folder, key, stats)}"
-    return stats, info
+    return stats
 
 
 def check_finite_model(model: nn.Module) -> None:

@@ -86,20 +86,23 @@ def finetune_(
                     samples += batch.samples
                     bar.update(1)
                 history.append(total / max(samples, 1))
-        diverged = [
-            n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())
-        ]
-        if diverged:
-            raise FwsvdError(
-                f"recovery fine-tuning left non-finite weights in '{diverged[0]}' ({len(diverged)} tensors); "
-                f"lower finetune.learning_rate (now {spec.learning_rate:g})"
-            )
+        _refuse_nonfinite_weights(model, spec)
     finally:
         optimizer.zero_grad(set_to_none=True)
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.eval()
     return history
+
+
+def _refuse_nonfinite_weights(model: nn.Module, spec: FinetuneSpec) -> None:
+    """A finite loss can still leave an inf or NaN in a weight (an overflowing step): refused, not exported."""
+    diverged = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if diverged:
+        raise FwsvdError(
+            f"recovery fine-tuning left non-finite weights in '{diverged[0]}' ({len(diverged)} tensors); "
+            f"lower finetune.learning_rate (now {spec.learning_rate:g})"
+        )
 
 
 def objective_loss(

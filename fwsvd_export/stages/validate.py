@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
-from ..config import LatencySpec, ValidationSpec
+from ..config import LatencySpec, ProviderSpec, ValidationSpec
 from ..core.batch import Batch
 from .generation import greedy_ort, greedy_torch
 from .latency import in_turn, interleaved
@@ -330,9 +330,8 @@ def validate(
     """All checks of a compressed model (its PyTorch results and its graph) against the dense `reference`;
     `prompts`, those `torch_results` continued, drive the greedy-generation check of decoders. The artifacts
     are timed afterwards (`time_artifacts`), once the caller has let go of the outputs it no longer needs."""
-    compressed_out, greedy = compressed.outputs, compressed.greedy
+    compressed_out = compressed.outputs
     reference = dense.summaries if task.needs_reference else None
-    prompts = prompts or []
     metric = task.headline(spec.metric, dense.scores)  # the first present, or validation.metric
     scores = _scores(task, compressed_out, batches, reference)
     result = Validation(
@@ -351,59 +350,9 @@ def validate(
         )
     )
     for provider in spec.providers:
-        entry: dict = {"provider": PROVIDERS[provider.name], "required": provider.required, "threads": threads(spec)}
-        result.providers[provider.name] = entry
-        session, reason = open_session(compressed_onnx, provider.name, threads(spec))
-        if session is None:
-            entry.update(status="unavailable", reason=reason)
-            if provider.required:
-                result.checks.append(Check(f"{provider.name}: provider available", False, reason))
-            continue
-        ort_out = _outputs(
-            partial(run_ort, session, task), task, spec, batches, f"compressed (onnx, {provider.name})", progress
+        _validate_on(
+            provider, task, spec, result, compressed, batches, compressed_onnx, progress, prompts or [], reference
         )
-        entry["parity"] = parity(ort_out.whole, compressed_out.whole, spec.atol, spec.rtol)
-        entry["scores"] = _scores(task, ort_out, batches, reference)
-        entry["metric"] = entry["scores"][metric]
-        entry["metric_loss"] = metric_loss(task, metric, result.original_torch, entry["metric"])
-        entry["latency"] = []
-        if has_past(session) and prompts:
-            matches = [
-                greedy_ort(session, ids, spec.generation_tokens) == expected for ids, expected in zip(prompts, greedy)
-            ]
-            entry["generation"] = {
-                "prompts": len(prompts),
-                "tokens": spec.generation_tokens,
-                "matching_prompts": sum(matches),
-            }
-            result.checks.append(
-                Check(
-                    f"{provider.name}: greedy generation",
-                    all(matches),
-                    f"{sum(matches)} of {len(prompts)} prompts give the same "
-                    f"{spec.generation_tokens} tokens as PyTorch",
-                )
-            )
-        p = entry["parity"]
-        result.checks.append(
-            Check(
-                f"{provider.name}: numeric parity",
-                p["passed"],
-                f"max abs error {p['max_abs_error']:.2e}, rel {p['max_rel_error']:.2e}",
-            )
-        )
-        result.checks.append(
-            Check(
-                f"{provider.name}: metric loss",
-                entry["metric_loss"] <= spec.max_metric_loss,
-                f"{metric} {result.original_torch:.4f} -> {entry['metric']:.4f} "
-                f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})",
-            )
-        )
-        entry["status"] = (
-            "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
-        )
-        session = ort_out = None  # closed and let go: the timing opens its own sessions
     _validate_variants(task, spec, dense, result, compressed_out, batches, progress, reference, variants or {})
     if all(e["status"] == "unavailable" for e in result.providers.values()):
         result.checks.append(
@@ -414,6 +363,81 @@ def validate(
             )
         )
     return result
+
+
+def _validate_on(
+    provider: ProviderSpec,
+    task: Task,
+    spec: ValidationSpec,
+    result: Validation,
+    compressed: TorchResults,
+    batches: list[Batch],
+    compressed_onnx: Path,
+    progress: bool,
+    prompts: list[torch.Tensor],
+    reference: list[torch.Tensor] | None,
+) -> None:
+    """The compressed graph on one provider against the compressed PyTorch model: numeric parity, metric loss
+    and a decoder's greedy generation, recorded in `result.providers`; `reference` is what the metric compares
+    with (the dense summaries, for tasks that need them). A provider that does not start fails a check only when
+    required. Its session is let go on return: the timing opens its own sessions."""
+    entry: dict = {"provider": PROVIDERS[provider.name], "required": provider.required, "threads": threads(spec)}
+    result.providers[provider.name] = entry
+    session, reason = open_session(compressed_onnx, provider.name, threads(spec))
+    if session is None:
+        entry.update(status="unavailable", reason=reason)
+        if provider.required:
+            result.checks.append(Check(f"{provider.name}: provider available", False, reason))
+        return
+    ort_out = _outputs(
+        partial(run_ort, session, task), task, spec, batches, f"compressed (onnx, {provider.name})", progress
+    )
+    metric = result.metric
+    entry["parity"] = parity(ort_out.whole, compressed.outputs.whole, spec.atol, spec.rtol)
+    entry["scores"] = _scores(task, ort_out, batches, reference)
+    entry["metric"] = entry["scores"][metric]
+    entry["metric_loss"] = metric_loss(task, metric, result.original_torch, entry["metric"])
+    entry["latency"] = []
+    if has_past(session) and prompts:
+        _check_generation(session, provider.name, spec, prompts, compressed.greedy, entry, result)
+    p = entry["parity"]
+    result.checks.append(
+        Check(
+            f"{provider.name}: numeric parity",
+            p["passed"],
+            f"max abs error {p['max_abs_error']:.2e}, rel {p['max_rel_error']:.2e}",
+        )
+    )
+    result.checks.append(
+        Check(
+            f"{provider.name}: metric loss",
+            entry["metric_loss"] <= spec.max_metric_loss,
+            f"{metric} {result.original_torch:.4f} -> {entry['metric']:.4f} "
+            f"(loss {entry['metric_loss']:.4f}, allowed {spec.max_metric_loss})",
+        )
+    )
+    entry["status"] = "passed" if all(c.passed for c in result.checks if c.name.startswith(provider.name)) else "failed"
+
+
+def _check_generation(
+    session: ort.InferenceSession,
+    provider: str,
+    spec: ValidationSpec,
+    prompts: list[torch.Tensor],
+    greedy: list[list[int]],
+    entry: dict,
+    result: Validation,
+) -> None:
+    """A decoder's graph with its cache continues each prompt greedily with the tokens PyTorch chose."""
+    matches = [greedy_ort(session, ids, spec.generation_tokens) == expected for ids, expected in zip(prompts, greedy)]
+    entry["generation"] = {"prompts": len(prompts), "tokens": spec.generation_tokens, "matching_prompts": sum(matches)}
+    result.checks.append(
+        Check(
+            f"{provider}: greedy generation",
+            all(matches),
+            f"{sum(matches)} of {len(prompts)} prompts give the same {spec.generation_tokens} tokens as PyTorch",
+        )
+    )
 
 
 def _validate_variants(
@@ -537,27 +561,12 @@ def time_artifacts(
     for provider, entry in result.providers.items():
         if entry.get("status") not in ("passed", "failed"):
             continue
-        graphs = {"dense": dense.graphs["dense"], "compressed": compressed_onnx}
-        graphs.update({n: g for n, g in dense.graphs.items() if n != "dense"})
-        graphs.update({f"compressed-{p}": g for p, g in variants.items()})
-        timed = {
-            name: graph
-            for name, graph in graphs.items()
-            if name in ("dense", "compressed")
-            or result.variants.get(name, {}).get(provider, {}).get("status") == "measured"
-        }
+        timed = _timed(provider, dense, result, compressed_onnx, variants)
         lat = replace(spec.latency, one_at_a_time=one_at_a_time(spec.latency, timed))  # decided once, recorded below
         try:
             timings = time_graphs(timed, provider, replace(spec, latency=lat), lat.shapes, config)
         except _WontOpen as exc:
-            if exc.graph == dense.graphs["dense"]:
-                # The provider runs the compressed graph, so the dense one (an artifact of the run, the baseline
-                # a user compares against) is what fails; it is the first graph opened.
-                entry.update(status="failed", latency_skipped=f"dense graph: {exc.reason}")
-                result.checks.append(Check(f"{provider}: dense graph opens", False, exc.reason))
-            else:  # opened in the validation, not since
-                entry.update(status="failed", latency_skipped=str(exc))
-                result.checks.append(Check(f"{provider}: graphs open for timing", False, str(exc)))
+            _wont_open(exc, provider, dense, entry, result)
             continue
         entry["latency_method"] = {
             "interleaved_rounds": min(lat.rounds, lat.runs),
@@ -569,29 +578,64 @@ def time_artifacts(
             "one_at_a_time_asked": spec.latency.one_at_a_time,
             "spinning_after_run": _spins(session_options()),
         }
-        for shape, base in timings["dense"].items():
-            small = timings["compressed"][shape]
-            point = {
-                "shape": shape,
-                "dense": base,
-                "compressed": small,
-                "speedup": base["median_ms"] / small["median_ms"],
-            }
-            if "decode_per_token" in small:
-                point["decode_speedup"] = base["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
-            entry["latency"].append(point)
-            for name in timed:
-                if name not in ("dense", "compressed"):
-                    own = timings[name][shape]
-                    timing = {
-                        "shape": shape,
-                        "median_ms": own["median_ms"],
-                        "p90_ms": own["p90_ms"],
-                        "speedup_vs_dense_fp32": base["median_ms"] / own["median_ms"],
-                    }
-                    if "decode_per_token" in own:  # a decoder with its cache: one decode step too
-                        timing["decode_per_token"] = own["decode_per_token"]
-                        timing["decode_speedup_vs_dense_fp32"] = (
-                            base["decode_per_token"]["median_ms"] / own["decode_per_token"]["median_ms"]
-                        )
-                    result.variants[name][provider]["latency"].append(timing)
+        _record_latency(provider, timed, timings, entry, result)
+
+
+def _timed(
+    provider: str, dense: Reference, result: Validation, compressed_onnx: Path, variants: dict[str, Path]
+) -> dict[str, Path]:
+    """The graphs timed on `provider`: dense fp32 and the compressed graph, and each variant measured there."""
+    graphs = {"dense": dense.graphs["dense"], "compressed": compressed_onnx}
+    graphs.update({n: g for n, g in dense.graphs.items() if n != "dense"})
+    graphs.update({f"compressed-{p}": g for p, g in variants.items()})
+    return {
+        name: graph
+        for name, graph in graphs.items()
+        if name in ("dense", "compressed")
+        or result.variants.get(name, {}).get(provider, {}).get("status") == "measured"
+    }
+
+
+def _wont_open(exc: _WontOpen, provider: str, dense: Reference, entry: dict, result: Validation) -> None:
+    """A graph that would not open for timing fails the provider, naming which graph."""
+    if exc.graph == dense.graphs["dense"]:
+        # The provider runs the compressed graph, so the dense one (an artifact of the run, the baseline
+        # a user compares against) is what fails; it is the first graph opened.
+        entry.update(status="failed", latency_skipped=f"dense graph: {exc.reason}")
+        result.checks.append(Check(f"{provider}: dense graph opens", False, exc.reason))
+    else:  # opened in the validation, not since
+        entry.update(status="failed", latency_skipped=str(exc))
+        result.checks.append(Check(f"{provider}: graphs open for timing", False, str(exc)))
+
+
+def _record_latency(
+    provider: str, timed: dict[str, Path], timings: dict[str, dict[str, dict]], entry: dict, result: Validation
+) -> None:
+    """Each shape's latencies on `provider`: the compressed graph's in `entry`, each variant's in
+    `result.variants`, every one with its speed-up against dense fp32 measured in the same rounds."""
+    for shape, base in timings["dense"].items():
+        small = timings["compressed"][shape]
+        point = {
+            "shape": shape,
+            "dense": base,
+            "compressed": small,
+            "speedup": base["median_ms"] / small["median_ms"],
+        }
+        if "decode_per_token" in small:
+            point["decode_speedup"] = base["decode_per_token"]["median_ms"] / small["decode_per_token"]["median_ms"]
+        entry["latency"].append(point)
+        for name in timed:
+            if name not in ("dense", "compressed"):
+                own = timings[name][shape]
+                timing = {
+                    "shape": shape,
+                    "median_ms": own["median_ms"],
+                    "p90_ms": own["p90_ms"],
+                    "speedup_vs_dense_fp32": base["median_ms"] / own["median_ms"],
+                }
+                if "decode_per_token" in own:  # a decoder with its cache: one decode step too
+                    timing["decode_per_token"] = own["decode_per_token"]
+                    timing["decode_speedup_vs_dense_fp32"] = (
+                        base["decode_per_token"]["median_ms"] / own["decode_per_token"]["median_ms"]
+                    )
+                result.variants[name][provider]["latency"].append(timing)
