@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import subprocess
 import sys
+import types
 import typing
 
 import pytest
@@ -47,7 +48,7 @@ def build(cls: type, mapping: dict) -> typing.Any:
         tp = hints[key]
         tp = (
             next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-            if typing.get_origin(tp) is typing.Union
+            if typing.get_origin(tp) in (typing.Union, types.UnionType)
             else tp
         )
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):

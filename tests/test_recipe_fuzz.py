@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import types
 import typing
 
 import pytest
@@ -61,7 +62,7 @@ def _schema_paths(cls: type, prefix: tuple = ()) -> typing.Iterator[tuple]:
         tp = hints[f.name]
         tp = (
             next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-            if typing.get_origin(tp) is typing.Union
+            if typing.get_origin(tp) in (typing.Union, types.UnionType)
             else tp
         )
         if dataclasses.is_dataclass(tp):

@@ -52,7 +52,7 @@ def test_recovery_trains_on_data_finetune_when_the_recipe_names_it(tmp_path, cla
     [
         ({"finetune": None}, "'data.finetune' names rows to fine-tune on, but 'finetune.epochs' is 0"),
         ({"path": None}, "'data.finetune' needs exactly one of path, dataset"),
-        ({"max_samples": 0}, "'data.finetune.max_samples' must be at least 1"),
+        ({"max_samples": 0}, "'data.finetune.max_samples' must be >= 1, got 0"),
     ],
 )
 def test_bad_finetune_data_is_refused_before_anything_runs(tmp_path, classifier_recipe, change, problem):
