@@ -114,7 +114,7 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     """Options of every session the tool opens. `intra_op_threads` 0 leaves ONNX Runtime's default. The
     worker threads stop spinning when a run ends: the tool times several sessions in turns in one
     process, and a session's threads spinning after its run take the cores from the next session's run
-    (on 2 cores, 1x128 runs took up to 1.9x as long; BENCHMARKS.md, "Spinning threads")."""
+    (benchmarks/logs/spinning.md, "Spinning threads")."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = SESSION_LOG_SEVERITY  # this session only; the global logger stays as it was
@@ -277,7 +277,7 @@ def reference(
     models are checked for parity against their own PyTorch outputs, and these are held through compression.
     The dense graph itself is first opened to be timed beside a compressed one (`time_artifacts`), once the
     torch models are let go: opened here, beside the model, it set a 0.5B run's dense validation peak
-    (BENCHMARKS.md, "Shape inference without the weights' values")."""
+    (benchmarks/logs/scaling-memory.md, "Shape inference without the weights' values")."""
     outputs = _outputs(lambda b: run_torch(original, task, b), task, spec, batches, "original (torch)", progress)
     compared = outputs.summaries if task.needs_reference else None
     ref = Reference(
