@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -39,6 +40,12 @@ def test_mcc_of_a_constant_prediction_is_zero_and_its_binary_f1_hand_worked():
     # no predicted negatives: sklearn (and GLUE's CoLA score) give 0.
     s = single_label_scores([1, 1, 1, 1], [0, 1, 0, 1], classes=2)
     assert s == pytest.approx({"accuracy": 0.5, "f1": 2 / 3, "macro_f1": (2 / 3 + 0) / 2, "mcc": 0.0})
+
+
+def test_one_class_in_gold_and_predictions_alike_gives_mcc_zero_without_a_warning(recwarn):
+    # gold 1 1 1, predicted 1 1 1: all right, but MCC has no negatives at all: 0, as scikit-learn defines it.
+    s = single_label_scores(np.array([1, 1, 1]), np.array([1, 1, 1]), classes=2)
+    assert s["accuracy"] == 1.0 and s["mcc"] == 0.0 and len(recwarn) == 0
 
 
 def test_binary_f1_macro_f1_and_mcc_hand_worked():

@@ -172,7 +172,9 @@ def single_label_scores(predicted, gold, classes: int) -> dict[str, float]:
     if classes == 2:
         scores["f1"] = float(f1_score(gold, predicted, pos_label=1, average="binary", zero_division=0))
     scores["macro_f1"] = float(f1_score(gold, predicted, average="macro", zero_division=0))
-    scores["mcc"] = float(matthews_corrcoef(gold, predicted))
+    # One class in gold and predictions alike leaves MCC undefined: 0, as scikit-learn gives (without its warning).
+    one_class = len(set(list(gold)) | set(list(predicted))) == 1
+    scores["mcc"] = 0.0 if one_class else float(matthews_corrcoef(gold, predicted))
     return scores
 
 
