@@ -74,11 +74,12 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), following.flatten(), reduction="sum", ignore_index=-100)
 
 
-def _loss(model, batch: Batch) -> torch.Tensor:
+def loss(model, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy summed over the labelled tokens (the Fisher's loss for decoders)."""
     return nll(model(**batch.inputs).logits, batch.labels)
 
 
-def _distill(student, teacher, batch: Batch, temperature: float) -> torch.Tensor:
+def distill(student, teacher, batch: Batch, temperature: float) -> torch.Tensor:
     """Next-token KL per real token, averaged over each sequence's tokens, summed over sequences."""
     mask = batch.token_mask.to(student.device).float()
     per_token = kl(student, teacher, temperature) * mask
@@ -105,9 +106,9 @@ TASKS = (
         ("perplexity",),
         _columns,
         _batches,
-        _loss,
+        loss,
         _score,
-        _distill,
+        distill,
         lower_is_better=frozenset({"perplexity"}),
         skip_empty=True,
         onnx_task_with_past="text-generation-with-past",

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import FwsvdError
 from .base import Record, Source, Task
-from .common import chunks, kl
-from .generation import nll
+from .common import chunks
+from .generation import distill, loss
 
 if TYPE_CHECKING:
     import torch
@@ -165,17 +165,6 @@ def _batches(records, source, tokenizer, max_length, batch_size, calibration, co
     return batches
 
 
-def _loss(model, batch: Batch) -> torch.Tensor:
-    return nll(model(**batch.inputs).logits, batch.labels)
-
-
-def _distill(student, teacher, batch: Batch, temperature: float) -> torch.Tensor:
-    """Next-token KL per real token, averaged over each sequence's tokens, summed over sequences."""
-    mask = batch.token_mask.to(student.device).float()
-    per_token = kl(student, teacher, temperature) * mask
-    return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
-
-
 def loglikelihoods(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Each row's summed log-probability of its labelled tokens (the choice), shape [rows]."""
     import torch
@@ -228,9 +217,9 @@ TASKS = (
         ("acc", "acc_norm"),
         _columns,
         _batches,
-        _loss,
+        loss,
         _score,
-        _distill,
+        distill,
         onnx_task_plain="text-generation",
         onnx_task_with_past="text-generation-with-past",
         summary=loglikelihoods,
