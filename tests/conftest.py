@@ -172,9 +172,15 @@ def quick_validation(**extra) -> dict:
 
 @pytest.fixture
 def classifier_recipe(classifier_dir, data_dir) -> dict:
+    return recipe_for_classifier(classifier_dir, data_dir)
+
+
+def recipe_for_classifier(model_dir: Path, data_dir: Path) -> dict:
+    """The classifier recipe the tests share, for any classifier folder (module-scoped fixtures build one
+    run from it; the `classifier_recipe` fixture is per test)."""
     source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
     return {
-        "model": {"path": str(classifier_dir), "task": "text-classification"},
+        "model": {"path": str(model_dir), "task": "text-classification"},
         "data": {
             "calibration": dict(source, max_samples=32),
             "evaluation": dict(source),

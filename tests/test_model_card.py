@@ -24,19 +24,11 @@ pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') lea
 @pytest.fixture(scope="module")
 def card_run(tmp_path_factory, classifier_dir, data_dir):
     """One run of the tiny classifier in fp32 and int8 (conftest's classifier_recipe, with int8)."""
-    from conftest import quick_validation
+    from conftest import quick_validation, recipe_for_classifier
 
     folder = tmp_path_factory.mktemp("card")
-    source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
     recipe = {
-        "model": {"path": str(classifier_dir), "task": "text-classification"},
-        "data": {
-            "calibration": dict(source, max_samples=32),
-            "evaluation": dict(source),
-            "max_length": 32,
-            "batch_size": 8,
-        },
-        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
+        **recipe_for_classifier(classifier_dir, data_dir),
         "export": {"precisions": ["fp32", "int8"]},
         "validation": quick_validation(max_quantization_loss=0.05),
     }

@@ -44,21 +44,10 @@ KEYS = [
 def counted_run(tmp_path_factory, classifier_dir, data_dir):
     """One real run of the tiny classifier, with the plotting functions, the Markdown renderer and the
     report's serialization counted (matplotlib and the counters are all that is replaced)."""
-    from conftest import quick_validation
+    from conftest import recipe_for_classifier
 
     folder = tmp_path_factory.mktemp("run-report")
-    source = {"path": str(data_dir / "labelled.jsonl"), "text_column": "sentence", "label_column": "label"}
-    recipe = {
-        "model": {"path": str(classifier_dir), "task": "text-classification"},  # conftest's classifier_recipe
-        "data": {
-            "calibration": dict(source, max_samples=32),
-            "evaluation": dict(source),
-            "max_length": 32,
-            "batch_size": 8,
-        },
-        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
-        "validation": quick_validation(),
-    }
+    recipe = recipe_for_classifier(classifier_dir, data_dir)
     calls = {"plot_ranks": 0, "plot_frontier": 0, "markdown": 0, "to_dict": 0}
 
     def counted(name, real):
