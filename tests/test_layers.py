@@ -32,6 +32,8 @@ ALLOWED = {
     "recipe_schema": {"core", "config", "stages.tasks", "stages.precision"},  # the sections and the registries
     "starter": {"core.methods", "config", "loader", "stages.models", "stages.tasks", "stages.precision"},
     "api": {"core", "stages", "config"},
+    # lm-eval on a graph folder or a run's: the report picks the graph, validate names the providers
+    "stages.harness": {"stages.model_card", "stages.run_report", "stages.validate"},
 }
 
 
