@@ -210,6 +210,29 @@ def test_the_report_says_when_dense_int8_beats_a_compressed_artifact_on_size_or_
     assert not any("beats compressed-int8" in v for v in verdicts(report))
 
 
+def test_the_report_never_says_ship_dense_int8_while_a_compressed_artifact_beats_it(precision_run):
+    """The demo's case: dense int8 beats the compressed fp32 graph, not the compressed int8 one, which is the pick."""
+    import copy
+
+    from fwsvd_export.stages.report import _precisions, verdicts
+
+    report = copy.deepcopy(precision_run.report)
+    val = report.validation
+    dense, ours = val.variants["dense-int8"], val.variants["compressed-int8"]
+    fp32 = val.providers["cpu"]
+    dense["cpu"]["metric"] = ours["cpu"]["metric"] = fp32["metric"]
+    dense["bytes"], dense["cpu"]["latency"][0]["median_ms"] = (
+        ours["bytes"] + 1,
+        2 * ours["cpu"]["latency"][0]["median_ms"],
+    )
+    fp32["latency"][0]["compressed"]["median_ms"] = 2 * dense["cpu"]["latency"][0]["median_ms"]
+    report.sizes.onnx_compressed_bytes = 2 * dense["bytes"]
+    said = verdicts(report)
+    assert any(v.startswith("dense-int8 beats compressed-fp32 on cpu (size and latency)") for v in said)
+    assert all(v.endswith("prefer dense-int8 to compressed-fp32") for v in said), said
+    assert "- the artifact to ship: **compressed-int8** in " in "\n".join(_precisions(report))
+
+
 def test_static_int8_is_calibrated_qdq(tmp_path, classifier_recipe):
     classifier_recipe["export"] = {"precisions": ["fp32", "int8"], "int8_mode": "static"}
     classifier_recipe["validation"]["max_quantization_loss"] = 1.0

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import CompressionResult
-from .model_card import write_model_card
+from .model_card import recommended, write_model_card
 from .run_report import RunReport, artifact_rows, dense_int8_beats, first_measured, verdicts
 from .tasks import get_task
 
@@ -294,8 +294,9 @@ def _precisions(report: RunReport) -> list[str]:
         "(int8: CPU, fp16: CUDA); '-' marks one whose provider did not start.",
         "",
     ]
-    said = verdicts(report)
-    return lines + [f"- {v}" for v in said] + ([""] if said else [])
+    pick = recommended(report)
+    said = [*verdicts(report), f"the artifact to ship: **{pick.artifact}** in `{pick.folder}` ({pick.why})"]
+    return lines + [f"- {v}" for v in said] + [""]
 
 
 MARKERS = {"fp32": "o", "int8": "s", "fp16": "^", "int4": "D"}  # one marker style per precision

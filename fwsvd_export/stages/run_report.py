@@ -327,14 +327,24 @@ def dense_int8_beats(rows: list[dict], task: Task, metric: str) -> list[dict]:
 
 
 def verdicts(report: RunReport) -> list[str]:
-    """The run's plain statements: where dense int8 is the better pick, and why."""
+    """The run's plain statements: where dense int8 is the better pick, and why. "Ship dense-int8" only where
+    it beats every compressed artifact on that provider on size and latency alike; otherwise the line says
+    which of ours it beats, since another of ours (often the compressed int8 graph) may still be the pick."""
     rows = {(r["artifact"], r["provider"]): r for r in artifact_rows(report)}
     metric = report.validation.metric
     lines = []
-    for beaten in dense_int8_beats(list(rows.values()), get_task(report.model.task), report.metric):
+    beats = dense_int8_beats(list(rows.values()), get_task(report.model.task), report.metric)
+    for beaten in beats:
         dense, ours = rows[("dense-int8", beaten["provider"])], rows[(beaten["artifact"], beaten["provider"])]
         on = beaten["on"]  # beaten on one axis only, ours may still win on the other
         unless = "" if len(on) == 2 else f" unless {'size' if on == ['latency'] else 'latency'} decides"
+        mine = {
+            a
+            for (a, p), r in rows.items()
+            if a.startswith("compressed-") and p == beaten["provider"] and r["metric"] is not None
+        }
+        wholly = {b["artifact"] for b in beats if b["provider"] == beaten["provider"] and len(b["on"]) == 2}
+        advice = "ship dense-int8" if mine <= wholly else f"prefer dense-int8 to {beaten['artifact']}"
         lines.append(
             f"dense-int8 beats {beaten['artifact']} on {beaten['provider']} ({' and '.join(on)}): "
             f"{metric} {dense['metric']:.4f} vs {ours['metric']:.4f}, {dense['bytes'] / 1e6:.1f} MB vs "
@@ -344,6 +354,6 @@ def verdicts(report: RunReport) -> list[str]:
                 if dense["median_ms"] and ours["median_ms"]
                 else ""
             )
-            + f"; ship dense-int8{unless}"
+            + f"; {advice}{unless}"
         )
     return lines
