@@ -431,5 +431,38 @@ def init_command(model: str, task: str, data: Path | None, output: Path) -> None
     click.echo(f"next: fwsvd-export check {output}")
 
 
+@main.command("lm-eval")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--tasks", required=True, help="Comma-separated lm-eval task names, e.g. arc_easy,piqa,wikitext.")
+@click.option("--include-path", type=click.Path(path_type=Path), help="A folder of your own lm-eval task YAMLs.")
+@click.option("--limit", type=click.IntRange(min=1), help="Score at most N items of each task (a quick look).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Rows per graph run.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="Examples before each item (default: the task's).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write lm-eval's results as JSON.")
+@guarded
+def lm_eval_command(
+    folder: Path,
+    tasks: str,
+    include_path: Path | None,
+    limit: int | None,
+    batch_size: int,
+    provider: str,
+    num_fewshot: int | None,
+    output: Path | None,
+) -> None:
+    """Score FOLDER with lm-evaluation-harness on TASKS, in ONNX Runtime: a run's output folder (the graph its
+    report recommends) or an exported text-generation graph folder. Needs pip install 'fwsvd-export[lm-eval]'."""
+    from .stages.harness import evaluate, write_results
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    result = evaluate(folder, names, include_path, limit, batch_size, provider, num_fewshot)
+    click.echo(f"scored {result.graph}: {result.why}")
+    click.echo(result.table)
+    if output is not None:
+        write_results(result.results, output)
+        click.echo(f"results: {output}")
+
+
 if __name__ == "__main__":
     main()

@@ -370,8 +370,8 @@ def evaluate(
     import lm_eval
     from lm_eval.utils import make_table
 
-    manager = task_manager(tasks, include_path)
     graph, why = graph_folder(folder)
+    manager = task_manager(tasks, include_path)
     model = OnnxLM(graph, provider=provider, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
         model=model,
@@ -385,3 +385,10 @@ def evaluate(
         raise FwsvdError("lm-eval returned no results")
     table = make_table(results) + (make_table(results, "groups") if results.get("groups") else "")
     return Evaluation(dict(results), table, graph, why)
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """lm-eval's results as JSON at `path` (its folder must exist: a typo is not made into new folders)."""
+    if not path.parent.is_dir():
+        raise FwsvdError(f"--output {path}: no folder {path.parent} to write it in")
+    path.write_text(json.dumps(results, indent=2, default=str))
