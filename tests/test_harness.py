@@ -213,6 +213,10 @@ def test_multiple_choice_through_lm_eval_scores_as_the_tool_and_as_hflm(run_dir,
     )
     assert [g[1] for g in got] == [e[1] for e in expected]
     assert max(abs(g[0] - e[0]) for g, e in zip(got, expected)) < 1e-4
+    # A context of whitespace only is an empty one once its space moves onto the continuation (HFLM refuses it).
+    assert dense.loglikelihood(requests("loglikelihood", [(" ", "stone")])) == dense.loglikelihood(
+        requests("loglikelihood", [("", " stone")])
+    )
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ where the tokenizer itself would put one (Llama's does, GPT-2's and Qwen's do no
 with lm-eval's own Hugging Face model on the same weights:
 
 - ``loglikelihood``: the context's trailing whitespace moves onto the continuation, context + continuation is
-  encoded whole and the continuation's tokens are its tail past the context's own encoding; an empty context
-  is the prefix token (BOS, else EOS). A row longer than the model's window loses context tokens from the
+  encoded whole and the continuation's tokens are its tail past the context's own encoding; a context left
+  empty is the prefix token (BOS, else EOS). A row longer than the model's window loses context tokens from the
   left. Rows are sorted longest first and scored `batch_size` at a time, padded on the right.
 - ``loglikelihood_rolling``: a document is cut into windows of at most `max_length` predicted tokens; each
   token is scored exactly once, the first after the prefix token, a later window's with the most context the
@@ -124,11 +124,11 @@ class OnnxLM(LM):
 
     def split(self, context: str, continuation: str) -> Pair:
         """(context tokens, continuation tokens) of a loglikelihood request, as the module docstring says."""
-        if not context:
-            return Pair([self.prefix], self.encode(continuation))
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return Pair([self.prefix], self.encode(continuation))
         whole, head = self.encode(context + continuation), self.encode(context)
         return Pair(self.bos + whole[: len(head)], whole[len(head) :])
 
