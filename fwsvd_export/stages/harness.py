@@ -99,18 +99,17 @@ class OnnxLM(LM):
     ) -> None:
         super().__init__()
         provider = provider or ("cuda" if device and str(device).startswith("cuda") else "cpu")
+        self.batch_size = _positive(batch_size, "batch_size")
+        self.max_gen_toks = _positive(max_gen_toks, "max_gen_toks")
         self.folder = Path(pretrained)
         self.model = load_graph(self.folder, provider)
         self.tokenizer = _load_tokenizer(self.folder)
-        self.batch_size = _positive(batch_size, "batch_size")
         self.max_length = _positive(max_length or _window(self.model.config, self.tokenizer), "max_length")
-        self.max_gen_toks = _positive(max_gen_toks, "max_gen_toks")
         bos = self.tokenizer.bos_token_id
         if add_bos_token is None:  # as the tokenizer itself would encode: Llama's starts with BOS, GPT-2's not
             add_bos_token = bos is not None and self.tokenizer("a")["input_ids"][:1] == [bos]
         self.bos = [bos] if add_bos_token and bos is not None else []
-        eos = self.tokenizer.eos_token_id
-        self.eos = eos
+        self.eos = eos = self.tokenizer.eos_token_id
         self.prefix = bos if bos is not None else eos
         if self.prefix is None:
             raise FwsvdError(f"{self.folder}: the tokenizer has neither a BOS nor an EOS token to start a text with")
@@ -195,7 +194,8 @@ class OnnxLM(LM):
             until, steps = _gen_settings(requests[members[0]].args[1], self.max_gen_toks)
             if steps >= self.max_length:
                 raise FwsvdError(f"max_gen_toks {steps} leaves no room for a prompt in {self.max_length} tokens")
-            prompts = {i: (self.bos + self.encode(requests[i].args[0]))[-(self.max_length - steps) :] for i in members}
+            room = self.max_length - steps
+            prompts = {i: (self.bos + self.encode(requests[i].args[0]) or [self.prefix])[-room:] for i in members}
             members = sorted(members, key=lambda i: -len(prompts[i]))
             for first in range(0, len(members), self.batch_size):
                 chunk = members[first : first + self.batch_size]
