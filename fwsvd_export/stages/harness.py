@@ -12,8 +12,9 @@ with lm-eval's own Hugging Face model on the same weights:
   empty is the prefix token (BOS, else EOS). A row longer than the model's window loses context tokens from the
   left. Rows are sorted longest first and scored `batch_size` at a time, padded on the right.
 - ``loglikelihood_rolling``: a document is cut into windows of at most `max_length` predicted tokens; each
-  token is scored exactly once, the first after the prefix token, a later window's with the most context the
-  window holds (its inputs are the `max_length` tokens before its last one).
+  token is scored exactly once, the first after the prefix token (BOS once; lm-eval's ``hf`` model, encoding
+  with special tokens, also scores a second BOS), a later window's with the most context the window holds
+  (its inputs are the `max_length` tokens before its last one).
 - ``generate_until``: greedy, through the graph's key/value cache (a graph exported without one is run over
   the whole sequence at each step), `batch_size` prompts at a time padded on the left, stopping a row at EOS,
   at any ``until`` string or after ``max_gen_toks`` tokens; the text is cut before the first ``until`` string.
