@@ -147,21 +147,44 @@ class DataSpec:
 @dataclass
 class FinetuneSpec:
     """Optional recovery training of the factorized model on data.finetune, else the calibration data
-    (epochs 0: off)."""
+    (epochs 0: off). A held-out slice of those batches is scored after each epoch: training stops once it no
+    longer improves and the best epoch's weights are the ones exported."""
 
     epochs: int = 0
-    learning_rate: float = 5e-5
+    learning_rate: float = 5e-5  # the peak, reached at the end of the warm-up
     weight_decay: float = 0.0
-    objective: Literal["task", "distill"] = "task"  # distill: match the dense model's outputs (no labels needed)
+    # task: the task loss on the rows' labels; distill: match the dense model's outputs (no labels needed);
+    # task+distill: (1 - distill_weight) * task + distill_weight * distill
+    objective: Literal["task", "distill", "task+distill"] = "task"
+    distill_weight: float = 0.5  # task+distill: the distillation term's weight, between 0 and 1
     temperature: float = 2.0  # distill: softening of both models' logits
+    # distill, task+distill: add the squared error between the model's and the dense model's hidden states of
+    # every layer, relative to the dense model's (a signal inside the network, not only at its outputs)
+    hidden_states: bool = False
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"  # the learning rate's decay after the warm-up
+    warmup: float = 0.1  # fraction of all optimizer steps over which the learning rate rises to learning_rate
+    # fraction of the batches kept out of training and scored after each epoch (0: none, every epoch runs and
+    # the last is kept)
+    holdout: float = 0.1
+    patience: int = 2  # epochs without a lower held-out loss before stopping early (0: never stop early)
+    # recompute each block's activations in the backward pass: less memory (decoders), about a third more time
+    gradient_checkpointing: bool = False
     train: Literal["factors", "factors+norms", "all"] = "factors"  # what moves; the rest has no optimizer state
 
     def __post_init__(self) -> None:
         check_fields(self)
         _at_least(self, "epochs", 0)
+        _at_least(self, "patience", 0)
         for key in ("learning_rate", "temperature"):
             if not getattr(self, key) > 0:
                 raise SpecError(key, f"must be > 0, got {getattr(self, key)}")
+        if not 0 <= self.distill_weight <= 1:
+            raise SpecError("distill_weight", f"must be between 0 and 1, got {self.distill_weight}")
+        for key, leaves in (("warmup", "no step after the warm-up"), ("holdout", "no batch to train on")):
+            if not 0 <= getattr(self, key) < 1:
+                raise SpecError(key, f"must be >= 0 and < 1 ({leaves} otherwise), got {getattr(self, key)}")
+        if self.hidden_states and self.objective == "task":
+            raise SpecError("hidden_states", "matches the dense model's: it needs objective distill or task+distill")
 
 
 @dataclass

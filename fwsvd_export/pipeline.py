@@ -27,7 +27,7 @@ from .stages.checkpoint import library_versions, save_checkpoint
 from .stages.clock import Clock, release_freed_memory  # noqa: F401 - release_freed_memory: the pipeline's name before
 from .stages.data import fingerprint, load_records
 from .stages.export import export_onnx, inspect_graph
-from .stages.finetune import finetune_
+from .stages.finetune import Recovery, finetune_
 from .stages.kernel_timing import machine
 from .stages.model_card import CARD_FILE, checkpoint_card
 from .stages.models import fit_batches, load_for_statistics, load_model, loading_notes
@@ -172,12 +172,12 @@ def compress_stage(
     last: bool = False,
     dense: Dense | None = None,
     scratch: Path | None = None,
-) -> tuple[nn.Module, CompressionResult, list[float]]:
+) -> tuple[nn.Module, CompressionResult, Recovery]:
     """Factorize the dense model per `recipe` (with `statistics` when a sweep gathered them), then
     fine-tune it if the recipe asks. When this is the `last` use of the dense model (and distillation
     does not need it as teacher), it is factorized in place: the host holds one copy of the model.
     A speed-up target is measured against `dense`'s graph, its trials exported into `scratch`."""
-    teacher_needed = recipe.finetune.epochs and recipe.finetune.objective == "distill"
+    teacher_needed = recipe.finetune.epochs and recipe.finetune.objective != "task"  # distill, task+distill
     if recipe.compression.target_speedup is not None:
         if dense is None or scratch is None:
             raise FwsvdError(
@@ -204,9 +204,9 @@ def compress_stage(
         prepared.runner = None  # the statistics are gathered: the device_map copy is not needed again
     clock.seconds.update({f"compress: {k}": v for k, v in result.seconds.items()})
     clock.lap("compress")
-    finetune_loss: list[float] = []
+    recovery = Recovery()
     if recipe.finetune.epochs:
-        finetune_loss = finetune_(
+        recovery = finetune_(
             compressed,
             prepared.task,
             prepared.finetune or prepared.calibration,
@@ -216,7 +216,7 @@ def compress_stage(
             teacher=prepared.model,
         )
         clock.lap("finetune")
-    return compressed, result, finetune_loss
+    return compressed, result, recovery
 
 
 @section("compression")
@@ -306,9 +306,7 @@ def point_stage(
     `folder`; returns its report, which the caller writes (`write_report`). `last`: no later point needs
     the dense model."""
     task = prepared.task
-    compressed, result, finetune_loss = compress_stage(
-        prepared, recipe, clock, progress, statistics, last, dense, folder
-    )
+    compressed, result, recovery = compress_stage(prepared, recipe, clock, progress, statistics, last, dense, folder)
     save_checkpoint(
         compressed,
         prepared.tokenizer,
@@ -354,14 +352,14 @@ def point_stage(
         os.path.relpath(small_onnx, folder),
         {p: os.path.relpath(g, folder) for p, g in variants.items()},
     )
-    return _run_report(prepared, recipe, result, finetune_loss, sizes, graph, validation, clock, artifacts)
+    return _run_report(prepared, recipe, result, recovery, sizes, graph, validation, clock, artifacts)
 
 
 def _run_report(
     prepared: Prepared,
     recipe: Recipe,
     result: CompressionResult,
-    finetune_loss: list[float],
+    recovery: Recovery,
     sizes: Sizes,
     graph: dict,
     validation: Validation,
@@ -384,9 +382,14 @@ def _run_report(
         compression=result,
         finetune=FinetuneInfo(
             recipe.finetune.epochs,
-            finetune_loss,
+            recovery.train_loss,
             "finetune" if prepared.finetune else "calibration",
             len(prepared.finetune or prepared.calibration) if tuned else 0,
+            recovery.heldout_loss,
+            recovery.learning_rate,
+            recovery.best_epoch,
+            recovery.stopped_early,
+            recovery.heldout_batches,
         ),
         sizes=sizes,
         graph=graph,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..core import CompressionResult
-from .run_report import RunReport, artifact_rows, dense_int8_beats, first_measured
+from .run_report import FinetuneInfo, RunReport, artifact_rows, dense_int8_beats, first_measured
 from .tasks import get_task
 
 if TYPE_CHECKING:
@@ -192,14 +192,18 @@ def _done_lines(
     ]
 
 
-def _recovery(recipe: dict[str, Any], epoch_loss: list[float] | None = None) -> str:
+def _recovery(recipe: dict[str, Any], info: FinetuneInfo | None = None) -> str:
+    """The recipe's fine-tuning and, from a run's report, where it stopped and its last losses."""
     tune = recipe.get("finetune") or {}
     if not tune.get("epochs"):
         return "none (the factors come straight from the weighted factorization)"
-    last = f", last epoch's loss {epoch_loss[-1]:.4g}" if epoch_loss else ""
-    return (
-        f"{tune['epochs']} epochs of fine-tuning ({tune.get('objective', 'task')}, training {tune.get('train')}){last}"
-    )
+    said = f"{tune['epochs']} epochs of fine-tuning ({tune.get('objective', 'task')}, training {tune.get('train')})"
+    if info is None or not info.epoch_loss:
+        return said
+    last = f"last epoch's training loss {info.epoch_loss[-1]:.4g}"
+    if info.best_epoch is not None:
+        last += f", best held-out loss {info.heldout_loss[info.best_epoch - 1]:.4g}"
+    return f"{said}: {info.stop_reason}; {last}"
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -318,7 +322,7 @@ def model_card(report: RunReport) -> ModelCard:
         report.recipe,
         report.compression,
         report.data_sha256 or {},
-        _recovery(report.recipe, report.finetune.epoch_loss),
+        _recovery(report.recipe, report.finetune),
     )
     body += [
         "## The artifact to ship",

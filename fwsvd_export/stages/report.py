@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,21 @@ def _size_lines(report: RunReport) -> list[str]:
                 (sizes.onnx_compressed_bytes or 0) / (sizes.onnx_dense_bytes or 1),
             ],
         ],
+    )
+
+
+def _recovery_lines(report: RunReport) -> list[str]:
+    """The fine-tuning's curve, epoch by epoch, and why it stopped: whether it converged is read here."""
+    tune = report.finetune
+    if not tune.epoch_loss:
+        return []
+    curve = zip_longest(tune.epoch_loss, tune.heldout_loss, tune.learning_rate)  # '-' where a report has none
+    rows = [[epoch, *values, "best" if epoch == tune.best_epoch else ""] for epoch, values in enumerate(curve, 1)]
+    objective = (report.recipe.get("finetune") or {}).get("objective", "task")
+    return (
+        ["## Recovery fine-tuning", ""]
+        + _table(["epoch", f"train loss ({objective})", "held-out loss", "learning rate", "kept"], rows)
+        + [f"{tune.stop_reason} ({tune.heldout_batches} of {tune.batches} batches held out).", ""]
     )
 
 
@@ -264,7 +280,8 @@ def markdown(report: RunReport) -> str:
         f"Model `{report.model.source}` ({report.model.task}), method **{report.compression.method}**.",
         "",
     ]
-    lines += _loading_lines(report) + _size_lines(report) + _allocation_lines(report.compression.allocation)
+    lines += _loading_lines(report) + _size_lines(report) + _recovery_lines(report)
+    lines += _allocation_lines(report.compression.allocation)
     lines += _graph_lines(report.graph) + _validation_lines(report)
     if report.validation.variants:
         lines += _precisions(report)

@@ -48,12 +48,33 @@ class ModelInfo:
 
 @dataclass
 class FinetuneInfo:
-    """The recovery fine-tuning: its epochs, the loss of each, and the rows it read."""
+    """The recovery fine-tuning: the epochs asked for, the curve of those run (training loss, held-out loss,
+    learning rate at each epoch's end), the epoch whose weights were kept and why it stopped, and the rows it
+    read. The curve's keys after `batches` came within report_version 2 (only added, each with a default: an
+    older report reads back as one without a held-out slice)."""
 
     epochs: int
-    epoch_loss: list[float]
+    epoch_loss: list[float]  # the training loss of each epoch run
     data: str  # "finetune" or "calibration"
-    batches: int
+    batches: int  # all the batches read, the held-out ones included
+    heldout_loss: list[float] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+    best_epoch: int | None = None  # 1-based; None: no held-out slice, the last epoch's weights
+    stopped_early: bool = False
+    heldout_batches: int = 0
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the fine-tuning ended where it did, and which epoch's weights it kept."""
+        run, best = len(self.epoch_loss), self.best_epoch
+        if best is None:
+            return f"{run} of {self.epochs} epochs ran, nothing held out: the last epoch's weights kept"
+        if self.stopped_early:
+            return (
+                f"stopped after epoch {run} of {self.epochs}: the held-out loss had not improved for {run - best} "
+                f"epochs; epoch {best}'s weights kept"
+            )
+        return f"all {run} epochs ran; epoch {best}'s weights kept (the lowest held-out loss)"
 
 
 @dataclass
