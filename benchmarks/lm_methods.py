@@ -59,6 +59,7 @@ from fwsvd_export.stages.tasks import TASKS
 
 from measure import (
     MEMORY_ENV,
+    RECORDED_SCHEDULE,
     WORDNET_DIR,
     IdTokenizer,
     extra_peak,
@@ -224,7 +225,13 @@ def build_model(args, vocab: Vocab, train_batches: list[Batch]) -> tuple[nn.Modu
         model,
         TASK,
         batches,
-        FinetuneSpec(epochs=args.epochs, learning_rate=args.lr, weight_decay=args.weight_decay, train="all"),
+        FinetuneSpec(
+            epochs=args.epochs,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            train="all",
+            **RECORDED_SCHEDULE,
+        ),
         args.seed,
     )
     info = {
@@ -232,7 +239,7 @@ def build_model(args, vocab: Vocab, train_batches: list[Batch]) -> tuple[nn.Modu
         "epochs": args.epochs,
         "train_tokens": len(batches) * args.epochs * args.batch * args.block,
         "seconds": time.perf_counter() - start,
-        "mean_train_loss_per_token": history[-1] / (args.block - 1),
+        "mean_train_loss_per_token": history.train_loss[-1] / (args.block - 1),
     }
     model.save_pretrained(folder)
     (folder / "training.json").write_text(json.dumps(info, indent=2))
