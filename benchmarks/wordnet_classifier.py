@@ -39,7 +39,7 @@ from fwsvd_export.core.spec import CompressionSpec
 from fwsvd_export.stages.finetune import finetune_
 from fwsvd_export.stages.tasks import TASKS
 
-from measure import WORDNET_DIR, read_wordnet, run_info
+from measure import RECORDED_SCHEDULE, WORDNET_DIR, read_wordnet, run_info
 
 WORDNET = WORDNET_DIR / "data.verb"
 TARGET = [r"encoder\.layer\.\d+\."]
@@ -79,7 +79,7 @@ def accuracy(model, batches) -> float:
 FINETUNE = {"batch_size": 32, "learning_rate": 1e-4}  # fixed settings of the classifier's fine-tuning
 
 
-def classifier_key(args, train, labels) -> dict:
+def classifier_key(args, train, labels, schedule: dict) -> dict:
     """Everything that shapes the fine-tuned classifier; its hash names the cache folder."""
     records = hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()
     return {
@@ -90,16 +90,21 @@ def classifier_key(args, train, labels) -> dict:
         "seed": args.seed,
         "epochs": args.epochs,
         "max_length": args.max_length,
+        "schedule": schedule,
         **FINETUNE,
     }
 
 
-def build_classifier(args, train, test, tokenizer, labels) -> tuple[torch.nn.Module, float]:
+def build_classifier(
+    args, train, test, tokenizer, labels, name: str = "verbs", schedule: dict | None = None
+) -> tuple[torch.nn.Module, float]:
     """The classifier fine-tuned on `train`, from the cache when one was trained with the same key;
-    the seconds this call spent training (0 when cached)."""
-    key = classifier_key(args, train, labels)
+    the seconds this call spent training (0 when cached). `name` tells the data sets apart in the cache;
+    `schedule` holds FinetuneSpec's schedule keys (default: the recorded runs' linear decay)."""
+    schedule = RECORDED_SCHEDULE if schedule is None else schedule
+    key = classifier_key(args, train, labels, schedule)
     ident = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(args.cache) / f"minilm-wordnet-verbs-{ident}"
+    cache = Path(args.cache) / f"minilm-wordnet-{name}-{ident}"
     if (cache / "config.json").is_file():
         return AutoModelForSequenceClassification.from_pretrained(cache).eval(), 0.0
     torch.manual_seed(args.seed)
@@ -115,7 +120,7 @@ def build_classifier(args, train, test, tokenizer, labels) -> tuple[torch.nn.Mod
         model,
         TASK,
         batches,
-        FinetuneSpec(epochs=args.epochs, learning_rate=FINETUNE["learning_rate"], train="all"),
+        FinetuneSpec(epochs=args.epochs, learning_rate=FINETUNE["learning_rate"], train="all", **schedule),
         args.seed,
     )
     seconds = time.perf_counter() - start
@@ -192,7 +197,7 @@ def main() -> None:
                         compressed,
                         TASK,
                         recovery,
-                        FinetuneSpec(epochs=1, learning_rate=5e-5, train="all"),
+                        FinetuneSpec(epochs=1, learning_rate=5e-5, train="all", **RECORDED_SCHEDULE),
                         args.seed,
                         False,
                     )
