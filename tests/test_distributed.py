@@ -16,33 +16,46 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from fwsvd_export.cli import guarded
 from fwsvd_export.config import DataSource
 from fwsvd_export.core import CompressionSpec, compress_, distributed, gather_statistics, plan_layers
 from fwsvd_export.stages.tasks import TASKS
 
-from conftest import sentences, write_recipe
+from conftest import RECIPES, TAGS, mc_recipe, ner_recipe, qa_recipe, recipe_for_classifier, sentences, write_recipe
 
 pytestmark = pytest.mark.slow  # end to end: the fast subset (-m 'not slow') leaves it out
 
 NEEDS = {"fisher", "input_gram", "output_gram"}
 
 
+def _tagged(words: list[str]) -> dict:
+    """A token-classification record whose tags spread over the model's labels (the loss's targets only)."""
+    return {"tokens": words, "tags": [TAGS[(i * 3) % len(TAGS)] if i % 2 else "O" for i in range(len(words))]}
+
+
+# Each kind of model the statistics are gathered for: its task, its calibration records, their columns, the
+# batch size (each makes at least 4 batches, so each process scores several).
+KINDS = {
+    "encoder": (
+        "text-classification",
+        lambda: [{"text": t, "label": i % 3} for i, t in enumerate(sentences(40, 5))],
+        DataSource(label_column="label"),
+        8,
+    ),
+    "decoder": ("text-generation", lambda: [{"text": t} for t in sentences(120, 6)], DataSource(), 4),
+    "tagger": ("token-classification", lambda: [_tagged(t.split()) for t in sentences(40, 5)], DataSource(), 8),
+}
+
+
 def _setup(kind: str, folder: str):
     torch.manual_seed(0)
+    name, records, source, batch_size = KINDS[kind]
+    task = TASKS[name]
+    model = task.auto_class.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if kind == "encoder":
-        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-        task = TASKS["text-classification"]
-        records = [{"text": t, "label": i % 3} for i, t in enumerate(sentences(40, 5))]
-        batches = task.make_batches(records, DataSource(label_column="label"), tokenizer, 24, 8, True, model.config)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        task = TASKS["text-generation"]
-        records = [{"text": t} for t in sentences(120, 6)]
-        batches = task.make_batches(records, DataSource(), tokenizer, 24, 4, True, model.config)
+    batches = task.make_batches(records(), source, tokenizer, 24, batch_size, True, model.config)
     layers = {p.name: model.get_submodule(p.name) for p in plan_layers(model, CompressionSpec())}
     return model, layers, batches, task.loss
 
@@ -83,11 +96,12 @@ def _fault_in_shard_1(folder: str) -> None:
     guarded(compress_)(model, CompressionSpec(method="fwsvd"), batches, task.loss, progress=False)
 
 
-def _two_processes(rank: int, encoder: str, decoder: str, out: str) -> None:
+def _two_processes(rank: int, folders: dict[str, str], out: str) -> None:
     sys.stderr = open(f"{out}/stderr.{rank}", "w", buffering=1)
     _join(rank, f"{out}/rdv")
+    encoder = folders["encoder"]
     try:
-        for kind, folder in (("encoder", encoder), ("decoder", decoder)):
+        for kind, folder in folders.items():
             model, layers, batches, loss = _setup(kind, folder)
             stats, _ = gather_statistics(model, layers, NEEDS, CompressionSpec(), batches, loss, False)
             torch.save({n: (s.values, s.samples, s.tokens) for n, s in stats.items()}, f"{out}/stats-{kind}.{rank}")
@@ -99,14 +113,20 @@ def _two_processes(rank: int, encoder: str, decoder: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, bert_dir, llama_dir) -> tuple[Path, list]:
-    """One launch of two gloo processes (each start costs seconds): statistics of the encoder and the
-    decoder, the encoder compressed with each spec, then a fault in process 1's shard. The folder of
-    their outputs, and their exit codes."""
+def folders(bert_dir, llama_dir, tagger) -> dict[str, str]:
+    """The model folder of each of KINDS."""
+    return {"encoder": str(bert_dir), "decoder": str(llama_dir), "tagger": str(tagger / "model")}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, folders) -> tuple[Path, list]:
+    """One launch of two gloo processes (each start costs seconds): statistics of each of KINDS, the
+    encoder compressed with each spec, then a fault in process 1's shard. The folder of their outputs,
+    and their exit codes."""
     out = tmp_path_factory.mktemp("two-processes")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FWSVD_COLLECTIVE_TIMEOUT_S", "20")  # a process left waiting fails after 20 s
-        context = mp.spawn(_two_processes, args=(str(bert_dir), str(llama_dir), str(out)), nprocs=2, join=False)
+        context = mp.spawn(_two_processes, args=(folders, str(out)), nprocs=2, join=False)
     for process in context.processes:
         process.join(300)
         if process.is_alive():
@@ -114,9 +134,9 @@ def two_processes(tmp_path_factory, bert_dir, llama_dir) -> tuple[Path, list]:
     return out, [p.exitcode for p in context.processes]
 
 
-@pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_two_gloo_processes_gather_the_single_process_statistics(two_processes, kind, bert_dir, llama_dir):
-    model, layers, batches, loss = _setup(kind, str(bert_dir if kind == "encoder" else llama_dir))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_two_gloo_processes_gather_the_single_process_statistics(two_processes, kind, folders):
+    model, layers, batches, loss = _setup(kind, folders[kind])
     assert len(batches) >= 4
     single, _ = gather_statistics(model, layers, NEEDS, CompressionSpec(), batches, loss, False)
     ranks = [torch.load(two_processes[0] / f"stats-{kind}.{r}") for r in (0, 1)]
@@ -174,42 +194,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_run_writes_only_from_rank_0_and_matches_one_process(tmp_path, classifier_recipe):
-    classifier_recipe["compression"]["method"] = "kfac"
-    recipe = write_recipe(tmp_path, classifier_recipe)
+# A recipe of each task run under torchrun, from the fixtures its own tests use (by name), with kfac's
+# statistics (the ones gathered across processes) and the metric gate opened: equality is what is checked.
+TORCHRUN = {
+    "text-classification": lambda get: recipe_for_classifier(get("classifier_dir"), get("data_dir")),
+    "token-classification": lambda get: ner_recipe(get("tagger"), max_metric_loss=1.0),
+    "question-answering": lambda get: qa_recipe(get("qa_dir"), get("qa_data"), max_metric_loss=1.0),
+    "multiple-choice": lambda get: mc_recipe(
+        get("llama_dir"), RECIPES / "data" / "choice-sample.jsonl", max_metric_loss=1.0
+    ),
+}
+
+
+def _run(tmp_path: Path, recipe: Path, out: str, *launcher: str) -> None:
+    """`fwsvd_export run` of the recipe into tmp_path/out, under `launcher`'s python arguments (none: one
+    process)."""
+    run = ("-m", "fwsvd_export", "run", str(recipe), "-o", str(tmp_path / out), "--quiet")
+    command = [sys.executable, *launcher, *run]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "fwsvd_export",
-        "run",
-        str(recipe),
-        "-o",
-        str(tmp_path / "two"),
-        "--quiet",
-    ]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = subprocess.run(
-        [sys.executable, "-m", "fwsvd_export", "run", str(recipe), "-o", str(tmp_path / "one"), "--quiet"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+
+
+@pytest.mark.parametrize("task", list(TORCHRUN))
+def test_torchrun_run_writes_only_from_rank_0_and_matches_one_process(tmp_path, request, task):
+    recipe = TORCHRUN[task](request.getfixturevalue)
+    recipe["compression"]["method"] = "kfac"
+    path = write_recipe(tmp_path, recipe)
+    port = str(_free_port())
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1")
+    _run(tmp_path, path, "two", *torchrun, "--master-port", port)
+    _run(tmp_path, path, "one")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "recipe.yaml", "two"]  # rank 1 wrote nothing
-    factorization = json.loads((tmp_path / "two" / "report.json").read_text())["compression"]["factorization"]
+    two, one = (json.loads((tmp_path / f / "report.json").read_text()) for f in ("two", "one"))
+    factorization = two["compression"]["factorization"]
     assert factorization["processes"] == 2 and min(factorization["layers_per_process"]) >= 1
+    assert one["compression"]["factorization"]["processes"] == 1
     a, b = (safetensors.torch.load_file(tmp_path / f / "compressed" / "model.safetensors") for f in ("two", "one"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any(k.endswith(".first.weight") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    scores = two["validation"]["scores"]
+    assert scores.keys() == one["validation"]["scores"].keys()
+    assert two["validation"]["metric"] in scores["compressed_torch"]
+    for run, values in scores.items():
+        assert values == pytest.approx(one["validation"]["scores"][run], rel=1e-3, abs=1e-4), run

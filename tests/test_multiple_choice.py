@@ -19,7 +19,7 @@ from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.tasks import TASKS, run_torch
 from fwsvd_export.stages.tasks.multiple_choice import continuation, encode_pair, loglikelihoods, picks
 
-from conftest import quick_validation, write_recipe
+from conftest import mc_recipe, write_recipe
 
 SAMPLE = Path(__file__).resolve().parents[1] / "recipes" / "data" / "choice-sample.jsonl"
 TASK = TASKS["multiple-choice"]
@@ -99,16 +99,6 @@ def test_a_long_context_loses_its_head_and_a_too_long_choice_is_refused(tokenize
             False,
             None,
         )
-
-
-def mc_recipe(model: Path, data: Path, **validation) -> dict:
-    source = {"path": str(data)}
-    return {
-        "model": {"path": str(model), "task": "multiple-choice"},
-        "data": {"calibration": dict(source), "evaluation": dict(source), "max_length": 48, "batch_size": 8},
-        "compression": {"method": "kfac", "target": [r"layers\.\d+\.(self_attn|mlp)\."], "ratio": 0.5},
-        "validation": quick_validation(**validation),
-    }
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 bad answers named with their line, and a tiny BertForQuestionAnswering end to end."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -14,16 +13,9 @@ from fwsvd_export.config import DataSource
 from fwsvd_export.stages.tasks import TASKS, run_torch
 from fwsvd_export.stages.tasks.qa import best_spans, exact_match, f1_score, normalize_answer, predictions, squad_scores
 
-from conftest import WORDS, bert_config, quick_validation, write_recipe
+from conftest import qa_config, qa_recipe, qa_records, write_recipe
 
 TASK = TASKS["question-answering"]
-
-
-def qa_config(tokenizer):
-    """The tests' tiny BERT with a span head: two outputs per token, start and end."""
-    config = bert_config(tokenizer)
-    config.num_labels = 2
-    return config
 
 
 # SQuAD's normalisation, exact match and F1, worked by hand
@@ -156,74 +148,8 @@ def test_loss_and_distillation_read_both_logits(tokenizer):
 # A tiny model, its data and its recipe
 
 
-def _passage(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
-
-
-def _records(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        context = _passage(rng, rng.randint(20, 60))
-        first = context.split()[0]
-        records.append(
-            {
-                "question": "Which " + " ".join(rng.choice(WORDS) for _ in range(3)) + "?",
-                "context": context,
-                "answers": {"text": [first], "answer_start": [0]},
-            }
-        )
-    return records
-
-
-@pytest.fixture(scope="module")
-def qa_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    model = BertForQuestionAnswering(qa_config(tokenizer)).eval()
-    with torch.no_grad():
-        model.qa_outputs.weight.mul_(20)  # peaked logits: one clear span per question
-    folder = tmp_path_factory.mktemp("tiny-bert-qa")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-QA_DATA = {"max_length": 48, "batch_size": 8}
-
-
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory, qa_dir, tokenizer):
-    """Records whose gold answers are the tiny model's own best spans (dense exact match 1.0), with contexts
-    long enough for two or three windows of 48 tokens."""
-    model = BertForQuestionAnswering.from_pretrained(qa_dir).eval()
-    records = _records(24, 5)
-    source = DataSource(doc_stride=16)
-    batches = TASK.make_batches(records, source, tokenizer, QA_DATA["max_length"], 8, False, model.config)
-    with torch.no_grad():
-        found = predictions([TASK.summary(run_torch(model, TASK, b), b) for b in batches], batches)
-    folder = tmp_path_factory.mktemp("qa-data")
-    lines = []
-    for index, record in enumerate(records):
-        text = found[index]
-        record["answers"] = {"text": [text], "answer_start": [record["context"].index(text)]}
-        lines.append(json.dumps(record))
-    (folder / "squad.jsonl").write_text("\n".join(lines) + "\n")
-    assert sum(b.inputs["input_ids"].shape[0] for b in batches) > len(records)  # some contexts take several windows
-    return folder / "squad.jsonl"
-
-
-def qa_recipe(qa_dir, data, **validation) -> dict:
-    source = {"path": str(data), "doc_stride": 16}
-    return {
-        "model": {"path": str(qa_dir), "task": "question-answering"},
-        "data": {"calibration": source, "evaluation": dict(source, max_answer_length=30), **QA_DATA},
-        "compression": {"method": "kfac", "damping": 0.1, "ratio": 0.8},
-        "validation": quick_validation(**validation),
-    }
-
-
 def test_an_answer_start_that_misses_its_text_is_exit_2_naming_file_and_line(tmp_path, qa_dir):
-    records = _records(3, 1)
+    records = qa_records(3, 1)
     records[2]["answers"]["answer_start"] = [3]
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -235,7 +161,7 @@ def test_an_answer_start_that_misses_its_text_is_exit_2_naming_file_and_line(tmp
 
 
 def test_answers_that_are_not_squad_format_are_named(tmp_path, qa_dir):
-    records = _records(2, 1)
+    records = qa_records(2, 1)
     records[1]["answers"] = ["a list"]
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))

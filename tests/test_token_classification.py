@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import BertForTokenClassification
 
 import fwsvd_export
 from fwsvd_export.cli import main
@@ -19,9 +18,8 @@ from fwsvd_export.stages.data import load_records
 from fwsvd_export.stages.tasks import TASKS
 from fwsvd_export.stages.tasks.tokens import IGNORED, check_scheme, entity_scores, token_accuracy
 
-from conftest import RECIPES, bert_config, quick_validation, sentences, write_recipe
+from conftest import RECIPES, TAGS, bert_config, ner_recipe, write_recipe
 
-TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 TASK = TASKS["token-classification"]
 
 
@@ -177,77 +175,8 @@ def test_jsonl_columns_are_configurable_and_tags_land_on_first_sub_tokens(tmp_pa
 # --- the tiny tagger and recipes ---------------------------------------------------------------------
 
 
-def tagged(model, tokenizer, words: list[list[str]]) -> list[list[str]]:
-    """The model's tag for each word (its first sub-token's prediction)."""
-    enc = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(**enc).logits.argmax(-1)
-    out = []
-    for row in range(len(words)):
-        ids, tags = enc.word_ids(row), []
-        for position, word in enumerate(ids):
-            if word is not None and (position == 0 or ids[position - 1] != word):
-                tags.append(TAGS[predicted[row, position]])
-        out.append(tags)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tagger(tmp_path_factory, tokenizer):
-    """A tiny BERT tagger whose tags hang on its encoder's Linear layers (built as conftest's classifier: rank-4
-    encoder weights plus 3% noise, the head reading the token states' 7 main directions), and its data
-    labelled with its own predictions: 48 sentences, calibration as CoNLL, evaluation as JSONL."""
-    torch.manual_seed(0)
-    config = bert_config(tokenizer)
-    config.num_labels, config.id2label, config.label2id = (
-        len(TAGS),
-        dict(enumerate(TAGS)),
-        {t: i for i, t in enumerate(TAGS)},
-    )
-    model = BertForTokenClassification(config).eval()
-    words = [s.split() for s in sentences(48, 1)]
-    with torch.no_grad():
-        for module in model.bert.encoder.modules():
-            if isinstance(module, torch.nn.Linear):
-                out_f, in_f = module.weight.shape
-                low = torch.randn(out_f, 4) @ torch.randn(4, in_f) / (4 * in_f) ** 0.5
-                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f**0.5)
-        enc = tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
-        states = model.bert(**enc).last_hidden_state[enc["attention_mask"].bool()]
-        _, spread, directions = torch.linalg.svd(states - states.mean(0), full_matrices=False)
-        k = len(TAGS)
-        model.classifier.weight.copy_(directions[:k] * 3 * len(states) ** 0.5 / spread[:k, None])
-        model.classifier.bias.copy_(-model.classifier.weight @ states.mean(0))
-    folder = tmp_path_factory.mktemp("tiny-tagger")
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    tags = tagged(model, tokenizer, words)
-    (folder / "calibration.conll").write_text(
-        "-DOCSTART- O\n\n"
-        + "\n\n".join("\n".join(f"{w} {t}" for w, t in zip(ws, ts)) for ws, ts in zip(words[:32], tags))
-    )
-    (folder / "evaluation.jsonl").write_text(
-        "".join(json.dumps({"tokens": ws, "tags": ts}) + "\n" for ws, ts in zip(words, tags))
-    )
-    return folder
-
-
 # Measured on the tagger: fwsvd at ratio 0.5 keeps F1 0.987 (3 of 227 spans lost), in torch and ONNX Runtime alike.
 TAGGER_MAX_LOSS = 0.1
-
-
-def ner_recipe(folder, **validation) -> dict:
-    return {
-        "model": {"path": str(folder / "model"), "task": "token-classification"},
-        "data": {
-            "calibration": {"path": str(folder / "calibration.conll")},
-            "evaluation": {"path": str(folder / "evaluation.jsonl")},
-            "max_length": 32,
-            "batch_size": 8,
-        },
-        "compression": {"method": "fwsvd", "target": [r"encoder\.layer\.\d+\."], "ratio": 0.5},
-        "validation": quick_validation(**validation),
-    }
 
 
 def invoke(*args):
