@@ -11,6 +11,11 @@ Thin wrappers over the stages a recipe run uses (stages.models loads and checks 
 registry makes the batches and the loss, core.compress_ factorizes, stages.export, stages.precision and
 stages.validate do the rest): the same checks and the same numbers, without a recipe file. What they cannot
 tell (the task of a model without a known head, the columns of a record) is a FwsvdError naming what to pass.
+
+A record holds what its task reads (`Task.columns`) under the keys a recipe's data section defaults to: text
+and label (classifiers; also under sentence, labels...: `_KEYS`), tokens and tags (token-classification),
+question, context and answers (question-answering, SQuAD's form), context, choices and label (multiple-choice).
+Every column field of `config.DataSource` is looked for, so a task that adds one needs nothing here.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import copy
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +57,20 @@ _HEADS = (
     ("ForCausalLM", "text-generation"),
     ("ForImageClassification", "image-classification"),
     ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
 )
-# The record keys each column is looked for under, in order.
+# The record keys a column is looked for under, in order, where records spell it several ways.
 _KEYS = {
     "text_column": ("text", "sentence", "sentence1", "content"),
     "text_pair_column": ("text_pair", "sentence2", "pair"),
     "label_column": ("label", "labels"),
-    "image_column": ("image",),
+}
+# Every column field of DataSource (a task's own, such as tokens_column or answers_column, under its default
+# name), so records of any task find their columns as a recipe's defaults would.
+_COLUMNS = {
+    f.name: _KEYS.get(f.name, (f.default,))
+    for f in fields(DataSource)
+    if f.name in _KEYS or (f.name.endswith("_column") and isinstance(f.default, str))
 }
 
 
@@ -158,11 +170,11 @@ def _load(
     return model, _padded(tokenizer) if tokenizer is not None else preprocessor, task, location, None
 
 
-def _column(keys: Mapping[str, Any], column: str) -> str | None:
-    return next((k for k in _KEYS[column] if k in keys), None)
+def _column(record: Mapping[str, Any], keys: Sequence[str]) -> str | None:
+    return next((k for k in keys if k in record), None)
 
 
-def _source(data: Sequence[Any], task: Task) -> tuple[list[Record], DataSource]:
+def _source(data: Sequence[Any]) -> tuple[list[Record], DataSource]:
     """`data` (texts, (text, pair) tuples, or records) as records and the columns they hold."""
     if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Sequence) or not data:
         raise FwsvdError("data must be a non-empty list of texts, of (text, pair) tuples or of records (dicts)")
@@ -175,14 +187,23 @@ def _source(data: Sequence[Any], task: Task) -> tuple[list[Record], DataSource]:
         )
     if not all(isinstance(d, Mapping) for d in data):
         raise FwsvdError("data mixes kinds: give all texts, all (text, pair) tuples, or all records (dicts)")
-    columns = {c: _column(data[0], c) for c in _KEYS}
-    if task.name != "image-classification" and columns["text_column"] is None:
-        raise FwsvdError(
-            f"data[0] has no text under any of {', '.join(_KEYS['text_column'])} (its keys: "
-            f"{', '.join(map(str, data[0]))})"
-        )
-    fields = {c: k for c, k in columns.items() if k is not None}
-    return [Record(dict(d), f"data[{i}]") for i, d in enumerate(data)], DataSource(**fields)
+    found = {c: _column(data[0], keys) for c, keys in _COLUMNS.items()}
+    source = DataSource(**{c: k for c, k in found.items() if k is not None})
+    return [Record(dict(d), f"data[{i}]") for i, d in enumerate(data)], source
+
+
+def _check_keys(records: list[Record], task: Task, source: DataSource, required: list[str]) -> None:
+    """Every record holds each column the task reads under the key data[0] has it under; one that lacks it is
+    named, with the keys looked under where data[0] has it under none of them."""
+    looked = {getattr(source, c): (c.removesuffix("_column"), keys) for c, keys in _COLUMNS.items()}
+    for record in records:
+        for column in (c for c in required if c not in record):
+            noun, keys = looked.get(column, (column, (column,)))
+            found = len(keys) == 1 or column in records[0]
+            named = f"'{column}'" if found else f"{noun} under any of {', '.join(keys)}"
+            raise FwsvdError(
+                f"{record.where} has no {named}, which {task.name} reads (its keys: {', '.join(map(str, record))})"
+            )
 
 
 def _check_columns(task: Task, source: DataSource, training: bool) -> list[str]:
@@ -210,8 +231,9 @@ def batches(
 ) -> list[Batch]:
     """`data`'s batches as the task makes them, holding what the model's forward takes: training batches
     carry what the task's loss reads (labels, pairs), evaluation ones what its metric reads."""
-    records, source = _source(data, task)
+    records, source = _source(data)
     required = _check_columns(task, source, training)
+    _check_keys(records, task, source, required)
     if task.skip_empty:
         records = [r for r in records if all(str(r.get(c) or "").strip() for c in required)]
     for record in records:
@@ -244,8 +266,10 @@ def compress(
     """Factorize the model's Linear layers with `method`, each keeping `ratio` of its weights, or, with
     `budget`, ranks allocated globally to keep that fraction of the targeted parameters (neither: ratio 0.5).
     `data` calibrates: texts (decoders), (text, pair) tuples (embedding models), or records with the task's
-    columns (classifiers: text and label). The task comes from the model's head unless given. A model passed
-    as an instance is left as it was (a copy is factorized); a folder or hub id is loaded as a run loads it."""
+    columns (classifiers: text and label; token-classification: tokens and tags; question-answering: question,
+    context and answers; multiple-choice: context, choices and label). The task comes from the model's head
+    unless given. A model passed as an instance is left as it was (a copy is factorized); a folder or hub id
+    is loaded as a run loads it."""
     spec = CompressionSpec(method=method, ratio=ratio, budget=budget)
     model, preprocessor, task_name, source, dense = _load(model_or_path, task, tokenizer)
     kind = get_task(task_name).for_model(model)  # its pooling, its head

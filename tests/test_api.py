@@ -15,7 +15,7 @@ from fwsvd_export.api import infer_task
 from fwsvd_export.core import LowRankLinear
 from fwsvd_export.stages.model_card import snippet
 
-from conftest import CLASSIFIER_MAX_LOSS, LM_MAX_LOSS, bert_config, sentences
+from conftest import CLASSIFIER_MAX_LOSS, LM_MAX_LOSS, RECIPES, bert_config, sentences
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -41,11 +41,17 @@ def factorized(model) -> int:
     return sum(isinstance(m, LowRankLinear) for m in model.modules())
 
 
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_the_task_is_read_from_the_models_head():
     assert infer_task(["BertForSequenceClassification"], "m") == "text-classification"
     assert infer_task(["LlamaForCausalLM"], "m") == "text-generation"
     assert infer_task(["BertModel"], "m") == "feature-extraction"
     assert infer_task(["ViTForImageClassification"], "m") == "image-classification"
+    assert infer_task(["BertForTokenClassification"], "m") == "token-classification"
+    assert infer_task(["BertForQuestionAnswering"], "m") == "question-answering"
     with pytest.raises(fx.FwsvdError, match="cannot tell the task of m from its head.*pass task="):
         infer_task(["BertForMaskedLM"], "m")
     with pytest.raises(fx.FwsvdError, match="no architectures"):
@@ -65,6 +71,65 @@ def test_what_the_api_cannot_use_is_a_clear_error(classifier_dir, encoder_dir):
         fx.compress(classifier_dir, [{"text": "a river", "label": "red"}, {"text": "a stone", "label": "purple"}])
     with pytest.raises(fx.FwsvdError, match="ratio"):
         fx.compress(classifier_dir, [{"text": "a river", "label": 0}], ratio=1.5)
+
+
+def test_records_lacking_what_their_task_reads_are_named(classifier_dir, tagger, qa_dir, llama_dir):
+    with pytest.raises(fx.FwsvdError, match=r"data\[1\] has no 'sentence', which text-classification reads"):
+        fx.compress(classifier_dir, [{"sentence": "a river", "label": 0}, {"text": "a stone", "label": 1}])
+    tags = {"tokens": ["Ada", "Lovelace"], "tags": ["B-PER", "I-PER"]}
+    with pytest.raises(fx.FwsvdError, match=r"data\[1\] has no 'tags', which token-classification reads"):
+        fx.compress(tagger / "model", [tags, {"tokens": ["a", "river"]}])
+    with pytest.raises(fx.FwsvdError, match=r"data\[1\]: 2 words in 'tokens' but 1 tags in 'tags'"):
+        fx.compress(tagger / "model", [tags, dict(tags, tags=["O"])])
+    with pytest.raises(
+        fx.FwsvdError,
+        match=r"data\[0\] has no 'answers', which question-answering reads \(its keys: question, context\)",
+    ):
+        fx.compress(qa_dir, [{"question": "Which river?", "context": "A quiet river."}])
+    item = {"context": "The sun rises in the", "choices": ["east", "west"], "label": 0}
+    with pytest.raises(fx.FwsvdError, match=r"data\[0\] has no 'choices', which multiple-choice reads"):
+        fx.compress(llama_dir, [{"context": "The sun rises in the", "label": 0}], task="multiple-choice")
+    with pytest.raises(fx.FwsvdError, match=r"data\[0\] has no text under any of .*which text-generation reads"):
+        fx.compress(llama_dir, [item])  # a causal LM's head says text-generation: multiple-choice is task=
+
+
+# Records of each task through compress, export and validate: the model folder and the records (fixtures by
+# name), what compress is told besides, the metrics the task reports (the first is the checks'), and the
+# dense model's score where the records are labelled with its own predictions.
+TASK_RECORDS = {
+    "token-classification": (
+        lambda get: (get("tagger") / "model", jsonl(get("tagger") / "evaluation.jsonl"), {}),
+        ("f1", "precision", "recall", "accuracy"),
+        1.0,
+    ),
+    "question-answering": (
+        lambda get: (get("qa_dir"), jsonl(get("qa_data")), {}),
+        ("exact_match", "f1"),
+        1.0,
+    ),
+    "multiple-choice": (
+        lambda get: (get("llama_dir"), jsonl(RECIPES / "data" / "choice-sample.jsonl"), {"task": "multiple-choice"}),
+        ("acc", "acc_norm"),
+        None,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(TASK_RECORDS))
+def test_compress_export_and_validate_from_a_tasks_records(task, request, tmp_path):
+    build, metrics, dense = TASK_RECORDS[task]
+    folder, records, told = build(request.getfixturevalue)
+    small = fx.compress(folder, records, method="kfac", ratio=0.5, max_length=48, batch_size=8, **told)
+    assert small.task == task and factorized(small.model) > 0
+    graphs = fx.export(small, tmp_path / "onnx")
+    result = fx.validate(small, records, graphs, max_metric_loss=1.0)
+    assert result.metric == metrics[0]
+    assert set(result.scores["original_torch"]) == set(result.scores["compressed_torch"]) == set(metrics)
+    if dense is not None:
+        assert result.original_torch == dense  # the labels were read from the records' own keys
+    assert result.passed, [c for c in result.checks if not c.passed]
+    assert "cpu: numeric parity" in {c.name for c in result.checks}
 
 
 @pytest.mark.slow
