@@ -94,22 +94,31 @@ def test_the_cards_snippet_runs_from_the_output_folder(card_run):
     assert re.search(r"tensor\(\[\d\]\)", done.stdout)
 
 
-def test_dense_int8_is_recommended_only_where_it_is_as_good_smaller_and_faster(card_run):
+def _pick(report: dict, dense_bytes: int, dense_ms_factor: float, dense_metric: float | None = None):
+    """The card's pick with dense int8 given a size, a latency (a multiple of compressed int8's) and a metric
+    (default: compressed int8's own)."""
+    changed = copy.deepcopy(report)
+    dense, small = changed["validation"]["variants"]["dense-int8"], changed["validation"]["variants"]["compressed-int8"]
+    dense["bytes"] = dense_bytes
+    dense["cpu"]["metric"] = small["cpu"]["metric"] if dense_metric is None else dense_metric
+    dense["cpu"]["latency"][0]["median_ms"] = small["cpu"]["latency"][0]["median_ms"] * dense_ms_factor
+    return RunReport.from_dict(changed), recommended(RunReport.from_dict(changed))
+
+
+def test_dense_int8_is_recommended_where_it_is_as_good_and_no_slower(card_run):
     report = json.loads((card_run.output / "report.json").read_text())
-    ours = copy.deepcopy(report)
-    dense, small = ours["validation"]["variants"]["dense-int8"], ours["validation"]["variants"]["compressed-int8"]
-    dense["bytes"], small["bytes"] = small["bytes"] + 1, small["bytes"]  # ours the smaller: ours is picked
-    pick = recommended(RunReport.from_dict(ours))
+    small = report["validation"]["variants"]["compressed-int8"]
+    _, pick = _pick(report, small["bytes"] + 1, 2.0)  # ours as good, smaller and faster: ours
     assert pick.artifact == "compressed-int8" and pick.folder == "onnx/compressed-int8"
     assert "smallest compressed artifact that passed every check" in pick.why
-    theirs = copy.deepcopy(report)
-    dense, small = theirs["validation"]["variants"]["dense-int8"], theirs["validation"]["variants"]["compressed-int8"]
-    dense["bytes"], dense["cpu"]["metric"] = 1, 1.0
-    dense["cpu"]["latency"][0]["median_ms"] = small["cpu"]["latency"][0]["median_ms"] / 2
-    pick = recommended(RunReport.from_dict(theirs))
-    assert pick.artifact == "dense-int8" and pick.folder == "onnx/dense-int8"
-    assert "at least as good, no larger and no slower" in pick.why
-    assert "onnx/dense-int8" in code_block(str(model_card(RunReport.from_dict(theirs))))
+    _, pick = _pick(report, small["bytes"] + 1, 0.5, small["cpu"]["metric"] - 0.01)  # dense faster but worse: ours
+    assert pick.artifact == "compressed-int8"
+    _, pick = _pick(report, small["bytes"] + 1, 0.5)  # dense as good and faster, ours smaller: dense, saying so
+    assert pick.artifact == "dense-int8" and "at least as good and no slower" in pick.why
+    assert "though compressed-int8 is smaller" in pick.why and "where size decides" in pick.why
+    theirs, pick = _pick(report, 1, 0.5, 1.0)  # dense better, smaller and faster: dense
+    assert pick.artifact == "dense-int8" and pick.folder == "onnx/dense-int8" and "smaller" not in pick.why
+    assert "onnx/dense-int8" in code_block(str(model_card(theirs)))
 
 
 def test_a_failed_run_recommends_nothing(card_run):

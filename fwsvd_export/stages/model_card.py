@@ -85,7 +85,8 @@ def _describe(row: dict, metric: str) -> str:
 def recommended(report: RunReport) -> Pick:
     """The artifact to ship: of the compressed artifacts that passed every check, the smallest file (the
     faster one on a tie); dense int8 instead where the report's own verdict finds it at least as good and
-    no larger and no slower. A run that failed validation recommends nothing: the pick is its compressed
+    no slower (no larger, where nothing was timed): a few megabytes saved do not pay for a slower, less
+    accurate graph unless size decides, which the pick then says. A run that failed validation recommends nothing: the pick is its compressed
     fp32 graph, named as failed, for inspection."""
     metric = report.validation.metric
     rows = first_measured(artifact_rows(report))
@@ -108,15 +109,25 @@ def recommended(report: RunReport) -> Pick:
     )
     all_rows = artifact_rows(report)
     for beaten in dense_int8_beats(all_rows, get_task(report.model.task), report.metric):
-        if (beaten["artifact"], beaten["provider"]) == (best["artifact"], best["provider"]) and len(beaten["on"]) == 2:
-            dense = next(r for r in all_rows if r["artifact"] == "dense-int8" and r["provider"] == best["provider"])
-            return Pick(
-                "dense-int8",
-                dense["provider"],
-                artifact_folder(report, "dense-int8"),
-                f"the dense model quantized to int8 is at least as good, no larger and no slower than "
-                f"{best['artifact']} ({_describe(dense, metric)}, against {_describe(best, metric)})",
-            )
+        on = beaten["on"]
+        timed = best["median_ms"] is not None
+        if (beaten["artifact"], beaten["provider"]) != (best["artifact"], best["provider"]) or (
+            "latency" not in on if timed else "size" not in on
+        ):
+            continue
+        dense = next(r for r in all_rows if r["artifact"] == "dense-int8" and r["provider"] == best["provider"])
+        though = (
+            ""
+            if "size" in on
+            else f", though {best['artifact']} is smaller ({best['bytes'] / 1e6:.2f} MB): pick it where size decides"
+        )
+        return Pick(
+            "dense-int8",
+            dense["provider"],
+            artifact_folder(report, "dense-int8"),
+            f"the dense model quantized to int8 is at least as good and no {'slower' if timed else 'larger'} than "
+            f"{best['artifact']} ({_describe(dense, metric)}, against {_describe(best, metric)}){though}",
+        )
     return Pick(best["artifact"], best["provider"], artifact_folder(report, best["artifact"]), why)
 
 
