@@ -24,7 +24,7 @@ from .stages.clock import Clock
 from .stages.outputs import resolve_output, staged_output
 from .stages.prepared import Dense, Prepared
 from .stages.report import FRONTIER_PLOT, plot_frontier, write_report
-from .stages.run_report import RunReport, artifact_rows, dense_int8_beats, first_measured
+from .stages.run_report import LATENCY_TIE, RunReport, artifact_rows, dense_int8_beats, first_measured
 from .stages.tasks import Task
 
 SWEEP_FILE = "sweep.json"
@@ -110,7 +110,7 @@ def _verdict(points: list[dict], wins: dict[str, list[dict]]) -> str:
         )
     rule = (
         f"{metric} at least as good as the compressed artifact's, and a file no larger or a median latency "
-        "no higher, on the same provider"
+        f"no higher (within {LATENCY_TIE:.0%}, a tie), on the same provider"
     )
     if not wins:
         return f"Dense int8 beats no compressed artifact at any point: nowhere does it have {rule}."

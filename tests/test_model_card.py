@@ -116,6 +116,10 @@ def test_dense_int8_is_recommended_where_it_is_as_good_and_no_slower(card_run):
     _, pick = _pick(report, small["bytes"] + 1, 0.5)  # dense as good and faster, ours smaller: dense, saying so
     assert pick.artifact == "dense-int8" and "at least as good and no slower" in pick.why
     assert "though compressed-int8 is smaller" in pick.why and "where size decides" in pick.why
+    _, pick = _pick(report, small["bytes"] + 1, 1.03)  # dense 3% slower is a tie on latency: dense, as good
+    assert pick.artifact == "dense-int8"
+    _, pick = _pick(report, small["bytes"] + 1, 1.10)  # ours 10% faster (and smaller): ours
+    assert pick.artifact == "compressed-int8"
     theirs, pick = _pick(report, 1, 0.5, 1.0)  # dense better, smaller and faster: dense
     assert pick.artifact == "dense-int8" and pick.folder == "onnx/dense-int8" and "smaller" not in pick.why
     assert "onnx/dense-int8" in code_block(str(model_card(theirs)))
