@@ -163,8 +163,8 @@ class FinetuneSpec:
     hidden_states: bool = False
     schedule: Literal["constant", "linear", "cosine"] = "cosine"  # the learning rate's decay after the warm-up
     warmup: float = 0.1  # fraction of all optimizer steps over which the learning rate rises to learning_rate
-    # fraction of the batches kept out of training and scored after each epoch (0: none, every epoch runs and
-    # the last is kept)
+    # fraction of the batches kept out of training and scored after each epoch, rounded (0, or a fraction of
+    # too few batches to round to one: none, every epoch runs and the last is kept)
     holdout: float = 0.1
     patience: int = 2  # epochs without a lower held-out loss before stopping early (0: never stop early)
     # recompute each block's activations in the backward pass: less memory (decoders), about a third more time

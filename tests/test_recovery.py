@@ -94,7 +94,7 @@ def test_the_learning_rate_warms_up_then_decays_per_step(schedule, after_warmup)
 # --- the held-out slice, early stopping, the best state ---------------------------------------------------------
 
 
-def test_the_heldout_slice_is_seeded_and_refused_when_nothing_would_train():
+def test_the_heldout_slice_is_seeded_skipped_on_few_batches_and_refused_when_nothing_would_train():
     data = batches(10)
     order = {id(b): i for i, b in enumerate(data)}
 
@@ -107,8 +107,10 @@ def test_the_heldout_slice_is_seeded_and_refused_when_nothing_would_train():
     assert sorted(train + held) == list(range(10)) and train == sorted(train)
     assert slice_of(4)[1] != held  # another seed, another slice (for these seeds)
     assert slice_of(3, 0.0) == (list(range(10)), [])
-    with pytest.raises(FwsvdError, match=r"'finetune\.holdout' 0\.5 of 1 fine-tuning batch"):
-        split_holdout(data[:1], 0.5, seed=0)
+    assert split_holdout(data[:4], 0.1, seed=0) == (data[:4], [])  # the default on 4 batches: none held out
+    assert split_holdout(data[:5], 0.1, seed=0)[1] == [] and len(split_holdout(data[:6], 0.1, seed=0)[1]) == 1
+    with pytest.raises(FwsvdError, match=r"'finetune\.holdout' 0\.9 of 2 fine-tuning batch"):
+        split_holdout(data[:2], 0.9, seed=0)
 
 
 def heldout_loss(model: torch.nn.Module, held: list[Batch], tune: FinetuneSpec) -> float:

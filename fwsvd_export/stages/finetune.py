@@ -80,11 +80,12 @@ def lr_factor(spec: FinetuneSpec, steps: int) -> Callable[[int], float]:
 
 
 def split_holdout(batches: list[Batch], fraction: float, seed: int) -> tuple[list[Batch], list[Batch]]:
-    """(training, held-out) batches: `fraction` of them, at least one, drawn by `seed` (the same every run),
-    held out; the training batches keep their order."""
-    if not fraction:
+    """(training, held-out) batches: `fraction` of them, rounded, drawn by `seed` (the same every run), held
+    out; the training batches keep their order. Where the fraction rounds to no batch (the default 0.1 of
+    fewer than 6) nothing is held out, so a small recipe still trains (its report says nothing was held out)."""
+    count = round(fraction * len(batches))
+    if not count:
         return list(batches), []
-    count = max(1, round(fraction * len(batches)))
     if count >= len(batches):
         raise FwsvdError(
             f"'finetune.holdout' {fraction:g} of {len(batches)} fine-tuning batch(es) leaves none to train on: "
