@@ -46,6 +46,7 @@ from fwsvd_export.config import FinetuneSpec
 from fwsvd_export.core import CompressionSpec, compress_
 from fwsvd_export.core.allocation_check import Layer, candidates, held_out
 from fwsvd_export.core.batch import Batch
+from fwsvd_export.core.spec import LayerOverride
 from fwsvd_export.stages.finetune import finetune_
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,7 +67,7 @@ NOUN_GROUPS = {  # lexicographer file numbers (lexnames(5WN)) of each group
 # The classifiers train with the tool's own recovery schedule (cosine decay, warm-up, early stopping on a
 # held-out tenth), so they stop where their held-out loss does.
 SCHEDULE = {key: getattr(FinetuneSpec(), key) for key in ("schedule", "warmup", "holdout", "patience")}
-THINGS = {"person": 18, "animal": 5, "plant": 20, "artifact": 6, "food": 13, "location": 15}  # one file each
+THINGS = {"person": (18,), "animal": (5,), "plant": (20,), "artifact": (6,), "food": (13,), "location": (15,)}
 TRAIN = {"pos": 3000, "nouns": 6000, "match": 4000, "things": 5000}  # training rows: each classifier its own size
 
 
@@ -87,26 +88,15 @@ def pos_records(rng: random.Random, per_class: int) -> tuple[list[dict], list[st
     return records, list(POS_FILES)
 
 
-def noun_records(rng: random.Random) -> tuple[list[dict], list[str]]:
-    """Nouns of the grouped lexicographer files, labelled with their group."""
-    group = {lex: i for i, files in enumerate(NOUN_GROUPS.values()) for lex in files}
+def noun_records(groups: dict[str, tuple[int, ...]]) -> tuple[list[dict], list[str]]:
+    """Nouns of the grouped lexicographer files, "lemmas: definition" labelled with their group."""
+    group = {lex: i for i, files in enumerate(groups.values()) for lex in files}
     records = [
         {"text": f"{_lemmas(s.lemmas)}: {_definition(s.gloss)}", "label": group[s.lexfile]}
         for s in read_wordnet(WORDNET_DIR / "data.noun")
         if s.lexfile in group
     ]
-    return records, list(NOUN_GROUPS)
-
-
-def thing_records(rng: random.Random) -> tuple[list[dict], list[str]]:
-    """Nouns of six concrete lexicographer files, labelled with their file."""
-    label = {lex: i for i, lex in enumerate(THINGS.values())}
-    records = [
-        {"text": f"{_lemmas(s.lemmas)}: {_definition(s.gloss)}", "label": label[s.lexfile]}
-        for s in read_wordnet(WORDNET_DIR / "data.noun")
-        if s.lexfile in label
-    ]
-    return records, list(THINGS)
+    return records, list(groups)
 
 
 def match_records(rng: random.Random) -> tuple[list[dict], list[str]]:
@@ -128,9 +118,9 @@ def dataset(name: str, seed: int, test: int, calibration: int) -> tuple[dict[str
     rng = random.Random(seed)
     records, labels = {
         "pos": lambda: pos_records(rng, 2500),
-        "nouns": lambda: noun_records(rng),
+        "nouns": lambda: noun_records(NOUN_GROUPS),
         "match": lambda: match_records(rng),
-        "things": lambda: thing_records(rng),
+        "things": lambda: noun_records(THINGS),
     }[name]()
     rng.shuffle(records)
     train = TRAIN[name]
@@ -160,8 +150,6 @@ def check_view(model: torch.nn.Module, batches: list[Batch]) -> dict:
 
 def applied(model: torch.nn.Module, ranks: dict[str, int | None], stats: list[Batch], cache: str) -> torch.nn.Module:
     """A copy of `model` with kfac at exactly `ranks` (None: the layer stays dense)."""
-    from fwsvd_export.core.spec import LayerOverride
-
     spec = CompressionSpec(
         method="kfac",
         target=TARGET,

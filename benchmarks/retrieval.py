@@ -71,8 +71,7 @@ def recipe(work: Path, evaluation: Path, name: str, changes: dict) -> Path:
     """The demo recipe with the evaluation file replaced, `changes` applied (dotted keys), one CPU provider,
     its output under `work`."""
     spec = yaml.safe_load(DEMO.read_text())
-    for role in ("calibration",):
-        spec["data"][role]["path"] = str(DEMO.parent / spec["data"][role]["path"])
+    spec["data"]["calibration"]["path"] = str(DEMO.parent / spec["data"]["calibration"]["path"])
     spec["data"]["evaluation"]["path"] = str(evaluation)
     spec["export"]["output"] = str(work / name)
     spec["validation"]["providers"] = [{"name": "cpu", "required": True}]

@@ -45,7 +45,15 @@ def tokenizer():
     return tok
 
 
-def bert_config(tokenizer) -> BertConfig:
+COLOURS = {
+    "num_labels": 3,
+    "id2label": {0: "red", 1: "green", 2: "blue"},
+    "label2id": {"red": 0, "green": 1, "blue": 2},
+}
+
+
+def bert_config(tokenizer, **head) -> BertConfig:
+    """The tests' tiny BERT; `head` (num_labels, problem_type, labels) replaces the three colours' head."""
     return BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=48,
@@ -53,9 +61,7 @@ def bert_config(tokenizer) -> BertConfig:
         num_attention_heads=4,
         intermediate_size=96,
         max_position_embeddings=128,
-        num_labels=3,
-        id2label={0: "red", 1: "green", 2: "blue"},
-        label2id={"red": 0, "green": 1, "blue": 2},
+        **(head or COLOURS),
     )
 
 
@@ -76,16 +82,9 @@ CLASSIFIER_RANK = (
 CLASSIFIER_NOISE = 0.03  # full-rank noise on top, relative per entry: what factorizing drops, so it is not free
 
 
-@pytest.fixture(scope="session")
-def classifier_dir(tmp_path_factory, tokenizer) -> Path:
-    """The tiny BERT classifier whose decisions hang on its encoder's Linear layers, so that accuracy
-    measures a factorization: each encoder weight is rank 4 plus 3% noise (a random BERT instead predicts
-    one class for every input, whatever is done to its layers), and the head reads the pooled output's
-    three main directions of variation over the labelled sentences, standardized. data_dir labels those
-    sentences with this model's own predictions: accuracy 1.0 dense, and a compressed model's accuracy is
-    its agreement with the original. Built, not trained (a second)."""
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(bert_config(tokenizer)).eval()
+def low_rank_encoder_(model: BertForSequenceClassification) -> None:
+    """Each encoder weight made rank CLASSIFIER_RANK plus CLASSIFIER_NOISE, so that the model's outputs hang
+    on its factorized layers and a factorization keeps them close (torch's current seed draws them)."""
     with torch.no_grad():
         for module in model.bert.encoder.modules():
             if isinstance(module, torch.nn.Linear):
@@ -96,6 +95,20 @@ def classifier_dir(tmp_path_factory, tokenizer) -> Path:
                     / (CLASSIFIER_RANK * in_f) ** 0.5
                 )
                 module.weight.copy_(low + CLASSIFIER_NOISE * torch.randn(out_f, in_f) / in_f**0.5)
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny BERT classifier whose decisions hang on its encoder's Linear layers, so that accuracy
+    measures a factorization: each encoder weight is rank 4 plus 3% noise (a random BERT instead predicts
+    one class for every input, whatever is done to its layers), and the head reads the pooled output's
+    three main directions of variation over the labelled sentences, standardized. data_dir labels those
+    sentences with this model's own predictions: accuracy 1.0 dense, and a compressed model's accuracy is
+    its agreement with the original. Built, not trained (a second)."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(bert_config(tokenizer)).eval()
+    low_rank_encoder_(model)
+    with torch.no_grad():
         texts = sentences(48, 1)
         pooled = model.bert(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
         _, spread, directions = torch.linalg.svd(pooled - pooled.mean(0), full_matrices=False)

@@ -30,7 +30,7 @@ from fwsvd_export.stages.tasks.classification import (
     single_label_scores,
 )
 
-from conftest import quick_validation, sentences, write_recipe
+from conftest import bert_config, low_rank_encoder_, quick_validation, sentences, write_recipe
 
 TASK = get_task("text-classification")
 
@@ -153,27 +153,12 @@ def test_each_heads_default_is_its_first_metric(kind):
 # --- end to end: tiny regression and multi-label BERTs, labelled with their own outputs ----------------
 
 
-def _tiny(tokenizer, folder, **config) -> BertForSequenceClassification:
+def _tiny(tokenizer, folder, **head) -> BertForSequenceClassification:
     """A tiny BERT whose encoder weights are rank 4 plus noise (as conftest's classifier), so that its
     outputs hang on the factorized layers and a 0.5-ratio factorization keeps them close."""
     torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=128,
-            **config,
-        )
-    ).eval()
-    with torch.no_grad():
-        for module in model.bert.encoder.modules():
-            if isinstance(module, torch.nn.Linear):
-                out_f, in_f = module.weight.shape
-                low = torch.randn(out_f, 4) @ torch.randn(4, in_f) / (4 * in_f) ** 0.5
-                module.weight.copy_(low + 0.03 * torch.randn(out_f, in_f) / in_f**0.5)
+    model = BertForSequenceClassification(bert_config(tokenizer, **head)).eval()
+    low_rank_encoder_(model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model

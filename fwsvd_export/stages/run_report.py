@@ -360,17 +360,15 @@ def verdicts(report: RunReport) -> list[str]:
     metric = report.validation.metric
     lines = []
     beats = dense_int8_beats(list(rows.values()), get_task(report.model.task), report.metric)
+    # the providers where dense int8 beats every measured compressed artifact on size and latency alike
+    measured = {(a, p) for (a, p), r in rows.items() if a.startswith("compressed-") and r["metric"] is not None}
+    wholly = {(b["artifact"], b["provider"]) for b in beats if len(b["on"]) == 2}
+    shipped = {p for _, p in measured if all(m in wholly for m in measured if m[1] == p)}
     for beaten in beats:
         dense, ours = rows[("dense-int8", beaten["provider"])], rows[(beaten["artifact"], beaten["provider"])]
         on = beaten["on"]  # beaten on one axis only, ours may still win on the other
         unless = "" if len(on) == 2 else f" unless {'size' if on == ['latency'] else 'latency'} decides"
-        mine = {
-            a
-            for (a, p), r in rows.items()
-            if a.startswith("compressed-") and p == beaten["provider"] and r["metric"] is not None
-        }
-        wholly = {b["artifact"] for b in beats if b["provider"] == beaten["provider"] and len(b["on"]) == 2}
-        advice = "ship dense-int8" if mine <= wholly else f"prefer dense-int8 to {beaten['artifact']}"
+        advice = "ship dense-int8" if beaten["provider"] in shipped else f"prefer dense-int8 to {beaten['artifact']}"
         lines.append(
             f"dense-int8 beats {beaten['artifact']} on {beaten['provider']} ({' and '.join(on)}): "
             f"{metric} {dense['metric']:.4f} vs {ours['metric']:.4f}, {dense['bytes'] / 1e6:.1f} MB vs "
