@@ -63,6 +63,8 @@ class _State:
     """What the hooks need to know about the batch being processed."""
 
     mask: torch.Tensor
+    real: int = 0  # the batch's real tokens
+    padded: bool = False  # whether any token of the batch is padding
     groups: int = 1
     first_batch: bool = True
     in_backward: bool = False  # forward hooks firing now come from a checkpoint recomputation
@@ -87,19 +89,51 @@ def _per_sample(t: torch.Tensor, state: _State) -> tuple[torch.Tensor, torch.Ten
     return t, mask
 
 
-def _fisher_rows(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _masks(t: torch.Tensor, state: _State) -> bool:
+    """Whether the batch's token mask lays over `t` (rows, tokens..., features) as over the input ids."""
+    return state.mask.shape[0] == t.shape[0] and state.mask.numel() * t.shape[-1] == t.numel()
+
+
+def _real_rows(t: torch.Tensor, state: _State) -> torch.Tensor:
+    """The real tokens' rows (tokens, features) in float32: what a Gram or a mean over tokens reads. No
+    per-sample layout and no masked copy, so the hook costs one gather at most."""
+    flat = t.reshape(-1, t.shape[-1])
+    if state.padded and _masks(t, state):
+        flat = flat[state.mask.reshape(-1)]
+    return flat.float()
+
+
+def _samples(rows: int, state: _State) -> int:
+    return rows // state.groups if state.groups > 1 and rows % state.groups == 0 else rows
+
+
+def _into(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """Add a batch's part to the host accumulator (the part itself on the first batch)."""
+    part = part.cpu()
+    return part if total is None else total.add_(part)
+
+
+def _fisher_rows(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """sum over samples of sum_out (per-sample grad)^2, for x (n, T, in) and g (n, T, out)."""
     tokens, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
     if tokens * (d_in + d_out) <= d_in * d_out:
         gram = g @ g.transpose(1, 2)  # (n, T, T)
-        return ((gram @ x) * x).sum((0, 1))
-    return (
-        (g.transpose(1, 2) @ x).square().sum((0, 1))
-    )  # (n, out, in) materialised: cheaper once T (in + out) > in x out
+        return _into(total, ((gram @ x) * x).sum((0, 1)))
+    # (n, out, in) materialised: cheaper once T (in + out) > in x out
+    return _into(total, (g.transpose(1, 2) @ x).square().sum((0, 1)))
 
 
-def _gram(flat: torch.Tensor, full: bool) -> torch.Tensor:
-    return flat.T @ flat if full else flat.square().sum(0)
+def _gram(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.Tensor:
+    """x^T x summed; on the host it is multiplied straight into the accumulator (no temporary)."""
+    if not full:
+        return _into(total, flat.square().sum(0))
+    if total is not None and total.device == flat.device:
+        return total.addmm_(flat.T, flat)
+    return _into(total, flat.T @ flat)
+
+
+def _abs(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.Tensor:
+    return _into(total, flat.abs().sum(0))
 
 
 def _side(d: int, max_gram_size: int) -> int:
@@ -109,13 +143,15 @@ def _side(d: int, max_gram_size: int) -> int:
 @dataclass(frozen=True)
 class Statistic:
     """A per-layer calibration statistic. Its accumulator is a float32 sum on the host, divided at the
-    end by the real tokens or the samples seen. `accumulate` gets, by what it `reads`: "input": the real
-    tokens' inputs (tokens, in) and whether the Gram side is full; "output": the same for output
-    gradients; "both": per-sample inputs (n, T, in) and output gradients (n, T, out)."""
+    end by the real tokens or the samples seen. `accumulate` gets the accumulator so far (None on the
+    first batch) and, by what it `reads`: "input": the real tokens' inputs (tokens, in) and whether the
+    Gram side is full; "output": the same for output gradients; "both": per-sample inputs (n, T, in) and
+    output gradients (n, T, out). It returns the new accumulator."""
 
     name: str
     reads: Literal["input", "output", "both"]
-    accumulate: Callable[[torch.Tensor, Any], torch.Tensor]  # the second argument: a bool or a tensor, by `reads`
+    # (total so far, a tensor, a bool or a tensor by `reads`) -> the new total
+    accumulate: Callable[[torch.Tensor | None, torch.Tensor, Any], torch.Tensor]
     per: Literal["token", "sample"]
     elements: Callable[[int, int, int], int]  # accumulator size for (in, out, max_gram_size)
 
@@ -126,7 +162,7 @@ STATISTICS: dict[str, Statistic] = {
         Statistic("fisher", "both", _fisher_rows, "sample", lambda i, o, m: i),
         Statistic("input_gram", "input", _gram, "token", lambda i, o, m: _side(i, m)),
         Statistic("output_gram", "output", _gram, "token", lambda i, o, m: _side(o, m)),
-        Statistic("input_abs", "input", lambda flat, full: flat.abs().sum(0), "token", lambda i, o, m: i),
+        Statistic("input_abs", "input", _abs, "token", lambda i, o, m: i),
     )
 }
 
@@ -150,10 +186,8 @@ class _LayerCollector:
         self._g: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self._forward)
 
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        value = value.cpu()
-        current = self.stats.values.get(name)
-        self.stats.values[name] = value if current is None else current.add_(value)
+    def _add(self, stat: Statistic, a: torch.Tensor, b: Any) -> None:
+        self.stats.values[stat.name] = stat.accumulate(self.stats.values.get(stat.name), a, b)
 
     def _forward(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         raw = args[0]
@@ -168,33 +202,32 @@ class _LayerCollector:
                 self.stats.shares_input_with = owner[1].name
             else:
                 self.state.seen[id(raw)] = (raw, self)
-        x, mask = _per_sample(raw.detach(), self.state)
-        flat = x.reshape(-1, x.shape[-1])[mask.reshape(-1)]
-        self.stats.tokens += flat.shape[0]
-        self.stats.samples += x.shape[0]
-        if self.stats.shares_input_with is None:
+        self.stats.tokens += self.state.real if _masks(raw, self.state) else raw.numel() // raw.shape[-1]
+        self.stats.samples += _samples(raw.shape[0], self.state)
+        if self.stats.shares_input_with is None and self.on_input:
+            flat = _real_rows(raw.detach(), self.state)
             for stat in self.on_input:
-                self._add(stat.name, stat.accumulate(flat, self.full_in))
+                self._add(stat, flat, self.full_in)
         if (self.on_output or self.on_both) and output.requires_grad:
             if id(module) not in self.state.recomputed:  # else the recomputation brings it back when needed
                 self._x = raw.detach()  # a reference, not a copy: layers reading one input share it
             output.register_hook(self._backward)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
     def _backward(self, grad: torch.Tensor) -> None:
-        g, mask = _per_sample(grad.detach(), self.state)
+        grad = grad.detach()
         if self.on_output:
-            flat = g.reshape(-1, g.shape[-1])[mask.reshape(-1)]
+            flat = _real_rows(grad, self.state)
             for stat in self.on_output:
-                self._add(stat.name, stat.accumulate(flat, self.full_out))
+                self._add(stat, flat, self.full_out)
         if self.on_both:
-            self._g = g
+            self._g = _per_sample(grad, self.state)[0]
             self._pair_when_ready()
 
     def _pair_when_ready(self) -> None:
         if self._x is not None and self._g is not None:
             x = _per_sample(self._x, self.state)[0]
             for stat in self.on_both:
-                self._add(stat.name, stat.accumulate(x, self._g))
+                self._add(stat, x, self._g)
             self._x = self._g = None
 
     def finish(self) -> LayerStats:
@@ -248,6 +281,8 @@ def collect_statistics(
             for batch in tqdm(batches, desc="calibration statistics", unit="batch", disable=not progress):
                 batch = batch.to(device)
                 state.mask, state.groups = batch.token_mask, batch.groups
+                state.real = int(batch.token_mask.sum())
+                state.padded = state.real < batch.token_mask.numel()
                 if backward:
                     loss = loss_fn(model, batch)
                     state.in_backward = True
