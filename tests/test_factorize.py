@@ -120,6 +120,23 @@ def test_kfac_full_rank_reproduces_the_weight(weight):
     torch.testing.assert_close(product(factorize(weight, 24, w.left, w.right)), weight)
 
 
+def _symmetric_root(gram):
+    values, vectors = torch.linalg.eigh(gram)
+    return (vectors * values.sqrt()) @ vectors.T
+
+
+def test_kfac_sides_are_cholesky_factors_and_truncate_as_the_symmetric_roots_do(weight):
+    c, g = _grams()
+    w = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 0.0)
+    assert torch.equal(w.left, w.left.triu()) and torch.equal(w.right, w.right.tril())
+    torch.testing.assert_close(w.left.T @ w.left, g.double())
+    torch.testing.assert_close(w.right @ w.right.T, c.double())
+    triangular = factorize(weight, 6, w.left, w.right)
+    symmetric = factorize(weight, 6, _symmetric_root(g.double()), _symmetric_root(c.double()))
+    torch.testing.assert_close(product(triangular), product(symmetric))
+    torch.testing.assert_close(triangular.singular_values, symmetric.singular_values)
+
+
 def test_kfac_is_optimal_against_random_rank_r_alternatives(weight):
     c, g = _grams()
     w = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 0.0)
@@ -157,3 +174,18 @@ def test_balancing_keeps_the_product_and_equalises_factor_scales():
     balance_(module)
     torch.testing.assert_close(module.second.weight @ module.first.weight, before)
     torch.testing.assert_close(module.first.weight.norm(dim=1), module.second.weight.norm(dim=0))
+
+
+def test_small_layers_factorize_on_one_thread_and_large_ones_on_torchs_threads():
+    from fwsvd_export.core.threads import threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads_for(1536, 384):  # MiniLM's feed-forward layer: a second thread gains little, and waits
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with threads_for(896, 4864):  # Qwen2.5-0.5B's down projection
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

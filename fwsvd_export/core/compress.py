@@ -37,6 +37,7 @@ from .methods import Method, Weighting, get_method
 from .modules import linear_layers, set_module, tied_parameters
 from .spec import CompressionSpec
 from .statistics import LayerStats, collect_statistics, statistic_bytes
+from .threads import threads_for
 
 
 @dataclass
@@ -631,8 +632,11 @@ def _factor_mine(work: _Work, block: list[LayerPlan], bar: tqdm[Any]) -> list[_F
     for plan in block:
         if work.owners[plan.name] != process:
             continue
-        weighting = work.weightings.pop(plan.name, None) or work.method.build(work.stats[plan.name], work.spec.damping)
-        layer = _factor(plan, work.todo[plan.name], weighting, work.stats[plan.name], work.spec)
+        with threads_for(plan.out_features, plan.in_features):
+            weighting = work.weightings.pop(plan.name, None) or work.method.build(
+                work.stats[plan.name], work.spec.damping
+            )
+            layer = _factor(plan, work.todo[plan.name], weighting, work.stats[plan.name], work.spec)
         if processes == 1:
             _install(work.model, plan, layer, work.todo.pop(plan.name))
             del work.stats[plan.name]
@@ -713,10 +717,11 @@ def _weigh(
     layer at once, kfac's float64 side weights outweigh the model (benchmarks/logs/scaling.md)."""
     weightings, spectra = {}, {}
     for p in tqdm(mine, desc="weighted spectra", unit="layer", disable=not progress):
-        weighting = method.build(stats[p.name], spec.damping)
-        spectra[p.name] = weighted_spectrum(
-            linear_weight(todo[p.name]), weighting.left, weighting.right
-        ) * method.spectrum_scale(p.in_features, p.out_features)
+        with threads_for(p.out_features, p.in_features):
+            weighting = method.build(stats[p.name], spec.damping)
+            spectra[p.name] = weighted_spectrum(
+                linear_weight(todo[p.name]), weighting.left, weighting.right
+            ) * method.spectrum_scale(p.in_features, p.out_features)
         if keep:
             weightings[p.name] = weighting
     return weightings, spectra

@@ -116,18 +116,36 @@ def _right_apply(m: torch.Tensor, side: Side) -> torch.Tensor:
     return m * side[None, :] if side.dim() == 1 else m @ side
 
 
+def _upper(side: torch.Tensor) -> bool | None:
+    """True / False when a square side is upper / lower triangular (methods give Cholesky factors), else None."""
+    if torch.equal(side, side.triu()):
+        return True
+    return False if torch.equal(side, side.tril()) else None
+
+
+def _solve(side: torch.Tensor, m: torch.Tensor, left: bool) -> torch.Tensor:
+    """side^-1 @ m (left) or m @ side^-1: a triangular solve for a Cholesky factor, else LU."""
+    upper = _upper(side)
+    solved: torch.Tensor  # torch's linalg bindings are typed as returning Any
+    if upper is None:
+        solved = torch.linalg.solve(side, m, left=left)
+    else:
+        solved = torch.linalg.solve_triangular(side, m, upper=upper, left=left)
+    return solved
+
+
 def _left_solve(side: Side, m: torch.Tensor) -> torch.Tensor:
     """side^-1 @ m"""
     if side is None:
         return m
-    return m / side[:, None] if side.dim() == 1 else torch.linalg.solve(side, m)
+    return m / side[:, None] if side.dim() == 1 else _solve(side, m, left=True)
 
 
 def _right_solve(m: torch.Tensor, side: Side) -> torch.Tensor:
     """m @ side^-1"""
     if side is None:
         return m
-    return m / side[None, :] if side.dim() == 1 else torch.linalg.solve(side.T, m.T).T
+    return m / side[None, :] if side.dim() == 1 else _solve(side, m, left=False)
 
 
 def weighted_spectrum(weight: torch.Tensor, left: Side = None, right: Side = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ P (output side) and Q (input side) of the weighted factorization in ``lowrank.py
 | fwsvd   | ||(W - W') diag(sqrt(fisher))||   | per-sample Fisher   | Hsu et al., ICLR 2022 |
 | asvd    | ||(W - W') diag(mean|x|^alpha)||  | input magnitudes    | Yuan et al., 2023 (ASVD) |
 | svd-llm | ||(W - W') L||, C = L L^T         | input Gram C        | Wang et al., 2024 (SVD-LLM) |
-| kfac    | ||G^1/2 (W - W') L||              | input and output-gradient Grams | Kronecker-factored Fisher |
+| kfac    | ||R^T (W - W') L||, G = R R^T     | input and output-gradient Grams | Kronecker-factored Fisher |
 
 kfac contains the others: G = I gives svd-llm; a diagonal input side with G = I gives fwsvd.
 Every weight is damped by `damping` times its mean diagonal, so zero-importance features and
@@ -92,30 +92,34 @@ def _diagonal_root(diag: torch.Tensor, damping: float, side: str, notes: list[st
     return (diag + damping * max(float(diag.mean()), 1e-12)).sqrt()
 
 
-def input_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
-    """Q with Q Q^T = C (damped): the Cholesky factor, or an eigen fallback when C is not PD."""
+def _root(gram: torch.Tensor, damping: float, notes: list[str], what: str) -> torch.Tensor:
+    """R with R R^T = C (damped): the lower Cholesky factor, or an eigen fallback when C is not PD.
+    Any such R gives the same truncation (||R^T M|| = ||C^1/2 M||), and Cholesky costs a small fraction
+    of an eigendecomposition; a triangular R also makes the unwhitening a triangular solve (lowrank.py)."""
     import torch
 
-    if gram.dim() == 1:
-        return _diagonal_root(gram, damping, "input", notes)
     damped = _damped(gram, damping)
     factor: torch.Tensor
     factor, info = torch.linalg.cholesky_ex(damped)  # torch's linalg bindings are typed as returning Any
     if int(info) == 0 and torch.isfinite(factor).all():
         return factor
-    notes.append("input Gram not positive definite after damping; used eigenvalue-clipped square root")
+    notes.append(f"{what} Gram not positive definite after damping; used eigenvalue-clipped square root")
     values, vectors, _ = _clipped_eigh(damped, damping)
     return vectors * values.sqrt()[None, :]
 
 
+def input_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
+    """Q with Q Q^T = C (damped): lower triangular, or a diagonal from a Gram gathered as its diagonal."""
+    if gram.dim() == 1:
+        return _diagonal_root(gram, damping, "input", notes)
+    return _root(gram, damping, notes, "input")
+
+
 def output_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
-    """Symmetric P = G^1/2 (damped), eigenvalues clipped so P is always invertible."""
+    """P with P^T P = G (damped): upper triangular (the transposed Cholesky factor), or a diagonal."""
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "output", notes)
-    values, vectors, clipped = _clipped_eigh(_damped(gram, damping), damping)
-    if clipped:
-        notes.append("output-gradient Gram singular after damping; small eigenvalues clipped")
-    return (vectors * values.sqrt()[None, :]) @ vectors.T
+    return _root(gram, damping, notes, "output-gradient").T
 
 
 def _needed(stats: LayerStats, name: str) -> torch.Tensor:
