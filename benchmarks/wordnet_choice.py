@@ -59,6 +59,7 @@ from measure import LM_TASK, lm_blocks, run_info, system_busy_s
 TASK = TASKS["multiple-choice"]
 PRECISIONS = ("fp32", "int8", "int4")
 DISTRACTORS = 3
+PARITY_BATCHES = 2  # validation.parity_batches' default: the batches whose logits the run's parity checks compare
 WORDS = (8, 30)  # glosses this long make items: halves of 4+ words, all fitting a 64-token block
 
 
@@ -207,10 +208,31 @@ def tool_run(args: argparse.Namespace, model: Path, work: Path, kept: float) -> 
 # --- scoring here, item by item ------------------------------------------------------------------
 
 
-def choices_of(run, batches: list[Batch]) -> dict[int, tuple[int, int, int]]:
-    """item -> (label, acc's choice, acc_norm's choice) of a model or graph on the items."""
+def choices_of(run, batches: list[Batch]) -> tuple[dict[int, tuple[int, int, int]], list[torch.Tensor]]:
+    """item -> (label, acc's choice, acc_norm's choice) of a model or graph on the items, and its logits on
+    the first PARITY_BATCHES batches."""
+    summaries, first = [], []
     with torch.no_grad():
-        return picks([TASK.summary(run(b), b) for b in batches], batches)
+        for k, batch in enumerate(batches):
+            out = run(batch)
+            summaries.append(TASK.summary(out, batch))
+            if k < PARITY_BATCHES:
+                first.append(out)
+    return picks(summaries, batches), first
+
+
+def logits_error(outputs: list[torch.Tensor], reference: list[torch.Tensor], batches: list[Batch]) -> dict:
+    """Max absolute and relative (Frobenius) error of the logits against the PyTorch model's, over the real
+    tokens and over every position, right padding included (as the run's parity checks compare them)."""
+    found = {}
+    for scope in ("real", "all"):
+        diff = [(o - r)[b.token_mask] if scope == "real" else o - r for o, r, b in zip(outputs, reference, batches)]
+        ref = [r[b.token_mask] if scope == "real" else r for r, b in zip(reference, batches)]
+        found[f"max_abs_{scope}"] = max(float(d.abs().max()) for d in diff)
+        found[f"relative_{scope}"] = (
+            sum(float(d.square().sum()) for d in diff) / sum(float(x.square().sum()) for x in ref)
+        ) ** 0.5
+    return found
 
 
 def graph_run(path: Path):
@@ -236,12 +258,13 @@ def scores(chosen: dict, reference: dict | None) -> dict:
 
 def score_family(name: str, torch_model, onnx_dir: Path, batches: list[Batch]) -> list[dict]:
     """A PyTorch model and its fp32/int8/int4 graphs (`onnx_dir/<name>[-precision]/model.onnx`)."""
-    reference = choices_of(partial(run_torch, torch_model, TASK), batches)
+    reference, logits = choices_of(partial(run_torch, torch_model, TASK), batches)
     rows = [{"model": name, "artifact": "pytorch", **scores(reference, None)}]
     for precision in PRECISIONS:
         folder = onnx_dir / (name if precision == "fp32" else f"{name}-{precision}")
-        chosen = choices_of(graph_run(folder / "model.onnx"), batches)
-        rows.append({"model": name, "artifact": f"onnx {precision}", **scores(chosen, reference)})
+        chosen, outputs = choices_of(graph_run(folder / "model.onnx"), batches)
+        error = logits_error(outputs, logits, batches)
+        rows.append({"model": name, "artifact": f"onnx {precision}", **scores(chosen, reference), "logits": error})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -258,6 +281,18 @@ def tool_scores(report: dict) -> dict[tuple[str, str], dict]:
         model, precision = key.rsplit("-", 1)
         if entry.get("cpu", {}).get("scores"):
             found[(model, f"onnx {precision}")] = entry["cpu"]["scores"]
+    return found
+
+
+def tool_parity(report: dict) -> dict[tuple[str, str], dict]:
+    """(model, artifact) -> the parity the run's validation reported: fp32 against PyTorch (max error),
+    int8/int4 against the fp32 model (relative error)."""
+    v = report["validation"]
+    found = {("compressed", "onnx fp32"): v["providers"]["cpu"]["parity"]}
+    for key, entry in v["variants"].items():
+        model, precision = key.rsplit("-", 1)
+        if entry.get("cpu", {}).get("parity"):
+            found[(model, f"onnx {precision}")] = entry["cpu"]["parity"]
     return found
 
 
@@ -278,12 +313,13 @@ def score_run(out: Path, run: dict, kept: float, items: list[dict], args, tokeni
     batches = TASK.make_batches(items, source, shipped, args.block, args.eval_batch, False, None)
     families = [("dense", dense)] if dense is not None else []
     families.append(("compressed", load(out / "compressed").eval()))
-    reported = tool_scores(run["report"])
+    reported, parity = tool_scores(run["report"]), tool_parity(run["report"])
     rows = []
     for name, model in families:
         for row in score_family(name, model, out / "onnx", batches):
-            tool = reported.get((row["model"], row["artifact"]))
-            rows.append({"kept": None if name == "dense" else kept, **row, "tool": tool})
+            key = (row["model"], row["artifact"])
+            rows.append({"kept": None if name == "dense" else kept, **row, "tool": reported.get(key)})
+            rows[-1]["tool_parity"] = parity.get(key)
     return rows
 
 
@@ -348,6 +384,29 @@ def verdict(row: dict, reference: dict) -> str:
     return "met" if abs(row["acc"] - reference["acc"]) <= 0.01 + 1e-12 else "MISSED"
 
 
+def parity_table(rows: list[dict]) -> list[str]:
+    """The logits of every graph against its PyTorch model, beside what the run's parity checks reported."""
+    out = [
+        "| kept | model | artifact | max abs error: real tokens / every position | relative error: real tokens / "
+        "every position | the run's parity check |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for row in (r for r in rows if "logits" in r):
+        e, tool = row["logits"], row["tool_parity"]
+        if tool is None:
+            check = "-"
+        elif "max_abs_error" in tool:
+            check = f"max abs {tool['max_abs_error']:.3g}, rel {tool['max_rel_error']:.3g}: {'ok' if tool['passed'] else 'FAIL'}"
+        else:
+            check = f"relative {tool['relative_error']:.3f}: {'ok' if tool['passed'] else 'FAIL'}"
+        kept = "dense" if row["kept"] is None else f"{row['kept']:g}"
+        out.append(
+            f"| {kept} | {row['model']} | {row['artifact']} | {e['max_abs_real']:.3g} / {e['max_abs_all']:.3g} "
+            f"| {e['relative_real']:.3g} / {e['relative_all']:.3g} | {check} |"
+        )
+    return out
+
+
 def tables(results: dict) -> str:
     out = [
         "| kept | model | artifact | acc | acc_norm | acc - PyTorch (points) | items choosing otherwise (acc / acc_norm) "
@@ -367,6 +426,8 @@ def tables(results: dict) -> str:
             f"| {differ} | {reported} | {verdict(row, ref)} |"
         )
     out += [
+        "",
+        *parity_table(rows),
         "",
         "| kept target | kept reached | exit | run s | shipped tokenizer = model's ids | checks failed |",
         "|---:|---:|---:|---:|---|---|",
