@@ -176,7 +176,7 @@ def test_balancing_keeps_the_product_and_equalises_factor_scales():
     torch.testing.assert_close(module.first.weight.norm(dim=1), module.second.weight.norm(dim=0))
 
 
-def test_small_layers_factorize_on_one_thread_and_large_ones_on_torchs_threads():
+def test_small_layers_factorize_on_one_thread_and_torchs_setting_is_restored():
     from fwsvd_export.core.threads import threads_for
 
     before = torch.get_num_threads()
@@ -185,7 +185,17 @@ def test_small_layers_factorize_on_one_thread_and_large_ones_on_torchs_threads()
         with threads_for(1536, 384):  # MiniLM's feed-forward layer: a second thread gains little, and waits
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with threads_for(896, 4864):  # Qwen2.5-0.5B's down projection
-            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_large_layers_take_torchs_threads_up_to_the_cores_other_processes_leave_free():
+    from fwsvd_export.core.threads import layer_work, wanted_threads
+
+    down = layer_work(896, 4864)  # Qwen2.5-0.5B's down projection
+    assert wanted_threads(down, threads=2, cores=2, others_busy=0.0) == 2
+    assert wanted_threads(down, threads=2, cores=2, others_busy=0.7) == 1  # a neighbour sharing our cores
+    assert wanted_threads(down, threads=16, cores=16, others_busy=3.2) == 13
+    assert wanted_threads(down, threads=4, cores=16, others_busy=0.0) == 4  # never more than torch was given
+    assert wanted_threads(down, threads=2, cores=2, others_busy=5.0) == 1
+    assert wanted_threads(layer_work(384, 384), threads=16, cores=16, others_busy=0.0) == 1
