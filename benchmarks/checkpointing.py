@@ -45,6 +45,7 @@ from measure import (
 )
 
 TASK = TASKS["text-generation"]
+SHAPE = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "tokens", "batch", "batches")
 MODES = {
     "plain": (None, False),
     "fisher": ({"fisher"}, False),
@@ -62,7 +63,7 @@ def build(args) -> tuple[nn.Module, list[Batch]]:
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads // 2,
+        num_key_value_heads=args.kv_heads or args.heads // 2,
         max_position_embeddings=args.tokens,
         tie_word_embeddings=False,
     )
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (default: half the heads)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, from: " + ", ".join(MODES))
+    parser.add_argument("--no-memory", action="store_true", help="time only (no peak-memory subprocesses)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -112,11 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model, batches = build(args)
     weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    for mode in MODES:  # warm-up
+    modes = args.modes.split(",")
+    for mode in modes:  # warm-up
         pass_fn(mode, model, batches[:1])()
-    times = rotated_timings({mode: pass_fn(mode, model, batches) for mode in MODES}, args.repeats)
-    shape = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("json", "memory_worker", "repeats")]
-    memory = {mode: run_memory_worker([__file__, "--_memory-worker", mode, *shape])["extra_peak_mib"] for mode in MODES}
+    times = rotated_timings({mode: pass_fn(mode, model, batches) for mode in modes}, args.repeats)
+    shape = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in SHAPE and v is not None]
+    memory = {
+        mode: None
+        if args.no_memory
+        else run_memory_worker([__file__, "--_memory-worker", mode, *shape])["extra_peak_mib"]
+        for mode in modes
+    }
     plain = statistics.median(times["plain"])
     rows = {
         m: {
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "times_s": t,
             "vs_plain": statistics.median(t) / plain,
             "extra_peak_mib": memory[m],
-            "extra_peak_vs_weights": memory[m] / weights_mib,
+            "extra_peak_vs_weights": None if memory[m] is None else memory[m] / weights_mib,
         }
         for m, t in times.items()
     }
@@ -139,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| pass | median s | / plain | extra peak RSS MiB | extra peak / weights |")
     print("|---|---:|---:|---:|---:|")
     for m, row in rows.items():
+        peak, ratio = row["extra_peak_mib"], row["extra_peak_vs_weights"]
         print(
-            f"| {m} | {row['median_s']:.2f} | {row['vs_plain']:.2f} | {row['extra_peak_mib']:.0f} | "
-            f"{row['extra_peak_vs_weights']:.2f} |"
+            f"| {m} | {row['median_s']:.2f} | {row['vs_plain']:.2f} | {'-' if peak is None else f'{peak:.0f}'} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}'} |"
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -20,13 +20,17 @@ another job on a shared machine would. The model total is the per-layer sum time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from measure import run_info, system_busy_s
 
 ROOT = Path(__file__).resolve().parents[1]
 # (out, in) of one block's Linears, and the number of blocks
@@ -52,6 +56,13 @@ def worker(model: str, methods: list[str], tokens: int, max_gram: int, repeats: 
     from fwsvd_export.core.methods import METHODS
     from fwsvd_export.core.statistics import LayerStats
 
+    try:  # each layer on the threads compress_ gives it, in versions that choose them
+        from fwsvd_export.core.threads import threads_for
+    except ImportError:
+
+        def threads_for(out_features: int, in_features: int) -> contextlib.AbstractContextManager[None]:
+            return contextlib.nullcontext()
+
     if threads:
         torch.set_num_threads(threads)
     out: dict = {}
@@ -69,15 +80,16 @@ def worker(model: str, methods: list[str], tokens: int, max_gram: int, repeats: 
         for method in methods:
             times: dict[str, list[float]] = {"build": [], "spectrum": [], "factorize": []}
             for _ in range(repeats):
-                clock = time.perf_counter()
-                w = METHODS[method].build(stats, 0.01)
-                times["build"].append(time.perf_counter() - clock)
-                clock = time.perf_counter()
-                weighted_spectrum(linear.weight, w.left, w.right)
-                times["spectrum"].append(time.perf_counter() - clock)
-                clock = time.perf_counter()
-                low_rank_from_linear(linear, rank, w.left, w.right)
-                times["factorize"].append(time.perf_counter() - clock)
+                with threads_for(d_out, d_in):
+                    clock = time.perf_counter()
+                    w = METHODS[method].build(stats, 0.01)
+                    times["build"].append(time.perf_counter() - clock)
+                    clock = time.perf_counter()
+                    weighted_spectrum(linear.weight, w.left, w.right)
+                    times["spectrum"].append(time.perf_counter() - clock)
+                    clock = time.perf_counter()
+                    low_rank_from_linear(linear, rank, w.left, w.right)
+                    times["factorize"].append(time.perf_counter() - clock)
             out[f"{name}/{method}"] = {k: statistics.median(v) for k, v in times.items()}
     return out
 
@@ -92,8 +104,12 @@ def run_arm(code: str, args: argparse.Namespace, threads: int) -> dict:
     env = os.environ | {"PYTHONPATH": str(Path(code).resolve())}
     argv = [sys.executable, __file__, "--_worker", args.model, "--methods", args.methods, "--tokens", str(args.tokens)]
     argv += ["--max-gram", str(args.max_gram), "--repeats", str(args.repeats), "--threads", str(threads)]
+    busy, wall, mine = system_busy_s(), time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_cpu = after.ru_utime + after.ru_stime - mine.ru_utime - mine.ru_stime
+    others = (system_busy_s() - busy - worker_cpu) / (time.perf_counter() - wall)
+    return {"layers": json.loads(done.stdout.strip().splitlines()[-1]), "other_cores": others}
 
 
 def tables(result: dict) -> str:
@@ -104,24 +120,29 @@ def tables(result: dict) -> str:
     for run in result["runs"]:
         for key, times in run["layers"].items():
             method = key.split("/")[1]
-            arm = arms.setdefault((run["code"], run["threads"], method), {})
+            arm = arms.setdefault((run["code"], run["threads"], method), {"other": []})
             for stage, seconds in times.items():
                 arm.setdefault(f"{run['round']}/{stage}", []).append(seconds)
+            arm["other"].append(run.get("other_cores", float("nan")))
     lines = [
-        f"{model}: {blocks} blocks; seconds for the whole model (median over rounds of the per-layer sums)",
+        f"`{result['run']['command']}`, {result['run']['date']}, {result['run']['machine']}",
         "",
-        "| code | threads | method | build | spectrum | factorize | build + factorize | all three |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        f"{model}: {blocks} blocks; seconds for the whole model (median over rounds of the per-layer sums); "
+        "other cores: the cores other processes kept busy meanwhile (the neighbour's included)",
+        "",
+        "| code | threads | method | build | spectrum | factorize | build + factorize | all three | other cores |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (code, threads, method), sums in arms.items():
-        rounds = sorted({k.split("/")[0] for k in sums})
+        rounds = sorted({k.split("/")[0] for k in sums if "/" in k})
         stage = {
             s: statistics.median(blocks * sum(sums[f"{r}/{s}"]) for r in rounds)
             for s in ("build", "spectrum", "factorize")
         }
         lines.append(
             f"| {code} | {threads or 'default'} | {method} | {stage['build']:.1f} | {stage['spectrum']:.1f} | "
-            f"{stage['factorize']:.1f} | {stage['build'] + stage['factorize']:.1f} | {sum(stage.values()):.1f} |"
+            f"{stage['factorize']:.1f} | {stage['build'] + stage['factorize']:.1f} | {sum(stage.values()):.1f} | "
+            f"{statistics.median(sums['other']):.2f} |"
         )
     return "\n".join(lines)
 
@@ -159,12 +180,13 @@ def main() -> int:
         for r in range(args.rounds):
             for code in args.code.split(","):
                 for threads in (int(t) for t in args.threads.split(",")):
-                    runs.append({"code": code, "threads": threads, "round": r, "layers": run_arm(code, args, threads)})
+                    runs.append({"code": code, "threads": threads, "round": r, **run_arm(code, args, threads)})
                     print(json.dumps(runs[-1]), flush=True)
     finally:
         if busy is not None:
             busy.kill()
-    result = {"args": {k: v for k, v in vars(args).items() if k not in ("json", "worker")}, "runs": runs}
+    kept = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "report")}
+    result = {"run": run_info(__file__), "args": kept, "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     return 0

@@ -206,6 +206,25 @@ def study(
     return row, checked
 
 
+VARIANTS = {  # the successors' tricks, each as compress_ runs it with the allocation check on
+    "svd-llm (input whitening)": {"method": "svd-llm"},
+    "fwsvd (the paper)": {"method": "fwsvd"},
+    "kfac, sequential calibration": {"method": "kfac", "sequential": True},
+}
+
+
+def variants(model: torch.nn.Module, budget: float, calibration: list[Batch], test: list[Batch], cache: str) -> dict:
+    """Test accuracy of each variant at `budget`, the check on, beside the kfac pick of `study`."""
+    out = {}
+    for name, fields in VARIANTS.items():
+        small = copy.deepcopy(model)
+        spec = CompressionSpec(target=TARGET, budget=budget, cache_dir=cache, **fields)
+        result = compress_(small, spec, calibration, TASK.loss, False)
+        out[name] = {"test_accuracy": accuracy(small.eval(), test), "check_pick": result.allocation.get("winner")}
+        print(f"  {budget:g} {name}: test {out[name]['test_accuracy']:.4f}", flush=True)
+    return out
+
+
 def recover(model: torch.nn.Module, train: list[Batch], test: list[Batch], epochs: int, lr: float) -> dict:
     """Recovery as a recipe's `finetune:` runs it (task loss, the factors, the tool's default schedule with
     its held-out slice and early stopping) on the training rows; the test accuracy after it and the curve."""
@@ -241,6 +260,10 @@ def report(path: Path) -> None:
                     f"{100 * r['test_accuracy']:.2f} | {picked} |"
                 )
         print()
+        for b in (b for b in entry["budgets"] if "variants" in b):
+            rows = [("kfac (the pick above)", b["check_pick_test_accuracy"])]
+            rows += [(k, v["test_accuracy"]) for k, v in b["variants"].items()]
+            print(f"At {b['budget']:g} kept, the check on: " + "; ".join(f"{k} {100 * a:.2f}" for k, a in rows) + "\n")
         for b in (b for b in entry["budgets"] if "recovery" in b):
             r = b["recovery"]
             print(
@@ -262,6 +285,7 @@ def main() -> None:
     parser.add_argument("--recovery-epochs", type=int, default=0, help="recover the check's pick (0: off)")
     parser.add_argument("--recovery-budgets", default="0.1", help="budgets whose pick is recovered")
     parser.add_argument("--recovery-lr", type=float, default=3e-4)
+    parser.add_argument("--variants", action="store_true", help="also the successors' tricks at every budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
     parser.add_argument("--json", type=Path, required=True)
@@ -290,6 +314,8 @@ def main() -> None:
         entry["budgets"] = []
         for budget in (float(b) for b in args.budgets.split(",")):
             row, checked = study(model, budget, calibration, test, f"{args.cache}/statistics-{name}")
+            if args.variants:
+                row["variants"] = variants(model, budget, calibration, test, f"{args.cache}/statistics-{name}")
             if args.recovery_epochs and budget in {float(b) for b in args.recovery_budgets.split(",")}:
                 train = TASK.make_batches(split["train"], SOURCE, tokenizer, args.max_length, 32, True, model.config)
                 row["recovery"] = recover(checked, train, test, args.recovery_epochs, args.recovery_lr)
