@@ -409,7 +409,7 @@ def parity_table(rows: list[dict]) -> list[str]:
 
 def tables(results: dict) -> str:
     out = [
-        "| kept | model | artifact | acc | acc_norm | acc - PyTorch (points) | items choosing otherwise (acc / acc_norm) "
+        "| kept | model | artifact | acc | acc_norm | acc / acc_norm - PyTorch (points) | items choosing otherwise (acc / acc_norm) "
         "| the run's report: acc / acc_norm | target |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -420,7 +420,11 @@ def tables(results: dict) -> str:
         tool = row["tool"]
         reported = "-" if tool is None else f"{tool['acc']:.2%} / {tool['acc_norm']:.2%}"
         differ = "-" if "differ_acc" not in row else f"{row['differ_acc']} / {row['differ_acc_norm']}"
-        delta = "-" if "differ_acc" not in row else f"{100 * (row['acc'] - ref['acc']):+.1f}"
+        delta = (
+            "-"
+            if "differ_acc" not in row
+            else f"{100 * (row['acc'] - ref['acc']):+.1f} / {100 * (row['acc_norm'] - ref['acc_norm']):+.1f}"
+        )
         out.append(
             f"| {kept} | {row['model']} | {row['artifact']} | {row['acc']:.2%} | {row['acc_norm']:.2%} | {delta} "
             f"| {differ} | {reported} | {verdict(row, ref)} |"
@@ -429,13 +433,14 @@ def tables(results: dict) -> str:
         "",
         *parity_table(rows),
         "",
-        "| kept target | kept reached | exit | run s | shipped tokenizer = model's ids | checks failed |",
-        "|---:|---:|---:|---:|---|---|",
+        "| kept target | kept reached | layers factorized | exit | run s | shipped tokenizer = model's ids | checks failed |",
+        "|---:|---:|---:|---:|---:|---|---|",
     ]
     for run in results["runs"]:
         failed = "; ".join(f"{c['name']}: {c['detail']}" for c in run["checks"] if not c["passed"]) or "none"
         out.append(
-            f"| {run['kept_target']:g} | {run['compression']['targeted_kept_ratio']:.4f} | {run['exit']} "
+            f"| {run['kept_target']:g} | {run['compression']['targeted_kept_ratio']:.4f} "
+            f"| {run['compression']['compressed_layers']} of {run['compression']['targeted_layers']} | {run['exit']} "
             f"| {run['seconds']:.0f} | {run['shipped_tokenizer_same_ids']} | {failed} |"
         )
     return "\n".join(out)
@@ -450,7 +455,8 @@ def report(path: Path) -> None:
         f"{data['items']} items from {data['test_glosses']} held-out glosses; {data['calibration_items']} calibration "
         f"items; vocabulary {data['vocab']}, [UNK] {data['test_unk_rate']:.2%} of held-out tokens; "
         f"{data['parameters']:,} parameters; trained {training['steps']} steps ({training['train_tokens']:,} tokens, "
-        f"{training['seconds']:.0f} s{', cached' if training.get('cached') else ''}); dense held-out perplexity "
+        f"{training['seconds']:.0f} s{', cached' if training.get('cached') else ''}; mean training loss "
+        f"{training['mean_train_loss_per_token']:.2f} nats/token); dense held-out perplexity "
         f"{data['dense_test_perplexity']:.2f}\n"
     )
     print(tables(results))
