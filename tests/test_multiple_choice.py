@@ -160,9 +160,10 @@ def test_multiple_choice_end_to_end_onnx_artifacts_choose_as_pytorch(tmp_path, l
     recipe["export"] = {"precisions": ["fp32", "int8", "int4"]}
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(write_recipe(tmp_path, recipe)), "-o", str(out)])
-    assert result.exit_code in (0, 1), result.output
+    assert result.exit_code == 0, result.output  # parity compares the real tokens, not the right padding
     validation = json.loads((out / "report.json").read_text())["validation"]
     assert validation["metric"] == "acc"
+    assert validation["providers"]["cpu"]["parity"]["max_abs_error"] < 1e-3
     assert validation["scores"]["original_torch"]["acc"] == 1.0
     torch_acc = validation["scores"]["compressed_torch"]["acc"]
     cpu = validation["providers"]["cpu"]

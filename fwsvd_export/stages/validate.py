@@ -178,7 +178,7 @@ def relative_error(outputs: list[torch.Tensor], source: list[torch.Tensor], rtol
 
 @dataclass
 class Outputs:
-    """A model's outputs on the evaluation batches: whole for the first `validation.parity_batches`, and of
+    """A model's outputs on the evaluation batches: whole (at real tokens) for the first `validation.parity_batches`, and of
     every batch what the task's metric reads (`Task.summary`, a decoder's summed loss). A decoder's logits are
     tokens x vocabulary: Qwen2.5-0.5B's on 512 held-out tokens are 297 MiB, on WikiText-2's test split
     hundreds of GB, once per model and artifact checked."""
@@ -194,8 +194,18 @@ def _outputs(run, task: Task, spec: ValidationSpec, batches: list[Batch], desc: 
             output = run(batch)
             result.summaries.append(task.summary(output, batch))
             if k < max(1, spec.parity_batches):
-                result.whole.append(output)
+                result.whole.append(_real_positions(output, batch))
     return result
+
+
+def _real_positions(output: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-token outputs (rows, tokens, ...) at the real tokens only: a padding position predicts nothing,
+    and the graph numbers its position differently from PyTorch (ort_io builds position ids from the mask),
+    so its logits differ without anything being wrong. Other outputs as they are."""
+    mask = batch.token_mask.to(output.device)
+    if output.dim() >= 3 and output.shape[:2] == mask.shape:
+        return output[mask.bool()]
+    return output
 
 
 def _scores(
