@@ -133,7 +133,7 @@ def perplexity(model: nn.Module, batches: list[Batch]) -> float:
         for b in batches:
             logits = model(**b.inputs).logits
             n = int((b.labels[:, 1:] != -100).sum())
-            nll += math.log(TASK.score([logits], [b], None)["perplexity"]) * n
+            nll += math.log(TASK.score([TASK.summary(logits, b)], [b], None)["perplexity"]) * n
             tokens += n
     return math.exp(nll / tokens)
 
