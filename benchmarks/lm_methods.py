@@ -205,7 +205,10 @@ def cache_folder(args, vocab: Vocab) -> Path:
         "heads",
         "kv_heads",
     )
-    ident = json.dumps({k: getattr(args, k) for k in keys} | {"old_ids": vocab.old_ids}, sort_keys=True)
+    ident = {k: getattr(args, k) for k in keys} | {"old_ids": vocab.old_ids}
+    if args.converge:  # keyed only when set, so the recorded models keep their folders
+        ident["converge"] = True
+    ident = json.dumps(ident, sort_keys=True)
     return Path(args.cache) / f"llama-wordnet-glosses-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
@@ -230,16 +233,19 @@ def build_model(args, vocab: Vocab, train_batches: list[Batch]) -> tuple[nn.Modu
             learning_rate=args.lr,
             weight_decay=args.weight_decay,
             train="all",
-            **RECORDED_SCHEDULE,
+            # --converge: the tool's schedule, a held-out tenth scored each epoch, stopped when it stops improving
+            **({} if args.converge else RECORDED_SCHEDULE),
         ),
         args.seed,
     )
     info = {
-        "steps": len(batches) * args.epochs,
-        "epochs": args.epochs,
-        "train_tokens": len(batches) * args.epochs * args.batch * args.block,
+        "steps": len(batches) * len(history.train_loss),
+        "epochs": len(history.train_loss),
+        "train_tokens": len(batches) * len(history.train_loss) * args.batch * args.block,
         "seconds": time.perf_counter() - start,
         "mean_train_loss_per_token": history.train_loss[-1] / (args.block - 1),
+        "heldout_loss": history.heldout_loss,
+        "best_epoch": history.best_epoch,
     }
     model.save_pretrained(folder)
     (folder / "training.json").write_text(json.dumps(info, indent=2))
@@ -424,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=int, default=500, help="training steps per epoch (capped by the training blocks)"
     )
     parser.add_argument("--epochs", type=int, default=1, help="passes over the same training batches")
+    parser.add_argument(
+        "--converge", action="store_true", help="train --epochs at most, stopping when held-out loss stops improving"
+    )
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--hidden", type=int, default=256)
