@@ -320,6 +320,24 @@ def test_the_allocation_check_ships_uniform_ranks_when_the_global_allocation_is_
     assert unchecked.allocation == {} and unchecked.layers[0].rank > unchecked.layers[1].rank  # global: loud first
 
 
+def test_the_check_reports_each_candidates_loss_with_its_standard_error_over_the_batches():
+    import statistics
+
+    from fwsvd_export.stages.report import _allocation_lines
+
+    model, batches, loss = _misleading_case()
+    spec = CompressionSpec(method="svd", target=["loud", "quiet"], budget=0.3, allocation_check=0.4)
+    check = compress_(model, spec, batches, loss, progress=False).allocation
+    assert check["check_batches"] == 2 and all("loss_se" in c for c in check["candidates"].values())
+    with torch.no_grad():  # the shipped model is the winner: its loss on each held-out batch
+        losses = [float(loss(model, b)) for b in batches[-2:]]
+    winner = check["candidates"][check["winner"]]
+    assert winner["loss"] == pytest.approx(sum(losses), rel=1e-4)
+    assert winner["loss_se"] == pytest.approx(statistics.stdev(losses) * 2**0.5, rel=1e-3)
+    line = _allocation_lines(check)[0]
+    assert f"uniform {check['candidates']['uniform']['loss']:.4g} ± " in line and "standard error" in line
+
+
 def test_the_allocation_check_keeps_the_global_allocation_when_it_is_better(bert, batches):
     loss = TASKS["text-classification"].loss
     result = compress_(bert, CompressionSpec(method="kfac", target=TARGET, budget=0.4), batches, loss, progress=False)

@@ -7,6 +7,8 @@ calibration batches the statistics never saw; the lowest loss wins, and the resu
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,7 +108,8 @@ def choose(
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
 ) -> tuple[str, dict[str, dict[str, float]]]:
     """Apply each candidate within `budget` in turn, score it by the summed task loss on `check`, put the
-    dense layers back, and return the winner's name and every candidate's loss and size."""
+    dense layers back, and return the winner's name and every candidate's loss (with its standard error
+    where there are several batches) and size."""
     options = {k: v for k, v in options.items() if k in ("uniform", "global") or _params(layers, v) <= budget}
     top = {layer.name: max([r[layer.name] or 0 for r in options.values()]) for layer in layers}
     factors = {
@@ -124,8 +127,10 @@ def choose(
                 if rank is not None:
                     set_module(model, layer.name, _module(layer, factors[layer.name], rank))
             with torch.no_grad():
-                loss = sum(float(loss_fn(model, b)) for b in check)
-            scores[name] = {"loss": loss, "params": _params(layers, ranks)}
+                losses = [float(loss_fn(model, b)) for b in check]
+            scores[name] = {"loss": sum(losses), "params": _params(layers, ranks)}
+            if len(losses) > 1:  # the summed loss's standard error, from the spread of its batches
+                scores[name]["loss_se"] = statistics.stdev(losses) * math.sqrt(len(losses))
             for layer in layers:
                 set_module(model, layer.name, layer.module)
     finally:

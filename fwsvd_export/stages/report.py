@@ -141,10 +141,14 @@ def _allocation_lines(allocation: dict) -> list[str]:
         ]
         return lines + (_aim_lines(check) if "aim" in check else [])
     if check:
-        losses = ", ".join(f"{k} {v['loss']:.4g}" for k, v in check["candidates"].items())
+        losses = ", ".join(
+            f"{k} {v['loss']:.4g}" + (f" ± {v['loss_se']:.2g}" if "loss_se" in v else "")
+            for k, v in check["candidates"].items()
+        )
         return [
             f"Allocation check: **{check['winner']}** ranks had the lowest task loss on {check['check_batches']} "
-            f"{'held-out ' if check['held_out'] else ''}calibration batches ({losses}).",
+            f"{'held-out ' if check['held_out'] else ''}calibration batches ({losses}"
+            f"{'; ± one standard error, from the spread over the batches' if '±' in losses else ''}).",
             "",
         ]
     return []
