@@ -48,6 +48,7 @@ from fwsvd_export.config import FinetuneSpec
 from fwsvd_export.core import CompressionSpec, compress_
 from fwsvd_export.core.allocation_check import Layer, candidates, held_out
 from fwsvd_export.core.batch import Batch
+from fwsvd_export.core.compress import plan_layers
 from fwsvd_export.core.spec import LayerOverride
 from fwsvd_export.stages.finetune import finetune_
 
@@ -220,23 +221,71 @@ def study(
     return row, checked
 
 
-VARIANTS = {  # the successors' tricks, each as compress_ runs it with the allocation check on
-    "svd-llm (input whitening)": {"method": "svd-llm"},
-    "fwsvd (the paper)": {"method": "fwsvd"},
-    "kfac, sequential calibration": {"method": "kfac", "sequential": True},
-}
+def _with(**fields: object) -> Callable[[torch.nn.Module, float, list[Batch], str], torch.nn.Module]:
+    """A variant that is compress_ with these spec fields (the allocation check on unless they say)."""
 
-
-def variants(model: torch.nn.Module, budget: float, calibration: list[Batch], test: list[Batch], cache: str) -> dict:
-    """Test accuracy of each variant at `budget`, the check on, beside the kfac pick of `study`."""
-    out = {}
-    for name, fields in VARIANTS.items():
+    def run(model: torch.nn.Module, budget: float, calibration: list[Batch], cache: str) -> torch.nn.Module:
         small = copy.deepcopy(model)
-        spec = CompressionSpec(target=TARGET, budget=budget, cache_dir=cache, **fields)
-        result = compress_(small, spec, calibration, TASK.loss, False)
-        out[name] = {"test_accuracy": accuracy(small.eval(), test), "check_pick": result.allocation.get("winner")}
-        print(f"  {budget:g} {name}: test {out[name]['test_accuracy']:.4f}", flush=True)
+        compress_(
+            small,
+            CompressionSpec(target=TARGET, budget=budget, cache_dir=cache, **fields),
+            calibration,
+            TASK.loss,
+            False,
+        )  # type: ignore[arg-type]
+        return small.eval()
+
+    return run
+
+
+def variants(
+    model: torch.nn.Module, budget: float, calibration: list[Batch], test: list[Batch], cache: str, names: list[str]
+) -> dict:
+    """Test accuracy of each named variant at `budget`, beside the kfac pick of `study`."""
+    out = {}
+    for key in names:
+        label, run = VARIANTS[key]
+        out[label] = {"test_accuracy": accuracy(run(model, budget, calibration, cache), test)}
+        print(f"  {budget:g} {label}: test {out[label]['test_accuracy']:.4f}", flush=True)
     return out
+
+
+def reestimated(model: torch.nn.Module, budget: float, calibration: list[Batch], cache: str) -> torch.nn.Module:
+    """kfac with the rank allocation re-estimated after each step: block by block in model order, the global
+    allocation (check off) is found again for the layers still dense, with the budget they have left, on
+    statistics gathered through the model as compressed so far; only the current block keeps its ranks."""
+    plans = plan_layers(model, CompressionSpec(target=TARGET))
+    left = int(budget * sum(p.params_before for p in plans))
+    blocks: dict[str, list] = {}
+    for p in plans:
+        blocks.setdefault(re.search(r"\.(\d+)\.", p.name).group(1), []).append(p)  # type: ignore[union-attr]
+    current = copy.deepcopy(model)
+    order = list(blocks.values())
+    for i, block in enumerate(order):
+        rest = [p for b in order[i:] for p in b]
+        step = copy.deepcopy(current)
+        spec = CompressionSpec(
+            method="kfac",
+            target=[f"^{re.escape(p.name)}$" for p in rest],
+            budget=left / sum(p.params_before for p in rest),
+            allocation_check=0,
+            cache_dir=cache,
+        )
+        result = compress_(step, spec, calibration, TASK.loss, False)
+        for p in (p for later in order[i + 1 :] for p in later):
+            step.set_submodule(p.name, current.get_submodule(p.name))  # later blocks wait for their own step
+        left -= sum(r.params_after for r in result.layers if r.name in {p.name for p in block})
+        current = step
+    return current.eval()
+
+
+VARIANTS = {  # the successors' tricks, by the name --variants takes
+    "svd-llm": ("svd-llm (input whitening)", _with(method="svd-llm")),
+    "fwsvd": ("fwsvd (the paper)", _with(method="fwsvd")),
+    "sequential": ("kfac, sequential calibration", _with(method="kfac", sequential=True)),
+    "global": ("kfac, global ranks, check off", _with(method="kfac", allocation_check=0)),
+    "reestimated": ("kfac, allocation re-estimated per block, check off", reestimated),
+}
 
 
 def recover(model: torch.nn.Module, train: list[Batch], test: list[Batch], epochs: int, lr: float) -> dict:
@@ -299,7 +348,13 @@ def main() -> None:
     parser.add_argument("--recovery-epochs", type=int, default=0, help="recover the check's pick (0: off)")
     parser.add_argument("--recovery-budgets", default="0.1", help="budgets whose pick is recovered")
     parser.add_argument("--recovery-lr", type=float, default=3e-4)
-    parser.add_argument("--variants", action="store_true", help="also the successors' tricks at every budget")
+    parser.add_argument(
+        "--variants",
+        nargs="?",
+        const="svd-llm,fwsvd,sequential",
+        default="",
+        help=f"also these of the successors' tricks at every budget (of {', '.join(VARIANTS)}; alone: the first three)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="/tmp/fwsvd-bench-cache")
     parser.add_argument("--json", type=Path, required=True)
@@ -329,7 +384,8 @@ def main() -> None:
         for budget in (float(b) for b in args.budgets.split(",")):
             row, checked = study(model, budget, calibration, test, f"{args.cache}/statistics-{name}")
             if args.variants:
-                row["variants"] = variants(model, budget, calibration, test, f"{args.cache}/statistics-{name}")
+                names = args.variants.split(",")
+                row["variants"] = variants(model, budget, calibration, test, f"{args.cache}/statistics-{name}", names)
             if args.recovery_epochs and budget in {float(b) for b in args.recovery_budgets.split(",")}:
                 train = TASK.make_batches(split["train"], SOURCE, tokenizer, args.max_length, 32, True, model.config)
                 row["recovery"] = recover(checked, train, test, args.recovery_epochs, args.recovery_lr)

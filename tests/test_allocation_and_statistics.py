@@ -320,6 +320,60 @@ def test_the_allocation_check_ships_uniform_ranks_when_the_global_allocation_is_
     assert unchecked.allocation == {} and unchecked.layers[0].rank > unchecked.layers[1].rank  # global: loud first
 
 
+class _Shifting(torch.nn.Module):
+    """`a` reads the first half of the embedding, `b` the second. Tokens 0-4 live in the first half, 5-9 in
+    the second: calibration rows of the first kind make `b` look idle, rows of the second need it most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(10, 32)
+        self.a, self.b = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False)
+        with torch.no_grad():
+            self.embed.weight[:5, 16:].mul_(1e-2)
+            self.embed.weight[5:, :16].mul_(1e-2)
+            self.a.weight[:, 16:] = 0
+            self.b.weight[:, :16] = 0
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        return self.a(x) + self.b(x)
+
+
+def _shifting_case():
+    """Four batches of tokens 0-4 (the statistics' rows), then one of tokens 5-9 (the check's)."""
+    model = _Shifting()
+    batches = []
+    for seed in range(5):
+        low = 0 if seed < 4 else 5
+        ids = torch.randint(low, low + 5, (4, 6), generator=torch.Generator().manual_seed(seed))
+        batches.append(Batch({"input_ids": ids}, torch.ones_like(ids).bool(), labels=model(ids).detach()))
+    return model, batches, lambda m, b: (m(**b.inputs) - b.labels).square().sum()
+
+
+def test_the_check_ships_uniform_when_global_wins_on_the_statistics_rows_but_loses_on_held_out_ones():
+    """The greedy allocation fits the rows it was estimated on; the check scores rows it never saw."""
+    _, batches, loss = _shifting_case()
+    shipped = {}
+    for name, fields in {"global": {"budget": 0.3, "allocation_check": 0}, "uniform": {"ratio": 0.3}}.items():
+        model = _shifting_case()[0]
+        compress_(model, CompressionSpec(target=["a", "b"], **fields), batches[:4], loss, progress=False)
+        with torch.no_grad():
+            shipped[name] = [sum(float(loss(model, b)) for b in rows) for rows in (batches[:4], batches[4:])]
+    assert shipped["global"][0] < 0.01 * shipped["uniform"][0]  # global wins on the statistics' rows
+    assert shipped["global"][1] > 1.1 * shipped["uniform"][1]  # and loses on the held-out ones
+
+    model = _shifting_case()[0]
+    check = compress_(model, CompressionSpec(target=["a", "b"], budget=0.3), batches, loss, progress=False).allocation
+    assert check["winner"] == "uniform" and check["check_batches"] == 1
+    assert model.a.rank == model.b.rank
+    with torch.no_grad():
+        assert sum(float(loss(model, b)) for b in batches[4:]) == pytest.approx(shipped["uniform"][1], rel=1e-4)
+
+
 def test_the_check_reports_each_candidates_loss_with_its_standard_error_over_the_batches():
     import statistics
 
