@@ -326,7 +326,11 @@ def report(path: Path) -> None:
         for b in (b for b in entry["budgets"] if "variants" in b):
             rows = [("kfac (the pick above)", b["check_pick_test_accuracy"])]
             rows += [(k, v["test_accuracy"]) for k, v in b["variants"].items()]
-            print(f"At {b['budget']:g} kept, the check on: " + "; ".join(f"{k} {100 * a:.2f}" for k, a in rows) + "\n")
+            print(
+                f"At {b['budget']:g} kept (the check on unless a name says off): "
+                + "; ".join(f"{k} {100 * a:.2f}" for k, a in rows)
+                + "\n"
+            )
         for b in (b for b in entry["budgets"] if "recovery" in b):
             r = b["recovery"]
             print(
