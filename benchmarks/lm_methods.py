@@ -399,7 +399,13 @@ def write_markdown(path: Path, results: dict, table_text: str) -> None:
         + (" (this run loaded it from the cache; the time is the run that trained it)" if train.get("cached") else ""),
         f"- architecture: LlamaForCausalLM, hidden {a['hidden']}, {a['layers']} layers, {a['heads']} heads, {a['kv_heads']} KV heads, "
         f"MLP {a['intermediate']}, untied embeddings; AdamW (fwsvd_export.stages.finetune.finetune_, {train.get('epochs', 1)} epoch(s) over the same batches) lr {a['lr']:g} "
-        f"decaying linearly to 0, weight decay {a['weight_decay']:g}, batch {a['batch']} blocks; mean training loss "
+        + (
+            f"after a 10% warm-up, cosine decay over {a['epochs']} epochs at most, stopped early on a held-out tenth "
+            f"(best epoch {train['best_epoch']} kept)"
+            if a.get("converge")
+            else "decaying linearly to 0"
+        )
+        + f", weight decay {a['weight_decay']:g}, batch {a['batch']} blocks; mean training loss "
         f"{train['mean_train_loss_per_token']:.3f} nats/token over the last epoch",
         f"- compressed: the decoder Linear layers matching `{TARGET[0]}` (embeddings and LM head stay dense); "
         "uniform = CompressionSpec(ratio=kept), global = CompressionSpec(ratio=None, budget=kept, allocation_check=0); all statistics "
