@@ -274,7 +274,8 @@ def reestimated(model: torch.nn.Module, budget: float, calibration: list[Batch],
         result = compress_(step, spec, calibration, TASK.loss, False)
         for p in (p for later in order[i + 1 :] for p in later):
             step.set_submodule(p.name, current.get_submodule(p.name))  # later blocks wait for their own step
-        left -= sum(r.params_after for r in result.layers if r.name in {p.name for p in block})
+        mine = {p.name for p in block}
+        left -= sum(r.params_after for r in result.layers if r.name in mine)
         current = step
     return current.eval()
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ from fwsvd_export.stages.finetune import finetune_
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hard_models import Scoring, study  # noqa: E402
-from lm_methods import TARGET, TASK, arguments, build_model, cache_folder, lm_data, perplexity  # noqa: E402
+from lm_methods import TARGET, TASK, allocation_fields, arguments, build_model, cache_folder, lm_data, perplexity  # noqa: E402
 
 from measure import run_info  # noqa: E402
 
@@ -53,11 +55,9 @@ DECODER = Scoring("perplexity", TARGET, TASK.loss, check_view, perplexity)
 
 def cut(model: nn.Module, kept: float, allocation: str, calibration: list[Batch], cache: str) -> nn.Module:
     """A kfac copy of `model` keeping `kept` of the targeted weights, uniform or global (unchecked) ranks."""
-    fields = {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept, "allocation_check": 0.0}
+    spec = CompressionSpec(method="kfac", target=TARGET, cache_dir=cache, **allocation_fields(kept, allocation))
     small = copy.deepcopy(model)
-    compress_(
-        small, CompressionSpec(method="kfac", target=TARGET, cache_dir=cache, **fields), calibration, TASK.loss, False
-    )
+    compress_(small, spec, calibration, TASK.loss, False)
     return small.eval()
 
 
@@ -131,9 +131,8 @@ def report(path: Path) -> None:
     print("\n| kept | candidate | check loss ± se | test perplexity | x dense | picked |\n|---|---|---|---|---|---|")
     for b in out["budgets"]:
         for name, r in b["candidates"].items():
-            n = len(r["batch_losses"])
-            mean = r["loss"] / n
-            se = (sum((x - mean) ** 2 for x in r["batch_losses"]) / max(n - 1, 1)) ** 0.5 * n**0.5
+            n = len(r["batch_losses"])  # the summed loss's standard error, as the check reports it
+            se = statistics.stdev(r["batch_losses"]) * math.sqrt(n) if n > 1 else 0.0
             picked = "**check**" if name == b["check_pick"] else ""
             ppl = r["test_perplexity"]
             print(
@@ -163,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="print the tables of an existing --json file")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.json is None:
+        parser.error("--json is required")
     if args.report:
         report(args.json)
         return 0
-    if args.json is None:
-        parser.error("--json is required")
     args.ratios = [float(r) for r in args.ratios.split(",")]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     if args.recovery_epochs and args.recovery_budget not in args.budgets:

@@ -252,6 +252,12 @@ def build_model(args, vocab: Vocab, train_batches: list[Batch]) -> tuple[nn.Modu
     return model.eval(), info | {"cached": None}
 
 
+def allocation_fields(kept: float, allocation: str) -> dict:
+    """CompressionSpec fields keeping `kept` of the targeted weights: uniform ranks, or the global allocation
+    alone (the allocation check off)."""
+    return {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept, "allocation_check": 0.0}
+
+
 # --- statistics cost -----------------------------------------------------------------------------
 
 
@@ -535,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     stats_seconds = time.perf_counter() - start
 
     def evaluate(kept: float, method: str, allocation: str, damping: float) -> dict:
-        cut = {"ratio": kept} if allocation == "uniform" else {"ratio": None, "budget": kept, "allocation_check": 0.0}
+        cut = allocation_fields(kept, allocation)
         compressed = copy.deepcopy(model)
         result = compress_(
             compressed,

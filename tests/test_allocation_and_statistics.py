@@ -291,14 +291,18 @@ class _Misleading(torch.nn.Module):
         return 1e-3 * self.loud(x) + 100 * self.quiet(x)
 
 
-def _misleading_case():
-    model = _Misleading()
+def _regression_case(model: torch.nn.Module, tokens: list[tuple[int, int]]):
+    """`model`, one seeded batch per (low, high) token range labelled with the model's own outputs, and the
+    squared error to those labels as the task loss."""
     batches = []
-    for seed in range(5):
-        ids = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(seed))
+    for seed, (low, high) in enumerate(tokens):
+        ids = torch.randint(low, high, (4, 6), generator=torch.Generator().manual_seed(seed))
         batches.append(Batch({"input_ids": ids}, torch.ones_like(ids).bool(), labels=model(ids).detach()))
-    loss = lambda m, b: (m(**b.inputs) - b.labels).square().sum()  # noqa: E731
-    return model, batches, loss
+    return model, batches, lambda m, b: (m(**b.inputs) - b.labels).square().sum()
+
+
+def _misleading_case():
+    return _regression_case(_Misleading(), [(0, 10)] * 5)
 
 
 def test_the_allocation_check_ships_uniform_ranks_when_the_global_allocation_is_worse():
@@ -345,13 +349,7 @@ class _Shifting(torch.nn.Module):
 
 def _shifting_case():
     """Four batches of tokens 0-4 (the statistics' rows), then one of tokens 5-9 (the check's)."""
-    model = _Shifting()
-    batches = []
-    for seed in range(5):
-        low = 0 if seed < 4 else 5
-        ids = torch.randint(low, low + 5, (4, 6), generator=torch.Generator().manual_seed(seed))
-        batches.append(Batch({"input_ids": ids}, torch.ones_like(ids).bool(), labels=model(ids).detach()))
-    return model, batches, lambda m, b: (m(**b.inputs) - b.labels).square().sum()
+    return _regression_case(_Shifting(), [(0, 5)] * 4 + [(5, 10)])
 
 
 def test_the_check_ships_uniform_when_global_wins_on_the_statistics_rows_but_loses_on_held_out_ones():

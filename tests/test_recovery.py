@@ -176,7 +176,9 @@ def test_task_plus_distill_is_the_weighted_sum_of_its_terms():
 def test_task_plus_distill_training_lowers_both_its_losses():
     """Trained on the combined objective, a student drawn away from its teacher gets closer to both the
     labels and the teacher: each term, measured alone on the training rows, ends lower than it began. The
-    labels are the teacher's answers, given with confidence, as a dense model that is right about its rows."""
+    labels are the teacher's answers, given with confidence, as a dense model that is right about its rows.
+    Either term alone would not do: trained on the task loss only, the distillation term grows (3.6x here); on
+    distillation only, the task loss does (1.3x)."""
     teacher, data = tiny_bert(dropout=0.0), batches(6, seed=3)
     with torch.no_grad():
         teacher.classifier.weight.mul_(30)
