@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 from fwsvd_export.config import DataSource
 from fwsvd_export.core.batch import Batch
@@ -11,7 +17,7 @@ from fwsvd_export.core.statistics import collect_statistics
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.tasks import TASKS
 
-from conftest import sentences
+from conftest import bert_config, sentences
 
 
 def classifier_batches(tokenizer, config, n=6, batch_size=3):
@@ -65,32 +71,43 @@ def test_per_sample_fisher_for_a_causal_lm(llama_dir, tokenizer, data_dir):
         torch.testing.assert_close(stats[name].fisher.double(), expected[name], rtol=2e-3, atol=1e-9)
 
 
-def test_grams_use_real_tokens_only_and_leave_weights_without_gradients(bert_dir, tokenizer):
-    model = AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+@pytest.mark.parametrize("intermediate", [96, 1000], ids=["one-block", "several-blocks"])
+def test_grams_use_real_tokens_only_and_leave_weights_without_gradients(tokenizer, intermediate):
+    """The Grams are exact whether a side fits one of the accumulation's blocks or spans several (1000 wide:
+    its upper block triangle is what the pass multiplies, the whole matrix is what it returns)."""
+    torch.manual_seed(0)
+    config = bert_config(tokenizer)
+    config.intermediate_size = intermediate
+    model = BertForSequenceClassification(config)
     records, task, batches = classifier_batches(tokenizer, model.config)
-    name = "bert.encoder.layer.0.intermediate.dense"
-    layer = model.get_submodule(name)
+    up, down = (f"bert.encoder.layer.0.{part}.dense" for part in ("intermediate", "output"))
+    layers = {name: model.get_submodule(name) for name in (up, down)}
     stats = collect_statistics(
-        model, {name: layer}, batches, task.loss, {"input_gram", "output_gram", "input_abs"}, progress=False
+        model.eval(), layers, batches, task.loss, {"input_gram", "output_gram", "input_abs"}, progress=False
     )
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
-    inputs, grads = [], []
+    seen: dict[str, tuple[list, list]] = {name: ([], []) for name in layers}
     singles = task.make_batches(records, DataSource(label_column="label"), tokenizer, 32, 1, True, model.config)
 
-    def record(module, args, out):
-        inputs.append(args[0][0].detach())
-        out.register_hook(lambda g: grads.append(g[0]))
+    def record(name):
+        def hook(module, args, out):
+            seen[name][0].append(args[0][0].detach())
+            out.register_hook(lambda g: seen[name][1].append(g[0]))
 
-    hook = layer.register_forward_hook(record)
+        return hook
+
+    hooks = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
     for batch in singles:
         task.loss(model, batch).backward()
-    hook.remove()
-    x, g = torch.cat(inputs).double(), torch.cat(grads).double()
-    assert stats[name].tokens == x.shape[0]
-    torch.testing.assert_close(stats[name].input_gram.double(), x.T @ x / len(x), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(stats[name].output_gram.double(), g.T @ g / len(g), rtol=2e-3, atol=1e-10)
-    torch.testing.assert_close(stats[name].input_abs.double(), x.abs().mean(0), rtol=1e-4, atol=1e-6)
+    for hook in hooks:
+        hook.remove()
+    for name in layers:
+        x, g = (torch.cat(part).double() for part in seen[name])
+        assert stats[name].tokens == x.shape[0]
+        torch.testing.assert_close(stats[name].input_gram.double(), x.T @ x / len(x), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats[name].output_gram.double(), g.T @ g / len(g), rtol=2e-3, atol=1e-10)
+        torch.testing.assert_close(stats[name].input_abs.double(), x.abs().mean(0), rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_statistic_is_rejected(bert_dir):
