@@ -9,7 +9,9 @@ reach a strong dense accuracy (at least 85%), so that a deep cut has something t
 - `match`: "lemma: definition" -> whether the definition is the lemma's own or another synset's of the same
   part of speech (binary, half and half);
 - `things`: "lemmas: definition" of a noun -> one of six concrete lexicographer files (person, animal, plant,
-  artifact, food, location).
+  artifact, food, location);
+- `verbs`: "lemmas: definition" of a verb -> one of six groups of WordNet's verb lexicographer files (body or
+  consumption, change, mind, communication, contact, motion).
 
 For each classifier and kept budget (25/15/10% of the encoder's 36 Linear weights), kfac's global ranks are
 found once; then every candidate the allocation check weighs (uniform ranks of the same size, the global
@@ -71,7 +73,15 @@ NOUN_GROUPS = {  # lexicographer file numbers (lexnames(5WN)) of each group
 # held-out tenth), so they stop where their held-out loss does.
 SCHEDULE = {key: getattr(FinetuneSpec(), key) for key in ("schedule", "warmup", "holdout", "patience")}
 THINGS = {"person": (18,), "animal": (5,), "plant": (20,), "artifact": (6,), "food": (13,), "location": (15,)}
-TRAIN = {"pos": 3000, "nouns": 6000, "match": 4000, "things": 5000}  # training rows: each classifier its own size
+VERB_GROUPS = {  # verb lexicographer files (lexnames(5WN)) of each group
+    "body or consumption": (29, 34),
+    "change": (30,),
+    "mind": (31, 37, 39),
+    "communication": (32,),
+    "contact": (35,),
+    "motion": (38,),
+}
+TRAIN = {"pos": 3000, "nouns": 6000, "match": 4000, "things": 5000, "verbs": 3500}  # training rows: each classifier its own size
 
 
 def _definition(gloss: str) -> str:
@@ -91,12 +101,12 @@ def pos_records(rng: random.Random, per_class: int) -> tuple[list[dict], list[st
     return records, list(POS_FILES)
 
 
-def noun_records(groups: dict[str, tuple[int, ...]]) -> tuple[list[dict], list[str]]:
-    """Nouns of the grouped lexicographer files, "lemmas: definition" labelled with their group."""
+def grouped_records(groups: dict[str, tuple[int, ...]], file: str = "data.noun") -> tuple[list[dict], list[str]]:
+    """Synsets of the grouped lexicographer files, "lemmas: definition" labelled with their group."""
     group = {lex: i for i, files in enumerate(groups.values()) for lex in files}
     records = [
         {"text": f"{_lemmas(s.lemmas)}: {_definition(s.gloss)}", "label": group[s.lexfile]}
-        for s in read_wordnet(WORDNET_DIR / "data.noun")
+        for s in read_wordnet(WORDNET_DIR / file)
         if s.lexfile in group
     ]
     return records, list(groups)
@@ -121,9 +131,10 @@ def dataset(name: str, seed: int, test: int, calibration: int) -> tuple[dict[str
     rng = random.Random(seed)
     records, labels = {
         "pos": lambda: pos_records(rng, 2500),
-        "nouns": lambda: noun_records(NOUN_GROUPS),
+        "nouns": lambda: grouped_records(NOUN_GROUPS),
         "match": lambda: match_records(rng),
-        "things": lambda: noun_records(THINGS),
+        "things": lambda: grouped_records(THINGS),
+        "verbs": lambda: grouped_records(VERB_GROUPS, "data.verb"),
     }[name]()
     rng.shuffle(records)
     train = TRAIN[name]

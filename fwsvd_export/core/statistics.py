@@ -123,6 +123,11 @@ def _fisher_rows(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor) -
     return _into(total, (g.transpose(1, 2) @ x).square().sum((0, 1)))
 
 
+def _block(d: int) -> int:
+    """Rows per block of a Gram's triangle: measured, the fewest flops before the blocks' matmuls lose speed."""
+    return 128 if d <= 2048 else 256
+
+
 def _gram(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.Tensor:
     """x^T x summed. On the host only its upper block triangle is multiplied, straight into the accumulator
     (no temporary): for k row blocks that is (k + 1) / 2k of the flops, where the Grams are most of the pass's
@@ -133,15 +138,19 @@ def _gram(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.T
         return _into(total, flat.T @ flat)
     d = flat.shape[1]
     total = flat.new_zeros(d, d) if total is None else total
-    block = 128 if d <= 768 else 256  # measured: the fewest flops before the blocks' matmuls lose speed
-    for i in range(0, d, block):
-        total[i : i + block, i:].addmm_(flat[:, i : i + block].T, flat[:, i:])
+    for i in range(0, d, _block(d)):
+        total[i : i + _block(d), i:].addmm_(flat[:, i : i + _block(d)].T, flat[:, i:])
     return total
 
 
 def _mirrored(total: torch.Tensor) -> torch.Tensor:
-    """The whole symmetric Gram from its upper triangle (a diagonal-only side is returned as it is)."""
-    return total if total.dim() == 1 else torch.triu(total).add_(torch.triu(total, 1).T)
+    """The whole symmetric Gram, in place: each block below the diagonal copied from its mirror image above
+    (a diagonal-only side is returned as it is)."""
+    if total.dim() == 2:
+        d, block = total.shape[0], _block(total.shape[0])
+        for i in range(0, d - block, block):
+            total[i + block :, i : i + block] = total[i : i + block, i + block :].T
+    return total
 
 
 def _abs(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.Tensor:
@@ -249,11 +258,11 @@ class _LayerCollector:
             self._x = self._g = None
 
     def finish(self) -> LayerStats:
-        """Means instead of sums."""
+        """Means instead of sums (in place: the sums are this collector's own)."""
         self.handle.remove()
         s = self.stats
         count = {"token": max(s.tokens, 1), "sample": max(s.samples, 1)}
-        means = {n: STATISTICS[n].complete(t) / count[STATISTICS[n].per] for n, t in s.values.items()}
+        means = {n: STATISTICS[n].complete(t).div_(count[STATISTICS[n].per]) for n, t in s.values.items()}
         return LayerStats(means, s.samples, s.tokens, s.shares_input_with)
 
 
