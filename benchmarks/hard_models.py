@@ -81,7 +81,13 @@ VERB_GROUPS = {  # verb lexicographer files (lexnames(5WN)) of each group
     "contact": (35,),
     "motion": (38,),
 }
-TRAIN = {"pos": 3000, "nouns": 6000, "match": 4000, "things": 5000, "verbs": 3500}  # training rows: each classifier its own size
+TRAIN = {
+    "pos": 3000,
+    "nouns": 6000,
+    "match": 4000,
+    "things": 5000,
+    "verbs": 3500,
+}  # training rows: each classifier its own size
 
 
 def _definition(gloss: str) -> str:
@@ -300,13 +306,19 @@ VARIANTS = {  # the successors' tricks, by the name --variants takes
 }
 
 
-def recover(model: torch.nn.Module, train: list[Batch], test: list[Batch], epochs: int, lr: float) -> dict:
-    """Recovery as a recipe's `finetune:` runs it (task loss, the factors, the tool's default schedule with
-    its held-out slice and early stopping) on the training rows; the test accuracy after it and the curve."""
-    curve = finetune_(model, TASK, train, FinetuneSpec(epochs=epochs, learning_rate=lr), 0, False)
+def recover(
+    model: torch.nn.Module, dense: torch.nn.Module, train: list[Batch], test: list[Batch], args: argparse.Namespace
+) -> dict:
+    """Recovery as a recipe's `finetune:` runs it (the factors, the tool's default schedule with its held-out
+    slice and early stopping; the objective `--recovery-objective`, the dense model its teacher) on the
+    training rows; the test accuracy after it and the curve."""
+    epochs, lr, objective = args.recovery_epochs, args.recovery_lr, args.recovery_objective
+    spec = FinetuneSpec(epochs=epochs, learning_rate=lr, objective=objective)
+    curve = finetune_(model, TASK, train, spec, 0, False, teacher=None if objective == "task" else dense)
     return {
         "epochs": epochs,
         "learning_rate": lr,
+        "objective": objective,
         "train_loss": curve.train_loss,
         "heldout_loss": curve.heldout_loss,
         "best_epoch": curve.best_epoch,
@@ -346,7 +358,8 @@ def report(path: Path) -> None:
         for b in (b for b in entry["budgets"] if "recovery" in b):
             r = b["recovery"]
             print(
-                f"Recovery of the pick at {b['budget']:g} kept ({r['epochs']} epochs at most, learning rate "
+                f"Recovery of the pick at {b['budget']:g} kept ({r.get('objective', 'task')} objective, "
+                f"{r['epochs']} epochs at most, learning rate "
                 f"{r['learning_rate']:g}, best epoch {r['best_epoch']}): test accuracy "
                 f"{100 * b['check_pick_test_accuracy']:.2f} -> {100 * r['test_accuracy']:.2f}; held-out loss per "
                 f"epoch {', '.join(f'{x:.3f}' for x in r['heldout_loss'])}\n"
@@ -364,6 +377,7 @@ def main() -> None:
     parser.add_argument("--recovery-epochs", type=int, default=0, help="recover the check's pick (0: off)")
     parser.add_argument("--recovery-budgets", default="0.1", help="budgets whose pick is recovered")
     parser.add_argument("--recovery-lr", type=float, default=3e-4)
+    parser.add_argument("--recovery-objective", default="task", choices=["task", "distill", "task+distill"])
     parser.add_argument(
         "--variants",
         nargs="?",
@@ -404,7 +418,7 @@ def main() -> None:
                 row["variants"] = variants(model, budget, calibration, test, f"{args.cache}/statistics-{name}", names)
             if args.recovery_epochs and budget in {float(b) for b in args.recovery_budgets.split(",")}:
                 train = TASK.make_batches(split["train"], SOURCE, tokenizer, args.max_length, 32, True, model.config)
-                row["recovery"] = recover(checked, train, test, args.recovery_epochs, args.recovery_lr)
+                row["recovery"] = recover(checked, model, train, test, args)
                 print(f"  {budget:g} recovered: test {row['recovery']['test_accuracy']:.4f}", flush=True)
             entry["budgets"].append(row)
         entry["seconds"] = time.perf_counter() - start
