@@ -313,12 +313,13 @@ def recover(
     slice and early stopping; the objective `--recovery-objective`, the dense model its teacher) on the
     training rows; the test accuracy after it and the curve."""
     epochs, lr, objective = args.recovery_epochs, args.recovery_lr, args.recovery_objective
-    spec = FinetuneSpec(epochs=epochs, learning_rate=lr, objective=objective)
+    spec = FinetuneSpec(epochs=epochs, learning_rate=lr, objective=objective, train=args.recovery_train)
     curve = finetune_(model, TASK, train, spec, 0, False, teacher=None if objective == "task" else dense)
     return {
         "epochs": epochs,
         "learning_rate": lr,
         "objective": objective,
+        "train": args.recovery_train,
         "train_loss": curve.train_loss,
         "heldout_loss": curve.heldout_loss,
         "best_epoch": curve.best_epoch,
@@ -358,7 +359,8 @@ def report(path: Path) -> None:
         for b in (b for b in entry["budgets"] if "recovery" in b):
             r = b["recovery"]
             print(
-                f"Recovery of the pick at {b['budget']:g} kept ({r.get('objective', 'task')} objective, "
+                f"Recovery of the pick at {b['budget']:g} kept ({r.get('objective', 'task')} objective, training "
+                f"{r.get('train', 'factors')}, "
                 f"{r['epochs']} epochs at most, learning rate "
                 f"{r['learning_rate']:g}, best epoch {r['best_epoch']}): test accuracy "
                 f"{100 * b['check_pick_test_accuracy']:.2f} -> {100 * r['test_accuracy']:.2f}; held-out loss per "
@@ -378,6 +380,7 @@ def main() -> None:
     parser.add_argument("--recovery-budgets", default="0.1", help="budgets whose pick is recovered")
     parser.add_argument("--recovery-lr", type=float, default=3e-4)
     parser.add_argument("--recovery-objective", default="task", choices=["task", "distill", "task+distill"])
+    parser.add_argument("--recovery-train", default="factors", choices=["factors", "factors+norms", "all"])
     parser.add_argument(
         "--variants",
         nargs="?",
