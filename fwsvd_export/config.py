@@ -147,8 +147,8 @@ class DataSpec:
 @dataclass
 class FinetuneSpec:
     """Optional recovery training of the factorized model on data.finetune, else the calibration data
-    (epochs 0: off). A held-out slice of those batches is scored after each epoch: training stops once it no
-    longer improves and the best epoch's weights are the ones exported."""
+    (epochs 0: off). A held-out slice of those batches is scored before training and after each epoch: training
+    stops once it no longer improves and the best weights scored (epoch 0: those before training) are exported."""
 
     epochs: int = 0
     learning_rate: float = 5e-5  # the peak, reached at the end of the warm-up

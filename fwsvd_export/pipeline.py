@@ -390,6 +390,7 @@ def _run_report(
             recovery.best_epoch,
             recovery.stopped_early,
             recovery.heldout_batches,
+            recovery.start_loss,
         ),
         sizes=sizes,
         graph=graph,

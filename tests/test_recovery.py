@@ -120,32 +120,52 @@ def heldout_loss(model: torch.nn.Module, held: list[Batch], tune: FinetuneSpec) 
 
 
 def test_early_stopping_restores_the_best_epochs_weights():
-    """The held-out rows say the opposite of the training rows: every epoch of training raises their loss,
-    so the first epoch is the best, training stops `patience` epochs later, and its weights come back."""
-    tune = spec(epochs=10, holdout=0.25, patience=2, schedule="constant", warmup=0.0)
-    data = batches(8, label=0)
+    """A quarter of the held-out rows carry a label the training rows never do: learning the training label
+    first lowers the held-out loss (towards predicting it 3 times in 4), then raises it (over-confidence), so
+    epoch 2 is the best, training stops `patience` epochs later, and its weights come back."""
+    tune = spec(epochs=12, holdout=0.25, patience=2, schedule="constant", warmup=0.0, learning_rate=3e-3)
+    data = batches(16, label=0)
     _, held = split_holdout(data, tune.holdout, seed=0)
     for batch in held:  # the same objects finetune_ will hold out with this seed
-        batch.labels = torch.full_like(batch.labels, 2)
+        batch.labels[:1] = 2
     model = tiny_bert()
     recovery = finetune_(model, TASK, data, tune, 0, False)
-    assert recovery.best_epoch == 1 and recovery.stopped_early and len(recovery.train_loss) == 3
-    assert recovery.heldout_loss[2] > recovery.heldout_loss[1] > recovery.heldout_loss[0]
-    assert recovery.heldout_batches == 2 and len(recovery.learning_rate) == 3
-    assert heldout_loss(model, held, tune) == pytest.approx(recovery.heldout_loss[0], rel=1e-6)
+    assert recovery.best_epoch == 2 and recovery.stopped_early and len(recovery.train_loss) == 4
+    curve = recovery.heldout_loss
+    assert recovery.start_loss > curve[0] > curve[1] and curve[3] > curve[2] > curve[1]
+    assert recovery.heldout_batches == 4 and len(recovery.learning_rate) == 4
+    assert heldout_loss(model, held, tune) == pytest.approx(curve[1], rel=1e-6)
     assert not model.training
 
 
-def test_patience_zero_runs_every_epoch_and_still_keeps_the_best():
-    tune = spec(epochs=4, holdout=0.25, patience=0, schedule="constant", warmup=0.0)
+def held_out_disagreeing(tune: FinetuneSpec) -> tuple[list[Batch], list[Batch]]:
+    """Training rows all of one label, held-out rows all of another: every epoch raises the held-out loss."""
     data = batches(8, label=0)
     _, held = split_holdout(data, tune.holdout, seed=0)
     for batch in held:
         batch.labels = torch.full_like(batch.labels, 2)
+    return data, held
+
+
+def test_training_that_only_raises_the_heldout_loss_gives_back_the_weights_it_started_from():
+    tune = spec(epochs=10, holdout=0.25, patience=2, schedule="constant", warmup=0.0)
+    data, held = held_out_disagreeing(tune)
+    model = tiny_bert()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    recovery = finetune_(model, TASK, data, tune, 0, False)
+    assert recovery.best_epoch == 0 and recovery.stopped_early and len(recovery.train_loss) == 2
+    assert recovery.heldout_loss[1] > recovery.heldout_loss[0] > recovery.start_loss
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert heldout_loss(model, held, tune) == pytest.approx(recovery.start_loss, rel=1e-6)
+
+
+def test_patience_zero_runs_every_epoch_and_still_keeps_the_best():
+    tune = spec(epochs=4, holdout=0.25, patience=0, schedule="constant", warmup=0.0)
+    data, held = held_out_disagreeing(tune)
     model = tiny_bert()
     recovery = finetune_(model, TASK, data, tune, 0, False)
-    assert len(recovery.train_loss) == 4 and not recovery.stopped_early and recovery.best_epoch == 1
-    assert heldout_loss(model, held, tune) == pytest.approx(recovery.heldout_loss[0], rel=1e-6)
+    assert len(recovery.train_loss) == 4 and not recovery.stopped_early and recovery.best_epoch == 0
+    assert heldout_loss(model, held, tune) == pytest.approx(recovery.start_loss, rel=1e-6)
 
 
 def test_a_converging_run_keeps_its_last_epoch():
@@ -332,11 +352,11 @@ def test_the_new_keys_are_described_in_the_schema():
 # --- the curve in the report -------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_a_recipe_run_writes_the_curve_into_the_report(tmp_path, classifier_recipe):
-    classifier_recipe["compression"]["ratio"] = 0.3
-    classifier_recipe["data"]["finetune"] = dict(classifier_recipe["data"]["evaluation"], max_samples=40)
-    classifier_recipe["finetune"] = {
+def recovered_run(tmp_path, recipe: dict, ratio: float):
+    """A recipe run with recovery on 40 evaluation rows (2 of 5 batches held out) after a cut at `ratio`."""
+    recipe["compression"]["ratio"] = ratio
+    recipe["data"]["finetune"] = dict(recipe["data"]["evaluation"], max_samples=40)
+    recipe["finetune"] = {
         "epochs": 3,
         "learning_rate": 3e-3,
         "train": "all",
@@ -345,17 +365,37 @@ def test_a_recipe_run_writes_the_curve_into_the_report(tmp_path, classifier_reci
         "holdout": 0.4,
         "warmup": 0.2,
     }
-    result = run(load_recipe(write_recipe(tmp_path, classifier_recipe)), tmp_path / "out", progress=False)
+    return run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "out", progress=False)
+
+
+@pytest.mark.slow
+def test_a_recipe_run_writes_the_curve_into_the_report(tmp_path, classifier_recipe):
+    result = recovered_run(tmp_path, classifier_recipe, 0.05)  # below the classifier's true rank: a real loss
     tune = json.loads((result.output / "report.json").read_text())["finetune"]
     ran = len(tune["epoch_loss"])
     assert tune["batches"] == 5 and tune["heldout_batches"] == 2  # 40 rows of 8, 0.4 of them held out
     assert len(tune["heldout_loss"]) == len(tune["learning_rate"]) == ran and 1 <= tune["best_epoch"] <= ran
     assert all(math.isfinite(v) for v in tune["epoch_loss"] + tune["heldout_loss"])
-    assert tune["best_epoch"] == 1 + min(range(ran), key=tune["heldout_loss"].__getitem__)
+    losses = [tune["start_loss"], *tune["heldout_loss"]]  # the weights before training compete too
+    assert tune["best_epoch"] == min(range(ran + 1), key=losses.__getitem__)
     text = (result.output / "report.md").read_text()
     assert "## Recovery fine-tuning" in text and "| epoch | train loss (task+distill) | held-out loss |" in text
+    assert f"| 0 | - | {tune['start_loss']:.4g} | - |" in text
     assert f"| {tune['best_epoch']} | " in text and "| best |" in text
     assert f"epoch {tune['best_epoch']}'s weights kept" in text and "(2 of 5 batches held out)" in text
     card = (result.output / "README.md").read_text()
     assert f"epoch {tune['best_epoch']}'s weights kept" in card
     assert result.report.to_dict()["validation"]["providers"]["cpu"]["parity"]["passed"]
+
+
+@pytest.mark.slow
+def test_a_run_whose_training_only_hurts_ships_the_weights_it_started_from(tmp_path, classifier_recipe):
+    """At ratio 0.3 the cut keeps the classifier's true rank: the compressed model already matches the dense
+    one, and no epoch lowers the held-out loss below where it started; the report says what was kept."""
+    result = recovered_run(tmp_path, classifier_recipe, 0.3)
+    tune = json.loads((result.output / "report.json").read_text())["finetune"]
+    assert tune["best_epoch"] == 0 and tune["stopped_early"]
+    assert tune["start_loss"] < min(tune["heldout_loss"])
+    kept = "no epoch lowered the held-out loss below where it started; the weights before training kept"
+    assert kept in (result.output / "report.md").read_text() and kept in (result.output / "README.md").read_text()
+    assert f"best held-out loss {tune['start_loss']:.4g}" in (result.output / "README.md").read_text()

@@ -36,9 +36,12 @@ class Recovery:
     train_loss: list[float] = field(default_factory=list)  # mean per-sample training loss of each epoch
     heldout_loss: list[float] = field(default_factory=list)  # the same objective on the held-out slice (eval mode)
     learning_rate: list[float] = field(default_factory=list)  # at each epoch's end
-    best_epoch: int | None = None  # 1-based: the epoch whose weights were kept (None: no held-out slice)
+    # 1-based: the epoch whose weights were kept; 0: none scored below the start, whose weights were kept
+    # (None: no held-out slice, the last epoch's)
+    best_epoch: int | None = None
     stopped_early: bool = False  # the held-out loss stalled for `patience` epochs before the last
     heldout_batches: int = 0
+    start_loss: float | None = None  # the held-out loss before the first epoch (None: no held-out slice)
 
     @property
     def epochs_run(self) -> int:
@@ -156,8 +159,12 @@ class _Run:
         self, train: list[Batch], heldout: list[Batch], order: random.Random, tick: Callable[[int], Any]
     ) -> Recovery:
         """Up to `spec.epochs` epochs, stopping once the held-out loss has not improved for `spec.patience`;
-        the best epoch's trainable weights (kept on the CPU) are put back at the end."""
+        the best epoch's trainable weights (kept on the CPU) are put back at the end. The weights before the
+        first epoch compete too: training that only raises the held-out loss gives back what it was given."""
         recovery, best, kept = Recovery(heldout_batches=len(heldout)), math.inf, None
+        if heldout:
+            best = recovery.start_loss = self.score(heldout)
+            recovery.best_epoch, kept = 0, [p.detach().to("cpu", copy=True) for p in self.params]
         for epoch in range(1, self.spec.epochs + 1):
             recovery.train_loss.append(self.train_epoch(order.sample(train, len(train)), epoch, tick))
             recovery.learning_rate.append(self.schedule.get_last_lr()[0])

@@ -212,8 +212,8 @@ def _recovery(recipe: dict[str, Any], info: FinetuneInfo | None = None) -> str:
     if info is None or not info.epoch_loss:
         return said
     last = f"last epoch's training loss {info.epoch_loss[-1]:.4g}"
-    if info.best_epoch is not None:
-        last += f", best held-out loss {info.heldout_loss[info.best_epoch - 1]:.4g}"
+    if info.best_loss is not None:
+        last += f", best held-out loss {info.best_loss:.4g}"
     return f"{said}: {info.stop_reason}; {last}"
 
 

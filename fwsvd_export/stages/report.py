@@ -121,6 +121,8 @@ def _recovery_lines(report: RunReport) -> list[str]:
         return []
     curve = zip_longest(tune.epoch_loss, tune.heldout_loss, tune.learning_rate)  # '-' where a report has none
     rows = [[epoch, *values, "best" if epoch == tune.best_epoch else ""] for epoch, values in enumerate(curve, 1)]
+    if tune.start_loss is not None:
+        rows.insert(0, [0, None, tune.start_loss, None, "best" if tune.best_epoch == 0 else ""])
     objective = (report.recipe.get("finetune") or {}).get("objective", "task")
     return (
         ["## Recovery fine-tuning", ""]

@@ -59,9 +59,17 @@ class FinetuneInfo:
     batches: int  # all the batches read, the held-out ones included
     heldout_loss: list[float] = field(default_factory=list)
     learning_rate: list[float] = field(default_factory=list)
-    best_epoch: int | None = None  # 1-based; None: no held-out slice, the last epoch's weights
+    best_epoch: int | None = None  # 1-based; 0: the weights before training; None: no held-out slice, the last's
     stopped_early: bool = False
     heldout_batches: int = 0
+    start_loss: float | None = None  # the held-out loss before the first epoch
+
+    @property
+    def best_loss(self) -> float | None:
+        """The held-out loss of the weights kept (None: nothing held out)."""
+        if self.best_epoch is None:
+            return None
+        return self.start_loss if self.best_epoch == 0 else self.heldout_loss[self.best_epoch - 1]
 
     @property
     def stop_reason(self) -> str:
@@ -69,6 +77,11 @@ class FinetuneInfo:
         run, best = len(self.epoch_loss), self.best_epoch
         if best is None:
             return f"{run} of {self.epochs} epochs ran, nothing held out: the last epoch's weights kept"
+        if best == 0:
+            return (
+                f"stopped after epoch {run} of {self.epochs}: no epoch lowered the held-out loss below where it "
+                "started; the weights before training kept"
+            )
         if self.stopped_early:
             return (
                 f"stopped after epoch {run} of {self.epochs}: the held-out loss had not improved for {run - best} "
