@@ -325,6 +325,7 @@ def recover(
         "train": args.recovery_train,
         "train_loss": curve.train_loss,
         "heldout_loss": curve.heldout_loss,
+        "start_loss": curve.start_loss,
         "best_epoch": curve.best_epoch,
         "test_accuracy": accuracy(model.eval(), test),
     }
@@ -367,7 +368,9 @@ def report(path: Path) -> None:
                 f"{r['epochs']} epochs at most, learning rate "
                 f"{r['learning_rate']:g}, best epoch {r['best_epoch']}): test accuracy "
                 f"{100 * b['check_pick_test_accuracy']:.2f} -> {100 * r['test_accuracy']:.2f}; held-out loss per "
-                f"epoch {', '.join(f'{x:.3f}' for x in r['heldout_loss'])}\n"
+                f"epoch {', '.join(f'{x:.3f}' for x in r['heldout_loss'])}"
+                + (f" (before training {r['start_loss']:.3f})" if r.get("start_loss") is not None else "")
+                + "\n"
             )
 
 
