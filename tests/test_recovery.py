@@ -168,6 +168,23 @@ def test_patience_zero_runs_every_epoch_and_still_keeps_the_best():
     assert heldout_loss(model, held, tune) == pytest.approx(recovery.start_loss, rel=1e-6)
 
 
+def test_recovery_is_reproducible_whatever_the_process_drew_before_and_leaves_its_generator_alone():
+    """Dropout draws from `seed`, not from the process's random state (which torch seeds differently in every
+    process): two runs after different draws train the same weights; the caller's generator goes on as if
+    the training had not run."""
+    curves, states = [], []
+    for before in (1, 2):
+        model = tiny_bert(dropout=0.3)  # the same weights each time
+        torch.manual_seed(before)
+        expected_next = torch.get_rng_state()
+        recovery = finetune_(model, TASK, batches(8), spec(epochs=2, holdout=0.25), 7, False)
+        assert torch.equal(torch.get_rng_state(), expected_next)
+        curves.append(recovery.train_loss + recovery.heldout_loss)
+        states.append(model.state_dict())
+    assert curves[0] == curves[1]
+    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
+
+
 def test_a_converging_run_keeps_its_last_epoch():
     data = batches(8, label=1)  # one label everywhere: held-out loss falls with the training loss
     recovery = finetune_(tiny_bert(), TASK, data, spec(epochs=3, holdout=0.25), 0, False)

@@ -109,7 +109,8 @@ def finetune_(
 ) -> Recovery:
     """Train `model` in place and return its curve. Factor pairs are balanced first (same product,
     comparable scales), so the optimizer treats both factors alike. Objectives with distillation need
-    `teacher` (the dense model) for their targets."""
+    `teacher` (the dense model) for their targets. `seed` decides the held-out slice, the batch order and
+    the dropout masks: the same call trains the same weights, whatever ran before it in the process."""
     if spec.objective != "task" and teacher is None:
         raise FwsvdError(f"finetune.objective '{spec.objective}' needs the dense model as teacher")
     for module in model.modules():
@@ -122,13 +123,16 @@ def finetune_(
     train, heldout = split_holdout(batches, spec.holdout, seed)
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     run = _Run(model, task, spec, teacher, params, optimizer, spec.epochs * len(train))
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with (
+            torch.random.fork_rng(devices=cuda),  # dropout drawn from `seed`; the caller's generators untouched
             _checkpointing(model, spec),
             tqdm(
                 total=run.steps, desc=f"recovery fine-tuning ({spec.objective})", unit="step", disable=not progress
             ) as bar,
         ):
+            torch.manual_seed(seed)
             recovery = run.epochs(train, heldout, random.Random(seed), bar.update)
         _refuse_nonfinite_weights(model, spec)
     finally:
