@@ -310,15 +310,21 @@ VARIANTS = {  # the successors' tricks, by the name --variants takes
 
 
 def recover(
-    model: torch.nn.Module, dense: torch.nn.Module, train: list[Batch], test: list[Batch], args: argparse.Namespace
+    model: torch.nn.Module,
+    dense: torch.nn.Module,
+    train: list[Batch],
+    test: list[Batch],
+    args: argparse.Namespace,
+    seed: int,
 ) -> dict:
     """Recovery as a recipe's `finetune:` runs it (the factors, the tool's default schedule with its held-out
     slice and early stopping; the objective `--recovery-objective`, the dense model its teacher) on the
-    training rows; the test accuracy after it and the curve."""
+    training rows, with `seed` (held-out slice, order, dropout); the test accuracy after it and the curve."""
     epochs, lr, objective = args.recovery_epochs, args.recovery_lr, args.recovery_objective
     spec = FinetuneSpec(epochs=epochs, learning_rate=lr, objective=objective, train=args.recovery_train)
-    curve = finetune_(model, TASK, train, spec, 0, False, teacher=None if objective == "task" else dense)
+    curve = finetune_(model, TASK, train, spec, seed, False, teacher=None if objective == "task" else dense)
     return {
+        "seed": seed,
         "epochs": epochs,
         "learning_rate": lr,
         "objective": objective,
@@ -361,17 +367,24 @@ def report(path: Path) -> None:
                 + "\n"
             )
         for b in (b for b in entry["budgets"] if "recovery" in b):
-            r = b["recovery"]
-            print(
-                f"Recovery of the pick at {b['budget']:g} kept ({r.get('objective', 'task')} objective, training "
-                f"{r.get('train', 'factors')}, "
-                f"{r['epochs']} epochs at most, learning rate "
-                f"{r['learning_rate']:g}, best epoch {r['best_epoch']}): test accuracy "
-                f"{100 * b['check_pick_test_accuracy']:.2f} -> {100 * r['test_accuracy']:.2f}; held-out loss per "
-                f"epoch {', '.join(f'{x:.3f}' for x in r['heldout_loss'])}"
-                + (f" (before training {r['start_loss']:.3f})" if r.get("start_loss") is not None else "")
-                + "\n"
-            )
+            runs = b.get("recovery_seeds", [b["recovery"]])
+            for r in runs:
+                seeded = f"seed {r['seed']}" if "seed" in r else "dropout unseeded"
+                print(
+                    f"Recovery of the pick at {b['budget']:g} kept ({r.get('objective', 'task')} objective, training "
+                    f"{r.get('train', 'factors')}, {r['epochs']} epochs at most, learning rate "
+                    f"{r['learning_rate']:g}, {seeded}, best epoch {r['best_epoch']}): test "
+                    f"accuracy {100 * b['check_pick_test_accuracy']:.2f} -> {100 * r['test_accuracy']:.2f}; held-out "
+                    f"loss per epoch {', '.join(f'{x:.3f}' for x in r['heldout_loss'])}"
+                    + (f" (before training {r['start_loss']:.3f})" if r.get("start_loss") is not None else "")
+                    + "\n"
+                )
+            if len(runs) > 1:
+                tests = [100 * r["test_accuracy"] for r in runs]
+                print(
+                    f"Over {len(runs)} seeds: mean {statistics.mean(tests):.2f}, from {min(tests):.2f} to "
+                    f"{max(tests):.2f}; {100 * entry['dense_accuracy'] - statistics.mean(tests):.2f} under dense on average\n"
+                )
 
 
 def main() -> None:
@@ -387,6 +400,7 @@ def main() -> None:
     parser.add_argument("--recovery-lr", type=float, default=3e-4)
     parser.add_argument("--recovery-objective", default="task", choices=["task", "distill", "task+distill"])
     parser.add_argument("--recovery-train", default="factors", choices=["factors", "factors+norms", "all"])
+    parser.add_argument("--recovery-seeds", default="0", help="one recovery per seed (slice, order, dropout)")
     parser.add_argument(
         "--variants",
         nargs="?",
@@ -427,8 +441,13 @@ def main() -> None:
                 row["variants"] = variants(model, budget, calibration, test, f"{args.cache}/statistics-{name}", names)
             if args.recovery_epochs and budget in {float(b) for b in args.recovery_budgets.split(",")}:
                 train = TASK.make_batches(split["train"], SOURCE, tokenizer, args.max_length, 32, True, model.config)
-                row["recovery"] = recover(checked, model, train, test, args)
-                print(f"  {budget:g} recovered: test {row['recovery']['test_accuracy']:.4f}", flush=True)
+                seeds = [int(seed) for seed in args.recovery_seeds.split(",")]
+                runs = [recover(copy.deepcopy(checked), model, train, test, args, seed) for seed in seeds]
+                row["recovery"] = runs[0]
+                if len(runs) > 1:
+                    row["recovery_seeds"] = runs
+                tests = ", ".join(f"{r['test_accuracy']:.4f}" for r in runs)
+                print(f"  {budget:g} recovered: test {tests}", flush=True)
             entry["budgets"].append(row)
         entry["seconds"] = time.perf_counter() - start
         out["models"][name] = entry
