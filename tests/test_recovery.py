@@ -153,8 +153,8 @@ def test_training_that_only_raises_the_heldout_loss_gives_back_the_weights_it_st
     model = tiny_bert()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     recovery = finetune_(model, TASK, data, tune, 0, False)
-    assert recovery.best_epoch == 0 and recovery.stopped_early and len(recovery.train_loss) == 2
-    assert recovery.heldout_loss[1] > recovery.heldout_loss[0] > recovery.start_loss
+    assert recovery.best_epoch == 0 and recovery.stopped_early and len(recovery.train_loss) == 3
+    assert recovery.heldout_loss[2] > recovery.heldout_loss[1] > recovery.heldout_loss[0] > recovery.start_loss
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
     assert heldout_loss(model, held, tune) == pytest.approx(recovery.start_loss, rel=1e-6)
 
@@ -411,8 +411,8 @@ def test_a_run_whose_training_only_hurts_ships_the_weights_it_started_from(tmp_p
     one, and no epoch lowers the held-out loss below where it started; the report says what was kept."""
     result = recovered_run(tmp_path, classifier_recipe, 0.3)
     tune = json.loads((result.output / "report.json").read_text())["finetune"]
-    assert tune["best_epoch"] == 0 and tune["stopped_early"]
+    assert tune["best_epoch"] == 0 and len(tune["heldout_loss"]) == 3
     assert tune["start_loss"] < min(tune["heldout_loss"])
-    kept = "no epoch lowered the held-out loss below where it started; the weights before training kept"
+    kept = "3 of 3 epochs ran and none lowered the held-out loss below where it started: the weights before training"
     assert kept in (result.output / "report.md").read_text() and kept in (result.output / "README.md").read_text()
     assert f"best held-out loss {tune['start_loss']:.4g}" in (result.output / "README.md").read_text()

@@ -164,11 +164,13 @@ class _Run:
     ) -> Recovery:
         """Up to `spec.epochs` epochs, stopping once the held-out loss has not improved for `spec.patience`;
         the best epoch's trainable weights (kept on the CPU) are put back at the end. The weights before the
-        first epoch compete too: training that only raises the held-out loss gives back what it was given."""
+        first epoch compete at the end, not in the patience: training that never gets the held-out loss below
+        where it started gives back what it was given, and a first epoch above the start (the warm-up's peak
+        learning rate) does not stop a run that is still improving."""
         recovery, best, kept = Recovery(heldout_batches=len(heldout)), math.inf, None
+        start = [p.detach().to("cpu", copy=True) for p in self.params] if heldout else None
         if heldout:
-            best = recovery.start_loss = self.score(heldout)
-            recovery.best_epoch, kept = 0, [p.detach().to("cpu", copy=True) for p in self.params]
+            recovery.start_loss = self.score(heldout)
         for epoch in range(1, self.spec.epochs + 1):
             recovery.train_loss.append(self.train_epoch(order.sample(train, len(train)), epoch, tick))
             recovery.learning_rate.append(self.schedule.get_last_lr()[0])
@@ -182,6 +184,8 @@ class _Run:
             elif self.spec.patience and epoch - (recovery.best_epoch or 0) >= self.spec.patience:
                 recovery.stopped_early = epoch < self.spec.epochs
                 break
+        if recovery.start_loss is not None and recovery.start_loss <= best:
+            recovery.best_epoch, kept = 0, start
         if kept is not None:
             with torch.no_grad():
                 for p, value in zip(self.params, kept, strict=True):

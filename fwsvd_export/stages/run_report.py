@@ -79,8 +79,8 @@ class FinetuneInfo:
             return f"{run} of {self.epochs} epochs ran, nothing held out: the last epoch's weights kept"
         if best == 0:
             return (
-                f"stopped after epoch {run} of {self.epochs}: no epoch lowered the held-out loss below where it "
-                "started; the weights before training kept"
+                f"{run} of {self.epochs} epochs ran and none lowered the held-out loss below where it started: "
+                "the weights before training kept"
             )
         if self.stopped_early:
             return (
