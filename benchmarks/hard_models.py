@@ -84,13 +84,8 @@ VERB_GROUPS = {  # verb lexicographer files (lexnames(5WN)) of each group
     "contact": (35,),
     "motion": (38,),
 }
-TRAIN = {
-    "pos": 3000,
-    "nouns": 6000,
-    "match": 4000,
-    "things": 5000,
-    "verbs": 3500,
-}  # training rows: each classifier its own size
+# training rows: each classifier its own size
+TRAIN = {"pos": 3000, "nouns": 6000, "match": 4000, "things": 5000, "verbs": 3500}
 
 
 def _definition(gloss: str) -> str:

@@ -124,7 +124,8 @@ def _fisher_rows(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor) -
 
 
 def _block(d: int) -> int:
-    """Rows per block of a Gram's triangle: measured, the fewest flops before the blocks' matmuls lose speed."""
+    """Rows per block of a Gram's triangle: few flops before the blocks' matmuls lose speed
+    (benchmarks/statistics_profile.py)."""
     return 128 if d <= 2048 else 256
 
 
@@ -137,9 +138,9 @@ def _gram(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.T
     if flat.device.type != "cpu":
         return _into(total, flat.T @ flat)
     d = flat.shape[1]
-    total = flat.new_zeros(d, d) if total is None else total
-    for i in range(0, d, _block(d)):
-        total[i : i + _block(d), i:].addmm_(flat[:, i : i + _block(d)].T, flat[:, i:])
+    total, block = (flat.new_zeros(d, d) if total is None else total), _block(d)
+    for i in range(0, d, block):
+        total[i : i + block, i:].addmm_(flat[:, i : i + block].T, flat[:, i:])
     return total
 
 
