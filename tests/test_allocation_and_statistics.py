@@ -399,6 +399,23 @@ def test_the_allocation_check_keeps_the_global_allocation_when_it_is_better(bert
     assert result.summary()["targeted_kept_ratio"] <= 0.4 + 1e-9
 
 
+@pytest.mark.parametrize("method, once", [("kfac", True), ("fwsvd", False)])
+def test_with_the_check_a_gram_weighted_layer_is_decomposed_once(bert, batches, monkeypatch, method, once):
+    """kfac's decomposition is kept from the spectrum for the check's and the final factorization; a diagonal
+    weighting's is not (it would outweigh the weighting), so fwsvd decomposes again for each."""
+    from fwsvd_export.core import lowrank
+
+    narrow_grams = []
+    real = lowrank._narrow_gram
+    monkeypatch.setattr(lowrank, "_narrow_gram", lambda *a: narrow_grams.append(1) or real(*a))
+    loss = TASKS["text-classification"].loss
+    spec = CompressionSpec(method=method, target=TARGET, budget=0.4)
+    result = compress_(bert, spec, batches, loss, progress=False)
+    allocated = sum(p.allocate for p in result.layers)
+    assert result.allocation["check_batches"] > 0 and result.compressed
+    assert len(narrow_grams) == allocated if once else len(narrow_grams) >= allocated + len(result.compressed)
+
+
 def test_sequential_statistics_equal_the_one_pass_ones_while_nothing_before_is_compressed(bert, batches):
     """Block 0 kept dense: block 1's sequential statistics are taken through an unchanged model, so its
     factors are exactly the one-pass ones."""

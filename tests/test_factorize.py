@@ -4,12 +4,27 @@ import pytest
 import torch
 from torch import nn
 
-from fwsvd_export.core.lowrank import break_even_rank, factorize, low_rank_from_linear, pays_off, rank_for_ratio
-from fwsvd_export.core.methods import METHODS, input_root
+from fwsvd_export.core.lowrank import (
+    GramSide,
+    break_even_rank,
+    factorize,
+    low_rank_from_linear,
+    pays_off,
+    rank_for_ratio,
+    weighted_eigen,
+    weighted_spectrum,
+)
+from fwsvd_export.core.methods import METHODS, input_side
 from fwsvd_export.core.statistics import LayerStats
 
 
+def root(side):
+    """P or Q of a side as methods give it (a Gram side is rooted here)."""
+    return side.root() if isinstance(side, GramSide) else side
+
+
 def weighted_error(w, approx, left=None, right=None):
+    left, right = root(left), root(right)
     e = (w - approx).double()
     if left is not None:
         e = (left[:, None] * e) if left.dim() == 1 else left.double() @ e
@@ -128,9 +143,10 @@ def _symmetric_root(gram):
 def test_kfac_sides_are_cholesky_factors_and_truncate_as_the_symmetric_roots_do(weight):
     c, g = _grams()
     w = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 0.0)
-    assert torch.equal(w.left, w.left.triu()) and torch.equal(w.right, w.right.tril())
-    torch.testing.assert_close(w.left.T @ w.left, g.double())
-    torch.testing.assert_close(w.right @ w.right.T, c.double())
+    left, right = root(w.left), root(w.right)
+    assert torch.equal(left, left.triu()) and torch.equal(right, right.tril())
+    torch.testing.assert_close(left.T @ left, g.double())
+    torch.testing.assert_close(right @ right.T, c.double())
     triangular = factorize(weight, 6, w.left, w.right)
     symmetric = factorize(weight, 6, _symmetric_root(g.double()), _symmetric_root(c.double()))
     torch.testing.assert_close(product(triangular), product(symmetric))
@@ -154,14 +170,77 @@ def test_singular_grams_take_the_fallback_and_say_so(weight):
     x = torch.randn(10, 40, dtype=torch.float64)
     singular = x.T @ x  # rank 10 of 40, and undamped
     notes: list[str] = []
-    root = input_root(singular - 1e-3 * torch.eye(40, dtype=torch.float64), 0.0, notes)
-    assert torch.isfinite(root).all() and "not positive definite" in notes[0]
+    side = input_side(singular - 1e-3 * torch.eye(40, dtype=torch.float64), 0.0, notes)
+    assert torch.isfinite(root(side)).all() and "not positive definite" in notes[0]
     g = torch.zeros(24, 24, dtype=torch.float64)
     g[0, 0] = 1.0
     w = METHODS["kfac"].build(LayerStats({"input_gram": singular, "output_gram": g}), 0.0)
     f = factorize(weight, 6, w.left, w.right)
     assert torch.isfinite(f.first).all() and torch.isfinite(f.second).all()
     assert w.notes
+
+
+def _reference(weight, rank, left, right):
+    """P^-1 [P W Q]_r Q^-1 by a full SVD of P W Q: the definition the eigen route must reproduce."""
+    p = torch.eye(weight.shape[0], dtype=torch.float64) if left is None else root(left)
+    q = torch.eye(weight.shape[1], dtype=torch.float64) if right is None else root(right)
+    p, q = (torch.diag(x) if x.dim() == 1 else x for x in (p, q))
+    u, s, vh = torch.linalg.svd(p @ weight @ q)
+    return torch.linalg.solve(p, u[:, :rank] * s[:rank]) @ vh[:rank] @ torch.linalg.inv(q), s
+
+
+def _unrootable(gram):
+    def refuse(_):
+        raise AssertionError("the wider side was rooted")
+
+    return GramSide(gram, refuse)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)], ids=["wide", "tall", "square"])
+def test_every_side_form_and_shape_gives_the_svd_truncation_rooting_only_the_narrower_side(shape):
+    out_f, in_f = shape
+    weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    c, g = _grams(in_f, out_f)
+    kfac = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 1e-3)
+    wide_left, wide_right = in_f <= out_f, in_f > out_f
+    sides = {
+        "none": (None, None),
+        "diagonal": (torch.rand(out_f, dtype=torch.float64) + 0.1, torch.rand(in_f, dtype=torch.float64) + 0.1),
+        "roots": (root(kfac.left), root(kfac.right)),
+        "grams": (
+            _unrootable(kfac.left.gram) if wide_left else kfac.left,
+            _unrootable(kfac.right.gram) if wide_right else kfac.right,
+        ),
+    }
+    for form, (left, right) in sides.items():
+        expected, spectrum = _reference(weight, 7, *(sides["roots"] if form == "grams" else (left, right)))
+        f = factorize(weight, 7, left, right)
+        torch.testing.assert_close(product(f), expected, msg=form)
+        torch.testing.assert_close(f.singular_values, spectrum, msg=form)
+        torch.testing.assert_close(weighted_spectrum(weight, left, right), spectrum, msg=form)
+
+
+def test_a_kept_decomposition_gives_the_same_factors_at_every_rank(weight):
+    c, g = _grams()
+    w = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 1e-3)
+    eigen = weighted_eigen(weight, w.left, w.right)
+    torch.testing.assert_close(eigen.singular_values, weighted_spectrum(weight, w.left, w.right))
+    for rank in (1, 7, 24):
+        kept, fresh = factorize(weight, rank, w.left, w.right, eigen), factorize(weight, rank, w.left, w.right)
+        assert torch.equal(kept.first, fresh.first) and torch.equal(kept.second, fresh.second)
+
+
+def test_a_rank_beyond_the_weights_own_gives_finite_factors_and_the_exact_weight():
+    gen = torch.Generator().manual_seed(2)
+    for out_f, in_f in ((30, 12), (12, 30)):
+        weight = torch.randn(out_f, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+            3, in_f, generator=gen, dtype=torch.float64
+        )  # rank 3: ranks 4..12 reach into its null space
+        f = factorize(weight, 10, right=torch.rand(in_f, generator=gen, dtype=torch.float64) + 0.5)
+        assert torch.isfinite(f.first).all() and torch.isfinite(f.second).all()
+        torch.testing.assert_close(product(f), weight)
+    zero = factorize(torch.zeros(8, 5, dtype=torch.float64), 2)
+    assert torch.equal(product(zero), torch.zeros(8, 5, dtype=torch.float64))
 
 
 def test_balancing_keeps_the_product_and_equalises_factor_scales():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .batch import Batch
-from .lowrank import Factors, LowRankLinear, Side, factorize, linear_weight, pays_off, rank_for_ratio
+from .lowrank import Eigen, Factors, LowRankLinear, Side, factorize, linear_weight, pays_off, rank_for_ratio
 from .modules import set_module
 
 BLENDS = (0.25, 0.5, 0.75)  # weight of the global ranks in the blended candidates
@@ -30,6 +30,7 @@ class Layer:
     module: nn.Module  # the dense layer
     left: Side
     right: Side
+    eigen: Eigen | None = None  # the weighted decomposition the spectrum already took
 
 
 def held_out(calibration: list[Batch], fraction: float) -> tuple[list[Batch], list[Batch]]:
@@ -113,7 +114,7 @@ def choose(
     options = {k: v for k, v in options.items() if k in ("uniform", "global") or _params(layers, v) <= budget}
     top = {layer.name: max([r[layer.name] or 0 for r in options.values()]) for layer in layers}
     factors = {
-        layer.name: factorize(linear_weight(layer.module), top[layer.name], layer.left, layer.right)
+        layer.name: factorize(linear_weight(layer.module), top[layer.name], layer.left, layer.right, layer.eigen)
         for layer in layers
         if top[layer.name]
     }

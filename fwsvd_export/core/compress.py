@@ -23,6 +23,7 @@ from .allocation_check import Layer, candidates, choose, held_out
 from .batch import Batch, LossFn
 from .families import family_of
 from .lowrank import (
+    GramSide,
     LowRankLinear,
     balance_,
     break_even_rank,
@@ -31,6 +32,7 @@ from .lowrank import (
     nonfinite,
     pays_off,
     rank_for_ratio,
+    weighted_eigen,
     weighted_spectrum,
 )
 from .methods import Method, Weighting, get_method
@@ -385,10 +387,10 @@ def _checked(
     reused: bool,
 ) -> dict[str, int | None]:
     """The allocation that wins the check on held-out calibration batches; recorded in `result`."""
-    layers = [
-        Layer(p.name, p.in_features, p.out_features, todo[p.name], weightings[p.name].left, weightings[p.name].right)
-        for p in allocated
-    ]
+    layers = []
+    for p in allocated:
+        w = weightings[p.name]
+        layers.append(Layer(p.name, p.in_features, p.out_features, todo[p.name], w.left, w.right, w.eigen))
     options = candidates(layers, ranks, budget, spec.multiple)
     winner, scores = choose(model, layers, options, budget, check, loss_fn)
     result.allocation = {
@@ -714,17 +716,35 @@ def _weigh(
     """The weighted spectra of the layers in `mine` (those the budget allocates that this rank owns), and
     with `keep` their weightings (the allocation check factorizes with them). Without `keep` each weighting
     is let go once its spectrum is taken and is built again when its layer is factorized: held for every
-    layer at once, kfac's float64 side weights outweigh the model (benchmarks/logs/scaling.md)."""
+    layer at once, kfac's float64 side weights outweigh the model (benchmarks/logs/scaling.md). A kept
+    weighting keeps the layer's decomposition too where that is no larger (`_worth_keeping`): the check's
+    and the final factorization then skip their costliest step."""
     weightings, spectra = {}, {}
     for p in tqdm(mine, desc="weighted spectra", unit="layer", disable=not progress):
+        weight = linear_weight(todo[p.name])
         with threads_for(p.out_features, p.in_features):
             weighting = method.build(stats[p.name], spec.damping)
-            spectra[p.name] = weighted_spectrum(
-                linear_weight(todo[p.name]), weighting.left, weighting.right
-            ) * method.spectrum_scale(p.in_features, p.out_features)
+            if keep and _worth_keeping(weighting, p):
+                weighting.eigen = weighted_eigen(weight, weighting.left, weighting.right)
+                spectrum = weighting.eigen.singular_values
+            else:
+                spectrum = weighted_spectrum(weight, weighting.left, weighting.right)
+        spectra[p.name] = spectrum * method.spectrum_scale(p.in_features, p.out_features)
         if keep:
             weightings[p.name] = weighting
     return weightings, spectra
+
+
+def _worth_keeping(weighting: Weighting, plan: LayerPlan) -> bool:
+    """Whether a layer's decomposition (min(in, out)^2 values) is no larger than the weighting it is kept
+    beside: so with Gram sides, which it at most doubles, not with diagonal ones, which it would outweigh
+    many times for a smaller saving."""
+    held = sum(
+        side.gram.numel() if isinstance(side, GramSide) else side.numel()
+        for side in (weighting.left, weighting.right)
+        if side is not None
+    )
+    return min(plan.in_features, plan.out_features) ** 2 <= held
 
 
 def _blocks(plans: list[LayerPlan]) -> list[list[LayerPlan]]:
@@ -751,7 +771,7 @@ def _factor(
 ) -> _Factored:
     """One layer's factorization at `plan.rank`, balanced and checked finite, with its report row's notes."""
     assert plan.rank is not None, "only layers given a rank are factorized"
-    module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right)
+    module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right, weighting.eigen)
     if spec.balance_factors:
         balance_(module)
     bad = next(filter(None, (nonfinite(p.detach()) for p in module.parameters())), "")

@@ -11,14 +11,16 @@ P (output side) and Q (input side) of the weighted factorization in ``lowrank.py
 
 kfac contains the others: G = I gives svd-llm; a diagonal input side with G = I gives fwsvd.
 Every weight is damped by `damping` times its mean diagonal, so zero-importance features and
-singular Grams never produce inf or NaN; when a Gram still is not positive definite, an
-eigenvalue-clipped square root is used instead and the layer's notes say so.
+singular Grams never produce inf or NaN. A full Gram is handed on damped (``GramSide``) and rooted only
+where the factorization needs it, on the layer's narrower side; when it still is not positive definite
+there, an eigenvalue-clipped square root is used instead and the layer's notes say so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..errors import FwsvdError
@@ -26,7 +28,7 @@ from ..errors import FwsvdError
 if TYPE_CHECKING:  # torch is imported where a method runs: CompressionSpec (and a recipe) reads only the names
     import torch
 
-    from .lowrank import Side
+    from .lowrank import Eigen, Side
     from .statistics import LayerStats
 
 ASVD_ALPHA = 0.5
@@ -37,6 +39,7 @@ class Weighting:
     left: Side = None
     right: Side = None
     notes: list[str] = field(default_factory=list)
+    eigen: Eigen | None = None  # set by whoever computes the layer's decomposition and keeps the weighting
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class Method:
     spectrum_scale: Callable[[int, int], float] = lambda d_in, d_out: 1.0
 
 
-def _diagonal(values: torch.Tensor, damping: float, what: str) -> Weighting:
+def _diagonal(values: torch.Tensor, damping: float, what: str, power: float) -> Weighting:
+    """Input side diag(v^power) from per-feature importances v, floored at damping x their mean."""
     import torch
 
     values = values.double().clamp(min=0)
@@ -63,18 +67,19 @@ def _diagonal(values: torch.Tensor, damping: float, what: str) -> Weighting:
     low = int((values < floor).sum())
     if low:
         notes.append(f"{low} input features with {what} below {damping:g} x mean were floored")
-    return Weighting(right=values.clamp(min=floor), notes=notes)
+    return Weighting(right=values.clamp(min=floor).pow(power), notes=notes)
 
 
 def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """A float64 copy with damping x its mean diagonal added to the diagonal. The Gram is used as gathered:
+    the host mirrors its triangle and a device's product is symmetric to rounding, so no symmetrizing pass
+    (a transposed read of a 4864-wide side costs more than its Cholesky's setup)."""
     import torch
 
-    gram = gram.double()
-    gram = (gram + gram.T) / 2
-    scale = float(gram.diagonal().mean())
-    if scale <= 0:
-        scale = 1.0
-    return gram + damping * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    damped = gram.to(torch.float64, copy=True)
+    scale = float(damped.diagonal().mean())
+    damped.diagonal().add_(damping * (scale if scale > 0 else 1.0))
+    return damped
 
 
 def _clipped_eigh(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -92,13 +97,12 @@ def _diagonal_root(diag: torch.Tensor, damping: float, side: str, notes: list[st
     return (diag + damping * max(float(diag.mean()), 1e-12)).sqrt()
 
 
-def _root(gram: torch.Tensor, damping: float, notes: list[str], what: str) -> torch.Tensor:
-    """R with R R^T = C (damped): the lower Cholesky factor, or an eigen fallback when C is not PD.
+def _root(damped: torch.Tensor, damping: float, notes: list[str], what: str) -> torch.Tensor:
+    """R with R R^T = C: the lower Cholesky factor, or an eigen fallback when C is not PD.
     Any such R gives the same truncation (||R^T M|| = ||C^1/2 M||), and Cholesky costs a small fraction
     of an eigendecomposition; a triangular R also makes the unwhitening a triangular solve (lowrank.py)."""
     import torch
 
-    damped = _damped(gram, damping)
     factor: torch.Tensor
     factor, info = torch.linalg.cholesky_ex(damped)  # torch's linalg bindings are typed as returning Any
     if int(info) == 0 and torch.isfinite(factor).all():
@@ -108,18 +112,28 @@ def _root(gram: torch.Tensor, damping: float, notes: list[str], what: str) -> to
     return vectors * values.sqrt()[None, :]
 
 
-def input_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
-    """Q with Q Q^T = C (damped): lower triangular, or a diagonal from a Gram gathered as its diagonal."""
+def _output_root(damped: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
+    return _root(damped, damping, notes, "output-gradient").T
+
+
+def input_side(gram: torch.Tensor, damping: float, notes: list[str]) -> Side:
+    """Q with Q Q^T = C (damped): a diagonal from a Gram gathered as its diagonal, else the damped Gram whose
+    lower Cholesky factor is taken when the factorization needs it (only on a layer's narrower side)."""
+    from .lowrank import GramSide
+
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "input", notes)
-    return _root(gram, damping, notes, "input")
+    return GramSide(_damped(gram, damping), partial(_root, damping=damping, notes=notes, what="input"))
 
 
-def output_root(gram: torch.Tensor, damping: float, notes: list[str]) -> torch.Tensor:
-    """P with P^T P = G (damped): upper triangular (the transposed Cholesky factor), or a diagonal."""
+def output_side(gram: torch.Tensor, damping: float, notes: list[str]) -> Side:
+    """P with P^T P = G (damped): a diagonal, or the damped Gram rooted on demand (the transposed Cholesky
+    factor, upper triangular)."""
+    from .lowrank import GramSide
+
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "output", notes)
-    return _root(gram, damping, notes, "output-gradient").T
+    return GramSide(_damped(gram, damping), partial(_output_root, damping=damping, notes=notes))
 
 
 def _needed(stats: LayerStats, name: str) -> torch.Tensor:
@@ -135,33 +149,27 @@ def _svd(stats: LayerStats, damping: float) -> Weighting:
 
 
 def _fwsvd(stats: LayerStats, damping: float) -> Weighting:
-    w = _diagonal(_needed(stats, "fisher"), damping, "Fisher")
-    if w.right is not None:
-        w.right = w.right.sqrt()
-    return w
+    return _diagonal(_needed(stats, "fisher"), damping, "Fisher", 0.5)
 
 
 def _asvd(stats: LayerStats, damping: float) -> Weighting:
-    w = _diagonal(_needed(stats, "input_abs"), damping, "activation")
-    if w.right is not None:
-        w.right = w.right.pow(ASVD_ALPHA)
-    return w
+    return _diagonal(_needed(stats, "input_abs"), damping, "activation", ASVD_ALPHA)
 
 
 def _svd_llm(stats: LayerStats, damping: float) -> Weighting:
     notes: list[str] = []
-    return Weighting(right=input_root(_needed(stats, "input_gram"), damping, notes), notes=notes)
+    return Weighting(right=input_side(_needed(stats, "input_gram"), damping, notes), notes=notes)
 
 
 def _kfac(stats: LayerStats, damping: float) -> Weighting:
     notes: list[str] = []
-    right = input_root(_needed(stats, "input_gram"), damping, notes)
+    right = input_side(_needed(stats, "input_gram"), damping, notes)
     output_gram = _needed(stats, "output_gram")
     out_diag = output_gram if output_gram.dim() == 1 else output_gram.diagonal()
     if float(out_diag.sum()) <= 0:
         notes.append("no output-gradient signal; input side only (svd-llm)")
         return Weighting(right=right, notes=notes)
-    return Weighting(left=output_root(output_gram, damping, notes), right=right, notes=notes)
+    return Weighting(left=output_side(output_gram, damping, notes), right=right, notes=notes)
 
 
 METHODS: dict[str, Method] = {
