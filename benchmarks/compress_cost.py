@@ -6,9 +6,9 @@ timings of factorization_cost.py leave out what the pipeline adds around them (t
 global budget, the model's own layers); this runs the whole step: a seeded random Llama-style decoder of the
 shapes given (random weights: what the steps cost does not depend on training), `--batches` x `--batch` x
 `--tokens` random token ids scored by the text-generation task's loss, then `compress_` with kfac on every
-decoder Linear, once per `--specs` entry. `CompressionResult.seconds` reports the two steps. Each `--code` folder
-(e.g. `git archive <commit> fwsvd_export | tar -x -C /tmp/before`) runs in its own worker process, alternating
-over `--rounds`.
+decoder Linear. `CompressionResult.seconds` reports the two steps. Each `--specs` entry and each `--code` folder
+(e.g. `git archive <commit> fwsvd_export | tar -x -C /tmp/before`) runs in a fresh worker process (its peak
+resident memory recorded; one the system kills is recorded as failed), the code versions alternating.
 
     python benchmarks/compress_cost.py --code /tmp/before,. --json benchmarks/results/compress_cost.json
     python benchmarks/compress_cost.py --report --json benchmarks/results/compress_cost.json
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,49 +38,59 @@ def parse_spec(text: str) -> dict[str, float | int]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """Seconds of each compress_ step per spec, with the package of PYTHONPATH."""
+    """Seconds of each compress_ step for one spec, and the process's peak memory, with the package of
+    PYTHONPATH."""
     from checkpointing import build
 
     from fwsvd_export.core.compress import compress_
     from fwsvd_export.core.spec import CompressionSpec
     from fwsvd_export.stages.tasks import TASKS
 
-    out = {}
-    for text in args.specs.split(";"):
-        model, batches = build(args)
-        spec = CompressionSpec(method="kfac", **parse_spec(text))  # the family's attention and MLP projections
-        dense = sum(p.numel() for p in model.parameters())
-        result = compress_(model, spec, batches, TASKS["text-generation"].loss, progress=False)
-        kept = sum(p.numel() for p in model.parameters()) / dense
-        out[text] = {"seconds": result.seconds, "model_params_kept": kept}
-    return out
+    model, batches = build(args)
+    spec = CompressionSpec(method="kfac", **parse_spec(args.specs))  # the family's attention and MLP projections
+    dense = sum(p.numel() for p in model.parameters())
+    result = compress_(model, spec, batches, TASKS["text-generation"].loss, progress=False)
+    return {
+        "seconds": result.seconds,
+        "model_params_kept": sum(p.numel() for p in model.parameters()) / dense,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
-def run_arm(code: str, args: argparse.Namespace) -> dict:
+def run_spec(code: str, spec: str, args: argparse.Namespace) -> dict:
+    """One spec in a fresh worker; a worker the system killed (out of memory) is recorded, not fatal."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(code).resolve()), str(Path(__file__).parent)])}
-    argv = [sys.executable, __file__, "--_worker", "--specs", args.specs, "--tokens", str(args.tokens)]
+    argv = [sys.executable, __file__, "--_worker", "--specs", spec, "--tokens", str(args.tokens)]
     argv += ["--batch", str(args.batch), "--batches", str(args.batches)]
     argv += [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in QWEN]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
-    return {"specs": json.loads(done.stdout.strip().splitlines()[-1])}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode:
+        return {"failed": f"exit {done.returncode}", "stderr_tail": done.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def table(result: dict) -> str:
-    """Per code and spec: the median seconds of the two steps over rounds, and their ratio."""
+    """Per code and spec: the median seconds of the two steps over rounds, their ratio and the peak memory."""
     rows: dict[tuple[str, str], list[dict]] = {}
     for run in result["runs"]:
-        for spec, measured in run["specs"].items():
-            rows.setdefault((run["code"], spec), []).append(measured)
+        rows.setdefault((run["code"], run["spec"]), []).append(run)
     lines = [
         f"`{result['run']['command']}`, {result['run']['date']}, {result['run']['machine']}",
         "",
-        "| code | spec | statistics s | factorize s | factorize / statistics | rounds |",
-        "|---|---|---:|---:|---:|---:|",
+        "| code | spec | statistics s | factorize s | factorize / statistics | peak GiB | rounds |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for (code, spec), runs in rows.items():
+        done = [r for r in runs if "failed" in r] or runs
+        if "failed" in done[0]:
+            lines.append(f"| {code} | {spec} | - | - | {done[0]['failed']} | - | {len(runs)} |")
+            continue
         stats = statistics.median(r["seconds"]["statistics"] for r in runs)
         factorize = statistics.median(r["seconds"]["factorize"] for r in runs)
-        lines.append(f"| {code} | {spec} | {stats:.1f} | {factorize:.1f} | {factorize / stats:.2f} | {len(runs)} |")
+        peak = max(r["peak_rss_gib"] for r in runs)
+        lines.append(
+            f"| {code} | {spec} | {stats:.1f} | {factorize:.1f} | {factorize / stats:.2f} | {peak:.1f} | {len(runs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -105,9 +116,10 @@ def main() -> int:
         return 0
     runs = []
     for r in range(args.rounds):
-        for code in args.code.split(","):
-            runs.append({"code": code, "round": r, **run_arm(code, args)})
-            print(json.dumps(runs[-1]), flush=True)
+        for spec in args.specs.split(";"):
+            for code in args.code.split(","):
+                runs.append({"code": code, "spec": spec, "round": r, **run_spec(code, spec, args)})
+                print(json.dumps(runs[-1]), flush=True)
     kept = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "report")}
     result = {"run": run_info(__file__), "args": kept, "runs": runs}
     if args.json:

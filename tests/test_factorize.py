@@ -189,11 +189,11 @@ def _reference(weight, rank, left, right):
     return torch.linalg.solve(p, u[:, :rank] * s[:rank]) @ vh[:rank] @ torch.linalg.inv(q), s
 
 
-def _unrootable(gram):
+def _unrootable(side):
     def refuse(_):
         raise AssertionError("the wider side was rooted")
 
-    return GramSide(gram, refuse)
+    return GramSide(side.gram, side.shift, refuse)
 
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)], ids=["wide", "tall", "square"])
@@ -208,8 +208,8 @@ def test_every_side_form_and_shape_gives_the_svd_truncation_rooting_only_the_nar
         "diagonal": (torch.rand(out_f, dtype=torch.float64) + 0.1, torch.rand(in_f, dtype=torch.float64) + 0.1),
         "roots": (root(kfac.left), root(kfac.right)),
         "grams": (
-            _unrootable(kfac.left.gram) if wide_left else kfac.left,
-            _unrootable(kfac.right.gram) if wide_right else kfac.right,
+            _unrootable(kfac.left) if wide_left else kfac.left,
+            _unrootable(kfac.right) if wide_right else kfac.right,
         ),
     }
     for form, (left, right) in sides.items():
@@ -218,6 +218,17 @@ def test_every_side_form_and_shape_gives_the_svd_truncation_rooting_only_the_nar
         torch.testing.assert_close(product(f), expected, msg=form)
         torch.testing.assert_close(f.singular_values, spectrum, msg=form)
         torch.testing.assert_close(weighted_spectrum(weight, left, right), spectrum, msg=form)
+
+
+def test_gram_sides_hold_the_statistics_themselves_damped_on_the_diagonal_and_leave_them_unchanged(weight):
+    c, g = (m.float() for m in _grams())
+    before = c.clone(), g.clone()
+    w = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 1e-2)
+    assert w.left.gram is g and w.right.gram is c  # no copy, whatever number of layers a check keeps
+    eye = torch.eye(40, dtype=torch.float64)
+    torch.testing.assert_close(w.right.matrix(), c.double() + 1e-2 * float(c.diagonal().mean()) * eye)
+    factorize(weight, 6, w.left, w.right)
+    assert torch.equal(c, before[0]) and torch.equal(g, before[1])
 
 
 def test_a_kept_decomposition_gives_the_same_factors_at_every_rank(weight):

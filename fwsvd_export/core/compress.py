@@ -736,15 +736,12 @@ def _weigh(
 
 
 def _worth_keeping(weighting: Weighting, plan: LayerPlan) -> bool:
-    """Whether a layer's decomposition (min(in, out)^2 values) is no larger than the weighting it is kept
-    beside: so with Gram sides, which it at most doubles, not with diagonal ones, which it would outweigh
-    many times for a smaller saving."""
-    held = sum(
-        side.gram.numel() if isinstance(side, GramSide) else side.numel()
-        for side in (weighting.left, weighting.right)
-        if side is not None
-    )
-    return min(plan.in_features, plan.out_features) ** 2 <= held
+    """Whether to keep a layer's decomposition beside its weighting: when it and the narrower side's root
+    (2 min(in, out)^2 values) are no more than the layer's Gram statistics, held anyway. So for kfac's full
+    sides and svd-llm's wide layers, where the wide Gram's product is the step it saves; not for a diagonal
+    weighting, beside which it would be the largest thing held."""
+    grams = sum(side.gram.numel() for side in (weighting.left, weighting.right) if isinstance(side, GramSide))
+    return 2 * min(plan.in_features, plan.out_features) ** 2 <= grams
 
 
 def _blocks(plans: list[LayerPlan]) -> list[list[LayerPlan]]:

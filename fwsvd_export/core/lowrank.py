@@ -40,16 +40,29 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 
 @dataclass
 class GramSide:
-    """A full side weight given by its damped Gram, G = P^T P (output side) or C = Q Q^T (input side).
-    `make_root` takes its root (P or Q) when a factorization needs it, once: only on the layer's narrower side."""
+    """A full side weight given by its Gram, G = P^T P (output side) or C = Q Q^T (input side): the calibration
+    statistic itself, never copied (a check that keeps every layer's weighting holds no float64 side), with
+    `shift` added to its diagonal (the damping). `make_root` takes the root P or Q of the shifted matrix when a
+    factorization needs it, once: only on the layer's narrower side."""
 
     gram: torch.Tensor
+    shift: float
     make_root: Callable[[torch.Tensor], torch.Tensor]
     _root: torch.Tensor | None = field(default=None, repr=False)
 
+    def matrix(self) -> torch.Tensor:
+        """The shifted Gram, a new float64 tensor."""
+        shifted = self.gram.to(torch.float64, copy=True)
+        shifted.diagonal().add_(self.shift)
+        return shifted
+
+    def times(self, m: torch.Tensor) -> torch.Tensor:
+        """(gram + shift I) @ m, in float64."""
+        return torch.addmm(m, self.gram.double(), m, beta=self.shift)
+
     def root(self) -> torch.Tensor:
         if self._root is None:
-            self._root = self.make_root(self.gram)
+            self._root = self.make_root(self.matrix())
         return self._root
 
 
@@ -191,7 +204,7 @@ def _root(side: Side) -> Root:
 def _gram_left(side: Side, m: torch.Tensor) -> torch.Tensor:
     """G @ m with G = P^T P, from whichever form the output side has."""
     if isinstance(side, GramSide):
-        return side.gram @ m
+        return side.times(m)
     root = _f64(side)
     return _left_apply(_transposed(root), _left_apply(root, m))
 
@@ -199,7 +212,7 @@ def _gram_left(side: Side, m: torch.Tensor) -> torch.Tensor:
 def _gram_right(m: torch.Tensor, side: Side) -> torch.Tensor:
     """m @ C with C = Q Q^T, from whichever form the input side has."""
     if isinstance(side, GramSide):
-        return m @ side.gram
+        return side.times(m.T).T  # C is symmetric
     root = _f64(side)
     return _right_apply(_right_apply(m, root), _transposed(root))
 

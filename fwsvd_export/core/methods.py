@@ -11,9 +11,10 @@ P (output side) and Q (input side) of the weighted factorization in ``lowrank.py
 
 kfac contains the others: G = I gives svd-llm; a diagonal input side with G = I gives fwsvd.
 Every weight is damped by `damping` times its mean diagonal, so zero-importance features and
-singular Grams never produce inf or NaN. A full Gram is handed on damped (``GramSide``) and rooted only
-where the factorization needs it, on the layer's narrower side; when it still is not positive definite
-there, an eigenvalue-clipped square root is used instead and the layer's notes say so.
+singular Grams never produce inf or NaN. A full Gram is handed on as gathered with its damping
+(``GramSide``) and rooted only where the factorization needs it, on the layer's narrower side; when it
+still is not positive definite there, an eigenvalue-clipped square root is used instead and the layer's
+notes say so.
 """
 
 from __future__ import annotations
@@ -70,16 +71,10 @@ def _diagonal(values: torch.Tensor, damping: float, what: str, power: float) -> 
     return Weighting(right=values.clamp(min=floor).pow(power), notes=notes)
 
 
-def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """A float64 copy with damping x its mean diagonal added to the diagonal. The Gram is used as gathered:
-    the host mirrors its triangle and a device's product is symmetric to rounding, so no symmetrizing pass
-    (a transposed read of a 4864-wide side costs more than its Cholesky's setup)."""
-    import torch
-
-    damped = gram.to(torch.float64, copy=True)
-    scale = float(damped.diagonal().mean())
-    damped.diagonal().add_(damping * (scale if scale > 0 else 1.0))
-    return damped
+def _shift(gram: torch.Tensor, damping: float) -> float:
+    """What damping adds to a Gram's diagonal: `damping` x its mean diagonal (1 for an all-zero Gram)."""
+    scale = float(gram.diagonal().double().mean())
+    return damping * (scale if scale > 0 else 1.0)
 
 
 def _clipped_eigh(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -117,23 +112,23 @@ def _output_root(damped: torch.Tensor, damping: float, notes: list[str]) -> torc
 
 
 def input_side(gram: torch.Tensor, damping: float, notes: list[str]) -> Side:
-    """Q with Q Q^T = C (damped): a diagonal from a Gram gathered as its diagonal, else the damped Gram whose
-    lower Cholesky factor is taken when the factorization needs it (only on a layer's narrower side)."""
+    """Q with Q Q^T = C (damped): a diagonal from a Gram gathered as its diagonal, else the Gram and its damping,
+    whose lower Cholesky factor is taken when the factorization needs it (only on a layer's narrower side)."""
     from .lowrank import GramSide
 
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "input", notes)
-    return GramSide(_damped(gram, damping), partial(_root, damping=damping, notes=notes, what="input"))
+    return GramSide(gram, _shift(gram, damping), partial(_root, damping=damping, notes=notes, what="input"))
 
 
 def output_side(gram: torch.Tensor, damping: float, notes: list[str]) -> Side:
-    """P with P^T P = G (damped): a diagonal, or the damped Gram rooted on demand (the transposed Cholesky
-    factor, upper triangular)."""
+    """P with P^T P = G (damped): a diagonal, or the Gram and its damping, rooted on demand (the transposed
+    Cholesky factor, upper triangular)."""
     from .lowrank import GramSide
 
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "output", notes)
-    return GramSide(_damped(gram, damping), partial(_output_root, damping=damping, notes=notes))
+    return GramSide(gram, _shift(gram, damping), partial(_output_root, damping=damping, notes=notes))
 
 
 def _needed(stats: LayerStats, name: str) -> torch.Tensor:
