@@ -399,20 +399,22 @@ def test_the_allocation_check_keeps_the_global_allocation_when_it_is_better(bert
     assert result.summary()["targeted_kept_ratio"] <= 0.4 + 1e-9
 
 
-@pytest.mark.parametrize("method, once", [("kfac", True), ("fwsvd", False)])
-def test_with_the_check_a_gram_weighted_layer_is_decomposed_once(bert, batches, monkeypatch, method, once):
+@pytest.mark.parametrize(
+    "method, check, once", [("kfac", 0.2, True), ("kfac", 0.0, True), ("fwsvd", 0.2, False)], ids=str
+)
+def test_under_a_budget_a_gram_weighted_layer_is_decomposed_once(bert, batches, monkeypatch, method, check, once):
     """kfac's decomposition is kept from the spectrum for the check's and the final factorization; a diagonal
-    weighting's is not (it would outweigh the weighting), so fwsvd decomposes again for each."""
+    weighting's is not (it would be the largest thing held), so fwsvd decomposes again for each."""
     from fwsvd_export.core import lowrank
 
     narrow_grams = []
     real = lowrank._narrow_gram
     monkeypatch.setattr(lowrank, "_narrow_gram", lambda *a: narrow_grams.append(1) or real(*a))
     loss = TASKS["text-classification"].loss
-    spec = CompressionSpec(method=method, target=TARGET, budget=0.4)
+    spec = CompressionSpec(method=method, target=TARGET, budget=0.4, allocation_check=check)
     result = compress_(bert, spec, batches, loss, progress=False)
     allocated = sum(p.allocate for p in result.layers)
-    assert result.allocation["check_batches"] > 0 and result.compressed
+    assert bool(result.allocation.get("check_batches")) == bool(check) and result.compressed
     assert len(narrow_grams) == allocated if once else len(narrow_grams) >= allocated + len(result.compressed)
 
 

@@ -713,24 +713,23 @@ def _weigh(
     keep: bool,
     progress: bool,
 ) -> tuple[dict[str, Weighting], dict[str, torch.Tensor]]:
-    """The weighted spectra of the layers in `mine` (those the budget allocates that this rank owns), and
-    with `keep` their weightings (the allocation check factorizes with them). Without `keep` each weighting
-    is let go once its spectrum is taken and is built again when its layer is factorized: held for every
-    layer at once, kfac's float64 side weights outweigh the model (benchmarks/logs/scaling.md). A kept
-    weighting keeps the layer's decomposition too where that is no larger (`_worth_keeping`): the check's
-    and the final factorization then skip their costliest step."""
+    """The weighted spectra of the layers in `mine` (those the budget allocates that this rank owns), and the
+    weightings kept for their factorizations: all of them with `keep` (the allocation check factorizes with
+    them), else those whose decomposition is worth keeping (`_worth_keeping`), kept with it so that the final
+    factorization skips its costliest step. The rest are built again when their layer is factorized. A Gram
+    side references its statistic, so a kept weighting adds little beyond its narrow root and decomposition."""
     weightings, spectra = {}, {}
     for p in tqdm(mine, desc="weighted spectra", unit="layer", disable=not progress):
         weight = linear_weight(todo[p.name])
         with threads_for(p.out_features, p.in_features):
             weighting = method.build(stats[p.name], spec.damping)
-            if keep and _worth_keeping(weighting, p):
+            if _worth_keeping(weighting, p):
                 weighting.eigen = weighted_eigen(weight, weighting.left, weighting.right)
                 spectrum = weighting.eigen.singular_values
             else:
                 spectrum = weighted_spectrum(weight, weighting.left, weighting.right)
         spectra[p.name] = spectrum * method.spectrum_scale(p.in_features, p.out_features)
-        if keep:
+        if keep or weighting.eigen is not None:
             weightings[p.name] = weighting
     return weightings, spectra
 
