@@ -241,6 +241,20 @@ def test_a_kept_decomposition_gives_the_same_factors_at_every_rank(weight):
         assert torch.equal(kept.first, fresh.first) and torch.equal(kept.second, fresh.second)
 
 
+def test_factors_do_not_flip_sign_when_the_statistics_change_by_rounding(weight):
+    """The eigensolver's signs are arbitrary; two processes' summed statistics differ from one's by rounding,
+    and their factors must agree (tests/test_distributed.py compares whole runs)."""
+    c, g = _grams()
+    w = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 1e-3)
+    eigen = weighted_eigen(weight, w.left, w.right)
+    top = eigen.vectors.gather(0, eigen.vectors.abs().argmax(dim=0, keepdim=True))
+    assert (top > 0).all()
+    nudged = METHODS["kfac"].build(LayerStats({"input_gram": c * (1 + 1e-12), "output_gram": g}), 1e-3)
+    a, b = factorize(weight, 7, w.left, w.right), factorize(weight, 7, nudged.left, nudged.right)
+    torch.testing.assert_close(a.first, b.first)
+    torch.testing.assert_close(a.second, b.second)
+
+
 def test_a_rank_beyond_the_weights_own_gives_finite_factors_and_the_exact_weight():
     gen = torch.Generator().manual_seed(2)
     for out_f, in_f in ((30, 12), (12, 30)):

@@ -251,8 +251,12 @@ class Eigen:
 
 
 def weighted_eigen(weight: torch.Tensor, left: Side = None, right: Side = None) -> Eigen:
+    """Each eigenvector signed so that its largest entry is positive: the solver's sign is arbitrary and can
+    flip under rounding-level changes of the statistics (two processes' sums against one's), and the factors
+    would flip with it."""
     values, vectors = torch.linalg.eigh(_narrow_gram(weight.detach().double(), left, right))
-    return Eigen(values, vectors)
+    signs = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True)).sign()
+    return Eigen(values, vectors * torch.where(signs == 0, 1.0, signs))
 
 
 def factorize(
