@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,22 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _redelivering(previous: Callable[[sys.UnraisableHookArgs], object]) -> Callable[[sys.UnraisableHookArgs], None]:
+    """An unraisable-exception hook that sends a swallowed signal again. A handler's exception raised while
+    Python runs a finalizer or a weakref callback is only printed ("Exception ignored in ...") and the run would
+    go on; resent from a short timer thread, it lands in ordinary code instead of in this hook."""
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, KeyboardInterrupt):
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        previous(unraisable)
+
+    return hook
+
+
 @contextlib.contextmanager
 def _termination_as_interrupt() -> Iterator[None]:
     """Meanwhile, each terminating signal raises `Interrupted`, so staged output is removed as for Ctrl-C. A
@@ -53,9 +70,11 @@ def _termination_as_interrupt() -> Iterator[None]:
     for signum, handler in found.items():
         if handler is not signal.SIG_IGN:
             signal.signal(signum, _raise_interrupted)
+    unraisable, sys.unraisablehook = sys.unraisablehook, _redelivering(sys.unraisablehook)
     try:
         yield
     finally:
+        sys.unraisablehook = unraisable
         for signum, handler in found.items():  # None: a handler set outside Python, not restorable from here
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 

@@ -386,3 +386,30 @@ def test_a_signal_during_the_swap_arrives_after_it_and_says_the_output_is_comple
     assert f"just after the results were moved into place: {earlier_run.resolve()} is complete" in result.output
     assert json.loads((earlier_run / "report.json").read_text())["recipe"]["compression"]["ratio"] == 0.3
     assert leftovers(tmp_path) == []
+
+
+def test_a_signal_swallowed_by_a_weakref_callback_still_interrupts_the_run():
+    """Python only prints an exception raised in a weakref callback or finalizer; a terminating signal that
+    lands there is sent again, so the command still stops (a CI run once hung this way mid-latency)."""
+    code = """
+import os, signal, sys, time, weakref
+from fwsvd_export.cli import Interrupted, _termination_as_interrupt
+
+class Held: pass
+
+def callback(_):
+    os.kill(os.getpid(), signal.SIGTERM)
+    sum(range(10000))  # the handler runs here, inside the callback, and Python swallows its exception
+
+with _termination_as_interrupt():
+    try:
+        held = Held()
+        ref = weakref.ref(held, callback)
+        del held
+        time.sleep(5)
+        print("not interrupted")
+    except Interrupted as exc:
+        print("interrupted", exc.signum == signal.SIGTERM)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "interrupted True", done.stdout + done.stderr
