@@ -6,6 +6,7 @@ from torch import nn
 
 from fwsvd_export.core.lowrank import (
     GramSide,
+    ProjectedSide,
     break_even_rank,
     factorize,
     low_rank_from_linear,
@@ -218,6 +219,32 @@ def test_every_side_form_and_shape_gives_the_svd_truncation_rooting_only_the_nar
         torch.testing.assert_close(product(f), expected, msg=form)
         torch.testing.assert_close(f.singular_values, spectrum, msg=form)
         torch.testing.assert_close(weighted_spectrum(weight, left, right), spectrum, msg=form)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
+def test_a_wider_side_gathered_through_the_weight_gives_the_same_factors_as_its_gram(shape):
+    """The statistics pass gathers a layer's wider side as W C W^T or W^T G W beside its diagonal: the
+    factorization, damping included, is the one its whole Gram gives."""
+    out_f, in_f = shape
+    weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    c, g = _grams(in_f, out_f)
+    whole = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 1e-2)
+    if in_f > out_f:
+        stats = {"input_gram": c.diagonal(), "projected_input_gram": weight @ c @ weight.T, "output_gram": g}
+    else:
+        stats = {"input_gram": c, "output_gram": g.diagonal(), "projected_output_gram": weight.T @ g @ weight}
+    projected = METHODS["kfac"].build(LayerStats(stats), 1e-2)
+    assert isinstance(projected.right if in_f > out_f else projected.left, ProjectedSide)
+    for rank in (1, 7, 24):
+        expected, f = (
+            factorize(weight, rank, whole.left, whole.right),
+            factorize(weight, rank, projected.left, projected.right),
+        )
+        torch.testing.assert_close(product(f), product(expected))
+        torch.testing.assert_close(f.singular_values, expected.singular_values)
+    narrow = ProjectedSide(torch.eye(min(shape), dtype=torch.float64), 0.0)  # on the side that must be rooted
+    with pytest.raises(ValueError, match="never roots"):
+        factorize(weight, 3, *((narrow, None) if in_f > out_f else (None, narrow)))
 
 
 def test_gram_sides_hold_the_statistics_themselves_damped_on_the_diagonal_and_leave_them_unchanged(weight):

@@ -71,13 +71,24 @@ def test_per_sample_fisher_for_a_causal_lm(llama_dir, tokenizer, data_dir):
         torch.testing.assert_close(stats[name].fisher.double(), expected[name], rtol=2e-3, atol=1e-9)
 
 
-@pytest.mark.parametrize("intermediate", [96, 1000], ids=["one-block", "several-blocks"])
-def test_grams_use_real_tokens_only_and_leave_weights_without_gradients(tokenizer, intermediate):
-    """The Grams are exact whether a side fits one of the accumulation's blocks or spans several (1000 wide:
-    its upper block triangle is what the pass multiplies, the whole matrix is what it returns)."""
+@pytest.mark.parametrize(
+    ("hidden", "intermediate", "projected"),
+    [
+        (48, 96, {"output.dense": "input"}),
+        (300, 600, {"output.dense": "input"}),
+        (48, 1000, {"output.dense": "input", "intermediate.dense": "output"}),
+    ],
+    ids=["one-block", "several-blocks", "both-projected"],
+)
+def test_grams_use_real_tokens_only_and_leave_weights_without_gradients(tokenizer, hidden, intermediate, projected):
+    """The Grams are exact whether a side fits one of the accumulation's blocks or spans several (600 wide:
+    its upper block triangle is what the pass multiplies, the whole matrix is what it returns). A layer's wider
+    side is gathered through its weight where that costs fewer multiplications: the input side of a narrowing
+    layer as W C W^T (the Gram of its output before the bias), the output side of a widening one by more than
+    1 + sqrt(2) as W^T G W, each beside the side's diagonal."""
     torch.manual_seed(0)
     config = bert_config(tokenizer)
-    config.intermediate_size = intermediate
+    config.hidden_size, config.intermediate_size = hidden, intermediate
     model = BertForSequenceClassification(config)
     records, task, batches = classifier_batches(tokenizer, model.config)
     up, down = (f"bert.encoder.layer.0.{part}.dense" for part in ("intermediate", "output"))
@@ -102,12 +113,58 @@ def test_grams_use_real_tokens_only_and_leave_weights_without_gradients(tokenize
         task.loss(model, batch).backward()
     for hook in hooks:
         hook.remove()
-    for name in layers:
+    for name, layer in layers.items():
         x, g = (torch.cat(part).double() for part in seen[name])
-        assert stats[name].tokens == x.shape[0]
-        torch.testing.assert_close(stats[name].input_gram.double(), x.T @ x / len(x), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(stats[name].output_gram.double(), g.T @ g / len(g), rtol=2e-3, atol=1e-10)
-        torch.testing.assert_close(stats[name].input_abs.double(), x.abs().mean(0), rtol=1e-4, atol=1e-6)
+        w, s = layer.weight.detach().double(), stats[name]
+        assert s.tokens == x.shape[0]
+        side = projected.get(name.removeprefix("bert.encoder.layer.0."))
+        assert {n for n in s.values if n.startswith("projected_")} == ({f"projected_{side}_gram"} if side else set())
+        c, gram_g = x.T @ x / len(x), g.T @ g / len(g)
+        if side == "input":
+            torch.testing.assert_close(s.input_gram.double(), c.diagonal(), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(s.projected_input_gram.double(), w @ c @ w.T, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(s.input_gram.double(), c, rtol=1e-4, atol=1e-6)
+        if side == "output":
+            torch.testing.assert_close(s.output_gram.double(), gram_g.diagonal(), rtol=2e-3, atol=1e-10)
+            torch.testing.assert_close(s.projected_output_gram.double(), w.T @ gram_g @ w, rtol=2e-3, atol=1e-10)
+        else:
+            torch.testing.assert_close(s.output_gram.double(), gram_g, rtol=2e-3, atol=1e-10)
+        torch.testing.assert_close(s.input_abs.double(), x.abs().mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_layers_share_an_input_gram_only_when_they_gather_it_in_the_same_form():
+    """k/v-like layers (narrowing) gather their input as W C W^T beside its diagonal; a square q-like layer
+    reading the same tensor needs the whole Gram, whichever of them reads it first."""
+
+    class Readers(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.k, self.v, self.q = torch.nn.Embedding(20, 8), *(torch.nn.Linear(8, n) for n in (2, 2, 8))
+
+        def get_input_embeddings(self) -> torch.nn.Module:
+            return self.embed
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.embed(ids)
+            return self.k(h).square().sum() + self.v(h).sum() + self.q(h).square().mean()
+
+    torch.manual_seed(0)
+    model = Readers()
+    ids = torch.randint(0, 20, (3, 5))
+    batch = Batch({"input": ids}, torch.ones(3, 5, dtype=torch.bool))
+    layers = {n: getattr(model, n) for n in ("k", "v", "q")}
+    stats = collect_statistics(
+        model, layers, [batch], lambda m, b: m(b.inputs["input"]), {"input_gram", "output_gram"}, progress=False
+    )
+    x = model.embed(ids).detach().reshape(-1, 8).double()
+    c = x.T @ x / len(x)
+    assert stats["q"].shares_input_with is None and stats["v"].shares_input_with == "k"
+    torch.testing.assert_close(stats["q"].input_gram.double(), c, rtol=1e-5, atol=1e-7)
+    for name in ("k", "v"):
+        w = layers[name].weight.detach().double()
+        torch.testing.assert_close(stats[name].input_gram.double(), c.diagonal(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stats[name].projected_input_gram.double(), w @ c @ w.T, rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_statistic_is_rejected(bert_dir):

@@ -25,6 +25,7 @@ from .families import family_of
 from .lowrank import (
     GramSide,
     LowRankLinear,
+    ProjectedSide,
     balance_,
     break_even_rank,
     linear_weight,
@@ -737,9 +738,10 @@ def _weigh(
 def _worth_keeping(weighting: Weighting, plan: LayerPlan) -> bool:
     """Whether to keep a layer's decomposition beside its weighting: when it and the narrower side's root
     (2 min(in, out)^2 values) are no more than the layer's Gram statistics, held anyway. So for kfac's full
-    sides and svd-llm's wide layers, where the wide Gram's product is the step it saves; not for a diagonal
-    weighting, beside which it would be the largest thing held."""
-    grams = sum(side.gram.numel() for side in (weighting.left, weighting.right) if isinstance(side, GramSide))
+    sides, where the eigendecomposition is the step it saves; not for a diagonal weighting, beside which it
+    would be the largest thing held."""
+    sides = (weighting.left, weighting.right)
+    grams = sum(side.gram.numel() for side in sides if isinstance(side, GramSide | ProjectedSide))
     return 2 * min(plan.in_features, plan.out_features) ** 2 <= grams
 
 

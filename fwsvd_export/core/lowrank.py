@@ -19,7 +19,9 @@ the narrower side needs a root: with G = P^T P and C = Q Q^T,
     in > out:   M M^T = P (W C W^T) P^T,   S_r V_r^T Q^-1 = U_r^T P W
 
 so a side given by its Gram (``GramSide``) is never rooted when it is the wider one, which skips the
-costliest step on wide layers (a Cholesky of the 4864-wide MLP side on Qwen2.5-0.5B). Squaring costs
+costliest step on wide layers (a Cholesky of the 4864-wide MLP side on Qwen2.5-0.5B). The wider side
+enters only as W^T G W or W C W^T, so it can be gathered as that narrow Gram to begin with
+(``ProjectedSide``), which also skips its product with the weight. Squaring costs
 precision only below sqrt(eps) x the top singular value: float64 keeps the spectrum's tail energy and the
 kept subspace far below the factors' float32 rounding. All of it runs in float64; the factors are cast back to
 the layer's dtype.
@@ -66,8 +68,27 @@ class GramSide:
         return self._root
 
 
-# A side weight: None (identity), a vector (diagonal root), a square root matrix, or a Gram.
-Side = torch.Tensor | GramSide | None
+@dataclass
+class ProjectedSide:
+    """A layer's wider side as seen through its weight: `gram` is W C W^T (input side, in > out) or W^T G W
+    (output side, in < out), gathered so by the statistics pass, and `shift` the damping of the side's own
+    diagonal, which projects to shift x W W^T (or W^T W). All that a factorization needs of a side it never
+    roots."""
+
+    gram: torch.Tensor
+    shift: float
+
+    def middle(self, weight: torch.Tensor, input_side: bool) -> torch.Tensor:
+        """W (C + shift I) W^T (input side) or W^T (G + shift I) W, in float64, for a float64 `weight`."""
+        projected = self.gram.to(torch.float64, copy=True)
+        a, b = (weight, weight.T) if input_side else (weight.T, weight)
+        if projected.shape != (a.shape[0], b.shape[1]):
+            raise ValueError(f"a projected side of shape {tuple(projected.shape)} for a {tuple(weight.shape)} weight")
+        return projected.addmm_(a, b, alpha=self.shift)
+
+
+# A side weight: None (identity), a vector (diagonal root), a square root matrix, a Gram, or a projected Gram.
+Side = torch.Tensor | GramSide | ProjectedSide | None
 
 
 class LowRankLinear(nn.Module):
@@ -198,32 +219,38 @@ def _right_solve(m: torch.Tensor, side: Root) -> torch.Tensor:
 
 
 def _root(side: Side) -> Root:
+    if isinstance(side, ProjectedSide):
+        raise ValueError("a projected side is the layer's wider side, which the factorization never roots")
     return side.root().double() if isinstance(side, GramSide) else _f64(side)
 
 
-def _gram_left(side: Side, m: torch.Tensor) -> torch.Tensor:
-    """G @ m with G = P^T P, from whichever form the output side has."""
+def _output_middle(weight: torch.Tensor, side: Side) -> torch.Tensor:
+    """W^T G W with G = P^T P, from whichever form the output side has."""
+    if isinstance(side, ProjectedSide):
+        return side.middle(weight, input_side=False)
     if isinstance(side, GramSide):
-        return side.times(m)
+        return weight.T @ side.times(weight)
     root = _f64(side)
-    return _left_apply(_transposed(root), _left_apply(root, m))
+    return weight.T @ _left_apply(_transposed(root), _left_apply(root, weight))
 
 
-def _gram_right(m: torch.Tensor, side: Side) -> torch.Tensor:
-    """m @ C with C = Q Q^T, from whichever form the input side has."""
+def _input_middle(weight: torch.Tensor, side: Side) -> torch.Tensor:
+    """W C W^T with C = Q Q^T, from whichever form the input side has."""
+    if isinstance(side, ProjectedSide):
+        return side.middle(weight, input_side=True)
     if isinstance(side, GramSide):
-        return side.times(m.T).T  # C is symmetric
+        return side.times(weight.T).T @ weight.T  # C is symmetric
     root = _f64(side)
-    return _right_apply(_right_apply(m, root), _transposed(root))
+    return _right_apply(_right_apply(weight, root), _transposed(root)) @ weight.T
 
 
 def _narrow_gram(weight: torch.Tensor, left: Side, right: Side) -> torch.Tensor:
     """M^T M (in <= out) or M M^T (in > out) for M = P W Q, rooting only the narrower side."""
     if weight.shape[1] <= weight.shape[0]:
         q = _root(right)
-        return _right_apply(_left_apply(_transposed(q), weight.T @ _gram_left(left, weight)), q)
+        return _right_apply(_left_apply(_transposed(q), _output_middle(weight, left)), q)
     p = _root(left)
-    return _right_apply(_left_apply(p, _gram_right(weight, right) @ weight.T), _transposed(p))
+    return _right_apply(_left_apply(p, _input_middle(weight, right)), _transposed(p))
 
 
 def _singular_values(eigenvalues: torch.Tensor) -> torch.Tensor:

@@ -72,8 +72,9 @@ def _diagonal(values: torch.Tensor, damping: float, what: str, power: float) -> 
 
 
 def _shift(gram: torch.Tensor, damping: float) -> float:
-    """What damping adds to a Gram's diagonal: `damping` x its mean diagonal (1 for an all-zero Gram)."""
-    scale = float(gram.diagonal().double().mean())
+    """What damping adds to a Gram's diagonal: `damping` x its mean diagonal (1 for an all-zero Gram); a Gram
+    gathered as its diagonal is that diagonal."""
+    scale = float((gram if gram.dim() == 1 else gram.diagonal()).double().mean())
     return damping * (scale if scale > 0 else 1.0)
 
 
@@ -111,21 +112,26 @@ def _output_root(damped: torch.Tensor, damping: float, notes: list[str]) -> torc
     return _root(damped, damping, notes, "output-gradient").T
 
 
-def input_side(gram: torch.Tensor, damping: float, notes: list[str]) -> Side:
-    """Q with Q Q^T = C (damped): a diagonal from a Gram gathered as its diagonal, else the Gram and its damping,
-    whose lower Cholesky factor is taken when the factorization needs it (only on a layer's narrower side)."""
-    from .lowrank import GramSide
+def input_side(gram: torch.Tensor, damping: float, notes: list[str], projected: torch.Tensor | None = None) -> Side:
+    """Q with Q Q^T = C (damped): W C W^T when the pass gathered it so (`projected`, beside C's diagonal), a
+    diagonal from a Gram gathered as its diagonal only, else the Gram and its damping, whose lower Cholesky
+    factor is taken when the factorization needs it (only on a layer's narrower side)."""
+    from .lowrank import GramSide, ProjectedSide
 
+    if projected is not None:
+        return ProjectedSide(projected, _shift(gram, damping))
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "input", notes)
     return GramSide(gram, _shift(gram, damping), partial(_root, damping=damping, notes=notes, what="input"))
 
 
-def output_side(gram: torch.Tensor, damping: float, notes: list[str]) -> Side:
-    """P with P^T P = G (damped): a diagonal, or the Gram and its damping, rooted on demand (the transposed
-    Cholesky factor, upper triangular)."""
-    from .lowrank import GramSide
+def output_side(gram: torch.Tensor, damping: float, notes: list[str], projected: torch.Tensor | None = None) -> Side:
+    """P with P^T P = G (damped): W^T G W when gathered so, a diagonal, or the Gram and its damping, rooted on
+    demand (the transposed Cholesky factor, upper triangular)."""
+    from .lowrank import GramSide, ProjectedSide
 
+    if projected is not None:
+        return ProjectedSide(projected, _shift(gram, damping))
     if gram.dim() == 1:
         return _diagonal_root(gram, damping, "output", notes)
     return GramSide(gram, _shift(gram, damping), partial(_output_root, damping=damping, notes=notes))
@@ -153,18 +159,23 @@ def _asvd(stats: LayerStats, damping: float) -> Weighting:
 
 def _svd_llm(stats: LayerStats, damping: float) -> Weighting:
     notes: list[str] = []
-    return Weighting(right=input_side(_needed(stats, "input_gram"), damping, notes), notes=notes)
+    return Weighting(right=_input(stats, damping, notes), notes=notes)
+
+
+def _input(stats: LayerStats, damping: float, notes: list[str]) -> Side:
+    return input_side(_needed(stats, "input_gram"), damping, notes, stats.projected_input_gram)
 
 
 def _kfac(stats: LayerStats, damping: float) -> Weighting:
     notes: list[str] = []
-    right = input_side(_needed(stats, "input_gram"), damping, notes)
+    right = _input(stats, damping, notes)
     output_gram = _needed(stats, "output_gram")
     out_diag = output_gram if output_gram.dim() == 1 else output_gram.diagonal()
     if float(out_diag.sum()) <= 0:
         notes.append("no output-gradient signal; input side only (svd-llm)")
         return Weighting(right=right, notes=notes)
-    return Weighting(left=output_side(output_gram, damping, notes), right=right, notes=notes)
+    left = output_side(output_gram, damping, notes, stats.projected_output_gram)
+    return Weighting(left=left, right=right, notes=notes)
 
 
 METHODS: dict[str, Method] = {

@@ -1,6 +1,6 @@
 """One forward+backward pass over calibration data that gathers what the methods need per Linear.
 
-Statistics (all accumulated in float32, whatever the model's dtype):
+Statistics (accumulated in float32, whatever the model's dtype; the projected Grams below in float64):
 
 - ``fisher``: the paper's row-wise Fisher importance. The per-sample gradient of the task loss with
   respect to W (out, in) is sum_t g_t x_t^T over the sample's tokens, with x the layer input and
@@ -10,9 +10,15 @@ Statistics (all accumulated in float32, whatever the model's dtype):
 - ``output_gram``: mean over real tokens of g g^T (the output side of K-FAC).
 - ``input_abs``: mean over real tokens of |x| (activation-aware scaling, ASVD).
 
-A Gram side wider than ``max_gram_size`` is gathered as its diagonal only (a vector). Accumulators
-live on the host, so a model on an accelerator does not hold them in device memory. Layers that read
-the very same input tensor (q/k/v, gate/up) share one input Gram, computed once.
+A Gram side wider than ``max_gram_size`` is gathered as its diagonal only (a vector). A side the
+factorization never roots, the wider one, is needed only as seen through the weight (``lowrank.py``):
+W C W^T, the Gram of the layer's own output before its bias, or W^T G W, the Gram of the gradient W^T g
+that reaches the layer's input through it. Where that costs fewer multiplications per token
+(``_projects``), the side is gathered so, as ``projected_input_gram`` or ``projected_output_gram`` beside
+its diagonal (``input_gram`` / ``output_gram`` as vectors, for the damping): exactly the same
+factorization, from a Gram of the narrower width. Accumulators live on the host, so a model on an
+accelerator does not hold them in device memory. Layers that read the very same input tensor (q/k/v,
+gate/up) and gather it in the same form share one input Gram, computed once.
 
 Parameters never get gradients: the input embeddings' output is made to require grad instead, so
 the pass holds one micro-batch of activations and the accumulators, never a set of weight gradients.
@@ -69,8 +75,9 @@ class _State:
     first_batch: bool = True
     in_backward: bool = False  # forward hooks firing now come from a checkpoint recomputation
     recomputed: frozenset[int] = frozenset()  # ids of the modules inside checkpointed blocks
-    # id(input tensor) -> (tensor, the first layer that read it), for this batch; the reference pins the id
-    seen: dict[int, tuple[torch.Tensor, _LayerCollector]]
+    # (id(input tensor), the forms its statistics take) -> (tensor, the first layer that read it), for this batch;
+    # the reference pins the id
+    seen: dict[tuple[int, tuple[tuple[str, bool], ...]], tuple[torch.Tensor, _LayerCollector]]
 
     def __init__(self) -> None:
         self.seen = {}
@@ -144,6 +151,14 @@ def _gram(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.T
     return total
 
 
+def _gram64(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.Tensor:
+    """A projected Gram, summed in float64. Its rows (the layer's output, or W^T g) carry float32 rounding of
+    their largest direction's size in every direction, weak ones included, where the projection of a whole
+    Gram would have scaled it down; a float32 sum would add order-dependent rounding on top, and two processes'
+    factors would differ in the weakly weighted directions. The rows are the same in any process."""
+    return _gram(total, flat.double(), full)
+
+
 def _mirrored(total: torch.Tensor) -> torch.Tensor:
     """The whole symmetric Gram, in place: each block below the diagonal copied from its mirror image above
     (a diagonal-only side is returned as it is)."""
@@ -162,13 +177,37 @@ def _as_is(total: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _side(d: int, max_gram_size: int) -> int:
-    return d * d if d <= max_gram_size else d
+def _projects(side: str, d_in: int, d_out: int) -> bool:
+    """Whether a layer's `side` Gram is gathered through its weight: when that costs fewer multiplications per
+    token than the side's own Gram triangle. The input side when it is the wider one (the layer's output is
+    already there: out^2 / 2 against in^2 / 2); the output side when out^2 / 2 > in out + in^2 / 2 (W^T g is
+    one more product), i.e. out > (1 + sqrt 2) in, as on a transformer's up-projections."""
+    if side == "input":
+        return d_in > d_out
+    return d_out * d_out > 2 * d_in * d_out + d_in * d_in
+
+
+def gathered(needs: Iterable[str], d_in: int, d_out: int, max_gram_size: int) -> dict[str, bool]:
+    """The accumulators a layer of (d_in, d_out) gathers for `needs`, each with whether it is a full matrix (else
+    a diagonal): a Gram side wider than `max_gram_size` as its diagonal; a projected side as its diagonal and
+    its projection."""
+    forms: dict[str, bool] = {}
+    for name in needs:
+        side = _SIDES.get(name)
+        if side is None:
+            forms[name] = True
+            continue
+        width = d_in if side == "input" else d_out
+        projected = width <= max_gram_size and _projects(side, d_in, d_out)
+        forms[name] = width <= max_gram_size and not projected
+        if projected:
+            forms[f"projected_{name}"] = True
+    return forms
 
 
 @dataclass(frozen=True)
 class Statistic:
-    """A per-layer calibration statistic. Its accumulator is a float32 sum on the host, divided at the
+    """A per-layer calibration statistic. Its accumulator is a sum on the host (float32 unless said), divided at the
     end by the real tokens or the samples seen. `accumulate` gets the accumulator so far (None on the
     first batch) and, by what it `reads`: "input": the real tokens' inputs (tokens, in) and whether the
     Gram side is full; "output": the same for output gradients; "both": per-sample inputs (n, T, in) and
@@ -176,46 +215,65 @@ class Statistic:
     once the pass is over (the Grams keep one triangle until then)."""
 
     name: str
-    reads: Literal["input", "output", "both"]
+    # "input" / "output": the real tokens' inputs or output gradients (tokens, features); "layer_output": the
+    # layer's output before its bias (tokens, out); "input_gradient": W^T g (tokens, in); "both": below
+    reads: Literal["input", "output", "both", "layer_output", "input_gradient"]
     # (total so far, a tensor, a bool or a tensor by `reads`) -> the new total
     accumulate: Callable[[torch.Tensor | None, torch.Tensor, Any], torch.Tensor]
     per: Literal["token", "sample"]
-    elements: Callable[[int, int, int], int]  # accumulator size for (in, out, max_gram_size)
+    elements: Callable[[int, int, bool], int]  # accumulator size for (in, out, full)
     complete: Callable[[torch.Tensor], torch.Tensor] = _as_is  # the final sum -> the statistic the methods read
+    itemsize: int = 4  # bytes per accumulated value
 
 
 STATISTICS: dict[str, Statistic] = {
     s.name: s
     for s in (
-        Statistic("fisher", "both", _fisher_rows, "sample", lambda i, o, m: i),
-        Statistic("input_gram", "input", _gram, "token", lambda i, o, m: _side(i, m), _mirrored),
-        Statistic("output_gram", "output", _gram, "token", lambda i, o, m: _side(o, m), _mirrored),
-        Statistic("input_abs", "input", _abs, "token", lambda i, o, m: i),
+        Statistic("fisher", "both", _fisher_rows, "sample", lambda i, o, f: i),
+        Statistic("input_gram", "input", _gram, "token", lambda i, o, f: i * i if f else i, _mirrored),
+        Statistic("output_gram", "output", _gram, "token", lambda i, o, f: o * o if f else o, _mirrored),
+        Statistic("input_abs", "input", _abs, "token", lambda i, o, f: i),
+        # gathered only beside input_gram / output_gram, where `gathered` projects them: W C W^T and W^T G W
+        Statistic("projected_input_gram", "layer_output", _gram64, "token", lambda i, o, f: o * o, _mirrored, 8),
+        Statistic("projected_output_gram", "input_gradient", _gram64, "token", lambda i, o, f: i * i, _mirrored, 8),
     )
 }
+_SIDES = {"input_gram": "input", "output_gram": "output"}
 
 
 def statistic_bytes(in_features: int, out_features: int, needs: Iterable[str], max_gram_size: int) -> int:
     """Host memory the accumulators of one layer take."""
-    return 4 * sum(STATISTICS[n].elements(in_features, out_features, max_gram_size) for n in needs)
+    forms = gathered(needs, in_features, out_features, max_gram_size)
+    return sum(
+        STATISTICS[n].itemsize * STATISTICS[n].elements(in_features, out_features, full) for n, full in forms.items()
+    )
 
 
 class _LayerCollector:
     def __init__(self, name: str, module: nn.Module, needs: set[str], state: _State, max_gram_size: int) -> None:
         self.name, self.state, self.stats = name, state, LayerStats()
 
+        out_features, in_features = linear_weight(module).shape
+        self.forms = gathered(needs, in_features, out_features, max_gram_size)
+
         def by_reads(reads: str) -> list[Statistic]:
-            return [STATISTICS[n] for n in sorted(needs) if STATISTICS[n].reads == reads]
+            return [STATISTICS[n] for n in sorted(self.forms) if STATISTICS[n].reads == reads]
 
         self.on_input, self.on_output, self.on_both = by_reads("input"), by_reads("output"), by_reads("both")
-        out_features, in_features = linear_weight(module).shape
-        self.full_in, self.full_out = in_features <= max_gram_size, out_features <= max_gram_size
+        self.on_layer_output, self.on_input_gradient = by_reads("layer_output"), by_reads("input_gradient")
+        # layers share an input's statistics only when they gather them in the same forms
+        self.input_forms = tuple((s.name, self.forms[s.name]) for s in self.on_input)
+        self.module = module
         self._x: torch.Tensor | None = None
         self._g: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self._forward)
 
     def _add(self, stat: Statistic, a: torch.Tensor, b: Any) -> None:
         self.stats.values[stat.name] = stat.accumulate(self.stats.values.get(stat.name), a, b)
+
+    def _add_rows(self, stats: list[Statistic], rows: torch.Tensor) -> None:
+        for stat in stats:
+            self._add(stat, rows, self.forms[stat.name])
 
     def _forward(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         raw = args[0]
@@ -225,28 +283,33 @@ class _LayerCollector:
                 self._pair_when_ready()
             return
         if self.state.first_batch:
-            owner = self.state.seen.get(id(raw))
+            owner = self.state.seen.get((id(raw), self.input_forms))
             if owner is not None:
                 self.stats.shares_input_with = owner[1].name
             else:
-                self.state.seen[id(raw)] = (raw, self)
+                self.state.seen[(id(raw), self.input_forms)] = (raw, self)
         self.stats.tokens += self.state.real if _masks(raw, self.state) else raw.numel() // raw.shape[-1]
         self.stats.samples += _samples(raw.shape[0], self.state)
         if self.stats.shares_input_with is None and self.on_input:
-            flat = _real_rows(raw.detach(), self.state)
-            for stat in self.on_input:
-                self._add(stat, flat, self.full_in)
-        if (self.on_output or self.on_both) and output.requires_grad:
+            self._add_rows(self.on_input, _real_rows(raw.detach(), self.state))
+        if self.on_layer_output:
+            self._add_rows(self.on_layer_output, self._without_bias(_real_rows(output.detach(), self.state)))
+        if (self.on_output or self.on_both or self.on_input_gradient) and output.requires_grad:
             if id(module) not in self.state.recomputed:  # else the recomputation brings it back when needed
                 self._x = raw.detach()  # a reference, not a copy: layers reading one input share it
             output.register_hook(self._backward)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
+    def _without_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.module, "bias", None)
+        return rows if bias is None else rows - bias.detach().float()
+
     def _backward(self, grad: torch.Tensor) -> None:
         grad = grad.detach()
-        if self.on_output:
+        if self.on_output or self.on_input_gradient:
             flat = _real_rows(grad, self.state)
-            for stat in self.on_output:
-                self._add(stat, flat, self.full_out)
+            self._add_rows(self.on_output, flat)
+            if self.on_input_gradient:  # g W: each token's W^T g, this layer's part of its input's gradient
+                self._add_rows(self.on_input_gradient, flat @ linear_weight(self.module).float())
         if self.on_both:
             self._g = _per_sample(grad, self.state)[0]
             self._pair_when_ready()

@@ -22,7 +22,7 @@ from torch import nn
 from .batch import Batch, LossFn
 from .statistics import STATISTICS, LayerStats, link_shared_inputs
 
-CACHE_FORMAT = 2  # bump when what a file holds, or how it is keyed, changes
+CACHE_FORMAT = 3  # bump when what a file holds, or how it is keyed, changes
 
 
 def _digest_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
