@@ -260,6 +260,7 @@ def _collect(
     shard = distributed.shard(calibration) if ranks > 1 else calibration
     stats: dict[str, LayerStats] = {}
     for group in _passes(todo, needs, spec):
+        weights = {name: todo[name] for name in group}  # an offloaded runner's own are not there in the hooks
         group = {name: runner.get_submodule(name) for name in group}
         part = distributed.together(
             partial(
@@ -272,6 +273,7 @@ def _collect(
                 progress and rank == 0,
                 spec.max_gram_size,
                 spec.gradient_checkpointing,
+                weights,
             ),
             "calibration statistics of its shard",
         )

@@ -250,7 +250,9 @@ def statistic_bytes(in_features: int, out_features: int, needs: Iterable[str], m
 
 
 class _LayerCollector:
-    def __init__(self, name: str, module: nn.Module, needs: set[str], state: _State, max_gram_size: int) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, needs: set[str], state: _State, max_gram_size: int, weights: nn.Module
+    ) -> None:
         self.name, self.state, self.stats = name, state, LayerStats()
 
         out_features, in_features = linear_weight(module).shape
@@ -263,7 +265,7 @@ class _LayerCollector:
         self.on_layer_output, self.on_input_gradient = by_reads("layer_output"), by_reads("input_gradient")
         # layers share an input's statistics only when they gather them in the same forms
         self.input_forms = tuple((s.name, self.forms[s.name]) for s in self.on_input)
-        self.module = module
+        self.weights = weights  # whose weight and bias project a side
         self._x: torch.Tensor | None = None
         self._g: torch.Tensor | None = None
         self.handle = module.register_forward_hook(self._forward)
@@ -300,8 +302,8 @@ class _LayerCollector:
             output.register_hook(self._backward)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
     def _without_bias(self, rows: torch.Tensor) -> torch.Tensor:
-        bias = getattr(self.module, "bias", None)
-        return rows if bias is None else rows - bias.detach().float()
+        bias = getattr(self.weights, "bias", None)
+        return rows if bias is None else rows - bias.detach().to(rows.device, torch.float32)
 
     def _backward(self, grad: torch.Tensor) -> None:
         grad = grad.detach()
@@ -309,7 +311,8 @@ class _LayerCollector:
             flat = _real_rows(grad, self.state)
             self._add_rows(self.on_output, flat)
             if self.on_input_gradient:  # g W: each token's W^T g, this layer's part of its input's gradient
-                self._add_rows(self.on_input_gradient, flat @ linear_weight(self.module).float())
+                weight = linear_weight(self.weights).to(flat.device, torch.float32)
+                self._add_rows(self.on_input_gradient, flat @ weight)
         if self.on_both:
             self._g = _per_sample(grad, self.state)[0]
             self._pair_when_ready()
@@ -348,15 +351,21 @@ def collect_statistics(
     progress: bool = True,
     max_gram_size: int = 8192,
     checkpointing: bool = False,
+    weights: dict[str, nn.Module] | None = None,
 ) -> dict[str, LayerStats]:
-    """Run the calibration pass and return each named layer's statistics."""
+    """Run the calibration pass and return each named layer's statistics. A projected side reads the weight
+    and bias of `weights[name]` (the in-memory model's layer, when `model` is a copy offloaded by accelerate,
+    whose layers hold theirs only while they run), else of the layer itself."""
     unknown = needs - set(STATISTICS)
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}")
     if not needs:
         return {name: LayerStats() for name in layers}
     state = _State()
-    collectors = {name: _LayerCollector(name, module, needs, state, max_gram_size) for name, module in layers.items()}
+    collectors = {
+        name: _LayerCollector(name, module, needs, state, max_gram_size, (weights or {}).get(name, module))
+        for name, module in layers.items()
+    }
     backward = any(STATISTICS[n].reads != "input" for n in needs)
     flags = {p: p.requires_grad for p in model.parameters()}
     embeddings = model.get_input_embeddings()  # type: ignore[operator]  # transformers' method, not nn.Module's
