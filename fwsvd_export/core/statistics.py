@@ -152,11 +152,13 @@ def _gram(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.T
 
 
 def _gram64(total: torch.Tensor | None, flat: torch.Tensor, full: bool) -> torch.Tensor:
-    """A projected Gram, summed in float64. Its rows (the layer's output, or W^T g) carry float32 rounding of
-    their largest direction's size in every direction, weak ones included, where the projection of a whole
-    Gram would have scaled it down; a float32 sum would add order-dependent rounding on top, and two processes'
-    factors would differ in the weakly weighted directions. The rows are the same in any process."""
-    return _gram(total, flat.double(), full)
+    """A projected Gram: each batch's in float32, summed over batches in float64. Its rows (the layer's output,
+    or W^T g) carry float32 rounding of their largest direction's size in every direction, weak ones included,
+    where projecting a whole Gram would have scaled it down; a float32 sum over batches would add rounding that
+    depends on their order, and two processes' factors would differ in the weakly weighted directions. A batch's
+    own Gram is the same in any process."""
+    part = _gram(None, flat, full).double()
+    return part if total is None else total.add_(part)
 
 
 def _mirrored(total: torch.Tensor) -> torch.Tensor:
