@@ -516,9 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         stats = collect_statistics(model, layers, calibration, TASK.loss, TIMED[mode], progress=False)
         seen = {}
         for s in stats.values():
-            for t in (s.fisher, s.input_gram, s.output_gram):
-                if t is not None:
-                    seen[id(t)] = t.numel() * t.element_size()
+            for t in s.values.values():  # projected Grams included
+                seen[id(t)] = t.numel() * t.element_size()
         stat_bytes[mode] = sum(seen.values())
     cost = {
         "batches": len(calibration),

@@ -13,7 +13,7 @@ from transformers import (
 from fwsvd_export.config import DataSource
 from fwsvd_export.core.batch import Batch
 from fwsvd_export.core.compress import linear_layers
-from fwsvd_export.core.statistics import collect_statistics
+from fwsvd_export.core.statistics import collect_statistics, statistic_bytes
 from fwsvd_export.errors import FwsvdError
 from fwsvd_export.stages.tasks import TASKS
 
@@ -133,6 +133,18 @@ def test_grams_use_real_tokens_only_and_leave_weights_without_gradients(tokenize
         torch.testing.assert_close(s.input_abs.double(), x.abs().mean(0), rtol=1e-4, atol=1e-6)
 
 
+def test_a_wide_layers_statistics_take_the_memory_of_its_narrow_width():
+    """Qwen2.5-0.5B's MLP: kfac's statistics of gate (896 -> 4864) and down (4864 -> 896) hold 896-wide Grams
+    (float32, the projected ones float64) and 4864-wide diagonals; never a 4864-wide Gram unless a side is
+    wider than max_gram_size, where it is a diagonal alone."""
+    kfac = {"input_gram", "output_gram"}
+    narrow = 4 * 896**2 + 4 * 4864 + 8 * 896**2
+    assert statistic_bytes(896, 4864, kfac, 8192) == narrow and statistic_bytes(4864, 896, kfac, 8192) == narrow
+    assert statistic_bytes(896, 896, kfac, 8192) == 2 * 4 * 896**2  # a square layer: both Grams whole
+    assert statistic_bytes(896, 4864, kfac, 4863) == 4 * 896**2 + 4 * 4864
+    assert statistic_bytes(896, 1536, kfac, 8192) == 4 * (896**2 + 1536**2)  # widening by under 1 + sqrt 2
+
+
 def test_layers_share_an_input_gram_only_when_they_gather_it_in_the_same_form():
     """k/v-like layers (narrowing) gather their input as W C W^T beside its diagonal; a square q-like layer
     reading the same tensor needs the whole Gram, whichever of them reads it first."""
@@ -200,7 +212,8 @@ def test_gradient_checkpointing_gives_the_same_statistics(family, bert_dir, llam
     plain = collect_statistics(model, layers, batches, task.loss, needs, progress=False)
     recomputed = collect_statistics(model, layers, batches, task.loss, needs, progress=False, checkpointing=True)
     for name in layers:
-        for stat in needs:
+        assert recomputed[name].values.keys() == plain[name].values.keys()
+        for stat in plain[name].values:  # the projected Grams too
             torch.testing.assert_close(
                 getattr(recomputed[name], stat), getattr(plain[name], stat), rtol=1e-4, atol=1e-10
             )
