@@ -10,6 +10,7 @@ from fwsvd_export.core.lowrank import (
     break_even_rank,
     factorize,
     low_rank_from_linear,
+    nonfinite,
     pays_off,
     rank_for_ratio,
     weighted_eigen,
@@ -330,3 +331,11 @@ def test_large_layers_take_torchs_threads_up_to_the_cores_other_processes_leave_
     assert wanted_threads(down, threads=4, cores=16, others_busy=0.0) == 4  # never more than torch was given
     assert wanted_threads(down, threads=2, cores=2, others_busy=5.0) == 1
     assert wanted_threads(layer_work(384, 384), threads=16, cores=16, others_busy=0.0) == 1
+
+
+def test_non_finite_values_are_counted_and_a_sum_that_overflows_is_not_one():
+    big = torch.full((4,), 3e38)  # finite values whose float32 sum is infinite
+    assert nonfinite(big) == "" and nonfinite(torch.arange(5)) == ""
+    bad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 3e38, 3e38])
+    assert nonfinite(bad) == "1 NaN and 2 infinite values"
+    assert nonfinite(torch.tensor([float("inf"), -float("inf")], dtype=torch.float16)) == "0 NaN and 2 infinite values"
