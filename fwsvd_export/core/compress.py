@@ -39,7 +39,7 @@ from .lowrank import (
 from .methods import Method, Weighting, get_method
 from .modules import linear_layers, set_module, tied_parameters
 from .spec import CompressionSpec
-from .statistics import LayerStats, collect_statistics, statistic_bytes
+from .statistics import LayerStats, collect_statistics, statistic_bytes, with_projections
 from .threads import threads_for
 
 
@@ -297,7 +297,7 @@ def check_finite_model(model: nn.Module) -> None:
 def _first_nonfinite(stats: dict[str, LayerStats], needs: set[str]) -> tuple[str, str, str] | None:
     """(layer, statistic, what is wrong) for the first non-finite statistic, None when all are finite."""
     for layer, s in stats.items():
-        for name in sorted(needs):
+        for name in sorted(with_projections(needs)):
             value = getattr(s, name)
             bad = "" if value is None else nonfinite(value)
             if bad:

@@ -14,7 +14,7 @@ Every weight is damped by `damping` times its mean diagonal, so zero-importance 
 singular Grams never produce inf or NaN. A full Gram is handed on as gathered with its damping
 (``GramSide``) and rooted only where the factorization needs it, on the layer's narrower side; when it
 still is not positive definite there, an eigenvalue-clipped square root is used instead and the layer's
-notes say so.
+notes say so. A wider side the pass gathered through the weight (``ProjectedSide``) is never rooted.
 """
 
 from __future__ import annotations

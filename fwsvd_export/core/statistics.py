@@ -243,6 +243,12 @@ STATISTICS: dict[str, Statistic] = {
 _SIDES = {"input_gram": "input", "output_gram": "output"}
 
 
+def with_projections(needs: Iterable[str]) -> set[str]:
+    """`needs` and the projected Grams that may stand beside them: every statistic a layer of any shape can
+    hold for them (what a finiteness check reads)."""
+    return {*needs, *(f"projected_{n}" for n in needs if n in _SIDES)}
+
+
 def statistic_bytes(in_features: int, out_features: int, needs: Iterable[str], max_gram_size: int) -> int:
     """Host memory the accumulators of one layer take."""
     forms = gathered(needs, in_features, out_features, max_gram_size)
@@ -368,7 +374,7 @@ def collect_statistics(
         name: _LayerCollector(name, module, needs, state, max_gram_size, (weights or {}).get(name, module))
         for name, module in layers.items()
     }
-    backward = any(STATISTICS[n].reads != "input" for n in needs)
+    backward = any(c.on_output or c.on_both or c.on_input_gradient for c in collectors.values())
     flags = {p: p.requires_grad for p in model.parameters()}
     embeddings = model.get_input_embeddings()  # type: ignore[operator]  # transformers' method, not nn.Module's
     hook = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
