@@ -71,10 +71,14 @@ def _diagonal(values: torch.Tensor, damping: float, what: str, power: float) -> 
     return Weighting(right=values.clamp(min=floor).pow(power), notes=notes)
 
 
+def _diagonal_of(gram: torch.Tensor) -> torch.Tensor:
+    """A Gram's diagonal, whether it was gathered whole or as its diagonal."""
+    return gram if gram.dim() == 1 else gram.diagonal()
+
+
 def _shift(gram: torch.Tensor, damping: float) -> float:
-    """What damping adds to a Gram's diagonal: `damping` x its mean diagonal (1 for an all-zero Gram); a Gram
-    gathered as its diagonal is that diagonal."""
-    scale = float((gram if gram.dim() == 1 else gram.diagonal()).double().mean())
+    """What damping adds to a Gram's diagonal: `damping` x its mean diagonal (1 for an all-zero Gram)."""
+    scale = float(_diagonal_of(gram).double().mean())
     return damping * (scale if scale > 0 else 1.0)
 
 
@@ -112,29 +116,35 @@ def _output_root(damped: torch.Tensor, damping: float, notes: list[str]) -> torc
     return _root(damped, damping, notes, "output-gradient").T
 
 
-def input_side(gram: torch.Tensor, damping: float, notes: list[str], projected: torch.Tensor | None = None) -> Side:
-    """Q with Q Q^T = C (damped): W C W^T when the pass gathered it so (`projected`, beside C's diagonal), a
-    diagonal from a Gram gathered as its diagonal only, else the Gram and its damping, whose lower Cholesky
-    factor is taken when the factorization needs it (only on a layer's narrower side)."""
+def _gram_side(
+    gram: torch.Tensor,
+    damping: float,
+    notes: list[str],
+    projected: torch.Tensor | None,
+    side: str,
+    make_root: Callable[[torch.Tensor], torch.Tensor],
+) -> Side:
+    """A side from its statistics: the projection W C W^T / W^T G W when the pass gathered it so (beside the
+    side's diagonal, which sets the damping), a diagonal from a Gram gathered as its diagonal only, else the
+    Gram and its damping, rooted by `make_root` when the factorization needs it (only on the narrower side)."""
     from .lowrank import GramSide, ProjectedSide
 
     if projected is not None:
         return ProjectedSide(projected, _shift(gram, damping))
     if gram.dim() == 1:
-        return _diagonal_root(gram, damping, "input", notes)
-    return GramSide(gram, _shift(gram, damping), partial(_root, damping=damping, notes=notes, what="input"))
+        return _diagonal_root(gram, damping, side, notes)
+    return GramSide(gram, _shift(gram, damping), make_root)
+
+
+def input_side(gram: torch.Tensor, damping: float, notes: list[str], projected: torch.Tensor | None = None) -> Side:
+    """Q with Q Q^T = C (damped); a root is C's lower Cholesky factor."""
+    root = partial(_root, damping=damping, notes=notes, what="input")
+    return _gram_side(gram, damping, notes, projected, "input", root)
 
 
 def output_side(gram: torch.Tensor, damping: float, notes: list[str], projected: torch.Tensor | None = None) -> Side:
-    """P with P^T P = G (damped): W^T G W when gathered so, a diagonal, or the Gram and its damping, rooted on
-    demand (the transposed Cholesky factor, upper triangular)."""
-    from .lowrank import GramSide, ProjectedSide
-
-    if projected is not None:
-        return ProjectedSide(projected, _shift(gram, damping))
-    if gram.dim() == 1:
-        return _diagonal_root(gram, damping, "output", notes)
-    return GramSide(gram, _shift(gram, damping), partial(_output_root, damping=damping, notes=notes))
+    """P with P^T P = G (damped); a root is the transposed Cholesky factor, upper triangular."""
+    return _gram_side(gram, damping, notes, projected, "output", partial(_output_root, damping=damping, notes=notes))
 
 
 def _needed(stats: LayerStats, name: str) -> torch.Tensor:
@@ -170,8 +180,7 @@ def _kfac(stats: LayerStats, damping: float) -> Weighting:
     notes: list[str] = []
     right = _input(stats, damping, notes)
     output_gram = _needed(stats, "output_gram")
-    out_diag = output_gram if output_gram.dim() == 1 else output_gram.diagonal()
-    if float(out_diag.sum()) <= 0:
+    if float(_diagonal_of(output_gram).sum()) <= 0:
         notes.append("no output-gradient signal; input side only (svd-llm)")
         return Weighting(right=right, notes=notes)
     left = output_side(output_gram, damping, notes, stats.projected_output_gram)

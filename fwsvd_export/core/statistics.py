@@ -189,6 +189,11 @@ def _projects(side: str, d_in: int, d_out: int) -> bool:
     return d_out * d_out > 2 * d_in * d_out + d_in * d_in
 
 
+def _projected(name: str) -> str:
+    """The statistic that stands for Gram side `name` when it is gathered through the weight."""
+    return f"projected_{name}"
+
+
 def gathered(needs: Iterable[str], d_in: int, d_out: int, max_gram_size: int) -> dict[str, bool]:
     """The accumulators a layer of (d_in, d_out) gathers for `needs`, each with whether it is a full matrix (else
     a diagonal): a Gram side wider than `max_gram_size` as its diagonal; a projected side as its diagonal and
@@ -203,7 +208,7 @@ def gathered(needs: Iterable[str], d_in: int, d_out: int, max_gram_size: int) ->
         projected = width <= max_gram_size and _projects(side, d_in, d_out)
         forms[name] = width <= max_gram_size and not projected
         if projected:
-            forms[f"projected_{name}"] = True
+            forms[_projected(name)] = True
     return forms
 
 
@@ -246,7 +251,7 @@ _SIDES = {"input_gram": "input", "output_gram": "output"}
 def with_projections(needs: Iterable[str]) -> set[str]:
     """`needs` and the projected Grams that may stand beside them: every statistic a layer of any shape can
     hold for them (what a finiteness check reads)."""
-    return {*needs, *(f"projected_{n}" for n in needs if n in _SIDES)}
+    return {*needs, *(_projected(n) for n in needs if n in _SIDES)}
 
 
 def statistic_bytes(in_features: int, out_features: int, needs: Iterable[str], max_gram_size: int) -> int:
