@@ -398,6 +398,7 @@ def test_the_allocation_check_keeps_the_global_allocation_when_it_is_better(bert
     assert check["winner"] == min(check["candidates"], key=lambda k: check["candidates"][k]["loss"])
     assert check["candidates"][check["winner"]]["loss"] <= check["candidates"]["uniform"]["loss"]
     assert result.summary()["targeted_kept_ratio"] <= 0.4 + 1e-9
+    assert set(result.seconds) == {"statistics", "allocation check", "factorize"}  # the check timed on its own
 
 
 @pytest.mark.parametrize(
@@ -416,6 +417,7 @@ def test_under_a_budget_a_gram_weighted_layer_is_decomposed_once(bert, batches, 
     result = compress_(bert, spec, batches, loss, progress=False)
     allocated = sum(p.allocate for p in result.layers)
     assert bool(result.allocation.get("check_batches")) == bool(check) and result.compressed
+    assert ("allocation check" in result.seconds) == bool(check)
     assert len(narrow_grams) == allocated if once else len(narrow_grams) >= allocated + len(result.compressed)
 
 

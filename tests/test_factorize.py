@@ -222,27 +222,31 @@ def test_every_side_form_and_shape_gives_the_svd_truncation_rooting_only_the_nar
         torch.testing.assert_close(weighted_spectrum(weight, left, right), spectrum, msg=form)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
-def test_a_wider_side_gathered_through_the_weight_gives_the_same_factors_as_its_gram(shape):
+def test_a_wider_side_gathered_through_the_weight_gives_the_same_factors_as_its_gram(shape, dtype):
     """The statistics pass gathers a layer's wider side as W C W^T or W^T G W beside its diagonal: the
-    factorization, damping included, is the one its whole Gram gives."""
+    factorization, damping included, is the one its whole Gram gives, to the layer's precision (a float32
+    layer's damping term is multiplied in float32)."""
     out_f, in_f = shape
-    weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
     c, g = _grams(in_f, out_f)
+    w = weight.double()
     whole = METHODS["kfac"].build(LayerStats({"input_gram": c, "output_gram": g}), 1e-2)
     if in_f > out_f:
-        stats = {"input_gram": c.diagonal(), "projected_input_gram": weight @ c @ weight.T, "output_gram": g}
+        stats = {"input_gram": c.diagonal(), "projected_input_gram": w @ c @ w.T, "output_gram": g}
     else:
-        stats = {"input_gram": c, "output_gram": g.diagonal(), "projected_output_gram": weight.T @ g @ weight}
+        stats = {"input_gram": c, "output_gram": g.diagonal(), "projected_output_gram": w.T @ g @ w}
     projected = METHODS["kfac"].build(LayerStats(stats), 1e-2)
     assert isinstance(projected.right if in_f > out_f else projected.left, ProjectedSide)
+    tolerance = {} if dtype == torch.float64 else {"rtol": 1.3e-6, "atol": 1e-5}  # float32's, on float32 factors
     for rank in (1, 7, 24):
         expected, f = (
             factorize(weight, rank, whole.left, whole.right),
             factorize(weight, rank, projected.left, projected.right),
         )
-        torch.testing.assert_close(product(f), product(expected))
-        torch.testing.assert_close(f.singular_values, expected.singular_values)
+        torch.testing.assert_close(product(f), product(expected), **tolerance)
+        torch.testing.assert_close(f.singular_values, expected.singular_values, **tolerance)
     narrow = ProjectedSide(torch.eye(min(shape), dtype=torch.float64), 0.0)  # on the side that must be rooted
     with pytest.raises(ValueError, match="never roots"):
         factorize(weight, 3, *((narrow, None) if in_f > out_f else (None, narrow)))

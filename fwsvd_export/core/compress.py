@@ -61,7 +61,8 @@ class LayerPlan:
 class CompressionResult:
     method: str
     layers: list[LayerPlan]
-    seconds: dict[str, float] = field(default_factory=dict)  # statistics pass, factorization
+    # statistics pass, factorization; the allocation check's candidates and sequential calibration apart
+    seconds: dict[str, float] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)  # passes made, cache hit or store
     allocation: dict[str, Any] = field(default_factory=dict)  # budget: the candidates checked, their losses, the winner
     factorization: dict[str, Any] = field(default_factory=dict)  # processes that factorized, layers each
@@ -395,7 +396,9 @@ def _checked(
         w = weightings[p.name]
         layers.append(Layer(p.name, p.in_features, p.out_features, todo[p.name], w.left, w.right, w.eigen))
     options = candidates(layers, ranks, budget, spec.multiple)
+    clock = time.perf_counter()
     winner, scores = choose(model, layers, options, budget, check, loss_fn)
+    result.seconds["allocation check"] = time.perf_counter() - clock
     result.allocation = {
         "winner": winner,
         "candidates": scores,
@@ -441,7 +444,8 @@ def compress_(
     spectra = _weigh_mine(work)
     _allocate(work, spectra, latency, result)
     _factorize(work, result)
-    result.seconds["factorize"] = time.perf_counter() - start - result.seconds.get("sequential statistics", 0.0)
+    apart = sum(result.seconds.get(step, 0.0) for step in ("sequential statistics", "allocation check"))
+    result.seconds["factorize"] = time.perf_counter() - start - apart
     return result
 
 

@@ -23,8 +23,8 @@ costliest step on wide layers (a Cholesky of the 4864-wide MLP side on Qwen2.5-0
 enters only as W^T G W or W C W^T, so it can be gathered as that narrow Gram to begin with
 (``ProjectedSide``), which also skips its product with the weight. Squaring costs
 precision only below sqrt(eps) x the top singular value: float64 keeps the spectrum's tail energy and the
-kept subspace far below the factors' float32 rounding. All of it runs in float64; the factors are cast back to
-the layer's dtype.
+kept subspace far below the factors' float32 rounding. All of it runs in float64 but a projected side's
+damping term (``ProjectedSide.middle``); the factors are cast back to the layer's dtype.
 """
 
 from __future__ import annotations
@@ -79,12 +79,15 @@ class ProjectedSide:
     shift: float
 
     def middle(self, weight: torch.Tensor, input_side: bool) -> torch.Tensor:
-        """W (C + shift I) W^T (input side) or W^T (G + shift I) W, in float64, for a float64 `weight`."""
-        projected = self.gram.to(torch.float64, copy=True)
-        a, b = (weight, weight.T) if input_side else (weight.T, weight)
-        if projected.shape != (a.shape[0], b.shape[1]):
-            raise ValueError(f"a projected side of shape {tuple(projected.shape)} for a {tuple(weight.shape)} weight")
-        return projected.addmm_(a, b, alpha=self.shift)
+        """W (C + shift I) W^T (input side) or W^T (G + shift I) W, in float64. The damping's W W^T (or
+        W^T W), the costliest product of a wide layer's factorization, is taken in the weight's own precision
+        (at least float32): exact inputs for a float32 layer, and float32 rounding of a term `damping` times
+        smaller in the mean than the gathered Gram, which carries float32 rounding of its own."""
+        w = weight if weight.dtype == torch.float64 else weight.float()
+        a, b = (w, w.T) if input_side else (w.T, w)
+        if self.gram.shape != (a.shape[0], b.shape[1]):
+            raise ValueError(f"a projected side of shape {tuple(self.gram.shape)} for a {tuple(weight.shape)} weight")
+        return self.gram.to(torch.float64, copy=True).add_(a @ b, alpha=self.shift)
 
 
 # A side weight: None (identity), a vector (diagonal root), a square root matrix, a Gram, or a projected Gram.
@@ -227,27 +230,30 @@ def _root(side: Side) -> Root:
 
 
 def _output_middle(weight: torch.Tensor, side: Side) -> torch.Tensor:
-    """W^T G W with G = P^T P, from whichever form the output side has."""
+    """W^T G W with G = P^T P, from whichever form the output side has, in float64."""
     if isinstance(side, ProjectedSide):
         return side.middle(weight, input_side=False)
+    w = weight.double()
     if isinstance(side, GramSide):
-        return weight.T @ side.times(weight)
+        return w.T @ side.times(w)
     root = _f64(side)
-    return weight.T @ _left_apply(_transposed(root), _left_apply(root, weight))
+    return w.T @ _left_apply(_transposed(root), _left_apply(root, w))
 
 
 def _input_middle(weight: torch.Tensor, side: Side) -> torch.Tensor:
-    """W C W^T with C = Q Q^T, from whichever form the input side has."""
+    """W C W^T with C = Q Q^T, from whichever form the input side has, in float64."""
     if isinstance(side, ProjectedSide):
         return side.middle(weight, input_side=True)
+    w = weight.double()
     if isinstance(side, GramSide):
-        return side.times(weight.T).T @ weight.T  # C is symmetric
+        return side.times(w.T).T @ w.T  # C is symmetric
     root = _f64(side)
-    return _right_apply(_right_apply(weight, root), _transposed(root)) @ weight.T
+    return _right_apply(_right_apply(w, root), _transposed(root)) @ w.T
 
 
 def _narrow_gram(weight: torch.Tensor, left: Side, right: Side) -> torch.Tensor:
-    """M^T M (in <= out) or M M^T (in > out) for M = P W Q, rooting only the narrower side."""
+    """M^T M (in <= out) or M M^T (in > out) for M = P W Q, rooting only the narrower side; `weight` in the
+    layer's own dtype."""
     if weight.shape[1] <= weight.shape[0]:
         q = _root(right)
         return _right_apply(_left_apply(_transposed(q), _output_middle(weight, left)), q)
@@ -262,7 +268,7 @@ def _singular_values(eigenvalues: torch.Tensor) -> torch.Tensor:
 
 def weighted_spectrum(weight: torch.Tensor, left: Side = None, right: Side = None) -> torch.Tensor:
     """Singular values of P W Q: the tail beyond rank r is the weighted truncation error."""
-    return _singular_values(torch.linalg.eigvalsh(_narrow_gram(weight.detach().double(), left, right)))
+    return _singular_values(torch.linalg.eigvalsh(_narrow_gram(weight.detach(), left, right)))
 
 
 @dataclass
@@ -283,7 +289,7 @@ def weighted_eigen(weight: torch.Tensor, left: Side = None, right: Side = None) 
     """Each eigenvector signed so that its largest entry is positive: the solver's sign is arbitrary and can
     flip under rounding-level changes of the statistics (two processes' sums against one's), and the factors
     would flip with it."""
-    values, vectors = torch.linalg.eigh(_narrow_gram(weight.detach().double(), left, right))
+    values, vectors = torch.linalg.eigh(_narrow_gram(weight.detach(), left, right))
     signs = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True)).sign()
     return Eigen(values, vectors * torch.where(signs == 0, 1.0, signs))
 
@@ -296,8 +302,8 @@ def factorize(
     out_features, in_features = weight.shape
     if not 1 <= rank <= min(out_features, in_features):
         raise ValueError(f"rank {rank} outside 1..{min(out_features, in_features)} for a {tuple(weight.shape)} weight")
+    eigen = weighted_eigen(weight, left, right) if eigen is None else eigen
     w = weight.detach().double()
-    eigen = weighted_eigen(w, left, right) if eigen is None else eigen
     s = eigen.singular_values
     top = eigen.vectors[:, -rank:].flip(1)  # V_r (in <= out) or U_r, leading first
     if in_features <= out_features:
@@ -321,9 +327,11 @@ def low_rank_from_linear(
     weight = linear_weight(linear)
     factors = factorize(weight, rank, left, right, eigen)
     bias = getattr(linear, "bias", None)
+    # Built on the meta device, then given empty storage: the factors overwrite it, so no random initialisation.
     module = LowRankLinear(
-        weight.shape[1], rank, weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device
+        weight.shape[1], rank, weight.shape[0], bias=bias is not None, dtype=weight.dtype, device="meta"
     )
+    module = module.to_empty(device=weight.device)
     with torch.no_grad():
         module.first.weight.copy_(factors.first)
         module.second.weight.copy_(factors.second)
