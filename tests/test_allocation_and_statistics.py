@@ -401,6 +401,26 @@ def test_the_allocation_check_keeps_the_global_allocation_when_it_is_better(bert
     assert set(result.seconds) == {"statistics", "allocation check", "factorize"}  # the check timed on its own
 
 
+def test_the_model_shipped_after_the_check_is_the_winner_it_scored_factorized_once(bert, batches, monkeypatch):
+    """The check factorizes each layer once, at the largest rank a candidate gives it; the winner's layers are
+    those factors' leading components, not a second factorization, so the shipped model is the one scored."""
+    from fwsvd_export.core import allocation_check, compress
+
+    ranks = []
+    real = allocation_check.factorize
+    monkeypatch.setattr(allocation_check, "factorize", lambda *a: ranks.append(a[1]) or real(*a))
+    monkeypatch.setattr(compress, "low_rank_from_linear", lambda *a: pytest.fail("a layer was factorized again"))
+    loss = TASKS["text-classification"].loss
+    spec = CompressionSpec(method="kfac", target=TARGET, budget=0.4, balance_factors=False)
+    result = compress_(bert, spec, batches, loss, progress=False)
+    winner = result.allocation["candidates"][result.allocation["winner"]]
+    assert len(ranks) == sum(p.allocate for p in result.layers) and result.compressed
+    assert all(r >= p.rank for r, p in zip(ranks, result.compressed))
+    with torch.no_grad():
+        shipped = sum(float(loss(bert, b)) for b in allocation_check.held_out(batches, spec.allocation_check)[1])
+    assert shipped == winner["loss"]
+
+
 @pytest.mark.parametrize(
     "method, check, once", [("kfac", 0.2, True), ("kfac", 0.0, True), ("fwsvd", 0.2, False)], ids=str
 )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .batch import Batch
-from .lowrank import Eigen, Factors, LowRankLinear, Side, factorize, linear_weight, pays_off, rank_for_ratio
+from .lowrank import Eigen, Factors, Side, factorize, linear_weight, low_rank_module, pays_off, rank_for_ratio
 from .modules import set_module
 
 BLENDS = (0.25, 0.5, 0.75)  # weight of the global ranks in the blended candidates
@@ -31,6 +31,7 @@ class Layer:
     left: Side
     right: Side
     eigen: Eigen | None = None  # the weighted decomposition the spectrum already took
+    factors: Factors | None = None  # set by `choose`: at the largest rank a candidate gives the layer
 
 
 def held_out(calibration: list[Batch], fraction: float) -> tuple[list[Batch], list[Batch]]:
@@ -86,20 +87,6 @@ def _params(layers: list[Layer], ranks: dict[str, int | None]) -> int:
     )
 
 
-def _module(layer: Layer, factors: Factors, rank: int) -> LowRankLinear:
-    weight = linear_weight(layer.module)
-    bias = getattr(layer.module, "bias", None)
-    module = LowRankLinear(
-        layer.in_features, rank, layer.out_features, bias=bias is not None, dtype=weight.dtype, device=weight.device
-    )
-    with torch.no_grad():
-        module.first.weight.copy_(factors.first[:rank])
-        module.second.weight.copy_(factors.second[:, :rank])
-        if bias is not None:
-            module.second.bias.copy_(bias.detach())
-    return module
-
-
 def choose(
     model: nn.Module,
     layers: list[Layer],
@@ -110,23 +97,21 @@ def choose(
 ) -> tuple[str, dict[str, dict[str, float]]]:
     """Apply each candidate within `budget` in turn, score it by the summed task loss on `check`, put the
     dense layers back, and return the winner's name and every candidate's loss (with its standard error
-    where there are several batches) and size."""
+    where there are several batches) and size. Each layer is factorized once, at the largest rank any
+    candidate gives it, and keeps those factors (`Layer.factors`): every candidate's, the winner's included,
+    are their leading components."""
     options = {k: v for k, v in options.items() if k in ("uniform", "global") or _params(layers, v) <= budget}
-    top = {layer.name: max([r[layer.name] or 0 for r in options.values()]) for layer in layers}
-    factors = {
-        layer.name: factorize(linear_weight(layer.module), top[layer.name], layer.left, layer.right, layer.eigen)
-        for layer in layers
-        if top[layer.name]
-    }
+    for layer in layers:
+        if top := max(r[layer.name] or 0 for r in options.values()):
+            layer.factors = factorize(linear_weight(layer.module), top, layer.left, layer.right, layer.eigen)
     scores: dict[str, dict[str, float]] = {}
     was_training = model.training
     model.eval()
     try:
         for name, ranks in options.items():
             for layer in layers:
-                rank = ranks[layer.name]
-                if rank is not None:
-                    set_module(model, layer.name, _module(layer, factors[layer.name], rank))
+                if (rank := ranks[layer.name]) is not None and layer.factors is not None:
+                    set_module(model, layer.name, low_rank_module(layer.module, layer.factors, rank))
             with torch.no_grad():
                 losses = [float(loss_fn(model, b)) for b in check]
             scores[name] = {"loss": sum(losses), "params": _params(layers, ranks)}

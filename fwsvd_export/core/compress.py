@@ -30,6 +30,7 @@ from .lowrank import (
     break_even_rank,
     linear_weight,
     low_rank_from_linear,
+    low_rank_module,
     nonfinite,
     pays_off,
     rank_for_ratio,
@@ -399,6 +400,8 @@ def _checked(
     clock = time.perf_counter()
     winner, scores = choose(model, layers, options, budget, check, loss_fn)
     result.seconds["allocation check"] = time.perf_counter() - clock
+    for layer in layers:  # the winner's factors are the leading components of the check's
+        weightings[layer.name].factors = layer.factors
     result.allocation = {
         "winner": winner,
         "candidates": scores,
@@ -775,7 +778,11 @@ def _factor(
 ) -> _Factored:
     """One layer's factorization at `plan.rank`, balanced and checked finite, with its report row's notes."""
     assert plan.rank is not None, "only layers given a rank are factorized"
-    module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right, weighting.eigen)
+    factors = weighting.factors
+    if factors is not None and factors.first.shape[0] >= plan.rank:
+        module = low_rank_module(dense, factors, plan.rank)
+    else:
+        module, factors = low_rank_from_linear(dense, plan.rank, weighting.left, weighting.right, weighting.eigen)
     if spec.balance_factors:
         balance_(module)
     bad = next(filter(None, (nonfinite(p.detach()) for p in module.parameters())), "")

@@ -324,8 +324,14 @@ def low_rank_from_linear(
     linear: nn.Module, rank: int, left: Side = None, right: Side = None, eigen: Eigen | None = None
 ) -> tuple[LowRankLinear, Factors]:
     """Build the two-factor replacement of a Linear or Conv1D; the bias moves to the second factor unchanged."""
+    factors = factorize(linear_weight(linear), rank, left, right, eigen)
+    return low_rank_module(linear, factors, rank), factors
+
+
+def low_rank_module(linear: nn.Module, factors: Factors, rank: int) -> LowRankLinear:
+    """The replacement of `linear` by the leading `rank` components of `factors`: those of a larger rank hold
+    every smaller rank's factors as their first rows and columns (each component is one eigenvector's)."""
     weight = linear_weight(linear)
-    factors = factorize(weight, rank, left, right, eigen)
     bias = getattr(linear, "bias", None)
     # Built on the meta device, then given empty storage: the factors overwrite it, so no random initialisation.
     module = LowRankLinear(
@@ -333,11 +339,11 @@ def low_rank_from_linear(
     )
     module = module.to_empty(device=weight.device)
     with torch.no_grad():
-        module.first.weight.copy_(factors.first)
-        module.second.weight.copy_(factors.second)
+        module.first.weight.copy_(factors.first[:rank])
+        module.second.weight.copy_(factors.second[:, :rank])
         if bias is not None:
             module.second.bias.copy_(bias.detach())
-    return module, factors
+    return module
 
 
 def _f64(side: Root) -> Root:

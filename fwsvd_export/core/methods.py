@@ -29,7 +29,7 @@ from ..errors import FwsvdError
 if TYPE_CHECKING:  # torch is imported where a method runs: CompressionSpec (and a recipe) reads only the names
     import torch
 
-    from .lowrank import Eigen, Side
+    from .lowrank import Eigen, Factors, Side
     from .statistics import LayerStats
 
 ASVD_ALPHA = 0.5
@@ -41,6 +41,7 @@ class Weighting:
     right: Side = None
     notes: list[str] = field(default_factory=list)
     eigen: Eigen | None = None  # set by whoever computes the layer's decomposition and keeps the weighting
+    factors: Factors | None = None  # the allocation check's, at a rank at least the one shipped
 
 
 @dataclass(frozen=True)
