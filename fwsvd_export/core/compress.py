@@ -576,6 +576,9 @@ def _allocate(
         return found
 
     ranks = distributed.from_first(allocate_here, "allocating ranks")
+    process = distributed.world()[0]
+    for name in [n for n in work.weightings if work.owners[n] != process]:  # rank 0 held them for the check
+        del work.weightings[name]
     for p in allocated:
         p.rank = rank = ranks[p.name]
         p.params_after = p.params_before if rank is None else rank * (p.in_features + p.out_features)
