@@ -401,6 +401,22 @@ def test_the_allocation_check_keeps_the_global_allocation_when_it_is_better(bert
     assert set(result.seconds) == {"statistics", "allocation check", "factorize"}  # the check timed on its own
 
 
+def test_the_factorization_hands_freed_memory_back_once_per_transformer_block(bert, batches, monkeypatch):
+    """Within a block the next layer reuses the workspace the one before it freed (a trim after each layer
+    made every page fault in again); the heap is trimmed as each block's last layer is installed."""
+    from fwsvd_export.core import heap
+    from fwsvd_export.core.compress import gather_for
+
+    loss = TASKS["text-classification"].loss
+    spec = CompressionSpec(method="kfac", target=TARGET, ratio=0.4)
+    stats, _ = gather_for(bert, [spec], batches, loss, progress=False)
+    trims = []
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(len(factorized_layers(bert))))
+    result = compress_(bert, spec, batches, loss, progress=False, statistics=stats)
+    per_block = [sum(f".layer.{i}." in p.name for p in result.compressed) for i in range(2)]
+    assert per_block[0] > 1 and trims == [per_block[0], sum(per_block)]
+
+
 def test_the_model_shipped_after_the_check_is_the_winner_it_scored_factorized_once(bert, batches, monkeypatch):
     """The check factorizes each layer once, at the largest rank a candidate gives it; the winner's layers are
     those factors' leading components, not a second factorization, so the shipped model is the one scored."""

@@ -644,9 +644,8 @@ def _factor_mine(work: _Work, block: list[LayerPlan], bar: tqdm[Any]) -> list[_F
     module, statistics and side weights are let go: the host holds one layer's weights twice, not all."""
     process, processes = distributed.world()
     done = []
-    for plan in block:
-        if work.owners[plan.name] != process:
-            continue
+    mine = [p for p in block if work.owners[p.name] == process]
+    for plan, following in zip(mine, [*mine[1:], None]):
         with threads_for(plan.out_features, plan.in_features):
             weighting = work.weightings.pop(plan.name, None) or work.method.build(
                 work.stats[plan.name], work.spec.damping
@@ -658,9 +657,10 @@ def _factor_mine(work: _Work, block: list[LayerPlan], bar: tqdm[Any]) -> list[_F
         else:
             done.append(layer)
         bar.update(1)
-    # Once a block: the next layer reuses a layer's freed workspace, while a trim after every layer had each
-    # page faulted in again (2.5 million faults, 3 of 20 s on Qwen2.5-0.5B's shapes) for 0.15 GiB of peak.
-    heap.trim()
+        # Once a transformer block: within one, the next layer reuses a layer's freed workspace, where a trim
+        # after every layer had each page faulted in again (3 of 20 s on Qwen2.5-0.5B's shapes).
+        if following is None or _block_name(following.name) != _block_name(plan.name):
+            heap.trim()
     return done
 
 
@@ -759,12 +759,17 @@ def _worth_keeping(weighting: Weighting, plan: LayerPlan) -> bool:
     return 2 * min(plan.in_features, plan.out_features) ** 2 <= grams
 
 
+def _block_name(layer: str) -> str:
+    """A layer's transformer block: its name up to its first index (e.g. 'model.layers.3'), else the name."""
+    match = re.match(r"(.*?\.\d+)\.", layer)
+    return match.group(1) if match else layer
+
+
 def _blocks(plans: list[LayerPlan]) -> list[list[LayerPlan]]:
-    """Plans grouped by transformer block (the name up to its first index, e.g. 'model.layers.3'), in model order."""
+    """Plans grouped by transformer block, in model order."""
     groups: dict[str, list[LayerPlan]] = {}
     for plan in plans:
-        match = re.match(r"(.*?\.\d+)\.", plan.name)
-        groups.setdefault(match.group(1) if match else plan.name, []).append(plan)
+        groups.setdefault(_block_name(plan.name), []).append(plan)
     return list(groups.values())
 
 
