@@ -97,13 +97,19 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoder's shapes (Qwen2.5-0.5B's by default) and its calibration batches, as `checkpointing.build`
+    reads them."""
     for key, value in QWEN.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--batches", type=int, default=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--specs", default=SPECS, help="';'-separated CompressionSpec settings, key=value,...")
     parser.add_argument("--code", default=".", help="comma-separated package folders, one arm each")
     parser.add_argument("--rounds", type=int, default=1)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import torch
-from compress_cost import QWEN
+from compress_cost import add_model_arguments
 
 from measure import run_info
 
@@ -81,11 +81,7 @@ def table(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for key, value in QWEN.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--batches", type=int, default=1)
+    add_model_arguments(parser)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--report", action="store_true", help="print the tables of an existing --json file")
